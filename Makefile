@@ -1,0 +1,25 @@
+# Every target sets itself up from a fresh clone: a virtual environment in .venv that can see the system's
+# packages (so a torch already installed, e.g. a CUDA build, is kept), the CPU build torch==2.13.0 only where
+# no torch is importable (a bare `torch` requirement would pull a multi-GB CUDA build here), then emor3 itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup test train bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+train: setup
+	$(BIN)/python -m emor3.grpo.train
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
