@@ -1,0 +1,337 @@
+"""The GRPO objective as pure tensor functions: advantages, KL estimators, the clipped surrogate, aggregation.
+
+Everything here is stateless math over tensors: keyword scalars in, ``(value, metrics)`` out where metrics are
+useful, no config or trainer objects. The train loop (``emor3/grpo/train.py``) wires these together; other
+projects may import them directly in their own tests.
+
+The algorithm (EMO-R3 trains with GRPO as configured in its paper, PAPER.md "Training setup"), and every choice:
+
+1. Advantages are group-relative (GRPO, Shao et al. 2024, eq. 3): for each prompt, the G rewards are centred on
+   their mean and divided by the group's *unbiased* standard deviation plus ``eps`` (verl
+   ``compute_grpo_outcome_advantage``; torch.std is unbiased). ``scale="batch"`` divides by the standard deviation
+   of all rewards in the batch instead (Liu et al. 2025, "Tricks or Traps", "LitePPO": group mean, batch std);
+   ``scale="none"`` only centres (Dr.GRPO, Liu et al. 2025, "Understanding R1-Zero-like training", sec. 3.1).
+   The advantage is one number per completion, broadcast to all of its tokens (outcome reward).
+2. Unscorable completions (NaN reward, e.g. a user reward function returned None) are left out of their group's
+   mean and std and get advantage 0, so they neither push nor pull. A group whose valid rewards are all equal gets
+   exactly 0 (tested for by value, not by a small std, so float noise in the mean cannot blow up into ±1).
+3. The policy term is PPO's clipped surrogate (Schulman et al. 2017) with an asymmetric range
+   [1 − clip_low, 1 + clip_high] ("clip-higher", DAPO, Yu et al. 2025, sec. 3.1) and optional dual clip
+   (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): for negative advantages the loss is capped
+   at −c·A, so a very large ratio on a bad sample cannot produce an unbounded gradient step. EMO-R3's paper uses
+   clip 0.2 / 0.3 and c = 3.0.
+4. The ratio is per token (GRPO, DAPO) or per sequence (GSPO, Zheng et al. 2025, eq. 7: the geometric mean of the
+   token ratios, i.e. exp of the length-normalised log-ratio). GSPO is written in its stop-gradient token form
+   (GSPO sec. 4.3, GSPO-token; verl ``compute_policy_loss_gspo``): s_{i,t} = sg[s_i] · π_t / sg[π_t], whose value
+   is s_i for every token and whose gradient reaches every token. With "seq-mean-token-mean" aggregation this is
+   exactly the gradient of the sequence-level objective.
+5. The log-ratio is clamped to [−20, 20] before ``exp`` (verl does the same) so a stale or corrupted sample cannot
+   overflow to inf and turn the loss into NaN.
+6. KL to the frozen reference is a per-token estimate added to the loss with weight β (GRPO puts it in the loss,
+   not in the reward). Estimators from Schulman, "Approximating KL divergence" (2020): k1 = log π − log π_ref,
+   k2 = ½(log π − log π_ref)², k3 = exp(log π_ref − log π) − (log π_ref − log π) − 1 (unbiased, always ≥ 0; GRPO
+   eq. 4 and verl's "low_var_kl", which clamps it to [−10, 10], as we do). EMO-R3 uses k3 with β = 0.01.
+7. Aggregation over tokens and sequences is a named mode (verl ``agg_loss``): "token-mean" (DAPO sec. 3.3; the
+   paper's choice), "seq-mean-token-mean" (the original GRPO: mean over each sequence, then over sequences),
+   "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr.GRPO: token sum divided by a constant length, so neither
+   long nor short answers are favoured). The denominator is explicit (``normalizer``), so a batch split into
+   micro-batches, or across ranks, sums to exactly the gradient of the whole batch: the caller computes the
+   denominator once for the whole batch with ``loss_normalizer`` and passes it to every piece.
+8. DAPO's data-side pieces are pure functions here too: ``dynamic_sampling_keep`` (keep only groups whose rewards
+   are not all equal, DAPO sec. 3.2) and ``overlong_penalty`` (soft overlong punishment, DAPO eq. 13).
+
+Where EMO-R3's paper and its authors' release differ, the difference is in the rewards (emor3/rewards), not here.
+
+Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+# log π − log π_old is clamped to this range before exp (verl: core_algos.compute_policy_loss).
+_MAX_LOG_RATIO = 20.0
+# k3 is clamped to this range (verl: core_algos.kl_penalty, "low_var_kl").
+_K3_CLAMP = 10.0
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+KL_KINDS = ("k1", "k2", "k3")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages: rewards (B, G) -> advantages (B, G), float32.
+
+    ``scale``: "group" divides each centred group by its unbiased std + eps (GRPO), "batch" by the unbiased std of
+    all valid rewards in the batch + eps, "none" only centres (Dr.GRPO). NaN rewards are excluded from the mean and
+    std and get advantage 0. Groups whose valid rewards are all equal get exactly 0.
+    """
+    _check_choice("advantage scale", scale, ADVANTAGE_SCALES)
+    assert rewards.dim() == 2, f"rewards must be (B, G), got {tuple(rewards.shape)}"
+    r = rewards.float()
+    valid = ~torch.isnan(r)  # (B, G)
+    r0 = torch.where(valid, r, torch.zeros_like(r))  # (B, G) NaN -> 0 so sums stay finite
+    count = valid.sum(dim=1, keepdim=True)  # (B, 1)
+    mean = r0.sum(dim=1, keepdim=True) / count.clamp(min=1)  # (B, 1)
+    centred = torch.where(valid, r - mean, torch.zeros_like(r))  # (B, G)
+
+    # A group is constant when its valid max equals its valid min; decide it by value, not via a tiny std.
+    big = torch.finfo(r.dtype).max
+    vmax = torch.where(valid, r, torch.full_like(r, -big)).amax(dim=1, keepdim=True)  # (B, 1)
+    vmin = torch.where(valid, r, torch.full_like(r, big)).amin(dim=1, keepdim=True)  # (B, 1)
+    informative = (vmax > vmin) & (count >= 2)  # (B, 1)
+
+    if scale == "group":
+        var = (centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)  # (B, 1) unbiased
+        adv = centred / (var.sqrt() + eps)
+    elif scale == "batch":
+        n = valid.sum()
+        batch_mean = r0.sum() / n.clamp(min=1)
+        batch_var = (torch.where(valid, r - batch_mean, torch.zeros_like(r)) ** 2).sum() / (n - 1).clamp(min=1)
+        adv = centred / (batch_var.sqrt() + eps)
+    else:  # "none"
+        adv = centred
+    return torch.where(valid & informative, adv, torch.zeros_like(adv))  # (B, G)
+
+
+# --------------------------------------------------------------------------------------------- KL
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from log-probs of the sampled tokens, same shape as ``logp``."""
+    _check_choice("KL estimator", kind, KL_KINDS)
+    assert logp.shape == ref_logp.shape, f"logp {tuple(logp.shape)} vs ref_logp {tuple(ref_logp.shape)}"
+    log_ratio = logp - ref_logp  # log π − log π_ref
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    # k3: with x = log π_ref − log π, KL ≈ e^x − x − 1; clamp x first so exp cannot overflow.
+    x = (-log_ratio).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return (torch.exp(x) - x - 1).clamp(-_K3_CLAMP, _K3_CLAMP)
+
+
+# --------------------------------------------------------------------------------------------- policy loss
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    level: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate per token -> (per_token_loss (N, T), metrics).
+
+    logp, old_logp, mask: (N, T); advantages: (N,) per sequence or (N, T) per token. The returned loss is not
+    masked or averaged: pass it to ``aggregate``. Metrics are detached 0-d tensors (no host sync here):
+    clip_frac_low (A < 0 and the ratio fell below 1 − clip_low), clip_frac_high (A > 0 and the ratio rose above
+    1 + clip_high), clip_frac_dual (A < 0 and the dual clip capped the loss), ratio_mean/min/max over valid tokens,
+    approx_kl_old (mean of log π_old − log π, the k1 estimate of KL(π_old ‖ π)).
+    """
+    _check_choice("ratio level", level, RATIO_LEVELS)
+    N, T = logp.shape
+    assert old_logp.shape == (N, T) and mask.shape == (N, T), "logp, old_logp and mask must all be (N, T)"
+    if advantages.dim() == 1:
+        assert advantages.shape == (N,), f"advantages (N,) expected, got {tuple(advantages.shape)}"
+        advantages = advantages[:, None].expand(N, T)  # (N, T) one advantage per sequence, on every token
+    assert advantages.shape == (N, T), f"advantages must be (N,) or (N, T), got {tuple(advantages.shape)}"
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c*A for A < 0), got {dual_clip}")
+    mask = mask.to(logp.dtype)
+    old_logp = old_logp.detach()
+    advantages = advantages.detach().to(logp.dtype)
+
+    log_ratio = logp - old_logp  # (N, T)
+    if level == "sequence":
+        # GSPO: s_i = exp(mean_t log-ratio), broadcast to tokens through the stop-gradient trick so that each
+        # token's gradient is sg[s_i] · ∇log π_t (GSPO-token with a constant advantage per sequence).
+        lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
+        seq_log_ratio = (log_ratio * mask).sum(dim=1) / lengths  # (N,)
+        log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]  # (N, T) value = seq log-ratio
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (N, T)
+
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)  # (N, T) pessimistic bound
+    dual_active = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        capped = torch.minimum(loss, -advantages * dual_clip)
+        dual_active = (advantages < 0) & (loss > -advantages * dual_clip)
+        loss = torch.where(advantages < 0, capped, loss)
+
+    with torch.no_grad():
+        valid = mask > 0
+        big = torch.finfo(ratio.dtype).max
+        metrics = {
+            "clip_frac_low": _masked_mean(((advantages < 0) & (ratio < 1.0 - clip_low)).to(mask.dtype), mask),
+            "clip_frac_high": _masked_mean(((advantages > 0) & (ratio > 1.0 + clip_high)).to(mask.dtype), mask),
+            "clip_frac_dual": _masked_mean(dual_active.to(mask.dtype), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+            "ratio_min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
+            "ratio_max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
+            "approx_kl_old": _masked_mean(-(logp - old_logp), mask),
+        }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+
+
+def loss_normalizer(mask: torch.Tensor, *, mode: str = "token-mean", max_len: int | None = None) -> torch.Tensor:
+    """The denominator ``aggregate`` uses for this batch, as a 0-d tensor.
+
+    Compute it once over the whole (mini-)batch, sum it over ranks if data-parallel, and pass it as
+    ``normalizer`` to ``aggregate`` on every micro-batch: the micro-batch losses then add up to the whole batch's
+    loss. "token-mean": number of valid tokens. "seq-mean-*": number of sequences (rows with at least one valid
+    token). "seq-mean-token-sum-norm": number of sequences · ``max_len`` (Dr.GRPO's constant; default T).
+    """
+    _check_choice("loss aggregation", mode, AGG_MODES)
+    assert mask.dim() == 2, f"mask must be (N, T), got {tuple(mask.shape)}"
+    if mode == "token-mean":
+        return mask.sum().to(torch.float32)
+    n_seq = (mask.sum(dim=1) > 0).sum().to(torch.float32)
+    if mode == "seq-mean-token-sum-norm":
+        return n_seq * float(max_len if max_len is not None else mask.shape[1])
+    return n_seq
+
+
+def aggregate(
+    values: torch.Tensor, mask: torch.Tensor, *, mode: str = "token-mean", normalizer: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reduce per-token values (N, T) under ``mask`` to a scalar.
+
+    "token-mean": Σ v·m / Σ m. "seq-mean-token-mean": Σ_i (Σ_t v·m / Σ_t m) / #seqs. "seq-mean-token-sum":
+    Σ v·m / #seqs. "seq-mean-token-sum-norm": Σ v·m / (#seqs · T). ``normalizer`` replaces the denominator
+    (see ``loss_normalizer``); without it the denominator is this batch's own.
+    """
+    _check_choice("loss aggregation", mode, AGG_MODES)
+    assert values.shape == mask.shape and values.dim() == 2, "values and mask must both be (N, T)"
+    mask = mask.to(values.dtype)
+    if mode == "seq-mean-token-mean":
+        per_seq = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (N,)
+        numerator = per_seq.sum()
+    else:
+        numerator = (values * mask).sum()
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, mode=mode)
+    return numerator / torch.as_tensor(normalizer, dtype=values.dtype, device=values.device).clamp(min=1e-8)
+
+
+# --------------------------------------------------------------------------------------------- DAPO data side
+
+
+def dynamic_sampling_keep(rewards: torch.Tensor) -> torch.Tensor:
+    """DAPO dynamic sampling: rewards (B, G) -> keep (B,) bool, True where the group's valid rewards differ.
+
+    A group whose rewards are all equal has zero advantage everywhere and contributes no gradient; DAPO drops it
+    and samples more prompts instead (DAPO sec. 3.2). NaN rewards are ignored; a group with fewer than two valid
+    rewards is dropped.
+    """
+    assert rewards.dim() == 2, f"rewards must be (B, G), got {tuple(rewards.shape)}"
+    r = rewards.float()
+    valid = ~torch.isnan(r)
+    big = torch.finfo(r.dtype).max
+    vmax = torch.where(valid, r, torch.full_like(r, -big)).amax(dim=1)  # (B,)
+    vmin = torch.where(valid, r, torch.full_like(r, big)).amin(dim=1)  # (B,)
+    return (vmax > vmin) & (valid.sum(dim=1) >= 2)
+
+
+def overlong_penalty(lengths: torch.Tensor, *, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (eq. 13), lengths (N,) -> penalty (N,) float32 in [−1, 0].
+
+    0 up to ``max_len − buffer`` tokens, then a linear ramp down to −1 at ``max_len``, and −1 beyond (a row that
+    was truncated at ``max_len`` without finishing should also be given −1 by the caller if desired).
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in (0, max_len={max_len}], got {buffer}")
+    length = lengths.float()
+    expected = max_len - buffer
+    ramp = (expected - length) / buffer
+    return torch.where(length <= expected, torch.zeros_like(length), torch.where(length <= max_len, ramp, -torch.ones_like(length)))
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The objective's settings for one named algorithm. ``emor3.config`` starts from a preset and lets every
+    field be overridden; the resolved values are what a run records."""
+
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float  # β: 0 disables the reference model entirely
+    kl_kind: str
+    loss_agg: str
+    adv_scale: str
+    ratio_level: str
+    dynamic_sampling: bool = False
+    overlong_buffer: float = 0.0  # DAPO's L_cache as a fraction of the response budget; 0 disables the penalty
+    reflection: bool = False  # EMO-R3's RER rewards (emor3.rewards.reflection)
+
+    def replace(self, **overrides) -> "Algorithm":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown algorithm settings {unknown}; valid: {sorted(names)}")
+        return Algorithm(**{**{n: getattr(self, n) for n in names}, **overrides})
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    # EMO-R3's GRPO (PAPER.md "Training setup", from the authors' EasyR1 config): clip ε 0.2 / 0.3, dual clip 3.0,
+    # k3 ("low_var_kl") in the loss with β = 0.01, token-mean aggregation, group std scaling, token-level ratio.
+    "grpo": Algorithm(
+        clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_kind="k3",
+        loss_agg="token-mean", adv_scale="group", ratio_level="token",
+    ),
+    # DAPO (Yu et al. 2025): clip-higher 0.2 / 0.28 (sec. 3.1), no KL term (sec. 2.3), token-level loss (sec. 3.3),
+    # dynamic sampling (sec. 3.2), soft overlong punishment (sec. 3.4: a 4k-token buffer in a 20k budget, kept here
+    # as the same fraction, 0.2, of whatever max_new_tokens a run uses).
+    "dapo": Algorithm(
+        clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="token-mean", adv_scale="group", ratio_level="token",
+        dynamic_sampling=True, overlong_buffer=0.2,
+    ),
+    # Dr.GRPO (Liu et al. 2025): no std scaling and a constant length normaliser (sec. 3.1); clip 0.2 as PPO;
+    # no KL (their recipe sets β = 0).
+    "dr_grpo": Algorithm(
+        clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="seq-mean-token-sum-norm", adv_scale="none", ratio_level="token",
+    ),
+    # GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4 (sec. 5.1), sequence-mean of token-means
+    # (the sequence objective, eq. 5), group std scaling; no KL.
+    "gspo": Algorithm(
+        clip_low=3e-4, clip_high=4e-4, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="seq-mean-token-mean", adv_scale="group", ratio_level="sequence",
+    ),
+}
+# EMO-R3 = the paper's GRPO plus the SET prompt (always used for emotion tasks) and the RER rewards.
+ALGORITHMS["emo_r3"] = ALGORITHMS["grpo"].replace(reflection=True)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The preset called ``name``; the error lists the valid names."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name]
