@@ -1,0 +1,28 @@
+"""EMO-R3 rewards: SET prompt and parser, format and accuracy rules, RER (reflection), combination into a total."""
+
+from emor3.rewards.rules import accuracy_reward, extract_answer, format_reward, normalize_answer
+from emor3.rewards.set_prompt import (
+    DEFAULT_TEMPLATE,
+    SET_INSTRUCTION,
+    SetParse,
+    build_set_messages,
+    last_boxed,
+    load_template,
+    parse_set,
+    set_prompt,
+)
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "SET_INSTRUCTION",
+    "SetParse",
+    "accuracy_reward",
+    "build_set_messages",
+    "extract_answer",
+    "format_reward",
+    "last_boxed",
+    "load_template",
+    "normalize_answer",
+    "parse_set",
+    "set_prompt",
+]
