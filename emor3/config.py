@@ -1,0 +1,325 @@
+"""Every run setting, once: small frozen dataclasses, parsed from TOML files and command-line flags.
+
+A run's configuration is a ``Config`` made of one section per concern. Each field is a flag named
+``--section.field`` (underscores may be written as dashes) whose help text is the field's ``help`` metadata;
+``--config FILE.toml`` loads a file with the same sections first, and flags given after it override the file.
+A few common settings also have short aliases (``--model``, ``--data``, ``--eval-data``, ``--algo``, ``--steps``,
+``--out``, ``--seed``, ``--resume``). The resolved configuration is written to ``RUN_DIR/config.toml`` and reads
+back to an equal ``Config``.
+
+Objective settings (clip range, KL, aggregation, ...) default to ``None`` in ``GRPOConfig``: "take the value from
+the ``--algo`` preset" (``emor3.grpo.objective.ALGORITHMS``). ``Config.algorithm()`` resolves them, and the saved
+config records the resolved numbers, so a run is never mislabelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+
+def _f(default: Any, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL). Empty: build the tiny model.")
+    tiny: str = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny).")
+    tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
+    dtype: str = _f("float32", "Parameter dtype: float32 or bfloat16.")
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    freeze_vision: bool = _f(False, "Freeze the vision tower (the paper trains it).")
+    gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward pass to save memory.")
+    min_pixels: int = _f(112 * 112, "Smallest image size in pixels after resizing (the paper: 512*512).")
+    max_pixels: int = _f(112 * 112, "Largest image size in pixels after resizing (the paper: 2048*2048).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = _f("", "Training set: JSONL manifest, image-folder tree or EmoSet folder. Empty: EmoScenes.")
+    eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out]. Empty: the EmoScenes splits.")
+    taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
+    on_bad_sample: str = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count it).")
+    cache_dir: str = _f(".cache/emoscenes", "Where EmoScenes images are cached on disk.")
+    emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
+    emoscenes_test: int = _f(400, "EmoScenes in-domain test images.")
+    emoscenes_ood: int = _f(200, "EmoScenes images per out-of-domain split.")
+    image_size: int = _f(112, "EmoScenes image side in pixels.")
+    label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
+    cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = _f(150, "Cold-Start SFT optimizer steps (0 skips SFT).")
+    batch_size: int = _f(16, "Cold-Start SFT batch size (samples).")
+    lr: float = _f(2e-3, "Cold-Start SFT learning rate (AdamW, cosine to 10%).")
+    weight_decay: float = _f(0.01, "Cold-Start SFT weight decay.")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    algo: str = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
+    steps: int = _f(40, "GRPO steps (one rollout batch each).")
+    prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
+    group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
+    mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
+    micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch).")
+    epochs: int = _f(1, "Update epochs over each rollout batch, μ (the paper: 1).")
+    max_new_tokens: int = _f(80, "Longest completion in tokens (the paper: 2048).")
+    temperature: float = _f(1.0, "Rollout sampling temperature (the paper: 1.0).")
+    top_p: float = _f(1.0, "Rollout nucleus sampling threshold (1 disables).")
+    top_k: int = _f(0, "Rollout top-k (0 disables).")
+    lr: float = _f(1e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
+    weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
+    warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
+    schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
+    grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
+    max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
+    clip_low: float | None = _f(None, "Clip range below 1 (None: from the preset).")
+    clip_high: float | None = _f(None, "Clip range above 1 (None: from the preset).")
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (None: from the preset).")
+    kl_coef: float | None = _f(None, "β, the KL-to-reference weight in the loss (None: from the preset).")
+    kl_kind: str | None = _f(None, "KL estimator k1, k2 or k3 (None: from the preset).")
+    loss_agg: str | None = _f(None, "Loss aggregation mode (None: from the preset).")
+    adv_scale: str | None = _f(None, "Advantage scaling group, batch or none (None: from the preset).")
+    ratio_level: str | None = _f(None, "Importance ratio per token or sequence (None: from the preset).")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    weights: str = _f("paper", "Reward weights: paper, release, or NAME=W,NAME=W,... for any components.")
+    format: str = _f("paper", "Format rule: paper (the paper's regex) or strict (also rejects empty steps etc.).")
+    accuracy: str = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized (synonyms).")
+    judge: str = _f("policy", "Who answers the RER questions: policy (the paper) or reference (frozen copy).")
+    judge_mode: str = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no sampling).")
+    judge_max_new_tokens: int = _f(8, "Longest judge reply in sample mode.")
+    plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    temperature: float = _f(0.6, "Evaluation sampling temperature (the paper: 0.6; 0 is greedy).")
+    top_p: float = _f(0.95, "Evaluation nucleus threshold (the paper: 0.95).")
+    max_new_tokens: int = _f(80, "Longest evaluation completion in tokens.")
+    batch_size: int = _f(64, "Prompts per evaluation batch.")
+    every: int = _f(0, "Evaluate every N GRPO steps (0: only at the end).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _f("runs/default", "Run folder: config, metrics.jsonl, samples, checkpoints, results.")
+    seed: int = _f(0, "Seed for every random choice of the run.")
+    resume: str = _f("", "Run folder to resume from (its latest checkpoint).")
+    save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).")
+    sample_every: int = _f(10, "Write sample completions with their rewards every N steps.")
+    logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    progress: bool = _f(True, "Show tqdm progress bars.")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def algorithm(self):
+        """The objective settings: the ``grpo.algo`` preset with every non-None override applied."""
+        from emor3.grpo.objective import get_algorithm
+
+        g = self.grpo
+        overrides = {
+            f: getattr(g, f)
+            for f in ("clip_low", "clip_high", "dual_clip", "kl_coef", "kl_kind", "loss_agg", "adv_scale", "ratio_level")
+            if getattr(g, f) is not None
+        }
+        return get_algorithm(g.algo).replace(**overrides)
+
+    def resolved(self) -> "Config":
+        """This config with the preset's objective numbers written into ``grpo`` (what a run records)."""
+        a = self.algorithm()
+        names = {f.name for f in fields(GRPOConfig)}
+        return dataclasses.replace(
+            self, grpo=dataclasses.replace(self.grpo, **{k: v for k, v in dataclasses.asdict(a).items() if k in names})
+        )
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+# Short flags for the settings people change most: alias -> (section, field).
+ALIASES = {
+    "model": ("model", "path"),
+    "data": ("data", "train"),
+    "eval-data": ("data", "eval"),
+    "algo": ("grpo", "algo"),
+    "steps": ("grpo", "steps"),
+    "out": ("run", "out"),
+    "seed": ("run", "seed"),
+    "resume": ("run", "resume"),
+    "on-bad-sample": ("data", "on_bad_sample"),
+}
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def _field_type(cls: type, name: str):
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    optional = typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
+    return (args[0] if optional else t), optional
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    t, optional = _field_type(cls, name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{where}: {name} cannot be None")
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if t is list or typing.get_origin(t) is list:
+            if isinstance(value, str):
+                return [v for v in value.split(",") if v] if value else []
+            return list(value)
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return t(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad value for {name}: {e}") from None
+
+
+def config_from_dict(d: dict, where: str = "config") -> Config:
+    """Build a Config from nested dicts {section: {field: value}}; unknown names are an error naming them."""
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown sections {unknown}; valid: {sorted(SECTIONS)}")
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        values = d.get(sec, {}) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: [{sec}] must be a table of settings")
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise ValueError(f"{where}: unknown settings in [{sec}]: {bad}; valid: {sorted(names)}")
+        sections[sec] = cls(**{k: _coerce(cls, k, v, f"{where} [{sec}]") for k, v in values.items()})
+    return Config(**sections)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if tomllib is None:
+        raise RuntimeError(f"{path}: reading TOML on Python 3.10 needs the 'tomli' package (pip install tomli)")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML: {e}") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def dump_toml(cfg: Config) -> str:
+    """TOML text that ``load_toml`` + ``config_from_dict`` read back to an equal Config (None fields omitted)."""
+    lines = []
+    for sec, values in config_to_dict(cfg).items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_toml(cfg))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> argparse.ArgumentParser:
+    """A parser with ``--config``, the aliases, and one ``--section.field`` flag per field of ``sections``."""
+    p = argparse.ArgumentParser(prog=prog, description=description, usage="%(prog)s [--config FILE.toml] [--SECTION.FIELD VALUE ...]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.toml", help="Load settings from a TOML file; later flags override it.")
+    for alias, (sec, name) in ALIASES.items():
+        if sec in sections:
+            p.add_argument(f"--{alias}", dest=f"{sec}.{name}", default=argparse.SUPPRESS, metavar="VALUE",
+                           help=f"Alias of --{sec}.{name.replace('_', '-')}.")
+    for sec in sections:
+        group = p.add_argument_group(f"[{sec}]")
+        for f in fields(SECTIONS[sec]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            t, _ = _field_type(SECTIONS[sec], f.name)
+            metavar = "BOOL" if t is bool else ("A,B,..." if t is list else t.__name__.upper())
+            group.add_argument(f"--{sec}.{f.name.replace('_', '-')}", f"--{sec}.{f.name}", dest=f"{sec}.{f.name}",
+                               default=argparse.SUPPRESS, metavar=metavar,
+                               help=f"{f.metadata['help']} (default: {default!r})".replace('%', '%%'))
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str, description: str) -> Config:
+    """Parse flags (and ``--config``) into a Config. Errors name the flag or file and the problem."""
+    parser = build_parser(prog, description)
+    ns = vars(parser.parse_args(argv))
+    config_file = ns.pop("config", None)
+    try:
+        base = config_from_dict(load_toml(config_file), config_file) if config_file else Config()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        parser.error(str(e))
+    d = config_to_dict(base)
+    for key, value in ns.items():
+        sec, name = key.split(".", 1)
+        d[sec][name] = value
+    try:
+        return config_from_dict(d, "command line")
+    except ValueError as e:
+        parser.error(str(e))
