@@ -1,0 +1,523 @@
+"""Qwen2-VL and Qwen2.5-VL in pure PyTorch: vision tower, text decoder with a static KV cache, chunked log-probs.
+
+Architecture (checked line by line against transformers 5.24 `modeling_qwen2_vl.py` / `modeling_qwen2_5_vl.py`;
+parity is pinned by tests/test_models_parity.py):
+  Text decoder (both): token embedding -> L x [RMSNorm -> GQA attention (q/k/v bias, no o bias, M-RoPE) -> residual
+    -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head (tied to the embedding or not).
+    M-RoPE (Qwen2-VL paper, section 2.1): the rotary frequencies of each head are split by `mrope_section` into
+    three groups driven by the temporal, height and width position ids respectively; text tokens have the same id
+    on all three axes.
+  Vision (Qwen2-VL): Conv3d patch embed (done here as one matmul over the flattened patch, identical maths),
+    2-D axial rotary (h and w halves), LayerNorm blocks with fused qkv and QuickGELU MLP, attention confined to each
+    image, PatchMerger (LayerNorm, 2x2 patches concatenated, MLP with exact GELU).
+  Vision (Qwen2.5-VL): RMSNorm blocks, SwiGLU MLP with bias, window attention: patches are reordered so that each
+    `window_size` x `window_size` pixel window is contiguous, blocks listed in `fullatt_block_indexes` attend over
+    the whole image, the others within windows; the merger uses RMSNorm; the window order is undone at the end.
+
+Choices that differ from transformers, on purpose:
+  - No hidden state on the model: M-RoPE position ids are always passed in (computed statelessly by
+    `emor3.models.positions`); transformers caches `rope_deltas` on the module, which goes stale between
+    generate() and a training forward, a known source of wrong GRPO log-probs.
+  - `forward` takes precomputed `image_embeds`, so a prompt's image is encoded once and shared by its G rows.
+  - A preallocated static `KVCache`, written by position (`index_copy_`), so shapes never change while decoding.
+  - Attention padding: every query may attend to its own slot, so left-pad rows never have an all-masked softmax
+    (which gives NaN in SDPA and poisons gradients through 0 * NaN); their outputs are never used.
+  - Vision attention over variable-length segments (images or windows) is batched by segment length: one SDPA call
+    per distinct length instead of one per segment (transformers loops) or one n x n mask (quadratic memory).
+  - `logprobs` computes log_softmax(lm_head(h) / temperature) in token chunks, each chunk recomputed in backward
+    (non-reentrant checkpoint), so the (N, T, V) logits are never held whole, forward or backward.
+
+Shape legend: N rows (= B prompts x G samples), L query length, S cache slots, T target tokens, D text hidden,
+V vocab, H heads, K kv heads, hd head dim, M merged image tokens (all images), n vision patches, C vision width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import QwenVLConfig, TextConfig, VisionConfig
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, exactly as Qwen2RMSNorm (bf16 parity)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _act(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)  # transformers QuickGELUActivation
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    # non-reentrant checkpoint: works with kwargs-free closures, frozen inputs and torch.compile
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Static cache: k, v are (layers, N, K, S, hd), written by position; never reallocated while decoding."""
+
+    k: Tensor  # (layers, N, K, S, hd)
+    v: Tensor  # (layers, N, K, S, hd)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor, cache_position: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (N, K, L, hd) at slots `cache_position` (L,) of `layer`; return the layer's full (N,K,S,hd)."""
+        self.k[layer].index_copy_(2, cache_position, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, cache_position, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def repeat_interleave(self, repeats: int) -> "KVCache":
+        """Copy each row's cache to `repeats` consecutive rows (prefill once per prompt, decode G samples)."""
+        return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1))
+
+    def index_select(self, rows: Tensor) -> "KVCache":
+        """Keep rows `rows` (R,) long, in that order (e.g. drop finished rows)."""
+        return KVCache(self.k.index_select(1, rows), self.v.index_select(1, rows))
+
+
+# ----------------------------------------------------------------------------------------------- text decoder
+def mrope_cos_sin(position_ids: Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (N, L, hd) for M-RoPE from position ids (3, N, L).
+
+    Frequency j of the head dim is driven by axis a(j), where mrope_section = (s_t, s_h, s_w) gives the first s_t
+    frequencies to the temporal ids, the next s_h to height, the last s_w to width (transformers
+    `recomposition_frequencies`); the half is then duplicated for rotate_half.
+    """
+    assert position_ids.dim() == 3 and position_ids.shape[0] == 3, "position_ids must be (3, N, L)"
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32,
+                                                      device=position_ids.device) / hd))  # (hd/2,)
+    axis = torch.repeat_interleave(torch.arange(3, device=position_ids.device),
+                                   torch.tensor(cfg.mrope_section, device=position_ids.device))  # (hd/2,)
+    pos = position_ids.float()  # (3, N, L)
+    # pick for each frequency the position id of its axis: (N, L, hd/2)
+    pos_per_freq = pos.permute(1, 2, 0)[..., axis]
+    freqs = pos_per_freq * inv_freq  # (N, L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (N, L, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D, H, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.H, self.K, self.hd = H, K, D // H
+        self.q_proj = nn.Linear(D, H * self.hd, bias=True)
+        self.k_proj = nn.Linear(D, K * self.hd, bias=True)
+        self.v_proj = nn.Linear(D, K * self.hd, bias=True)
+        self.o_proj = nn.Linear(H * self.hd, D, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, layer: int,
+                cache: KVCache | None, cache_position: Tensor | None) -> Tensor:
+        N, L, _ = x.shape
+        q = self.q_proj(x).view(N, L, self.H, self.hd).transpose(1, 2)  # (N, H, L, hd)
+        k = self.k_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
+        v = self.v_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, L, hd)
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
+        if self.K != self.H:
+            # GQA: query head h reads kv head h // (H/K), the same grouping as transformers' repeat_kv
+            k = k.repeat_interleave(self.H // self.K, dim=1)  # (N, H, S, hd)
+            v = v.repeat_interleave(self.H // self.K, dim=1)  # (N, H, S, hd)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (N, H, L, hd)
+        return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = _act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer, cache, cache_position):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Named `model` inside QwenVL so parameter names equal the published layout (`model.layers.0...`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: list[tuple[Tensor, int]]) -> Tensor:
+        n, C = x.shape
+        q, k, v = self.qkv(x).view(n, 3, self.heads, C // self.heads).unbind(1)  # each (n, H, hd)
+        # rotary in fp32, as transformers' apply_rotary_pos_emb_vision
+        c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # (n, 1, hd)
+        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
+        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
+        out = x.new_empty(n, self.heads, C // self.heads)  # (n, H, hd)
+        for idx, _ in segments:  # idx (num_segments, len): token indices of equal-length segments
+            qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # (S_, H, len, hd)
+            o = F.scaled_dot_product_attention(qs, ks, vs)  # (S_, H, len, hd)
+            out = out.index_put((idx.reshape(-1),), o.transpose(1, 2).reshape(-1, self.heads, C // self.heads))
+        return self.proj(out.reshape(n, C))
+
+
+class VisionMLP(nn.Module):  # Qwen2-VL
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = _act(act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, v25: bool):
+        super().__init__()
+        C = cfg.hidden_size
+        if v25:
+            self.norm1, self.norm2 = RMSNorm(C, 1e-6), RMSNorm(C, 1e-6)
+            self.mlp = MLP(C, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+        else:
+            self.norm1, self.norm2 = nn.LayerNorm(C, eps=1e-6), nn.LayerNorm(C, eps=1e-6)
+            self.mlp = VisionMLP(C, cfg.intermediate_size, cfg.hidden_act)
+        self.attn = VisionAttention(C, cfg.num_heads)
+
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        p, t = cfg.patch_size, cfg.temporal_patch_size
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=(t, p, p), stride=(t, p, p), bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # a stride == kernel Conv3d over one patch is a matmul with the flattened kernel (same element order
+        # C, t, p, p as the processor's flattening); much faster than Conv3d on CPU
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))  # (n, C)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig, v25: bool):
+        super().__init__()
+        C, m2 = cfg.hidden_size, cfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(C, 1e-6) if v25 else nn.LayerNorm(C, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(C * m2, C * m2), nn.GELU(), nn.Linear(C * m2, cfg.out_hidden_size))
+        self.m2 = m2
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.ln_q(x)
+        return self.mlp(x.reshape(-1, x.shape[-1] * self.m2))  # (n / m^2, D)
+
+
+def _segments(lengths: list[int], device) -> list[tuple[Tensor, int]]:
+    """Group consecutive segments (lengths in token order) by length: [(indices (count, len), len)]."""
+    starts, pos = [], 0
+    for ln in lengths:
+        starts.append(pos)
+        pos += ln
+    groups: dict[int, list[int]] = {}
+    for st, ln in zip(starts, lengths):
+        if ln > 0:
+            groups.setdefault(ln, []).append(st)
+    out = []
+    for ln, sts in groups.items():
+        idx = torch.tensor(sts, device=device)[:, None] + torch.arange(ln, device=device)  # (count, len)
+        out.append((idx, ln))
+    return out
+
+
+class VisionTower(nn.Module):
+    """Named `visual` inside QwenVL (published key layout `visual.*`)."""
+
+    def __init__(self, cfg: VisionConfig, v25: bool):
+        super().__init__()
+        self.cfg, self.v25 = cfg, v25
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([VisionBlock(cfg, v25) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, v25)
+        self.gradient_checkpointing = False
+
+    def _rotary(self, grid_thw: list[list[int]], device) -> tuple[Tensor, Tensor]:
+        """2-D axial rotary cos, sin (n, hd) in the processor's patch order (merge blocks of m x m contiguous)."""
+        m = self.cfg.spatial_merge_size
+        hd = self.cfg.hidden_size // self.cfg.num_heads
+        pos = []
+        for t, h, w in grid_thw:
+            hp = torch.arange(h, device=device)[:, None].expand(h, w)
+            wp = torch.arange(w, device=device)[None, :].expand(h, w)
+            blk = (h // m, m, w // m, m)
+            hp = hp.reshape(blk).transpose(1, 2).flatten()
+            wp = wp.reshape(blk).transpose(1, 2).flatten()
+            pos.append(torch.stack([hp, wp], -1).repeat(t, 1))
+        pos = torch.cat(pos).float()  # (n, 2)
+        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device)
+                                             / (hd // 2)))  # (hd/4,)
+        freqs = (pos[:, :, None] * inv).reshape(pos.shape[0], -1)  # (n, hd/2): h freqs then w freqs
+        emb = torch.cat([freqs, freqs], -1)  # (n, hd)
+        return emb.cos(), emb.sin()
+
+    def _window_index(self, grid_thw: list[list[int]], device) -> tuple[Tensor, list[int]]:
+        """Qwen2.5-VL window order over merged tokens and the window lengths in patches.
+
+        Each image's (h/m, w/m) merged grid is cut into windows of `window_size / patch / m` merged tokens a side
+        (edge windows smaller); windows are laid out row-major, tokens inside a window row-major
+        (transformers `get_vision_window_index`).
+        """
+        m = self.cfg.spatial_merge_size
+        ws = self.cfg.window_size // m // self.cfg.patch_size
+        index, lengths, offset = [], [], 0
+        for t, h, w in grid_thw:
+            gh, gw = h // m, w // m
+            ids = torch.arange(t * gh * gw, device=device).view(t, gh, gw)
+            for ti in range(t):
+                for r0 in range(0, gh, ws):
+                    for c0 in range(0, gw, ws):
+                        win = ids[ti, r0:r0 + ws, c0:c0 + ws].reshape(-1)
+                        index.append(win + offset)
+                        lengths.append(win.numel() * m * m)
+            offset += t * gh * gw
+        return torch.cat(index), lengths
+
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        g = grid_thw.tolist()
+        device = pixel_values.device
+        m2 = self.cfg.spatial_merge_size ** 2
+        x = self.patch_embed(pixel_values)  # (n, C)
+        n = x.shape[0]
+        assert n == sum(t * h * w for t, h, w in g), f"pixel_values has {n} patches, grid_thw says otherwise"
+        cos, sin = self._rotary(g, device)  # (n, hd)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        # full attention within each frame of each image
+        full = _segments([h * w for t, h, w in g for _ in range(t)], device)
+        if self.v25:
+            win_idx, win_len = self._window_index(g, device)  # (n / m^2,)
+            patch_idx = (win_idx[:, None] * m2 + torch.arange(m2, device=device)).reshape(-1)  # (n,)
+            x, cos, sin = x[patch_idx], cos[patch_idx], sin[patch_idx]
+            windowed = _segments(win_len, device)
+            fullatt = set(self.cfg.fullatt_block_indexes)
+        for i, blk in enumerate(self.blocks):
+            seg = full if (not self.v25 or i in fullatt) else windowed
+            x = _maybe_checkpoint(self.gradient_checkpointing and self.training,
+                                  lambda x_, b=blk, s=seg: b(x_, cos, sin, s), x)
+        out = self.merger(x)  # (M, D)
+        if self.v25:
+            out = out[torch.argsort(win_idx)]  # undo the window order
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class QwenVL(nn.Module):
+    """Qwen2-VL / Qwen2.5-VL for conditional generation. Parameter names follow the published checkpoints."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config.vision, v25=config.model_type == "qwen2_5_vl")
+        self.model = TextModel(config.text)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    # --------------------------------------------------------------- options
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "QwenVL":
+        """Recompute each decoder layer / vision block in backward (non-reentrant)."""
+        self.gradient_checkpointing = enabled
+        self.visual.gradient_checkpointing = enabled
+        return self
+
+    def freeze_vision(self, frozen: bool = True) -> "QwenVL":
+        """Stop gradients into the vision tower and merger (common for RL fine-tuning of VLMs)."""
+        for p in self.visual.parameters():
+            p.requires_grad_(not frozen)
+        return self
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "QwenVL":
+        """Random init as transformers' `_init_weights` (normal(0, std) weights, zero biases, unit norms)."""
+        g = torch.Generator().manual_seed(seed)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv3d, nn.Embedding)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, (RMSNorm, nn.LayerNorm)):
+                mod.weight.fill_(1.0)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+        return self
+
+    # --------------------------------------------------------------- vision
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """Merged image tokens of all images in order: (M, D), M = sum(t*h*w) / merge^2."""
+        return self.visual(pixel_values, image_grid_thw)
+
+    # --------------------------------------------------------------- text
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        t = self.config.text
+        p = self.model.embed_tokens.weight
+        shape = (t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim)
+        dtype, device = dtype or p.dtype, device or p.device
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def embed(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
+        x = self.model.embed_tokens(input_ids)  # (N, L, D)
+        if image_embeds is not None:
+            is_img = input_ids == self.config.image_token_id  # (N, L)
+            n_img = int(is_img.sum())
+            if n_img != image_embeds.shape[0]:
+                raise ValueError(f"input_ids hold {n_img} image tokens but image_embeds has {image_embeds.shape[0]}"
+                                 " rows (each of a prompt's G rows needs its own copy of the embeds)")
+            # row-major fill of image positions; differentiable w.r.t. both embeddings and image_embeds
+            x = x.masked_scatter(is_img.unsqueeze(-1), image_embeds.to(x.dtype))
+        return x
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None, *,
+                image_embeds: Tensor | None = None, cache: KVCache | None = None,
+                cache_position: Tensor | None = None) -> Tensor:
+        """Hidden states after the final norm: (N, L, D).
+
+        Without a cache, attention is causal over the L tokens, masked by `attention_mask` (N, L). With a cache,
+        the L tokens are written at slots `cache_position` (L,) and attend to every slot s <= their own that
+        `attention_mask` (N, S) marks valid.
+        """
+        N, L = input_ids.shape
+        assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
+        x = self.embed(input_ids, image_embeds)  # (N, L, D)
+        cos, sin = mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (N, L, hd)
+        dev = input_ids.device
+        if cache is not None:
+            assert cache_position is not None and cache_position.shape == (L,), "cache needs cache_position (L,)"
+            S = cache.max_len
+            slots = torch.arange(S, device=dev)
+            causal = slots[None, :] <= cache_position[:, None]  # (L, S)
+            self_slot = slots[None, :] == cache_position[:, None]  # (L, S)
+        else:
+            S = L
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()  # (L, L)
+            self_slot = torch.eye(L, dtype=torch.bool, device=dev)
+        if attention_mask is not None:
+            assert attention_mask.shape == (N, S), f"attention_mask {tuple(attention_mask.shape)} != ({N}, {S})"
+            mask = (causal[None] & attention_mask.bool()[:, None, :]) | self_slot[None]  # (N, L, S)
+            mask = mask[:, None]  # (N, 1, L, S)
+        else:
+            mask = causal[None, None]  # (1, 1, L, S)
+        use_ckpt = self.gradient_checkpointing and self.training
+        for i, layer in enumerate(self.model.layers):
+            x = _maybe_checkpoint(use_ckpt and cache is None,
+                                  lambda x_, lay=layer, i_=i: lay(x_, cos, sin, mask, i_, cache, cache_position), x)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(N, L, D) -> (N, L, V) in the model dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def logprobs(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, num_targets: int, *,
+                 image_embeds: Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
+                 return_entropy: bool = False):
+        """float32 log-probs (N, T) of the last T = num_targets tokens, each predicted from the position before.
+
+        log p = log_softmax(lm_head(h) / temperature)[target], computed over chunks of `chunk_size` tokens; each
+        chunk is recomputed in backward so at most one (chunk, V) logits block is alive at any time.
+        With return_entropy also the entropy (N, T) of the same tempered distribution.
+        """
+        N, L = input_ids.shape
+        T = num_targets
+        assert 0 < T < L, f"num_targets {T} must be in [1, {L - 1}]"
+        hidden = self.forward(input_ids, position_ids, attention_mask, image_embeds=image_embeds)  # (N, L, D)
+        h = hidden[:, L - T - 1:L - 1].reshape(N * T, -1)  # (N*T, D): the positions that predict the targets
+        tgt = input_ids[:, L - T:].reshape(N * T)  # (N*T,)
+        w = self.lm_head_weight
+        lps, ents = [], []
+        for s in range(0, N * T, chunk_size):
+            out = _maybe_checkpoint(True, _chunk_logprob, h[s:s + chunk_size], w, tgt[s:s + chunk_size],
+                                    torch.tensor(float(temperature)), return_entropy)
+            lps.append(out[0])
+            ents.append(out[1])
+        lp = torch.cat(lps).view(N, T)  # (N, T)
+        if return_entropy:
+            return lp, torch.cat(ents).view(N, T)
+        return lp
+
+
+def _chunk_logprob(h: Tensor, w: Tensor, tgt: Tensor, temperature: Tensor, want_entropy: bool):
+    logits = F.linear(h, w).float() / temperature  # (c, V) float32
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    lp = logits.gather(-1, tgt[:, None]).squeeze(-1) - lse  # (c,)
+    if want_entropy:
+        p = torch.softmax(logits, dim=-1)
+        ent = lse - (p * logits).sum(-1)  # H = logsumexp(z) - E_p[z]
+    else:
+        ent = lp.new_zeros(())
+    return lp, ent
