@@ -1,5 +1,14 @@
 """EMO-R3 rewards: SET prompt and parser, format and accuracy rules, RER (reflection), combination into a total."""
 
+from emor3.rewards.combine import (
+    WEIGHT_PRESETS,
+    RewardBreakdown,
+    RewardPlugin,
+    combine,
+    compute_rewards,
+    load_reward_plugin,
+    resolve_weights,
+)
 from emor3.rewards.rules import accuracy_reward, extract_answer, format_reward, normalize_answer
 from emor3.rewards.set_prompt import (
     DEFAULT_TEMPLATE,
@@ -13,6 +22,13 @@ from emor3.rewards.set_prompt import (
 )
 
 __all__ = [
+    "WEIGHT_PRESETS",
+    "RewardBreakdown",
+    "RewardPlugin",
+    "combine",
+    "compute_rewards",
+    "load_reward_plugin",
+    "resolve_weights",
     "DEFAULT_TEMPLATE",
     "SET_INSTRUCTION",
     "SetParse",
