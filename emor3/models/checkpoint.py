@@ -1,0 +1,180 @@
+"""Hugging Face checkpoint folders <-> QwenVL.
+
+`load_pretrained(path, dtype, device)`:
+  - config.json in the transformers 4.x (published) or 5.x layout (see `config.py`);
+  - weights from `model.safetensors` or a sharded `model.safetensors.index.json`;
+  - both key layouts: published (`model.layers.*`, `model.embed_tokens.*`, `visual.*`, `lm_head.weight`) and
+    transformers-5 native (`model.language_model.*`, `model.visual.*`, `lm_head.weight`);
+  - the module is built on the meta device and materialised straight in the target dtype/device, then every
+    tensor is read one at a time with `safe_open` and copied in: peak memory is the model plus one tensor, never
+    a full fp32 copy;
+  - a missing or unexpected tensor (or a shape mismatch) is an error that lists them all. A stored
+    `lm_head.weight` in a tied checkpoint is accepted only if it equals the embedding.
+`save_pretrained(model, path, tokenizer_dir=None, max_shard_bytes=None)` writes the published layout (what the
+Qwen releases ship and what transformers 4.x and 5.x both load), a config.json in the published layout, optional
+shards with an index, and copies tokenizer / processor files along. Every file is written to a temporary name
+and renamed into place (atomic per file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import QwenVLConfig
+from .qwen_vl import QwenVL
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "processor_config.json", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def canonical_key(key: str) -> str:
+    """Map a stored tensor name (either layout) to our parameter name (= the published layout)."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def read_config(path: str | os.PathLike) -> QwenVLConfig:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no config.json in checkpoint folder")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    return QwenVLConfig.from_dict(d, source=str(f))
+
+
+def _weight_files(path: Path) -> dict[str, list[str]]:
+    """{file: [stored keys]} for a single-file or sharded checkpoint."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for k, fn in wm.items():
+            files.setdefault(fn, []).append(k)
+        for fn in files:
+            if not (path / fn).is_file():
+                raise FileNotFoundError(f"{index}: shard {fn} is missing")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {"model.safetensors": list(f.keys())}
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str = "cpu") -> QwenVL:
+    """Build QwenVL from a Hugging Face folder. dtype None = the checkpoint's `torch_dtype`, else float32."""
+    path = Path(path)
+    cfg = read_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    if dtype is None:
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype") or "float32"
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    with torch.device("meta"):
+        model = QwenVL(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)  # storage in the target dtype/device, uninitialised
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    unexpected, mismatched, extra_head = [], [], None
+    for fn, keys in _weight_files(path).items():
+        with safe_open(path / fn, framework="pt", device="cpu") as f:
+            for k in keys:
+                name = canonical_key(k)
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    extra_head = (fn, k)  # checked against the embedding once that is loaded
+                    continue
+                if name not in params:
+                    unexpected.append(k)
+                    continue
+                t = f.get_tensor(k)
+                p = params[name]
+                if t.shape != p.shape:
+                    mismatched.append(f"{k}: stored {tuple(t.shape)} vs model {tuple(p.shape)}")
+                    continue
+                with torch.no_grad():
+                    p.copy_(t)  # converts dtype / device per tensor
+                seen.add(name)
+                del t
+    missing = sorted(set(params) - seen)
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing}, unexpected "
+                         f"{sorted(unexpected)}, shape mismatches {mismatched}")
+    if extra_head is not None:
+        with safe_open(path / extra_head[0], framework="pt", device="cpu") as f:
+            head = f.get_tensor(extra_head[1])
+        if not torch.equal(head.to(dtype).to(device), model.model.embed_tokens.weight.detach()):
+            raise ValueError(f"{path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
+                             "model.embed_tokens.weight; set tie_word_embeddings false to keep it")
+    return model
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: QwenVL, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int | None = None) -> None:
+    """Write config.json + safetensors (published key layout) + tokenizer/processor files from tokenizer_dir."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    dtype = next(iter(sd.values())).dtype
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    # shards: greedy in parameter order
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        if (path / stale).exists():
+            (path / stale).unlink()
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+    else:
+        weight_map = {}
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            _atomic_write(path / fn, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update({k: fn for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(path / "model.safetensors.index.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    if tokenizer_dir is not None:
+        src = Path(tokenizer_dir)
+        if src.resolve() != path.resolve():
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    _atomic_write(path / name, lambda tmp, s=src / name: shutil.copyfile(s, tmp))
