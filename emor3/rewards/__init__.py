@@ -9,6 +9,15 @@ from emor3.rewards.combine import (
     load_reward_plugin,
     resolve_weights,
 )
+from emor3.rewards.reflection import (
+    JudgeRequest,
+    ModelJudge,
+    ReflectionResult,
+    reflect,
+    rollout_images,
+    score_coherence_reply,
+    score_consistency_reply,
+)
 from emor3.rewards.rules import accuracy_reward, extract_answer, format_reward, normalize_answer
 from emor3.rewards.set_prompt import (
     DEFAULT_TEMPLATE,
@@ -23,6 +32,13 @@ from emor3.rewards.set_prompt import (
 
 __all__ = [
     "WEIGHT_PRESETS",
+    "JudgeRequest",
+    "ModelJudge",
+    "ReflectionResult",
+    "reflect",
+    "rollout_images",
+    "score_coherence_reply",
+    "score_consistency_reply",
     "RewardBreakdown",
     "RewardPlugin",
     "combine",

@@ -1,0 +1,374 @@
+"""RER, the Reflective Emotional Reward of EMO-R3 (PAPER.md, "Rewards"): the model re-reads its own reasoning.
+
+Two self-judgements per completion, each a new single-turn chat:
+  consistency (visual-text): the image, then `Can the following text describe the image? Please answer with yes or
+      no.` followed by step 1's text. The image really is passed (the authors' first release forgot it);
+      tests/test_reflection.py checks that changing only the image changes the judge's input and its score.
+  coherence (emotional): steps 1 and 2 as text only (no image), then `Which emotion best describes the text above?`
+      and `Answer the question using one emotional category (one word only): <labels>.`, where <labels> are the
+      sample's taxonomy labels comma-separated in the taxonomy's order (the authors hard-coded Mikels' eight).
+Prompt layout (PAPER.md gives the sentences, not how they are joined): parts joined by "\\n", in the order above.
+
+Who judges: the current policy (the paper: same weights as the rollout) or the frozen reference model (option);
+the caller passes whichever model to `ModelJudge`. No gradient flows through a judgement (torch.inference_mode).
+
+Scoring modes:
+  "sample" (the paper): one reply per judge prompt, sampled at temperature 0.6, top-p 0.95, scored by the paper's
+      rules with *word-level* matching (the reply split into lower-case words; the authors' substring test counts
+      "none" and "I don't know" as "no"):
+        consistency: a word "yes" → 1, else a word "no" → 0, else 0.5
+        coherence:   the reply's words equal the label's words (so "Joy." and "**joy**" count) → 1,
+                     empty or "none" → 0.5, anything else → 0
+  "logprob" (ours, no generation, lower variance): from the judge's next-token distribution after the prompt,
+        consistency = P(yes) / (P(yes) + P(no)), with P(yes) = p("Yes") + p("yes"), P(no) = p("No") + p("no"),
+                      each the probability of that string as the start of the reply (for Qwen's tokenizer each is
+                      one token, so this is the first answer token's probability; a string of several tokens uses
+                      the product of its tokens' probabilities)
+        coherence   = softmax over the taxonomy's labels of Σ_tokens log p(label's tokens), read at the
+                      ground-truth label (labels written exactly as in the taxonomy).
+Unextractable steps: when step 1 (consistency) or step 1 or 2 (coherence) cannot be extracted or is empty, that judge
+is not asked and the component is 0.5, the neutral value the paper gives an undecidable judgement
+(`missing_value`). The format reward is what penalises a missing step; RER neither rewards nor punishes it.
+
+Batching: all consistency prompts of a rollout batch go to the judge as one batch, all coherence prompts as another
+(`ModelJudge` may split them into `max_batch_size` chunks to bound memory). A `Judge` is anything with
+`generate(requests) -> list[str]` and `choice_logprobs(requests, choices) -> list[Tensor]`, so the scoring logic is
+tested with a scripted fake judge, and `ModelJudge` runs the emor3 model (emor3.models Processor / QwenVL and
+emor3.grpo.sampler.sample).
+
+Shapes: N completion rows, R judge requests (≤ N), K choices of one request, P prompt length, L choice length,
+V vocabulary, D hidden size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from emor3.rewards.set_prompt import parse_set
+
+CONSISTENCY_QUESTION = "Can the following text describe the image? Please answer with yes or no."
+COHERENCE_QUESTION = "Which emotion best describes the text above?"
+COHERENCE_INSTRUCTION = "Answer the question using one emotional category (one word only): {labels}."
+YES_STRINGS = ("Yes", "yes")
+NO_STRINGS = ("No", "no")
+MODES = ("sample", "logprob")
+
+
+# -------------------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One judge prompt: chat messages (Processor format) and the image they refer to (None for text only)."""
+
+    messages: list
+    image: Any = None
+
+
+def consistency_request(step1: str, image: Any) -> JudgeRequest:
+    """The visual-text judge: the image first, then the question and step 1."""
+    if image is None:
+        raise ValueError("the consistency judge needs the sample's image (PAPER.md: the image must reach it)")
+    text = f"{CONSISTENCY_QUESTION}\n{step1}"
+    return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
+
+
+def coherence_request(step1: str, step2: str, labels: Sequence[str]) -> JudgeRequest:
+    """The emotional judge: steps 1-2 as text only, the question, and the taxonomy's labels."""
+    instr = COHERENCE_INSTRUCTION.replace("{labels}", ", ".join(labels))
+    text = f"{step1}\n{step2}\n{COHERENCE_QUESTION}\n{instr}"
+    return JudgeRequest([{"role": "user", "content": [{"type": "text", "text": text}]}], None)
+
+
+# -------------------------------------------------------------------------------------------------------- scoring
+
+_WORD = re.compile(r"[^\W_]+")  # runs of letters/digits, Unicode-aware; "don't" -> "don", "t"
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of a reply (punctuation and markup dropped)."""
+    return _WORD.findall(text.lower())
+
+
+def score_consistency_reply(reply: str) -> float:
+    """The paper's rule with word matching: yes → 1, else no → 0, else 0.5."""
+    w = words(reply)
+    if "yes" in w:
+        return 1.0
+    if "no" in w:
+        return 0.0
+    return 0.5
+
+
+def score_coherence_reply(reply: str, label: str) -> float:
+    """The paper's rule with word matching: equal to the label → 1, empty or "none" → 0.5, else 0."""
+    w = words(reply)
+    if w == words(label):
+        return 1.0
+    if not w or w == ["none"]:
+        return 0.5
+    return 0.0
+
+
+def consistency_from_logprobs(lp: torch.Tensor) -> float:
+    """lp: (4,) log-probs of YES_STRINGS + NO_STRINGS. P(yes) / (P(yes) + P(no)), computed in log space."""
+    assert lp.shape == (len(YES_STRINGS) + len(NO_STRINGS),), f"expected yes/no log-probs, got {tuple(lp.shape)}"
+    lp = lp.double()
+    ly = torch.logsumexp(lp[: len(YES_STRINGS)], 0)
+    ln = torch.logsumexp(lp[len(YES_STRINGS) :], 0)
+    return float(torch.sigmoid(ly - ln))  # = e^ly / (e^ly + e^ln)
+
+
+def coherence_from_logprobs(lp: torch.Tensor, label_index: int) -> float:
+    """lp: (K,) summed log-probs of each label; the label's share after normalising over the K labels."""
+    assert lp.dim() == 1 and 0 <= label_index < lp.shape[0], f"bad label index {label_index} for {tuple(lp.shape)}"
+    return float(torch.softmax(lp.double(), 0)[label_index])
+
+
+# -------------------------------------------------------------------------------------------------------- judges
+
+
+class Judge(Protocol):
+    def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
+        """One sampled reply per request (the paper: temperature 0.6, top-p 0.95)."""
+
+    def choice_logprobs(self, requests: Sequence[JudgeRequest], choices: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """For request r, a (K_r,) tensor: log p(choices[r][k] is how the reply starts), summed over its tokens."""
+
+
+@dataclass
+class ReflectionResult:
+    """RER scores of N completions, and what the judge saw and said (for logging samples)."""
+
+    consistency: torch.Tensor  # (N,) float32 in [0, 1]
+    coherence: torch.Tensor  # (N,) float32 in [0, 1]
+    judged_consistency: torch.Tensor  # (N,) bool: False where step 1 was missing (score = missing_value)
+    judged_coherence: torch.Tensor  # (N,) bool: False where step 1 or 2 was missing
+    consistency_replies: list = field(default_factory=list)  # N replies (sample mode) or None
+    coherence_replies: list = field(default_factory=list)
+
+    def components(self) -> dict[str, torch.Tensor]:
+        """The `reflection=` argument of `emor3.rewards.combine.compute_rewards`."""
+        return {"consistency": self.consistency, "coherence": self.coherence}
+
+
+def _label_lists(taxonomies: Any, n: int) -> list[list[str]]:
+    if isinstance(taxonomies, (list, tuple)) and taxonomies and not isinstance(taxonomies[0], str):
+        if len(taxonomies) != n:
+            raise ValueError(f"reflect: {len(taxonomies)} taxonomies for {n} completions")
+        return [list(getattr(t, "labels", t)) for t in taxonomies]
+    return [list(getattr(taxonomies, "labels", taxonomies))] * n
+
+
+def reflect(
+    completions: Sequence[str],
+    labels: Sequence[str],
+    taxonomies: Any,
+    images: Sequence[Any],
+    judge: Judge,
+    *,
+    mode: str = "sample",
+    missing_value: float = 0.5,
+) -> ReflectionResult:
+    """Score N completions with the two RER judges; see the module docstring for prompts and rules.
+
+    labels: N ground-truth labels. taxonomies: one taxonomy (anything with `.labels`, or a label list) for all rows,
+    or N of them. images: N images, row n's being its prompt's image (for a rollout: images[prompt_index[n]]).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown RER mode {mode!r}; valid: {MODES}")
+    n = len(completions)
+    if len(labels) != n or len(images) != n:
+        raise ValueError(f"reflect: {n} completions but {len(labels)} labels and {len(images)} images")
+    label_sets = _label_lists(taxonomies, n)
+    parses = [parse_set(c) for c in completions]
+
+    cons = torch.full((n,), float(missing_value), dtype=torch.float32)  # (N,)
+    coh = torch.full((n,), float(missing_value), dtype=torch.float32)  # (N,)
+    cons_rows = [i for i, p in enumerate(parses) if p.step1]
+    coh_rows = [i for i, p in enumerate(parses) if p.step1 and p.step2]
+    for i in coh_rows:
+        if labels[i] not in label_sets[i]:
+            raise ValueError(f"reflect: row {i} label {labels[i]!r} is not one of its taxonomy labels {label_sets[i]}")
+    cons_req = [consistency_request(parses[i].step1, images[i]) for i in cons_rows]
+    coh_req = [coherence_request(parses[i].step1, parses[i].step2, label_sets[i]) for i in coh_rows]
+    cons_replies: list = [None] * n
+    coh_replies: list = [None] * n
+
+    if mode == "sample":
+        # one batch per judge for the whole rollout batch
+        if cons_req:
+            for i, reply in zip(cons_rows, _checked(judge.generate(cons_req), len(cons_req), "consistency")):
+                cons_replies[i] = reply
+                cons[i] = score_consistency_reply(reply)
+        if coh_req:
+            for i, reply in zip(coh_rows, _checked(judge.generate(coh_req), len(coh_req), "coherence")):
+                coh_replies[i] = reply
+                coh[i] = score_coherence_reply(reply, labels[i])
+    else:
+        yes_no = list(YES_STRINGS + NO_STRINGS)
+        if cons_req:
+            lps = _checked(judge.choice_logprobs(cons_req, [yes_no] * len(cons_req)), len(cons_req), "consistency")
+            for i, lp in zip(cons_rows, lps):
+                cons[i] = consistency_from_logprobs(lp)
+        if coh_req:
+            lps = judge.choice_logprobs(coh_req, [label_sets[i] for i in coh_rows])
+            for i, lp in zip(coh_rows, _checked(lps, len(coh_req), "coherence")):
+                coh[i] = coherence_from_logprobs(lp, label_sets[i].index(labels[i]))
+
+    judged_cons = torch.zeros(n, dtype=torch.bool)  # (N,)
+    judged_cons[cons_rows] = True
+    judged_coh = torch.zeros(n, dtype=torch.bool)  # (N,)
+    judged_coh[coh_rows] = True
+    return ReflectionResult(cons, coh, judged_cons, judged_coh, cons_replies, coh_replies)
+
+
+def _checked(out: Sequence, n: int, what: str) -> Sequence:
+    if len(out) != n:
+        raise RuntimeError(f"RER {what} judge returned {len(out)} answers for {n} prompts")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- model judge
+
+
+class ModelJudge:
+    """The emor3 model as judge: pass the policy (the paper) or the frozen reference model (option).
+
+    Sample mode goes through `emor3.grpo.sampler.sample` (one reply per prompt, stop at <|im_end|>, vision special
+    tokens banned); logprob mode runs one prefill of the prompts into a KV cache, copies it to the K choices of each
+    prompt, and scores all choice tokens in one forward. Both under torch.inference_mode (no gradient, no autograd
+    state kept). The model's train/eval mode is left as it is (Qwen-VL has no dropout).
+    `max_batch_size` splits a judge batch into chunks of that many prompts (None: one batch).
+    """
+
+    def __init__(self, model: Any, processor: Any, *, temperature: float = 0.6, top_p: float = 0.95,
+                 max_new_tokens: int = 8, seed: int | torch.Generator = 0, max_batch_size: int | None = None,
+                 logit_chunk: int = 256):
+        self.model, self.processor = model, processor
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.max_batch_size, self.logit_chunk = max_batch_size, logit_chunk
+        device = next(model.parameters()).device
+        if isinstance(seed, torch.Generator):
+            self.generator = seed
+        else:  # one generator for the judge's lifetime: successive calls differ, a seeded run repeats
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(seed))
+        self.device = device
+
+    # -- helpers
+    def _chunks(self, n: int) -> list[range]:
+        step = self.max_batch_size or max(n, 1)
+        return [range(s, min(s + step, n)) for s in range(0, n, step)]
+
+    def encode(self, requests: Sequence[JudgeRequest]):
+        """The `PromptBatch` of a list of judge requests (on the model's device)."""
+        batch = self.processor.encode_prompts(
+            [r.messages for r in requests], [[r.image] if r.image is not None else [] for r in requests]
+        )
+        to = getattr(batch, "to", None)
+        return to(self.device) if callable(to) else batch
+
+    # -- sample mode
+    def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
+        from emor3.grpo.sampler import sample  # imported here: rewards must import without the sampler
+
+        out: list[str] = []
+        with torch.inference_mode():
+            for rows in self._chunks(len(requests)):
+                batch = self.encode([requests[i] for i in rows])
+                roll = sample(
+                    self.model, batch, group_size=1, max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature, top_p=self.top_p,
+                    stop_token_ids=self.processor.stop_token_ids, banned_token_ids=self.processor.banned_token_ids,
+                    generator=self.generator, tokenizer=self.processor,
+                )
+                out.extend(roll.texts)
+        return out
+
+    # -- logprob mode
+    def _choice_ids(self, choice: str) -> list[int]:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        ids = tok.encode(choice, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"RER logprob judge: choice {choice!r} tokenises to nothing")
+        return list(ids)
+
+    def choice_logprobs(self, requests: Sequence[JudgeRequest], choices: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        assert len(requests) == len(choices), "one choice list per request"
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        # requests sharing a choice list (the usual case: one taxonomy) share one tokenised choice tensor
+        groups: dict[tuple, list[int]] = {}
+        for r, c in enumerate(choices):
+            groups.setdefault(tuple(c), []).append(r)
+        with torch.inference_mode():
+            for choice_tuple, members in groups.items():
+                ids = [self._choice_ids(c) for c in choice_tuple]
+                for rows in self._chunks(len(members)):
+                    sub = [members[i] for i in rows]
+                    lp = self._score_choices([requests[r] for r in sub], ids)  # (R, K)
+                    for j, r in enumerate(sub):
+                        out[r] = lp[j].float().cpu()
+        return out  # type: ignore[return-value]
+
+    def _score_choices(self, requests: Sequence[JudgeRequest], choice_ids: list[list[int]]) -> torch.Tensor:
+        """(R, K) summed log-probs of each choice's tokens as the reply's start, one prefill per prompt."""
+        model, dev = self.model, self.device
+        batch = self.encode(requests)
+        R, P = batch.input_ids.shape
+        K, L = len(choice_ids), max(len(c) for c in choice_ids)
+        cids = torch.zeros(K, L, dtype=torch.long, device=dev)  # (K, L) right-padded with id 0, masked below
+        cmask = torch.zeros(K, L, dtype=torch.float32, device=dev)  # (K, L)
+        for k, c in enumerate(choice_ids):
+            cids[k, : len(c)] = torch.tensor(c, dtype=torch.long)
+            cmask[k, : len(c)] = 1.0
+        image_embeds = None
+        if getattr(batch, "pixel_values", None) is not None:
+            image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
+        S = P + L
+        full_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(R, L)], dim=1)  # (R, S)
+        cache = model.new_cache(R, S, device=dev)
+        hidden = model(batch.input_ids, batch.position_ids, full_mask, image_embeds=image_embeds, cache=cache,
+                       cache_position=torch.arange(P, device=dev))  # (R, P, D)
+        first = torch.log_softmax(model.logits(hidden[:, -1]).float(), dim=-1)  # (R, V): reply's first token
+        lp = first[:, cids[:, 0]]  # (R, K)
+        if L > 1:
+            # feed choice tokens 0..L-2 of every (prompt, choice) pair; they predict choice tokens 1..L-1
+            cache = cache.repeat_interleave(K)
+            fed = cids[:, : L - 1].repeat(R, 1)  # (R*K, L-1): row r*K + k is prompt r, choice k
+            pos = (batch.next_position.to(dev).repeat_interleave(K)[:, None]
+                   + torch.arange(L - 1, device=dev)[None, :])  # (R*K, L-1)
+            pos = pos.unsqueeze(0).expand(3, -1, -1)  # (3, R*K, L-1): text positions equal on the three axes
+            h = model(fed, pos, full_mask.repeat_interleave(K, dim=0), cache=cache,
+                      cache_position=torch.arange(P, P + L - 1, device=dev))  # (R*K, L-1, D)
+            tgt = cids[:, 1:].repeat(R, 1)  # (R*K, L-1)
+            rest = torch.empty(R * K, L - 1, dtype=torch.float32, device=dev)  # (R*K, L-1)
+            flat_h, flat_t = h.reshape(R * K * (L - 1), -1), tgt.reshape(-1)
+            flat_out = rest.view(-1)
+            for s in range(0, flat_h.shape[0], self.logit_chunk):  # never the whole (R*K, L-1, V) logits tensor
+                logits = model.logits(flat_h[s : s + self.logit_chunk]).float()  # (c, V)
+                flat_out[s : s + self.logit_chunk] = (
+                    logits.gather(-1, flat_t[s : s + self.logit_chunk, None]).squeeze(-1) - logits.logsumexp(-1)
+                )
+            rest = rest * cmask[:, 1:].repeat(R, 1)  # (R*K, L-1): padded choice positions count 0
+            lp = lp + rest.sum(-1).view(R, K)
+        assert lp.shape == (R, K), f"choice log-probs {tuple(lp.shape)} != {(R, K)}"
+        return lp
+
+
+def rollout_images(images: Sequence[Any], prompt_index: torch.Tensor | Sequence[int]) -> list:
+    """Row n's image from the B prompt images and a rollout's prompt_index (N,)."""
+    idx = prompt_index.tolist() if isinstance(prompt_index, torch.Tensor) else list(prompt_index)
+    return [images[i] for i in idx]
+
+
+__all__ = [
+    "CONSISTENCY_QUESTION", "COHERENCE_QUESTION", "COHERENCE_INSTRUCTION", "JudgeRequest", "Judge", "ModelJudge",
+    "ReflectionResult", "reflect", "consistency_request", "coherence_request", "score_consistency_reply",
+    "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words", "rollout_images",
+]
+
