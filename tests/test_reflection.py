@@ -155,3 +155,159 @@ def test_logprob_helpers_and_errors():
     j = FakeJudge(replies={"Can the following": "yes", "amusement, awe": "awe", "anger, disgust": "joy"})
     out = reflect([resp("p"), resp("q")], ["awe", "joy"], [mikels, TAX], ["a", "b"], j)
     assert out.coherence.tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------ model-backed judge on a tiny QwenVL
+# Until emor3.models ships its Processor, a toy processor stands in for it: one token per character, an image is a
+# (16, 3*2*14*14) pixel tensor of a 1x4x4-patch grid (4 merged tokens). It follows the PromptBatch contract.
+
+IMG, VSTART, VEND, IM_END, V = 90, 92, 93, 94, 96
+
+
+def tiny_model(seed=0):
+    from emor3.models import QwenVL, QwenVLConfig
+
+    cfg = QwenVLConfig.from_dict(dict(
+        model_type="qwen2_vl", image_token_id=IMG, video_token_id=91, vision_start_token_id=VSTART,
+        vision_end_token_id=VEND, tie_word_embeddings=True,
+        text_config=dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    ))
+    torch.manual_seed(seed)
+    return QwenVL(cfg).init_weights(seed, std=0.1).eval()
+
+
+class ToyTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [4 + (ord(ch) % 80) for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + (int(i) % 26)) for i in ids if int(i) not in (IM_END,))
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(r) for r in rows]
+
+
+class ToyProcessor:
+    stop_token_ids = (IM_END,)
+    banned_token_ids = (IMG, 91, VSTART, VEND)
+
+    def __init__(self):
+        self.tokenizer = ToyTokenizer()
+        self.seen = []  # every (input_ids, pixel_values) encoded, to check what the judge received
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(ids)
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [self.decode(r) for r in ids]
+
+    def encode_prompts(self, messages_list, images_list):
+        from emor3.models.positions import mrope_position_ids
+
+        rows, pix, grids = [], [], []
+        for msgs, imgs in zip(messages_list, images_list):
+            ids, it = [1], iter(imgs)
+            for c in msgs[0]["content"]:
+                if c["type"] == "image":
+                    img = next(it)
+                    ids += [VSTART] + [IMG] * 4 + [VEND]
+                    pix.append(img)
+                    grids.append([1, 4, 4])
+                else:
+                    ids += self.tokenizer.encode(c["text"])
+            rows.append(ids + [2, 3])  # end of user turn, assistant header
+        P = max(map(len, rows))
+        input_ids = torch.zeros(len(rows), P, dtype=torch.long)  # (B, P) left-padded
+        mask = torch.zeros(len(rows), P, dtype=torch.long)  # (B, P)
+        for i, r in enumerate(rows):
+            input_ids[i, P - len(r):] = torch.tensor(r)
+            mask[i, P - len(r):] = 1
+        grid = torch.tensor(grids, dtype=torch.long) if grids else None
+        pos, nxt = mrope_position_ids(input_ids, mask, grid, image_token_id=IMG)
+        pixel_values = torch.cat(pix) if pix else None
+        self.seen.append((input_ids, pixel_values))
+        return SimpleNamespace(input_ids=input_ids, attention_mask=mask, position_ids=pos, next_position=nxt,
+                               pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def image(seed):
+    return torch.randn(16, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+
+
+def naive_choice_logprob(model, proc, req, choice):
+    """Full forward of prompt + choice without a cache: summed log-probs of the choice's tokens."""
+    b = proc.encode_prompts([req.messages], [[req.image] if req.image is not None else []])
+    c = torch.tensor([proc.tokenizer.encode(choice)])  # (1, L)
+    ids = torch.cat([b.input_ids, c], 1)  # (1, P+L)
+    pos = torch.cat([b.position_ids, (b.next_position[:, None] + torch.arange(c.shape[1]))[None].expand(3, 1, -1)], 2)
+    emb = model.encode_images(b.pixel_values, b.image_grid_thw) if b.pixel_values is not None else None
+    with torch.no_grad():
+        hidden = model(ids, pos, torch.ones_like(ids), image_embeds=emb)  # (1, P+L, D)
+        logp = torch.log_softmax(model.logits(hidden).double(), -1)  # (1, P+L, V)
+    P = b.input_ids.shape[1]
+    return sum(logp[0, P - 1 + j, c[0, j]].item() for j in range(c.shape[1]))
+
+
+def test_model_judge_logprob_mode_matches_hand_computed_probabilities():
+    from emor3.rewards.reflection import ModelJudge, coherence_request, consistency_request
+
+    model, proc = tiny_model(), ToyProcessor()
+    judge = ModelJudge(model, proc)
+    reqs = [consistency_request("A girl laughs.", image(0)), consistency_request("A dark alley at night!", image(1))]
+    yes_no = ["Yes", "yes", "No", "no"]
+    got = judge.choice_logprobs(reqs, [yes_no] * 2)
+    for r, lp in zip(reqs, got):
+        want = [naive_choice_logprob(model, proc, r, c) for c in yes_no]
+        torch.testing.assert_close(lp.double(), torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=0,
+                                   msg="cached one-prefill choice scoring != naive full forward")
+    labels = TAX.labels  # multi-token choices of different lengths: padding must not leak into the sums
+    coh = [coherence_request("A girl laughs.", "Happy.", labels), coherence_request("Rain", "Gloomy", labels)]
+    got = judge.choice_logprobs(coh, [labels] * 2)
+    for r, lp in zip(coh, got):
+        want = torch.tensor([naive_choice_logprob(model, proc, r, c) for c in labels], dtype=torch.float64)
+        torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=0, msg="label log-prob sums wrong")
+    # end to end: reflect's scores are the hand formula applied to those log-probs
+    comp = resp("A girl laughs.", s2="Happy.")
+    out = reflect([comp], ["joy"], TAX, [image(0)], judge, mode="logprob")
+    p = [math.exp(naive_choice_logprob(model, proc, reqs[0], c)) for c in yes_no]
+    assert out.consistency.item() == pytest.approx((p[0] + p[1]) / sum(p), abs=1e-4)
+    e = [math.exp(naive_choice_logprob(model, proc, coh[0], c)) for c in labels]
+    assert out.coherence.item() == pytest.approx(e[labels.index("joy")] / sum(e), abs=1e-4)
+
+
+def test_image_reaches_the_consistency_judge():
+    from emor3.rewards.reflection import ModelJudge
+
+    model, proc = tiny_model(), ToyProcessor()
+    judge = ModelJudge(model, proc)
+    comp = [resp("A girl laughs at a puppy.")]
+    a = reflect(comp, ["joy"], TAX, [image(0)], judge, mode="logprob")
+    ids_a, pix_a = proc.seen[0]
+    b = reflect(comp, ["joy"], TAX, [image(7)], judge, mode="logprob")
+    ids_b, pix_b = proc.seen[2]  # [1] is the coherence batch of the first call
+    assert pix_a is not None and (ids_a == IMG).sum() == 4, "the consistency prompt must carry the image tokens"
+    assert torch.equal(ids_a, ids_b) and not torch.equal(pix_a, pix_b), "only the image may differ"
+    assert proc.seen[1][1] is None, "the coherence judge is text only"
+    logit = lambda x: math.log(x / (1 - x))  # compare log-odds: a random tiny model's yes/no odds may be extreme
+    assert abs(logit(a.consistency.item()) - logit(b.consistency.item())) > 0.05, "changing the image must change the score"
+    assert a.coherence.item() == pytest.approx(b.coherence.item(), abs=1e-6), "coherence must not see the image"
+
+
+def test_model_judge_sample_mode_one_batch_seeded():
+    from emor3.rewards.reflection import ModelJudge
+
+    model = tiny_model()
+    comps = [resp("A girl laughs."), resp("Rain on a window."), "no steps \\boxed{joy}"]
+    outs = []
+    for _ in range(2):
+        proc = ToyProcessor()
+        judge = ModelJudge(model, proc, max_new_tokens=4, seed=3)
+        outs.append(reflect(comps, ["joy"] * 3, TAX, [image(0), image(1), image(2)], judge, mode="sample"))
+        assert len(proc.seen) == 2 and proc.seen[0][0].shape[0] == 2, "one batch per judge, judged rows only"
+    assert outs[0].consistency_replies == outs[1].consistency_replies, "seeded judge must repeat"
+    assert all(isinstance(r, str) for r in outs[0].consistency_replies[:2]) and outs[0].consistency_replies[2] is None
+    assert outs[0].consistency[2].item() == 0.5 and outs[0].coherence[2].item() == 0.5
+    assert not outs[0].consistency.requires_grad
