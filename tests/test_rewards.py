@@ -152,3 +152,15 @@ def test_set_prompt_lists_taxonomy_labels_and_paper_instruction(tmp_path):
         load_template(bad)
     with pytest.raises(ValueError, match="labels"):
         set_prompt(["x"], "no placeholder")
+
+
+def test_with_the_real_taxonomies():
+    data = pytest.importorskip("emor3.data.taxonomy")
+    mikels, emo6 = data.get_taxonomy("mikels"), data.get_taxonomy("emotion6")
+    box = STEPS + "\\boxed{{{}}}"
+    assert accuracy_reward(box.format("Happy"), "joy", emo6, normalized=True) == 1.0
+    assert accuracy_reward(box.format("Happy"), "joy", emo6) == 0.0, "paper rule has no synonyms"
+    assert accuracy_reward(box.format("Awe-inspiring"), "awe", mikels, normalized=True) == 1.0
+    assert accuracy_reward(box.format("happy"), "amusement", mikels, normalized=True) == 0.0, \
+        "'happy' maps to a Mikels label only if the taxonomy says so"
+    assert ", ".join(mikels.labels) in set_prompt(mikels)

@@ -23,8 +23,8 @@ accuracy, `normalized=True` (ours): Unicode NFKC first (full-width `＼ｂｏｘ
 taxonomy synonym maps to its label ("happy" counts for a label only if the taxonomy says so). Without a taxonomy
 only the text normalisation applies.
 
-The taxonomy is duck-typed: any object with `.labels` (sequence of str) and `.synonyms` (dict synonym -> label;
-a dict label -> list of synonyms is accepted too), e.g. `emor3.data.Taxonomy`.
+The taxonomy is duck-typed: any object with `.labels` (sequence of str) and `.synonyms`, either a dict
+label -> synonyms (the layout of `emor3.data.Taxonomy`) or a dict synonym -> label.
 """
 
 from __future__ import annotations
