@@ -59,6 +59,7 @@ S = P + max_new_tokens cache slots, V vocabulary, D hidden size.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -191,19 +192,44 @@ def _decode_step(
     return _choose(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
 
 
-# Compiled decode steps, one per model, created on first use (torch.compile wraps the function; dynamo's cache
-# then keys on the guarded inputs). Kept out of the model object so the model module stays untouched.
+# Compiled decode steps, one per torch.compile backend, created on first use. dynamo then keeps one graph per set of
+# guarded inputs (model, N, S, greedy or not): the Python step counter never enters, so a whole rollout runs one graph.
 _COMPILED_STEP: dict[str, Any] = {}
+_COMPILE_BUCKET = 64  # with compile, cache slots are rounded up to a multiple of this so varying prompt lengths
+# reuse a few graphs instead of recompiling for every new P (the extra slots are never attended: causality)
 
 
-def _get_step(compile: bool):
+class _CompiledStep:
+    """torch.compile of ``_decode_step``, fullgraph first (one graph per rollout, which CUDA graphs need), falling
+    back to graph breaks with a warning if the model has an op dynamo cannot trace as one graph. dynamo traces
+    before it runs anything, so a failed fullgraph attempt has written nothing to the cache."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.fn = torch.compile(_decode_step, dynamic=False, fullgraph=True, backend=backend)
+        self.fullgraph = True
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.fn(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as e:
+            if not self.fullgraph:
+                raise
+            warnings.warn(f"sampler: the decode step does not compile as one graph ({str(e).splitlines()[0]}); "
+                          "compiling with graph breaks instead", stacklevel=3)
+            self.fn = torch.compile(_decode_step, dynamic=False, backend=self.backend)
+            self.fullgraph = False
+            return self.fn(*args, **kwargs)
+
+
+def _get_step(compile: bool | str):
     if not compile:
         return _decode_step
-    if "step" not in _COMPILED_STEP:
-        # fullgraph=False: a graph break (e.g. an unsupported op in a user's model) costs speed, not correctness.
-        # dynamic=False: every shape is static by construction; a new batch size recompiles once.
-        _COMPILED_STEP["step"] = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED_STEP["step"]
+    backend = "inductor" if compile is True else str(compile)
+    if backend not in _COMPILED_STEP:
+        # dynamic=False: every shape is static by construction; a new (N, S) compiles once more.
+        _COMPILED_STEP[backend] = _CompiledStep(backend)
+    return _COMPILED_STEP[backend]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +286,7 @@ def sample(
     banned_token_ids: Sequence[int] = (),
     generator: torch.Generator | int | None = None,
     tokenizer: Any = None,
-    compile: bool = False,
+    compile: bool | str = False,
     pad_token_id: int | None = None,
     check_every: int = 16,
 ) -> Rollout:
@@ -270,7 +296,8 @@ def sample(
     filters. ``stop_token_ids``: one or more ids that end a completion (included in its mask); none means every row
     runs to ``max_new_tokens``. ``banned_token_ids`` are never sampled. ``generator``: a ``torch.Generator`` on the
     model's device or an int seed; the same seed gives the same rollout. ``tokenizer`` (a transformers tokenizer or
-    an emor3 ``Processor``) decodes ``texts``. ``compile`` wraps the decode step in ``torch.compile``.
+    an emor3 ``Processor``) decodes ``texts``. ``compile`` wraps the decode step in ``torch.compile`` (True: the
+    default inductor backend; a string names another backend, e.g. "eager" to check tracing without codegen).
     ``pad_token_id`` (default: the first stop id, else 0) fills finished rows; it is always masked.
     """
     # --- validate -------------------------------------------------------------------------------------------------
@@ -291,6 +318,8 @@ def sample(
     device = input_ids.device
     G, N, T_max = group_size, B * group_size, max_new_tokens
     S = P + T_max
+    if compile:
+        S = -(-S // _COMPILE_BUCKET) * _COMPILE_BUCKET
     gen = _make_generator(generator, device)
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
     banned_mask = None
@@ -307,7 +336,7 @@ def sample(
     cache = model.new_cache(B, S, dtype=None, device=device)
     # The mask covers all S slots from the start: generated slots are 1 (causality hides the not-yet-written ones),
     # so the decode step's mask never changes shape or value.
-    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, T_max)], dim=1)  # (B, S)
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, S - P)], dim=1)  # (B, S)
     hidden = model(
         input_ids,
         prompt_positions,
@@ -337,6 +366,8 @@ def sample(
         return None if greedy else torch.empty(N, V, device=device).exponential_(generator=gen)  # (N, V)
 
     step_fn = _get_step(compile)
+    pos = next_pos.view(1, N, 1).repeat(3, 1, 1)  # (3, N, 1): text positions are equal on all three M-RoPE axes
+    cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
     token, logprob, logmass = _choose(logits, noise(), **choose)  # first token from the prefill logits, (N,)
     for t in range(T_max):
         # record token t; rows finished before it emit pad with mask 0 and log-prob 0
@@ -353,10 +384,9 @@ def sample(
             break
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
         fed = out_ids[:, t : t + 1]  # (N, 1)
-        pos = (next_pos + t).view(1, N, 1).expand(3, N, 1)  # (3, N, 1): text positions are equal on all axes
-        token, logprob, logmass = step_fn(
-            model, cache, fed, pos, attn, torch.tensor([P + t], device=device), noise(), **choose
-        )
+        token, logprob, logmass = step_fn(model, cache, fed, pos, attn, cache_position, noise(), **choose)
+        pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
+        cache_position.add_(1)
 
     # --- trim to the longest row and package --------------------------------------------------------------------------
     lengths = out_mask.sum(-1).long()  # (N,)
