@@ -311,3 +311,41 @@ def test_model_judge_sample_mode_one_batch_seeded():
     assert all(isinstance(r, str) for r in outs[0].consistency_replies[:2]) and outs[0].consistency_replies[2] is None
     assert outs[0].consistency[2].item() == 0.5 and outs[0].coherence[2].item() == 0.5
     assert not outs[0].consistency.requires_grad
+
+
+@pytest.fixture(scope="module")
+def real_tiny(tmp_path_factory):
+    """The real emor3 Processor and a tiny checkpoint (tokenizer trained offline)."""
+    pytest.importorskip("emor3.models.processing")
+    from emor3.models.checkpoint import load_pretrained
+    from emor3.models.processing import Processor
+    from emor3.models.tiny import build_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_judge")
+    corpus = ["Can the following text describe the image? Please answer with yes or no. Yes No yes no. "
+              "Which emotion best describes the text above? anger, disgust, fear, joy, sadness, surprise."] * 20
+    build_tiny_checkpoint(d, corpus)
+    return load_pretrained(d).eval(), Processor.from_pretrained(d)
+
+
+def test_real_processor_judge_logprobs_and_image(real_tiny):
+    from PIL import Image
+
+    from emor3.rewards.reflection import ModelJudge, coherence_request, consistency_request
+
+    model, proc = real_tiny
+    judge = ModelJudge(model, proc, max_new_tokens=4)
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 40, 255))
+    reqs = [consistency_request("A girl laughs.", red), consistency_request("A girl laughs.", blue)]
+    yes_no = ["Yes", "yes", "No", "no"]
+    got = judge.choice_logprobs(reqs, [yes_no] * 2)
+    for r, lp in zip(reqs, got):
+        want = torch.tensor([naive_choice_logprob(model, proc, r, c) for c in yes_no], dtype=torch.float64)
+        torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=0, msg="judge log-probs != naive forward")
+    assert not torch.allclose(got[0], got[1], atol=1e-5), "the image must reach the consistency judge"
+    coh = coherence_request("A girl laughs.", "Happy.", TAX.labels)
+    lp = judge.choice_logprobs([coh], [TAX.labels])[0]
+    want = torch.tensor([naive_choice_logprob(model, proc, coh, c) for c in TAX.labels], dtype=torch.float64)
+    torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=0, msg="multi-token label sums wrong")
+    out = reflect([resp("A girl laughs.", s2="Happy.")] * 2, ["joy"] * 2, TAX, [red, red], judge, mode="sample")
+    assert all(isinstance(r, str) for r in out.consistency_replies + out.coherence_replies)
