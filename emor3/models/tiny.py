@@ -1,0 +1,173 @@
+"""Named model sizes and an offline builder for a tiny Qwen2.5-VL-architecture checkpoint folder.
+
+`tiny_config(name, **overrides)` follows the builder pattern of gpt-fast's `ModelArgs.from_name`: one function
+(`make_config`) takes every knob, named sizes call it with fixed numbers.
+  - "tiny": trains on a 2-core CPU in minutes: text 128 wide, 4 layers, 4 heads / 2 kv heads; vision depth 2
+    (block 1 full attention, block 0 windowed), patch 14, merge 2, 56-px windows (2x2 merged tokens), so a
+    112x112 image gives 8x8 patches -> 16 merged tokens in 4 windows.
+  - "100m": about 100M parameters at a 32k vocabulary (used by benchmarks/bench_model.py).
+  - "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-2b": the published numbers (config only; weights come from
+    `load_pretrained`).
+`build_tiny_tokenizer` trains a byte-level BPE (Hugging Face `tokenizers`) on the given texts, appends Qwen's
+special tokens in Qwen's order and sets Qwen2-VL's chat template, saved so `AutoTokenizer` loads it.
+`build_tiny_checkpoint` writes config.json + model.safetensors + tokenizer + preprocessor_config.json that both
+`load_pretrained`/`Processor.from_pretrained` and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from .config import QwenVLConfig, TextConfig, VisionConfig
+
+# Qwen2/2.5-VL special tokens, in the order of their ids in the released vocabulary (151643 ...)
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+
+# Qwen2-VL-Instruct's chat template (tokenizer_config.json / chat_template.json of the released models)
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# CLIP normalisation used by the Qwen2-VL image processor
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def make_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                num_kv_heads: int, vision_depth: int, vision_hidden: int, vision_heads: int,
+                vision_intermediate: int, fullatt_block_indexes: tuple[int, ...], window_size: int = 112,
+                patch_size: int = 14, spatial_merge_size: int = 2, mrope_section: tuple[int, int, int] | None = None,
+                rope_theta: float = 1e6, tie_word_embeddings: bool = True, model_type: str = "qwen2_5_vl",
+                rms_norm_eps: float = 1e-6, max_position_embeddings: int = 32768,
+                special_token_base: int | None = None) -> QwenVLConfig:
+    """Every knob of a Qwen-VL config. mrope_section defaults to Qwen's 1/4, 3/8, 3/8 split of head_dim/2."""
+    hd2 = hidden_size // num_heads // 2
+    if mrope_section is None:
+        t = hd2 // 4
+        mrope_section = (t, (hd2 - t) // 2, hd2 - t - (hd2 - t) // 2)
+    base = special_token_base if special_token_base is not None else vocab_size - len(QWEN_SPECIAL_TOKENS)
+    sid = {tok: base + i for i, tok in enumerate(QWEN_SPECIAL_TOKENS)}
+    text = TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      rms_norm_eps=rms_norm_eps, rope_theta=rope_theta, mrope_section=tuple(mrope_section),
+                      max_position_embeddings=max_position_embeddings, bos_token_id=sid["<|endoftext|>"],
+                      eos_token_id=sid["<|im_end|>"])
+    act = "silu" if model_type == "qwen2_5_vl" else "quick_gelu"
+    vision = VisionConfig(depth=vision_depth, hidden_size=vision_hidden, num_heads=vision_heads,
+                          intermediate_size=vision_intermediate, out_hidden_size=hidden_size, patch_size=patch_size,
+                          spatial_merge_size=spatial_merge_size, hidden_act=act, window_size=window_size,
+                          fullatt_block_indexes=tuple(fullatt_block_indexes) if model_type == "qwen2_5_vl" else ())
+    return QwenVLConfig(text=text, vision=vision, model_type=model_type, tie_word_embeddings=tie_word_embeddings,
+                        image_token_id=sid["<|image_pad|>"], video_token_id=sid["<|video_pad|>"],
+                        vision_start_token_id=sid["<|vision_start|>"], vision_end_token_id=sid["<|vision_end|>"])
+
+
+_QWEN_VOCAB = dict(vocab_size=151936, special_token_base=151643)
+NAMED = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+                 vision_depth=2, vision_hidden=64, vision_heads=2, vision_intermediate=128,
+                 fullatt_block_indexes=(1,), window_size=56, rope_theta=10000.0),
+    "100m": dict(vocab_size=32000, hidden_size=640, intermediate_size=1792, num_layers=14, num_heads=10,
+                 num_kv_heads=2, vision_depth=8, vision_hidden=384, vision_heads=6, vision_intermediate=1024,
+                 fullatt_block_indexes=(3, 7)),
+    "qwen2.5-vl-3b": dict(**_QWEN_VOCAB, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
+                          num_kv_heads=2, vision_depth=32, vision_hidden=1280, vision_heads=16,
+                          vision_intermediate=3420, fullatt_block_indexes=(7, 15, 23, 31),
+                          mrope_section=(16, 24, 24), max_position_embeddings=128000),
+    "qwen2.5-vl-7b": dict(vocab_size=152064, special_token_base=151643, hidden_size=3584, intermediate_size=18944,
+                          num_layers=28, num_heads=28, num_kv_heads=4, vision_depth=32, vision_hidden=1280,
+                          vision_heads=16, vision_intermediate=3420, fullatt_block_indexes=(7, 15, 23, 31),
+                          mrope_section=(16, 24, 24), tie_word_embeddings=False, max_position_embeddings=128000),
+    "qwen2-vl-2b": dict(**_QWEN_VOCAB, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                        num_kv_heads=2, vision_depth=32, vision_hidden=1280, vision_heads=16,
+                        vision_intermediate=5120, fullatt_block_indexes=(), mrope_section=(16, 24, 24),
+                        model_type="qwen2_vl"),
+}
+NAMED["3b"], NAMED["7b"], NAMED["2b"] = NAMED["qwen2.5-vl-3b"], NAMED["qwen2.5-vl-7b"], NAMED["qwen2-vl-2b"]
+
+
+def tiny_config(name: str = "tiny", **overrides) -> QwenVLConfig:
+    if name not in NAMED:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(NAMED)}")
+    return make_config(**{**NAMED[name], **overrides})
+
+
+def build_tiny_tokenizer(corpus_texts: Iterable[str], vocab_size: int, out_dir: str | Path):
+    """Train a byte-level BPE of exactly `vocab_size` ids (specials last, in Qwen's order) and save it.
+
+    Returns the transformers tokenizer (PreTrainedTokenizerFast), loadable later with AutoTokenizer(out_dir)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    n_special = len(QWEN_SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special + 1:
+        raise ValueError(f"vocab_size {vocab_size} must exceed 256 bytes + {n_special} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus_texts), trainer)
+    base = tok.get_vocab_size()
+    if base < vocab_size - n_special:
+        # a small corpus yields fewer merges than asked: keep ids dense and put the specials right after
+        vocab_size = base + n_special
+    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+                                   model_max_length=32768, padding_side="left", clean_up_tokenization_spaces=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    assert len(fast) == vocab_size, (len(fast), vocab_size)
+    return fast
+
+
+def write_preprocessor_config(out_dir: str | Path, *, min_pixels: int, max_pixels: int, patch_size: int = 14,
+                              merge_size: int = 2, temporal_patch_size: int = 2) -> None:
+    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "image_mean": IMAGE_MEAN,
+           "image_std": IMAGE_STD, "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch_size,
+           "temporal_patch_size": temporal_patch_size, "merge_size": merge_size}
+    Path(out_dir, "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_tiny_checkpoint(out_dir: str | Path, corpus_texts: Iterable[str], name: str = "tiny", seed: int = 0,
+                          vocab_size: int | None = None, image_pixels: int = 112 * 112, **overrides):
+    """Write a random-init checkpoint folder (config, weights, tokenizer, preprocessor config); return the model.
+
+    The vocabulary is trained on `corpus_texts`; images are resized by the processor to about `image_pixels`."""
+    import torch
+
+    from .checkpoint import save_pretrained
+    from .qwen_vl import QwenVL
+
+    out_dir = Path(out_dir)
+    want = vocab_size or NAMED[name]["vocab_size"]
+    tok = build_tiny_tokenizer(corpus_texts, want, out_dir)
+    base = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = tiny_config(name, vocab_size=len(tok), special_token_base=base, **overrides)
+    torch.manual_seed(seed)
+    model = QwenVL(cfg).init_weights(seed)
+    save_pretrained(model, out_dir)
+    m = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+    write_preprocessor_config(out_dir, min_pixels=min(image_pixels, 4 * m * m), max_pixels=image_pixels,
+                              patch_size=cfg.vision.patch_size, merge_size=cfg.vision.spatial_merge_size)
+    return model
