@@ -1,0 +1,20 @@
+"""Emotion data: taxonomies, dataset loaders with bad-input reporting, and the synthetic EmoScenes benchmark."""
+
+from emor3.data.dataset import (
+    REASONS, BadSampleError, EmotionDataset, ImageSource, LoadReport, Sample, smart_resize,
+)
+from emor3.data.loaders import (
+    detect_layout, load_dataset, load_emoset, load_image_folder, load_manifest, write_manifest,
+)
+from emor3.data.taxonomy import (
+    BINARY, BUILTIN_NAMES, EMOTION6, MIKELS8, WEBEMO2, WEBEMO7, WEBEMO25, Taxonomy, binary_correct, get_taxonomy,
+    load_taxonomy, map_label, normalize_label, taxonomy_from_dict, to_binary,
+)
+
+__all__ = [
+    "BINARY", "BUILTIN_NAMES", "EMOTION6", "MIKELS8", "REASONS", "WEBEMO2", "WEBEMO7", "WEBEMO25",
+    "BadSampleError", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
+    "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
+    "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
+    "write_manifest",
+]

@@ -1,0 +1,539 @@
+"""EmoScenes: a synthetic emotion benchmark of pillow-drawn scenes whose label follows a rule over visible cues.
+
+Every image shows three cues, drawn as large, high-contrast shapes so that a ~1-3M parameter ViT with 14 px patches
+can learn them from a few hundred 112x112 images (8x8 patches, 16 merged tokens):
+- face (the person's expression): smile | frown (a big face disc; the mouth arc is the cue);
+- sky (environment and light): sunny (blue, sun with rays) | stormy (grey, cloud and lightning) |
+  dusk (orange-to-purple gradient, red sun) | night (dark blue, crescent moon, stars);
+- object: gift (box with ribbon) | heart | spider | flower.
+
+The rule (Mikels' 8). Each cue sets one property; the label is the pair of properties plus the object's family:
+    valence = positive if face == smile else negative
+    arousal = high if sky in {sunny, stormy} else low            (bright or dramatic light vs. calm light)
+    family  = personal if object in {gift, heart} else nature      (object in {spider, flower})
+    label   = TABLE[valence, arousal, family]:
+              positive/high: amusement (personal), excitement (nature)
+              positive/low:  contentment (personal), awe (nature)
+              negative/high: anger (personal), fear (nature)
+              negative/low:  sadness (personal), disgust (nature)
+So one cue alone leaves 4 labels possible, two cues leave 2, all three decide (tests check this over the whole
+table); valence and arousal follow `emor3.data.taxonomy.MIKELS8`. Cues are drawn as a shuffled, repeated list of all
+2*4*4 = 32 combinations, so labels are balanced. With `label_noise` p, a training label is replaced with prob. p by
+a uniformly drawn different label (metadata keeps `rule_label` and `noisy`); evaluation splits are clean.
+
+Splits (`SPLITS`): `train`, `test` (Mikels' 8, base rendering: in-domain); `ood_render` (Mikels' 8, shifted
+rendering); `ood_emotion6` and `ood_binary` (shifted rendering and a different taxonomy: out-of-domain). The shifted
+rendering changes the palette (every colour), the size (0.8x) and the layout (mirrored: face right, object left,
+sky element top left). Emotion6 labels come from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement,
+contentment and excitement -> joy; awe -> surprise; the four negative labels keep their names); binary labels are
+the valence. With the in-domain `test` this gives a toy A^I / A^O / A table.
+
+Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
+    <step1>A smiling face, a sunny sky and a gift.</step1><step2>With the gift under the sunny sky, one would
+    feel playful and amused.</step2><step3>The smile makes it positive; the sunny sky gives high arousal.</step3>
+    \\boxed{amusement}
+with several phrasings per step (under 60 words), chosen by a seeded RNG. `cue_mentions(step1, cues)` says which
+true cues a step-1 text names and which absent cues it claims (visual-text consistency at evaluation).
+
+Determinism: each split's cue list and each image come from `random.Random` seeded with a string built from the
+seed, split and index (string seeds hash with SHA-512, so they do not depend on PYTHONHASHSEED). Drawing is
+integer pixel geometry with pillow, so the same seed gives the same PNG bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from emor3.data.dataset import EmotionDataset, LoadReport, Sample
+from emor3.data.taxonomy import MIKELS8, get_taxonomy
+
+VERSION = 1  # bump when drawing or rule changes, so cached folders are regenerated
+
+FACES = ("smile", "frown")
+SKIES = ("sunny", "stormy", "dusk", "night")
+OBJECTS = ("gift", "heart", "spider", "flower")
+CUE_VALUES = {"face": FACES, "sky": SKIES, "object": OBJECTS}
+
+VALENCE_OF_FACE = {"smile": "positive", "frown": "negative"}
+AROUSAL_OF_SKY = {"sunny": "high", "stormy": "high", "dusk": "low", "night": "low"}
+FAMILY_OF_OBJECT = {"gift": "personal", "heart": "personal", "spider": "nature", "flower": "nature"}
+RULE_TABLE = {
+    ("positive", "high", "personal"): "amusement", ("positive", "high", "nature"): "excitement",
+    ("positive", "low", "personal"): "contentment", ("positive", "low", "nature"): "awe",
+    ("negative", "high", "personal"): "anger", ("negative", "high", "nature"): "fear",
+    ("negative", "low", "personal"): "sadness", ("negative", "low", "nature"): "disgust",
+}
+MIKELS_TO_EMOTION6 = {"amusement": "joy", "contentment": "joy", "excitement": "joy", "awe": "surprise",
+                      "anger": "anger", "disgust": "disgust", "fear": "fear", "sadness": "sadness"}
+
+
+def all_cue_combinations() -> list[dict[str, str]]:
+    return [dict(face=f, sky=s, object=o) for f, s, o in itertools.product(FACES, SKIES, OBJECTS)]
+
+
+def rule_label(cues: dict[str, str]) -> str:
+    """The Mikels' 8 label of a scene (module docstring)."""
+    return RULE_TABLE[VALENCE_OF_FACE[cues["face"]], AROUSAL_OF_SKY[cues["sky"]], FAMILY_OF_OBJECT[cues["object"]]]
+
+
+def label_for(cues: dict[str, str], taxonomy: str) -> str:
+    """The scene's label in mikels8, emotion6 or binary."""
+    mikels = rule_label(cues)
+    name = get_taxonomy(taxonomy).name
+    if name == "mikels8":
+        return mikels
+    if name == "emotion6":
+        return MIKELS_TO_EMOTION6[mikels]
+    if name == "binary":
+        return MIKELS8.valence[mikels]
+    raise ValueError(f"EmoScenes labels exist for mikels8, emotion6 and binary, not {taxonomy!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+@dataclass(frozen=True)
+class RenderStyle:
+    """palette: "base" | "shifted"; scale: size of face and object; layout: "base" | "mirrored"."""
+
+    palette: str = "base"
+    scale: float = 1.0
+    layout: str = "base"
+
+
+BASE_STYLE = RenderStyle()
+SHIFTED_STYLE = RenderStyle(palette="shifted", scale=0.8, layout="mirrored")
+
+PALETTES = {
+    "base": dict(
+        sunny=(110, 185, 250), stormy=(75, 75, 90), dusk_top=(240, 140, 70), dusk_bottom=(120, 60, 130),
+        night=(15, 20, 60), ground=(90, 160, 80), sun=(255, 220, 40), cloud=(45, 45, 55), bolt=(255, 240, 80),
+        dusk_sun=(220, 50, 40), moon=(240, 240, 210), star=(255, 255, 255), skin=(250, 210, 70), ink=(20, 20, 20),
+        gift=(220, 40, 40), ribbon=(250, 220, 60), heart=(230, 30, 90), spider=(15, 15, 15), halo=(215, 215, 215),
+        petal=(240, 120, 200), petal_center=(250, 210, 40), stem=(40, 140, 40)),
+    "shifted": dict(
+        sunny=(150, 215, 235), stormy=(100, 88, 115), dusk_top=(250, 175, 95), dusk_bottom=(150, 75, 115),
+        night=(35, 12, 55), ground=(200, 180, 120), sun=(255, 250, 170), cloud=(70, 60, 80), bolt=(210, 250, 255),
+        dusk_sun=(250, 100, 120), moon=(210, 225, 255), star=(255, 240, 200), skin=(240, 180, 140),
+        ink=(60, 25, 15), gift=(40, 90, 220), ribbon=(250, 250, 250), heart=(200, 40, 200), spider=(70, 35, 10),
+        halo=(235, 220, 170),
+        petal=(250, 250, 130), petal_center=(240, 120, 30), stem=(20, 110, 90)),
+}
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> tuple[int, ...]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = BASE_STYLE,
+                 rng: random.Random | None = None) -> Image.Image:
+    """Draw one scene (RGB, size x size). rng drives small nuisance jitter (positions, sizes, colours)."""
+    rng = rng or random.Random(0)
+    pal = {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
+    S = size
+    img = Image.new("RGB", (S, S), pal[cues["sky"]] if cues["sky"] != "dusk" else pal["dusk_top"])
+    d = ImageDraw.Draw(img)
+    if cues["sky"] == "dusk":  # vertical gradient, drawn as rows
+        top, bot = pal["dusk_top"], pal["dusk_bottom"]
+        for y in range(S):
+            t = y / max(1, S - 1)
+            d.line([(0, y), (S, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bot)))
+    mirrored = style.layout == "mirrored"
+    sx = (0.22 if mirrored else 0.78) * S + rng.uniform(-0.04, 0.04) * S
+    sy = 0.19 * S + rng.uniform(-0.03, 0.03) * S
+    _draw_sky(d, cues["sky"], sx, sy, S, pal, rng)
+    d.rectangle([0, round(0.84 * S), S, S], fill=pal["ground"])
+    k = style.scale * rng.uniform(0.92, 1.08)
+    fx = (0.70 if mirrored else 0.30) * S + rng.uniform(-0.04, 0.04) * S
+    ox = (0.28 if mirrored else 0.72) * S + rng.uniform(-0.04, 0.04) * S
+    fy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
+    oy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
+    _draw_face(d, cues["face"], fx, fy, 0.2 * S * k, S, pal)
+    _draw_object(d, cues["object"], ox, oy, 0.18 * S * k, S, pal)
+    return img
+
+
+def _w(S: int, frac: float) -> int:
+    return max(1, round(S * frac))
+
+
+def _draw_sky(d: ImageDraw.ImageDraw, sky: str, x: float, y: float, S: int, pal: dict, rng: random.Random) -> None:
+    r = 0.1 * S
+    if sky == "sunny":
+        for a in range(8):  # rays
+            dx, dy = [(1, 0), (0.7, 0.7), (0, 1), (-0.7, 0.7), (-1, 0), (-0.7, -0.7), (0, -1), (0.7, -0.7)][a]
+            d.line([(x + dx * r * 1.2, y + dy * r * 1.2), (x + dx * r * 1.7, y + dy * r * 1.7)], fill=pal["sun"],
+                   width=_w(S, 1 / 40))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=pal["sun"])
+    elif sky == "stormy":
+        bolt = [(x - 0.2 * r, y), (x + 0.5 * r, y), (x + 0.05 * r, y + 0.9 * r), (x + 0.6 * r, y + 0.9 * r),
+                (x - 0.4 * r, y + 2.3 * r), (x - 0.05 * r, y + 1.3 * r), (x - 0.55 * r, y + 1.3 * r)]
+        d.polygon(bolt, fill=pal["bolt"])
+        for cx, cy, rr in ((x - 0.9 * r, y - 0.1 * r, 0.8 * r), (x, y - 0.5 * r, r), (x + 0.9 * r, y - 0.1 * r,
+                                                                                       0.8 * r)):
+            d.ellipse([cx - rr * 1.2, cy - rr * 0.8, cx + rr * 1.2, cy + rr * 0.8], fill=pal["cloud"])
+    elif sky == "dusk":
+        d.ellipse([x - r, y - r, x + r, y + r], fill=pal["dusk_sun"])
+        for k in range(1, 3):  # horizontal bands across the setting sun
+            yy = y + k * 0.3 * r
+            d.line([(x - r, yy), (x + r, yy)], fill=pal["dusk_top"], width=_w(S, 1 / 56))
+    elif sky == "night":
+        d.ellipse([x - r, y - r, x + r, y + r], fill=pal["moon"])
+        o = 0.5 * r  # crescent: cover part of the disc with the sky colour
+        d.ellipse([x - r + o, y - r - 0.2 * o, x + r + o, y + r - 0.2 * o], fill=pal["night"])
+        for _ in range(6):
+            px, py = rng.uniform(0.05, 0.95) * S, rng.uniform(0.03, 0.4) * S
+            if abs(px - x) < 1.3 * r and abs(py - y) < 1.3 * r:
+                continue
+            s = max(1, S // 80)
+            d.rectangle([px - s, py - s, px + s, py + s], fill=pal["star"])
+    else:
+        raise ValueError(f"unknown sky {sky!r}; known: {SKIES}")
+
+
+def _draw_face(d: ImageDraw.ImageDraw, face: str, x: float, y: float, r: float, S: int, pal: dict) -> None:
+    d.ellipse([x - r, y - r, x + r, y + r], fill=pal["skin"], outline=pal["ink"], width=_w(S, 1 / 56))
+    e = 0.12 * r
+    for ex in (x - 0.38 * r, x + 0.38 * r):
+        d.ellipse([ex - e, y - 0.3 * r - e, ex + e, y - 0.3 * r + e], fill=pal["ink"])
+    mw, mh = 0.55 * r, 0.45 * r  # mouth: the lower half of an ellipse (smile) or the upper half (frown)
+    if face == "smile":
+        d.arc([x - mw, y - 0.15 * r - mh, x + mw, y - 0.15 * r + mh], 20, 160, fill=pal["ink"], width=_w(S, 1 / 28))
+    elif face == "frown":
+        d.arc([x - mw, y + 0.55 * r - mh, x + mw, y + 0.55 * r + mh], 200, 340, fill=pal["ink"],
+              width=_w(S, 1 / 28))
+    else:
+        raise ValueError(f"unknown face {face!r}; known: {FACES}")
+
+
+def _draw_object(d: ImageDraw.ImageDraw, obj: str, x: float, y: float, r: float, S: int, pal: dict) -> None:
+    if obj == "gift":
+        d.rectangle([x - r, y - 0.7 * r, x + r, y + r], fill=pal["gift"])
+        b = 0.14 * r
+        d.rectangle([x - b, y - 0.7 * r, x + b, y + r], fill=pal["ribbon"])
+        d.rectangle([x - r, y + 0.15 * r - b, x + r, y + 0.15 * r + b], fill=pal["ribbon"])
+        d.polygon([(x, y - 0.7 * r), (x - 0.6 * r, y - 1.1 * r), (x - 0.6 * r, y - 0.7 * r)], fill=pal["ribbon"])
+        d.polygon([(x, y - 0.7 * r), (x + 0.6 * r, y - 1.1 * r), (x + 0.6 * r, y - 0.7 * r)], fill=pal["ribbon"])
+    elif obj == "heart":
+        c = 0.52 * r
+        d.ellipse([x - 0.5 * r - c, y - 0.35 * r - c, x - 0.5 * r + c, y - 0.35 * r + c], fill=pal["heart"])
+        d.ellipse([x + 0.5 * r - c, y - 0.35 * r - c, x + 0.5 * r + c, y - 0.35 * r + c], fill=pal["heart"])
+        d.polygon([(x - 1.0 * r, y - 0.2 * r), (x + 1.0 * r, y - 0.2 * r), (x, y + r)], fill=pal["heart"])
+    elif obj == "spider":
+        lw = _w(S, 1 / 45)
+        # drawn twice, a light halo first, so the dark spider stays visible on the dark night and storm skies
+        for colour, extra in ((pal["halo"], _w(S, 1 / 56) * 2), (pal["spider"], 0)):
+            for side in (-1, 1):
+                for k in range(4):
+                    y0 = y - 0.25 * r + k * 0.22 * r
+                    knee = (x + side * 0.75 * r, y0 - 0.45 * r + k * 0.12 * r)
+                    foot = (x + side * 1.05 * r, y0 + 0.35 * r + k * 0.1 * r)
+                    d.line([(x, y0), knee, foot], fill=colour, width=lw + extra)
+            e = extra / 2
+            d.ellipse([x - 0.42 * r - e, y - 0.3 * r - e, x + 0.42 * r + e, y + 0.65 * r + e], fill=colour)
+            d.ellipse([x - 0.28 * r - e, y - 0.65 * r - e, x + 0.28 * r + e, y - 0.15 * r + e], fill=colour)
+    elif obj == "flower":
+        d.line([(x, y - 0.1 * r), (x, y + r)], fill=pal["stem"], width=_w(S, 1 / 30))
+        d.ellipse([x, y + 0.35 * r, x + 0.5 * r, y + 0.6 * r], fill=pal["stem"])
+        cy, pr = y - 0.3 * r, 0.33 * r
+        for k in range(5):
+            a = 2 * math.pi * k / 5 - math.pi / 2
+            px, py = x + 0.45 * r * math.cos(a), cy + 0.45 * r * math.sin(a)
+            d.ellipse([px - pr, py - pr, px + pr, py + pr], fill=pal["petal"])
+        c = 0.22 * r
+        d.ellipse([x - c, cy - c, x + c, cy + c], fill=pal["petal_center"])
+    else:
+        raise ValueError(f"unknown object {obj!r}; known: {OBJECTS}")
+
+
+@dataclass(frozen=True)
+class SceneImage:
+    """An EmoScenes image drawn on demand (an `ImageSource`): the same fields always give the same pixels."""
+
+    cues: tuple[tuple[str, str], ...]
+    size: int
+    style: RenderStyle
+    seed: str  # the string seed of the per-image RNG
+
+    @property
+    def key(self) -> str:
+        return f"emoscenes-v{VERSION}:{self.seed}:{self.size}:{self.style}"
+
+    def open(self) -> Image.Image:
+        return render_scene(dict(self.cues), size=self.size, style=self.style, rng=random.Random(self.seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    taxonomy: str
+    style: RenderStyle
+    noisy: bool = False  # only the training split gets label noise
+    domain: str = "in"   # "in" or "out": which average of the A^I / A^O table it counts towards
+
+
+SPLITS = {
+    "train": SplitSpec("mikels8", BASE_STYLE, noisy=True),
+    "test": SplitSpec("mikels8", BASE_STYLE),
+    "ood_render": SplitSpec("mikels8", SHIFTED_STYLE, domain="out"),
+    "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out"),
+    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out"),
+}
+
+
+def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_noise: float = 0.0) -> list[Sample]:
+    """n samples of `split` (images drawn lazily via SceneImage). label_noise applies to noisy splits only."""
+    if split not in SPLITS:
+        raise KeyError(f"unknown EmoScenes split {split!r}; known: {list(SPLITS)}")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    spec = SPLITS[split]
+    tax = get_taxonomy(spec.taxonomy)
+    combos = all_cue_combinations()
+    order_rng = random.Random(f"emoscenes:{seed}:{split}:order")
+    cue_list: list[dict[str, str]] = []
+    while len(cue_list) < n:  # shuffled full rounds of the 32 combinations: balanced labels
+        block = list(combos)
+        order_rng.shuffle(block)
+        cue_list.extend(block)
+    samples = []
+    for i, cues in enumerate(cue_list[:n]):
+        truth = label_for(cues, tax.name)
+        label, noisy = truth, False
+        if spec.noisy and label_noise > 0:
+            nrng = random.Random(f"emoscenes:{seed}:{split}:{i}:noise")
+            if nrng.random() < label_noise:
+                label, noisy = nrng.choice([x for x in tax.labels if x != truth]), True
+        sid = f"emoscenes-{split}-{i:05d}"
+        image = SceneImage(tuple(sorted(cues.items())), image_size, spec.style, f"emoscenes:{seed}:{split}:{i}")
+        meta = {"cues": dict(cues), "rule_label": truth, "noisy": noisy, "split": split, "domain": spec.domain,
+                "style": asdict(spec.style)}
+        samples.append(Sample(sid, image, label, tax.name, meta))
+    return samples
+
+
+def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
+    """n clean training samples, round-robin over labels, each with a SET reference `response` in metadata."""
+    rng = random.Random(f"emoscenes:{seed}:coldstart")
+    by_label: dict[str, list[Sample]] = {}
+    for s in train:
+        if not s.metadata.get("noisy"):
+            by_label.setdefault(s.label, []).append(s)
+    chosen: list[Sample] = []
+    queues = [list(v) for _, v in sorted(by_label.items())]
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    out = []
+    for s in chosen:
+        meta = dict(s.metadata, response=coldstart_trace(s.metadata["cues"], s.taxonomy, rng))
+        out.append(Sample(s.id, s.image, s.label, s.taxonomy, meta))
+    return out
+
+
+def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_size: int = 112,
+                   label_noise: float = 0.0, n_coldstart: int = 0) -> dict[str, EmotionDataset]:
+    """All splits in memory (images drawn on first access): train, test, ood_*, and coldstart if n_coldstart."""
+    sizes = {"train": n_train, "test": n_test, "ood_render": n_ood, "ood_emotion6": n_ood, "ood_binary": n_ood}
+    out: dict[str, EmotionDataset] = {}
+    for split, n in sizes.items():
+        if n <= 0:
+            continue
+        samples = make_split(split, n, seed=seed, image_size=image_size, label_noise=label_noise)
+        out[split] = EmotionDataset(samples, SPLITS[split].taxonomy,
+                                    LoadReport(f"emoscenes:{split}", "emoscenes", SPLITS[split].taxonomy))
+    if n_coldstart > 0:
+        if "train" not in out:
+            raise ValueError("cold-start traces are drawn from the training split: n_train must be > 0")
+        cs = coldstart_subset(out["train"].samples, n_coldstart, seed=seed)
+        out["coldstart"] = EmotionDataset(cs, "mikels8", LoadReport("emoscenes:coldstart", "emoscenes", "mikels8"))
+    return out
+
+
+def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
+                    image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0,
+                    overwrite: bool = False) -> dict[str, Path]:
+    """Write every split as `<split>.jsonl` + `images/<split>/<id>.png` under out_dir; returns manifest paths.
+
+    A folder already holding the same configuration (emoscenes.json) is reused as is, unless overwrite.
+    """
+    out_dir = Path(out_dir)
+    config = dict(version=VERSION, seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
+                  label_noise=label_noise, n_coldstart=n_coldstart)
+    stamp = out_dir / "emoscenes.json"
+    datasets = None
+    names = [s for s, n in (("train", n_train), ("test", n_test), ("ood_render", n_ood), ("ood_emotion6", n_ood),
+                            ("ood_binary", n_ood), ("coldstart", n_coldstart)) if n > 0]
+    paths = {s: out_dir / f"{s}.jsonl" for s in names}
+    if not overwrite and stamp.is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(stamp.read_text()) == config:
+                return paths
+        except json.JSONDecodeError:
+            pass
+    if stamp.is_file():
+        stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
+    datasets = make_emoscenes(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
+                              label_noise=label_noise, n_coldstart=n_coldstart)
+    from emor3.data.loaders import write_manifest
+    written: dict[str, str] = {}
+    for split, ds in datasets.items():
+        rows = []
+        for s in ds.samples:
+            if s.id not in written:
+                rel = f"images/{s.metadata['split']}/{s.id}.png"
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                s.open_image().save(out_dir / rel)
+                written[s.id] = rel
+            rows.append({"id": s.id, "image": written[s.id], "label": s.label, "taxonomy": s.taxonomy,
+                         **s.metadata})
+        write_manifest(paths[split], rows)
+    stamp.write_text(json.dumps(config, indent=1))
+    return paths
+
+
+def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
+                   image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0,
+                   **dataset_kw) -> dict[str, EmotionDataset]:
+    """Generate (or reuse) EmoScenes under `cache_dir/seed<seed>-<size>px` and load every split from disk."""
+    from emor3.data.loaders import load_manifest
+    sub = Path(cache_dir) / f"seed{seed}-{image_size}px-n{n_train}-{n_test}-{n_ood}-{n_coldstart}-noise{label_noise}"
+    paths = write_emoscenes(sub, seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
+                            label_noise=label_noise, n_coldstart=n_coldstart)
+    return {split: load_manifest(p, verify="header", **dataset_kw) for split, p in paths.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cold-start traces and cue checking
+
+FACE_WORDS = {"smile": "smiling", "frown": "frowning"}
+SKY_WORDS = {"sunny": "sunny sky", "stormy": "stormy sky", "dusk": "dusk sky", "night": "night sky"}
+STEP1 = (
+    "A {face} face, a {sky} and a {object}.",
+    "I see a {object} next to a {face} face under a {sky}.",
+    "The scene shows a {face} face, a {object} and a {sky}.",
+    "Cues: a {face} face, a {sky}, a {object}.",
+)
+FEELINGS = {
+    "amusement": ("playful and amused", "light-hearted and entertained"),
+    "excitement": ("thrilled and energized", "eager and excited"),
+    "contentment": ("calm and satisfied", "cozy and at peace"),
+    "awe": ("small and full of wonder", "quietly amazed"),
+    "anger": ("irritated and hostile", "provoked and angry"),
+    "fear": ("tense and frightened", "threatened and scared"),
+    "disgust": ("repelled and uneasy", "grossed out"),
+    "sadness": ("low and sorrowful", "gloomy and heavy-hearted"),
+    "joy": ("happy and cheerful", "glad and joyful"),
+    "surprise": ("astonished", "caught off guard"),
+    "positive": ("good about it", "pleased"),
+    "negative": ("bad about it", "upset"),
+}
+STEP2 = (
+    "With the {object} and the {sky}, one would feel {feeling}.",
+    "A person would feel {feeling}.",
+    "Seeing this, people feel {feeling}.",
+)
+STEP3 = (
+    "The {face_noun} makes it {valence}; the {sky} gives {arousal} arousal.",
+    "The emotion is {valence} with {arousal} arousal.",
+    "{Valence} valence and {arousal} arousal.",
+)
+
+
+def coldstart_trace(cues: dict[str, str], taxonomy: str = "mikels8", rng: random.Random | None = None) -> str:
+    """A short SET-formatted reference response for a scene, phrased at random (seeded by rng)."""
+    rng = rng or random.Random(0)
+    label = label_for(cues, taxonomy)
+    valence, arousal = VALENCE_OF_FACE[cues["face"]], AROUSAL_OF_SKY[cues["sky"]]
+    fill = dict(face=FACE_WORDS[cues["face"]], sky=SKY_WORDS[cues["sky"]], object=cues["object"],
+                feeling=rng.choice(FEELINGS[label]), valence=valence, Valence=valence.capitalize(),
+                arousal=arousal, face_noun=cues["face"])
+    s1, s2, s3 = (rng.choice(t).format(**fill) for t in (STEP1, STEP2, STEP3))
+    return f"<step1>{s1}</step1><step2>{s2}</step2><step3>{s3}</step3>\\boxed{{{label}}}"
+
+
+# words that name each cue value in free text (matched as whole words, case-insensitive)
+CUE_SYNONYMS = {
+    "face": {"smile": ("smile", "smiles", "smiling", "grin", "grinning", "happy face", "smiley"),
+             "frown": ("frown", "frowns", "frowning", "scowl", "scowling", "sad face", "angry face", "grimace")},
+    "sky": {"sunny": ("sunny", "sun", "sunshine", "sunlit", "sunlight", "daylight", "bright sky"),
+            "stormy": ("stormy", "storm", "thunder", "thunderstorm", "lightning", "thundercloud"),
+            "dusk": ("dusk", "sunset", "twilight", "evening", "dusky"),
+            "night": ("night", "nighttime", "moon", "moonlit", "moonlight", "starry", "stars", "night sky")},
+    "object": {"gift": ("gift", "gifts", "present", "presents", "gift box"),
+               "heart": ("heart", "hearts"),
+               "spider": ("spider", "spiders", "tarantula"),
+               "flower": ("flower", "flowers", "blossom", "bloom", "daisy")},
+}
+_NEGATION = re.compile(r"\b(no|not|without|never|nor|isn't|aren't|n't)\W+(\w+\W+){0,2}$", re.I)
+
+
+@dataclass(frozen=True)
+class CueMentions:
+    """Which true cues a text names (`named`, per cue type) and which absent cue values it claims (`wrong`)."""
+
+    named: dict
+    wrong: tuple
+
+    @property
+    def recall(self) -> float:
+        return sum(self.named.values()) / max(1, len(self.named))
+
+    @property
+    def precision(self) -> float:
+        hits = sum(self.named.values())
+        return hits / (hits + len(self.wrong)) if hits + len(self.wrong) else 0.0
+
+
+def _mentions(text: str, words: tuple[str, ...]) -> bool:
+    for w in words:
+        for m in re.finditer(r"\b" + re.escape(w) + r"\b", text, re.I):
+            if not _NEGATION.search(text[: m.start()]):  # "no spider" does not claim a spider
+                return True
+    return False
+
+
+def cue_mentions(step1: str | None, cues: dict[str, Any]) -> CueMentions:
+    """Which of the scene's true cues `step1` names, and which cue values it names that are not in the scene."""
+    text = step1 or ""
+    named, wrong = {}, []
+    for kind, values in CUE_SYNONYMS.items():
+        if kind not in cues:
+            continue
+        named[kind] = _mentions(text, values[cues[kind]])
+        wrong += [(kind, v) for v, words in values.items() if v != cues[kind] and _mentions(text, words)]
+    return CueMentions(named, tuple(wrong))
+
+
+def corpus_texts(seed: int = 0, repeats: int = 2) -> list[str]:
+    """Representative texts for training the tiny tokenizer: traces of every cue combination in every taxonomy,
+    label lists of the built-in taxonomies, and cue words."""
+    from emor3.data.taxonomy import BUILTIN_NAMES
+    rng = random.Random(f"emoscenes:{seed}:corpus")
+    texts = []
+    for _ in range(repeats):
+        for cues in all_cue_combinations():
+            for tax in ("mikels8", "emotion6", "binary"):
+                texts.append(coldstart_trace(cues, tax, rng))
+    for name in BUILTIN_NAMES:
+        labels = get_taxonomy(name).labels
+        texts.append(", ".join(labels))
+        texts.extend(labels)
+    for kind, values in CUE_SYNONYMS.items():
+        texts.append(" ".join(w for words in values.values() for w in words))
+    texts += ["yes", "no", "Yes.", "No."]
+    return texts
