@@ -166,10 +166,7 @@ def models():
 @pytest.fixture(scope="module")
 def batch():
     """Three left-padded prompts of different lengths: an 8x12-patch image, text only, two small images."""
-    try:
-        from emor3.models.processing import PromptBatch
-    except ImportError:  # TEMPORARY until processing.py lands
-        from types import SimpleNamespace as PromptBatch
+    from emor3.models.processing import PromptBatch
 
     grids = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 6, 4]])  # patches; 24, 4 and 6 merged image tokens
 
@@ -353,3 +350,43 @@ def test_bad_arguments_raise_with_reason(models, batch):
         sample(ours, batch, group_size=1, max_new_tokens=2, stop_token_ids=[VOCAB])
     with pytest.raises(ValueError, match="top_p"):
         sample(ours, batch, group_size=1, max_new_tokens=2, top_p=0.0)
+
+
+def test_tiny_checkpoint_with_processor_texts_and_transformers_from_pretrained(tmp_path):
+    """The real path: an offline tiny checkpoint folder, emor3's Processor, and transformers loading the same
+    folder with from_pretrained; greedy tokens must agree and texts must be the masked tokens, specials skipped."""
+    from PIL import Image
+
+    from emor3.grpo.sampler import _decode_texts
+    from emor3.models.checkpoint import load_pretrained
+    from emor3.models.processing import Processor
+    from emor3.models.tiny import build_tiny_checkpoint
+
+    corpus = ["Step 1: the scene is bright. Step 2: she smiles. Step 3: joy. \\boxed{joy}",
+              "sadness anger fear surprise disgust contentment amusement awe excitement"] * 20
+    build_tiny_checkpoint(tmp_path, corpus, name="tiny", seed=0, vocab_size=400)
+    proc = Processor.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path, dtype=torch.float32).eval()
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How does she feel?"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "Name an emotion."}]}]]
+    batch = proc.encode_prompts(msgs, [[Image.new("RGB", (112, 84), (200, 30, 30))], []])
+    r = sample(model, batch, group_size=1, max_new_tokens=10, temperature=0.0, stop_token_ids=proc.stop_token_ids,
+               banned_token_ids=proc.banned_token_ids, tokenizer=proc, generator=0)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    image_id = model.config.image_token_id
+    out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                      image_grid_thw=batch.image_grid_thw, mm_token_type_ids=(batch.input_ids == image_id).int(),
+                      max_new_tokens=10, do_sample=False, suppress_tokens=list(proc.banned_token_ids),
+                      eos_token_id=list(proc.stop_token_ids), pad_token_id=proc.pad_token_id)
+    out = out[:, batch.input_ids.shape[1]:]
+    for n in range(2):
+        k = int(r.lengths[n])
+        assert r.completion_ids[n, :k].tolist() == out[n, :k].tolist(), f"row {n}: greedy differs from generate"
+        want = proc.tokenizer.decode(r.completion_ids[n, :k].tolist(), skip_special_tokens=True)
+        assert r.texts[n] == want, f"row {n}: text is not the decoded masked completion"
+    # decoding stops at the mask and drops special tokens (the stop token itself is special)
+    tok = proc.tokenizer
+    words = tok("joy", add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = torch.tensor([words + [im_end] + words])  # (1, 2·w + 1): a stop, then tokens that must not appear
+    assert _decode_texts(proc, ids, torch.tensor([len(words) + 1])) == ["joy"], "texts must skip specials and stop"
