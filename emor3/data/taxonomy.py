@@ -24,8 +24,9 @@ Built-in taxonomies (`get_taxonomy(name)`; `BUILTIN_NAMES` lists them):
   with gratitude, which Parrott lacks, put under love) and the valence of WebEmo's "surprise" (neutral here, as
   for Emotion6). Where that matters, load your own lists from a file with `load_taxonomy` (format below).
 
-Mappings go through valence (`map_label`, `to_binary`): a label maps to the target labels of the same name (or
-synonym) if there is one, otherwise to every target label with the same valence; so any prediction can be scored
+Mappings go through valence (`map_label`, `to_binary`): a label maps to the target label of the same name (or
+synonym) if there is one, else to its parent where the target is its hierarchy's upper level, otherwise to every
+target label with the same valence; so any prediction can be scored
 on the binary level (`binary_correct`).
 
 User taxonomies (`load_taxonomy(path)`), TOML or JSON, one table per label:
@@ -314,8 +315,8 @@ def to_binary(label: str, taxonomy: str | Taxonomy) -> str | None:
 def map_label(label: str, src: str | Taxonomy, dst: str | Taxonomy) -> tuple[str, ...]:
     """The labels of `dst` that `label` (of `src`) corresponds to.
 
-    The same name (or a dst synonym of it) wins: Mikels' anger -> Emotion6's anger. Otherwise every dst label of the
-    same valence, in dst order: Mikels' amusement -> Emotion6 (joy,); Emotion6 joy -> Mikels' four positive labels.
+    The same name (or a dst synonym of it) wins: Mikels' anger -> Emotion6's anger; then the label's parent in a
+    hierarchy (`src.parents`, e.g. WebEmo-25 -> WebEmo-7). Otherwise every dst label of the same valence, in dst order: Mikels' amusement -> Emotion6 (joy,); Emotion6 joy -> Mikels' four positive labels.
     A neutral label maps to dst's neutral labels (possibly none).
     """
     src, dst = get_taxonomy(src), get_taxonomy(dst)
@@ -323,6 +324,9 @@ def map_label(label: str, src: str | Taxonomy, dst: str | Taxonomy) -> tuple[str
     same = dst.canonical(canon)
     if same is not None and dst.valence[same] == src.valence[canon]:
         return (same,)
+    parent = dst.canonical(src.parents[canon]) if canon in src.parents else None
+    if parent is not None:  # a hierarchy level: WebEmo-25 rage -> WebEmo-7 anger
+        return (parent,)
     return dst.labels_with_valence(src.valence[canon])
 
 

@@ -1,0 +1,125 @@
+"""Command line: `python -m emor3.data validate PATH` and `python -m emor3.data emoscenes OUT_DIR`.
+
+validate: loads a dataset in any supported layout (every split of an EmoSet root or of a folder of manifests),
+prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
+all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one.
+
+emoscenes: writes the EmoScenes splits as JSONL manifests + PNG images, which `validate` and `load_dataset` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from emor3.data.dataset import BadSampleError
+from emor3.data.loaders import EMOSET_SPLITS, load_dataset
+
+
+def _targets(path: Path, split: str | None) -> list[str | None]:
+    """Which splits validate should check under `path`: all of them unless one is named."""
+    if split is not None or not path.is_dir():
+        return [split]
+    if any((path / f"{s}.json").is_file() for s in EMOSET_SPLITS) and (path / "image").is_dir():
+        return [s for s in EMOSET_SPLITS if (path / f"{s}.json").is_file()]
+    manifests = sorted(path.glob("*.jsonl"))
+    return [m.stem for m in manifests] if len(manifests) > 1 else [None]
+
+
+def validate(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        print(f"error: {path} does not exist", file=sys.stderr)
+        return 2
+    problems = 0
+    for split in _targets(path, args.split):
+        name = f"{path}" + (f" [{split}]" if split else "")
+        try:
+            ds = load_dataset(path, args.taxonomy, args.on_bad_sample, split=split, verify=args.verify)
+        except BadSampleError as e:
+            print(f"{name}: PROBLEM: {e}")
+            problems += 1
+            continue
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"{name}: cannot load: {e}", file=sys.stderr)
+            return 2
+        rep = ds.report
+        print(f"{name}: {len(ds)} samples, layout {rep.layout}, taxonomy {rep.taxonomy}")
+        width = max(len(lab) for lab in ds.label_counts())
+        for lab, n in ds.label_counts().items():
+            print(f"  {lab:<{width}}  {n}")
+        if rep.skipped:
+            problems += rep.n_skipped
+            print(f"  PROBLEMS: {rep.n_skipped} bad samples: "
+                  + ", ".join(f"{r}={n}" for r, n in sorted(rep.skipped.items())))
+            for reason in sorted(rep.examples):
+                for msg in rep.examples[reason]:
+                    print(f"    {msg}")
+                extra = rep.skipped[reason] - len(rep.examples[reason])
+                if extra > 0:
+                    print(f"    ... and {extra} more {reason}")
+    print("OK: no problems found" if not problems else f"FAILED: {problems} problem(s)")
+    return 1 if problems else 0
+
+
+def emoscenes(args: argparse.Namespace) -> int:
+    from emor3.data.emoscenes import write_emoscenes
+    paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
+                            n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
+                            n_coldstart=args.n_coldstart, overwrite=args.overwrite)
+    for split, p in paths.items():
+        print(f"{split}: {p}")
+    print(f"check with: python -m emor3.data validate {args.out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from emor3.config import DataConfig  # the defaults of the default run, defined once there
+    d = DataConfig()
+    p = argparse.ArgumentParser(prog="python -m emor3.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a dataset and print counts per label and problems",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("path", help="JSONL manifest, folder of manifests, image-folder tree, EmoSet root or split file")
+    v.add_argument("--taxonomy", default=None,
+                   help="taxonomy name (mikels8, emotion6, binary, webemo2/7/25) or a TOML/JSON file; "
+                        "default: per-row 'taxonomy' fields, else inferred from the labels")
+    v.add_argument("--split", default=None, help="only this split (EmoSet train/val/test, or a manifest's stem)")
+    v.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip",
+                   help="skip: report every problem (default); error: stop at the first one")
+    v.add_argument("--verify", choices=("full", "header", "exists"), default="full",
+                   help="how much of each image to check: full decode (catches truncation), header, or existence")
+    v.set_defaults(func=validate)
+
+    e = sub.add_parser("emoscenes", help="write the EmoScenes splits (JSONL manifests + PNG images)",
+                       description="Write EmoScenes splits under OUT_DIR: train.jsonl, test.jsonl, "
+                                   "ood_render.jsonl, ood_emotion6.jsonl, ood_binary.jsonl, coldstart.jsonl and "
+                                   "images/<split>/*.png. Deterministic from --seed; a folder already holding the "
+                                   "same settings is reused.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("out_dir", help="output folder (created; reused if it holds the same settings)")
+    e.add_argument("--seed", type=int, default=0, help="seed of cue draws, rendering jitter and label noise")
+    e.add_argument("--n-train", type=int, default=d.emoscenes_train, help="training samples (Mikels' 8)")
+    e.add_argument("--n-test", type=int, default=d.emoscenes_test, help="in-domain test samples (Mikels' 8)")
+    e.add_argument("--n-ood", type=int, default=d.emoscenes_ood,
+                   help="samples in each out-of-domain split (ood_render, ood_emotion6, ood_binary)")
+    e.add_argument("--n-coldstart", type=int, default=d.cold_start,
+                   help="training samples that get a SET reference response (coldstart.jsonl)")
+    e.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
+    e.add_argument("--label-noise", type=float, default=d.label_noise,
+                   help="probability that a training label is replaced by a random other label")
+    e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
+    e.set_defaults(func=emoscenes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
