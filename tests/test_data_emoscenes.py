@@ -1,0 +1,158 @@
+"""EmoScenes: rule coverage, determinism by seed, splits and label noise, cold-start traces scored by emor3.rewards,
+the cue-mention checker, and the on-disk round trip through the loaders and the validate command."""
+
+import hashlib
+import itertools
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from emor3.data import MIKELS8, get_taxonomy, load_dataset
+from emor3.data.__main__ import main as cli
+from emor3.data.emoscenes import (
+    BASE_STYLE, CUE_VALUES, SHIFTED_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
+    cue_mentions, label_for, make_emoscenes, make_split, render_scene, rule_label, write_emoscenes,
+)
+from emor3.rewards import accuracy_reward, format_reward, parse_set
+
+
+def test_rule_reaches_every_label_and_no_single_cue_decides():
+    combos = all_cue_combinations()
+    assert len(combos) == 32
+    labels = Counter(rule_label(c) for c in combos)
+    assert set(labels) == set(MIKELS8.labels) and set(labels.values()) == {4}, "every label reachable, balanced"
+    for kind, values in CUE_VALUES.items():
+        for v in values:
+            possible = {rule_label(c) for c in combos if c[kind] == v}
+            assert len(possible) >= 2, f"cue {kind}={v} alone decides the label {possible}"
+    # two cues never suffice either: all three are needed, so the model has to look at the whole scene
+    for k1, k2 in itertools.combinations(CUE_VALUES, 2):
+        for v1, v2 in itertools.product(CUE_VALUES[k1], CUE_VALUES[k2]):
+            assert len({rule_label(c) for c in combos if c[k1] == v1 and c[k2] == v2}) >= 2
+    # the rule agrees with the taxonomy's valence and arousal (step 3 of the traces relies on it)
+    for c in combos:
+        lab = rule_label(c)
+        assert MIKELS8.valence[lab] == ("positive" if c["face"] == "smile" else "negative")
+        assert MIKELS8.arousal[lab] == ("high" if c["sky"] in ("sunny", "stormy") else "low")
+    assert {label_for(c, "emotion6") for c in combos} == set(get_taxonomy("emotion6").labels)
+    assert {label_for(c, "binary") for c in combos} == {"positive", "negative"}
+
+
+def _digest(samples):
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.id}|{s.label}|{sorted(s.metadata['cues'].items())}".encode())
+        h.update(s.open_image().tobytes())
+    return h.hexdigest()
+
+
+def test_determinism_by_seed():
+    a = make_split("train", 24, seed=3, label_noise=0.2)
+    b = make_split("train", 24, seed=3, label_noise=0.2)
+    c = make_split("train", 24, seed=4, label_noise=0.2)
+    assert _digest(a) == _digest(b), "same seed must give the same cues, labels and pixels"
+    assert _digest(a) != _digest(c), "a different seed must give a different dataset"
+    assert [s.metadata["cues"] for s in make_split("test", 8, seed=3)] != [s.metadata["cues"] for s in a[:8]], \
+        "splits must draw from different streams"
+
+
+def test_splits_taxonomies_styles_and_balance():
+    ds = make_emoscenes(seed=0, n_train=64, n_test=32, n_ood=16, n_coldstart=8)
+    assert set(ds) == {"train", "test", "ood_render", "ood_emotion6", "ood_binary", "coldstart"}
+    assert set(ds["train"].label_counts().values()) == {8}, "64 = 2 rounds of the 32 combinations: balanced"
+    assert ds["ood_emotion6"].taxonomy.name == "emotion6" and ds["ood_binary"].taxonomy.name == "binary"
+    for name in ("ood_render", "ood_emotion6", "ood_binary"):
+        assert all(s.metadata["domain"] == "out" and s.metadata["style"]["layout"] == "mirrored" for s in ds[name])
+    for s in ds["ood_emotion6"]:
+        assert s.label == label_for(s.metadata["cues"], "emotion6")
+    assert ds["train"].image(0).size == (112, 112)
+
+
+def test_cues_change_the_pixels_where_drawn():
+    """Each cue must be visible: swapping one cue (same jitter) changes the image, mostly in that cue's region."""
+    base = dict(face="smile", sky="sunny", object="gift")
+    def img(style=BASE_STYLE, **kw):
+        return np.asarray(render_scene(dict(base, **kw), style=style, rng=random.Random(7)), dtype=np.int16)
+    ref = img()
+    face = np.abs(img(face="frown") - ref).sum(-1) > 0
+    obj = np.abs(img(object="spider") - ref).sum(-1) > 0
+    sky = np.abs(img(sky="night") - ref).sum(-1) > 0
+    assert face.sum() > 20 and face[:, :56].sum() > 10 * face[:, 56:].sum(), \
+        "the face (left half in the base layout) must carry the expression"
+    assert obj[:, 56:].sum() > 10 * max(1, obj[:, :56].sum()), "the object sits in the right half"
+    assert sky.mean() > 0.4, "the sky cue must change most of the background"
+    shifted = np.asarray(render_scene(base, style=SHIFTED_STYLE, rng=random.Random(7)), dtype=np.int16)
+    assert (np.abs(shifted - ref).sum(-1) > 30).mean() > 0.5, "the OOD rendering must shift palette and layout"
+
+
+def test_label_noise_only_on_train_and_recorded():
+    train = make_split("train", 640, seed=1, label_noise=0.25)
+    noisy = [s for s in train if s.metadata["noisy"]]
+    assert 0.18 < len(noisy) / len(train) < 0.32, "noise rate should be close to the requested one"
+    assert all(s.label != s.metadata["rule_label"] for s in noisy)
+    assert all(s.label == s.metadata["rule_label"] for s in train if not s.metadata["noisy"])
+    assert not any(s.metadata["noisy"] for s in make_split("test", 64, seed=1, label_noise=0.25))
+    cs = coldstart_subset(train, 40, seed=1)
+    assert len(cs) == 40 and not any(s.metadata["noisy"] for s in cs), "traces only from clean samples"
+    assert set(Counter(s.label for s in cs).values()) == {5}, "cold-start subset is balanced over labels"
+
+
+@pytest.mark.parametrize("taxonomy", ["mikels8", "emotion6", "binary"])
+def test_coldstart_traces_score_full_marks(taxonomy):
+    rng = random.Random(0)
+    tax = get_taxonomy(taxonomy)
+    seen = set()
+    for cues in all_cue_combinations():
+        for _ in range(4):
+            t = coldstart_trace(cues, taxonomy, rng)
+            p = parse_set(t)
+            assert p.step1 and p.step2 and p.step3, t
+            assert p.answer == label_for(cues, taxonomy)
+            assert format_reward(t, strict=True) == 1.0 and format_reward(t) == 1.0, t
+            assert accuracy_reward(t, label_for(cues, taxonomy), tax) == 1.0, t
+            assert len(t.replace("<", " <").replace(">", "> ").split()) < 60, f"trace too long for the tiny model: {t}"
+            m = cue_mentions(p.step1, cues)
+            assert m.recall == 1.0 and m.wrong == (), f"step 1 must name exactly the true cues: {t}"
+            seen.add(p.step1.split()[0] + p.step2.split()[0] + p.step3.split()[0])
+    assert len(seen) >= 6, "traces need several phrasings, not one string"
+
+
+def test_cue_mentions_hand_cases():
+    cues = dict(face="smile", sky="stormy", object="spider")
+    m = cue_mentions("A smiling person under lightning, with no spider in sight.", cues)
+    assert m.named == {"face": True, "sky": True, "object": False}, "negated mention must not count"
+    m = cue_mentions("A frowning face at sunset next to a gift.", cues)
+    assert m.named == {"face": False, "sky": False, "object": False}
+    assert set(m.wrong) == {("face", "frown"), ("sky", "dusk"), ("object", "gift")}
+    assert m.precision == 0.0
+    m = cue_mentions("A sunset.", dict(face="smile", sky="sunny", object="gift"))
+    assert not m.named["sky"], "'sun' must not match inside 'sunset'"
+    assert cue_mentions(None, cues).recall == 0.0
+
+
+def test_corpus_texts_cover_labels_and_traces():
+    texts = corpus_texts()
+    joined = " ".join(texts)
+    for name in ("mikels8", "emotion6", "binary", "webemo25"):
+        assert all(lab in joined for lab in get_taxonomy(name).labels)
+    assert sum("<step1>" in t for t in texts) >= 96
+
+
+def test_write_load_validate_round_trip(tmp_path, capsys):
+    kw = dict(seed=5, n_train=32, n_test=16, n_ood=8, n_coldstart=8, image_size=56)
+    paths = write_emoscenes(tmp_path, **kw)
+    stamp = {p: p.stat().st_mtime_ns for p in paths.values()}
+    assert write_emoscenes(tmp_path, **kw) == paths
+    assert {p: p.stat().st_mtime_ns for p in paths.values()} == stamp, "an identical cache must be reused"
+    mem = make_emoscenes(**{k: v for k, v in kw.items()})
+    for split in ("train", "ood_emotion6", "coldstart"):
+        disk = load_dataset(tmp_path, split=split)
+        assert [(s.id, s.label) for s in disk] == [(s.id, s.label) for s in mem[split]]
+        assert disk[0].metadata["cues"] == mem[split][0].metadata["cues"], "cues must survive the manifest"
+        assert disk.image(0).tobytes() == mem[split].image(0).tobytes(), "PNG must hold the drawn pixels"
+    cs = load_dataset(tmp_path, split="coldstart")
+    assert all(accuracy_reward(s.metadata["response"], s.label, MIKELS8) == 1.0 for s in cs)
+    assert cli(["validate", str(tmp_path)]) == 0
+    assert "[ood_binary]" in capsys.readouterr().out
