@@ -128,7 +128,7 @@ class EvalConfig:
 class RunConfig:
     out: str = _f("runs/default", "Run folder: config, metrics.jsonl, samples, checkpoints, results.")
     seed: int = _f(0, "Seed for every random choice of the run.")
-    resume: str = _f("", "Run folder to resume from (its latest checkpoint).")
+    resume: str = _f("", "Run folder to resume from (its latest checkpoint); its config.toml is the base config.")
     save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).")
     sample_every: int = _f(10, "Write sample completions with their rewards every N steps.")
     logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
@@ -311,6 +311,10 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> Config:
     parser = build_parser(prog, description)
     ns = vars(parser.parse_args(argv))
     config_file = ns.pop("config", None)
+    resume = ns.get("run.resume")
+    if resume and not config_file:  # --resume RUN_DIR continues with the run's own saved settings
+        config_file = str(Path(resume) / "config.toml")
+        ns.setdefault("run.out", resume)
     try:
         base = config_from_dict(load_toml(config_file), config_file) if config_file else Config()
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -1,0 +1,234 @@
+"""What a run is made of, built from its Config: model and processor, frozen reference, datasets, reward setup.
+
+Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``:
+1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
+   ood_render, ood_emotion6, ood_binary out-of-domain; cold-start traces). Bad samples stop the run or are counted
+   (``--on-bad-sample skip``) and the counts are printed before anything trains.
+2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
+   ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
+3. Cold-Start SFT on the cold-start responses (``RUN_DIR/sft``), evaluated once as the baseline row.
+4. The frozen reference (the model GRPO starts from) when β > 0 or the reference judges RER.
+5. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``) and the trainer
+   state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only=True). It is
+   written beside the old one and swapped in by rename, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from emor3.config import Config
+from emor3.data import get_taxonomy, load_dataset
+from emor3.data.emoscenes import SPLITS, corpus_texts, cue_mentions, load_emoscenes
+from emor3.evaluate import EvalSet, evaluate
+from emor3.grpo.objective import Algorithm
+from emor3.models import Processor, load_pretrained, save_pretrained
+from emor3.models.tiny import build_tiny_checkpoint
+from emor3.rewards import load_reward_plugin, resolve_weights, set_prompt
+from emor3.rewards.reflection import COHERENCE_INSTRUCTION, COHERENCE_QUESTION, CONSISTENCY_QUESTION
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    device: torch.device
+    model: torch.nn.Module
+    processor: Processor
+    source_dir: Path  # folder the tokenizer and processor files come from (copied into every checkpoint)
+    algo: Algorithm
+    train_set: object = None
+    eval_sets: list = field(default_factory=list)
+    taxonomies: dict = field(default_factory=dict)
+    reference: torch.nn.Module | None = None
+    reward_weights: dict = field(default_factory=dict)
+    plugins: list = field(default_factory=list)
+    resume_dir: Path | None = None
+    sft_results: dict | None = None
+
+    def prompt_text(self, sample) -> str:
+        return set_prompt(self.taxonomies[sample.taxonomy])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cue_rate(step1: str, sample) -> float | None:
+    """Share of the sample's true cues that step 1 names (EmoScenes only; None where no cues are recorded)."""
+    cues = sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
+    return cue_mentions(step1, cues).recall if cues else None
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _parse_eval_spec(spec: str) -> tuple[str, str, str]:
+    """NAME=PATH[@in|@out] -> (name, path, domain); domain defaults to out."""
+    if "=" not in spec:
+        raise ValueError(f"--data.eval entry {spec!r}: expected NAME=PATH[@in|@out]")
+    name, rest = spec.split("=", 1)
+    domain = "out"
+    if rest.endswith("@in") or rest.endswith("@out"):
+        rest, domain = rest.rsplit("@", 1)
+    return name, rest, domain
+
+
+def build_data(cfg: Config):
+    """(train set, cold-start set (samples with a SET ``response`` in their metadata) or None, eval sets)."""
+    d, m = cfg.data, cfg.model
+    budget = dict(min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    if d.train:
+        train = load_dataset(d.train, d.taxonomy or None, d.on_bad_sample)
+        with_response = [i for i, s in enumerate(train.samples) if isinstance(s.metadata, dict) and s.metadata.get("response")]
+        cold = train.subset(with_response[: d.cold_start]) if with_response and d.cold_start > 0 else None
+        evals = []
+    else:
+        splits = load_emoscenes(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
+                                n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
+                                n_coldstart=d.cold_start, on_bad_sample=d.on_bad_sample)
+        train = splits["train"]
+        cold = splits.get("coldstart")
+        evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS if name != "train" and name in splits]
+    for spec in d.eval:
+        name, path, domain = _parse_eval_spec(spec)
+        evals.append(EvalSet(name, load_dataset(path, None, d.on_bad_sample), domain))
+    for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
+        ds.set_image_budget(**budget)
+        if ds.report.n_skipped:
+            print(f"[emor3] {ds.report.summary()}")
+    return train, cold, evals
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def tokenizer_corpus(taxonomies) -> list[str]:
+    """Texts the tiny tokenizer is trained on: EmoScenes traces and cue words, every prompt the run will send."""
+    texts = corpus_texts() + [CONSISTENCY_QUESTION, COHERENCE_QUESTION]
+    for tax in taxonomies:
+        texts.append(set_prompt(tax))
+        texts.append(COHERENCE_INSTRUCTION.replace("{labels}", ", ".join(tax.labels)))
+    return texts
+
+
+def build_model(cfg: Config, out: Path, device: torch.device, taxonomies) -> tuple[torch.nn.Module, Path]:
+    m = cfg.model
+    dtype = getattr(torch, m.dtype)
+    if m.path:
+        source = Path(m.path)
+    else:
+        source = out / "init"
+        if not (source / "config.json").is_file():
+            build_tiny_checkpoint(source, tokenizer_corpus(taxonomies), name=m.tiny, seed=cfg.run.seed,
+                                  vocab_size=m.tokenizer_vocab, image_pixels=m.max_pixels)
+    return load_pretrained(source, dtype=dtype, device=device), source
+
+
+def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experiment:
+    """Everything ``stage`` ("grpo", "sft" or "eval") needs. For "grpo" and "sft" this runs Cold-Start SFT unless
+    resuming; for "grpo" it also evaluates the starting point once (the baseline row of the final table)."""
+    from emor3.sft import sft
+
+    device = resolve_device(cfg.model.device)
+    algo = cfg.algorithm()
+    train, cold, evals = build_data(cfg)
+    taxonomies = {}  # name -> Taxonomy, for every sample of every set (a user taxonomy comes with its dataset)
+    for ds in [train] + [e.samples for e in evals]:
+        if ds.taxonomy is not None:
+            taxonomies.setdefault(ds.taxonomy.name, ds.taxonomy)
+        for s in ds.samples:
+            if s.taxonomy not in taxonomies:
+                taxonomies[s.taxonomy] = get_taxonomy(s.taxonomy)
+
+    resume_dir = Path(cfg.run.resume) / "checkpoint" if cfg.run.resume else None
+    if resume_dir is not None and not (resume_dir / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {cfg.run.resume}: no checkpoint at {resume_dir}")
+    model, source = build_model(cfg, out, device, list(taxonomies.values()))
+    processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    if resume_dir is not None:
+        model = load_pretrained(resume_dir / "model", dtype=getattr(torch, cfg.model.dtype), device=device)
+    model.freeze_vision(cfg.model.freeze_vision)
+    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    exp = Experiment(cfg, device, model, processor, source, algo, train, evals, taxonomies, resume_dir=resume_dir)
+    if stage == "eval":
+        return exp
+
+    sft_dir = out / "sft"
+    if resume_dir is None and cfg.sft.steps > 0:
+        if cold is None:
+            print("[emor3] no cold-start responses in the training data (a 'response' column): skipping Cold-Start SFT")
+        else:
+            print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {cfg.sft.steps} steps")
+            sft(model, processor, cold.samples, [cold.image(i) for i in range(len(cold))],
+                [s.metadata["response"] for s in cold.samples], taxonomies, cfg.sft, seed=cfg.run.seed,
+                device=device, progress=cfg.run.progress)
+            save_pretrained(model, sft_dir, tokenizer_dir=source)
+    if stage == "sft":
+        return exp
+
+    baseline = out / "baseline_results.json"
+    if baseline.is_file():
+        exp.sft_results = json.loads(baseline.read_text())
+    elif evals:
+        exp.sft_results = evaluate(model, processor, evals, taxonomies, cfg.eval, seed=cfg.run.seed, device=device,
+                                   progress=cfg.run.progress, cue_rate_fn=cue_rate)
+        exp.sft_results["name"] = "Cold-Start SFT" if sft_dir.is_dir() else "initial"
+        baseline.write_text(json.dumps(exp.sft_results, indent=2))
+
+    if algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference"):
+        if resume_dir is None:  # the model GRPO starts from, frozen
+            exp.reference = _frozen(model)
+        else:
+            ref_dir = sft_dir if sft_dir.is_dir() else source
+            exp.reference = _frozen(load_pretrained(ref_dir, dtype=getattr(torch, cfg.model.dtype), device=device))
+
+    weights = resolve_weights(cfg.reward.weights)
+    if not algo.reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
+        weights = {k: v for k, v in weights.items() if k not in ("consistency", "coherence")}
+    exp.reward_weights = weights
+    exp.plugins = [load_reward_plugin(spec) for spec in cfg.reward.plugins]
+    return exp
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
+    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename."""
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_pretrained(exp.model, tmp / "model", tokenizer_dir=exp.source_dir)
+    torch.save({
+        "step": step, "data": data_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+    }, tmp / "trainer_state.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator) -> dict:
+    state = torch.load(resume_dir / "trainer_state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
