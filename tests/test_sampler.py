@@ -76,15 +76,14 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat.double() / 2.0))
 
 
-def test_exponential_race_matches_softmax_chi_square():
-    # 8-token toy distribution, 200k draws at a fixed seed: a biased draw (e.g. argmax(p / E) written as
-    # argmax(p * E), or log of noise dropped) moves the counts by tens of standard errors and fails decisively.
+def test_inverse_cdf_draw_matches_softmax_chi_square():
+    # 8-token toy distribution, 200k draws at a fixed seed: a biased draw (an off-by-one in the search, a missing
+    # max-shift, searching the unscaled uniform) moves the counts by tens of standard errors and fails decisively.
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -4.0])  # (V,)
     probs = logits.softmax(-1).double()
     n = 200_000
     g = torch.Generator().manual_seed(1234)
-    noise = torch.empty(n, 8).exponential_(generator=g)  # (N, V)
-    tokens = draw_tokens(logits.expand(n, 8), noise)  # (N,)
+    tokens = draw_tokens(logits.expand(n, 8), torch.rand(n, generator=g))  # (N,)
     counts = torch.bincount(tokens, minlength=8).double()
     p_value = _chi_square_pvalue(counts, probs)
     assert p_value > 1e-3, f"sampled frequencies {counts / n} do not follow softmax {probs} (chi-square p={p_value:.2e})"
@@ -100,13 +99,24 @@ def test_truncated_draws_stay_in_kept_set_and_follow_renormalised_probs():
     _, filtered = filter_logits(logits, temperature=0.8, top_k=5, top_p=0.9, banned_mask=banned)
     n = 100_000
     g = torch.Generator().manual_seed(7)
-    tokens = draw_tokens(filtered.expand(n, 8), torch.empty(n, 8).exponential_(generator=g))
+    tokens = draw_tokens(filtered.expand(n, 8), torch.rand(n, generator=g))
     kept = torch.isfinite(filtered[0])
     assert kept[tokens].all(), "a token outside the banned/top-k/top-p kept set was drawn"
     assert not (tokens == 1).any(), "a banned token was drawn"
     q = filtered[0][kept].softmax(-1).double()
     counts = torch.bincount(tokens, minlength=8)[kept].double()
     assert _chi_square_pvalue(counts, q) > 1e-3, "draws do not follow the renormalised truncated distribution"
+
+
+def test_draw_edges_never_pick_filtered_tokens():
+    # u at the extremes: 0 must give the first kept token, the largest float below 1 the last kept one, even when
+    # filtered-out tokens sit before, between and after the kept ones
+    filtered = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]]).expand(3, 5)
+    u = torch.tensor([0.0, 0.5, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()])
+    assert draw_tokens(filtered, u).tolist() == [1, 3, 3], "an edge uniform drew a filtered-out token"
+    one_hot = torch.full((1, 5), float("-inf"))
+    one_hot[0, 4] = 0.0
+    assert draw_tokens(one_hot, torch.tensor([0.999999])).tolist() == [4]
 
 
 def test_greedy_draw_is_argmax_and_never_banned():

@@ -24,9 +24,12 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    (the vision special tokens: a policy must never emit ``<|image_pad|>``), temperature, top-k (keep tokens whose
    logit is at least the k-th largest; ties kept), top-p / nucleus (Holtzman et al. 2020: keep the smallest prefix
    of the sorted distribution whose mass reaches ``top_p``; the most likely token is always kept). A token is then
-   drawn by the exponential race (gpt-fast ``sample``): argmax of ``log p - log E`` with E ~ Exp(1) i.i.d., which
-   is an exact draw from softmax (the Gumbel-max trick, since ``-log E`` is Gumbel). The noise comes from an
-   explicit ``torch.Generator`` (seeded runs repeat exactly), drawn outside the compiled step.
+   drawn by inverse-CDF sampling, the method of ``torch.multinomial``: one uniform u per row from an explicit
+   ``torch.Generator``, and the token is the first whose cumulative (unnormalised) probability exceeds u times the
+   total. This costs one random number per row instead of the V per row of the exponential race / Gumbel-max trick
+   (gpt-fast ``sample``), whose noise alone took as long as the tiny model's matmuls per step on this CPU; filtered
+   tokens have zero-width intervals and are never drawn. The uniforms are drawn outside the compiled step, so
+   seeded runs repeat exactly, compiled or not. A chi-square test pins the frequencies to softmax.
    At ``temperature == 0`` decoding is greedy (argmax after banning; top-k/top-p cannot change an argmax).
 6. **Recorded log-probs** are ``log_softmax(logits / temperature)`` over the *full* vocabulary at the sampled
    token, in float32: exactly what the trainer's ``model.logprobs`` computes by teacher forcing, so the PPO ratio
@@ -147,28 +150,49 @@ def filter_logits(
     return scaled, filtered
 
 
-def draw_tokens(filtered: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Draw one token per row from softmax(filtered) by the exponential race; greedy argmax when noise is None.
+def draw_tokens(filtered: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+    """Draw one token per row from softmax(filtered) by inverse-CDF sampling; greedy argmax when uniform is None.
 
-    argmax(filtered - log E) with E ~ Exp(1) is distributed as softmax(filtered) (Gumbel-max; -log E is Gumbel(0, 1)).
-    E is clamped away from 0 so that a -inf (filtered-out) logit stays -inf instead of becoming -inf + inf = nan.
-    filtered (N, V), noise (N, V) | None -> (N,) long.
+    filtered (N, V) float32 logits (-inf = never drawn), uniform (N,) in [0, 1) -> (N,) long.
     """
-    if noise is None:
+    if uniform is None:
         return filtered.argmax(dim=-1)  # (N,)
-    return (filtered - noise.clamp_min(1e-30).log()).argmax(dim=-1)  # (N,)
+    return _inverse_cdf(filtered, uniform)[0]
+
+
+def _inverse_cdf(filtered: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> token (N,), logsumexp(filtered) (N,). The cumulative sum is of exp(filtered - max), so no normalisation pass
+    is needed and its total gives the logsumexp for free; u·total is kept strictly below the total so the search
+    always lands on a token with positive weight (the last kept one at worst; filtered tokens have zero width)."""
+    m = filtered.amax(dim=-1, keepdim=True)  # (N, 1), finite: at least one token is always kept
+    cdf = (filtered - m).exp().cumsum(dim=-1)  # (N, V), non-decreasing, total >= 1
+    total = cdf[:, -1:]  # (N, 1)
+    x = torch.minimum(uniform[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (N,): first i with cdf[i] > x
+    return token, (m + total.log()).squeeze(-1)
 
 
 def _choose(
-    logits: torch.Tensor, noise: torch.Tensor | None, *, temperature: float, top_k: int, top_p: float, banned_mask: torch.Tensor | None
+    logits: torch.Tensor, uniform: torch.Tensor | None, *, temperature: float, top_k: int, top_p: float, banned_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) -> token (N,) long, its recorded log-prob (N,) float32, log kept mass (N,) float32."""
-    scaled, filtered = filter_logits(logits.float(), temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
-    token = draw_tokens(filtered, noise)  # (N,)
-    log_z = torch.logsumexp(scaled, dim=-1)  # (N,)
-    logprob = scaled.gather(-1, token[:, None]).squeeze(-1) - log_z  # (N,) = log_softmax(scaled)[token]
-    logmass = torch.logsumexp(filtered, dim=-1) - log_z  # (N,) log S, <= 0
-    return token, logprob, logmass
+    """logits (N, V) -> token (N,) long, its recorded log-prob (N,) float32, log kept mass (N,) float32.
+
+    Same maths as filter_logits + draw_tokens + log_softmax, arranged to make few passes over (N, V): filtering never
+    changes a kept logit and the drawn token is always kept, so its log-prob is read from the filtered tensor."""
+    scaled = logits.float()  # (N, V)
+    if temperature > 0 and temperature != 1.0:
+        scaled = scaled / temperature
+    log_z = torch.logsumexp(scaled, dim=-1)  # (N,) normaliser of the recorded (full-vocabulary) distribution
+    filtered = apply_banned(scaled, banned_mask)
+    if temperature > 0:
+        filtered = apply_top_p(apply_top_k(filtered, top_k), top_p)
+    if uniform is None:  # greedy
+        token = filtered.argmax(dim=-1)  # (N,)
+        log_kept = torch.logsumexp(filtered, dim=-1) if filtered is not scaled else log_z  # (N,)
+    else:
+        token, log_kept = _inverse_cdf(filtered, uniform)  # (N,), (N,)
+    logprob = filtered.gather(-1, token[:, None]).squeeze(-1) - log_z  # (N,) = log_softmax(scaled)[token]
+    return token, logprob, log_kept - log_z  # log S <= 0 (0 when nothing is cut)
 
 
 def _decode_step(
@@ -178,7 +202,7 @@ def _decode_step(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     cache_position: torch.Tensor,
-    noise: torch.Tensor | None,
+    uniform: torch.Tensor | None,
     temperature: float,
     top_k: int,
     top_p: float,
@@ -189,7 +213,7 @@ def _decode_step(
     torch.compile; the Python int step counter never enters it (cache_position is a tensor), so it compiles once."""
     hidden = model(tokens, position_ids, attention_mask, cache=cache, cache_position=cache_position)  # (N, 1, D)
     logits = model.logits(hidden)[:, -1]  # (N, V)
-    return _choose(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
+    return _choose(logits, uniform, temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
 
 
 # Compiled decode steps, one per torch.compile backend, created on first use. dynamo then keeps one graph per set of
@@ -362,13 +386,13 @@ def sample(
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     greedy = temperature == 0
 
-    def noise() -> torch.Tensor | None:  # drawn eagerly from the explicit generator, outside the compiled step
-        return None if greedy else torch.empty(N, V, device=device).exponential_(generator=gen)  # (N, V)
+    def uniforms() -> torch.Tensor | None:  # drawn eagerly from the explicit generator, outside the compiled step
+        return None if greedy else torch.rand(N, generator=gen, device=device)  # (N,): one uniform per row
 
     step_fn = _get_step(compile)
     pos = next_pos.view(1, N, 1).repeat(3, 1, 1)  # (3, N, 1): text positions are equal on all three M-RoPE axes
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
-    token, logprob, logmass = _choose(logits, noise(), **choose)  # first token from the prefill logits, (N,)
+    token, logprob, logmass = _choose(logits, uniforms(), **choose)  # first token from the prefill logits, (N,)
     for t in range(T_max):
         # record token t; rows finished before it emit pad with mask 0 and log-prob 0
         alive = ~finished  # (N,)
@@ -384,7 +408,7 @@ def sample(
             break
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
         fed = out_ids[:, t : t + 1]  # (N, 1)
-        token, logprob, logmass = step_fn(model, cache, fed, pos, attn, cache_position, noise(), **choose)
+        token, logprob, logmass = step_fn(model, cache, fed, pos, attn, cache_position, uniforms(), **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)
 
