@@ -3,6 +3,10 @@
 from emor3.data.dataset import (
     REASONS, BadSampleError, EmotionDataset, ImageSource, LoadReport, Sample, smart_resize,
 )
+from emor3.data.emoscenes import (
+    SPLITS, CueMentions, coldstart_trace, corpus_texts, cue_mentions, label_for, load_emoscenes, make_emoscenes,
+    rule_label, write_emoscenes,
+)
 from emor3.data.loaders import (
     detect_layout, load_dataset, load_emoset, load_image_folder, load_manifest, write_manifest,
 )
@@ -16,5 +20,6 @@ __all__ = [
     "BadSampleError", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
     "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
     "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
-    "write_manifest",
+    "write_manifest", "SPLITS", "CueMentions", "coldstart_trace", "corpus_texts", "cue_mentions", "label_for",
+    "load_emoscenes", "make_emoscenes", "rule_label", "write_emoscenes",
 ]

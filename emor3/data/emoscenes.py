@@ -56,7 +56,7 @@ from PIL import Image, ImageDraw
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
-VERSION = 1  # bump when drawing or rule changes, so cached folders are regenerated
+VERSION = 2  # bump when drawing or rule changes, so cached folders are regenerated
 
 FACES = ("smile", "frown")
 SKIES = ("sunny", "stormy", "dusk", "night")
@@ -206,12 +206,17 @@ def _draw_face(d: ImageDraw.ImageDraw, face: str, x: float, y: float, r: float, 
     e = 0.12 * r
     for ex in (x - 0.38 * r, x + 0.38 * r):
         d.ellipse([ex - e, y - 0.3 * r - e, ex + e, y - 0.3 * r + e], fill=pal["ink"])
-    mw, mh = 0.55 * r, 0.45 * r  # mouth: the lower half of an ellipse (smile) or the upper half (frown)
+    # the expression is drawn big and filled (a tiny ViT sees 14 px patches): a smile is a half-disc mouth flat on
+    # top and round below, with raised brows; a frown is the same half-disc upside down, with brows slanting down
+    mw, mh, bw = 0.6 * r, 0.5 * r, _w(S, 1 / 36)
     if face == "smile":
-        d.arc([x - mw, y - 0.15 * r - mh, x + mw, y - 0.15 * r + mh], 20, 160, fill=pal["ink"], width=_w(S, 1 / 28))
+        d.chord([x - mw, y - 0.05 * r - mh, x + mw, y - 0.05 * r + mh], 0, 180, fill=pal["ink"])
+        for ex in (x - 0.38 * r, x + 0.38 * r):
+            d.arc([ex - 0.22 * r, y - 0.62 * r, ex + 0.22 * r, y - 0.38 * r], 200, 340, fill=pal["ink"], width=bw)
     elif face == "frown":
-        d.arc([x - mw, y + 0.55 * r - mh, x + mw, y + 0.55 * r + mh], 200, 340, fill=pal["ink"],
-              width=_w(S, 1 / 28))
+        d.chord([x - mw, y + 0.65 * r - mh, x + mw, y + 0.65 * r + mh], 180, 360, fill=pal["ink"])
+        d.line([(x - 0.6 * r, y - 0.62 * r), (x - 0.15 * r, y - 0.45 * r)], fill=pal["ink"], width=bw)
+        d.line([(x + 0.6 * r, y - 0.62 * r), (x + 0.15 * r, y - 0.45 * r)], fill=pal["ink"], width=bw)
     else:
         raise ValueError(f"unknown face {face!r}; known: {FACES}")
 
