@@ -484,7 +484,7 @@ class QwenVL(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def logprobs(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, num_targets: int, *,
-                 image_embeds: Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
+                 image_embeds: Tensor | None = None, temperature: float = 1.0, chunk_size: int = 128,
                  return_entropy: bool = False):
         """float32 log-probs (N, T) of the last T = num_targets tokens, each predicted from the position before.
 
@@ -496,28 +496,75 @@ class QwenVL(nn.Module):
         T = num_targets
         assert 0 < T < L, f"num_targets {T} must be in [1, {L - 1}]"
         hidden = self.forward(input_ids, position_ids, attention_mask, image_embeds=image_embeds)  # (N, L, D)
-        h = hidden[:, L - T - 1:L - 1].reshape(N * T, -1)  # (N*T, D): the positions that predict the targets
-        tgt = input_ids[:, L - T:].reshape(N * T)  # (N*T,)
+        # position l predicts token l+1: the T targets are read from positions L-T-1 .. L-2
+        return self.logprobs_from_hidden(hidden[:, L - T - 1:L - 1], input_ids[:, L - T:], temperature=temperature,
+                                         chunk_size=chunk_size, return_entropy=return_entropy)
+
+    def logprobs_from_hidden(self, hidden: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                             chunk_size: int = 128, return_entropy: bool = False):
+        """float32 log_softmax(lm_head(hidden) / temperature)[targets]: hidden (N, T, D), targets (N, T) -> (N, T).
+
+        Chunked over tokens with a hand-written backward (see `_ChunkLogprob`): one (chunk, V) block at a time."""
+        N, T = targets.shape
+        assert hidden.shape[:2] == (N, T), f"hidden {tuple(hidden.shape)} vs targets {tuple(targets.shape)}"
+        h = hidden.reshape(N * T, -1)  # (N*T, D)
+        tgt = targets.reshape(N * T)  # (N*T,)
         w = self.lm_head_weight
         lps, ents = [], []
         for s in range(0, N * T, chunk_size):
-            out = _maybe_checkpoint(True, _chunk_logprob, h[s:s + chunk_size], w, tgt[s:s + chunk_size],
-                                    torch.tensor(float(temperature)), return_entropy)
-            lps.append(out[0])
-            ents.append(out[1])
+            lp_c, ent_c = _ChunkLogprob.apply(h[s:s + chunk_size], w, tgt[s:s + chunk_size], float(temperature),
+                                              return_entropy)
+            lps.append(lp_c)
+            ents.append(ent_c)
         lp = torch.cat(lps).view(N, T)  # (N, T)
         if return_entropy:
             return lp, torch.cat(ents).view(N, T)
         return lp
 
 
-def _chunk_logprob(h: Tensor, w: Tensor, tgt: Tensor, temperature: Tensor, want_entropy: bool):
-    logits = F.linear(h, w).float() / temperature  # (c, V) float32
-    lse = torch.logsumexp(logits, dim=-1)  # (c,)
-    lp = logits.gather(-1, tgt[:, None]).squeeze(-1) - lse  # (c,)
-    if want_entropy:
-        p = torch.softmax(logits, dim=-1)
-        ent = lse - (p * logits).sum(-1)  # H = logsumexp(z) - E_p[z]
-    else:
-        ent = lp.new_zeros(())
-    return lp, ent
+class _ChunkLogprob(torch.autograd.Function):
+    """log_softmax(h W^T / tau)[target] (and entropy) for one chunk of tokens, with a hand-written backward.
+
+    Only h is kept for backward; the (c, V) logits are recomputed there and turned into the gradient in place:
+      d lp / d z = onehot(target) - p,   d H / d z = -p (z - E_p[z]),   z = h W^T / tau, p = softmax(z),
+    so forward and backward each touch one (c, V) fp32 block a few times (autograd's gather/logsumexp backward
+    would allocate several). Same maths as the naive path; pinned by tests/test_models_parity.py.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, tgt, temperature, want_entropy):
+        z = F.linear(h, w).float().div_(temperature)  # (c, V) float32
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        lp = z.gather(-1, tgt[:, None]).squeeze(-1) - lse  # (c,)
+        if want_entropy:
+            z.sub_(lse[:, None])  # log p
+            ent = -(z.exp() * z).sum(-1)  # (c,)
+        else:
+            ent = lp.new_zeros(lp.shape)
+        ctx.save_for_backward(h, w, tgt, lse)
+        ctx.temperature, ctx.want_entropy = temperature, want_entropy
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, w, tgt, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        z = F.linear(h, w).float().div_(tau)  # (c, V) recomputed
+        c = z.shape[0]
+        if g_lp is None:
+            g_lp = z.new_zeros(c)
+        if ctx.want_entropy and g_ent is not None:
+            logp = z - lse[:, None]  # (c, V)
+            p = logp.exp()
+            ez = (p * z).sum(-1, keepdim=True)  # (c, 1)
+            grad = p * (-g_lp[:, None] - g_ent[:, None] * (z - ez))  # (c, V)
+            del logp, p
+        else:
+            grad = z.sub_(lse[:, None]).exp_().mul_(-g_lp[:, None])  # -g * p, in place over z
+        grad[torch.arange(c, device=grad.device), tgt] += g_lp
+        grad = grad.div_(tau).to(h.dtype)  # chain rule through z = logits / tau
+        gh = grad @ w if ctx.needs_input_grad[0] else None  # (c, D)
+        gw = grad.t() @ h if ctx.needs_input_grad[1] else None  # (V, D)
+        return gh, gw, None, None, None
