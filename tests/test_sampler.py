@@ -339,9 +339,14 @@ def test_compiled_decode_step_traces_once_and_matches_eager(models, batch):
     from torch._dynamo.utils import counters
 
     ours, _ = models
-    kw = dict(group_size=2, max_new_tokens=6, temperature=1.0, banned_token_ids=BANNED, generator=4)
+    # 40 tokens after a 31-token prompt: eager decoding grows its attended cache prefix past 64 slots mid-rollout,
+    # compiled decoding attends over the whole static cache; both must give the same tokens and exact log-probs
+    kw = dict(group_size=2, max_new_tokens=40, temperature=1.0, banned_token_ids=BANNED, generator=4)
     counters.clear()
     eager = sample(ours, batch, **kw)
+    assert batch.input_ids.shape[1] + 40 > 64, "test setup: the rollout must cross an eager window boundary"
+    err = (_teacher_forced(ours, batch, eager, 1.0) - eager.logprobs).abs().max()
+    assert err < 1e-5, f"log-probs wrong after the eager cache window grew ({err:.2e})"
     # backend "eager": dynamo traces exactly as it does for inductor but runs the traced graph with aten kernels, so
     # the test stays fast (inductor's C++ codegen takes ~10-30 s here; the benchmark runs it). Traced graphs may
     # reassociate float ops, so log-probs agree to rounding, tokens exactly.

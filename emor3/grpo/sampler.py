@@ -63,7 +63,7 @@ S = P + max_new_tokens cache slots, V vocabulary, D hidden size.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -221,6 +221,16 @@ def _decode_step(
 _COMPILED_STEP: dict[str, Any] = {}
 _COMPILE_BUCKET = 64  # with compile, cache slots are rounded up to a multiple of this so varying prompt lengths
 # reuse a few graphs instead of recompiling for every new P (the extra slots are never attended: causality)
+
+
+_EAGER_WINDOW = 64  # eager decoding attends over the cache prefix written so far, rounded up to this many slots
+
+
+def _cache_prefix(cache: Any, slots: int) -> Any:
+    """A KVCache over the first ``slots`` slots of ``cache``: views, so writes land in the full preallocated storage.
+    (Built from KVCache's public k, v fields, laid out (layers, N, K, S, hd); the models package has no such method.)"""
+    assert cache.k.dim() == 5 and slots <= cache.k.shape[3], f"cache {tuple(cache.k.shape)}, prefix {slots}"
+    return replace(cache, k=cache.k.narrow(3, 0, slots), v=cache.v.narrow(3, 0, slots))
 
 
 class _CompiledStep:
@@ -390,6 +400,11 @@ def sample(
         return None if greedy else torch.rand(N, generator=gen, device=device)  # (N,): one uniform per row
 
     step_fn = _get_step(compile)
+    # Compiled: the full static cache every step (one graph, CUDA-graph friendly). Eager: shapes buy nothing, so the
+    # step attends over the written prefix only, in views of the same storage grown _EAGER_WINDOW slots at a time;
+    # this halves the attention work of a long rollout on average (slots past the prefix are causally masked anyway).
+    window = S if compile else min(S, -(-(P + 1) // _EAGER_WINDOW) * _EAGER_WINDOW)
+    step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
     pos = next_pos.view(1, N, 1).repeat(3, 1, 1)  # (3, N, 1): text positions are equal on all three M-RoPE axes
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
     token, logprob, logmass = _choose(logits, uniforms(), **choose)  # first token from the prefill logits, (N,)
@@ -408,7 +423,10 @@ def sample(
             break
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
         fed = out_ids[:, t : t + 1]  # (N, 1)
-        token, logprob, logmass = step_fn(model, cache, fed, pos, attn, cache_position, uniforms(), **choose)
+        if not compile and P + t + 1 > window:  # eager: grow the attended prefix of the static cache (a view)
+            window = min(S, window + _EAGER_WINDOW)
+            step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (N, window)
+        token, logprob, logmass = step_fn(model, step_cache, fed, pos, step_mask, cache_position, uniforms(), **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)
 
