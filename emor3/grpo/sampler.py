@@ -9,12 +9,14 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    dimension, the same layout TRL and verl use: ``repeat_interleave``, not ``repeat``). transformers' ``generate``
    with ``num_return_sequences=G`` instead expands the inputs first and prefills, and encodes every image, G times.
 2. **A static cache written by position** (gpt-fast ``generate.py``, nanochat ``engine.py``): the cache holds
-   ``P + max_new_tokens`` slots from the start; decode step t writes slot ``P + t``. Every tensor the decode step
-   sees has the same shape at every step (the attention mask covers all slots from the start: future slots are
-   excluded by causality, since each query only sees slots up to its own ``cache_position``), so the step can be
-   captured by ``torch.compile`` (``compile=True``) or CUDA graphs. Finished rows keep decoding (they emit the pad
-   token, masked out): a fixed shape costs less than reshaping the batch, and a rollout's length is set by its
-   longest row anyway.
+   ``P + max_new_tokens`` slots from the start; decode step t writes slot ``P + t``. With ``compile=True`` every
+   tensor the decode step sees has the same shape at every step (the attention mask covers all slots from the
+   start; unwritten slots are excluded by causality, each query seeing only slots up to its own
+   ``cache_position``), so the step is traced once and can be captured by CUDA graphs; slots are rounded up to a
+   multiple of 64 so that prompts of varying length reuse a few graphs. Eager decoding, where fixed shapes buy
+   nothing, attends over the written prefix only (views of the same storage, grown 64 slots at a time): a long
+   rollout then does about half the attention work. Finished rows keep decoding (they emit the pad token, masked
+   out): a fixed batch costs less than reshaping it, and a rollout's length is set by its longest row anyway.
 3. **No host sync in the loop.** Finished rows are a bool tensor; the only ``.item()`` is an "all rows finished"
    check every ``check_every`` steps (default 16), so a batch that stops early wastes at most 15 steps.
 4. **Positions.** A generated token's M-RoPE position is the same on all three axes (Qwen2-VL, "text tokens use
@@ -67,7 +69,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Rollout", "sample", "apply_banned", "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
 
@@ -335,8 +336,9 @@ def sample(
     ``pad_token_id`` (default: the first stop id, else 0) fills finished rows; it is always masked.
     """
     # --- validate -------------------------------------------------------------------------------------------------
-    if group_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"sampler: group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if group_size < 1 or max_new_tokens < 1 or check_every < 1:
+        raise ValueError(f"sampler: group_size ({group_size}), max_new_tokens ({max_new_tokens}) and check_every "
+                         f"({check_every}) must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"sampler: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     input_ids, prompt_mask, prompt_positions = batch.input_ids, batch.attention_mask, batch.position_ids
