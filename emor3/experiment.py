@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from emor3 import distributed as dist
 from emor3.config import Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.emoscenes import SPLITS, corpus_texts, cue_mentions, load_emoscenes
@@ -57,7 +58,9 @@ class Experiment:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_distributed():  # torchrun: one GPU per rank
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -162,7 +165,10 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
         return exp
 
     sft_dir = out / "sft"
-    if resume_dir is None and cfg.sft.steps > 0:
+    if resume_dir is None and cfg.sft.steps > 0 and not dist.is_main() and (sft_dir / "config.json").is_file():
+        # torchrun: rank 0 ran Cold-Start SFT first (train() builds under rank0_first) and saved it; load, not repeat
+        model.load_state_dict(load_pretrained(sft_dir, dtype=getattr(torch, cfg.model.dtype), device=device).state_dict())
+    elif resume_dir is None and cfg.sft.steps > 0:
         if cold is None:
             print("[emor3] no cold-start responses in the training data (a 'response' column): skipping Cold-Start SFT")
         else:
@@ -209,25 +215,49 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
-    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename."""
+    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename.
+
+    Under torchrun every rank calls this (gathering the full model and optimizer state is a collective) and rank 0
+    writes. The optimizer state is keyed by parameter name (``distributed.full_optimizer_state``), so a checkpoint
+    written by N ranks loads on M."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_pretrained(exp.model, tmp / "model", tokenizer_dir=exp.source_dir)
-    torch.save({
-        "step": step, "data": data_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-    }, tmp / "trainer_state.pt")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+class _FullState:
+    """What ``save_pretrained`` reads from a model (config, state_dict), for a state gathered from FSDP shards."""
+
+    def __init__(self, config, state: dict):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+    model_state = dist.full_model_state(exp.model)
+    optim_state = dist.full_optimizer_state(exp.model, optimizer)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
+        torch.save({
+            "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
+        }, tmp / "trainer_state.pt")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier("saving a checkpoint")  # nobody reads or resumes before rank 0 has finished writing
     return final
 
 
-def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator) -> dict:
+def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator, model=None) -> dict:
+    """Restore optimizer, scheduler and RNG state. ``model``: the module whose parameters the optimizer holds
+    (needed for name-keyed optimizer states, the format ``save_checkpoint`` writes at any world size)."""
     state = torch.load(resume_dir / "trainer_state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    optim_state = state["optimizer"]
+    if model is not None and all(isinstance(k, str) for k in optim_state["state"]):
+        dist.load_optimizer_state(model, optimizer, optim_state)
+    else:  # a state keyed by parameter index (written before checkpoints became world-size independent)
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])

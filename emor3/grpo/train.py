@@ -30,6 +30,14 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
 8. A step whose gradient norm is not finite is skipped (no optimizer step) and reported in the metrics.
 9. DAPO (``--algo dapo``): groups whose rewards are all equal are dropped and replaced by fresh prompts, up to
    ``--grpo.max-refill`` extra rollout rounds; the soft overlong penalty is added to the reward.
+10. Sampling randomness is seeded per chunk of ``--grpo.sample-chunk`` prompts from (run seed, the chunk's position
+   in the prompt stream), not from one generator running through the step, so a prompt's G completions are the
+   same whether it is sampled alone, in a batch, or on another rank.
+11. Under ``torchrun`` (``emor3.distributed``): every rank draws the step's prompts from the same seeded stream
+   and samples, scores and trains on its contiguous share (a group never spans ranks, so advantages are the
+   single-process ones); the loss normaliser is summed over ranks and the backward loss multiplied by the world
+   size (FSDP/DDP average gradients), so the update equals the single-process update of the same global batch;
+   metrics are reduced over ranks; rank 0 alone logs, checkpoints and evaluates.
 
 Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion length, P prompt length.
 """
@@ -49,6 +57,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from emor3 import distributed as dist
 from emor3.config import Config, parse_args, save_config
 from emor3.experiment import Experiment, build_experiment, load_trainer_state, save_checkpoint
 from emor3.grpo.objective import (
@@ -253,6 +262,38 @@ def rollout_batch(exp: Experiment, cfg: Config, indices: list[int], generator: t
     return batch, rollout, rewards, time.perf_counter() - t0
 
 
+def chunk_seed(seed: int, position: int) -> int:
+    """Seed of the sampling generator of the prompt chunk starting at absolute stream ``position``."""
+    return (seed * 1_000_003 + position) % 2**63
+
+
+def rollout_step(exp: Experiment, cfg: Config, stream: "PromptStream"):
+    """The step's ``prompts_per_step`` prompts from the shared stream; this rank samples and scores its contiguous
+    share (all of them on one process), in chunks of ``--grpo.sample-chunk`` prompts, each chunk with a generator
+    seeded from (seed, absolute stream position of its first prompt): the rollout of a prompt does not depend on
+    the number of ranks. -> (PromptBatch, Rollout, RewardBreakdown, judge seconds) of this rank's prompts."""
+    g = cfg.grpo
+    first = stream.epoch * stream.n + stream.pos  # absolute position of the next prompt in the stream
+    offset, mine = dist.shard(stream.take(g.prompts_per_step))
+    chunk = g.sample_chunk or len(mine)
+    if len(mine) % chunk:
+        raise ValueError(f"--grpo.sample-chunk {chunk} must divide the prompts per rank ({len(mine)})")
+    rounds = []
+    for s in range(0, len(mine), chunk):
+        generator = torch.Generator(device=exp.device).manual_seed(chunk_seed(cfg.run.seed, first + offset + s))
+        rounds.append(rollout_batch(exp, cfg, mine[s : s + chunk], generator))
+    t_judge = sum(r[3] for r in rounds)
+    if len(rounds) == 1:
+        return (*rounds[0][:3], t_judge)
+    return (*concat_rounds([r[:3] for r in rounds], exp.processor.stop_token_ids[0]), t_judge)
+
+
+def gather_rewards(r: RewardBreakdown) -> RewardBreakdown:
+    """Every rank's rows of a RewardBreakdown, in global prompt order (for metrics over the global batch)."""
+    return RewardBreakdown(dist.gather_rows(r.total), {k: dist.gather_rows(v) for k, v in r.components.items()},
+                           dict(r.weights), {k: dist.gather_rows(v) for k, v in r.extras.items()})
+
+
 def select_rewards(r: RewardBreakdown, rows: torch.Tensor) -> RewardBreakdown:
     return RewardBreakdown(r.total[rows], {k: v[rows] for k, v in r.components.items()}, dict(r.weights),
                            {k: v[rows] for k, v in r.extras.items()})
@@ -305,7 +346,7 @@ def concat_rounds(rounds: list, pad_token_id: int):
     return concat_prompt_batches(batches, pad_token_id), rollout, reward
 
 
-def dynamic_sampling(exp: Experiment, cfg: Config, stream: "PromptStream", generator: torch.Generator, first):
+def dynamic_sampling(exp: Experiment, cfg: Config, stream: "PromptStream", first):
     """DAPO sec. 3.2: drop groups whose rewards are all equal and refill with fresh prompts, up to
     ``max_refill`` extra rounds. Returns the kept (batch, rollout, rewards), judge seconds and counts."""
     g = cfg.grpo
@@ -320,7 +361,7 @@ def dynamic_sampling(exp: Experiment, cfg: Config, stream: "PromptStream", gener
         if n_kept >= g.prompts_per_step or refills >= g.max_refill:
             break
         refills += 1
-        *current, dt = rollout_batch(exp, cfg, stream.take(g.prompts_per_step), generator)
+        *current, dt = rollout_step(exp, cfg, stream)
         t_judge += dt
     stats = {"dapo/filtered_groups": filtered, "dapo/refill_rounds": refills, "dapo/kept_groups": n_kept}
     if not kept:
@@ -342,10 +383,25 @@ def train(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    exp = build_experiment(cfg, out)  # model (after SFT, or resumed), reference, processor, data, reward setup
-    save_config(cfg, out / "config.toml")
+    launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
+    W = dist.world_size()
+    if cfg.grpo.prompts_per_step % W or cfg.grpo.mini_batch_prompts % W:
+        raise ValueError(f"--grpo.prompts-per-step ({cfg.grpo.prompts_per_step}) and --grpo.mini-batch-prompts "
+                         f"({cfg.grpo.mini_batch_prompts}) must be multiples of the number of processes ({W})")
+    if W > 1 and cfg.algorithm().dynamic_sampling:
+        raise NotImplementedError("DAPO dynamic sampling refills a varying number of groups per rank; it is not "
+                                  "supported under torchrun yet: run it on one process")
+    with dist.rank0_first("setup (data, model, Cold-Start SFT, baseline evaluation)"):  # rank 0 writes shared files
+        exp = build_experiment(cfg, out)  # model (after SFT, or resumed), reference, processor, data, reward setup
+    if dist.is_main():
+        save_config(cfg, out / "config.toml")
     g, algo = cfg.grpo, exp.algo
     G = g.group_size
+    # training handles: forward = teacher-forced log-probs; FSDP2-sharded or DDP-wrapped under torchrun
+    policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
+    reference = None if exp.reference is None else dist.wrap_reference(
+        exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
+    judges = [policy, reference if cfg.reward.judge == "reference" else None]  # gathered whole while sampling
     if g.prompts_per_step % g.mini_batch_prompts:
         raise ValueError(f"--grpo.prompts-per-step ({g.prompts_per_step}) must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts})")
     prompts_per_micro = max(1, g.micro_batch_rows // G)  # micro-batches hold whole groups, so images are shared
@@ -358,15 +414,17 @@ def train(cfg: Config) -> dict:
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
     start_step = 0
     if exp.resume_dir is not None:
-        state = load_trainer_state(exp.resume_dir, optimizer, scheduler, generator)
+        state = load_trainer_state(exp.resume_dir, optimizer, scheduler, generator, model=exp.model)
         start_step = state["step"]
         stream = PromptStream(len(exp.train_set), cfg.run.seed, **state["data"])
-        print(f"[emor3] resumed from {exp.resume_dir} at step {start_step}")
+        dist.print0(f"[emor3] resumed from {exp.resume_dir} at step {start_step} (written by "
+                    f"{state.get('world_size', 1)} process(es), now {W})")
 
-    sink = MetricsSink(out, cfg.run.logger, cfg_dict := json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    sink = MetricsSink(out, cfg.run.logger, cfg_dict) if dist.is_main() else NullSink()
     stop = StopFlag()
-    bar = tqdm(range(start_step, g.steps), initial=start_step, total=g.steps, desc="GRPO", disable=not cfg.run.progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(start_step, g.steps), initial=start_step, total=g.steps, desc="GRPO",
+               disable=not (cfg.run.progress and dist.is_main()), dynamic_ncols=True)
     step = start_step
     for step in bar:
         t_step = time.perf_counter()
@@ -375,11 +433,13 @@ def train(cfg: Config) -> dict:
 
         # ---- rollout + rewards: sample G completions per prompt, score them (RER judges inside) -----------------
         t0 = time.perf_counter()
-        with torch.no_grad():
-            *kept, t_judge = rollout_batch(exp, cfg, stream.take(g.prompts_per_step), generator)
-            if algo.dynamic_sampling:
-                kept, t_judge, stats = dynamic_sampling(exp, cfg, stream, generator, (*kept, t_judge))
-                m.update(stats)
+        def collect():
+            first = rollout_step(exp, cfg, stream)
+            return dynamic_sampling(exp, cfg, stream, first) if algo.dynamic_sampling else (first[:3], first[3], {})
+
+        with torch.no_grad():  # FSDP: the sharded policy (and a judging reference) is gathered whole for sampling
+            kept, t_judge, stats = dist.run_gathered(judges, collect)
+            m.update(stats)
         if kept is None:  # every group was uninformative even after refilling: nothing to learn this step
             sink.log(step + 1, {**m, "skipped_updates": 1})
             continue
@@ -400,18 +460,18 @@ def train(cfg: Config) -> dict:
         def rows_of(prompts: torch.Tensor) -> torch.Tensor:
             return (prompts[:, None] * G + torch.arange(G)).flatten()  # (len(prompts)·G,)
 
-        def logprobs_of(model, prompts, **kw):
+        def logprobs_of(handle, prompts, **kw):  # handle: a PolicyScorer (maybe FSDP/DDP): forward = log-probs
             sub = prompt_slice(batch, prompts)
             rows = rows_of(prompts)
-            return completion_logprobs(model, sub, torch.arange(len(prompts)).repeat_interleave(G).to(exp.device),
-                                       completion_ids[rows], mask[rows], temperature=g.temperature, **kw)
+            return handle(sub, torch.arange(len(prompts)).repeat_interleave(G).to(exp.device),
+                          completion_ids[rows], mask[rows], temperature=g.temperature, **kw)
 
         ref_logp = old_logp = None
         with torch.no_grad():
             if algo.kl_coef > 0:
-                ref_logp = torch.cat([logprobs_of(exp.reference, p) for p in micro])  # (N, T)
+                ref_logp = torch.cat([logprobs_of(reference, p) for p in micro])  # (N, T)
             if updates_per_step > 1:
-                old_logp = torch.cat([logprobs_of(exp.model, p) for p in micro])  # (N, T)
+                old_logp = torch.cat([logprobs_of(policy, p) for p in micro])  # (N, T)
         t_reference = time.perf_counter() - t0
 
         # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
@@ -426,12 +486,15 @@ def train(cfg: Config) -> dict:
             for start in range(0, B, mini):
                 mb_prompts = order[start : start + mini].sort().values
                 mb_rows = rows_of(mb_prompts)
-                normalizer = loss_normalizer(mask[mb_rows], mode=algo.loss_agg, max_len=g.max_new_tokens)
+                # summed over ranks: each rank's loss is its share of the global mini-batch's loss
+                normalizer = dist.all_reduce(loss_normalizer(mask[mb_rows], mode=algo.loss_agg, max_len=g.max_new_tokens))
                 optimizer.zero_grad(set_to_none=True)
                 for s in range(0, len(mb_prompts), prompts_per_micro):
                     p = mb_prompts[s : s + prompts_per_micro]
                     rows = rows_of(p)
-                    logp, entropy = logprobs_of(exp.model, p, return_entropy=True)  # (n, T) each
+                    last = s + prompts_per_micro >= len(mb_prompts)  # reduce gradients over ranks once, at the end
+                    with dist.grad_sync(policy, last):
+                        logp, entropy = logprobs_of(policy, p, return_entropy=True)  # (n, T) each
                     old = old_logp[rows] if old_logp is not None else logp.detach()
                     per_token, pm = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
                                                 clip_low=algo.clip_low, clip_high=algo.clip_high,
@@ -442,7 +505,8 @@ def train(cfg: Config) -> dict:
                         kl = kl_penalty(logp, ref_logp[rows], kind=algo.kl_kind)  # (n, T)
                         loss = loss + algo.kl_coef * aggregate(kl, mask[rows], mode=algo.loss_agg, normalizer=normalizer)
                         acc["kl"] += _masked_mean(kl.detach(), mask[rows])
-                    loss.backward()
+                    with dist.grad_sync(policy, last):  # FSDP/DDP average over W ranks: scale by W to sum
+                        (loss * dist.loss_scale()).backward()
                     n_micro += 1
                     acc["loss"] += float(loss.detach())
                     acc["pg_loss"] += float(pg_loss.detach())
@@ -451,7 +515,7 @@ def train(cfg: Config) -> dict:
                     for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "approx_kl_old"):
                         acc[k] += float(pm[k])
                     ratio_min, ratio_max = min(ratio_min, float(pm["ratio_min"])), max(ratio_max, float(pm["ratio_max"]))
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, g.grad_clip)
+                grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, g.grad_clip))  # global norm
                 if torch.isfinite(grad_norm):
                     optimizer.step()
                 else:  # a non-finite gradient would poison AdamW's moments: skip the step and say so
@@ -463,21 +527,27 @@ def train(cfg: Config) -> dict:
 
         # ---- record -------------------------------------------------------------------------------------------------
         dt = time.perf_counter() - t_step
+        # over the global batch: sums and counts over ranks, rows gathered in global prompt order
+        acc = dist.reduce_metrics({**acc, "n_micro": n_micro})
+        n_micro = acc.pop("n_micro")
+        ratio_min, ratio_max = dist.all_reduce(ratio_min, "min"), dist.all_reduce(ratio_max, "max")
+        rewards, advantages = gather_rewards(rewards), dist.gather_rows(advantages)
+        truncated = dist.gather_rows(rollout.truncated)
         m.update({k: v / max(1, n_micro) for k, v in acc.items()})
         m.update(rewards.metrics(prefix="reward/"))
-        lengths = rollout.lengths.float()
-        zero_std = (~dynamic_sampling_keep(rewards.total.view(B, G))).float().mean()
+        lengths = dist.gather_rows(rollout.lengths).float()
+        zero_std = (~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean()
         m.update({
             "ratio_min": ratio_min, "ratio_max": ratio_max, "grad_norm": sum(grad_norms) / len(grad_norms),
             "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
             "accuracy": float(rewards.components["accuracy"].nanmean()),
             "format_rate": float(rewards.components["format"].nanmean()),
             "advantage_abs_mean": float(advantages.abs().mean()), "zero_std_group_frac": float(zero_std),
-            "truncation_rate": float(rollout.truncated.float().mean()),
+            "truncation_rate": float(truncated.float().mean()),
             "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
             "time/rollout": t_rollout, "time/judge": t_judge, "time/reference": t_reference, "time/update": t_update,
             "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
-            "peak_memory_mb": peak_memory_mb(exp.device),
+            "peak_memory_mb": dist.all_reduce(peak_memory_mb(exp.device), "max"),
         })
         sink.log(step + 1, m)
         bar.set_postfix(reward=f"{m['reward/total']:.3f}", acc=f"{m['accuracy']:.2f}", s=f"{dt:.1f}")
@@ -488,6 +558,8 @@ def train(cfg: Config) -> dict:
                 for i in range(min(N, 2 * G))
             ])
         done = step + 1 == g.steps
+        if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank got the signal: stop together
+            stop.signal = signal.SIGTERM
         if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
             save_checkpoint(exp, out, step + 1, optimizer, scheduler, generator, stream.state())
         if stop.signal is not None:
@@ -496,18 +568,31 @@ def train(cfg: Config) -> dict:
     stop.restore()
     sink.close()
     if stop.signal is not None:
-        print(f"[emor3] stopped at step {step + 1}; resume with --resume {out}")
+        dist.print0(f"[emor3] stopped at step {step + 1}; resume with --resume {out}")
+        if launched:
+            dist.shutdown()
         return {"stopped_at": step + 1}
 
-    # ---- evaluation: the paper-style table ----------------------------------------------------------------------
+    # ---- evaluation: the paper-style table (rank 0 alone, on the whole model) -------------------------------------
     from emor3.evaluate import evaluate_experiment
 
+    if launched:
+        dist.barrier("end of training")
+        dist.shutdown()  # evaluation below issues no collectives; the other ranks are done
+        if not dist.is_main():
+            return {}
+        if cfg.run.parallel == "fsdp" and (out / "checkpoint" / "model").is_dir():  # the final checkpoint, unsharded
+            from emor3.models import load_pretrained
+
+            exp.model = load_pretrained(out / "checkpoint" / "model", dtype=getattr(torch, cfg.model.dtype),
+                                        device=exp.device)
     return evaluate_experiment(exp, cfg, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, "python -m emor3.grpo.train", DESCRIPTION)
-    train(cfg)
+    with dist.guard("the GRPO run"):  # a failed collective (a crashed rank) ends with an error that says so
+        train(cfg)
 
 
 if __name__ == "__main__":
