@@ -214,13 +214,6 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
-    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename.
-
-    Under torchrun every rank calls this (gathering the full model and optimizer state is a collective) and rank 0
-    writes. The optimizer state is keyed by parameter name (``distributed.full_optimizer_state``), so a checkpoint
-    written by N ranks loads on M."""
-    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
 class _FullState:
     """What ``save_pretrained`` reads from a model (config, state_dict), for a state gathered from FSDP shards."""
 
@@ -231,6 +224,13 @@ class _FullState:
         return self._state
 
 
+def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
+    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename.
+
+    Under torchrun every rank calls this (gathering the full model and optimizer state is a collective) and rank 0
+    writes. The optimizer state is keyed by parameter name (``distributed.full_optimizer_state``), so a checkpoint
+    written by N ranks loads on M."""
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     model_state = dist.full_model_state(exp.model)
     optim_state = dist.full_optimizer_state(exp.model, optimizer)
     if dist.is_main():
