@@ -88,11 +88,11 @@ class GRPOConfig:
     temperature: float = _f(1.0, "Rollout sampling temperature (the paper: 1.0).")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold (1 disables).")
     top_k: int = _f(0, "Rollout top-k (0 disables).")
+    sample_chunk: int = _f(1, "Prompts sampled together under one generator seeded from (seed, stream position). "
+                              "1: rollouts identical for any number of ranks; on GPUs use prompts per rank for speed.")
     lr: float = _f(1e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
-    sample_chunk: int = _f(1, "Prompts sampled together under one generator seeded from (seed, stream position). "
-                              "1: rollouts identical for any number of ranks; on GPUs use prompts per rank for speed.")
     schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
     max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
@@ -136,14 +136,14 @@ class RunConfig:
     logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
     threads: int = _f(0, "CPU threads for torch (0: torch's default).")
     progress: bool = _f(True, "Show tqdm progress bars.")
-
-
-@dataclass(frozen=True)
     parallel: str = _f("fsdp", "Under torchrun: fsdp (FSDP2, one unit per decoder layer / vision block) or ddp.")
     reference: str = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or replicate.")
     mixed_precision: str = _f("auto", "FSDP compute dtype: auto (bf16 params, fp32 reduce on GPU; fp32 on CPU), bf16, fp32.")
     dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a crashed rank).")
     dist_setup_timeout: float = _f(7200.0, "Seconds ranks wait for rank 0's setup (data cache, tiny model, SFT, baseline eval).")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
