@@ -73,6 +73,9 @@ class SFTConfig:
     batch_size: int = _f(16, "Cold-Start SFT batch size (samples).")
     lr: float = _f(2e-3, "Cold-Start SFT learning rate (AdamW, cosine to 10%).")
     weight_decay: float = _f(0.01, "Cold-Start SFT weight decay.")
+    judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
+                              "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
+                              "set false).")
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies) -> tup
 def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experiment:
     """Everything ``stage`` ("grpo", "sft" or "eval") needs. For "grpo" and "sft" this runs Cold-Start SFT unless
     resuming; for "grpo" it also evaluates the starting point once (the baseline row of the final table)."""
-    from emor3.sft import sft
+    from emor3.sft import judge_examples, set_examples, sft
 
     device = resolve_device(cfg.model.device)
     algo = cfg.algorithm()
@@ -172,10 +172,13 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
         if cold is None:
             print("[emor3] no cold-start responses in the training data (a 'response' column): skipping Cold-Start SFT")
         else:
-            print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {cfg.sft.steps} steps")
-            sft(model, processor, cold.samples, [cold.image(i) for i in range(len(cold))],
-                [s.metadata["response"] for s in cold.samples], taxonomies, cfg.sft, seed=cfg.run.seed,
-                device=device, progress=cfg.run.progress)
+            images = [cold.image(i) for i in range(len(cold))]
+            responses = [s.metadata["response"] for s in cold.samples]
+            examples = set_examples(cold.samples, images, responses, taxonomies)
+            if cfg.sft.judge_examples:
+                examples += judge_examples(cold.samples, images, responses, taxonomies, seed=cfg.run.seed)
+            print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
+            sft(model, processor, examples, cfg.sft, seed=cfg.run.seed, device=device, progress=cfg.run.progress)
             save_pretrained(model, sft_dir, tokenizer_dir=source)
     if stage == "sft":
         return exp

@@ -7,12 +7,15 @@ reduces reward sparsity"). The loss is the token-mean negative log-likelihood of
 is context only), ending with the chat turn's end token so the model learns to stop.
 
 Responses come from the dataset: EmoScenes builds them from each image's true cues; a JSONL manifest may carry
-them in a ``response`` column. Run alone, this module trains and writes the checkpoint to ``RUN_DIR/sft``.
+them in a ``response`` column. With ``--sft.judge-examples`` (the default) the same responses also teach the two
+RER questions (``judge_examples``), which a model trained from scratch cannot otherwise answer. Run alone, this module trains and writes the checkpoint to ``RUN_DIR/sft``.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,7 +23,51 @@ from tqdm import tqdm
 
 from emor3.config import SFTConfig
 from emor3.grpo.objective import aggregate
-from emor3.grpo.rollout import completion_logprobs, encode_samples
+from emor3.grpo.rollout import completion_logprobs
+from emor3.rewards import build_set_messages, parse_set
+from emor3.rewards.reflection import coherence_request, consistency_request
+
+
+@dataclass
+class SFTExample:
+    """One teacher-forced example: a single-turn chat prompt, its images, and the reply to learn."""
+
+    messages: list  # chat messages in the Processor's format
+    images: list  # the PIL images the messages refer to, in order (empty for text-only prompts)
+    response: str
+
+
+def set_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict) -> list[SFTExample]:
+    """The Cold-Start-Emo examples: the SET prompt of each sample (its taxonomy's labels) and its SET response."""
+    return [SFTExample(build_set_messages(taxonomies[s.taxonomy]), [im], r)
+            for s, im, r in zip(samples, images, responses)]
+
+
+def judge_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict,
+                   seed: int = 0) -> list[SFTExample]:
+    """Teach RER's two questions from the same responses, for models that do not follow instructions.
+
+    An instruct checkpoint answers "Can the following text describe the image?" and "Which emotion best describes
+    the text above?" out of the box (the paper relies on it); a model trained from scratch (the tiny default) does
+    not, and without this its judgements are constant and RER carries no signal. Per sample: the consistency
+    prompt with its own step 1 -> "yes", with the step 1 of a sample with a different label -> "no", and the
+    coherence prompt (steps 1-2, the taxonomy's labels) -> the label. Prompts are exactly the judges' own.
+    """
+    rng = random.Random(f"sft-judge:{seed}")
+    parsed = [parse_set(r) for r in responses]
+    out = []
+    for i, (s, im, p) in enumerate(zip(samples, images, parsed)):
+        if not (p.step1 and p.step2):
+            continue
+        req = consistency_request(p.step1, im)
+        out.append(SFTExample(req.messages, [im], "yes"))
+        others = [j for j, q in enumerate(parsed) if samples[j].label != s.label and q.step1]
+        if others:
+            req = consistency_request(parsed[rng.choice(others)].step1, im)
+            out.append(SFTExample(req.messages, [im], "no"))
+        req = coherence_request(p.step1, p.step2, taxonomies[s.taxonomy].labels)
+        out.append(SFTExample(req.messages, [], s.label))
+    return out
 
 
 def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,19 +87,16 @@ def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[tor
 def sft(
     model,
     processor,
-    samples: Sequence,
-    images: Sequence,
-    responses: Sequence[str],
-    taxonomies: dict,
+    examples: Sequence[SFTExample],
     cfg: SFTConfig,
     *,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[float]:
-    """Fine-tune ``model`` in place on (sample, image, response) triples for ``cfg.steps`` steps; returns the losses."""
-    if len(samples) != len(responses) or not samples:
-        raise ValueError(f"Cold-Start SFT needs one response per sample and at least one: got {len(samples)} samples, {len(responses)} responses")
+    """Fine-tune ``model`` in place on ``examples`` for ``cfg.steps`` steps of ``cfg.batch_size``; returns losses."""
+    if not examples:
+        raise ValueError("Cold-Start SFT needs at least one example")
     if cfg.steps <= 0:
         return []
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,11 +110,11 @@ def sft(
     bar = tqdm(range(cfg.steps), desc="Cold-Start SFT", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         if len(order) < cfg.batch_size:  # reshuffle per epoch
-            order += torch.randperm(len(samples), generator=g).tolist()
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = encode_samples(processor, [samples[i] for i in idx], [images[i] for i in idx], taxonomies).to(device)
-        ids, mask = tokenize_responses(processor, [responses[i] for i in idx], device)
-        logp = completion_logprobs(model, batch, torch.arange(len(idx), device=device), ids, mask)  # (n, T)
+            order += torch.randperm(len(examples), generator=g).tolist()
+        chunk, order = [examples[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
+        batch = processor.encode_prompts([e.messages for e in chunk], [e.images for e in chunk]).to(device)
+        ids, mask = tokenize_responses(processor, [e.response for e in chunk], device)
+        logp = completion_logprobs(model, batch, torch.arange(len(chunk), device=device), ids, mask)  # (n, T)
         loss = -aggregate(logp, mask, mode="token-mean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
