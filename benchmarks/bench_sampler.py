@@ -35,14 +35,15 @@ from emor3.models.qwen_vl import QwenVL
 from emor3.models.tiny import tiny_config
 
 
-def make_batch(cfg, B: int, seed: int, device) -> PromptBatch:
-    """B left-padded prompts: text, one 8x8-patch image (16 merged tokens), text of 5..5+3B tokens."""
+def make_batch(cfg, B: int, seed: int, device, grid_side: int = 8) -> PromptBatch:
+    """B left-padded prompts: 4 text tokens, one grid_side² -patch image (grid_side²/4 merged tokens), then
+    5, 8, 11, ... text tokens (so the prompts have different lengths and are left-padded)."""
     g = torch.Generator().manual_seed(seed)
     img, vs, ve = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
     n_text = min(vs, cfg.image_token_id, cfg.video_token_id, ve)  # ordinary tokens sit below the specials
     rows, grids = [], []
     for b in range(B):
-        grid = (1, 8, 8)
+        grid = (1, grid_side, grid_side)
         k = grid[0] * grid[1] * grid[2] // cfg.vision.spatial_merge_size**2
         head = torch.randint(0, n_text, (4,), generator=g).tolist()
         tail = torch.randint(0, n_text, (5 + 3 * b,), generator=g).tolist()
@@ -109,7 +110,7 @@ def bench_config(name: str, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, d)
         hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(args.device).eval()
-    batch = make_batch(cfg, args.prompts, seed=1, device=args.device)
+    batch = make_batch(cfg, args.prompts, seed=1, device=args.device, grid_side=args.image_grid)
     t = cfg.text
     kv_bytes = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
 
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="B")
     ap.add_argument("--group", type=int, default=8, help="G (rows = B·G)")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--image-grid", type=int, default=8, help="image side in 14-px patches (8: 112 px, 16 merged "
+                    "tokens; 16: 224 px, 64 merged tokens, closer to an EmoSet prompt)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true", help="also time sample(compile=True)")

@@ -272,19 +272,15 @@ def _get_step(compile: bool | str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _make_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
+def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A torch.Generator from a Generator (any device: the rollout's uniforms are drawn on it, then moved once) or
+    an int seed (a CPU generator, so a seed gives the same rollout wherever the model runs)."""
     if isinstance(generator, torch.Generator):
-        if generator.device.type != device.type:
-            raise ValueError(
-                f"sampler: the generator is on {generator.device} but the model is on {device}; "
-                f"pass torch.Generator(device='{device.type}') or an int seed"
-            )
         return generator
-    g = torch.Generator(device=device)
     if generator is None:
         # No seed given: draw one from torch's global RNG, so torch.manual_seed still makes the run repeatable.
         generator = int(torch.randint(0, 2**62, (1,)).item())
-    return g.manual_seed(int(generator))
+    return torch.Generator().manual_seed(int(generator))
 
 
 def _token_set(ids: Sequence[int] | int | torch.Tensor | None, name: str, vocab: int) -> list[int]:
@@ -356,7 +352,7 @@ def sample(
     S = P + T_max
     if compile:
         S = -(-S // _COMPILE_BUCKET) * _COMPILE_BUCKET
-    gen = _make_generator(generator, device)
+    gen = _make_generator(generator)
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
     banned_mask = None
     if banned:
@@ -398,8 +394,9 @@ def sample(
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     greedy = temperature == 0
 
-    def uniforms() -> torch.Tensor | None:  # drawn eagerly from the explicit generator, outside the compiled step
-        return None if greedy else torch.rand(N, generator=gen, device=device)  # (N,): one uniform per row
+    # All uniforms of the rollout drawn at once from the explicit generator, before the loop: one host-to-device
+    # copy when the generator is on the CPU and the model on a GPU, none per step; never inside the compiled step.
+    draws = None if greedy else torch.rand(T_max, N, generator=gen, device=gen.device).to(device)  # (T_max, N)
 
     step_fn = _get_step(compile)
     # Compiled: the full static cache every step (one graph, CUDA-graph friendly). Eager: shapes buy nothing, so the
@@ -409,7 +406,8 @@ def sample(
     step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
     pos = next_pos.view(1, N, 1).repeat(3, 1, 1)  # (3, N, 1): text positions are equal on all three M-RoPE axes
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
-    token, logprob, logmass = _choose(logits, uniforms(), **choose)  # first token from the prefill logits, (N,)
+    # the first token comes from the prefill logits
+    token, logprob, logmass = _choose(logits, None if greedy else draws[0], **choose)  # (N,) each
     for t in range(T_max):
         # record token t; rows finished before it emit pad with mask 0 and log-prob 0
         alive = ~finished  # (N,)
@@ -428,7 +426,8 @@ def sample(
         if not compile and P + t + 1 > window:  # eager: grow the attended prefix of the static cache (a view)
             window = min(S, window + _EAGER_WINDOW)
             step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (N, window)
-        token, logprob, logmass = step_fn(model, step_cache, fed, pos, step_mask, cache_position, uniforms(), **choose)
+        token, logprob, logmass = step_fn(model, step_cache, fed, pos, step_mask, cache_position,
+                                          None if greedy else draws[t + 1], **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)
 
