@@ -269,7 +269,10 @@ class PolicyScorer(nn.Module):
     def forward(self, batch, prompt_index, completion_ids, completion_mask, **kw):
         from emor3.grpo.rollout import completion_logprobs
 
-        return completion_logprobs(self.model, batch, prompt_index, completion_ids, completion_mask, **kw)
+        out = completion_logprobs(self.model, batch, prompt_index, completion_ids, completion_mask, **kw)
+        # FSDP2 hooks the root's outputs for backward and warns about views (an in-place op on one would drop the
+        # hook): return copies, (N, T) each, small next to the activations
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) with the whole model gathered (see ``run_gathered``); plain modules: just fn()."""

@@ -577,9 +577,10 @@ def train(cfg: Config) -> dict:
     from emor3.evaluate import evaluate_experiment
 
     if launched:
+        main_rank = dist.is_main()
         dist.barrier("end of training")
         dist.shutdown()  # evaluation below issues no collectives; the other ranks are done
-        if not dist.is_main():
+        if not main_rank:
             return {}
         if cfg.run.parallel == "fsdp" and (out / "checkpoint" / "model").is_dir():  # the final checkpoint, unsharded
             from emor3.models import load_pretrained
