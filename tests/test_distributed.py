@@ -57,6 +57,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 def _config(tmp_path: Path, name: str, steps: int, plugin: str = "length_reward", model: str = "", **run):
     cfg = tiny_config(tmp_path, grpo={**GRPO, "steps": steps}, sft={"steps": 0}, model={"path": model},
+                      data={"emoscenes_test": 2, "emoscenes_ood": 1},  # the evaluation tables are not under test
                       reward={"plugins": [f"emor3_dist_plugin:{plugin}=1.0"]},
                       run={"out": str(tmp_path / name), "dist_timeout": 60.0, **run})
     return cfg
@@ -125,10 +126,10 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, plugin_dir):
 
 
 def test_hung_rank_ends_the_job_with_a_clear_error(tmp_path, plugin_dir):
-    cfg = _config(tmp_path, "hang", steps=2, plugin="hang_on_rank1", dist_timeout=5.0)
-    proc, seconds = _torchrun(cfg, plugin_dir, timeout=240, env={"EMOR3_TEST_HANG_S": "25"})
+    cfg = _config(tmp_path, "hang", steps=2, plugin="hang_on_rank1", dist_timeout=4.0)
+    proc, seconds = _torchrun(cfg, plugin_dir, timeout=240, env={"EMOR3_TEST_HANG_S": "15"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, "a rank that stops answering must fail the job"
-    assert "DistributedError" in output and "rank 0/2" in output and "--run.dist-timeout=5s" in output, \
+    assert "DistributedError" in output and "rank 0/2" in output and "--run.dist-timeout=4s" in output, \
         f"the error must say which rank gave up, why and which setting controls it:\n{output[-4000:]}"
     assert seconds < 120, f"the job took {seconds:.0f}s to end: the collective timeout did not fire"
