@@ -53,7 +53,7 @@ import contextlib
 import datetime
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist

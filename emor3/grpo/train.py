@@ -69,7 +69,7 @@ from emor3.grpo.objective import (
     overlong_penalty,
     policy_loss,
 )
-from emor3.grpo.rollout import completion_logprobs, concat_prompt_batches, encode_samples, prompt_slice
+from emor3.grpo.rollout import concat_prompt_batches, encode_samples, prompt_slice
 from emor3.grpo.sampler import Rollout, sample
 from emor3.rewards import RewardBreakdown, compute_rewards
 from emor3.rewards.reflection import ModelJudge, reflect
