@@ -6,13 +6,14 @@ Shapes: B prompts, G samples per prompt, N = B·G rows, T completion length, V v
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+import transformers
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from emor3.grpo.sampler import apply_banned, apply_top_k, apply_top_p, draw_tokens, filter_logits
+from emor3.grpo.sampler import Rollout, apply_banned, apply_top_k, apply_top_p, draw_tokens, filter_logits, sample
+from emor3.models import QwenVL, QwenVLConfig
+from emor3.models.positions import mrope_position_ids
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure functions: filters and the exponential-race draw
@@ -132,12 +133,6 @@ def test_greedy_draw_is_argmax_and_never_banned():
 # ---------------------------------------------------------------------------------------------------------------
 # sample() on a tiny Qwen2.5-VL-architecture model (fp32), against transformers and teacher forcing
 # ---------------------------------------------------------------------------------------------------------------
-
-import transformers  # noqa: E402
-
-from emor3.grpo.sampler import Rollout, sample  # noqa: E402
-from emor3.models import QwenVL, QwenVLConfig  # noqa: E402
-from emor3.models.positions import mrope_position_ids  # noqa: E402
 
 IMG, VID, VSTART, VEND = 90, 91, 92, 93
 VOCAB = 96
