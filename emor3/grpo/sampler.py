@@ -367,7 +367,7 @@ def sample(
         image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
     cache = model.new_cache(B, S, dtype=None, device=device)
     # The mask covers all S slots from the start: generated slots are 1 (causality hides the not-yet-written ones),
-    # so the decode step's mask never changes shape or value.
+    # so the mask never changes value (and, compiled, never changes shape).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, S - P)], dim=1)  # (B, S)
     hidden = model(
         input_ids,
