@@ -95,7 +95,7 @@ def prepare(work: Path, steps: int) -> None:
 # --------------------------------------------------------------------------------------------- emor3 side
 
 
-def run_emor3(work: Path, steps: int) -> dict:
+def run_emor3(work: Path, steps: int, sample_chunk: int = B) -> dict:
     import torch
 
     from emor3.config import config_from_dict
@@ -114,7 +114,7 @@ def run_emor3(work: Path, steps: int) -> dict:
                  "micro_batch_rows": B * G, "epochs": 1, "max_new_tokens": T_NEW, "temperature": 1.0,
                  "top_p": 1.0, "top_k": 0, "lr": LR, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
                  "kl_coef": BETA, "kl_kind": "k3", "loss_agg": "token-mean", "clip_low": CLIP_LOW,
-                 "clip_high": CLIP_HIGH},
+                 "clip_high": CLIP_HIGH, "sample_chunk": sample_chunk},
         "reward": {"weights": f"accuracy={W_ACCURACY},format={W_FORMAT}"},
         "eval": {"max_new_tokens": 4, "batch_size": 8},
         "run": {"out": str(out), "seed": SEED, "progress": False, "sample_every": 0},
@@ -126,7 +126,7 @@ def run_emor3(work: Path, steps: int) -> dict:
     assert len(rows) == steps, f"metrics.jsonl has {len(rows)} rows for {steps} steps"
     split = {k: median_after_first([r[f"time/{k}"] for r in rows]) for k in ("rollout", "judge", "reference", "update")}
     return {
-        "side": "emor3", "steps": steps, "threads": torch.get_num_threads(),
+        "side": "emor3", "steps": steps, "threads": torch.get_num_threads(), "sample_chunk": sample_chunk,
         "step_s": [r["time/step"] for r in rows],
         "median_step_s": median_after_first([r["time/step"] for r in rows]),
         # rollout = sampling + decoding texts + rule rewards (judge is 0 with --algo grpo)
@@ -281,12 +281,12 @@ def run_trl(work: Path, steps: int) -> dict:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run_side(side: str, work: Path, steps: int, threads: int) -> dict:
+def run_side(side: str, work: Path, steps: int, threads: int, sample_chunk: int) -> dict:
     """One side in a fresh interpreter so its RSS high-water mark is its own."""
     out = work / f"{side}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work), "--steps", str(steps),
-           "--threads", str(threads), "--json", str(out)]
+           "--threads", str(threads), "--sample-chunk", str(sample_chunk), "--json", str(out)]
     load_before = os.getloadavg()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -309,6 +309,9 @@ def main() -> None:
     p.add_argument("--side", choices=["both", "emor3", "trl"], default="both")
     p.add_argument("--work", default="", help="folder for the model, EmoScenes cache and runs (default: a temp dir)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
+    p.add_argument("--sample-chunk", type=int, default=B,
+                   help="emor3 --grpo.sample-chunk: prompts per sampler call (8: all of them in one call, as TRL's "
+                        "single generate; 1: emor3's default, one prompt per call so rollouts do not depend on ranks)")
     p.add_argument("--json", default="", help="write the result(s) as JSON here")
     a = p.parse_args()
     if a.steps < 2:
@@ -321,7 +324,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     if a.side != "both":
-        res = (run_emor3 if a.side == "emor3" else run_trl)(work, a.steps)
+        res = run_emor3(work, a.steps, a.sample_chunk) if a.side == "emor3" else run_trl(work, a.steps)
         text = json.dumps(res, indent=1)
         if a.json:
             Path(a.json).write_text(text)
@@ -330,9 +333,9 @@ def main() -> None:
         return
 
     prepare(work, a.steps)
-    results = {side: run_side(side, work, a.steps, a.threads) for side in ("emor3", "trl")}
+    results = {side: run_side(side, work, a.steps, a.threads, a.sample_chunk) for side in ("emor3", "trl")}
     print(f"# GRPO step: B={B} prompts x G={G} samples, {T_NEW} new tokens, beta {BETA}, fp32 CPU, {a.steps} steps per "
-          f"side (median excludes the first); cpu count {os.cpu_count()}")
+          f"side (median excludes the first); emor3 sample_chunk {a.sample_chunk}; cpu count {os.cpu_count()}")
     for side, r in results.items():
         if "error" in r:
             print(f"\n{side} FAILED ({r['error']}):\n{r['log_tail']}")
