@@ -156,11 +156,10 @@ class Attention(nn.Module):
         k = k * c + rotate_half(k) * s
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
-        if self.K != self.H:
-            # GQA: query head h reads kv head h // (H/K), the same grouping as transformers' repeat_kv
-            k = k.repeat_interleave(self.H // self.K, dim=1)  # (N, H, S, hd)
-            v = v.repeat_interleave(self.H // self.K, dim=1)  # (N, H, S, hd)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (N, H, L, hd)
+        # GQA: query head h reads kv head h // (H/K), transformers' repeat_kv grouping; SDPA does it without copying
+        # K and V out to every query head (a copy of the whole cache per layer per decode step otherwise)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.K != self.H)  # (N, H, L, hd)
         return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
 
 
