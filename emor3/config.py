@@ -91,8 +91,9 @@ class GRPOConfig:
     temperature: float = _f(1.0, "Rollout sampling temperature (the paper: 1.0).")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold (1 disables).")
     top_k: int = _f(0, "Rollout top-k (0 disables).")
-    sample_chunk: int = _f(1, "Prompts sampled together under one generator seeded from (seed, stream position). "
-                              "1: rollouts identical for any number of ranks; on GPUs use prompts per rank for speed.")
+    sample_chunk: int = _f(0, "Prompts sampled together under one generator seeded from (seed, stream position). "
+                              "0: all of a rank's prompts in one batch (fastest). Any N that divides the prompts "
+                              "per rank (1 always does) makes rollouts identical for any number of ranks.")
     lr: float = _f(1e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
