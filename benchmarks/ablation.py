@@ -81,11 +81,10 @@ def main() -> None:
     per_seed = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         per_seed.append(run_seed(seed, a.out, a.extra))
+        table = summarise(per_seed)  # rewritten after every seed, so a stopped ablation keeps what it finished
+        (a.out / "ablation.json").write_text(json.dumps(per_seed, indent=2))
+        (a.out / "ablation.md").write_text(table + "\n")
         print(f"[ablation] seed {seed} done after {time.time() - t0:.0f} s")
-    table = summarise(per_seed)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "ablation.json").write_text(json.dumps(per_seed, indent=2))
-    (a.out / "ablation.md").write_text(table + "\n")
     print(f"\n{len(per_seed)} seeds, {time.time() - t0:.0f} s\n\n{table}")
 
 

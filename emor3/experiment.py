@@ -252,15 +252,10 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
     return final
 
 
-def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator, model=None) -> dict:
-    """Restore optimizer, scheduler and RNG state. ``model``: the module whose parameters the optimizer holds
-    (needed for name-keyed optimizer states, the format ``save_checkpoint`` writes at any world size)."""
+def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator, model) -> dict:
+    """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state."""
     state = torch.load(resume_dir / "trainer_state.pt", weights_only=True, map_location="cpu")
-    optim_state = state["optimizer"]
-    if model is not None and all(isinstance(k, str) for k in optim_state["state"]):
-        dist.load_optimizer_state(model, optimizer, optim_state)
-    else:  # a state keyed by parameter index (written before checkpoints became world-size independent)
-        optimizer.load_state_dict(optim_state)
+    dist.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
