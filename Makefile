@@ -21,11 +21,14 @@ test: setup
 train: setup
 	$(BIN)/python -m emor3.grpo.train
 
+# model and sampler against transformers; one GRPO step against TRL's GRPOTrainer (TRL only in the bench extra)
 bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_sampler.py
+	$(BIN)/python benchmarks/bench_train.py
 
-# zero-shot, Cold-Start SFT, GRPO, DAPO and EMO-R3 on EmoScenes, 3 seeds each, mean ± std (long: about an hour here)
+# zero-shot, Cold-Start SFT, GRPO, DAPO and EMO-R3 on EmoScenes, 3 seeds each, mean ± std (long: over an hour here)
 ablation: setup
 	$(BIN)/python benchmarks/ablation.py
 
