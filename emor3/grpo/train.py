@@ -12,7 +12,8 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
 2. The reward (EMO-R3 sec. 3.2) is accuracy + format + RER. RER asks the *current policy* (the paper; the frozen
    reference is an option) two questions about its own reasoning, with no gradient: does step 1 describe the image
    (the image really is passed: the authors' first release forgot it), and which emotion do steps 1-2 express (the
-   labels come from the sample's taxonomy: the release hard-coded Mikels' eight). Total: the paper's
+   labels come from the sample's taxonomy: the release hard-coded Mikels' eight). A model trained from scratch
+   learns to answer these questions in Cold-Start SFT (``--sft.judge-examples``). Total: the paper's
    0.8·acc + 0.1·(cons + coh)/2 + 0.1·format by default; the release's 0.8/0.1/0.1/0.1 is the "release" preset.
 3. Advantages: group mean and unbiased std (GRPO), computed in ``objective.group_advantages``; unscorable
    completions (NaN) get advantage 0.
@@ -31,8 +32,9 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
 9. DAPO (``--algo dapo``): groups whose rewards are all equal are dropped and replaced by fresh prompts, up to
    ``--grpo.max-refill`` extra rollout rounds; the soft overlong penalty is added to the reward.
 10. Sampling randomness is seeded per chunk of ``--grpo.sample-chunk`` prompts from (run seed, the chunk's position
-   in the prompt stream), not from one generator running through the step, so a prompt's G completions are the
-   same whether it is sampled alone, in a batch, or on another rank.
+   in the prompt stream), not from one generator running through the step. The default (0) samples a rank's whole
+   share in one batch; a chunk size that divides every rank's share (1 always does) makes a prompt's G completions
+   the same on any number of ranks.
 11. Under ``torchrun`` (``emor3.distributed``): every rank draws the step's prompts from the same seeded stream
    and samples, scores and trains on its contiguous share (a group never spans ranks, so advantages are the
    single-process ones); the loss normaliser is summed over ranks and the backward loss multiplied by the world
@@ -44,13 +46,10 @@ Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion lengt
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -179,12 +178,6 @@ def lr_lambda(warmup: int, total: int, schedule: str):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(model)
-    ref.eval().requires_grad_(False)
-    return ref
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
