@@ -154,6 +154,8 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
     resume_dir = Path(cfg.run.resume) / "checkpoint" if cfg.run.resume else None
     if resume_dir is not None and not (resume_dir / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"--resume {cfg.run.resume}: no checkpoint at {resume_dir}")
+    if resume_dir is None and stage != "eval" and dist.is_main():
+        _clear_previous_run(out)
     model, source = build_model(cfg, out, device, list(taxonomies.values()))
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     if resume_dir is not None:
@@ -184,7 +186,7 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
         return exp
 
     baseline = out / "baseline_results.json"
-    if baseline.is_file():
+    if resume_dir is not None and baseline.is_file():  # evaluated when the run started
         exp.sft_results = json.loads(baseline.read_text())
     elif evals:
         exp.sft_results = evaluate(model, processor, evals, taxonomies, cfg.eval, seed=cfg.run.seed, device=device,
@@ -205,6 +207,22 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
     exp.reward_weights = weights
     exp.plugins = [load_reward_plugin(spec) for spec in cfg.reward.plugins]
     return exp
+
+
+# what a run writes into its folder (config.toml is rewritten anyway)
+RUN_FILES = ("init", "sft", "checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.jsonl", "samples.jsonl",
+             "baseline_results.json", "results.json", "results.md", "curves.png")
+
+
+def _clear_previous_run(out: Path) -> None:
+    """A new run (not --resume) in a folder that holds an earlier one starts clean: its metrics are not appended to
+    the old ones, and its tiny model, SFT checkpoint and baseline are rebuilt from this run's settings."""
+    stale = [name for name in RUN_FILES if (out / name).exists()]
+    if stale:
+        print(f"[emor3] {out} holds an earlier run; replacing {', '.join(stale)} (--resume {out} continues it instead)")
+    for name in stale:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:

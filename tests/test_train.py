@@ -83,6 +83,15 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     assert (out / "results.md").read_text().count("|") > 10
 
 
+def test_a_new_run_in_an_old_folder_starts_clean(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, grpo={"steps": 1}, sft={"steps": 0})
+    train(cfg)
+    train(cfg)  # not --resume: the folder's earlier run is replaced, not appended to
+    rows = (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1, "a fresh run must not append its metrics to an earlier run's"
+    assert "holds an earlier run" in capsys.readouterr().out
+
+
 def test_resume_is_bit_exact(tmp_path, plugin):
     full = tiny_config(tmp_path / "a", reward={"plugins": [plugin]}, grpo={"steps": 2})
     train(full)
