@@ -172,20 +172,10 @@ def models():
 def batch():
     """Three left-padded prompts of different lengths: an 8x12-patch image, text only, two small images."""
     from emor3.models.processing import PromptBatch
+    from test_models_parity import IMG as PARITY_IMG, mixed_batch
 
-    grids = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 6, 4]])  # patches; 24, 4 and 6 merged image tokens
-
-    def img(k):
-        return [VSTART] + [IMG] * k + [VEND]
-
-    rows = [[5, 6] + img(24) + [7, 8, 9], [10, 11, 12, 13], [14] + img(4) + [15] + img(6) + [16, 17]]
-    P = max(map(len, rows))
-    ids = torch.zeros(len(rows), P, dtype=torch.long)  # (B, P)
-    am = torch.zeros(len(rows), P, dtype=torch.long)  # (B, P)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r)
-        am[i, P - len(r):] = 1
-    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    assert PARITY_IMG == IMG, "the shared batch uses the same image token id"
+    ids, am, grids, pix = mixed_batch()  # the rows the model parity tests use
     pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG, spatial_merge_size=2)
     return PromptBatch(input_ids=ids, attention_mask=am, position_ids=pos, pixel_values=pix, image_grid_thw=grids,
                        next_position=nxt)
