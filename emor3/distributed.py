@@ -15,7 +15,7 @@ of 1, reductions are the identity), so the train loop has one code path. The cho
    unmasked tokens of the mini-batch) is summed over ranks, so each rank's loss is its share of the global
    token-mean. FSDP/DDP *average* gradients over the W ranks, so the backward loss is multiplied by W
    (``loss_scale``): the reduced gradient is then exactly the single-process gradient of the same global batch
-   (tests/test_distributed.py compares parameters after two steps to 1e-5).
+   (tests/test_distributed.py compares the global gradient on 1 and 2 processes).
 3. **FSDP2** (``--run.parallel fsdp``, the default): ``fully_shard`` on every decoder layer and vision block, then
    on a root ``PolicyScorer`` holding the rest (embeddings, final norm, lm_head, patch embed, merger). The root's
    forward is "teacher-forced log-probs of completions", one call per micro-batch, so FSDP's hooks see every
