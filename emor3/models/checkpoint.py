@@ -1,7 +1,7 @@
-"""Hugging Face checkpoint folders <-> QwenVL.
+"""Hugging Face checkpoint folders <-> QwenVL / Qwen3VL (chosen by config.json's model_type).
 
 `load_pretrained(path, dtype, device)`:
-  - config.json in the transformers 4.x (published) or 5.x layout (see `config.py`);
+  - config.json in the transformers 4.x (published) or 5.x layout (see `config.py`, `config_qwen3_vl.py`);
   - weights from `model.safetensors` or a sharded `model.safetensors.index.json`;
   - both key layouts: published (`model.layers.*`, `model.embed_tokens.*`, `visual.*`, `lm_head.weight`) and
     transformers-5 native (`model.language_model.*`, `model.visual.*`, `lm_head.weight`);
@@ -11,7 +11,8 @@
   - a missing or unexpected tensor (or a shape mismatch) is an error that lists them all. A stored
     `lm_head.weight` in a tied checkpoint is accepted only if it equals the embedding.
 `save_pretrained(model, path, tokenizer_dir=None, max_shard_bytes=None)` writes the published layout (what the
-Qwen releases ship and what transformers 4.x and 5.x both load), a config.json in the published layout, optional
+Qwen releases ship and what transformers 4.x and 5.x both load: `model.layers.*` / `visual.*` for Qwen2-VL and
+Qwen2.5-VL, `model.language_model.*` / `model.visual.*` for Qwen3-VL), a config.json in the published layout, optional
 shards with an index, and copies tokenizer / processor files along. Every file is written to a temporary name
 and renamed into place (atomic per file).
 """
@@ -29,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import QwenVLConfig
+from .config_qwen3_vl import Qwen3VLConfig, parse_config
+from .qwen3_vl import Qwen3VL
 from .qwen_vl import QwenVL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -46,7 +49,22 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def read_config(path: str | os.PathLike) -> QwenVLConfig:
+def published_key(name: str, model_type: str) -> str:
+    """Our parameter name -> the key the published checkpoints of `model_type` store it under."""
+    if model_type == "qwen3_vl":
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model."):]
+        if name.startswith("visual."):
+            return "model." + name
+    return name
+
+
+def build_model(cfg: QwenVLConfig | Qwen3VLConfig) -> QwenVL:
+    """The model class for a parsed config (on the current default device, uninitialised weights)."""
+    return Qwen3VL(cfg) if isinstance(cfg, Qwen3VLConfig) else QwenVL(cfg)
+
+
+def read_config(path: str | os.PathLike) -> QwenVLConfig | Qwen3VLConfig:
     f = Path(path) / "config.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no config.json in checkpoint folder")
@@ -54,7 +72,7 @@ def read_config(path: str | os.PathLike) -> QwenVLConfig:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from e
-    return QwenVLConfig.from_dict(d, source=str(f))
+    return parse_config(d, source=str(f))
 
 
 def _weight_files(path: Path) -> dict[str, list[str]]:
@@ -87,7 +105,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
     with torch.device("meta"):
-        model = QwenVL(cfg)
+        model = build_model(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)  # storage in the target dtype/device, uninitialised
     params = dict(model.named_parameters())
     seen: set[str] = set()
@@ -140,7 +158,8 @@ def save_pretrained(model: QwenVL, path: str | os.PathLike, tokenizer_dir: str |
     """Write config.json + safetensors (published key layout) + tokenizer/processor files from tokenizer_dir."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    mt = model.config.model_type
+    sd = {published_key(k, mt): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Keys that carry no model semantics (PreTrainedConfig bookkeeping, generation defaults, hub metadata).
-_METADATA_KEYS = {
+METADATA_KEYS = {
     "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
     "initializer_range", "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder",
     "output_attentions", "output_hidden_states", "problem_type", "return_dict", "model_type",
@@ -135,12 +135,12 @@ class QwenVLConfig:
             text = {**top_text, **text}
             top_rest = {k: v for k, v in d.items() if k not in _TEXT_KEYS}
         else:  # 4.x: text settings at the top level
-            text = {k: v for k, v in d.items() if k in _TEXT_KEYS or k in _METADATA_KEYS}
+            text = {k: v for k, v in d.items() if k in _TEXT_KEYS or k in METADATA_KEYS}
             top_rest = {k: v for k, v in d.items() if k not in _TEXT_KEYS}
-        unknown = sorted(set(top_rest) - _TOP_KEYS - _METADATA_KEYS)
-        unknown += sorted(f"text_config.{k}" for k in set(text) - _TEXT_KEYS - _METADATA_KEYS)
+        unknown = sorted(set(top_rest) - _TOP_KEYS - METADATA_KEYS)
+        unknown += sorted(f"text_config.{k}" for k in set(text) - _TEXT_KEYS - METADATA_KEYS)
         vis = dict(d.get("vision_config") or {})
-        unknown += sorted(f"vision_config.{k}" for k in set(vis) - _VISION_KEYS - _METADATA_KEYS)
+        unknown += sorted(f"vision_config.{k}" for k in set(vis) - _VISION_KEYS - METADATA_KEYS)
         if unknown:
             raise ValueError(f"{source}: unknown or unsupported config settings {unknown}")
         tc = _parse_text(text, source)

@@ -65,17 +65,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _act(name: str):
+def activation(name: str):
     if name == "silu":
         return F.silu
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)  # transformers QuickGELUActivation
     if name == "gelu":
         return F.gelu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
+def maybe_checkpoint(enabled: bool, fn, *args):
     # non-reentrant checkpoint: works with kwargs-free closures, frozen inputs and torch.compile
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
@@ -169,7 +171,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = _act(act)
+        self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -226,7 +228,7 @@ class VisionMLP(nn.Module):  # Qwen2-VL
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.act = _act(act)
+        self.act = activation(act)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -275,7 +277,7 @@ class PatchMerger(nn.Module):
         return self.mlp(x.reshape(-1, x.shape[-1] * self.m2))  # (n / m^2, D)
 
 
-def _segments(lengths: list[int], device) -> list[tuple[Tensor, int]]:
+def equal_length_segments(lengths: list[int], device) -> list[tuple[Tensor, int]]:
     """Group consecutive segments (lengths in token order) by length: [(indices (count, len), len)]."""
     starts, pos = [], 0
     for ln in lengths:
@@ -292,6 +294,25 @@ def _segments(lengths: list[int], device) -> list[tuple[Tensor, int]]:
     return out
 
 
+def vision_rotary(grid_thw: list[list[int]], merge: int, head_dim: int, theta: float,
+                  device) -> tuple[Tensor, Tensor]:
+    """2-D axial rotary cos, sin (n, hd) in the processor's patch order (merge blocks of m x m contiguous)."""
+    m, hd = merge, head_dim
+    pos = []
+    for t, h, w in grid_thw:
+        hp = torch.arange(h, device=device)[:, None].expand(h, w)
+        wp = torch.arange(w, device=device)[None, :].expand(h, w)
+        blk = (h // m, m, w // m, m)
+        hp = hp.reshape(blk).transpose(1, 2).flatten()
+        wp = wp.reshape(blk).transpose(1, 2).flatten()
+        pos.append(torch.stack([hp, wp], -1).repeat(t, 1))
+    pos = torch.cat(pos).float()  # (n, 2)
+    inv = 1.0 / (theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device) / (hd // 2)))  # (hd/4,)
+    freqs = (pos[:, :, None] * inv).reshape(pos.shape[0], -1)  # (n, hd/2): h freqs then w freqs
+    emb = torch.cat([freqs, freqs], -1)  # (n, hd)
+    return emb.cos(), emb.sin()
+
+
 class VisionTower(nn.Module):
     """Named `visual` inside QwenVL (published key layout `visual.*`)."""
 
@@ -304,23 +325,8 @@ class VisionTower(nn.Module):
         self.gradient_checkpointing = False
 
     def _rotary(self, grid_thw: list[list[int]], device) -> tuple[Tensor, Tensor]:
-        """2-D axial rotary cos, sin (n, hd) in the processor's patch order (merge blocks of m x m contiguous)."""
-        m = self.cfg.spatial_merge_size
-        hd = self.cfg.hidden_size // self.cfg.num_heads
-        pos = []
-        for t, h, w in grid_thw:
-            hp = torch.arange(h, device=device)[:, None].expand(h, w)
-            wp = torch.arange(w, device=device)[None, :].expand(h, w)
-            blk = (h // m, m, w // m, m)
-            hp = hp.reshape(blk).transpose(1, 2).flatten()
-            wp = wp.reshape(blk).transpose(1, 2).flatten()
-            pos.append(torch.stack([hp, wp], -1).repeat(t, 1))
-        pos = torch.cat(pos).float()  # (n, 2)
-        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device)
-                                             / (hd // 2)))  # (hd/4,)
-        freqs = (pos[:, :, None] * inv).reshape(pos.shape[0], -1)  # (n, hd/2): h freqs then w freqs
-        emb = torch.cat([freqs, freqs], -1)  # (n, hd)
-        return emb.cos(), emb.sin()
+        return vision_rotary(grid_thw, self.cfg.spatial_merge_size, self.cfg.hidden_size // self.cfg.num_heads,
+                             self.cfg.rope_theta, device)
 
     def _window_index(self, grid_thw: list[list[int]], device) -> tuple[Tensor, list[int]]:
         """Qwen2.5-VL window order over merged tokens and the window lengths in patches.
@@ -354,21 +360,43 @@ class VisionTower(nn.Module):
         cos, sin = self._rotary(g, device)  # (n, hd)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         # full attention within each frame of each image
-        full = _segments([h * w for t, h, w in g for _ in range(t)], device)
+        full = equal_length_segments([h * w for t, h, w in g for _ in range(t)], device)
         if self.v25:
             win_idx, win_len = self._window_index(g, device)  # (n / m^2,)
             patch_idx = (win_idx[:, None] * m2 + torch.arange(m2, device=device)).reshape(-1)  # (n,)
             x, cos, sin = x[patch_idx], cos[patch_idx], sin[patch_idx]
-            windowed = _segments(win_len, device)
+            windowed = equal_length_segments(win_len, device)
             fullatt = set(self.cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
             seg = full if (not self.v25 or i in fullatt) else windowed
-            x = _maybe_checkpoint(self.gradient_checkpointing and self.training,
+            x = maybe_checkpoint(self.gradient_checkpointing and self.training,
                                   lambda x_, b=blk, s=seg: b(x_, cos, sin, s), x)
         out = self.merger(x)  # (M, D)
         if self.v25:
             out = out[torch.argsort(win_idx)]  # undo the window order
         return out
+
+
+def attention_mask_4d(N: int, L: int, attention_mask: Tensor | None, cache: KVCache | None,
+                      cache_position: Tensor | None, device) -> Tensor:
+    """Boolean SDPA mask (N or 1, 1, L, S) for L queries: causal, padding from `attention_mask` (N, S), and every
+    query sees its own slot (so a left-pad row never has an all-masked softmax). S = L without a cache, else the
+    cache length, the queries sitting at slots `cache_position` (L,)."""
+    if cache is not None:
+        assert cache_position is not None and cache_position.shape == (L,), "cache needs cache_position (L,)"
+        S = cache.max_len
+        slots = torch.arange(S, device=device)
+        causal = slots[None, :] <= cache_position[:, None]  # (L, S)
+        self_slot = slots[None, :] == cache_position[:, None]  # (L, S)
+    else:
+        S = L
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
+        self_slot = torch.eye(L, dtype=torch.bool, device=device)
+    if attention_mask is None:
+        return causal[None, None]  # (1, 1, L, S)
+    assert attention_mask.shape == (N, S), f"attention_mask {tuple(attention_mask.shape)} != ({N}, {S})"
+    mask = (causal[None] & attention_mask.bool()[:, None, :]) | self_slot[None]  # (N, L, S)
+    return mask[:, None]  # (N, 1, L, S)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -455,26 +483,10 @@ class QwenVL(nn.Module):
         assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
         x = self.embed(input_ids, image_embeds)  # (N, L, D)
         cos, sin = mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (N, L, hd)
-        dev = input_ids.device
-        if cache is not None:
-            assert cache_position is not None and cache_position.shape == (L,), "cache needs cache_position (L,)"
-            S = cache.max_len
-            slots = torch.arange(S, device=dev)
-            causal = slots[None, :] <= cache_position[:, None]  # (L, S)
-            self_slot = slots[None, :] == cache_position[:, None]  # (L, S)
-        else:
-            S = L
-            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()  # (L, L)
-            self_slot = torch.eye(L, dtype=torch.bool, device=dev)
-        if attention_mask is not None:
-            assert attention_mask.shape == (N, S), f"attention_mask {tuple(attention_mask.shape)} != ({N}, {S})"
-            mask = (causal[None] & attention_mask.bool()[:, None, :]) | self_slot[None]  # (N, L, S)
-            mask = mask[:, None]  # (N, 1, L, S)
-        else:
-            mask = causal[None, None]  # (1, 1, L, S)
+        mask = attention_mask_4d(N, L, attention_mask, cache, cache_position, input_ids.device)
         use_ckpt = self.gradient_checkpointing and self.training
         for i, layer in enumerate(self.model.layers):
-            x = _maybe_checkpoint(use_ckpt and cache is None,
+            x = maybe_checkpoint(use_ckpt and cache is None,
                                   lambda x_, lay=layer, i_=i: lay(x_, cos, sin, mask, i_, cache, cache_position), x)
         return self.model.norm(x)
 

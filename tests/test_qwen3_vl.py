@@ -1,0 +1,334 @@
+"""Qwen3-VL: emor3.models.Qwen3VL against transformers' Qwen3VLForConditionalGeneration holding the same weights
+(tiny random configs, fp32, CPU), and the config layouts of the published checkpoints.
+
+Covered: logits and gradients of every parameter on a left-padded batch mixing a one-image row, a text-only row
+and a two-image row with images of different sizes (some grids larger, some smaller than the learned
+position-embedding table); completion log-probs vs transformers' log_softmax; M-RoPE ids vs `get_rope_index`;
+interleaved M-RoPE frequencies; KV-cache decoding vs the full forward; gradient checkpointing; head_dim independent
+of hidden / heads (as in 4B); the 4.57 (published) and 5.x config.json layouts and the named sizes.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from emor3.models import Qwen3VL, Qwen3VLConfig, parse_config, tiny_config
+from emor3.models.positions import decode_position_ids, mrope_position_ids
+
+IMG, VSTART, VEND = 90, 92, 93
+V = 96
+PATCH_DIM = 3 * 2 * 16 * 16
+
+
+def tiny_hf_config(tie: bool):
+    # head_dim 32 != hidden 64 / 4 heads; 16 learned position embeddings (a 4x4 table) resampled to 8x12, 4x4, 6x4
+    text = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                 "mrope_interleaved": True})
+    vis = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+               num_position_embeddings=16, deepstack_visual_indexes=[0, 2])
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vis, image_token_id=IMG, video_token_id=91,
+                                      vision_start_token_id=VSTART, vision_end_token_id=VEND,
+                                      tie_word_embeddings=tie)
+
+
+def hf_key(ours_key: str) -> str:
+    if ours_key.startswith("model."):
+        return "model.language_model." + ours_key[len("model."):]
+    if ours_key.startswith("visual."):
+        return "model." + ours_key
+    return ours_key
+
+
+def make_pair(tie: bool = False, seed: int = 0):
+    hfc = tiny_hf_config(tie)
+    cfg = parse_config(hfc.to_dict())
+    assert isinstance(cfg, Qwen3VLConfig)
+    ours = Qwen3VL(cfg).init_weights(seed, std=0.1).eval()
+    hf = transformers.Qwen3VLForConditionalGeneration(hfc).eval()
+    sd = {hf_key(k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set()), (missing, unexpected)
+    return ours, hf
+
+
+def mixed_batch():
+    """Rows: [img 8x12 patches] text; text only (left-padded most); [img 4x4] text [img 6x4] text."""
+    grids = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 6, 4]])  # patches; merged tokens 24, 4, 6
+
+    def img(k):
+        return [VSTART] + [IMG] * k + [VEND]
+
+    rows = [[5, 6] + img(24) + [7, 8, 9], [10, 11, 12, 13], [14] + img(4) + [15] + img(6) + [16, 17]]
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
+    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        am[i, L - len(r):] = 1
+    pix = torch.randn(int(grids.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(1))
+    return ids, am, grids, pix
+
+
+def hf_logits(hf, ids, am, grids, pix, pos):
+    return hf(input_ids=ids, attention_mask=am, position_ids=pos, pixel_values=pix, image_grid_thw=grids,
+              mm_token_type_ids=(ids == IMG).int()).logits
+
+
+def test_positions_match_transformers_rope_index():
+    _, hf = make_pair()
+    ids, am, grids, _ = mixed_batch()
+    pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG, spatial_merge_size=2)
+    ref, deltas = hf.model.get_rope_index(ids, (ids == IMG).int(), grids, attention_mask=am)
+    assert torch.equal(pos * am, ref * am), "M-RoPE ids differ from transformers on real tokens"
+    assert torch.equal(nxt, am.sum(1) + deltas.squeeze(1)), "next_position disagrees with rope_deltas"
+
+
+def test_interleaved_frequencies():
+    """Frequency j of head_dim/2 = 16 with section (6, 5, 5) reads t, h, w, t, h, w, ..., t: a position that moves
+    only along width changes exactly the angles j = 2, 5, 8, 11, 14."""
+    from emor3.models.qwen3_vl import interleaved_mrope_cos_sin
+
+    cfg, _ = make_pair()[0].config.text, None
+    base = torch.zeros(3, 1, 1, dtype=torch.long)
+    moved = base.clone()
+    moved[2] = 7
+    c0, _ = interleaved_mrope_cos_sin(base, cfg, torch.float32)
+    c1, _ = interleaved_mrope_cos_sin(moved, cfg, torch.float32)
+    changed = ((c0 - c1).abs()[0, 0, :16] > 1e-7).nonzero().flatten().tolist()
+    assert changed == [2, 5, 8, 11, 14]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_and_grad_parity(tie):
+    ours, hf = make_pair(tie)
+    ids, am, grids, pix = mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    ref = hf_logits(hf, ids, am, grids, pix, pos)
+    out = ours.logits(ours(ids, pos, am, image_embeds=ours.encode_images(pix, grids)))
+    valid = am.bool()
+    scale = ref[valid].abs().max()
+    err = (ref - out)[valid].abs().max() / scale.clamp(min=1)
+    assert err < 1e-4, f"logits differ from transformers by {err:.2e} (scale {scale:.2f})"
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    (ref * w)[valid].sum().backward()
+    (out * w)[valid].sum().backward()
+    hf_params = dict(hf.named_parameters())
+    n_checked = 0
+    for name, p in ours.named_parameters():
+        q = hf_params[hf_key(name)]
+        assert p.grad is not None and q.grad is not None, f"no gradient for {name}"
+        gerr = (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp(min=1e-6)
+        assert gerr < 1e-3, f"gradient of {name} differs from transformers (rel {gerr:.2e})"
+        n_checked += 1
+    assert n_checked == len(list(ours.parameters()))
+    # DeepStack reaches the decoder: every DeepStack merger gets a gradient, and dropping the features changes
+    # the logits
+    assert all(p.grad.abs().sum() > 0 for p in ours.visual.deepstack_merger_list.parameters())
+
+
+def test_completion_logprobs_match_transformers():
+    """The last T tokens of every row as a completion: chunked log-probs (temperature 1) vs log_softmax of
+    transformers' logits."""
+    ours, hf = make_pair()
+    ids, am, grids, pix = mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    T = 3
+    with torch.no_grad():
+        ref_all = torch.log_softmax(hf_logits(hf, ids, am, grids, pix, pos).float(), -1)[:, -T - 1:-1]
+        ref = ref_all.gather(-1, ids[:, -T:, None]).squeeze(-1)  # (N, T)
+        lp = ours.logprobs(ids, pos, am, T, image_embeds=ours.encode_images(pix, grids), chunk_size=4)
+    assert (lp - ref).abs().max() < 1e-4, f"completion log-probs differ by {(lp - ref).abs().max():.2e}"
+
+
+def test_deepstack_features_change_the_output():
+    ours, _ = make_pair()
+    ids, am, grids, pix = mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    with torch.no_grad():
+        emb = ours.encode_images(pix, grids)
+        assert emb.shape == (34, 3, 64)
+        a = ours(ids, pos, am, image_embeds=emb)
+        no_deep = emb.clone()
+        no_deep[:, 1:] = 0
+        b = ours(ids, pos, am, image_embeds=no_deep)
+    assert (a[0] - b[0]).abs().max() > 1e-3 and torch.equal(a[1], b[1]), "DeepStack must touch image rows only"
+    with pytest.raises(ValueError, match="DeepStack"):
+        ours(ids, pos, am, image_embeds=emb[:, 0])
+
+
+def test_cached_decoding_matches_full_forward():
+    ours, _ = make_pair(tie=True)
+    ids, am, grids, pix = mixed_batch()
+    N, P = ids.shape
+    G, T = 2, 4
+    pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    emb = ours.encode_images(pix, grids)
+    cont = torch.randint(0, 80, (N * G, T), generator=torch.Generator().manual_seed(3))  # (N*G, T)
+    with torch.no_grad():
+        cache = ours.new_cache(N, P + T)
+        assert cache.k.shape[-1] == 32, "the cache uses the config's head_dim"
+        am_c = torch.cat([am, torch.ones(N, T, dtype=torch.long)], 1)  # (N, S)
+        h = ours(ids, pos, am_c, image_embeds=emb, cache=cache, cache_position=torch.arange(P))
+        cache = cache.repeat_interleave(G)
+        am_g = am_c.repeat_interleave(G, 0)
+        nxt_g = nxt.repeat_interleave(G)
+        steps = [ours.logits(h[:, -1:]).repeat_interleave(G, 0)]
+        for t in range(T - 1):
+            hs = ours(cont[:, t:t + 1], decode_position_ids(nxt_g, t), am_g, cache=cache,
+                      cache_position=torch.tensor([P + t]))
+            steps.append(ours.logits(hs))
+        inc = torch.cat(steps, 1)  # (N*G, T, V)
+        full_ids = torch.cat([ids.repeat_interleave(G, 0), cont], 1)
+        full_pos = torch.cat([pos.repeat_interleave(G, 1), decode_position_ids(nxt_g, 0, T)], 2)
+        per_row = torch.split(emb, (ids == IMG).sum(1).tolist())
+        emb_g = torch.cat([per_row[i] for i in range(N) for _ in range(G)])
+        full = ours.logits(ours(full_ids, full_pos, am_g, image_embeds=emb_g))[:, P - 1:P + T - 1]
+    assert (inc - full).abs().max() < 1e-4 * full.abs().max().clamp(min=1), "cached decode != full forward"
+
+
+def test_gradient_checkpointing_same_gradients():
+    ours, _ = make_pair()
+    ids, am, grids, pix = mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+
+    def grads():
+        ours.zero_grad()
+        ours.logprobs(ids, pos, am, 3, image_embeds=ours.encode_images(pix, grids)).sum().backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    ours.train()
+    plain = grads()
+    ours.set_gradient_checkpointing(True)
+    ck = grads()
+    assert plain.keys() == ck.keys()
+    assert all(torch.allclose(plain[k], ck[k], atol=1e-6) for k in plain)
+
+
+# ------------------------------------------------------------------------------------------ config layouts
+def published_4b() -> dict:
+    """Qwen3-VL-4B-Instruct's config.json as published (written by transformers 4.57)."""
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655, "model_type": "qwen3_vl",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+            "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2560,
+            "initializer_range": 0.02, "intermediate_size": 9728, "max_position_embeddings": 262144,
+            "model_type": "qwen3_vl_text", "num_attention_heads": 32, "num_hidden_layers": 36,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+            "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True, "vocab_size": 151936},
+        "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+        "vision_config": {
+            "deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4096,
+            "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2560,
+            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+    }
+
+
+def test_published_and_5x_layouts_parse_to_the_named_size():
+    pub = parse_config(published_4b())
+    assert pub == tiny_config("qwen3-vl-4b"), "the 4B named size differs from the published config"
+    # the same model through transformers 5.24 (its to_dict is the 5.x layout), and our own to_dict
+    five = parse_config(transformers.Qwen3VLConfig(**published_4b()).to_dict())
+    assert five == pub and parse_config(pub.to_dict()) == pub
+    assert pub.text.head_dim == 128 and pub.text.hidden_size // pub.text.num_attention_heads == 80
+    # transformers reads our to_dict into the same numbers
+    back = transformers.Qwen3VLConfig(**pub.to_dict())
+    assert back.text_config.head_dim == 128 and back.vision_config.deepstack_visual_indexes == [5, 11, 17]
+    assert back.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert back.text_config.rope_parameters["rope_theta"] == 5000000
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"])
+def test_named_sizes_build_on_meta_with_published_parameter_counts(name):
+    """Parameter counts of the released checkpoints (bf16 file sizes / 2, rounded): 2B 2.13e9, 4B 4.44e9,
+    8B 8.77e9."""
+    want = {"qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}[name]
+    with torch.device("meta"):
+        m = Qwen3VL(tiny_config(name))
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - want) / want < 0.01, f"{name}: {n / 1e9:.3f}B parameters"
+
+
+def test_unsupported_settings_are_errors_naming_them():
+    for mutate, needle in [
+        (lambda d: d["text_config"]["rope_scaling"].update(mrope_interleaved=False), "mrope_interleaved"),
+        (lambda d: d["text_config"].update(layer_types=["linear_attention"] * 36), "linear attention"),
+        (lambda d: d["text_config"].update(attention_bias=True), "attention_bias"),
+        (lambda d: d.update(model_type="qwen3_vl_moe"), "MoE"),
+        (lambda d: d["vision_config"].update(window_size=112), "vision_config.window_size"),
+        (lambda d: d.update(quantization_config={"quant_method": "fp8"}), "quantised"),
+    ]:
+        d = copy.deepcopy(published_4b())
+        mutate(d)
+        with pytest.raises(ValueError, match=needle):
+            parse_config(d, source="x/config.json")
+
+
+# ------------------------------------------------------------------------------------------ checkpoint IO
+def _logits(m, hf: bool):
+    ids, am, grids, pix = mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    with torch.no_grad():
+        out = hf_logits(m, ids, am, grids, pix, pos) if hf else m.logits(
+            m(ids, pos, am, image_embeds=m.encode_images(pix, grids)))
+    return out * am[..., None]
+
+
+@pytest.mark.parametrize("tie,shard", [(False, None), (True, 40_000)])
+def test_checkpoint_round_trips_with_transformers(tmp_path, tie, shard):
+    """ours -> folder (published key layout, single file or sharded) -> transformers, and transformers' own
+    save_pretrained -> ours: the same logits every way."""
+    from safetensors import safe_open
+
+    from emor3.models import load_pretrained, save_pretrained
+
+    ours, _ = make_pair(tie, seed=4)
+    ref = _logits(ours, hf=False)
+    save_pretrained(ours, tmp_path / "ck", max_shard_bytes=shard)
+    files = sorted(p.name for p in (tmp_path / "ck").glob("*.safetensors"))
+    assert (len(files) > 2) == (shard is not None), files
+    with safe_open(tmp_path / "ck" / files[0], framework="pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in keys), keys[:3]
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == tie and hf.config.text_config.head_dim == 32
+    assert torch.allclose(_logits(hf, hf=True), ref, atol=1e-5), "transformers reads our checkpoint differently"
+    hf.save_pretrained(tmp_path / "hf")
+    back = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert isinstance(back, Qwen3VL) and back.config == ours.config
+    assert torch.allclose(_logits(back, hf=False), ref, atol=1e-6), "our loader misreads transformers' checkpoint"
+    assert next(load_pretrained(tmp_path / "ck", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+
+
+def test_published_config_file_loads_in_both(tmp_path):
+    """The 4.57 published config.json, shrunk to tiny sizes but otherwise as shipped (vision model_type
+    "qwen3_vl", rope_scaling, tied, no lm_head stored), with weights in the published key layout."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from emor3.models import load_pretrained
+    from emor3.models.checkpoint import published_key
+
+    d = published_4b()
+    d["text_config"].update(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    d["text_config"]["rope_scaling"]["mrope_section"] = [6, 5, 5]
+    d["vision_config"].update(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                              num_position_embeddings=16, deepstack_visual_indexes=[0, 2])
+    d.update(image_token_id=IMG, video_token_id=91, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    m = Qwen3VL(parse_config(d)).init_weights(5, std=0.1)
+    save_file({published_key(k, "qwen3_vl"): v.contiguous() for k, v in m.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    assert next(load_pretrained(tmp_path).parameters()).dtype == torch.bfloat16, "text_config.dtype not honoured"
+    ours = load_pretrained(tmp_path, dtype=torch.float32)
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert torch.allclose(_logits(ours, hf=False), _logits(hf, hf=True), atol=1e-5)
