@@ -223,3 +223,72 @@ def test_save_copies_tokenizer_files(tmp_path):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"tokenizer.json", "preprocessor_config.json", "config.json", "model.safetensors"} <= names
     assert "unrelated.bin" not in names and not any(n.startswith(".") for n in names), "temp files left behind"
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+
+class _Opaque:
+    """An object a weights_only load must refuse."""
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "cut_header"])
+def test_corrupt_safetensors_names_the_file_and_what_to_do(tmp_path, damage):
+    from emor3.models.checkpoint import CheckpointError
+    ours = QwenVL(tiny_config("qwen2_vl", True)).init_weights(0)
+    save_pretrained(ours, tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"garbage": b"not a safetensors file at all", "empty": b"", "truncated": data[: len(data) // 2],
+                   "cut_header": data[:12]}[damage])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*(download|copy) it again") as e:
+        load_pretrained(tmp_path)
+    assert str(f) in str(e.value), "the error must name the damaged file"
+
+
+def test_corrupt_index_names_the_file(tmp_path):
+    from emor3.models.checkpoint import CheckpointError
+    save_pretrained(QwenVL(tiny_config("qwen2_vl", True)).init_weights(0), tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: is not a valid safetensors index"):
+        load_pretrained(tmp_path)
+
+
+def test_torch_state_round_trip_and_damaged_files(tmp_path):
+    from emor3.models.checkpoint import CheckpointError, load_torch_state, save_torch_state
+    state = {"step": 3, "rng": torch.arange(5), "opt": {"lr": [1e-3]}}
+    p = tmp_path / "trainer_state.pt"
+    save_torch_state(state, p)
+    back = load_torch_state(p)
+    assert back["step"] == 3 and torch.equal(back["rng"], state["rng"]) and back["opt"] == state["opt"]
+    assert [q.name for q in tmp_path.iterdir()] == ["trainer_state.pt"], "no temporary file may be left behind"
+    good = p.read_bytes()
+    for name, data in [("empty", b""), ("truncated", good[: len(good) // 3]), ("garbage", b"\x00junk")]:
+        p.write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"trainer_state\.pt: the trainer state file .*resume from "
+                                                  r"another checkpoint") as e:
+            load_torch_state(p)
+        assert str(p) in str(e.value), name
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_torch_state(tmp_path / "nope.pt")
+
+    torch.save({"x": _Opaque()}, p)  # a pickled class: weights_only refuses it, and the error says so
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_torch_state(p)
+
+
+def test_written_files_get_the_users_file_mode(tmp_path):
+    import os
+    import stat
+    from emor3.models.checkpoint import save_torch_state
+    old = os.umask(0o027)
+    try:
+        save_pretrained(QwenVL(tiny_config("qwen2_vl", True)), tmp_path / "m")
+        save_torch_state({"step": 1}, tmp_path / "m" / "trainer_state.pt")
+        (tmp_path / "m" / "plain.txt").write_text("x")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "m" / "plain.txt").stat().st_mode)
+    assert want == 0o640
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == want, f"{f.name} must be written 0666 & ~umask, not mkstemp's 0600"

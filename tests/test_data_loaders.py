@@ -52,7 +52,8 @@ def test_easyr1_rows(tmp_path):
     ])
     ds = load_manifest(m)
     assert [s.label for s in ds] == ["joy", "sadness", "disgust"] and ds.taxonomy.name == "emotion6"
-    assert ds[0].metadata["problem"] == "<image>Which emotion?"
+    assert ds[0].question == "Which emotion?", "EasyR1's problem is the sample's question, <image> marker removed"
+    assert "problem" not in ds[0].metadata, "the question is kept once, on the Sample, not also in metadata"
     jsonl(m, [{"images": ["x.jpg", "x.jpg"], "problem": "p", "answer": "joy"}])
     with pytest.raises(BadSampleError, match=r"r1\.jsonl:1: .*exactly one image"):
         load_manifest(m)
@@ -136,13 +137,20 @@ def _bad_manifest(tmp_path, kind):
     elif kind == "duplicate_id":
         png(tmp_path / "bad.png")
         bad["id"] = "g1"
+    elif kind == "extreme_aspect":  # Qwen's processor rejects aspect ratios over 200:1
+        png(tmp_path / "bad.png", size=(600, 2))
     rows = [{"image": "good1.png", "label": "awe", "id": "g1"}, bad, {"image": "good2.png", "label": "fear"}]
-    return jsonl(tmp_path / "m.jsonl", rows)
+    m = jsonl(tmp_path / "m.jsonl", rows)
+    if kind == "not_utf8":  # one Latin-1 byte in line 2 only
+        lines = m.read_bytes().split(b"\n")
+        lines[1] = b'{"image": "bad.png", "label": "awe", "note": "caf\xe9"}'
+        m.write_bytes(b"\n".join(lines))
+    return m
 
 
 KINDS = {"missing_file": "missing_file", "unreadable_image": "unreadable_image", "truncated": "unreadable_image",
          "zero_size_image": "zero_size_image", "unknown_label": "unknown_label", "malformed_line": "malformed_line",
-         "duplicate_id": "duplicate_id"}
+         "duplicate_id": "duplicate_id", "extreme_aspect": "bad_image_shape", "not_utf8": "malformed_line"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -153,7 +161,7 @@ def test_bad_input_error_names_file_line_and_problem(tmp_path, kind):
     msg = str(e.value)
     assert e.value.reason == KINDS[kind], msg
     assert "m.jsonl:2" in msg, f"error must name the manifest and line: {msg}"
-    if kind != "malformed_line":
+    if kind not in ("malformed_line", "not_utf8"):
         assert repr("bad" if kind != "duplicate_id" else "g1") in msg, f"error must name the sample id: {msg}"
 
 

@@ -99,7 +99,9 @@ def test_plugin_loading_and_none_handling(plugin_module):
     rb = compute_rewards(texts, ["joy", "joy"], weights="accuracy=1", plugins=[p], nan_policy="propagate")
     assert not math.isnan(rb.total[0].item()) and math.isnan(rb.total[1].item()), "propagate: any NaN -> NaN total"
     # all weighted components NaN -> NaN total even under skip (so group_advantages gives it advantage 0)
-    rb = compute_rewards(texts, ["joy", "joy"], weights="accuracy=0", plugins=[load_reward_plugin("my_rewards:always_none")])
+    with pytest.warns(RuntimeWarning, match="always_none"):
+        rb = compute_rewards(texts, ["joy", "joy"], weights="accuracy=0",
+                             plugins=[load_reward_plugin("my_rewards:always_none")])
     assert torch.isnan(rb.total).all() and rb.metrics()["reward/unscorable"] == 2
     # prompts and columns reach the function as lists of N
     echo = load_reward_plugin("my_rewards:label_echo", weight=2.0)
@@ -125,3 +127,30 @@ def test_plugin_bad_specs_have_clear_errors(plugin_module):
     with pytest.raises(TypeError, match="row 0"):
         compute_rewards([GOOD, GOOD], ["joy", "joy"], weights="accuracy=1",
                         plugins=[load_reward_plugin("my_rewards:returns_text")])
+
+
+def test_all_nan_plugin_warns_once_is_counted_and_can_fail(plugin_module, monkeypatch):
+    import warnings
+    # the package re-exports the function `combine`, which hides the module of the same name
+    monkeypatch.setattr(sys.modules["emor3.rewards.combine"], "_warned_all_nan", set())
+    dead = load_reward_plugin("my_rewards:always_none=0.5")
+    texts, labels = [GOOD, WRONG, NOFMT], ["joy"] * 3
+    with pytest.warns(RuntimeWarning, match=r"'my_rewards:always_none=0\.5' returned None/NaN for all 3"):
+        rb = compute_rewards(texts, labels, weights="accuracy=1", plugins=[dead])
+    assert rb.total.tolist() == [1.0, 0.0, 1.0], "skip policy: the dead plug-in adds nothing"
+    m = rb.metrics()
+    assert m["reward/always_none_nan_rows"] == 3 and m["reward/accuracy_nan_rows"] == 0, \
+        "unscored rows of each component must be in the metrics, so a dead plug-in shows in the logs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second batch must not warn again
+        compute_rewards(texts, labels, weights="accuracy=1", plugins=[dead])
+    with pytest.raises(ValueError, match=r"always_none.*None/NaN for all 3"):
+        compute_rewards(texts, labels, weights="accuracy=1", plugins=[dead], on_all_nan="error")
+    # a plug-in that scores some rows is not all-NaN: no warning, no error
+    partial = load_reward_plugin("my_rewards:length_bonus")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rb = compute_rewards(texts, labels, weights="accuracy=1", plugins=[partial], on_all_nan="error")
+    assert rb.metrics()["reward/length_bonus_nan_rows"] == 1
+    with pytest.raises(ValueError, match="on_all_nan"):
+        compute_rewards(texts, labels, on_all_nan="ignore")

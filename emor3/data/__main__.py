@@ -2,7 +2,9 @@
 
 validate: loads a dataset in any supported layout (every split of an EmoSet root or of a folder of manifests),
 prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
-all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one.
+all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one. Image shapes
+are checked against the image processor's pixel budget: `--min-pixels` / `--max-pixels` / `--factor` (the
+run's `--model.min-pixels` / `--model.max-pixels`; Qwen2.5-VL's defaults when not given).
 
 emoscenes: writes the EmoScenes splits as JSONL manifests + PNG images, which `validate` and `load_dataset` read.
 """
@@ -33,10 +35,11 @@ def validate(args: argparse.Namespace) -> int:
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
     problems = 0
+    budget = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "factor") if getattr(args, k) is not None}
     for split in _targets(path, args.split):
         name = f"{path}" + (f" [{split}]" if split else "")
         try:
-            ds = load_dataset(path, args.taxonomy, args.on_bad_sample, split=split, verify=args.verify)
+            ds = load_dataset(path, args.taxonomy, args.on_bad_sample, split=split, verify=args.verify, **budget)
         except BadSampleError as e:
             print(f"{name}: PROBLEM: {e}")
             problems += 1
@@ -92,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip: report every problem (default); error: stop at the first one")
     v.add_argument("--verify", choices=("full", "header", "exists"), default="full",
                    help="how much of each image to check: full decode (catches truncation), header, or existence")
+    v.add_argument("--min-pixels", type=int, default=None,
+                   help="image processor's smallest image area (default: Qwen2.5-VL's 3136)")
+    v.add_argument("--max-pixels", type=int, default=None,
+                   help="image processor's largest image area, as the run's --model.max-pixels (default: "
+                        "Qwen2.5-VL's 1003520)")
+    v.add_argument("--factor", type=int, default=None,
+                   help="patch size x merge size: image sides are multiples of it (default: 28)")
     v.set_defaults(func=validate)
 
     e = sub.add_parser("emoscenes", help="write the EmoScenes splits (JSONL manifests + PNG images)",

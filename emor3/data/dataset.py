@@ -10,6 +10,15 @@ budget with Qwen2-VL's `smart_resize` rule (sides multiples of `factor` = patch 
 `cache_dir` is given, on disk as PNG; later epochs reuse it. Because the image already has the size the Qwen
 processor would pick, the processor's own resize is then the identity.
 
+`to_rgb` is the one conversion to 8-bit RGB: 16-bit and 32-bit grey images (PIL modes I;16*, I, F) are scaled to
+8 bits instead of being clipped, as a plain `convert("RGB")` does (it maps every 16-bit value above 255 to white).
+
+`image_shape_problem` states what Qwen-VL's image processor can take: an aspect ratio of at most 200:1 (its
+`smart_resize` raises beyond), and, at the pixel budget, a short side of at least one `factor`-pixel block (below it
+the processor stretches the image past `max_pixels`). Loaders check it for every image whose size they read, with
+the budget passed to them (`min_pixels`, `max_pixels`, `factor`; Qwen2.5-VL's defaults when not given), so such an
+image is a bad sample like a corrupt one, not a crash at the first training step.
+
 Bad input never passes silently: loaders raise `BadSampleError` naming the file, the line or sample id and the
 problem, or, with `on_bad_sample="skip"`, record it in the dataset's `LoadReport` (counts per reason plus the first
 few messages), which the train loop prints at start. An empty dataset is always an error.
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 from emor3.data.taxonomy import Taxonomy, get_taxonomy
@@ -36,9 +46,16 @@ UNKNOWN_LABEL = "unknown_label"
 MALFORMED_LINE = "malformed_line"
 DUPLICATE_ID = "duplicate_id"
 EMPTY_DATASET = "empty_dataset"
+IMAGE_SHAPE = "bad_image_shape"
 REASONS = (MISSING_FILE, UNREADABLE_IMAGE, ZERO_SIZE_IMAGE, UNKNOWN_LABEL, MALFORMED_LINE, DUPLICATE_ID,
-           EMPTY_DATASET)
+           EMPTY_DATASET, IMAGE_SHAPE)
 ON_BAD_SAMPLE = ("error", "skip")
+
+# Qwen2-VL / Qwen2.5-VL image processor defaults (transformers' qwen2_vl `smart_resize`): patch 14 x merge 2
+QWEN_FACTOR = 28
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 1280
+QWEN_MAX_ASPECT = 200
 
 
 class BadSampleError(ValueError):
@@ -128,19 +145,53 @@ class ImageSource(Protocol):
 
 @dataclass
 class Sample:
-    """One example. image: a file path or an ImageSource. label: canonical label of `taxonomy` (a name)."""
+    """One example. image: a file path or an ImageSource. label: canonical label of `taxonomy` (a name).
+
+    question: the user's own question text for this image (a manifest's `question`, an EasyR1 row's `problem`
+    with its `<image>` markers removed), or None for the default question that lists the taxonomy's labels. A
+    prompt builder that honours it sends `question`, then the SET instruction, instead of the default question.
+    """
 
     id: str
     image: Path | ImageSource
     label: str
     taxonomy: str
     metadata: dict = field(default_factory=dict)
+    question: str | None = None
 
     def open_image(self) -> Image.Image:
         """The full-size image, decoded now, RGB. Errors name the file and sample id."""
         if isinstance(self.image, (str, Path)):
             return decode_image(Path(self.image), sample_id=self.id)
-        return self.image.open().convert("RGB")
+        return to_rgb(self.image.open())
+
+
+def _grey_to_8bit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255, rounding to nearest; values outside are clipped."""
+    scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(values.shape)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. Grey images deeper than 8 bits are scaled, never clipped:
+    - I;16 (and I;16L/B/N, what Pillow opens 16-bit PNG and TIFF as): v -> round(v / 257), so 0..65535 -> 0..255;
+    - I (32-bit int): as 8-bit when every value is in 0..255, as 16-bit (v / 257) when in 0..65535, otherwise its
+      own min..max stretched to 0..255;
+    - F (float): x 255 when every value is in [0, 1], as 8-bit when in 0..255, otherwise min..max stretched.
+    Every other mode goes through PIL's `convert("RGB")` (palette, grey, CMYK, alpha dropped)."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im.convert("F") if im.mode == "F" else im.convert("I"))  # (H, W) float32 or int32
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        elif lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0
+        elif im.mode == "I" and lo >= 0 and hi <= 65535:
+            lo, hi = 0.0, 65535.0
+        return Image.fromarray(_grey_to_8bit(a, lo, hi), mode="L").convert("RGB")
+    return im.convert("RGB")
 
 
 def decode_image(path: Path, *, sample_id: str | None = None, line: int | None = None,
@@ -160,7 +211,7 @@ def decode_image(path: Path, *, sample_id: str | None = None, line: int | None =
             im.load()  # full decode: a truncated file fails here, not later in training
             if im.width == 0 or im.height == 0:
                 raise BadSampleError(ZERO_SIZE_IMAGE, f"image {path} has size {im.width}x{im.height}", **ctx)
-            return im.convert("RGB")
+            return to_rgb(im)
     except BadSampleError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
@@ -168,23 +219,51 @@ def decode_image(path: Path, *, sample_id: str | None = None, line: int | None =
                              **ctx) from None
 
 
-def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (transformers' `qwen2_vl` image processor): sides rounded to multiples of `factor`,
-    area scaled into [min_pixels, max_pixels], aspect ratio kept (at most 200:1)."""
-    if max(height, width) / max(1, min(height, width)) > 200:
-        raise ValueError(f"image aspect ratio {height}x{width} exceeds 200, which Qwen2-VL rejects")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+def smart_resize(height: int, width: int, *, factor: int = QWEN_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
+    """Qwen2-VL's resize rule, as transformers' `qwen2_vl` image processor computes it: sides rounded to multiples
+    of `factor`, area scaled into [min_pixels, max_pixels], aspect ratio kept (at most 200:1, else ValueError)."""
+    if max(height, width) / max(1, min(height, width)) > QWEN_MAX_ASPECT:
+        raise ValueError(f"image aspect ratio {height}x{width} exceeds {QWEN_MAX_ASPECT}, which Qwen2-VL rejects")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
         w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
+    elif h * w < min_pixels:  # also a side that rounds to 0: scaled up until the area reaches min_pixels
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def image_shape_problem(width: int, height: int, *, factor: int | None = None, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> str | None:
+    """Why Qwen-VL's image processor cannot take a `width` x `height` image at this pixel budget, or None.
+
+    Two rules (None for a setting = Qwen2.5-VL's default): the aspect ratio is at most 200:1 (`smart_resize`
+    raises beyond), and the short side, scaled to `max_pixels`, keeps at least one `factor`-pixel block (patch
+    14 x merge 2): below that `smart_resize` clamps it to `factor` and the image gets more pixels, so more image
+    tokens, than `max_pixels` allows. A zero side is ZERO_SIZE_IMAGE's business and returns None here.
+    """
+    factor = factor or QWEN_FACTOR
+    min_pixels = min_pixels or QWEN_MIN_PIXELS
+    max_pixels = max_pixels or QWEN_MAX_PIXELS
+    short, long_ = min(width, height), max(width, height)
+    if short == 0:
+        return None
+    if long_ / short > QWEN_MAX_ASPECT:
+        return (f"image is {width}x{height}, aspect ratio {long_ / short:.0f}:1, over the {QWEN_MAX_ASPECT}:1 "
+                "that Qwen-VL's image processor accepts; crop or pad it")
+    if round(height / factor) * round(width / factor) * factor * factor > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        if math.floor(short / beta / factor) == 0:
+            h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+            return (f"image is {width}x{height}: at max_pixels={max_pixels} its short side would be "
+                    f"{short / beta:.1f} px, under one {factor}-px block, so the processor would stretch it to "
+                    f"{w}x{h} = {w * h} pixels, over max_pixels; crop it or raise max_pixels")
+    return None
 
 
 class EmotionDataset(Sequence[Sample]):
@@ -252,6 +331,10 @@ class EmotionDataset(Sequence[Sample]):
                 return img
         img = s.open_image()
         if self.max_pixels is not None or self.min_pixels is not None:
+            problem = image_shape_problem(img.width, img.height, factor=self.factor, min_pixels=self.min_pixels,
+                                          max_pixels=self.max_pixels or 1 << 62)
+            if problem is not None:  # a loader that could not see the size (verify="exists", an ImageSource)
+                raise BadSampleError(IMAGE_SHAPE, problem, file=self.report.source, sample_id=s.id)
             h, w = smart_resize(img.height, img.width, factor=self.factor,
                                 min_pixels=self.min_pixels or self.factor ** 2,
                                 max_pixels=self.max_pixels or 1 << 62)
@@ -281,23 +364,48 @@ class EmotionDataset(Sequence[Sample]):
         return f"EmotionDataset({len(self)} samples, taxonomy={tax}, source={self.report.source!r})"
 
 
-def check_image_file(path: Path, *, verify: str, file: Any, line: int | None, sample_id: str | None) -> None:
-    """Raise BadSampleError if the image is missing, empty or (verify="full": fully decoded) corrupt.
+@dataclass(frozen=True)
+class ImageBudget:
+    """The image processor's limits that `image_shape_problem` checks against (None: Qwen2.5-VL's default)."""
+
+    factor: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def from_kw(cls, kw: dict) -> "ImageBudget":
+        """The budget a loader's EmotionDataset keywords (min_pixels, max_pixels, factor) describe."""
+        return cls(kw.get("factor"), kw.get("min_pixels"), kw.get("max_pixels"))
+
+    def problem(self, width: int, height: int) -> str | None:
+        return image_shape_problem(width, height, factor=self.factor, min_pixels=self.min_pixels,
+                                   max_pixels=self.max_pixels)
+
+
+def check_image_file(path: Path, *, verify: str, file: Any, line: int | None, sample_id: str | None,
+                     budget: ImageBudget | None = None) -> None:
+    """Raise BadSampleError if the image is missing, empty, (verify="full": fully decoded) corrupt, or has a shape
+    the image processor cannot take at `budget` (`image_shape_problem`; Qwen2.5-VL's defaults when None).
 
     verify: "full" decodes the whole image (catches truncation; one decode per image at load time, pixels dropped),
-    "header" reads only the header (size, format), "exists" only checks the file is there and non-empty.
+    "header" reads only the header (size, format), "exists" only checks the file is there and non-empty (and so
+    cannot check the shape).
     """
     ctx = dict(file=file, line=line, sample_id=sample_id)
+    budget = budget or ImageBudget()
     if verify == "full":
-        decode_image(path, **ctx)
-        return
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise BadSampleError(MISSING_FILE, f"image file {path} does not exist", **ctx) from None
-    if size == 0:
-        raise BadSampleError(ZERO_SIZE_IMAGE, f"image file {path} is empty (0 bytes)", **ctx)
-    if verify == "header":
+        w, h = decode_image(path, **ctx).size
+    else:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BadSampleError(MISSING_FILE, f"image file {path} does not exist", **ctx) from None
+        if size == 0:
+            raise BadSampleError(ZERO_SIZE_IMAGE, f"image file {path} is empty (0 bytes)", **ctx)
+        if verify == "exists":
+            return
+        if verify != "header":
+            raise ValueError(f"verify must be 'full', 'header' or 'exists', got {verify!r}")
         try:
             with Image.open(path) as im:
                 w, h = im.size
@@ -306,5 +414,6 @@ def check_image_file(path: Path, *, verify: str, file: Any, line: int | None, sa
                                  **ctx) from None
         if w == 0 or h == 0:
             raise BadSampleError(ZERO_SIZE_IMAGE, f"image {path} has size {w}x{h}", **ctx)
-    elif verify != "exists":
-        raise ValueError(f"verify must be 'full', 'header' or 'exists', got {verify!r}")
+    problem = budget.problem(w, h)
+    if problem is not None:
+        raise BadSampleError(IMAGE_SHAPE, f"{path}: {problem}", **ctx)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from emor3.data.dataset import (
     DUPLICATE_ID, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL, UNREADABLE_IMAGE, BadSampleError,
-    BadSampleHandler, EmotionDataset, LoadReport, Sample, check_image_file,
+    BadSampleHandler, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
 )
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
@@ -44,16 +44,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _JUNK = {"thumbs.db", "desktop.ini"}
 EMOSET_SPLITS = ("train", "val", "test")
 _BOXED = re.compile(r"\\boxed\{(.*)\}", re.S)
+_IMAGE_MARKER = re.compile(r"[ \t]*<image>[ \t]*")  # EasyR1's image placeholder inside `problem`
 
 
 class _Row:
     """A parsed row before its taxonomy and label are resolved."""
 
-    __slots__ = ("id", "image", "label", "taxonomy", "metadata", "line", "file")
+    __slots__ = ("id", "image", "label", "taxonomy", "metadata", "line", "file", "question")
 
-    def __init__(self, id, image, label, taxonomy, metadata, line, file):
+    def __init__(self, id, image, label, taxonomy, metadata, line, file, question=None):
         self.id, self.image, self.label, self.taxonomy = id, image, label, taxonomy
-        self.metadata, self.line, self.file = metadata, line, file
+        self.metadata, self.line, self.file, self.question = metadata, line, file, question
 
 
 def _infer_taxonomy(labels: list[str], source: Any) -> Taxonomy:
@@ -101,7 +102,7 @@ def _finish(rows: list[_Row], taxonomy: Taxonomy | str | None, report: LoadRepor
             continue
         seen[r.id] = f"line {r.line}" if r.line is not None else str(r.image)
         used_taxonomies.add(tax.name)
-        samples.append(Sample(r.id, r.image, canon, tax.name, r.metadata))
+        samples.append(Sample(r.id, r.image, canon, tax.name, r.metadata, r.question))
     one = get_taxonomy(next(iter(used_taxonomies))) if len(used_taxonomies) == 1 else None
     if one is not None:
         report.taxonomy = one.name
@@ -110,11 +111,50 @@ def _finish(rows: list[_Row], taxonomy: Taxonomy | str | None, report: LoadRepor
     return EmotionDataset(samples, one, report, **dataset_kw)
 
 
-def _image_check(verify: str) -> Callable[[_Row], None]:
+def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
+    """The per-row image check at the pixel budget the dataset will use (Qwen2.5-VL's when none is given)."""
+    budget = ImageBudget.from_kw(dataset_kw)
+
     def check(r: _Row) -> None:
         if isinstance(r.image, Path):
-            check_image_file(r.image, verify=verify, file=r.file, line=r.line, sample_id=r.id)
+            check_image_file(r.image, verify=verify, file=r.file, line=r.line, sample_id=r.id, budget=budget)
     return check
+
+
+def decode_text(data: bytes, file: Path, line: int | None = None) -> str:
+    """UTF-8 text (a leading BOM dropped), or a BadSampleError naming the line and column of the first bad byte.
+
+    `line` None: `data` is a whole file, and the line is counted from the bad byte's offset."""
+    try:
+        return data.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        ln = line if line is not None else before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise BadSampleError(MALFORMED_LINE, f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {col} "
+                             "(save the file as UTF-8)", file=file, line=ln) from None
+
+
+def read_lines(path: Path, handle: BadSampleHandler) -> list[tuple[int, str]]:
+    """(line number, text) of every line of a text file, each decoded on its own: a line that is not UTF-8 is
+    that line's problem (an error naming it, or counted and left out under skip), not the whole file's."""
+    out = []
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            try:
+                out.append((ln, decode_text(raw, path, ln)))
+            except BadSampleError as err:
+                handle(err)
+    return out
+
+
+def read_json_file(path: Path) -> Any:
+    """A whole JSON file; bad UTF-8 or bad JSON is a BadSampleError naming the file and line."""
+    text = decode_text(path.read_bytes(), path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadSampleError(MALFORMED_LINE, f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,9 +182,15 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
         if isinstance(label, str):
             m = _BOXED.search(label)
             label = m.group(1) if m else label
+        question = obj.pop("problem", obj.pop("question", None))
     else:
         image = obj.pop("image", None)
         label = obj.pop("label", None)
+        question = obj.pop("question", None)
+    if question is not None:
+        if not isinstance(question, str):
+            raise bad(f"'question' / 'problem' must be a string, got {type(question).__name__}", sid)
+        question = _IMAGE_MARKER.sub(" ", question).strip() or None
     if isinstance(image, dict):
         image = image.get("path")
     if not isinstance(image, str) or not image:
@@ -156,7 +202,7 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
     path = path if path.is_absolute() else base / path
     if sid is None:
         sid = Path(image).as_posix()
-    return _Row(sid, path, label, tax, obj, line, file)
+    return _Row(sid, path, label, tax, obj, line, file, question)
 
 
 def load_manifest(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
@@ -171,28 +217,24 @@ def load_manifest(path: str | Path, taxonomy: Taxonomy | str | None = None, on_b
     rows: list[_Row] = []
     if path.suffix.lower() == ".json":
         report.layout = "json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BadSampleError(MALFORMED_LINE, f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+        doc = read_json_file(path)
         entries = [(i + 1, obj) for i, obj in enumerate(doc if isinstance(doc, list) else [doc])]
     else:
         entries = []
-        with open(path, encoding="utf-8") as f:
-            for ln, text in enumerate(f, 1):
-                if not text.strip():
-                    continue  # blank lines are layout, not samples
-                try:
-                    entries.append((ln, json.loads(text)))
-                except json.JSONDecodeError as e:
-                    handle(BadSampleError(MALFORMED_LINE, f"not valid JSON ({e.msg} at column {e.colno})",
-                                          file=path, line=ln))
+        for ln, text in read_lines(path, handle):
+            if not text.strip():
+                continue  # blank lines are layout, not samples
+            try:
+                entries.append((ln, json.loads(text)))
+            except json.JSONDecodeError as e:
+                handle(BadSampleError(MALFORMED_LINE, f"not valid JSON ({e.msg} at column {e.colno})",
+                                      file=path, line=ln))
     for ln, obj in entries:
         try:
             rows.append(_manifest_row(obj, base, path, ln))
         except BadSampleError as err:
             handle(err)
-    return _finish(rows, taxonomy, report, handle, _image_check(verify), dataset_kw)
+    return _finish(rows, taxonomy, report, handle, _image_check(verify, dataset_kw), dataset_kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,11 +267,13 @@ def load_image_folder(root: str | Path, taxonomy: Taxonomy | str | None = None, 
     if folder_tax is None and rows:
         folder_tax = _infer_taxonomy(sorted({r.label for r in rows}), root)
 
+    budget = ImageBudget.from_kw(dataset_kw)
+
     def check(r: _Row) -> None:
         if r.image.suffix.lower() not in IMAGE_EXTENSIONS:
             raise BadSampleError(UNREADABLE_IMAGE, f"not an image file (extension {r.image.suffix!r})",
                                  file=r.file, sample_id=r.id)
-        check_image_file(r.image, verify=verify, file=r.file, line=None, sample_id=r.id)
+        check_image_file(r.image, verify=verify, file=r.file, line=None, sample_id=r.id, budget=budget)
 
     return _finish(rows, folder_tax, report, handle, check, dataset_kw)
 
@@ -256,10 +300,7 @@ def load_emoset(path: str | Path, split: str | None = None, on_bad_sample: str =
     handle = BadSampleHandler(on_bad_sample, report)
     if not split_file.is_file():
         raise BadSampleError(MISSING_FILE, "EmoSet split file does not exist", file=split_file)
-    try:
-        doc = json.loads(split_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadSampleError(MALFORMED_LINE, f"not valid JSON: {e.msg}", file=split_file, line=e.lineno) from None
+    doc = read_json_file(split_file)
     if not isinstance(doc, list):
         raise BadSampleError(MALFORMED_LINE, "an EmoSet split file is a JSON list of rows", file=split_file)
     rows: list[_Row] = []
@@ -273,7 +314,7 @@ def load_emoset(path: str | Path, split: str | None = None, on_bad_sample: str =
         else:
             handle(BadSampleError(MALFORMED_LINE, f"{entry}: expected [emotion, image_id, image_path, "
                                   f"annotation_path], got {str(item)[:80]}", file=split_file))
-    image_check = _image_check(verify)
+    image_check = _image_check(verify, dataset_kw)
 
     def check(r: _Row) -> None:
         image_check(r)
@@ -303,7 +344,7 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
         if path.suffix.lower() == ".json":
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 return "jsonl", path  # the manifest loader reports the parse error with its line
             if isinstance(doc, list) and doc and isinstance(doc[0], list):
                 return "emoset", path

@@ -14,16 +14,23 @@
 Qwen releases ship and what transformers 4.x and 5.x both load: `model.layers.*` / `visual.*` for Qwen2-VL and
 Qwen2.5-VL, `model.language_model.*` / `model.visual.*` for Qwen3-VL), a config.json in the published layout, optional
 shards with an index, and copies tokenizer / processor files along. Every file is written to a temporary name
-and renamed into place (atomic per file).
+and renamed into place (atomic per file), with the mode a plain `open()` would give it (0666 less the umask).
+
+A damaged file is never a bare library error: a safetensors file or index that cannot be read raises
+`CheckpointError` naming the file and what to do. `save_torch_state(obj, path)` / `load_torch_state(path)` are
+the atomic `torch.save` and the `torch.load(weights_only=True)` for non-tensor state (optimizer, RNG, step), with
+the same errors for a missing, empty, truncated or non-weights-only file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -38,6 +45,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                    "processor_config.json", "generation_config.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, empty or damaged; the message names the file and what to do."""
+
+
+def _damaged(path: Path, problem: str, remedy: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}. {remedy}")
+
+
+_REMEDY_WEIGHTS = ("The file is damaged or incomplete (an interrupted download, copy or save): download or copy it "
+                   "again, or save the model again")
+
+
+def _open_safetensors(file: Path):
+    """safe_open with the library's header/format errors turned into a CheckpointError naming the file."""
+    try:
+        if file.stat().st_size == 0:
+            raise _damaged(file, "is empty (0 bytes)", _REMEDY_WEIGHTS)
+        return safe_open(file, framework="pt", device="cpu")
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise _damaged(file, "does not exist", _REMEDY_WEIGHTS) from None
+    except Exception as e:  # safetensors raises SafetensorError / OSError for bad headers and short files
+        raise _damaged(file, f"is not a readable safetensors file ({type(e).__name__}: {e})",
+                       _REMEDY_WEIGHTS) from None
+
+
+def _get_tensor(f, file: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as e:  # a file cut short after a valid header fails only when the tensor is read
+        raise _damaged(file, f"tensor {key!r} cannot be read ({type(e).__name__}: {e})", _REMEDY_WEIGHTS) from None
 
 
 def canonical_key(key: str) -> str:
@@ -80,7 +121,13 @@ def _weight_files(path: Path) -> dict[str, list[str]]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
-        wm = json.loads(index.read_text())["weight_map"]
+        try:
+            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _damaged(index, f"is not a valid safetensors index ({type(e).__name__}: {e})",
+                           _REMEDY_WEIGHTS) from None
         files: dict[str, list[str]] = {}
         for k, fn in wm.items():
             files.setdefault(fn, []).append(k)
@@ -89,7 +136,7 @@ def _weight_files(path: Path) -> dict[str, list[str]]:
                 raise FileNotFoundError(f"{index}: shard {fn} is missing")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {"model.safetensors": list(f.keys())}
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 
@@ -111,7 +158,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     seen: set[str] = set()
     unexpected, mismatched, extra_head = [], [], None
     for fn, keys in _weight_files(path).items():
-        with safe_open(path / fn, framework="pt", device="cpu") as f:
+        with _open_safetensors(path / fn) as f:
             for k in keys:
                 name = canonical_key(k)
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -120,7 +167,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                 if name not in params:
                     unexpected.append(k)
                     continue
-                t = f.get_tensor(k)
+                t = _get_tensor(f, path / fn, k)
                 p = params[name]
                 if t.shape != p.shape:
                     mismatched.append(f"{k}: stored {tuple(t.shape)} vs model {tuple(p.shape)}")
@@ -134,23 +181,80 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing}, unexpected "
                          f"{sorted(unexpected)}, shape mismatches {mismatched}")
     if extra_head is not None:
-        with safe_open(path / extra_head[0], framework="pt", device="cpu") as f:
-            head = f.get_tensor(extra_head[1])
+        with _open_safetensors(path / extra_head[0]) as f:
+            head = _get_tensor(f, path / extra_head[0], extra_head[1])
         if not torch.equal(head.to(dtype).to(device), model.model.embed_tokens.weight.detach()):
             raise ValueError(f"{path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
                              "model.embed_tokens.weight; set tie_word_embeddings false to keep it")
     return model
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    """Write `target` through a temporary file beside it, then rename it into place (atomic on POSIX).
+
+    The file gets the mode any newly created file gets, 0666 less the umask (0644 under the usual 022), not
+    mkstemp's 0600."""
+    target = Path(target)
+    mode = 0o666 & ~_umask()
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # a name clash with another writer: draw another name
+            continue
     os.close(fd)
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with their own mode
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_torch_state(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` atomically (a crash leaves the old file or the new one, never half of one)."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch_state(path: str | os.PathLike, what: str = "trainer state") -> Any:
+    """`torch.load(path, weights_only=True, map_location="cpu")`, with every failure a CheckpointError naming the
+    file, the problem (missing, empty, truncated, holding objects that weights_only refuses) and what to do."""
+    path = Path(path)
+    remedy = (f"The {what} file is damaged or was cut short (a crash or a full disk while saving): resume from "
+              "another checkpoint, or start the run again without resuming")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise _damaged(path, f"the {what} file does not exist", remedy) from None
+    if size == 0:
+        raise _damaged(path, f"the {what} file is empty (0 bytes)", remedy)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        refused = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        if refused:  # a well-formed pickle of objects other than tensors and plain containers
+            raise _damaged(path, f"the {what} file holds Python objects that a weights_only load refuses "
+                           f"({refused[0]})", "emor3 never loads arbitrary pickles; the state must hold only "
+                           "tensors, numbers, strings, lists and dicts") from None
+        raise _damaged(path, f"the {what} file cannot be read (not a torch.save file: "
+                       f"{str(e).splitlines()[-1] if str(e) else type(e).__name__})", remedy) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:  # torch's zip reader: truncated or not a zip
+        raise _damaged(path, f"the {what} file cannot be read ({type(e).__name__}: {e})", remedy) from None
 
 
 def save_pretrained(model: QwenVL, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,

@@ -32,12 +32,18 @@ column as a list of N (always `label` and `taxonomy` (the taxonomy name or None)
 e.g. `id`). Functions should accept `**kwargs` for columns they do not use, as in TRL. Spec on the command line:
 `package.module:function` or `package.module:function=WEIGHT` (weight 1.0 when omitted); the component is named after
 the function. None → NaN, handled as described above.
+
+A plug-in that scores no row of a batch (every value None or NaN) is almost always broken (a renamed column, an
+exception swallowed inside it), and under "skip" it would silently drop out of every total. `on_all_nan` says what
+then happens: "warn" (default) warns once per plug-in and process, naming it; "error" raises. Either way the count
+of unscorable rows of every component is in `RewardBreakdown.metrics()` as `reward/<name>_nan_rows`.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,6 +58,8 @@ WEIGHT_PRESETS: dict[str, dict[str, float]] = {
 BUILTIN_COMPONENTS = ("accuracy", "format", "consistency", "coherence")
 REFLECTION_COMPONENTS = ("consistency", "coherence")
 NAN_POLICIES = ("skip", "propagate")
+ALL_NAN_POLICIES = ("warn", "error")
+_warned_all_nan: set[str] = set()  # plug-ins already warned about in this process
 
 
 @dataclass
@@ -74,10 +82,13 @@ class RewardBreakdown:
         return tuple(self.components)
 
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
-        """Means over scorable rows (NaN-aware) of the total, every component and extra, and the unscorable count."""
+        """Means over scorable rows (NaN-aware) of the total, every component and extra; the count of unscorable
+        rows of the total (`unscorable`) and of every component (`<name>_nan_rows`)."""
         out = {f"{prefix}total": _nanmean(self.total), f"{prefix}unscorable": float(torch.isnan(self.total).sum())}
         for name, t in {**self.components, **self.extras}.items():
             out[f"{prefix}{name}"] = _nanmean(t)
+        for name, t in self.components.items():
+            out[f"{prefix}{name}_nan_rows"] = float(torch.isnan(t).sum())
         return out
 
 
@@ -187,6 +198,17 @@ def _call_plugin(p: RewardPlugin, prompts: list, completions: list[str], columns
     return torch.tensor(out, dtype=torch.float32)  # (N,)
 
 
+def _report_all_nan(p: RewardPlugin, n: int, on_all_nan: str) -> None:
+    msg = (f"reward plug-in {p.spec or p.name!r} returned None/NaN for all {n} completions, so it adds nothing to "
+           f"any reward; check that it reads the columns it is given (label, taxonomy, ...) and returns floats")
+    if on_all_nan == "error":
+        raise ValueError(msg)
+    if p.name not in _warned_all_nan:
+        _warned_all_nan.add(p.name)
+        warnings.warn(msg + " (warned once; the count is logged as "
+                      f"reward/{p.name}_nan_rows)", RuntimeWarning, stacklevel=3)
+
+
 # ------------------------------------------------------------------------------------------------------------ combine
 
 
@@ -233,6 +255,7 @@ def compute_rewards(
     strict_format: bool = False,
     normalized_accuracy: bool = False,
     nan_policy: str = "skip",
+    on_all_nan: str = "warn",
 ) -> RewardBreakdown:
     """Score N completions and combine them into a `RewardBreakdown`.
 
@@ -240,7 +263,10 @@ def compute_rewards(
     reflection: {"consistency": (N,), "coherence": (N,)} from `emor3.rewards.reflection.reflect`, required when a
     reflection component has a non-zero weight. plugins: from `load_reward_plugin`; their weights join `weights`.
     prompts / columns: what plug-ins receive (prompts default to N empty strings).
+    on_all_nan: "warn" (once per plug-in) or "error" when a plug-in scores none of the N rows (module docstring).
     """
+    if on_all_nan not in ALL_NAN_POLICIES:
+        raise ValueError(f"unknown on_all_nan {on_all_nan!r}; valid: {ALL_NAN_POLICIES}")
     completions = list(completions)
     n = len(completions)
     labels = _per_row(list(labels), n, "labels")
@@ -283,5 +309,7 @@ def compute_rewards(
             cols[k] = _per_row(list(v), n, f"column {k!r}")
         for p in plugins:
             comps[p.name] = _call_plugin(p, prompt_list, completions, cols)
+            if n and bool(torch.isnan(comps[p.name]).all()):
+                _report_all_nan(p, n, on_all_nan)
     total = combine(comps, w, nan_policy=nan_policy)
     return RewardBreakdown(total=total, components=comps, weights=w, extras=extras)
