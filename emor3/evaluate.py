@@ -57,6 +57,7 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                                  temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=processor.stop_token_ids,
                                  banned_token_ids=processor.banned_token_ids, generator=generator, tokenizer=processor)
             for text, smp in zip(rollout.texts, chunk):
+                text = processor.answer(text)  # a Thinking model's reasoning block is not scored
                 correct += accuracy_reward(text, smp.label)
                 formatted += format_reward(text)
                 if cue_rate_fn is not None:

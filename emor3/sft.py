@@ -112,7 +112,9 @@ def sft(
         if len(order) < cfg.batch_size:  # reshuffle per epoch
             order += torch.randperm(len(examples), generator=g).tolist()
         chunk, order = [examples[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
-        batch = processor.encode_prompts([e.messages for e in chunk], [e.images for e in chunk]).to(device)
+        # a Thinking model answers the SFT targets after an empty reasoning block (its template's no-thinking form)
+        batch = processor.encode_prompts([e.messages for e in chunk], [e.images for e in chunk],
+                                         close_thinking=True).to(device)
         ids, mask = tokenize_responses(processor, [e.response for e in chunk], device)
         logp = completion_logprobs(model, batch, torch.arange(len(chunk), device=device), ids, mask)  # (n, T)
         loss = -aggregate(logp, mask, mode="token-mean")

@@ -332,3 +332,149 @@ def test_published_config_file_loads_in_both(tmp_path):
     ours = load_pretrained(tmp_path, dtype=torch.float32)
     hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert torch.allclose(_logits(ours, hf=False), _logits(hf, hf=True), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+CORPUS = ["<step1>The person looks happy and excited at the party.</step1> <step2>She smiles.</step2> "
+          "<step3>joy</step3> \\boxed{joy}", "A sad, gloomy rainy day; the man is crying. Yes no"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from emor3.models.tiny import build_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_qwen3_vl")
+    build_tiny_checkpoint(d, CORPUS, name="tiny-qwen3-vl", seed=0, vocab_size=400)
+    return d
+
+
+def prompts():
+    from PIL import Image
+
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How does she feel?"}]}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name an emotion."}],
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}]}]]
+    imgs = [[Image.new("RGB", (112, 84), (200, 30, 30))], [],
+            [Image.new("RGB", (150, 90), (10, 90, 200)), Image.new("L", (64, 64), 128)]]
+    return msgs, imgs
+
+
+def test_processor_matches_transformers_qwen3_vl_processor(tiny_ckpt):
+    """emor3's Processor on a Qwen3-VL folder == transformers' Qwen3VLProcessor (without its video processor,
+    which needs torchvision): ids, mask, pixels, grids; and the 16-px, mean = std = 0.5 image processing."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    from emor3.models import Processor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    proc = Processor.from_pretrained(tiny_ckpt)
+    assert proc.image_processor.patch_size == 16 and list(proc.image_processor.image_mean) == [0.5] * 3
+    assert not proc.thinking
+    msgs, imgs = prompts()
+    batch = proc.encode_prompts(msgs, imgs)
+    ref_proc = ImageOnlyQwen3VLProcessor(image_processor=proc.image_processor, tokenizer=proc.tokenizer)
+    texts = [proc.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
+    ref = ref_proc(text=texts, images=[im for row in imgs for im in row], return_tensors="pt", padding=True,
+                   padding_side="left")
+    assert torch.equal(batch.input_ids, ref["input_ids"]) and torch.equal(batch.attention_mask, ref["attention_mask"])
+    assert torch.equal(batch.pixel_values, ref["pixel_values"])
+    assert torch.equal(batch.image_grid_thw, ref["image_grid_thw"])
+    assert batch.pixel_values.shape[1] == PATCH_DIM
+    assert texts[1].startswith("<|im_start|>system\nBe brief.") and not texts[0].startswith("<|im_start|>system")
+
+
+def test_sampler_greedy_equals_generate_and_logprobs_equal_teacher_forcing(tiny_ckpt):
+    """The real path on a tiny Qwen3-VL folder: emor3's Processor and sampler vs transformers loading the same
+    folder; greedy tokens equal `generate`; sampled log-probs equal the trainer's teacher-forced
+    `completion_logprobs` (ratio exactly 1 on the first update)."""
+    from emor3.grpo.rollout import completion_logprobs
+    from emor3.grpo.sampler import sample
+    from emor3.models import Processor, load_pretrained
+
+    proc = Processor.from_pretrained(tiny_ckpt)
+    model = load_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    assert isinstance(model, Qwen3VL)
+    batch = proc.encode_prompts(*prompts())
+    B = batch.batch_size
+    r = sample(model, batch, group_size=1, max_new_tokens=10, temperature=0.0, stop_token_ids=proc.stop_token_ids,
+               banned_token_ids=proc.banned_token_ids, tokenizer=proc, generator=0)
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                      image_grid_thw=batch.image_grid_thw,
+                      mm_token_type_ids=(batch.input_ids == model.config.image_token_id).int(), max_new_tokens=10,
+                      do_sample=False, suppress_tokens=list(proc.banned_token_ids),
+                      eos_token_id=list(proc.stop_token_ids), pad_token_id=proc.pad_token_id)
+    out = out[:, batch.input_ids.shape[1]:]
+    for n in range(B):
+        k = int(r.lengths[n])
+        assert r.completion_ids[n, :k].tolist() == out[n, :k].tolist(), f"row {n}: greedy differs from generate"
+    G = 3
+    s = sample(model, batch, group_size=G, max_new_tokens=8, temperature=1.0, stop_token_ids=proc.stop_token_ids,
+               banned_token_ids=proc.banned_token_ids, tokenizer=proc, generator=1)
+    with torch.no_grad():
+        ref = completion_logprobs(model, batch, s.prompt_index, s.completion_ids, s.completion_mask)
+    err = ((ref - s.logprobs) * s.completion_mask).abs().max()
+    assert err < 1e-5, f"sampler log-probs differ from teacher forcing by {err:.2e}"
+
+
+def test_thinking_template_answer_and_closed_block(tmp_path):
+    from emor3.models import Processor
+    from emor3.models.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path, CORPUS, name="tiny-qwen3-vl-thinking", seed=0, vocab_size=400)
+    proc = Processor.from_pretrained(tmp_path)
+    assert proc.thinking
+    msgs = [[{"role": "user", "content": "Name an emotion."}]]
+    open_ids = proc.encode_prompts(msgs).input_ids[0].tolist()
+    closed_ids = proc.encode_prompts(msgs, close_thinking=True).input_ids[0].tolist()
+    assert proc.decode(open_ids, skip_special_tokens=False).endswith("assistant\n<think>\n")
+    assert proc.decode(closed_ids, skip_special_tokens=False).endswith("assistant\n<think>\n\n</think>\n\n")
+    # the sampler's texts keep <think> / </think> (added tokens, not special), so the answer can be split off
+    think = proc.tokenizer("a sad day</think>\n\n<step1>x</step1>", add_special_tokens=False)["input_ids"]
+    text = proc.decode(think)
+    assert text == "a sad day</think>\n\n<step1>x</step1>"
+    assert proc.answer(text) == "<step1>x</step1>"
+    assert proc.answer("still reasoning, never closed") == "", "an unclosed reasoning block scores nothing"
+    plain = Processor.from_pretrained(tmp_path)
+    plain.thinking = False
+    assert plain.answer(text) == text, "Instruct models' completions are scored as they are"
+
+
+def test_one_grpo_step_on_a_tiny_thinking_qwen3_vl(tmp_path):
+    """The whole run (SFT, GRPO with SET + RER judged by the same model, evaluation) on the tiny Thinking
+    Qwen3-VL: every parameter moves, sampler and trainer log-probs agree."""
+    import json
+    from pathlib import Path
+
+    from emor3.grpo.train import train
+    from emor3.models import load_pretrained
+    from test_train import tiny_config as train_config
+
+    (tmp_path / "emor3_q3_plugin.py").write_text(
+        "def length_reward(prompts, completions, **kw):\n    return [len(c) / 100.0 for c in completions]\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = train_config(tmp_path, model={"tiny": "tiny-qwen3-vl-thinking"}, grpo={"steps": 1},
+                           sft={"steps": 1}, reward={"plugins": ["emor3_q3_plugin:length_reward=1.0"]})
+        train(cfg)
+    finally:
+        sys.path.remove(str(tmp_path))
+    out = Path(cfg.run.out)
+    before = dict(load_pretrained(out / "init").state_dict())
+    after = dict(load_pretrained(out / "checkpoint" / "model").state_dict())
+    assert isinstance(load_pretrained(out / "init"), Qwen3VL)
+    frozen = [k for k in before if torch.equal(before[k], after[k])]
+    assert not frozen, f"parameters that never moved: {frozen}"
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["logp_gap"] < 1e-4 and row["ratio_mean"] == pytest.approx(1.0)

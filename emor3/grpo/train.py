@@ -236,14 +236,16 @@ def rollout_batch(exp: Experiment, cfg: Config, indices: list[int], generator: t
     rows = rollout.prompt_index.tolist()
     labels = [samples[i].label for i in rows]
     taxes = [exp.taxonomies[samples[i].taxonomy] for i in rows]
+    # what the rewards read: a Thinking model's completions minus their reasoning block (Processor.answer)
+    answers = [exp.processor.answer(t) for t in rollout.texts]
     reflection = None
     if exp.algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
         judge = ModelJudge(exp.reference if cfg.reward.judge == "reference" else exp.model, exp.processor,
                            max_new_tokens=cfg.reward.judge_max_new_tokens, seed=generator)
-        reflection = reflect(rollout.texts, labels, taxes, [images[i] for i in rows], judge,
+        reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
                              mode=cfg.reward.judge_mode).components()
     rewards = compute_rewards(
-        rollout.texts, labels, taxonomies=taxes, weights=exp.reward_weights, reflection=reflection,
+        answers, labels, taxonomies=taxes, weights=exp.reward_weights, reflection=reflection,
         plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
         columns={"id": [samples[i].id for i in rows]},
         strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",

@@ -1,13 +1,20 @@
 """Prompt processing: chat messages + PIL images -> a left-padded `PromptBatch` with M-RoPE positions.
 
 Everything that defines the model's input comes from transformers' own code, not a re-implementation:
-  - the chat template through the tokenizer's `apply_chat_template` (Qwen2-VL template from the checkpoint);
+  - the chat template through the tokenizer's `apply_chat_template` (the template from the checkpoint);
   - resizing, rescaling, normalising and patch flattening through `Qwen2VLImageProcessorPil` (the PIL backend,
     because this machine has no torchvision; transformers' `AutoProcessor` may silently return only the tokenizer
     when the torchvision-backed processor cannot be built, and `Qwen2VLProcessor` also wants a video processor);
   - tokenisation through the tokenizer.
 The one step done here is the one `Qwen2VLProcessor.__call__` does: each `<|image_pad|>` of the template is
 expanded to t*h*w / merge^2 copies, the number of merged tokens the vision tower makes for that image.
+
+Qwen3-VL goes through the same path: its processor (`Qwen3VLProcessor`) expands image slots the same way and uses
+the same image processor class (16-px patches, mean = std = 0.5, from the checkpoint's preprocessor_config.json).
+Thinking models (Qwen3-VL-*-Thinking) open a reasoning block in the generation prompt (`...assistant\n<think>\n`);
+`Processor.thinking` says so (read off the chat template), `encode_prompts(..., close_thinking=True)` appends the
+template's no-thinking form (an empty block, `\n</think>\n\n`) for replies that must start at once (the RER judge,
+Cold-Start SFT targets), and `answer(completion)` is the text after `</think>`, which the rewards score.
 
 Truncation: prompts longer than `max_prompt_length` lose tokens on the left (the system prompt end first), unless
 that would cut an image's tokens; then the prompt is rejected with an error naming the sample, never truncated.
@@ -48,10 +55,11 @@ class PromptBatch:
 
 
 VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class Processor:
-    """Tokenizer + Qwen2-VL PIL image processor. `min_pixels` / `max_pixels` override the image pixel budget."""
+    """Tokenizer + Qwen2-VL PIL image processor (also Qwen3-VL's). `min_pixels` / `max_pixels` override the image pixel budget."""
 
     def __init__(self, tokenizer, image_processor, *, max_prompt_length: int | None = None):
         self.tokenizer = tokenizer
@@ -65,6 +73,9 @@ class Processor:
         self.banned_token_ids = tuple(ids(t) for t in VISION_SPECIALS)
         self.vision_token_ids = frozenset(self.banned_token_ids)
         self.merge_size = image_processor.merge_size
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                              add_generation_prompt=True) if tokenizer.chat_template else ""
+        self.thinking = probe.rstrip().endswith(THINK_OPEN)  # a Thinking model's template opens the block
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -102,8 +113,21 @@ class Processor:
             return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_prompts(self, messages_list: list[list[dict]], images_list: list[list] | None = None) -> PromptBatch:
-        """Chat messages (one list per prompt) and their PIL images (one list per prompt) -> PromptBatch."""
+    def answer(self, completion: str) -> str:
+        """The part of a completion that is scored: for a Thinking model the text after the first `</think>`
+        ("" while the block is unclosed, so a reply that never stops reasoning earns no format or accuracy
+        reward); otherwise the completion itself."""
+        if not self.thinking:
+            return completion
+        i = completion.find(THINK_CLOSE)
+        return completion[i + len(THINK_CLOSE):].lstrip() if i >= 0 else ""
+
+    def encode_prompts(self, messages_list: list[list[dict]], images_list: list[list] | None = None, *,
+                       close_thinking: bool = False) -> PromptBatch:
+        """Chat messages (one list per prompt) and their PIL images (one list per prompt) -> PromptBatch.
+
+        `close_thinking`: for a Thinking model, end each prompt with an empty reasoning block (no effect
+        otherwise)."""
         B = len(messages_list)
         images_list = images_list if images_list is not None else [[] for _ in range(B)]
         if len(images_list) != B:
@@ -122,6 +146,8 @@ class Processor:
         rows, k = [], 0
         for i, msgs in enumerate(messages_list):
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            if close_thinking and self.thinking:
+                text += "\n" + THINK_CLOSE + "\n\n"
             n_slots = text.count(self.image_token)
             if n_slots != counts[i]:
                 raise ValueError(f"prompt {i}: the messages hold {n_slots} image slots but {counts[i]} images "

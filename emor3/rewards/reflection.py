@@ -267,8 +267,11 @@ class ModelJudge:
 
     def encode(self, requests: Sequence[JudgeRequest]):
         """The `PromptBatch` of a list of judge requests (on the model's device)."""
+        # a Thinking model's judge replies right away, after an empty reasoning block: the yes / no / label is read
+        # from the reply's first tokens
+        kw = {"close_thinking": True} if getattr(self.processor, "thinking", False) else {}
         batch = self.processor.encode_prompts(
-            [r.messages for r in requests], [[r.image] if r.image is not None else [] for r in requests]
+            [r.messages for r in requests], [[r.image] if r.image is not None else [] for r in requests], **kw
         )
         to = getattr(batch, "to", None)
         return to(self.device) if callable(to) else batch
