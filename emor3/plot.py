@@ -1,8 +1,15 @@
-"""python -m emor3.plot RUN_DIR: draw a run's training curves (metrics.jsonl) to RUN_DIR/curves.png.
+"""python -m emor3.plot RUN_DIR: draw a run's training curves (RUN_DIR/metrics.jsonl) to RUN_DIR/curves.png.
 
-One small panel per metric, a grid of them, drawn with pillow (already a dependency), so plotting needs nothing
-more. ``--metrics a,b,c`` picks the panels (default: the reward parts, accuracy, KL, entropy, clip fractions,
-lengths and step time); ``--smooth K`` draws a K-step moving average over the raw curve.
+Drawn with matplotlib, an optional extra (``pip install 'emor3[plot]'``); without it the command says so and
+exits. One panel per group of related metrics, each line one metric key of the train loop's records:
+  reward components (total, accuracy, format, consistency, coherence), accuracy and format rate, KL to the
+  reference, policy entropy, PPO clip fractions (low, high, dual), completion lengths (mean, max), gradient norm,
+  and seconds per phase of a step (rollout, judge, reference, update, stacked; the step total as a line).
+A panel whose keys are all missing (e.g. KL in a β = 0 run) is left out. ``--metrics a,b,c`` draws one panel per
+named key instead; ``--smooth K`` draws a K-step moving average over the faded raw curve.
+
+A run that crashed mid-write leaves a truncated last line in metrics.jsonl: it is skipped with a warning. A bad line
+anywhere else is an error naming the line.
 """
 
 from __future__ import annotations
@@ -10,32 +17,75 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+PLOT_EXTRA = "pip install 'emor3[plot]'  (or: pip install matplotlib)"
 
-DEFAULT_METRICS = (
-    "reward/total", "accuracy", "format_rate", "reward/consistency", "reward/coherence", "kl", "entropy",
-    "clip_frac_high", "clip_frac_low", "grad_norm", "completion_len_mean", "time/step",
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    keys: tuple[str, ...]  # metric keys of metrics.jsonl, one line each
+    stacked: tuple[str, ...] = ()  # keys drawn as a stacked area under the lines (time per phase)
+    ylabel: str = ""
+
+
+PANELS = (
+    Panel("reward components", ("reward/total", "reward/accuracy", "reward/format", "reward/consistency",
+                                "reward/coherence")),
+    Panel("accuracy", ("accuracy", "format_rate"), ylabel="fraction of completions"),
+    Panel("KL to the reference", ("kl",), ylabel="k3 per token"),
+    Panel("entropy", ("entropy",), ylabel="nats per token"),
+    Panel("clip fractions", ("clip_frac_low", "clip_frac_high", "clip_frac_dual"), ylabel="fraction of tokens"),
+    Panel("completion length", ("completion_len_mean", "completion_len_max"), ylabel="tokens"),
+    Panel("gradient norm", ("grad_norm",)),
+    Panel("time per phase", ("time/step",), stacked=("time/rollout", "time/judge", "time/reference", "time/update"),
+          ylabel="seconds per step"),
 )
-PANEL_W, PANEL_H, MARGIN = 320, 200, 36
+COLUMNS = 4
+PANEL_INCHES = (4.0, 3.0)  # width, height of one panel
+DPI = 100
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or an ImportError that names the extra to install."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(f"python -m emor3.plot needs matplotlib, which is not installed: {PLOT_EXTRA}") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A truncated last line (a crash mid-write) is skipped with a warning."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+        raise FileNotFoundError(f"{path}: no metrics (is {path.parent} a run folder?)")
+    lines = path.read_text(errors="replace").split("\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    for i, (n, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(numbered) - 1:
+                warnings.warn(f"{path}:{n}: skipping the last line, which is not complete JSON (a run stopped while "
+                              f"writing it?): {e}", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise ValueError(f"{path}:{n}: a metrics record is a JSON object with a numeric 'step'")
+        rows.append(row)
     return rows
 
 
-def _smooth(ys: list[float], k: int) -> list[float]:
+def smooth(ys: list[float], k: int) -> list[float]:
+    """Trailing moving average over the last k points (fewer at the start)."""
     out, window = [], []
     for y in ys:
         window = (window + [y])[-k:]
@@ -43,52 +93,77 @@ def _smooth(ys: list[float], k: int) -> list[float]:
     return out
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int], name: str, xs: list, ys: list, smooth: int, font):
-    x0, y0 = box
-    left, top, right, bottom = x0 + MARGIN, y0 + 22, x0 + PANEL_W - 10, y0 + PANEL_H - 22
-    draw.rectangle([left, top, right, bottom], outline=(180, 180, 180))
-    draw.text((x0 + 6, y0 + 4), name, fill=(0, 0, 0), font=font)
-    pts = [(x, y) for x, y in zip(xs, ys) if isinstance(y, (int, float)) and math.isfinite(y)]
-    if not pts:
-        draw.text((left + 8, top + 8), "no data", fill=(150, 0, 0), font=font)
-        return
-    lo, hi = min(y for _, y in pts), max(y for _, y in pts)
-    if hi == lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    xlo, xhi = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
-
-    def at(x, y):
-        return (left + (x - xlo) / (xhi - xlo) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
-
-    curves = [([y for _, y in pts], (170, 200, 235), 1)]
-    if smooth > 1:
-        curves.append((_smooth([y for _, y in pts], smooth), (20, 80, 180), 2))
-    else:
-        curves[0] = (curves[0][0], (20, 80, 180), 2)
-    for values, colour, width in curves:
-        line = [at(x, y) for (x, _), y in zip(pts, values)]
-        draw.line(line if len(line) > 1 else line * 2, fill=colour, width=width)
-    draw.text((x0 + 2, top - 4), f"{hi:.3g}", fill=(80, 80, 80), font=font)
-    draw.text((x0 + 2, bottom - 8), f"{lo:.3g}", fill=(80, 80, 80), font=font)
-    draw.text((left, bottom + 4), f"step {xlo}", fill=(80, 80, 80), font=font)
-    draw.text((right - 60, bottom + 4), f"{xhi}", fill=(80, 80, 80), font=font)
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key` over the records that hold a finite number for it."""
+    pts = [(r["step"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
-def plot_run(run_dir: Path, metrics: tuple[str, ...] = DEFAULT_METRICS, smooth: int = 1, out: Path | None = None) -> Path:
-    rows = read_metrics(run_dir)
-    present = [m for m in metrics if any(m in r for r in rows)]
-    if not present:
-        raise ValueError(f"{run_dir}/metrics.jsonl has none of the metrics {list(metrics)}")
-    cols = min(4, len(present))
-    nrows = math.ceil(len(present) / cols)
-    img = Image.new("RGB", (cols * PANEL_W, nrows * PANEL_H), "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    for i, name in enumerate(present):
-        xs = [r["step"] for r in rows if name in r]
-        ys = [r[name] for r in rows if name in r]
-        draw_panel(draw, ((i % cols) * PANEL_W, (i // cols) * PANEL_H), name, xs, ys, smooth, font)
-    out = out or run_dir / "curves.png"
-    img.save(out)
+def panels_present(rows: list[dict], panels=PANELS) -> list[Panel]:
+    """The panels with at least one key present in the records, each keeping only its present keys."""
+    out = []
+    for p in panels:
+        keys = tuple(k for k in p.keys if series(rows, k)[0])
+        stacked = tuple(k for k in p.stacked if series(rows, k)[0])
+        if keys or stacked:
+            out.append(Panel(p.title, keys, stacked, p.ylabel))
+    return out
+
+
+def make_figure(rows: list[dict], panels=PANELS, smooth_k: int = 1, title: str | None = None):
+    """A matplotlib Figure, one axes per present panel in a grid of COLUMNS columns."""
+    plt = pyplot()
+    drawn = panels_present(rows, panels)
+    if not drawn:
+        keys = sorted({k for p in panels for k in p.keys + p.stacked})
+        raise ValueError(f"the metrics hold none of the keys {keys}")
+    cols = min(COLUMNS, len(drawn))
+    nrows = math.ceil(len(drawn) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * PANEL_INCHES[0], nrows * PANEL_INCHES[1]), dpi=DPI,
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[len(drawn):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, drawn):
+        if panel.stacked:
+            # phases share the steps where all of them were recorded, so the stack adds up
+            steps = sorted(set.intersection(*(set(series(rows, k)[0]) for k in panel.stacked)))
+            by_key = {k: dict(zip(*series(rows, k))) for k in panel.stacked}
+            ax.stackplot(steps, *[[by_key[k][s] for s in steps] for k in panel.stacked],
+                         labels=[k.split("/")[-1] for k in panel.stacked], alpha=0.75)
+        for key in panel.keys:
+            xs, ys = series(rows, key)
+            if smooth_k > 1:
+                (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+                ax.plot(xs, smooth(ys, smooth_k), color=raw.get_color(), linewidth=1.8, label=key)
+            else:
+                ax.plot(xs, ys, linewidth=1.5, marker="." if len(xs) < 30 else None, label=key)
+        ax.set_title(panel.title, fontsize=11)
+        ax.set_xlabel("step", fontsize=9)
+        if panel.ylabel:
+            ax.set_ylabel(panel.ylabel, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if len(panel.keys) + len(panel.stacked) > 1:
+            ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def plot_run(run_dir: Path, panels=PANELS, smooth_k: int = 1, out: Path | None = None,
+             title: str | None = None) -> Path:
+    """Draw RUN_DIR/metrics.jsonl to `out` (default RUN_DIR/curves.png); returns the PNG's path."""
+    plt = pyplot()
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        fig = make_figure(rows, panels, smooth_k, title)
+    except ValueError as e:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: {e}") from None
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
     return out
 
 
@@ -96,12 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m emor3.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="A run folder holding metrics.jsonl.")
-    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="Comma-separated metric names to draw.")
+    p.add_argument("--metrics", default="", help="Comma-separated metric keys, one panel each (default: the "
+                                                 "panels listed above).")
     p.add_argument("--smooth", type=int, default=1, help="Moving-average window in steps (1: raw curve only).")
+    p.add_argument("--title", default=None, help="A title over the figure.")
     p.add_argument("--out", type=Path, default=None, help="Output PNG (default: RUN_DIR/curves.png).")
     a = p.parse_args(argv)
+    if a.smooth < 1:
+        p.error(f"--smooth {a.smooth}: must be at least 1")
+    panels = tuple(Panel(k, (k,)) for k in a.metrics.split(",") if k) or PANELS
     try:
-        path = plot_run(a.run_dir, tuple(m for m in a.metrics.split(",") if m), a.smooth, a.out)
+        path = plot_run(a.run_dir, panels, a.smooth, a.out, a.title)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     print(path)
