@@ -18,6 +18,7 @@ from emor3.models.__main__ import main as models_main
 from emor3.models.lora import (DECODER_TARGETS, LoRALinear, adapter_parameters, adapters_disabled, add_lora,
                                load_adapter, lora_modules, merge_adapters, save_adapter)
 from emor3.models.positions import mrope_position_ids
+import test_qwen3_vl as q3
 from test_models_parity import CASES, IMG, make_pair, mixed_batch
 
 
@@ -188,3 +189,20 @@ def test_merge_command_writes_a_folder_transformers_loads(tmp_path):
     assert ours.model.layers[0].self_attn.q_proj.weight is w
     with pytest.raises(SystemExit):
         models_main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")])  # not an adapter folder
+
+
+def test_qwen3_vl_adapter_loads_in_peft_with_our_logits(tmp_path):
+    ours, hf = q3.make_pair()
+    ids, am, grids, pix = q3.mixed_batch()
+    pos, _ = mrope_position_ids(ids, am, grids, image_token_id=q3.IMG)
+    names = add_lora(ours, rank=4, alpha=8, targets=ALL, seed=6)
+    assert any(n.startswith("visual.deepstack_merger_list.") for n in names), "merger must cover DeepStack mergers"
+    randomize_b(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = q3.hf_logits(pm, ids, am, grids, pix, pos)
+        out = ours.logits(ours(ids, pos, am, image_embeds=ours.encode_images(pix, grids)))
+    err = (ref - out)[am.bool()].abs().max().item()
+    print(f"PEFT vs emor3 LoRA logits (qwen3_vl): max abs diff {err:.2e}")
+    assert err <= 1e-4, f"PEFT on Qwen3VLForConditionalGeneration gives other logits ({err:.2e})"

@@ -49,11 +49,12 @@ from torch import Tensor, nn
 from .checkpoint import canonical_key
 
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUP_TARGETS = ("vision", "merger")  # every linear layer of the vision blocks / of the patch merger
+GROUP_TARGETS = ("vision", "merger")  # every linear layer of the vision blocks / of the patch merger(s)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _HF_CLASS = {"qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"),
-             "qwen2_vl": ("Qwen2VLForConditionalGeneration", "transformers.models.qwen2_vl.modeling_qwen2_vl")}
+             "qwen2_vl": ("Qwen2VLForConditionalGeneration", "transformers.models.qwen2_vl.modeling_qwen2_vl"),
+             "qwen3_vl": ("Qwen3VLForConditionalGeneration", "transformers.models.qwen3_vl.modeling_qwen3_vl")}
 
 
 class LoRALinear(nn.Linear):
@@ -128,7 +129,7 @@ def target_module_names(model: nn.Module, targets) -> list[str]:
             names.append(name)
         elif name.startswith("visual.blocks.") and "vision" in targets:
             names.append(name)
-        elif name.startswith("visual.merger.") and "merger" in targets:
+        elif name.startswith(("visual.merger.", "visual.deepstack_merger_list.")) and "merger" in targets:
             names.append(name)
     if not names:
         raise ValueError(f"LoRA targets {list(targets)} select no linear layer of the model")
@@ -145,18 +146,10 @@ def hf_module_name(name: str) -> str:
 
 
 def _peft_target_regex(names: list[str]) -> str:
-    """A regex over transformers module names that full-matches exactly `names` (our names), for target_modules."""
-    decoder = sorted({n.rsplit(".", 1)[-1] for n in names if n.startswith("model.layers.")})
-    vision = sorted({n.split(".", 3)[3] for n in names if n.startswith("visual.blocks.")})
-    merger = sorted({n[len("visual.merger."):] for n in names if n.startswith("visual.merger.")})
-    alts = []
-    if decoder:
-        alts.append(r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(decoder) + ")")
-    if vision:
-        alts.append(r"model\.visual\.blocks\.\d+\.(?:" + "|".join(re.escape(v) for v in vision) + ")")
-    if merger:
-        alts.append(r"model\.visual\.merger\.(?:" + "|".join(re.escape(m) for m in merger) + ")")
-    return "|".join(f"(?:{a})" for a in alts)
+    """A regex over transformers module names that full-matches exactly `names` (our names), for target_modules:
+    each name with its layer / block index generalised to \\d+ (every layer gets the same targets)."""
+    pats = dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(hf_module_name(n))) for n in names)
+    return "|".join(f"(?:{p})" for p in pats)
 
 
 # ----------------------------------------------------------------------------------------------- apply / switch
