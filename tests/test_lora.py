@@ -6,6 +6,7 @@ save / load round trip; `python -m emor3.models merge` writes a folder transform
 """
 
 import json
+import os
 
 import peft  # the test extra: PEFT is the reference, never a runtime dependency
 import pytest
@@ -145,6 +146,11 @@ def test_save_load_round_trip_and_errors(tmp_path):
     want, _ = our_logits(ours)
     save_adapter(ours, tmp_path / "a", base_model_name_or_path="/models/base")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "a" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f"{f} has not the user's file mode"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == ("LORA", 4, 8, "/models/base")
 
     fresh, _ = make_pair("qwen2_5_vl", False)

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -278,15 +277,18 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None = None) ->
 
 
 def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    """Write through a temporary name beside `target`, then rename. The file gets the mode a plain open() gives
+    (0666 less the umask): safetensors creates its files 0600."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    umask = os.umask(0o022)
+    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, Tensor] | None = None,
