@@ -8,7 +8,8 @@ from emor3.data.emoscenes import (
     rule_label, write_emoscenes,
 )
 from emor3.data.loaders import (
-    detect_layout, load_dataset, load_emoset, load_image_folder, load_manifest, write_manifest,
+    build_emoset_subset, detect_layout, load_dataset, load_emoset, load_emotion6, load_image_folder, load_manifest,
+    load_webemo, write_manifest,
 )
 from emor3.data.taxonomy import (
     BINARY, BUILTIN_NAMES, EMOTION6, MIKELS8, WEBEMO2, WEBEMO7, WEBEMO25, Taxonomy, binary_correct, get_taxonomy,
@@ -18,7 +19,7 @@ from emor3.data.taxonomy import (
 __all__ = [
     "BINARY", "BUILTIN_NAMES", "EMOTION6", "MIKELS8", "REASONS", "WEBEMO2", "WEBEMO7", "WEBEMO25",
     "BadSampleError", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
-    "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
+    "build_emoset_subset", "load_emotion6", "load_webemo", "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
     "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
     "write_manifest", "SPLITS", "CueMentions", "coldstart_trace", "corpus_texts", "cue_mentions", "label_for",
     "load_emoscenes", "make_emoscenes", "rule_label", "write_emoscenes",

@@ -1,4 +1,4 @@
-"""Command line: `python -m emor3.data validate PATH` and `python -m emor3.data emoscenes OUT_DIR`.
+"""Command line: `python -m emor3.data validate PATH`, `... emoscenes OUT_DIR` and `... emoset-subset ROOT OUT_DIR`.
 
 validate: loads a dataset in any supported layout (every split of an EmoSet root or of a folder of manifests),
 prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
@@ -7,6 +7,9 @@ are checked against the image processor's pixel budget: `--min-pixels` / `--max-
 run's `--model.min-pixels` / `--model.max-pixels`; Qwen2.5-VL's defaults when not given).
 
 emoscenes: writes the EmoScenes splits as JSONL manifests + PNG images, which `validate` and `load_dataset` read.
+
+emoset-subset: draws the paper's EmoSet subset (2,100 train / 2,000 test by default), seeded and stratified per
+label, from a full EmoSet root, and writes it as manifests (`emor3.data.loaders.build_emoset_subset`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 from emor3.data.dataset import BadSampleError
-from emor3.data.loaders import EMOSET_SPLITS, load_dataset
+from emor3.data.loaders import EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset
 
 
 def _targets(path: Path, split: str | None) -> list[str | None]:
@@ -25,6 +28,11 @@ def _targets(path: Path, split: str | None) -> list[str | None]:
         return [split]
     if any((path / f"{s}.json").is_file() for s in EMOSET_SPLITS) and (path / "image").is_dir():
         return [s for s in EMOSET_SPLITS if (path / f"{s}.json").is_file()]
+    if (path / "ground_truth.txt").is_file():
+        return [None]
+    webemo = [s for s in WEBEMO_SPLITS if (path / WEBEMO_LIST.format(split=s)).is_file()]
+    if webemo:
+        return webemo
     manifests = sorted(path.glob("*.jsonl"))
     return [m.stem for m in manifests] if len(manifests) > 1 else [None]
 
@@ -49,6 +57,8 @@ def validate(args: argparse.Namespace) -> int:
             return 2
         rep = ds.report
         print(f"{name}: {len(ds)} samples, layout {rep.layout}, taxonomy {rep.taxonomy}")
+        for note, n in sorted(rep.notes.items()):  # expected in this layout, not problems
+            print(f"  note: {note} = {n}")
         width = max(len(lab) for lab in ds.label_counts())
         for lab, n in ds.label_counts().items():
             print(f"  {lab:<{width}}  {n}")
@@ -71,6 +81,21 @@ def emoscenes(args: argparse.Namespace) -> int:
     paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                             n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
                             n_coldstart=args.n_coldstart, overwrite=args.overwrite)
+    for split, p in paths.items():
+        print(f"{split}: {p}")
+    print(f"check with: python -m emor3.data validate {args.out_dir}")
+    return 0
+
+
+def emoset_subset(args: argparse.Namespace) -> int:
+    from emor3.data.loaders import build_emoset_subset
+    sizes = {"train": args.train, "test": args.test}
+    try:
+        paths = build_emoset_subset(args.root, args.out_dir, sizes={k: n for k, n in sizes.items() if n > 0},
+                                    seed=args.seed, on_bad_sample=args.on_bad_sample)
+    except (BadSampleError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split, p in paths.items():
         print(f"{split}: {p}")
     print(f"check with: python -m emor3.data validate {args.out_dir}")
@@ -123,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
+
+    s = sub.add_parser("emoset-subset", help="draw the paper's EmoSet subset (seeded, stratified per label)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("root", help="full EmoSet root (train.json, test.json, image/, annotation/)")
+    s.add_argument("out_dir", help="where train.jsonl, test.jsonl and subset.json are written")
+    s.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    s.add_argument("--train", type=int, default=EMOSET_PAPER_SIZES["train"], help="training samples (0: none)")
+    s.add_argument("--test", type=int, default=EMOSET_PAPER_SIZES["test"], help="test samples (0: none)")
+    s.add_argument("--on-bad-sample", choices=("skip", "error"), default="error",
+                   help="a bad row of the split files: stop (error) or leave it out of the draw (skip)")
+    s.set_defaults(func=emoset_subset)
     return p
 
 

@@ -75,7 +75,10 @@ class BadSampleError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What a loader did: where from, which layout, how many samples kept, what was skipped and why."""
+    """What a loader did: where from, which layout, how many samples kept, what was skipped and why.
+
+    `notes` counts what a layout expects and is not a problem (WebEmo images never downloaded, Emotion6 labels
+    taken from the folder because every emotion probability is 0); they are printed, but `ok` ignores them."""
 
     source: str
     layout: str
@@ -84,6 +87,7 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first few messages
     max_examples: int = 5
+    notes: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +105,7 @@ class LoadReport:
 
     def merge(self, other: "LoadReport") -> None:
         self.loaded += other.loaded
+        self.notes.update(other.notes)
         for reason, n in other.skipped.items():
             self.skipped[reason] += n
             ex = self.examples.setdefault(reason, [])
@@ -109,6 +114,8 @@ class LoadReport:
     def summary(self) -> str:
         """One line, then one line per skip reason with its first message; printed by the train loop at start."""
         head = f"{self.source}: {self.loaded} samples ({self.layout} layout, taxonomy {self.taxonomy})"
+        if self.notes:
+            head += " [" + ", ".join(f"{k}={n}" for k, n in sorted(self.notes.items())) + "]"
         if not self.skipped:
             return head + ", nothing skipped"
         counts = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()))

@@ -1,4 +1,5 @@
-"""Dataset loaders: JSONL manifests (ours and EasyR1 rows), image-folder trees, EmoSet's published layout.
+"""Dataset loaders: JSONL manifests (ours and EasyR1 rows), image-folder trees, and the published layouts of
+EmoSet, Emotion6 and WebEmo.
 
 `load_dataset(path, taxonomy=None, on_bad_sample="error")` detects the layout:
 - a `.jsonl` file (or a `.json` file holding a list of objects): a manifest, one JSON object per line:
@@ -6,15 +7,22 @@
   `image` is relative to the manifest's folder (absolute paths are kept); `taxonomy` and `id` are optional; every
   other key goes into the sample's metadata (EmoScenes keeps its ground-truth `cues` and cold-start `response`
   there). EasyR1-style rows are accepted too: {"images": ["a.jpg"], "problem": "...", "answer": "awe"} (one image
-  per row; `answer` may be wrapped in \\boxed{}; `problem` is kept in metadata).
+  per row; `answer` may be wrapped in \\boxed{}; `problem`, its `<image>` markers removed, becomes the
+  sample's `question`, as does a `question` key in our rows: the user's own question wording).
 - a folder with `train.json` / `val.json` / `test.json` next to `image/` and `annotation/` folders, or one of those
   split files itself: EmoSet (Yang et al., ICCV 2023, github.com/JingyuanYY/EmoSet README): each split file is a
   JSON list of `[emotion, image_id, image_path, annotation_path]` (paths relative to the root); the 3-element
   `[emotion, image_path, annotation_path]` rows some copies use are accepted too. The annotation JSON (brightness,
   colorfulness, scene, object, facial_expression, human_action) goes into metadata["annotation"]. Taxonomy mikels8.
-- any other folder: an image-folder tree `root/<label>/<file>` (Emotion6, FI, ArtPhoto ship this way); files in
+- a folder with `ground_truth.txt` (or that file itself): Emotion6 as distributed, `images/<keyword>/<n>.jpg`
+  plus per-image valence, arousal and emotion probabilities; the label is the argmax (`load_emotion6`).
+- a folder with `train25.txt` / `test25.txt` (or such a `<url> <label index>` list itself): WebEmo's URL lists,
+  with `category.txt` and the images downloaded below `images/`; images never downloaded are counted in
+  `report.notes`, not errors (`load_webemo`).
+- any other folder: an image-folder tree `root/<label>/<file>` (FI, ArtPhoto ship this way); files in
   nested folders below a label folder count for that label.
-A folder holding several manifests (e.g. written by `python -m emor3.data emoscenes`) or EmoSet needs `split=`.
+A folder holding several manifests (e.g. written by `python -m emor3.data emoscenes`), EmoSet or WebEmo needs
+`split=`. `build_emoset_subset` writes the paper's 2,100 / 2,000 EmoSet subset as manifests, seeded and stratified.
 
 Ids are stable across runs: the row's `id` if given, else the image path relative to the dataset root.
 Without a taxonomy (argument or per-row field) the built-in one that recognises the most labels is used; a tie
@@ -29,6 +37,7 @@ zero-size image, unknown label, malformed JSON line or row, duplicate id; and an
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -334,13 +343,287 @@ def load_emoset(path: str | Path, split: str | None = None, on_bad_sample: str =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Emotion6
+
+
+EMOTION6_COLUMNS = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")  # ground_truth.txt order
+EMOTION6_LABEL_RULES = ("argmax", "folder")
+
+
+def _emotion6_row(text: str, ln: int, file: Path, images: Path, label_rule: str, report: LoadReport) -> _Row | None:
+    """One ground_truth.txt line -> a row, None for the header line, BadSampleError for a malformed line."""
+    fields = text.split()
+    if not fields:
+        return None
+    try:
+        numbers = [float(x) for x in fields[1:]]
+    except ValueError:
+        if ln == 1:
+            return None  # the header line ("[image_filename] [valence] ...")
+        raise BadSampleError(MALFORMED_LINE, f"expected a file name and 9 numbers, got {text.strip()[:80]!r}",
+                             file=file, line=ln) from None
+    if len(fields) != 10:
+        raise BadSampleError(MALFORMED_LINE, f"expected a file name and 9 numbers (valence, arousal, 7 "
+                             f"probabilities), got {len(fields)} fields", file=file, line=ln)
+    name = fields[0]
+    valence, arousal, probs = numbers[0], numbers[1], numbers[2:]
+    if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in probs) or abs(sum(probs) - 1.0) > 1e-3:
+        raise BadSampleError(MALFORMED_LINE, f"the 7 emotion probabilities {probs} are not a distribution "
+                             "(each in [0, 1], summing to 1)", file=file, line=ln, sample_id=name)
+    keyword = Path(name).parts[0] if len(Path(name).parts) > 1 else None  # images/<keyword>/<n>.jpg
+    if label_rule == "folder":
+        if keyword is None:
+            raise BadSampleError(UNKNOWN_LABEL, f"{name!r} is not inside an emotion folder", file=file, line=ln,
+                                 sample_id=name)
+        label = keyword
+    else:
+        six = probs[:6]
+        best = max(six)
+        tied = [EMOTION6_COLUMNS[i] for i, p in enumerate(six) if p == best]
+        if best == 0.0:  # every vote was "neutral": no emotion to take the argmax of
+            if keyword is None:
+                raise BadSampleError(UNKNOWN_LABEL, "all six emotion probabilities are 0 and the image is not "
+                                     "inside an emotion folder", file=file, line=ln, sample_id=name)
+            label = keyword
+            report.notes["label_from_folder"] += 1
+        elif len(tied) > 1:
+            label = keyword if keyword in tied else tied[0]
+            report.notes["argmax_tie"] += 1
+        else:
+            label = tied[0]
+    metadata = {"valence": valence, "arousal": arousal, "distribution": dict(zip(EMOTION6_COLUMNS, probs)),
+                "keyword": keyword}
+    return _Row(name, images / name, label, None, metadata, ln, file)
+
+
+def load_emotion6(path: str | Path, on_bad_sample: str = "error", *, label: str = "argmax",
+                  taxonomy: Taxonomy | str | None = None, verify: str = "full", **dataset_kw) -> EmotionDataset:
+    """Emotion6 as distributed (Peng et al., CVPR 2015): `path` is its root (or the ground_truth.txt in it),
+    holding `images/<keyword>/<n>.jpg` (the six search keywords, 330 images each) and `ground_truth.txt`: a
+    header line, then per image, tab-separated, `<keyword>/<n>.jpg valence arousal p_anger p_disgust p_fear
+    p_joy p_sadness p_surprise p_neutral` (the share of the user-study votes for each of the 7 categories).
+
+    label="argmax" (default; the usual single-label reading of Emotion6): the emotion with the highest
+    probability among the six, neutral left out because the taxonomy (and the task) has no neutral label. Ties go
+    to the search keyword if it is among the tied emotions, else to the first tied one in the column order above;
+    an image whose six probabilities are all 0 (every vote neutral) takes its keyword. Both cases are counted in
+    `report.notes` (argmax_tie, label_from_folder). label="folder": the search keyword, for every image.
+    The distribution, valence, arousal and keyword go into metadata. Taxonomy emotion6.
+    """
+    path = Path(path)
+    if label not in EMOTION6_LABEL_RULES:
+        raise ValueError(f"Emotion6 label must be one of {EMOTION6_LABEL_RULES}, got {label!r}")
+    gt = path if path.is_file() else path / "ground_truth.txt"
+    root = gt.parent
+    report = LoadReport(str(gt), "emotion6")
+    handle = BadSampleHandler(on_bad_sample, report)
+    if not gt.is_file():
+        raise BadSampleError(MISSING_FILE, "Emotion6 ground_truth.txt does not exist", file=gt)
+    images = root / "images" if (root / "images").is_dir() else root
+    rows: list[_Row] = []
+    for ln, text in read_lines(gt, handle):
+        try:
+            row = _emotion6_row(text, ln, gt, images, label, report)
+        except BadSampleError as err:
+            handle(err)
+            continue
+        if row is not None:
+            rows.append(row)
+    return _finish(rows, taxonomy or "emotion6", report, handle, _image_check(verify, dataset_kw), dataset_kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebEmo
+
+
+WEBEMO_SPLITS = ("train", "test")
+WEBEMO_LIST = "{split}25.txt"
+_CATEGORY = re.compile(r"\(\s*'([^']*)'\s*,\s*'([^']*)'\s*,\s*'([+-])'\s*\)")
+_WEBEMO_LEVELS = {"webemo25": 0, "webemo7": 1, "webemo2": 2, "binary": 2}
+
+
+def read_webemo_categories(path: Path) -> list[tuple[str, str, str]]:
+    """category.txt: one `('affection', 'love', '+')` tuple per label index, in index order: the 25-level leaf,
+    its level-2 parent and the level-1 sign. -> [(leaf, parent, "positive" | "negative")]."""
+    text = decode_text(path.read_bytes(), path)
+    found = [(leaf, parent, "positive" if sign == "+" else "negative") for leaf, parent, sign in _CATEGORY.findall(text)]
+    if not found:
+        raise BadSampleError(MALFORMED_LINE, "no ('leaf', 'parent', '+'|'-') entries found", file=path)
+    return found
+
+
+def _webemo_default_categories() -> list[tuple[str, str, str]]:
+    """Without category.txt: index i is WEBEMO25's i-th label (the dataset's alphabetical order, index 0 =
+    affection as its README says), with the taxonomy's parents and valences."""
+    t = get_taxonomy("webemo25")
+    return [(leaf, t.parents[leaf], t.valence[leaf]) for leaf in t.labels]
+
+
+def load_webemo(path: str | Path, split: str | None = None, on_bad_sample: str = "error", *,
+                taxonomy: Taxonomy | str | None = None, images: str | Path | None = None, missing: str = "count",
+                verify: str = "full", **dataset_kw) -> EmotionDataset:
+    """WebEmo (Panda et al., ECCV 2018) as distributed: URL lists plus the images a user downloaded.
+
+    `path`: the folder holding `train25.txt` / `test25.txt` (lines `<url> <label index>`) and `category.txt`
+    (the label hierarchy, one `('leaf', 'parent', '+')` tuple per index), or one list file. `split` picks
+    train / test when a folder holds both. `images`: the folder of downloaded images (default `<path>/images`
+    if it exists, else `<path>`); an image is found, anywhere below it, by its URL's file name (what wget and
+    most download scripts keep). The taxonomy picks the level: webemo25 (default) the leaf, webemo7 the parent
+    from category.txt, webemo2 / binary the sign. Without category.txt the index is taken as webemo25's
+    (alphabetical) label order with its parents.
+
+    missing="count" (default): a listed image that is not in `images` (dead URLs are common; the lists date from
+    2017) is left out and counted in `report.notes["not_downloaded"]`, not as a problem. missing="error": it is a
+    missing_file bad sample, handled by `on_bad_sample`. The sample id is the URL's file name; the URL and the
+    labels of all three levels go into metadata.
+    """
+    path = Path(path)
+    if missing not in ("count", "error"):
+        raise ValueError(f"WebEmo missing must be 'count' or 'error', got {missing!r}")
+    if path.is_dir():
+        if split is None:
+            present = [s for s in WEBEMO_SPLITS if (path / WEBEMO_LIST.format(split=s)).is_file()]
+            if len(present) != 1:
+                raise ValueError(f"{path}: WebEmo folder with lists {present}: pass split= (or the list file)")
+            split = present[0]
+        list_file, root = path / WEBEMO_LIST.format(split=split), path
+    else:
+        list_file, root = path, path.parent
+    report = LoadReport(str(list_file), "webemo")
+    handle = BadSampleHandler(on_bad_sample, report)
+    if not list_file.is_file():
+        raise BadSampleError(MISSING_FILE, "WebEmo list file does not exist", file=list_file)
+    cat_file = root / "category.txt"
+    categories = read_webemo_categories(cat_file) if cat_file.is_file() else _webemo_default_categories()
+    tax = get_taxonomy(taxonomy or "webemo25")
+    level = _WEBEMO_LEVELS.get(tax.name)
+    if level is None:
+        raise ValueError(f"WebEmo taxonomy must be one of {sorted(_WEBEMO_LEVELS)} (which level to label with), "
+                         f"got {tax.name!r}")
+    image_root = Path(images) if images is not None else (root / "images" if (root / "images").is_dir() else root)
+    if not image_root.is_dir():
+        raise BadSampleError(MISSING_FILE, "WebEmo image folder does not exist", file=image_root)
+    on_disk: dict[str, Path] = {}
+    for f in sorted(image_root.rglob("*")):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            on_disk.setdefault(f.name, f)
+    rows: list[_Row] = []
+    for ln, text in read_lines(list_file, handle):
+        fields = text.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+                raise BadSampleError(MALFORMED_LINE, f"expected '<url> <label index>', got {text.strip()[:80]!r}",
+                                     file=list_file, line=ln)
+            url, index = fields[0], int(fields[1])
+            name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+            if not 0 <= index < len(categories):
+                raise BadSampleError(UNKNOWN_LABEL, f"label index {index} is not in 0..{len(categories) - 1}",
+                                     file=list_file, line=ln, sample_id=name)
+            image = on_disk.get(name)
+            if image is None:
+                if missing == "count":
+                    report.notes["not_downloaded"] += 1
+                    continue
+                raise BadSampleError(MISSING_FILE, f"image {name} (from {url}) is not in {image_root}",
+                                     file=list_file, line=ln, sample_id=name)
+        except BadSampleError as err:
+            handle(err)
+            continue
+        leaf, parent, sign = categories[index]
+        rows.append(_Row(name, image, (leaf, parent, sign)[level], None,
+                         {"url": url, "label_index": index, "webemo25": leaf, "webemo7": parent, "webemo2": sign},
+                         ln, list_file))
+    return _finish(rows, tax, report, handle, _image_check(verify, dataset_kw), dataset_kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EmoSet subset
+
+
+EMOSET_PAPER_SIZES = {"train": 2100, "test": 2000}  # EMO-R3's EmoSet subset (the paper, "Data and protocol")
+
+
+def _stratified_counts(counts: dict[str, int], n: int) -> dict[str, int]:
+    """n split over labels in proportion to `counts` (largest remainder; equal remainders: label order)."""
+    total = sum(counts.values())
+    quota = {lab: n * c / total for lab, c in counts.items()}
+    take = {lab: int(q) for lab, q in quota.items()}
+    order = sorted(counts, key=lambda lab: (-(quota[lab] - take[lab]), list(counts).index(lab)))
+    for lab in order[: n - sum(take.values())]:
+        take[lab] += 1
+    return take
+
+
+def build_emoset_subset(root: str | Path, out_dir: str | Path, *, sizes: dict[str, int] | None = None,
+                        seed: int = 0, on_bad_sample: str = "error") -> dict[str, Path]:
+    """Draw a reproducible, label-stratified subset of EmoSet and write it as JSONL manifests.
+
+    For each split in `sizes` (default: the paper's 2,100 train / 2,000 test, drawn from EmoSet's train and test
+    splits), n samples are split over the labels in proportion to the split's label counts (largest remainder),
+    and each label's share is the first k of its samples, ordered by image id, after a shuffle seeded with
+    (seed, split, label): the same EmoSet files and seed give the same subset on any machine, whatever the
+    order of the split file. The paper does not say how its subset was drawn; this is our rule.
+
+    Writes `out_dir/<split>.jsonl` (absolute image paths, the EmoSet image id as `id`, the annotation path
+    kept) and `out_dir/subset.json` (root, seed, sizes, counts per label, SHA-256 of each source split file).
+    `load_dataset(out_dir, split="train")` then loads a split. Returns {split: manifest path}.
+    """
+    import hashlib
+    import random
+
+    root, out_dir = Path(root), Path(out_dir)
+    sizes = dict(EMOSET_PAPER_SIZES if sizes is None else sizes)
+    written: dict[str, Path] = {}
+    record: dict[str, Any] = {"source": str(root.resolve()), "seed": seed, "sizes": sizes, "counts": {},
+                              "source_sha256": {}}
+    for split, n in sizes.items():
+        ds = load_emoset(root, split, on_bad_sample, annotations=False, verify="exists")
+        by_label: dict[str, list[Sample]] = {lab: [] for lab in ds.taxonomy.labels}
+        for s in ds:
+            by_label[s.label].append(s)
+        if n > len(ds):
+            raise ValueError(f"{root}: EmoSet {split} has {len(ds)} usable samples, fewer than the {n} asked for")
+        take = _stratified_counts({lab: len(v) for lab, v in by_label.items()}, n)
+        rows = []
+        for lab, samples in by_label.items():
+            samples = sorted(samples, key=lambda s: s.id)
+            random.Random(f"{seed}/{split}/{lab}").shuffle(samples)
+            for s in sorted(samples[: take[lab]], key=lambda s: s.id):
+                rows.append({"image": str(Path(s.image).resolve()), "label": s.label, "taxonomy": ds.taxonomy.name,
+                             "id": s.id, "annotation_path": str(Path(s.metadata["annotation_path"]).resolve())})
+        written[split] = write_manifest(out_dir / f"{split}.jsonl", rows)
+        record["counts"][split] = take
+        record["source_sha256"][split] = hashlib.sha256((root / f"{split}.json").read_bytes()).hexdigest()
+    (out_dir / "subset.json").write_text(json.dumps(record, indent=2) + "\n")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # layout detection
 
 
+_URL_LINE = re.compile(rb"^\S+://\S+\s+\d+\s*$")
+
+
+def _is_webemo_list(path: Path) -> bool:
+    """A .txt file whose first non-blank line is `<url> <label index>`."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                return bool(_URL_LINE.match(raw.strip()))
+    return False
+
+
 def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path]:
-    """("jsonl" | "emoset" | "image-folder", the path to load) for a dataset path."""
+    """("jsonl" | "emoset" | "emotion6" | "webemo" | "image-folder", the path to load) for a dataset path."""
     path = Path(path)
     if path.is_file():
+        if path.name == "ground_truth.txt":
+            return "emotion6", path
+        if path.suffix.lower() == ".txt" and _is_webemo_list(path):
+            return "webemo", path
         if path.suffix.lower() == ".json":
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
@@ -353,6 +636,10 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
         raise FileNotFoundError(f"dataset path {path} does not exist")
     if any((path / f"{s}.json").is_file() for s in EMOSET_SPLITS) and (path / "image").is_dir():
         return "emoset", path
+    if (path / "ground_truth.txt").is_file():
+        return "emotion6", path
+    if any((path / WEBEMO_LIST.format(split=s)).is_file() for s in WEBEMO_SPLITS):
+        return "webemo", path
     manifests = sorted(path.glob("*.jsonl"))
     if manifests:
         if split is not None:
@@ -373,6 +660,10 @@ def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_ba
     layout, target = detect_layout(path, split)
     if layout == "emoset":
         return load_emoset(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
+    if layout == "emotion6":
+        return load_emotion6(target, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
+    if layout == "webemo":
+        return load_webemo(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
     if layout == "jsonl":
         return load_manifest(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
     return load_image_folder(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
