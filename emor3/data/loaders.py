@@ -568,7 +568,8 @@ def build_emoset_subset(root: str | Path, out_dir: str | Path, *, sizes: dict[st
 
     Writes `out_dir/<split>.jsonl` (absolute image paths, the EmoSet image id as `id`, the annotation path
     kept) and `out_dir/subset.json` (root, seed, sizes, counts per label, SHA-256 of each source split file).
-    `load_dataset(out_dir, split="train")` then loads a split. Returns {split: manifest path}.
+    `load_dataset(out_dir, split="train")` then loads a split. Returns {split: manifest path}. Drawing only checks
+    that each image file exists; `python -m emor3.data validate out_dir` decodes and checks the drawn ones.
     """
     import hashlib
     import random
