@@ -24,6 +24,9 @@ Choices that differ from transformers, on purpose:
     (which gives NaN in SDPA and poisons gradients through 0 * NaN); their outputs are never used.
   - Vision attention over variable-length segments (images or windows) is batched by segment length: one SDPA call
     per distinct length instead of one per segment (transformers loops) or one n x n mask (quadratic memory).
+  - A decoder layer can run a second stream of prompt rows whose keys and values the main rows attend to before
+    their own (`DecoderLayer.forward(..., prefix=...)`), so that G completions share one pass over their prompt
+    (`emor3.models.shared_prefix`).
   - `logprobs` computes log_softmax(lm_head(h) / temperature) in token chunks, each chunk recomputed in backward
     (non-reentrant checkpoint), so the (N, T, V) logits are never held whole, forward or backward.
 
@@ -137,6 +140,15 @@ def mrope_cos_sin(position_ids: Tensor, cfg: TextConfig, dtype: torch.dtype) -> 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def decoder_mask(causal: Tensor, self_slot: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Boolean SDPA mask (N, 1, L, S) (or (1, 1, L, S) without `attention_mask`): query l sees slot s where
+    `causal` (L, S) allows it and `attention_mask` (N, S) marks s valid, and always its own slot `self_slot` (L, S),
+    so that padding queries never get an all-masked softmax (NaN in SDPA, and 0 * NaN in the gradients)."""
+    if attention_mask is None:
+        return causal[None, None]  # (1, 1, L, S)
+    return ((causal[None] & attention_mask.bool()[:, None, :]) | self_slot[None])[:, None]  # (N, 1, L, S)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -148,7 +160,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * self.hd, D, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, layer: int,
-                cache: KVCache | None, cache_position: Tensor | None) -> Tensor:
+                cache: KVCache | None, cache_position: Tensor | None, *,
+                prefix_kv: tuple[Tensor, Tensor] | None = None, return_kv: bool = False):
+        """Attention output (N, L, D). `prefix_kv` (k, v), each (N, K, P, hd) and already rotated, are keys and
+        values placed before the L own ones (then `mask` is (N, 1, L, P + L)); `return_kv` also returns the own
+        rotated (k, v), each (N, K, L, hd), for other rows to attend to (emor3.models.shared_prefix)."""
         N, L, _ = x.shape
         q = self.q_proj(x).view(N, L, self.H, self.hd).transpose(1, 2)  # (N, H, L, hd)
         k = self.k_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
@@ -156,13 +172,17 @@ class Attention(nn.Module):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, L, hd)
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
+        own = (k, v)
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)  # (N, K, P + L, hd)
         # GQA: query head h reads kv head h // (H/K), transformers' repeat_kv grouping; SDPA does it without copying
         # K and V out to every query head (a copy of the whole cache per layer per decode step otherwise)
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            enable_gqa=self.K != self.H)  # (N, H, L, hd)
-        return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
+        out = self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
+        return (out, own) if return_kv else out
 
 
 class MLP(nn.Module):
@@ -185,9 +205,27 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer, cache, cache_position):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, layer, cache, cache_position, *, prefix=None):
+        """x (N, L, D) -> (N, L, D). With `prefix` = (xp, cos_p, sin_p, mask_p, index), a second stream of B prompt
+        rows xp (B, P, D) runs through the layer first (its own causal `mask_p`, no cache) and row n of x attends
+        over prompt `index[n]`'s keys and values before its own (`mask` is then (N, 1, L, P + L)); returns
+        (x, xp). Both streams go through one call, so per-layer wrappers (checkpointing, FSDP) see one call."""
+        if prefix is None:
+            return self._block(x, cos, sin, mask, layer, cache, cache_position)
+        xp, cos_p, sin_p, mask_p, index = prefix
+        xp, (k, v) = self._block(xp, cos_p, sin_p, mask_p, layer, None, None, return_kv=True)  # k, v (B, K, P, hd)
+        # each prompt's keys go to all of its rows; autograd sums their gradients back onto the prompt
+        kv = (k.index_select(0, index), v.index_select(0, index))  # (N, K, P, hd) each
+        return self._block(x, cos, sin, mask, layer, None, None, prefix_kv=kv), xp
+
+    def _block(self, x, cos, sin, mask, layer, cache, cache_position, *, prefix_kv=None, return_kv=False):
+        # the prefix keywords only when used: attention modules that reuse this layer (Qwen3) need not take them
+        kw = {} if prefix_kv is None and not return_kv else dict(prefix_kv=prefix_kv, return_kv=return_kv)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, cache_position, **kw)
+        a, kv = a if return_kv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, kv) if return_kv else x
 
 
 class TextModel(nn.Module):
@@ -392,11 +430,9 @@ def attention_mask_4d(N: int, L: int, attention_mask: Tensor | None, cache: KVCa
         S = L
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
         self_slot = torch.eye(L, dtype=torch.bool, device=device)
-    if attention_mask is None:
-        return causal[None, None]  # (1, 1, L, S)
-    assert attention_mask.shape == (N, S), f"attention_mask {tuple(attention_mask.shape)} != ({N}, {S})"
-    mask = (causal[None] & attention_mask.bool()[:, None, :]) | self_slot[None]  # (N, L, S)
-    return mask[:, None]  # (N, 1, L, S)
+    if attention_mask is not None:
+        assert attention_mask.shape == (N, S), f"attention_mask {tuple(attention_mask.shape)} != ({N}, {S})"
+    return decoder_mask(causal, self_slot, attention_mask)  # (N or 1, 1, L, S)
 
 
 # ----------------------------------------------------------------------------------------------- the model
