@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from emor3.config import parse_args
-from emor3.evaluate import evaluate
-from emor3.experiment import build_experiment, cue_rate
+from emor3.evaluate import cue_rate, evaluate
+from emor3.experiment import build_experiment
 from emor3.grpo.train import train
 
 COLUMNS = ("A^I", "A^O", "A")
@@ -34,7 +34,7 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
     # zero-shot: the random init the run started from, evaluated the same way
     cfg = parse_args(["--seed", str(seed), "--out", str(out / f"seed{seed}" / "zero_shot"), "--model.path",
                       str(emo / "init"), "--run.progress", "false", *extra], "ablation", "")
-    exp = build_experiment(cfg, Path(cfg.run.out), stage="eval")
+    exp = build_experiment(cfg, Path(cfg.run.out), fresh_run=False)
     rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
                                  device=exp.device, progress=False, cue_rate_fn=cue_rate)
     rows["Cold-Start SFT"] = sft_row

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from emor3.grpo.sampler import sample
+from emor3.engine.sampler import sample
 from emor3.models.checkpoint import save_pretrained
 from emor3.models.positions import mrope_position_ids
 from emor3.models.processing import PromptBatch

@@ -1,7 +1,7 @@
 """The GRPO update alone: forward + backward of the completion log-probs, with and without prefix sharing.
 
 Both sides score the same N = B·G completions on the same weights, in one process, interleaved:
-  - unshared (the baseline): ``emor3.grpo.rollout.completion_logprobs``, N sequences of P + T tokens (each prompt
+  - unshared (the baseline): ``emor3.engine.scoring.completion_logprobs``, N sequences of P + T tokens (each prompt
     run G times through the decoder; its image features are encoded once and copied to the G rows);
   - shared: ``emor3.models.shared_prefix.shared_prefix_logprobs``, each prompt run once, the completions attending
     over their prompt's keys and values.
@@ -38,7 +38,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emor3.grpo.rollout import completion_logprobs  # noqa: E402
+from emor3.engine.scoring import completion_logprobs  # noqa: E402
 from emor3.models.positions import mrope_position_ids  # noqa: E402
 from emor3.models.processing import PromptBatch  # noqa: E402
 from emor3.models.qwen_vl import QwenVL  # noqa: E402

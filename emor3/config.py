@@ -7,9 +7,11 @@ A few common settings also have short aliases (``--model``, ``--data``, ``--eval
 ``--out``, ``--seed``, ``--resume``). The resolved configuration is written to ``RUN_DIR/config.toml`` and reads
 back to an equal ``Config``.
 
-Objective settings (clip range, KL, aggregation, ...) default to ``None`` in ``GRPOConfig``: "take the value from
-the ``--algo`` preset" (``emor3.grpo.objective.ALGORITHMS``). ``Config.algorithm()`` resolves them, and the saved
-config records the resolved numbers, so a run is never mislabelled.
+The objective's settings (clip range, KL, aggregation, dynamic sampling, ...) are the fields of ``Algorithm``,
+written once. The named presets (``ALGORITHMS``: emo_r3, grpo, dapo, dr_grpo, gspo) set every one; ``GRPOConfig``
+inherits them as ``--grpo.*`` flags defaulting to ``None``: "take the value from the ``--algo`` preset".
+``Config.algorithm()`` resolves them, and the saved config records the resolved numbers, so a run is never
+mislabelled.
 """
 
 from __future__ import annotations
@@ -79,7 +81,72 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
+class Algorithm:
+    """The objective's settings, one field each. A preset (``ALGORITHMS``) sets every field; as ``--grpo.*`` flags
+    (``GRPOConfig`` inherits these fields) None means "the ``--grpo.algo`` preset's value"."""
+
+    clip_low: float | None = _f(None, "Clip range below 1 (None: from the preset).")
+    clip_high: float | None = _f(None, "Clip range above 1 (None: from the preset).")
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (None: from the preset).")
+    kl_coef: float | None = _f(None, "β, the KL-to-reference weight in the loss; 0 builds no reference (None: from "
+                                     "the preset).")
+    kl_kind: str | None = _f(None, "KL estimator k1, k2 or k3 (None: from the preset).")
+    loss_agg: str | None = _f(None, "Loss aggregation mode (None: from the preset).")
+    adv_scale: str | None = _f(None, "Advantage scaling group, batch or none (None: from the preset).")
+    ratio_level: str | None = _f(None, "Importance ratio per token or sequence (None: from the preset).")
+    dynamic_sampling: bool | None = _f(None, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
+                                             "refill from fresh prompts (None: from the preset).")
+    overlong_buffer: float | None = _f(None, "DAPO soft overlong penalty: buffer as a fraction of max_new_tokens; 0 "
+                                             "disables (None: from the preset).")
+    reflection: bool | None = _f(None, "EMO-R3's RER rewards, consistency and coherence (None: from the preset).")
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    # EMO-R3's GRPO (docs/method.md "Training setup", from the authors' EasyR1 config): clip ε 0.2 / 0.3, dual clip
+    # 3.0, k3 ("low_var_kl") in the loss with β = 0.01, token-mean aggregation, group std scaling, token-level ratio.
+    "grpo": Algorithm(
+        clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_kind="k3",
+        loss_agg="token-mean", adv_scale="group", ratio_level="token",
+        dynamic_sampling=False, overlong_buffer=0.0, reflection=False,
+    ),
+    # DAPO (Yu et al. 2025): clip-higher 0.2 / 0.28 (sec. 3.1), no KL term (sec. 2.3), token-level loss (sec. 3.3),
+    # dynamic sampling (sec. 3.2), soft overlong punishment (sec. 3.4: a 4k-token buffer in a 20k budget, kept here
+    # as the same fraction, 0.2, of whatever max_new_tokens a run uses).
+    "dapo": Algorithm(
+        clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="token-mean", adv_scale="group", ratio_level="token",
+        dynamic_sampling=True, overlong_buffer=0.2, reflection=False,
+    ),
+    # Dr.GRPO (Liu et al. 2025): no std scaling and a constant length normaliser (sec. 3.1); clip 0.2 as PPO;
+    # no KL (their recipe sets β = 0).
+    "dr_grpo": Algorithm(
+        clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="seq-mean-token-sum-norm", adv_scale="none", ratio_level="token",
+        dynamic_sampling=False, overlong_buffer=0.0, reflection=False,
+    ),
+    # GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4 (sec. 5.1), sequence-mean of token-means
+    # (the sequence objective, eq. 5), group std scaling; no KL.
+    "gspo": Algorithm(
+        clip_low=3e-4, clip_high=4e-4, dual_clip=None, kl_coef=0.0, kl_kind="k3",
+        loss_agg="seq-mean-token-mean", adv_scale="group", ratio_level="sequence",
+        dynamic_sampling=False, overlong_buffer=0.0, reflection=False,
+    ),
+}
+# EMO-R3 = the paper's GRPO plus the SET prompt (always used for emotion tasks) and the RER rewards.
+ALGORITHMS["emo_r3"] = dataclasses.replace(ALGORITHMS["grpo"], reflection=True)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The preset called ``name``; the error lists the valid names."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name]
+
+
+@dataclass(frozen=True)
+class GRPOConfig(Algorithm):
+    """The GRPO stage's settings; the objective's (``Algorithm``'s fields) default to the ``algo`` preset."""
+
     algo: str = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
     steps: int = _f(100, "GRPO steps (one rollout batch each).")
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
@@ -100,14 +167,6 @@ class GRPOConfig:
     schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
     max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
-    clip_low: float | None = _f(None, "Clip range below 1 (None: from the preset).")
-    clip_high: float | None = _f(None, "Clip range above 1 (None: from the preset).")
-    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (None: from the preset).")
-    kl_coef: float | None = _f(None, "β, the KL-to-reference weight in the loss (None: from the preset).")
-    kl_kind: str | None = _f(None, "KL estimator k1, k2 or k3 (None: from the preset).")
-    loss_agg: str | None = _f(None, "Loss aggregation mode (None: from the preset).")
-    adv_scale: str | None = _f(None, "Advantage scaling group, batch or none (None: from the preset).")
-    ratio_level: str | None = _f(None, "Importance ratio per token or sequence (None: from the preset).")
 
 
 @dataclass(frozen=True)
@@ -127,7 +186,6 @@ class EvalConfig:
     top_p: float = _f(0.95, "Evaluation nucleus threshold (the paper: 0.95).")
     max_new_tokens: int = _f(80, "Longest evaluation completion in tokens.")
     batch_size: int = _f(64, "Prompts per evaluation batch.")
-    every: int = _f(0, "Evaluate every N GRPO steps (0: only at the end).")
 
 
 @dataclass(frozen=True)
@@ -157,28 +215,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def algorithm(self):
-        """The objective settings: the ``grpo.algo`` preset with every non-None override applied."""
-        from emor3.grpo.objective import get_algorithm
-
-        g = self.grpo
-        overrides = {
-            f: getattr(g, f)
-            for f in ("clip_low", "clip_high", "dual_clip", "kl_coef", "kl_kind", "loss_agg", "adv_scale", "ratio_level")
-            if getattr(g, f) is not None
-        }
-        return get_algorithm(g.algo).replace(**overrides)
+    def algorithm(self) -> Algorithm:
+        """The objective settings: the ``grpo.algo`` preset with every non-None ``grpo`` override applied."""
+        overrides = {f.name: getattr(self.grpo, f.name) for f in fields(Algorithm) if getattr(self.grpo, f.name) is not None}
+        return dataclasses.replace(get_algorithm(self.grpo.algo), **overrides)
 
     def resolved(self) -> "Config":
         """This config with the preset's objective numbers written into ``grpo`` (what a run records)."""
-        a = self.algorithm()
-        names = {f.name for f in fields(GRPOConfig)}
-        return dataclasses.replace(
-            self, grpo=dataclasses.replace(self.grpo, **{k: v for k, v in dataclasses.asdict(a).items() if k in names})
-        )
+        return dataclasses.replace(self, grpo=dataclasses.replace(self.grpo, **dataclasses.asdict(self.algorithm())))
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+_INHERITED = {"grpo": {f.name for f in fields(Algorithm)}}
 
 # Short flags for the settings people change most: alias -> (section, field).
 ALIASES = {
@@ -307,7 +355,8 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
                            help=f"Alias of --{sec}.{name.replace('_', '-')}.")
     for sec in sections:
         group = p.add_argument_group(f"[{sec}]")
-        for f in fields(SECTIONS[sec]):
+        # a section's own settings first, then those it inherits (GRPOConfig: the objective's)
+        for f in sorted(fields(SECTIONS[sec]), key=lambda f: f.name in _INHERITED.get(sec, ())):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             t, _ = _field_type(SECTIONS[sec], f.name)
             metavar = "BOOL" if t is bool else ("A,B,..." if t is list else t.__name__.upper())

@@ -52,12 +52,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from emor3.engine.scoring import completion_logprobs
 
 __all__ = [
     "DistributedError", "init", "shutdown", "is_distributed", "rank", "world_size", "local_rank", "is_main",
@@ -257,7 +258,7 @@ def loss_scale() -> float:
 
 
 class PolicyScorer(nn.Module):
-    """forward = teacher-forced log-probs of completions (``emor3.grpo.rollout.completion_logprobs``).
+    """forward = teacher-forced log-probs of completions (``emor3.engine.scoring.completion_logprobs``).
 
     A module whose ``forward`` does a micro-batch's whole computation (image encoding and log-probs) is what FSDP2
     and DDP hook into; ``model`` stays reachable for sampling, judging and checkpoints."""
@@ -267,8 +268,6 @@ class PolicyScorer(nn.Module):
         self.model = model
 
     def forward(self, batch, prompt_index, completion_ids, completion_mask, **kw):
-        from emor3.grpo.rollout import completion_logprobs
-
         out = completion_logprobs(self.model, batch, prompt_index, completion_ids, completion_mask, **kw)
         # FSDP2 hooks the root's outputs for backward and warns about views (an in-place op on one would drop the
         # hook): return copies, (N, T) each, small next to the activations
@@ -442,8 +441,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
     with guard("loading the optimizer state"):
         set_optimizer_state_dict(model, optimizer, state, options=_options())
-
-
-def on_rank0(fn, *args, **kwargs) -> Any:
-    """Run fn on rank 0 only (file writes); the others return None."""
-    return fn(*args, **kwargs) if is_main() else None

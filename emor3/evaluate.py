@@ -1,6 +1,6 @@
 """python -m emor3.evaluate: accuracy of a checkpoint on several datasets, as the paper's table.
 
-Protocol (PAPER.md "Data and protocol"): one sampled answer per image at temperature 0.6, top-p 0.95, no
+Protocol (docs/method.md "Data and protocol"): one sampled answer per image at temperature 0.6, top-p 0.95, no
 reflection; accuracy is the hard match of the last boxed answer with the label (lower-cased). The prompt lists the
 evaluated set's own taxonomy labels. Each set is in-domain or out-of-domain; A^I is the mean accuracy of the
 in-domain sets, A^O of the out-of-domain sets, A of all of them. Also reported per set: the format rate (the paper's
@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from emor3.config import EvalConfig
-from emor3.grpo.rollout import encode_samples
-from emor3.grpo.sampler import sample
+from emor3.config import Config, EvalConfig, parse_args
+from emor3.data.emoscenes import cue_mentions
+from emor3.engine.prompts import encode_samples
+from emor3.engine.sampler import sample
+from emor3.experiment import EvalSet, Experiment, build_experiment
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 
 
-@dataclass
-class EvalSet:
-    name: str
-    samples: object  # an emor3.data.EmotionDataset: samples (id, label, taxonomy, metadata) and cached images
-    domain: str  # "in" | "out"
+def cue_rate(step1: str, sample) -> float | None:
+    """Share of the sample's true cues that step 1 names (EmoScenes only; None where no cues are recorded)."""
+    cues = sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
+    return cue_mentions(step1, cues).recall if cues else None
 
 
 def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: EvalConfig, *, seed: int = 0,
@@ -115,13 +115,26 @@ def write_results(rows: dict[str, dict], out: Path) -> str:
     return table
 
 
-def evaluate_experiment(exp, cfg, out: Path) -> dict:
-    """Evaluate the trained policy of a run (and, once, its Cold-Start checkpoint) and print the table."""
-    from emor3.experiment import cue_rate
+def evaluate_baseline(exp: Experiment, out: Path) -> dict | None:
+    """The starting point's row of the final table (the Cold-Start checkpoint, or the initial model), evaluated
+    once per run into ``RUN_DIR/baseline_results.json``; a resumed run reads it back. None without eval sets."""
+    cfg, path = exp.cfg, out / "baseline_results.json"
+    if exp.resume_dir is not None and path.is_file():  # evaluated when the run started
+        return json.loads(path.read_text())
+    if not exp.eval_sets:
+        return None
+    results = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
+                       device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)
+    results["name"] = "Cold-Start SFT" if (out / "sft").is_dir() else "initial"
+    path.write_text(json.dumps(results, indent=2))
+    return results
 
+
+def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict | None = None) -> dict:
+    """Evaluate the trained policy of a run and print the table, the ``baseline`` row (if any) first."""
     rows = {}
-    if exp.sft_results is not None:
-        rows[exp.sft_results.get("name", "baseline")] = exp.sft_results
+    if baseline is not None:
+        rows[baseline.get("name", "baseline")] = baseline
     rows[cfg.grpo.algo] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval,
                                    seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)
     table = write_results(rows, out)
@@ -130,15 +143,10 @@ def evaluate_experiment(exp, cfg, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from emor3.config import parse_args
-    from emor3.experiment import build_experiment
-
     cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip())
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    exp = build_experiment(cfg, out, stage="eval")
-    from emor3.experiment import cue_rate
-
+    exp = build_experiment(cfg, out, fresh_run=False)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
     rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
                            device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)}

@@ -1,22 +1,22 @@
-"""What a run is made of, built from its Config: model and processor, frozen reference, datasets, reward setup.
+"""What a run is made of, built from its Config: model and processor, datasets, reward setup, frozen reference.
 
-Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``:
+Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``; building runs
+nothing (no training, no evaluation): the entry points run the stages on what it builds.
 1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
    ood_render, ood_emotion6, ood_binary out-of-domain; cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
 2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
-3. Cold-Start SFT on the cold-start responses (``RUN_DIR/sft``), evaluated once as the baseline row.
-4. The frozen reference (the model GRPO starts from) when β > 0 or the reference judges RER.
-5. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``) and the trainer
+3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
+   the reference judges RER.
+4. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``) and the trainer
    state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only=True). It is
    written beside the old one and swapped in by rename, so a crash never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +24,21 @@ from pathlib import Path
 import torch
 
 from emor3 import distributed as dist
-from emor3.config import Config
+from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
-from emor3.data.emoscenes import SPLITS, corpus_texts, cue_mentions, load_emoscenes
-from emor3.evaluate import EvalSet, evaluate
-from emor3.grpo.objective import Algorithm
+from emor3.data.emoscenes import SPLITS, corpus_texts, load_emoscenes
+from emor3.engine.prompts import set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.tiny import build_tiny_checkpoint
-from emor3.rewards import load_reward_plugin, resolve_weights, set_prompt
+from emor3.rewards import load_reward_plugin, resolve_weights
 from emor3.rewards.reflection import COHERENCE_INSTRUCTION, COHERENCE_QUESTION, CONSISTENCY_QUESTION
+
+
+@dataclass
+class EvalSet:
+    name: str
+    samples: object  # an emor3.data.EmotionDataset: samples (id, label, taxonomy, metadata) and cached images
+    domain: str  # "in" | "out"
 
 
 @dataclass
@@ -44,13 +50,13 @@ class Experiment:
     source_dir: Path  # folder the tokenizer and processor files come from (copied into every checkpoint)
     algo: Algorithm
     train_set: object = None
+    cold_start: object = None  # the samples with SET responses for Cold-Start SFT (an EmotionDataset), or None
     eval_sets: list = field(default_factory=list)
     taxonomies: dict = field(default_factory=dict)
     reference: torch.nn.Module | None = None
     reward_weights: dict = field(default_factory=dict)
     plugins: list = field(default_factory=list)
     resume_dir: Path | None = None
-    sft_results: dict | None = None
 
     def prompt_text(self, sample) -> str:
         return set_prompt(self.taxonomies[sample.taxonomy])
@@ -62,12 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and dist.is_distributed():  # torchrun: one GPU per rank
         return torch.device("cuda", dist.local_rank())
     return torch.device(name)
-
-
-def cue_rate(step1: str, sample) -> float | None:
-    """Share of the sample's true cues that step 1 names (EmoScenes only; None where no cues are recorded)."""
-    cues = sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
-    return cue_mentions(step1, cues).recall if cues else None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -135,11 +135,10 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies) -> tup
     return load_pretrained(source, dtype=dtype, device=device), source
 
 
-def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experiment:
-    """Everything ``stage`` ("grpo", "sft" or "eval") needs. For "grpo" and "sft" this runs Cold-Start SFT unless
-    resuming; for "grpo" it also evaluates the starting point once (the baseline row of the final table)."""
-    from emor3.sft import judge_examples, set_examples, sft
-
+def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Experiment:
+    """The model (resumed from ``--resume``'s checkpoint if given), processor, data and reward setup of a run.
+    ``fresh_run``: a new training run (not resumed) replaces an earlier run's files in ``out``; evaluation passes
+    False. The reference is attached later (``attach_reference``), once Cold-Start SFT has run."""
     device = resolve_device(cfg.model.device)
     algo = cfg.algorithm()
     train, cold, evals = build_data(cfg)
@@ -154,7 +153,7 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
     resume_dir = Path(cfg.run.resume) / "checkpoint" if cfg.run.resume else None
     if resume_dir is not None and not (resume_dir / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"--resume {cfg.run.resume}: no checkpoint at {resume_dir}")
-    if resume_dir is None and stage != "eval" and dist.is_main():
+    if resume_dir is None and fresh_run and dist.is_main():
         _clear_previous_run(out)
     model, source = build_model(cfg, out, device, list(taxonomies.values()))
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
@@ -162,51 +161,26 @@ def build_experiment(cfg: Config, out: Path, *, stage: str = "grpo") -> Experime
         model = load_pretrained(resume_dir / "model", dtype=getattr(torch, cfg.model.dtype), device=device)
     model.freeze_vision(cfg.model.freeze_vision)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    exp = Experiment(cfg, device, model, processor, source, algo, train, evals, taxonomies, resume_dir=resume_dir)
-    if stage == "eval":
-        return exp
-
-    sft_dir = out / "sft"
-    if resume_dir is None and cfg.sft.steps > 0 and not dist.is_main() and (sft_dir / "config.json").is_file():
-        # torchrun: rank 0 ran Cold-Start SFT first (train() builds under rank0_first) and saved it; load, not repeat
-        model.load_state_dict(load_pretrained(sft_dir, dtype=getattr(torch, cfg.model.dtype), device=device).state_dict())
-    elif resume_dir is None and cfg.sft.steps > 0:
-        if cold is None:
-            print("[emor3] no cold-start responses in the training data (a 'response' column): skipping Cold-Start SFT")
-        else:
-            images = [cold.image(i) for i in range(len(cold))]
-            responses = [s.metadata["response"] for s in cold.samples]
-            examples = set_examples(cold.samples, images, responses, taxonomies)
-            if cfg.sft.judge_examples:
-                examples += judge_examples(cold.samples, images, responses, taxonomies, seed=cfg.run.seed)
-            print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
-            sft(model, processor, examples, cfg.sft, seed=cfg.run.seed, device=device, progress=cfg.run.progress)
-            save_pretrained(model, sft_dir, tokenizer_dir=source)
-    if stage == "sft":
-        return exp
-
-    baseline = out / "baseline_results.json"
-    if resume_dir is not None and baseline.is_file():  # evaluated when the run started
-        exp.sft_results = json.loads(baseline.read_text())
-    elif evals:
-        exp.sft_results = evaluate(model, processor, evals, taxonomies, cfg.eval, seed=cfg.run.seed, device=device,
-                                   progress=cfg.run.progress, cue_rate_fn=cue_rate)
-        exp.sft_results["name"] = "Cold-Start SFT" if sft_dir.is_dir() else "initial"
-        baseline.write_text(json.dumps(exp.sft_results, indent=2))
-
-    if algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference"):
-        if resume_dir is None:  # the model GRPO starts from, frozen
-            exp.reference = _frozen(model)
-        else:
-            ref_dir = sft_dir if sft_dir.is_dir() else source
-            exp.reference = _frozen(load_pretrained(ref_dir, dtype=getattr(torch, cfg.model.dtype), device=device))
-
     weights = resolve_weights(cfg.reward.weights)
     if not algo.reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
         weights = {k: v for k, v in weights.items() if k not in ("consistency", "coherence")}
-    exp.reward_weights = weights
-    exp.plugins = [load_reward_plugin(spec) for spec in cfg.reward.plugins]
-    return exp
+    return Experiment(cfg, device, model, processor, source, algo, train, cold, evals, taxonomies,
+                      reward_weights=weights, plugins=[load_reward_plugin(spec) for spec in cfg.reward.plugins],
+                      resume_dir=resume_dir)
+
+
+def attach_reference(exp: Experiment, out: Path) -> None:
+    """The frozen reference, when β > 0 or the reference judges RER: a copy of the model GRPO starts from (a
+    resumed run reloads it: the Cold-Start checkpoint, else the initial model)."""
+    cfg, algo = exp.cfg, exp.algo
+    if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")):
+        return
+    if exp.resume_dir is None:
+        ref = copy.deepcopy(exp.model)
+    else:
+        ref_dir = out / "sft" if (out / "sft").is_dir() else exp.source_dir
+        ref = load_pretrained(ref_dir, dtype=getattr(torch, cfg.model.dtype), device=exp.device)
+    exp.reference = ref.eval().requires_grad_(False)
 
 
 # what a run writes into its folder (config.toml is rewritten anyway)
@@ -223,13 +197,6 @@ def _clear_previous_run(out: Path) -> None:
     for name in stale:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    ref = copy.deepcopy(model)
-    return ref.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -8,7 +8,8 @@ is context only), ending with the chat turn's end token so the model learns to s
 
 Responses come from the dataset: EmoScenes builds them from each image's true cues; a JSONL manifest may carry
 them in a ``response`` column. With ``--sft.judge-examples`` (the default) the same responses also teach the two
-RER questions (``judge_examples``), which a model trained from scratch cannot otherwise answer. Run alone, this module trains and writes the checkpoint to ``RUN_DIR/sft``.
+RER questions (``judge_examples``), which a model trained from scratch cannot otherwise answer. ``cold_start``
+runs it on a built experiment and writes the checkpoint to ``RUN_DIR/sft``; ``python -m emor3.sft`` does only that.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from emor3.config import SFTConfig
+from emor3 import distributed as dist
+from emor3.config import SFTConfig, parse_args, save_config
+from emor3.engine.prompts import build_set_messages
+from emor3.engine.scoring import completion_logprobs
+from emor3.experiment import Experiment, build_experiment
 from emor3.grpo.objective import aggregate
-from emor3.grpo.rollout import completion_logprobs
-from emor3.rewards import build_set_messages, parse_set
+from emor3.models import load_pretrained, save_pretrained
+from emor3.rewards import parse_set
 from emor3.rewards.reflection import coherence_request, consistency_request
 
 
@@ -129,17 +135,38 @@ def sft(
     return losses
 
 
+def cold_start(exp: Experiment, out: Path) -> None:
+    """Cold-Start SFT of ``exp.model`` on the run's cold-start responses, saved to ``RUN_DIR/sft``. Skipped when
+    resuming or when ``--sft.steps`` is 0. Under torchrun rank 0 trains first (the caller runs this under
+    ``dist.rank0_first``) and the other ranks load what it saved instead of repeating it."""
+    cfg = exp.cfg
+    sft_dir = out / "sft"
+    if exp.resume_dir is not None or cfg.sft.steps <= 0:
+        return
+    if not dist.is_main() and (sft_dir / "config.json").is_file():
+        saved = load_pretrained(sft_dir, dtype=getattr(torch, cfg.model.dtype), device=exp.device)
+        exp.model.load_state_dict(saved.state_dict())
+        return
+    cold = exp.cold_start
+    if cold is None:
+        print("[emor3] no cold-start responses in the training data (a 'response' column): skipping Cold-Start SFT")
+        return
+    images = [cold.image(i) for i in range(len(cold))]
+    responses = [s.metadata["response"] for s in cold.samples]
+    examples = set_examples(cold.samples, images, responses, exp.taxonomies)
+    if cfg.sft.judge_examples:
+        examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed)
+    print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
+    sft(exp.model, exp.processor, examples, cfg.sft, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress)
+    save_pretrained(exp.model, sft_dir, tokenizer_dir=exp.source_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    from emor3.config import parse_args, save_config
-    from emor3.experiment import build_experiment
-
     cfg = parse_args(argv, "python -m emor3.sft", (__doc__ or "").strip())
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
-    build_experiment(cfg, out, stage="sft")  # builds the model and data, runs SFT, writes RUN_DIR/sft
+    cold_start(build_experiment(cfg, out), out)  # builds the model and data, runs SFT, writes RUN_DIR/sft
     print(f"[emor3] Cold-Start SFT checkpoint: {out / 'sft'}")
 
 

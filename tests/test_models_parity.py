@@ -150,9 +150,6 @@ def test_cached_decoding_matches_full_forward(model_type, tie):
         emb_g = torch.cat([per_row[i] for i in range(N) for _ in range(G)])
         full = ours.logits(ours(full_ids, full_pos, am_g, image_embeds=emb_g))[:, P - 1:P + T - 1]
     assert (inc - full).abs().max() < 1e-4 * full.abs().max().clamp(min=1), "cached decode != full forward"
-    # index_select keeps the chosen rows' caches
-    sub = cache.index_select(torch.tensor([3, 0]))
-    assert torch.equal(sub.k[:, 0], cache.k[:, 3]) and torch.equal(sub.v[:, 1], cache.v[:, 0])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -186,17 +183,26 @@ def test_gradient_checkpointing_and_freeze_vision():
     ours, _ = make_pair("qwen2_5_vl", False)
     ids, am, grids, pix = mixed_batch()
     pos, _ = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+    blocks = list(ours.model.layers) + list(ours.visual.blocks)
+    calls = [0] * len(blocks)
+    for i, blk in enumerate(blocks):  # count the forward passes that start in every decoder layer and vision block
+        # (a pre-hook: checkpoint's recomputation stops once it has what backward needs, before forward hooks run)
+        blk.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
 
     def grads():
         ours.zero_grad()
+        calls[:] = [0] * len(blocks)
         lp = ours.logprobs(ids, pos, am, 3, image_embeds=ours.encode_images(pix, grids))
         lp.sum().backward()
         return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
 
     ours.train()
     plain = grads()
+    assert calls == [1] * len(blocks), f"without checkpointing each block runs once: {calls}"
     ours.set_gradient_checkpointing(True)
     ck = grads()
+    # checkpointing keeps only each block's input and reruns the block in backward: twice per block, every block
+    assert calls == [2] * len(blocks), f"set_gradient_checkpointing did not recompute every block: {calls}"
     assert plain.keys() == ck.keys()
     for n in plain:
         assert torch.allclose(plain[n], ck[n], atol=1e-6), f"checkpointing changed the gradient of {n}"

@@ -396,8 +396,8 @@ def test_sampler_greedy_equals_generate_and_logprobs_equal_teacher_forcing(tiny_
     """The real path on a tiny Qwen3-VL folder: emor3's Processor and sampler vs transformers loading the same
     folder; greedy tokens equal `generate`; sampled log-probs equal the trainer's teacher-forced
     `completion_logprobs` (ratio exactly 1 on the first update)."""
-    from emor3.grpo.rollout import completion_logprobs
-    from emor3.grpo.sampler import sample
+    from emor3.engine.scoring import completion_logprobs
+    from emor3.engine.sampler import sample
     from emor3.models import Processor, load_pretrained
 
     proc = Processor.from_pretrained(tiny_ckpt)

@@ -1,4 +1,4 @@
-"""Tests for emor3.grpo.sampler: the logit filters and the draw (pure functions), then ``sample`` on a tiny
+"""Tests for emor3.engine.sampler: the logit filters and the draw (pure functions), then ``sample`` on a tiny
 Qwen2.5-VL-architecture model against transformers' ``generate`` and teacher-forced ``model.logprobs``.
 
 Shapes: B prompts, G samples per prompt, N = B·G rows, T completion length, V vocabulary.
@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from emor3.grpo.sampler import Rollout, apply_banned, apply_top_k, apply_top_p, draw_tokens, filter_logits, sample
+from emor3.engine.sampler import Rollout, apply_banned, apply_top_k, apply_top_p, draw_tokens, filter_logits, sample
 from emor3.models import QwenVL, QwenVLConfig
 from emor3.models.positions import mrope_position_ids
 
@@ -84,7 +84,7 @@ def test_inverse_cdf_draw_matches_softmax_chi_square():
     probs = logits.softmax(-1).double()
     n = 200_000
     g = torch.Generator().manual_seed(1234)
-    tokens = draw_tokens(logits.expand(n, 8), torch.rand(n, generator=g))  # (N,)
+    tokens, _ = draw_tokens(logits.expand(n, 8), torch.rand(n, generator=g))  # (N,)
     counts = torch.bincount(tokens, minlength=8).double()
     p_value = _chi_square_pvalue(counts, probs)
     assert p_value > 1e-3, f"sampled frequencies {counts / n} do not follow softmax {probs} (chi-square p={p_value:.2e})"
@@ -100,7 +100,7 @@ def test_truncated_draws_stay_in_kept_set_and_follow_renormalised_probs():
     _, filtered = filter_logits(logits, temperature=0.8, top_k=5, top_p=0.9, banned_mask=banned)
     n = 100_000
     g = torch.Generator().manual_seed(7)
-    tokens = draw_tokens(filtered.expand(n, 8), torch.rand(n, generator=g))
+    tokens, _ = draw_tokens(filtered.expand(n, 8), torch.rand(n, generator=g))
     kept = torch.isfinite(filtered[0])
     assert kept[tokens].all(), "a token outside the banned/top-k/top-p kept set was drawn"
     assert not (tokens == 1).any(), "a banned token was drawn"
@@ -114,10 +114,10 @@ def test_draw_edges_never_pick_filtered_tokens():
     # filtered-out tokens sit before, between and after the kept ones
     filtered = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]]).expand(3, 5)
     u = torch.tensor([0.0, 0.5, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()])
-    assert draw_tokens(filtered, u).tolist() == [1, 3, 3], "an edge uniform drew a filtered-out token"
+    assert draw_tokens(filtered, u)[0].tolist() == [1, 3, 3], "an edge uniform drew a filtered-out token"
     one_hot = torch.full((1, 5), float("-inf"))
     one_hot[0, 4] = 0.0
-    assert draw_tokens(one_hot, torch.tensor([0.999999])).tolist() == [4]
+    assert draw_tokens(one_hot, torch.tensor([0.999999]))[0].tolist() == [4]
 
 
 def test_greedy_draw_is_argmax_and_never_banned():
@@ -125,7 +125,7 @@ def test_greedy_draw_is_argmax_and_never_banned():
     banned = torch.zeros(32, dtype=torch.bool)
     banned[logits.argmax(-1)[:4]] = True
     _, filtered = filter_logits(logits, temperature=0.0, banned_mask=banned)
-    tok = draw_tokens(filtered, None)
+    tok, _ = draw_tokens(filtered, None)
     ref = logits.masked_fill(banned, float("-inf")).argmax(-1)
     assert torch.equal(tok, ref), "greedy must be argmax over the non-banned tokens"
 
@@ -357,7 +357,7 @@ def test_tiny_checkpoint_with_processor_texts_and_transformers_from_pretrained(t
     folder with from_pretrained; greedy tokens must agree and texts must be the masked tokens, specials skipped."""
     from PIL import Image
 
-    from emor3.grpo.sampler import _decode_texts
+    from emor3.engine.sampler import _decode_texts
     from emor3.models.checkpoint import load_pretrained
     from emor3.models.processing import Processor
     from emor3.models.tiny import build_tiny_checkpoint

@@ -1,6 +1,6 @@
 """Shared-prefix teacher forcing equals the unshared computation (fp32, CPU).
 
-Reference: ``emor3.grpo.rollout.completion_logprobs``, which builds the N unshared (N, P + T) sequences
+Reference: ``emor3.engine.scoring.completion_logprobs``, which builds the N unshared (N, P + T) sequences
 (``teacher_forcing_inputs``), copies each prompt's image features to its rows and runs ``QwenVL.logprobs``. The
 shared path must give the same log-probs, entropies and parameter gradients (vision tower included), on a mixed
 batch (left padding, prompts of different lengths, a text-only prompt, a prompt with two images) with completions
@@ -10,7 +10,7 @@ of different lengths, with and without gradient checkpointing, and at temperatur
 import pytest
 import torch
 
-from emor3.grpo.rollout import completion_logprobs
+from emor3.engine.scoring import completion_logprobs
 from emor3.models import QwenVL, QwenVLConfig
 from emor3.models.positions import mrope_position_ids
 from emor3.models.processing import PromptBatch

@@ -2,19 +2,19 @@
 config round trip, evaluation arithmetic, and the batch plumbing the loop relies on."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from emor3.config import Config, config_from_dict, dump_toml, load_toml, parse_args, save_config
+from emor3.config import Config, config_from_dict, load_toml, parse_args, save_config
 from emor3.evaluate import format_table, summary_scores
+from emor3.data.dataset import BadSampleError
+from emor3.grpo.step import grpo_step
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 
@@ -67,20 +67,39 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     assert not frozen, f"parameters that never moved (no gradient reached them): {frozen}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    G, max_new = cfg.grpo.group_size, cfg.grpo.max_new_tokens
     for r in rows:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm"))
-        assert r["skipped_updates"] == 0
+        assert r["skipped_updates"] == 0 and r["grad_norm"] > 0 and r["kl"] >= 0 and r["entropy"] > 0
+        assert r["loss"] >= r["pg_loss"], "loss = pg_loss + β·KL with KL k3 >= 0"
         assert r["logp_gap"] < 1e-4, "sampler and trainer log-probs must agree in fp32 (same model, same inputs)"
-        for key in ("reward/accuracy", "reward/format", "reward/consistency", "reward/coherence",
-                    "reward/length_reward", "accuracy", "format_rate", "clip_frac_low", "clip_frac_high",
-                    "clip_frac_dual", "ratio_min", "ratio_max", "zero_std_group_frac", "truncation_rate",
-                    "completion_len_mean", "time/rollout", "time/judge", "time/reference", "time/update",
-                    "tokens_per_s", "peak_memory_mb"):
-            assert key in r, f"metrics.jsonl lacks {key}"
-    assert rows[0]["ratio_mean"] == pytest.approx(1.0), "on-policy first update: the ratio is exactly 1"
-    assert (out / "samples.jsonl").read_text().strip(), "sample completions are written every sample_every steps"
-    assert "initial" in results and "emo_r3" in results, "the table has the starting point and the trained policy"
-    assert (out / "results.md").read_text().count("|") > 10
+        # the logged total is the weighted sum of the logged components (paper weights + the plug-in at 1.0)
+        assert r["reward/total"] == pytest.approx(
+            0.8 * r["reward/accuracy"] + 0.05 * r["reward/consistency"] + 0.05 * r["reward/coherence"]
+            + 0.1 * r["reward/format"] + r["reward/length_reward"], abs=1e-6)
+        assert r["accuracy"] == pytest.approx(r["reward/accuracy"]) and r["format_rate"] == pytest.approx(r["reward/format"])
+        for k in ("accuracy", "format_rate", "reward/consistency", "reward/coherence", "clip_frac_low",
+                  "clip_frac_high", "clip_frac_dual", "zero_std_group_frac", "truncation_rate"):
+            assert 0.0 <= r[k] <= 1.0, f"{k} = {r[k]} is not a fraction"
+        assert r["reward/length_reward"] > 0 and r["advantage_abs_mean"] > 0, "the plug-in reward varies: A != 0"
+        assert r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
+        assert 1 <= r["completion_len_mean"] <= r["completion_len_max"] <= max_new
+        assert all(r[k] >= 0 for k in ("time/rollout", "time/judge", "time/reference", "time/update"))
+        assert r["time/step"] >= r["time/update"] and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["lr"] == cfg.grpo.lr
+    assert rows[0]["ratio_min"] == rows[0]["ratio_max"] == pytest.approx(1.0), \
+        "on-policy first update: every ratio is exactly 1"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * (2 * G) + [2] * (2 * G), "2 groups of samples every step"
+    assert all({"prompt", "completion", "accuracy", "format", "total"} <= set(s) for s in samples)
+    assert set(results) == {"initial", "emo_r3"}, "the table has the starting point and the trained policy"
+    table = (out / "results.md").read_text().splitlines()
+    sets = list(results["emo_r3"]["sets"])
+    assert sets == ["test", "ood_render", "ood_emotion6", "ood_binary"]
+    assert table[0] == "| Model | test^I | ood_render | ood_emotion6 | ood_binary | A^I | A^O | A | format % | cue % |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| initial", "| emo_r3"]
+    acc = results["emo_r3"]["sets"]["test"]["accuracy"]
+    assert table[3].split(" | ")[1] == f"{acc:.2f}", "the table shows the evaluated accuracy"
 
 
 def test_a_new_run_in_an_old_folder_starts_clean(tmp_path, capsys):
@@ -130,14 +149,36 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert state["step"] == steps_logged >= 1, "the checkpoint holds the last finished step"
 
 
-def test_dapo_dynamic_sampling_runs_and_reports(tmp_path, plugin):
-    cfg = tiny_config(tmp_path, reward={"plugins": [plugin]}, grpo={"algo": "dapo", "steps": 1},
-                      sft={"steps": 0})
+HALF_CONSTANT = '''
+def half_constant(prompts, completions, id, **kw):
+    """Constant (0) for about half of the prompts (chosen by id), the completion's length elsewhere."""
+    return [0.0 if sum(map(ord, i)) % 2 else len(c) / 100.0 for c, i in zip(completions, id)]
+'''
+
+
+def test_dapo_keeps_only_informative_groups(tmp_path, monkeypatch):
+    (tmp_path / "emor3_half_plugin.py").write_text(HALF_CONSTANT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    references = []
+
+    def spy(exp, cfg, stream, policy, reference, *args):  # what grpo_step is given
+        references.append(reference)
+        return grpo_step(exp, cfg, stream, policy, reference, *args)
+
+    monkeypatch.setattr("emor3.grpo.train.grpo_step", spy)
+    # no RER and a zero-weight accuracy/format: the plug-in alone decides whether a group is constant
+    cfg = tiny_config(tmp_path, reward={"plugins": ["emor3_half_plugin:half_constant=1.0"],
+                                        "weights": "accuracy=0,format=0"},
+                      grpo={"algo": "dapo", "steps": 2, "prompts_per_step": 4, "mini_batch_prompts": 4,
+                            "micro_batch_rows": 8}, sft={"steps": 0})
     train(cfg)
-    row = json.loads((Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"dapo/filtered_groups", "dapo/refill_rounds", "dapo/kept_groups"} <= set(row)
-    assert row["kl"] == 0.0, "DAPO has no KL term"
-    assert "reward/overlong_penalty" in row
+    rows = [json.loads(x) for x in (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["dapo/filtered_groups"] for r in rows) > 0, "the test needs constant groups to filter"
+    for r in rows:
+        assert r["dapo/kept_groups"] > 0
+        assert r["zero_std_group_frac"] == 0.0, "a group whose rewards are all equal was kept and trained on"
+        assert r["advantage_abs_mean"] > 0 and r["kl"] == 0.0 and r["reward/overlong_penalty"] <= 0.0
+    assert references and all(ref is None for ref in references), "DAPO (β = 0) must not build a reference model"
 
 
 def _write_manifest(root: Path, bad: bool) -> Path:
@@ -159,13 +200,13 @@ def _write_manifest(root: Path, bad: bool) -> Path:
 def test_bad_samples_stop_the_run_or_are_counted(tmp_path, capsys):
     manifest = _write_manifest(tmp_path / "data", bad=True)
     cfg = tiny_config(tmp_path, data={"train": str(manifest)}, grpo={"steps": 1}, sft={"steps": 1})
-    with pytest.raises(Exception, match=r"train\.jsonl.*line 5|line 5.*train\.jsonl|missing\.png"):
+    with pytest.raises(BadSampleError, match=r"train\.jsonl.*line 5|line 5.*train\.jsonl|missing\.png"):
         train(cfg)
     skip = tiny_config(tmp_path, data={"train": str(manifest), "on_bad_sample": "skip"}, grpo={"steps": 1},
                        sft={"steps": 1})
     train(skip)
     out = capsys.readouterr().out
-    assert "skipped" in out.lower() and "1" in out, "skipped samples must be counted and reported at the start"
+    assert "SKIPPED 1 bad samples" in out, f"skipped samples must be counted and reported at the start:\n{out}"
 
 
 def test_config_round_trip(tmp_path):
@@ -185,9 +226,14 @@ def test_config_round_trip(tmp_path):
 
 
 def test_examples_parse():
-    for path in sorted((REPO / "examples").glob("*.toml")):
+    paths = sorted((REPO / "examples").glob("*.toml"))
+    assert len(paths) >= 4
+    for path in paths:
         cfg = parse_args(["--config", str(path)], "test", "")
-        cfg.algorithm()  # the preset and overrides resolve
+        assert cfg == config_from_dict(load_toml(path)), f"{path.name}: the flags parser reads the file differently"
+        a = cfg.algorithm()  # the preset and overrides resolve to complete settings
+        assert all(getattr(a, f) is not None for f in ("clip_low", "clip_high", "kl_coef", "loss_agg", "reflection"))
+        assert cfg.resolved().grpo.kl_coef == a.kl_coef
 
 
 def test_evaluation_table_arithmetic():
@@ -206,7 +252,8 @@ def test_prompt_slice_and_concat_keep_logprobs(tmp_path):
     from emor3.data.emoscenes import make_emoscenes
     from emor3.experiment import tokenizer_corpus
     from emor3.data import get_taxonomy
-    from emor3.grpo.rollout import completion_logprobs, concat_prompt_batches, encode_samples, prompt_slice
+    from emor3.engine.prompts import encode_samples
+    from emor3.engine.scoring import completion_logprobs, concat_prompt_batches, prompt_slice
     from emor3.models import Processor
     from emor3.models.tiny import build_tiny_checkpoint
 
@@ -231,3 +278,85 @@ def test_prompt_slice_and_concat_keep_logprobs(tmp_path):
                                      proc.stop_token_ids[0])
         cat = completion_logprobs(model, both, torch.arange(3), comp[[3, 0, 2]], mask[[3, 0, 2]])
         torch.testing.assert_close(cat, ref[[3, 0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_logged_loss_is_the_mini_batch_loss_for_any_micro_batch_size(tmp_path, plugin):
+    """1 micro-batch of 4 rows or 2 of 2 rows per mini-batch: the same rollouts and the same gradients, so the same
+    logged loss (each micro-batch's loss is its share of the mini-batch's; the shares are summed, not averaged).
+
+    Two mini-batches per step: on-policy, the first update's surrogate is -mean(A) over tokens, 0 when a group's
+    completions are equally long (the untrained model never stops), so the logged loss comes from the second update,
+    whose ratio differs from 1. Its parameters agree between the two runs up to fp32 summation order (measured
+    relative difference 5e-7); a loss averaged instead of summed over micro-batches is off by a factor of 2."""
+    logged = {}
+    for rows in (4, 2):
+        cfg = tiny_config(tmp_path / f"micro{rows}", reward={"plugins": [plugin]},
+                          grpo={"steps": 1, "micro_batch_rows": rows, "prompts_per_step": 4, "mini_batch_prompts": 2})
+        train(cfg)
+        logged[rows] = json.loads((Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()[0])
+    one, two = logged[4], logged[2]
+    assert one["reward/total"] == two["reward/total"], "the micro-batch size must not change the rollouts"
+    assert abs(one["pg_loss"]) > 1e-4, "the comparison is vacuous when the loss is 0"
+    for k in ("loss", "pg_loss", "grad_norm"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), f"{k} depends on --grpo.micro-batch-rows"
+
+
+def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
+    """DAPO keeps groups (select) from several rollout rounds (cat): every row must stay with its prompt, its
+    rewards, its advantage and every Rollout field, including truncation_logmass."""
+    from emor3.data import get_taxonomy
+    from emor3.data.emoscenes import make_emoscenes
+    from emor3.engine.prompts import encode_samples
+    from emor3.engine.sampler import Rollout
+    from emor3.experiment import tokenizer_corpus
+    from emor3.grpo.rollout import ScoredBatch
+    from emor3.models import Processor
+    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.rewards import RewardBreakdown
+
+    tax = {n: get_taxonomy(n) for n in ("mikels8", "binary")}
+    build_tiny_checkpoint(tmp_path / "m", tokenizer_corpus(tax.values()), seed=0, vocab_size=512)
+    proc = Processor.from_pretrained(tmp_path / "m")
+    data = make_emoscenes(seed=0, n_train=3, n_test=0, n_ood=1, image_size=84)
+    samples = list(data["train"].samples) + list(data["ood_binary"].samples)  # 4 prompts, different lengths
+    prompts = encode_samples(proc, samples, [s.open_image() for s in samples], tax)
+    B, G, T = 4, 3, 5
+
+    def scored(offset: int, T: int) -> ScoredBatch:
+        n = torch.arange(B * G) + offset  # (N,) a row's identity, written into every per-row field
+        ids = n[:, None].repeat(1, T)  # (N, T)
+        mask = torch.ones(B * G, T)
+        rollout = Rollout(prompt_index=torch.arange(B).repeat_interleave(G), completion_ids=ids, completion_mask=mask,
+                          logprobs=-n[:, None].float().repeat(1, T), truncated=n % 2 == 0,
+                          texts=[f"row{i}" for i in n.tolist()], group_size=G,
+                          truncation_logmass=-0.5 * n[:, None].float().repeat(1, T))
+        rewards = RewardBreakdown(n.float(), {"accuracy": 2 * n.float()}, {"accuracy": 1.0}, {"format_paper": 3 * n.float()})
+        return ScoredBatch(prompts, rollout, rewards, advantages=10 * n.float())
+
+    def check(batch: ScoredBatch, prompt_of: list[int], offset_of: list[int]):
+        """batch prompt b must be original prompt prompt_of[b], its rows original rows of that prompt + offset."""
+        assert batch.num_prompts == len(prompt_of) and batch.rollout.prompt_index.tolist() == \
+            torch.arange(len(prompt_of)).repeat_interleave(G).tolist()
+        for b, (p, off) in enumerate(zip(prompt_of, offset_of)):
+            real = batch.prompts.attention_mask[b].bool()
+            orig = prompts.attention_mask[p].bool()
+            assert torch.equal(batch.prompts.input_ids[b][real], prompts.input_ids[p][orig]), "prompt misaligned"
+            assert batch.prompts.next_position[b] == prompts.next_position[p]
+            for j in range(G):
+                r, n = b * G + j, p * G + j + off
+                assert batch.rollout.completion_ids[r, 0] == n and batch.rollout.texts[r] == f"row{n}"
+                assert batch.rollout.logprobs[r, 0] == -n and batch.rollout.truncated[r] == (n % 2 == 0)
+                assert batch.rollout.truncation_logmass[r, 0] == -0.5 * n, "truncation_logmass lost or misaligned"
+                assert batch.rewards.total[r] == n and batch.rewards.components["accuracy"][r] == 2 * n
+                assert batch.rewards.extras["format_paper"][r] == 3 * n and batch.advantages[r] == 10 * n
+        assert batch.prompts.pixel_values.shape[0] == sum(
+            int(prompts.image_grid_thw[p].prod()) for p in prompt_of), "a prompt's image patches were not kept with it"
+
+    a, b = scored(0, T), scored(100, T + 2)
+    check(a.select(torch.tensor([3, 1])), [3, 1], [0, 0])
+    both = ScoredBatch.cat([a.select(torch.tensor([2])), b.select(torch.tensor([0, 3]))], pad_token_id=7)
+    check(both, [2, 0, 3], [0, 100, 100])
+    assert both.rollout.completion_ids.shape == (3 * G, T + 2)
+    assert both.rollout.completion_mask[:G, T:].sum() == 0 and (both.rollout.completion_ids[:G, T:] == 7).all(), \
+        "the shorter batch's completions are right-padded with the pad id and masked out"
+    check(both.select(torch.tensor([2, 0])), [3, 2], [100, 0])

@@ -1,1 +1,2 @@
-"""GRPO: the objective math, the rollout sampler and the train loop (python -m emor3.grpo.train)."""
+"""GRPO: the objective math (objective), the rollout phase (rollout), one step (step) and the run (train:
+python -m emor3.grpo.train)."""

@@ -47,8 +47,6 @@ Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion lengt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 
 # log π − log π_old is clamped to this range before exp (verl: core_algos.compute_policy_loss).
@@ -268,70 +266,3 @@ def overlong_penalty(lengths: torch.Tensor, *, max_len: int, buffer: int) -> tor
     expected = max_len - buffer
     ramp = (expected - length) / buffer
     return torch.where(length <= expected, torch.zeros_like(length), torch.where(length <= max_len, ramp, -torch.ones_like(length)))
-
-
-# --------------------------------------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """The objective's settings for one named algorithm. ``emor3.config`` starts from a preset and lets every
-    field be overridden; the resolved values are what a run records."""
-
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    kl_coef: float  # β: 0 disables the reference model entirely
-    kl_kind: str
-    loss_agg: str
-    adv_scale: str
-    ratio_level: str
-    dynamic_sampling: bool = False
-    overlong_buffer: float = 0.0  # DAPO's L_cache as a fraction of the response budget; 0 disables the penalty
-    reflection: bool = False  # EMO-R3's RER rewards (emor3.rewards.reflection)
-
-    def replace(self, **overrides) -> "Algorithm":
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"unknown algorithm settings {unknown}; valid: {sorted(names)}")
-        return Algorithm(**{**{n: getattr(self, n) for n in names}, **overrides})
-
-
-ALGORITHMS: dict[str, Algorithm] = {
-    # EMO-R3's GRPO (PAPER.md "Training setup", from the authors' EasyR1 config): clip ε 0.2 / 0.3, dual clip 3.0,
-    # k3 ("low_var_kl") in the loss with β = 0.01, token-mean aggregation, group std scaling, token-level ratio.
-    "grpo": Algorithm(
-        clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_kind="k3",
-        loss_agg="token-mean", adv_scale="group", ratio_level="token",
-    ),
-    # DAPO (Yu et al. 2025): clip-higher 0.2 / 0.28 (sec. 3.1), no KL term (sec. 2.3), token-level loss (sec. 3.3),
-    # dynamic sampling (sec. 3.2), soft overlong punishment (sec. 3.4: a 4k-token buffer in a 20k budget, kept here
-    # as the same fraction, 0.2, of whatever max_new_tokens a run uses).
-    "dapo": Algorithm(
-        clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, kl_kind="k3",
-        loss_agg="token-mean", adv_scale="group", ratio_level="token",
-        dynamic_sampling=True, overlong_buffer=0.2,
-    ),
-    # Dr.GRPO (Liu et al. 2025): no std scaling and a constant length normaliser (sec. 3.1); clip 0.2 as PPO;
-    # no KL (their recipe sets β = 0).
-    "dr_grpo": Algorithm(
-        clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_kind="k3",
-        loss_agg="seq-mean-token-sum-norm", adv_scale="none", ratio_level="token",
-    ),
-    # GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4 (sec. 5.1), sequence-mean of token-means
-    # (the sequence objective, eq. 5), group std scaling; no KL.
-    "gspo": Algorithm(
-        clip_low=3e-4, clip_high=4e-4, dual_clip=None, kl_coef=0.0, kl_kind="k3",
-        loss_agg="seq-mean-token-mean", adv_scale="group", ratio_level="sequence",
-    ),
-}
-# EMO-R3 = the paper's GRPO plus the SET prompt (always used for emotion tasks) and the RER rewards.
-ALGORITHMS["emo_r3"] = ALGORITHMS["grpo"].replace(reflection=True)
-
-
-def get_algorithm(name: str) -> Algorithm:
-    """The preset called ``name``; the error lists the valid names."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name]

@@ -1,159 +1,233 @@
-"""From dataset rows to prompts, and from prompts + completions to teacher-forced log-probs.
+"""The rollout phase of a GRPO step: prompts from the shared stream -> sampled completions -> rewards, as one
+typed, scored batch.
 
-The trainer, Cold-Start SFT and evaluation share these steps:
-1. ``encode_samples``: dataset samples -> SET chat messages (image, question listing the sample's taxonomy labels,
-   SET instruction) -> ``PromptBatch`` through the processor.
-2. ``teacher_forcing_inputs``: a prompt batch (B rows) and completions (N rows, row n continuing prompt
-   ``prompt_index[n]``) -> the (N, P + T) sequences, attention mask and M-RoPE positions the model scores.
-   Completion positions continue from ``PromptBatch.next_position`` on all three M-RoPE axes, the same rule the
-   sampler uses while decoding, so trainer and sampler see identical inputs.
-3. ``row_image_embeds``: each prompt's image tokens are encoded once and repeated for its rows, never once per row.
-4. ``completion_logprobs``: per-token log-probs (and entropy) of the completions under a temperature, in
-   micro-batches of whole prompts, with or without gradient.
+1. ``ScoredBatch`` is what a step trains on: B prompts (a ``PromptBatch``), their N = B·G completions (a
+   ``Rollout``, row n continuing prompt n // G), the rewards of every row (a ``RewardBreakdown``) and, once
+   computed, the group-relative advantages. ``select`` keeps whole prompts with their G rows, ``cat`` stacks
+   batches; both carry every field of every part, so rows and prompts stay aligned.
+2. ``score_prompts``: dataset rows -> SET prompts -> ``sample`` G completions each -> RER judgements (the current
+   policy or the frozen reference answers two questions about each completion, no gradient) -> rewards, plus
+   DAPO's soft overlong penalty when the algorithm has one.
+3. ``PromptStream``: training prompts in a fresh seeded permutation each epoch; its position is trainer state.
+   ``collect_step``: the step's ``prompts_per_step`` prompts from the shared, seeded stream; this rank scores its
+   contiguous share (all of it on one process) in chunks of ``--grpo.sample-chunk`` prompts, each under a
+   generator seeded from (seed, the chunk's absolute stream position), so a prompt's completions do not depend on
+   the number of ranks.
+4. ``collect``: ``collect_step``, then, for DAPO, dynamic sampling: groups whose rewards are all equal are dropped
+   and refilled from fresh prompts (DAPO sec. 3.2), up to ``--grpo.max-refill`` extra rounds.
 
-Shape legend: B prompts, G samples per prompt, N = B·G rows, P prompt length, T completion length, M image tokens,
-D hidden size.
+Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion length.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from emor3 import distributed as dist
+from emor3.config import Config
+from emor3.engine.prompts import encode_samples
+from emor3.engine.sampler import Rollout, group_rows, sample
+from emor3.engine.scoring import concat_prompt_batches, prompt_slice
+from emor3.experiment import Experiment
+from emor3.grpo.objective import dynamic_sampling_keep, overlong_penalty
 from emor3.models.processing import PromptBatch
-from emor3.rewards import build_set_messages
+from emor3.rewards import RewardBreakdown, compute_rewards
+from emor3.rewards.reflection import ModelJudge, reflect
 
 
-def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: dict, template: str | None = None) -> PromptBatch:
-    """SET prompts for ``samples`` (each with ``.taxonomy`` naming an entry of ``taxonomies``) and their images (one
-    PIL image per sample) as a PromptBatch."""
-    messages = [build_set_messages(taxonomies[s.taxonomy], template) for s in samples]
-    return processor.encode_prompts(messages, [[im] for im in images])
+def _per_row(x, fn):
+    """fn applied to every per-row tensor in x (a tensor, or a dict of them); anything else (weights) as it is."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _per_row(v, fn) for k, v in x.items()}
+    return x
 
 
-def teacher_forcing_inputs(
-    batch: PromptBatch, prompt_index: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt rows ``prompt_index`` (N,) followed by completions (N, T) -> input_ids, attention_mask (N, P+T) and
-    position_ids (3, N, P+T). Tokens after a completion's stop are masked out of attention and never scored."""
-    N, T = completion_ids.shape
-    assert prompt_index.shape == (N,) and completion_mask.shape == (N, T)
-    device = batch.input_ids.device
-    prompt_index = prompt_index.to(device)
-    input_ids = torch.cat([batch.input_ids[prompt_index], completion_ids.to(device)], dim=1)  # (N, P+T)
-    attention_mask = torch.cat(
-        [batch.attention_mask[prompt_index], completion_mask.to(device=device, dtype=batch.attention_mask.dtype)], dim=1
-    )  # (N, P+T)
-    completion_pos = batch.next_position[prompt_index][:, None] + torch.arange(T, device=device)  # (N, T)
-    position_ids = torch.cat(
-        [batch.position_ids[:, prompt_index], completion_pos[None].expand(3, N, T)], dim=2
-    )  # (3, N, P+T)
-    return input_ids, attention_mask, position_ids
+def _map_rewards(r: RewardBreakdown, fn) -> RewardBreakdown:
+    """fn applied to every per-row tensor of every field of a RewardBreakdown (total, components, extras)."""
+    return dataclasses.replace(r, **{f.name: _per_row(getattr(r, f.name), fn) for f in dataclasses.fields(r)})
 
 
-def image_tokens_per_prompt(batch: PromptBatch, image_token_id: int) -> torch.Tensor:
-    return (batch.input_ids == image_token_id).sum(dim=1)  # (B,)
+def _cat_rewards(rs: Sequence[RewardBreakdown]) -> RewardBreakdown:
+    """RewardBreakdowns of consecutive rows stacked, field by field (weights from the first)."""
+    def cat(xs):
+        if isinstance(xs[0], torch.Tensor):
+            return torch.cat(list(xs))
+        if isinstance(xs[0], dict):
+            return {k: cat([x[k] for x in xs]) for k in xs[0]}
+        return xs[0]
+
+    return dataclasses.replace(rs[0], **{f.name: cat([getattr(r, f.name) for r in rs]) for f in dataclasses.fields(rs[0])})
 
 
-def row_image_embeds(embeds: torch.Tensor, tokens_per_prompt: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-    """Image features of the prompts (M, D), in prompt order, repeated for rows (N,) -> (sum of rows' tokens, D).
+@dataclass
+class ScoredBatch:
+    """One scored rollout batch: B prompts, N = B·G completions (row n samples prompt n // G), their rewards."""
 
-    The result fills the image-token slots of the rows in row-major order, as ``QwenVL.forward`` expects."""
-    assert embeds.shape[0] == int(tokens_per_prompt.sum()), "image features do not match the prompts' image tokens"
-    starts = torch.cumsum(tokens_per_prompt, 0) - tokens_per_prompt  # (B,)
-    counts = tokens_per_prompt[prompt_index]  # (N,)
-    # row n takes embeds[starts[p_n] : starts[p_n] + counts[n]]
-    offsets = torch.arange(int(counts.sum()), device=embeds.device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts
+    prompts: PromptBatch  # B prompts, left-padded, with their images
+    rollout: Rollout  # N completions: ids, mask, sampler log-probs (N, T); texts, truncation flags
+    rewards: RewardBreakdown  # total (N,), every component and extra (N,)
+    advantages: torch.Tensor | None = None  # (N,) float32, group-relative; None until computed
+
+    @property
+    def group_size(self) -> int:
+        return self.rollout.group_size
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompts.input_ids.shape[0]
+
+    def select(self, prompts: torch.Tensor) -> "ScoredBatch":
+        """The prompts ``prompts`` (B',) long, in that order, with their G rows of completions, rewards and
+        advantages."""
+        prompts = prompts.flatten().cpu()
+        rows = group_rows(prompts, self.group_size)  # (B'·G,)
+        return ScoredBatch(
+            prompt_slice(self.prompts, prompts), self.rollout.select(prompts),
+            _map_rewards(self.rewards, lambda t: t[rows.to(t.device)]),
+            None if self.advantages is None else self.advantages[rows.to(self.advantages.device)],
+        )
+
+    @staticmethod
+    def cat(batches: Sequence["ScoredBatch"], pad_token_id: int) -> "ScoredBatch":
+        """Batches of different prompts stacked into one: prompts left-padded, completions right-padded."""
+        if len(batches) == 1:
+            return batches[0]
+        advantages = [b.advantages for b in batches]
+        return ScoredBatch(
+            concat_prompt_batches([b.prompts for b in batches], pad_token_id),
+            Rollout.cat([b.rollout for b in batches], pad_token_id),
+            _cat_rewards([b.rewards for b in batches]),
+            None if any(a is None for a in advantages) else torch.cat(advantages),
+        )
+
+    def gathered_rewards(self) -> RewardBreakdown:
+        """Every rank's rewards, rows in global prompt order (the single-process batch; for metrics)."""
+        return _map_rewards(self.rewards, dist.gather_rows)
+
+
+# --------------------------------------------------------------------------------------------- sampling + scoring
+
+
+class PromptStream:
+    """Training prompts in a fresh seeded permutation each epoch. Its position is part of the trainer state, so a
+    resumed run sees exactly the prompts it would have seen."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
+        if n == 0:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+
+
+def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: torch.Generator) -> tuple[ScoredBatch, float]:
+    """Dataset rows ``indices`` -> (their ScoredBatch, seconds spent judging and scoring)."""
+    g = cfg.grpo
+    samples = [exp.train_set[i] for i in indices]
+    images = [exp.train_set.image(i) for i in indices]
+    prompts = encode_samples(exp.processor, samples, images, exp.taxonomies).to(exp.device)
+    rollout = sample(
+        exp.model, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        top_p=g.top_p, top_k=g.top_k, stop_token_ids=exp.processor.stop_token_ids,
+        banned_token_ids=exp.processor.banned_token_ids, generator=generator, tokenizer=exp.processor,
     )
-    return embeds[torch.repeat_interleave(starts[prompt_index], counts) + offsets]
-
-
-def _image_ranges(batch: PromptBatch) -> tuple[list[range], list[range]]:
-    """Per prompt: the range of its images (rows of image_grid_thw) and of its patches (rows of pixel_values)."""
-    images, patches, i, p = [], [], 0, 0
-    per_image = batch.image_grid_thw.prod(dim=1).tolist() if batch.image_grid_thw is not None else []
-    for k in batch.num_images:
-        n_patches = sum(per_image[i : i + k])
-        images.append(range(i, i + k))
-        patches.append(range(p, p + n_patches))
-        i, p = i + k, p + n_patches
-    return images, patches
-
-
-def prompt_slice(batch: PromptBatch, prompts: torch.Tensor) -> PromptBatch:
-    """The prompts ``prompts`` (indices, in order) of a batch, with their images; shared left padding is trimmed."""
-    prompts = prompts.to(batch.input_ids.device)
-    used = batch.attention_mask[prompts].sum(0) > 0  # (P,) columns some kept row uses
-    first = int(used.nonzero()[0]) if bool(used.any()) else 0
-    pixel_values, grid = batch.pixel_values, batch.image_grid_thw
-    if grid is not None:
-        images, patches = _image_ranges(batch)
-        keep = prompts.tolist()
-        image_ids = [i for b in keep for i in images[b]]
-        patch_ids = [i for b in keep for i in patches[b]]
-        pixel_values = pixel_values[torch.tensor(patch_ids, dtype=torch.long, device=pixel_values.device)]
-        grid = grid[torch.tensor(image_ids, dtype=torch.long, device=grid.device)]
-    return PromptBatch(
-        input_ids=batch.input_ids[prompts, first:],
-        attention_mask=batch.attention_mask[prompts, first:],
-        position_ids=batch.position_ids[:, prompts, first:],
-        pixel_values=pixel_values,
-        image_grid_thw=grid,
-        next_position=batch.next_position[prompts],
-        num_images=[batch.num_images[b] for b in prompts.tolist()],
+    t0 = time.perf_counter()
+    rows = rollout.prompt_index.tolist()
+    labels = [samples[i].label for i in rows]
+    taxes = [exp.taxonomies[samples[i].taxonomy] for i in rows]
+    # what the rewards read: a Thinking model's completions minus their reasoning block (Processor.answer)
+    answers = [exp.processor.answer(t) for t in rollout.texts]
+    reflection = None
+    if exp.algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
+        judge = ModelJudge(exp.reference if cfg.reward.judge == "reference" else exp.model, exp.processor,
+                           max_new_tokens=cfg.reward.judge_max_new_tokens, seed=generator)
+        reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
+                             mode=cfg.reward.judge_mode).components()
+    rewards = compute_rewards(
+        answers, labels, taxonomies=taxes, weights=exp.reward_weights, reflection=reflection,
+        plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
+        columns={"id": [samples[i].id for i in rows]},
+        strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",
     )
+    if exp.algo.overlong_buffer > 0:  # DAPO's soft overlong punishment: a term of weight 1 added to the total
+        max_len = g.max_new_tokens
+        penalty = overlong_penalty(rollout.lengths, max_len=max_len, buffer=max(1, int(exp.algo.overlong_buffer * max_len)))
+        rewards = dataclasses.replace(rewards, total=rewards.total + penalty,
+                                      components={**rewards.components, "overlong_penalty": penalty},
+                                      weights={**rewards.weights, "overlong_penalty": 1.0})
+    return ScoredBatch(prompts, rollout, rewards), time.perf_counter() - t0
 
 
-def concat_prompt_batches(batches: Sequence[PromptBatch], pad_token_id: int) -> PromptBatch:
-    """Stack prompt batches, left-padding each to the longest prompt."""
-    P = max(b.input_ids.shape[1] for b in batches)
-
-    def left(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (P - t.shape[-1], 0), value=value)
-
-    grids = [b.image_grid_thw for b in batches if b.image_grid_thw is not None]
-    return PromptBatch(
-        input_ids=torch.cat([left(b.input_ids, pad_token_id) for b in batches]),
-        attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
-        position_ids=torch.cat([left(b.position_ids, 0) for b in batches], dim=1),
-        pixel_values=torch.cat([b.pixel_values for b in batches if b.pixel_values is not None]) if grids else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
-        next_position=torch.cat([b.next_position for b in batches]),
-        num_images=[k for b in batches for k in b.num_images],
-    )
+def chunk_seed(seed: int, position: int) -> int:
+    """Seed of the sampling generator of the prompt chunk starting at absolute stream ``position``."""
+    return (seed * 1_000_003 + position) % 2**63
 
 
-def completion_logprobs(
-    model,
-    batch: PromptBatch,
-    prompt_index: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    image_embeds: torch.Tensor | None = None,
-    return_entropy: bool = False,
-):
-    """Teacher-forced log-probs (N, T) of the completions (optionally with entropy (N, T)).
+def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch, float]:
+    """This rank's share of the step's prompts from ``stream``, sampled and scored chunk by chunk
+    -> (ScoredBatch, judge seconds)."""
+    g = cfg.grpo
+    first = stream.epoch * stream.n + stream.pos  # absolute position of the next prompt in the stream
+    offset, mine = dist.shard(stream.take(g.prompts_per_step))
+    chunk = g.sample_chunk or len(mine)
+    if len(mine) % chunk:
+        raise ValueError(f"--grpo.sample-chunk {chunk} must divide the prompts per rank ({len(mine)})")
+    parts, t_judge = [], 0.0
+    for s in range(0, len(mine), chunk):
+        generator = torch.Generator(device=exp.device).manual_seed(chunk_seed(cfg.run.seed, first + offset + s))
+        part, dt = score_prompts(exp, cfg, mine[s : s + chunk], generator)
+        parts.append(part)
+        t_judge += dt
+    return ScoredBatch.cat(parts, exp.processor.stop_token_ids[0]), t_judge
 
-    ``image_embeds``: the prompts' image features (M, D) if already computed (the caller decides whether they carry
-    gradient); otherwise they are encoded here once per prompt.
-    """
-    image_token_id = model.config.image_token_id
-    if image_embeds is None and batch.pixel_values is not None:
-        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
-    rows_embeds = None
-    if image_embeds is not None:
-        rows_embeds = row_image_embeds(image_embeds, image_tokens_per_prompt(batch, image_token_id), prompt_index)
-    input_ids, attention_mask, position_ids = teacher_forcing_inputs(batch, prompt_index, completion_ids, completion_mask)
-    return model.logprobs(
-        input_ids,
-        position_ids,
-        attention_mask,
-        completion_ids.shape[1],
-        image_embeds=rows_embeds,
-        temperature=temperature,
-        return_entropy=return_entropy,
-    )
+
+def collect(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch | None, float, dict]:
+    """The step's scored batch (None when DAPO kept no group), judge seconds, and DAPO's counts."""
+    batch, t_judge = collect_step(exp, cfg, stream)
+    if not exp.algo.dynamic_sampling:
+        return batch, t_judge, {}
+    g = cfg.grpo
+    kept, n_kept, filtered, refills = [], 0, 0, 0
+    while True:
+        keep = dynamic_sampling_keep(batch.rewards.total.view(-1, g.group_size))  # (B,) informative groups
+        filtered += int((~keep).sum())
+        if bool(keep.any()):
+            kept.append(batch.select(keep.nonzero().flatten()))
+            n_kept += int(keep.sum())
+        if n_kept >= g.prompts_per_step or refills >= g.max_refill:
+            break
+        refills += 1
+        batch, dt = collect_step(exp, cfg, stream)
+        t_judge += dt
+    stats = {"dapo/filtered_groups": filtered, "dapo/refill_rounds": refills, "dapo/kept_groups": n_kept}
+    if not kept:
+        return None, t_judge, stats
+    batch = ScoredBatch.cat(kept, exp.processor.stop_token_ids[0])
+    if n_kept > g.prompts_per_step:  # keep exactly one rollout batch
+        batch = batch.select(torch.arange(g.prompts_per_step))
+    return batch, t_judge, stats

@@ -71,13 +71,16 @@ def mrope_position_ids(input_ids: Tensor, attention_mask: Tensor | None, image_g
     return pos.to(input_ids.device), nxt.to(input_ids.device)
 
 
-def decode_position_ids(next_position: Tensor, start: int | Tensor, length: int = 1) -> Tensor:
-    """Position ids (3, N, length) of decode steps start .. start+length-1 (0 = first generated token).
+def decode_position_ids(next_position: Tensor, start: int = 0, length: int = 1) -> Tensor:
+    """Position ids (3, N, length) of generated tokens start .. start+length-1 (0 = the first generated token) of
+    rows continuing from next_position (N,).
 
-    The id is next_position + step on all three axes (text tokens after the prompt)."""
-    steps = torch.arange(length, device=next_position.device) + start  # (length,)
+    Generated token t sits at next_position + t on all three axes (text tokens after the prompt). The one place
+    this rule is written: the sampler starts from it and counts on, teacher forcing and the RER choice scorer use it
+    directly. A new tensor (not a view), so a caller may advance it in place."""
+    steps = torch.arange(start, start + length, device=next_position.device)  # (length,)
     pos = next_position[:, None] + steps[None, :]  # (N, length)
-    return pos.unsqueeze(0).expand(3, -1, -1)
+    return pos.unsqueeze(0).repeat(3, 1, 1)  # (3, N, length)
 
 
 def text_position_ids(attention_mask: Tensor) -> Tensor:

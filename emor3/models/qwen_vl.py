@@ -27,8 +27,9 @@ Choices that differ from transformers, on purpose:
   - A decoder layer can run a second stream of prompt rows whose keys and values the main rows attend to before
     their own (`DecoderLayer.forward(..., prefix=...)`), so that G completions share one pass over their prompt
     (`emor3.models.shared_prefix`).
-  - `logprobs` computes log_softmax(lm_head(h) / temperature) in token chunks, each chunk recomputed in backward
-    (non-reentrant checkpoint), so the (N, T, V) logits are never held whole, forward or backward.
+  - `logprobs` computes log_softmax(lm_head(h) / temperature) (and the entropy) in token chunks through
+    `_ChunkLogprob`, an autograd function with a hand-written backward that keeps only the chunk's hidden states
+    and recomputes its (chunk, V) logits there, so the (N, T, V) logits are never held whole, forward or backward.
 
 Shape legend: N rows (= B prompts x G samples), L query length, S cache slots, T target tokens, D text hidden,
 V vocab, H heads, K kv heads, hd head dim, M merged image tokens (all images), n vision patches, C vision width.
@@ -112,10 +113,6 @@ class KVCache:
     def repeat_interleave(self, repeats: int) -> "KVCache":
         """Copy each row's cache to `repeats` consecutive rows (prefill once per prompt, decode G samples)."""
         return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1))
-
-    def index_select(self, rows: Tensor) -> "KVCache":
-        """Keep rows `rows` (R,) long, in that order (e.g. drop finished rows)."""
-        return KVCache(self.k.index_select(1, rows), self.v.index_select(1, rows))
 
 
 # ----------------------------------------------------------------------------------------------- text decoder

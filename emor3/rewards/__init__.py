@@ -1,4 +1,6 @@
-"""EMO-R3 rewards: SET prompt and parser, format and accuracy rules, RER (reflection), combination into a total."""
+"""EMO-R3 rewards: SET parser, format and accuracy rules, RER (reflection), combination into a total.
+
+The SET prompt itself is built by ``emor3.engine.prompts`` (one layer down) and re-exported here with its parser."""
 
 from emor3.rewards.combine import (
     WEIGHT_PRESETS,
@@ -14,21 +16,12 @@ from emor3.rewards.reflection import (
     ModelJudge,
     ReflectionResult,
     reflect,
-    rollout_images,
     score_coherence_reply,
     score_consistency_reply,
 )
 from emor3.rewards.rules import accuracy_reward, extract_answer, format_reward, normalize_answer
-from emor3.rewards.set_prompt import (
-    DEFAULT_TEMPLATE,
-    SET_INSTRUCTION,
-    SetParse,
-    build_set_messages,
-    last_boxed,
-    load_template,
-    parse_set,
-    set_prompt,
-)
+from emor3.engine.prompts import DEFAULT_TEMPLATE, SET_INSTRUCTION, build_set_messages, load_template, set_prompt
+from emor3.rewards.set_parse import SetParse, last_boxed, parse_set
 
 __all__ = [
     "WEIGHT_PRESETS",
@@ -36,7 +29,6 @@ __all__ = [
     "ModelJudge",
     "ReflectionResult",
     "reflect",
-    "rollout_images",
     "score_coherence_reply",
     "score_consistency_reply",
     "RewardBreakdown",

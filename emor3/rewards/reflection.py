@@ -1,4 +1,4 @@
-"""RER, the Reflective Emotional Reward of EMO-R3 (PAPER.md, "Rewards"): the model re-reads its own reasoning.
+"""RER, the Reflective Emotional Reward of EMO-R3 (docs/method.md, "Rewards"): the model re-reads its own reasoning.
 
 Two self-judgements per completion, each a new single-turn chat:
   consistency (visual-text): the image, then `Can the following text describe the image? Please answer with yes or
@@ -7,7 +7,7 @@ Two self-judgements per completion, each a new single-turn chat:
   coherence (emotional): steps 1 and 2 as text only (no image), then `Which emotion best describes the text above?`
       and `Answer the question using one emotional category (one word only): <labels>.`, where <labels> are the
       sample's taxonomy labels comma-separated in the taxonomy's order (the authors hard-coded Mikels' eight).
-Prompt layout (PAPER.md gives the sentences, not how they are joined): parts joined by "\\n", in the order above.
+Prompt layout (the paper gives the sentences, not how they are joined): parts joined by "\\n", in the order above.
 
 Who judges: the current policy (the paper: same weights as the rollout) or the frozen reference model (option);
 the caller passes whichever model to `ModelJudge`. No gradient flows through a judgement (torch.inference_mode).
@@ -34,7 +34,7 @@ Batching: all consistency prompts of a rollout batch go to the judge as one batc
 (`ModelJudge` may split them into `max_batch_size` chunks to bound memory). A `Judge` is anything with
 `generate(requests) -> list[str]` and `choice_logprobs(requests, choices) -> list[Tensor]`, so the scoring logic is
 tested with a scripted fake judge, and `ModelJudge` runs the emor3 model (emor3.models Processor / QwenVL and
-emor3.grpo.sampler.sample).
+emor3.engine.sampler.sample).
 
 Shapes: N completion rows, R judge requests (≤ N), K choices of one request, P prompt length, L choice length,
 V vocabulary, D hidden size.
@@ -48,7 +48,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from emor3.rewards.set_prompt import parse_set
+from emor3.engine.sampler import sample
+from emor3.models.positions import decode_position_ids
+from emor3.rewards.set_parse import parse_set
 
 CONSISTENCY_QUESTION = "Can the following text describe the image? Please answer with yes or no."
 COHERENCE_QUESTION = "Which emotion best describes the text above?"
@@ -72,7 +74,7 @@ class JudgeRequest:
 def consistency_request(step1: str, image: Any) -> JudgeRequest:
     """The visual-text judge: the image first, then the question and step 1."""
     if image is None:
-        raise ValueError("the consistency judge needs the sample's image (PAPER.md: the image must reach it)")
+        raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image must reach it)")
     text = f"{CONSISTENCY_QUESTION}\n{step1}"
     return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
 
@@ -239,7 +241,7 @@ def _checked(out: Sequence, n: int, what: str) -> Sequence:
 class ModelJudge:
     """The emor3 model as judge: pass the policy (the paper) or the frozen reference model (option).
 
-    Sample mode goes through `emor3.grpo.sampler.sample` (one reply per prompt, stop at <|im_end|>, vision special
+    Sample mode goes through `emor3.engine.sampler.sample` (one reply per prompt, stop at <|im_end|>, vision special
     tokens banned); logprob mode runs one prefill of the prompts into a KV cache, copies it to the K choices of each
     prompt, and scores all choice tokens in one forward. Both under torch.inference_mode (no gradient, no autograd
     state kept). The model's train/eval mode is left as it is (Qwen-VL has no dropout).
@@ -278,8 +280,6 @@ class ModelJudge:
 
     # -- sample mode
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
-        from emor3.grpo.sampler import sample  # imported here: rewards must import without the sampler
-
         out: list[str] = []
         with torch.inference_mode():
             for rows in self._chunks(len(requests)):
@@ -343,9 +343,7 @@ class ModelJudge:
             # feed choice tokens 0..L-2 of every (prompt, choice) pair; they predict choice tokens 1..L-1
             cache = cache.repeat_interleave(K)
             fed = cids[:, : L - 1].repeat(R, 1)  # (R*K, L-1): row r*K + k is prompt r, choice k
-            pos = (batch.next_position.to(dev).repeat_interleave(K)[:, None]
-                   + torch.arange(L - 1, device=dev)[None, :])  # (R*K, L-1)
-            pos = pos.unsqueeze(0).expand(3, -1, -1)  # (3, R*K, L-1): text positions equal on the three axes
+            pos = decode_position_ids(batch.next_position.to(dev).repeat_interleave(K), 0, L - 1)  # (3, R*K, L-1)
             h = model(fed, pos, full_mask.repeat_interleave(K, dim=0), cache=cache,
                       cache_position=torch.arange(P, P + L - 1, device=dev))  # (R*K, L-1, D)
             tgt = cids[:, 1:].repeat(R, 1)  # (R*K, L-1)
@@ -363,15 +361,9 @@ class ModelJudge:
         return lp
 
 
-def rollout_images(images: Sequence[Any], prompt_index: torch.Tensor | Sequence[int]) -> list:
-    """Row n's image from the B prompt images and a rollout's prompt_index (N,)."""
-    idx = prompt_index.tolist() if isinstance(prompt_index, torch.Tensor) else list(prompt_index)
-    return [images[i] for i in idx]
-
-
 __all__ = [
     "CONSISTENCY_QUESTION", "COHERENCE_QUESTION", "COHERENCE_INSTRUCTION", "JudgeRequest", "Judge", "ModelJudge",
     "ReflectionResult", "reflect", "consistency_request", "coherence_request", "score_consistency_reply",
-    "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words", "rollout_images",
+    "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words",
 ]
 

@@ -33,7 +33,7 @@ import re
 import unicodedata
 from typing import Any
 
-from emor3.rewards.set_prompt import last_boxed
+from emor3.rewards.set_parse import last_boxed
 
 _WS_AROUND_TAG_CHARS = re.compile(r"\s*(<|>|/)\s*")
 

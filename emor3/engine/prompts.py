@@ -1,10 +1,11 @@
-"""SET (Structured Emotional Thinking) prompt and its parser. EMO-R3, PAPER.md "SET prompt".
+"""SET (Structured Emotional Thinking) prompts: dataset samples -> chat messages -> a PromptBatch (docs/method.md,
+"SET prompt").
 
 The user turn is: the image, the question that lists the sample's allowed labels, then the SET instruction, which is
 verbatim the authors' release (`SET_INSTRUCTION`). The model is expected to answer
 `<step1>…</step1><step2>…</step2><step3>…</step3>` and then `\\boxed{label}`.
 
-Choices made here (PAPER.md is silent on them):
+Choices made here (the paper is silent on them):
 1. The question wording (`DEFAULT_QUESTION`) is ours; the paper only says it lists the allowed labels. The labels come
    from the sample's taxonomy in its fixed order, comma-separated, never from a hard-coded list.
 2. Question and instruction are joined by one space, as EasyR1's format-prompt templates do
@@ -12,17 +13,17 @@ Choices made here (PAPER.md is silent on them):
 3. A template is any string containing `{labels}`; it is filled by plain substitution, not `str.format`, so the
    `\\boxed{}` of the instruction needs no brace escaping. `load_template(path)` reads one from a file.
 
-`parse_set(text)` extracts the three steps (first occurrence of each, tags tolerant of whitespace as the paper's
-format rule is: `< step1 >` and `</ step1>` count) and the content of the *last* `\\boxed{...}` with balanced braces,
-stripped, as mathruler's `extract_boxed_content` (used by EasyR1) does. Anything missing is None.
+`encode_samples` turns dataset samples (each naming its taxonomy) and their images into the SET prompts'
+``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it. The parser of
+the reply (`parse_set`) is a reward concern: emor3/rewards/set_parse.py.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from emor3.models.processing import PromptBatch
 
 SET_INSTRUCTION = (
     "You First think the emotional meaning step by step, and then provide the final answer.\n"
@@ -86,57 +87,8 @@ def load_template(path: str | Path) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class SetParse:
-    """What `parse_set` finds in one response. Each field is the stripped text, or None when absent."""
-
-    step1: str | None
-    step2: str | None
-    step3: str | None
-    answer: str | None  # content of the last \boxed{...}
-
-
-def _step_pattern(k: int) -> re.Pattern:
-    # whitespace allowed inside the tags, as the paper's rule removes whitespace around <, > and /
-    return re.compile(rf"<\s*step{k}\s*>(.*?)<\s*/\s*step{k}\s*>", re.DOTALL)
-
-
-_STEP_PATTERNS = {k: _step_pattern(k) for k in (1, 2, 3)}
-_BOX = "\\boxed{"
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (balanced braces), stripped; None if there is none or it never closes.
-
-    Same rule as mathruler's `extract_boxed_content` (rfind, then brace depth), which EasyR1's rewards use.
-    """
-    start = text.rfind(_BOX)
-    if start < 0:
-        return None
-    depth = 1
-    i = start + len(_BOX)
-    begin = i
-    while i < len(text):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i].strip()
-        i += 1
-    return None
-
-
-def parse_set(text: str) -> SetParse:
-    """Steps 1-3 (first occurrence of each, stripped) and the last boxed answer of a SET response."""
-    steps = []
-    for k in (1, 2, 3):
-        m = _STEP_PATTERNS[k].search(text)
-        steps.append(m.group(1).strip() if m else None)
-    return SetParse(steps[0], steps[1], steps[2], last_boxed(text))
-
-
-def set_prompts(taxonomies_or_labels: Sequence[Any], template: str | None = None) -> list[str]:
-    """`set_prompt` for a list of samples (each entry a taxonomy or a label list)."""
-    return [set_prompt(x, template) for x in taxonomies_or_labels]
+def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: dict, template: str | None = None) -> PromptBatch:
+    """SET prompts for ``samples`` (each with ``.taxonomy`` naming an entry of ``taxonomies``) and their images (one
+    PIL image per sample) as a PromptBatch."""
+    messages = [build_set_messages(taxonomies[s.taxonomy], template) for s in samples]
+    return processor.encode_prompts(messages, [[im] for im in images])

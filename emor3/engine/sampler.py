@@ -21,7 +21,8 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    check every ``check_every`` steps (default 16), so a batch that stops early wastes at most 15 steps.
 4. **Positions.** A generated token's M-RoPE position is the same on all three axes (Qwen2-VL, "text tokens use
    identical ids on the three axes") and counts on from ``PromptBatch.next_position``: the token fed at decode
-   step t sits at ``next_position + t``, whatever the image layout of the prompt.
+   step t sits at ``next_position + t``, whatever the image layout of the prompt
+   (``emor3.models.positions.decode_position_ids``, the rule teacher forcing uses too).
 5. **Sampling.** Logits pass, in this order (transformers' processor order), through: banned tokens set to -inf
    (the vision special tokens: a policy must never emit ``<|image_pad|>``), temperature, top-k (keep tokens whose
    logit is at least the k-th largest; ties kept), top-p / nucleus (Holtzman et al. 2020: keep the smallest prefix
@@ -29,7 +30,7 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    drawn by inverse-CDF sampling, the method of ``torch.multinomial``: one uniform u per row from an explicit
    ``torch.Generator``, and the token is the first whose cumulative (unnormalised) probability exceeds u times the
    total. This costs one random number per row instead of the V per row of the exponential race / Gumbel-max trick
-   (gpt-fast ``sample``), whose noise alone took as long as the tiny model's matmuls per step on this CPU; filtered
+   (gpt-fast ``sample``), whose noise alone costs as much as a tiny model's matmuls per step on a CPU; filtered
    tokens have zero-width intervals and are never drawn. The uniforms are drawn outside the compiled step, so
    seeded runs repeat exactly, compiled or not. A chi-square test pins the frequencies to softmax.
    At ``temperature == 0`` decoding is greedy (argmax after banning; top-k/top-p cannot change an argmax).
@@ -65,12 +66,14 @@ S = P + max_new_tokens cache slots, V vocabulary, D hidden size.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Rollout", "sample", "apply_banned", "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
+from emor3.models.positions import decode_position_ids
+
+__all__ = ["Rollout", "group_rows", "sample", "apply_banned", "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
 
 
 @dataclass
@@ -92,6 +95,57 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """(N,) long: number of unmasked tokens per row (stop token included)."""
         return self.completion_mask.sum(-1).long()  # (N,)
+
+    def select(self, prompts: torch.Tensor) -> "Rollout":
+        """The G rows of each prompt in ``prompts`` (B',) long, in that order; prompts renumbered 0..B'-1.
+
+        Every field is carried over (a field added later cannot be forgotten here): tensors and lists by row."""
+        G = self.group_size
+        rows = group_rows(prompts, G).to(self.completion_ids.device)  # (B'·G,)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "prompt_index":
+                v = torch.arange(len(prompts), device=v.device).repeat_interleave(G)  # (B'·G,)
+            elif isinstance(v, torch.Tensor):
+                v = v[rows]
+            elif isinstance(v, list):
+                v = [v[i] for i in rows.tolist()]
+            out[f.name] = v
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(rollouts: Sequence["Rollout"], pad_token_id: int) -> "Rollout":
+        """Stack rollouts of consecutive prompt batches: prompt indices shifted, completions right-padded to the
+        longest (ids with ``pad_token_id``, masks, log-probs and log masses with 0, all masked)."""
+        G = rollouts[0].group_size
+        assert all(r.group_size == G for r in rollouts), "rollouts of different group sizes"
+        T = max(r.completion_ids.shape[1] for r in rollouts)
+        out = {}
+        for f in fields(Rollout):
+            vs = [getattr(r, f.name) for r in rollouts]
+            if f.name == "prompt_index":
+                offsets = [0]
+                for r in rollouts[:-1]:
+                    offsets.append(offsets[-1] + r.prompt_index.shape[0] // G)
+                out[f.name] = torch.cat([v + o for v, o in zip(vs, offsets)])  # (ΣN,)
+            elif f.name == "group_size":
+                out[f.name] = G
+            elif all(v is None for v in vs):
+                out[f.name] = None
+            elif isinstance(vs[0], list):
+                out[f.name] = [x for v in vs for x in v]
+            elif vs[0].dim() == 2:
+                value = pad_token_id if f.name == "completion_ids" else 0
+                out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, T - v.shape[1]), value=value) for v in vs])
+            else:
+                out[f.name] = torch.cat(vs)
+        return Rollout(**out)
+
+
+def group_rows(prompts: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row indices (len(prompts)·G,) of the G samples of each prompt in ``prompts``: prompt b owns rows b·G .. b·G+G-1."""
+    return (prompts.reshape(-1, 1) * group_size + torch.arange(group_size, device=prompts.device)).flatten()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,27 +198,23 @@ def filter_logits(
     ``filtered`` = scaled after banning, top-k and top-p (transformers' order: processors, then temperature, top-k,
     top-p): the distribution tokens are drawn from.
     """
-    scaled = logits / temperature if temperature > 0 else logits  # (N, V)
+    scaled = logits / temperature if temperature > 0 and temperature != 1.0 else logits  # (N, V)
     filtered = apply_banned(scaled, banned_mask)
     if temperature > 0:  # greedy takes the argmax, which neither top-k nor top-p can change
         filtered = apply_top_p(apply_top_k(filtered, top_k), top_p)
     return scaled, filtered
 
 
-def draw_tokens(filtered: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+def draw_tokens(filtered: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(filtered) by inverse-CDF sampling; greedy argmax when uniform is None.
 
-    filtered (N, V) float32 logits (-inf = never drawn), uniform (N,) in [0, 1) -> (N,) long.
-    """
+    filtered (N, V) float32 logits (-inf = never drawn), uniform (N,) in [0, 1) -> token (N,) long and
+    logsumexp(filtered) (N,), the log normaliser of the distribution drawn from. Sampling gets the normaliser for
+    free: the cumulative sum is of exp(filtered - max), so its total is it, and no normalisation pass is needed;
+    u·total is kept strictly below the total so the search always lands on a token with positive weight (the last
+    kept one at worst; filtered tokens have zero width)."""
     if uniform is None:
-        return filtered.argmax(dim=-1)  # (N,)
-    return _inverse_cdf(filtered, uniform)[0]
-
-
-def _inverse_cdf(filtered: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> token (N,), logsumexp(filtered) (N,). The cumulative sum is of exp(filtered - max), so no normalisation pass
-    is needed and its total gives the logsumexp for free; u·total is kept strictly below the total so the search
-    always lands on a token with positive weight (the last kept one at worst; filtered tokens have zero width)."""
+        return filtered.argmax(dim=-1), torch.logsumexp(filtered, dim=-1)  # (N,), (N,)
     m = filtered.amax(dim=-1, keepdim=True)  # (N, 1), finite: at least one token is always kept
     cdf = (filtered - m).exp().cumsum(dim=-1)  # (N, V), non-decreasing, total >= 1
     total = cdf[:, -1:]  # (N, 1)
@@ -178,20 +228,12 @@ def _choose(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, V) -> token (N,) long, its recorded log-prob (N,) float32, log kept mass (N,) float32.
 
-    Same maths as filter_logits + draw_tokens + log_softmax, arranged to make few passes over (N, V): filtering never
-    changes a kept logit and the drawn token is always kept, so its log-prob is read from the filtered tensor."""
-    scaled = logits.float()  # (N, V)
-    if temperature > 0 and temperature != 1.0:
-        scaled = scaled / temperature
+    ``filter_logits`` then ``draw_tokens``; filtering never changes a kept logit and the drawn token is always kept,
+    so its full-vocabulary log-prob is read from the filtered tensor minus the full normaliser."""
+    scaled, filtered = filter_logits(logits.float(), temperature=temperature, top_k=top_k, top_p=top_p,
+                                     banned_mask=banned_mask)  # (N, V) each
     log_z = torch.logsumexp(scaled, dim=-1)  # (N,) normaliser of the recorded (full-vocabulary) distribution
-    filtered = apply_banned(scaled, banned_mask)
-    if temperature > 0:
-        filtered = apply_top_p(apply_top_k(filtered, top_k), top_p)
-    if uniform is None:  # greedy
-        token = filtered.argmax(dim=-1)  # (N,)
-        log_kept = torch.logsumexp(filtered, dim=-1) if filtered is not scaled else log_z  # (N,)
-    else:
-        token, log_kept = _inverse_cdf(filtered, uniform)  # (N,), (N,)
+    token, log_kept = draw_tokens(filtered, uniform)  # (N,), (N,)
     logprob = filtered.gather(-1, token[:, None]).squeeze(-1) - log_z  # (N,) = log_softmax(scaled)[token]
     return token, logprob, log_kept - log_z  # log S <= 0 (0 when nothing is cut)
 
@@ -404,7 +446,7 @@ def sample(
     # this halves the attention work of a long rollout on average (slots past the prefix are causally masked anyway).
     window = S if compile else min(S, -(-(P + 1) // _EAGER_WINDOW) * _EAGER_WINDOW)
     step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
-    pos = next_pos.view(1, N, 1).repeat(3, 1, 1)  # (3, N, 1): text positions are equal on all three M-RoPE axes
+    pos = decode_position_ids(next_pos)  # (3, N, 1): generated token 0's position; advanced in place every step
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
     # the first token comes from the prefill logits
     token, logprob, logmass = _choose(logits, None if greedy else draws[0], **choose)  # (N,) each

@@ -1,0 +1,150 @@
+"""Teacher-forced log-probs of completions, and the prompt-batch operations the trainer needs around them.
+
+The trainer (policy, old and reference log-probs), Cold-Start SFT and the distributed ``PolicyScorer`` share:
+1. ``teacher_forcing_inputs``: a prompt batch (B rows) and completions (N rows, row n continuing prompt
+   ``prompt_index[n]``) -> the (N, P + T) sequences, attention mask and M-RoPE positions the model scores.
+   Completion positions come from ``emor3.models.positions.decode_position_ids``, the rule the sampler decodes
+   with, so trainer and sampler see identical inputs.
+2. ``row_image_embeds``: each prompt's image tokens are encoded once and repeated for its rows, never once per row.
+3. ``completion_logprobs``: per-token log-probs (and entropy) of the completions under a temperature, with or
+   without gradient.
+4. ``prompt_slice`` / ``concat_prompt_batches``: sub-batches of whole prompts (micro-batches, DAPO's kept groups)
+   and stacks of prompt batches (rollout chunks), each scoring exactly as the same rows of the full batch.
+
+Shape legend: B prompts, G samples per prompt, N = B·G rows, P prompt length, T completion length, M image tokens,
+D hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from emor3.models.positions import decode_position_ids
+from emor3.models.processing import PromptBatch
+
+
+def teacher_forcing_inputs(
+    batch: PromptBatch, prompt_index: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt rows ``prompt_index`` (N,) followed by completions (N, T) -> input_ids, attention_mask (N, P+T) and
+    position_ids (3, N, P+T). Tokens after a completion's stop are masked out of attention and never scored."""
+    N, T = completion_ids.shape
+    assert prompt_index.shape == (N,) and completion_mask.shape == (N, T)
+    device = batch.input_ids.device
+    prompt_index = prompt_index.to(device)
+    input_ids = torch.cat([batch.input_ids[prompt_index], completion_ids.to(device)], dim=1)  # (N, P+T)
+    attention_mask = torch.cat(
+        [batch.attention_mask[prompt_index], completion_mask.to(device=device, dtype=batch.attention_mask.dtype)], dim=1
+    )  # (N, P+T)
+    completion_pos = decode_position_ids(batch.next_position[prompt_index], 0, T)  # (3, N, T)
+    position_ids = torch.cat([batch.position_ids[:, prompt_index], completion_pos], dim=2)  # (3, N, P+T)
+    return input_ids, attention_mask, position_ids
+
+
+def image_tokens_per_prompt(batch: PromptBatch, image_token_id: int) -> torch.Tensor:
+    return (batch.input_ids == image_token_id).sum(dim=1)  # (B,)
+
+
+def row_image_embeds(embeds: torch.Tensor, tokens_per_prompt: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """Image features of the prompts (M, D), in prompt order, repeated for rows (N,) -> (sum of rows' tokens, D).
+
+    The result fills the image-token slots of the rows in row-major order, as ``QwenVL.forward`` expects."""
+    assert embeds.shape[0] == int(tokens_per_prompt.sum()), "image features do not match the prompts' image tokens"
+    starts = torch.cumsum(tokens_per_prompt, 0) - tokens_per_prompt  # (B,)
+    counts = tokens_per_prompt[prompt_index]  # (N,)
+    # row n takes embeds[starts[p_n] : starts[p_n] + counts[n]]
+    offsets = torch.arange(int(counts.sum()), device=embeds.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    return embeds[torch.repeat_interleave(starts[prompt_index], counts) + offsets]
+
+
+def _image_ranges(batch: PromptBatch) -> tuple[list[range], list[range]]:
+    """Per prompt: the range of its images (rows of image_grid_thw) and of its patches (rows of pixel_values)."""
+    images, patches, i, p = [], [], 0, 0
+    per_image = batch.image_grid_thw.prod(dim=1).tolist() if batch.image_grid_thw is not None else []
+    for k in batch.num_images:
+        n_patches = sum(per_image[i : i + k])
+        images.append(range(i, i + k))
+        patches.append(range(p, p + n_patches))
+        i, p = i + k, p + n_patches
+    return images, patches
+
+
+def prompt_slice(batch: PromptBatch, prompts: torch.Tensor) -> PromptBatch:
+    """The prompts ``prompts`` (indices, in order) of a batch, with their images; shared left padding is trimmed."""
+    prompts = prompts.to(batch.input_ids.device)
+    used = batch.attention_mask[prompts].sum(0) > 0  # (P,) columns some kept row uses
+    first = int(used.nonzero()[0]) if bool(used.any()) else 0
+    pixel_values, grid = batch.pixel_values, batch.image_grid_thw
+    if grid is not None:
+        images, patches = _image_ranges(batch)
+        keep = prompts.tolist()
+        image_ids = [i for b in keep for i in images[b]]
+        patch_ids = [i for b in keep for i in patches[b]]
+        pixel_values = pixel_values[torch.tensor(patch_ids, dtype=torch.long, device=pixel_values.device)]
+        grid = grid[torch.tensor(image_ids, dtype=torch.long, device=grid.device)]
+    return PromptBatch(
+        input_ids=batch.input_ids[prompts, first:],
+        attention_mask=batch.attention_mask[prompts, first:],
+        position_ids=batch.position_ids[:, prompts, first:],
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
+        next_position=batch.next_position[prompts],
+        num_images=[batch.num_images[b] for b in prompts.tolist()],
+    )
+
+
+def concat_prompt_batches(batches: Sequence[PromptBatch], pad_token_id: int) -> PromptBatch:
+    """Stack prompt batches, left-padding each to the longest prompt."""
+    P = max(b.input_ids.shape[1] for b in batches)
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (P - t.shape[-1], 0), value=value)
+
+    grids = [b.image_grid_thw for b in batches if b.image_grid_thw is not None]
+    return PromptBatch(
+        input_ids=torch.cat([left(b.input_ids, pad_token_id) for b in batches]),
+        attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
+        position_ids=torch.cat([left(b.position_ids, 0) for b in batches], dim=1),
+        pixel_values=torch.cat([b.pixel_values for b in batches if b.pixel_values is not None]) if grids else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        next_position=torch.cat([b.next_position for b in batches]),
+        num_images=[k for b in batches for k in b.num_images],
+    )
+
+
+def completion_logprobs(
+    model,
+    batch: PromptBatch,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    image_embeds: torch.Tensor | None = None,
+    return_entropy: bool = False,
+):
+    """Teacher-forced log-probs (N, T) of the completions (optionally with entropy (N, T)).
+
+    ``image_embeds``: the prompts' image features (M, D) if already computed (the caller decides whether they carry
+    gradient); otherwise they are encoded here once per prompt.
+    """
+    image_token_id = model.config.image_token_id
+    if image_embeds is None and batch.pixel_values is not None:
+        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
+    rows_embeds = None
+    if image_embeds is not None:
+        rows_embeds = row_image_embeds(image_embeds, image_tokens_per_prompt(batch, image_token_id), prompt_index)
+    input_ids, attention_mask, position_ids = teacher_forcing_inputs(batch, prompt_index, completion_ids, completion_mask)
+    return model.logprobs(
+        input_ids,
+        position_ids,
+        attention_mask,
+        completion_ids.shape[1],
+        image_embeds=rows_embeds,
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )

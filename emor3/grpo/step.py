@@ -1,0 +1,189 @@
+"""One GRPO step, top to bottom: collect -> advantages -> reference log-probs -> update -> metrics.
+
+``grpo_step`` is the whole step; ``emor3/grpo/train.py`` runs it in a loop and logs and checkpoints around it. The
+choices it makes are listed, numbered, at the top of train.py; the math is in ``emor3/grpo/objective.py``.
+1. Collect (``emor3.grpo.rollout.collect``): this rank's prompts, G completions each, scored (RER judges
+   inside), DAPO's dynamic sampling; under FSDP the policy is gathered whole for it. No gradient.
+2. Advantages: group-relative, one per completion (``objective.group_advantages``), stored on the ScoredBatch.
+3. Reference and old log-probs: the frozen reference (β > 0) and, when the step makes several updates, the
+   policy before its first update; once per rollout batch, no gradient.
+4. Update: μ epochs over mini-batches of whole groups; each mini-batch's token count (its loss normaliser) is
+   summed over ranks first, then its micro-batches' losses, each that share of the mini-batch loss, are
+   backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW stepped (skipped if
+   the gradient is not finite).
+5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
+   micro-batches and ranks), averaged over the step's updates, so they do not depend on
+   ``--grpo.micro-batch-rows`` or on the number of processes; the per-token statistics are means over
+   micro-batches.
+
+Shape legend: B prompts, G samples per prompt, N = B·G rows, n rows of a micro-batch, T completion length.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from emor3 import distributed as dist
+from emor3.config import Algorithm, Config
+from emor3.engine.sampler import group_rows
+from emor3.engine.scoring import prompt_slice
+from emor3.experiment import Experiment
+from emor3.grpo.objective import aggregate, dynamic_sampling_keep, group_advantages, kl_penalty, loss_normalizer, policy_loss
+from emor3.grpo.rollout import PromptStream, ScoredBatch, collect
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+def micro_logprobs(handle, batch: ScoredBatch, prompts: torch.Tensor, completion_ids: torch.Tensor,
+                   mask: torch.Tensor, temperature: float, **kw):
+    """Teacher-forced log-probs (n, T) (and entropy with ``return_entropy=True``) of the G completions of each
+    prompt in ``prompts`` under ``handle`` (a PolicyScorer, maybe FSDP/DDP: forward = log-probs); each prompt's
+    image is encoded once for its G rows."""
+    G = batch.group_size
+    rows = group_rows(prompts, G)  # (n,) with n = len(prompts)·G
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(G).to(completion_ids.device)  # (n,)
+    return handle(prompt_slice(batch.prompts, prompts), prompt_index, completion_ids[rows], mask[rows],
+                  temperature=temperature, **kw)
+
+
+def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, algo: Algorithm, normalizer):
+    """A micro-batch's share of its mini-batch's loss: the clipped surrogate (+ β·KL), each aggregated with the
+    mini-batch's global ``normalizer``, so the shares of all micro-batches and ranks add up to the mini-batch loss.
+    -> (loss, pg_loss, per-token KL (n, T) or None, the surrogate's metrics)."""
+    per_token, pm = policy_loss(logp, old_logp, advantages.to(logp.device), mask, clip_low=algo.clip_low,
+                                clip_high=algo.clip_high, dual_clip=algo.dual_clip, level=algo.ratio_level)
+    pg_loss = aggregate(per_token, mask, mode=algo.loss_agg, normalizer=normalizer)
+    if ref_logp is None:
+        return pg_loss, pg_loss, None, pm
+    kl = kl_penalty(logp, ref_logp, kind=algo.kl_kind)  # (n, T)
+    return pg_loss + algo.kl_coef * aggregate(kl, mask, mode=algo.loss_agg, normalizer=normalizer), pg_loss, kl, pm
+
+
+def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, reference, optimizer, scheduler,
+              step: int) -> tuple[dict, list[dict]]:
+    """One GRPO step: collect -> advantages -> reference log-probs -> update -> metrics.
+
+    ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
+    when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
+    g, algo, G = cfg.grpo, exp.algo, cfg.grpo.group_size
+    t_step = time.perf_counter()
+    exp.model.eval()
+
+    # ---- collect: G completions per prompt, scored (RER judges inside); FSDP gathers the shards for sampling ----
+    judges = [policy, reference if cfg.reward.judge == "reference" else None]
+    with torch.no_grad():
+        batch, t_judge, m = dist.run_gathered(judges, collect, exp, cfg, stream)
+    if batch is None:  # every group was uninformative even after refilling: nothing to learn this step
+        scheduler.step()
+        return {**m, "skipped_updates": 1}, []
+    t_rollout = time.perf_counter() - t_step - t_judge
+    rollout, B = batch.rollout, batch.num_prompts
+    N = rollout.completion_ids.shape[0]
+    T = int(rollout.completion_mask.sum(1).max().clamp(min=1))  # trim padding columns nobody uses
+    completion_ids, mask = rollout.completion_ids[:, :T], rollout.completion_mask[:, :T]  # (N, T)
+
+    # ---- advantages: group-relative, one per completion --------------------------------------------------------
+    batch.advantages = group_advantages(batch.rewards.total.view(B, G), scale=algo.adv_scale).view(N)  # (N,)
+
+    # ---- reference (and old) log-probs: frozen copy, no grad, once per rollout batch --------------------------
+    t0 = time.perf_counter()
+    prompts_per_micro = max(1, g.micro_batch_rows // G)  # micro-batches hold whole groups, so images are shared
+    micro = [torch.arange(s, min(s + prompts_per_micro, B)) for s in range(0, B, prompts_per_micro)]
+    ref_logp = old_logp = None
+    with torch.no_grad():
+        if algo.kl_coef > 0:
+            ref_logp = torch.cat([micro_logprobs(reference, batch, p, completion_ids, mask, g.temperature) for p in micro])
+        if g.epochs * (g.prompts_per_step // g.mini_batch_prompts) > 1:  # several updates: the policy moves
+            old_logp = torch.cat([micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature) for p in micro])
+    t_reference = time.perf_counter() - t0
+
+    # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
+    t0 = time.perf_counter()
+    exp.model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    acc = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "logp_gap", "clip_frac_low", "clip_frac_high",
+                         "clip_frac_dual", "ratio_mean", "approx_kl_old"), 0.0)
+    ratio_min, ratio_max, n_micro, n_updates, skipped, grad_norms = float("inf"), float("-inf"), 0, 0, 0, []
+    mini = g.mini_batch_prompts * B // g.prompts_per_step or B  # dynamic sampling may leave fewer prompts
+    for epoch in range(g.epochs):
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.run.seed + step * 131 + epoch))
+        for start in range(0, B, mini):
+            mb_prompts = order[start : start + mini].sort().values
+            # summed over ranks: each rank's loss is its share of the global mini-batch's loss
+            normalizer = dist.all_reduce(loss_normalizer(mask[group_rows(mb_prompts, G)], mode=algo.loss_agg,
+                                                         max_len=g.max_new_tokens))
+            optimizer.zero_grad(set_to_none=True)
+            for s in range(0, len(mb_prompts), prompts_per_micro):
+                p = mb_prompts[s : s + prompts_per_micro]
+                rows = group_rows(p, G)
+                last = s + prompts_per_micro >= len(mb_prompts)  # reduce gradients over ranks once, at the end
+                with dist.grad_sync(policy, last):
+                    logp, entropy = micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,
+                                                   return_entropy=True)  # (n, T) each
+                old = old_logp[rows] if old_logp is not None else logp.detach()
+                loss, pg_loss, kl, pm = micro_batch_loss(logp, old, None if ref_logp is None else ref_logp[rows],
+                                                         batch.advantages[rows], mask[rows], algo, normalizer)
+                with dist.grad_sync(policy, last):  # FSDP/DDP average over W ranks: scale by W to sum
+                    (loss * dist.loss_scale()).backward()
+                n_micro += 1
+                acc["loss"] += float(loss.detach())  # shares of the mini-batch loss: summed, not averaged
+                acc["pg_loss"] += float(pg_loss.detach())
+                acc["kl"] += 0.0 if kl is None else _masked_mean(kl.detach(), mask[rows])
+                acc["entropy"] += _masked_mean(entropy.detach(), mask[rows])
+                acc["logp_gap"] += _masked_mean((logp.detach() - rollout.logprobs[rows, :T]).abs(), mask[rows])
+                for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "approx_kl_old"):
+                    acc[k] += float(pm[k])
+                ratio_min, ratio_max = min(ratio_min, float(pm["ratio_min"])), max(ratio_max, float(pm["ratio_max"]))
+            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, g.grad_clip))  # global norm
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # a non-finite gradient would poison AdamW's moments: skip the step and say so
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(float(grad_norm))
+            n_updates += 1
+    scheduler.step()
+    t_update = time.perf_counter() - t0
+
+    # ---- metrics: over the global batch (sums and counts over ranks, rows gathered in global prompt order) -----
+    dt = time.perf_counter() - t_step
+    acc = dist.reduce_metrics({**acc, "n_micro": n_micro})
+    n_micro = acc.pop("n_micro")
+    # loss, pg_loss: the mini-batch loss (the sum of its shares over micro-batches and ranks), mean over updates;
+    # the rest: means over micro-batches
+    m.update({k: v / max(1, n_updates if k in ("loss", "pg_loss") else n_micro) for k, v in acc.items()})
+    rewards, advantages = batch.gathered_rewards(), dist.gather_rows(batch.advantages)
+    m.update(rewards.metrics(prefix="reward/"))
+    lengths = dist.gather_rows(rollout.lengths).float()
+    m.update({
+        "ratio_min": dist.all_reduce(ratio_min, "min"), "ratio_max": dist.all_reduce(ratio_max, "max"),
+        "grad_norm": sum(grad_norms) / len(grad_norms), "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
+        "accuracy": float(rewards.components["accuracy"].nanmean()),
+        "format_rate": float(rewards.components["format"].nanmean()),
+        "advantage_abs_mean": float(advantages.abs().mean()),
+        "zero_std_group_frac": float((~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean()),
+        "truncation_rate": float(dist.gather_rows(rollout.truncated).float().mean()),
+        "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+        "time/rollout": t_rollout, "time/judge": t_judge, "time/reference": t_reference, "time/update": t_update,
+        "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
+        "peak_memory_mb": dist.all_reduce(peak_memory_mb(exp.device), "max"),
+    })
+    samples = [{"prompt": int(rollout.prompt_index[i]), "completion": rollout.texts[i],
+                **{k: float(v[i]) for k, v in rewards.components.items()}, "total": float(rewards.total[i])}
+               for i in range(min(N, 2 * G))]
+    return m, samples
