@@ -1,4 +1,5 @@
-"""Benchmark emor3.models.QwenVL against transformers' Qwen2_5_VLForConditionalGeneration (same weights, same run).
+"""Benchmark emor3.models.QwenVL against transformers' Qwen2_5_VLForConditionalGeneration (same weights, same run);
+with `--arch qwen3_vl`, emor3.models.Qwen3VL against Qwen3VLForConditionalGeneration.
 
 1. Speed: forward + backward of a GRPO-sized batch (B prompts x G samples, one 112x112 image per prompt, prompt +
    completion tokens), loss = sum of completion-token log-probs. Both models encode every row's image (identical
@@ -9,7 +10,7 @@
    the rise of the peak RSS (VmHWM, reset via /proc/self/clear_refs) over the state after building model and
    inputs (Linux only).
 
-Run: .venv/bin/python benchmarks/bench_model.py [--repeats 5]
+Run: .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--arch qwen2_5_vl|qwen3_vl] [--threads N]
 """
 
 from __future__ import annotations
@@ -29,26 +30,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emor3.models import QwenVL  # noqa: E402
+from emor3.models import Qwen3VL, QwenVL  # noqa: E402
 from emor3.models.positions import mrope_position_ids  # noqa: E402
-from emor3.models.tiny import make_config  # noqa: E402
+from emor3.models.tiny import make_config, make_qwen3_config  # noqa: E402
+
+ARCH = "qwen2_5_vl"  # set from --arch in main()
 
 
 def build(vocab: int, hidden: int, layers: int):
-    cfg = make_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_layers=layers,
-                      num_heads=hidden // 64, num_kv_heads=2, vision_depth=4, vision_hidden=256, vision_heads=4,
-                      vision_intermediate=512, fullatt_block_indexes=(3,), window_size=56, tie_word_embeddings=False)
+    if ARCH == "qwen3_vl":  # the same sizes; vision without windows, DeepStack from blocks 0 and 2
+        cfg = make_qwen3_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                                num_layers=layers, num_heads=hidden // 64, num_kv_heads=2, head_dim=64,
+                                vision_depth=4, vision_hidden=256, vision_heads=4, vision_intermediate=512,
+                                deepstack_visual_indexes=(0, 2), num_position_embeddings=256,
+                                tie_word_embeddings=False)
+        model_cls = Qwen3VL
+    else:
+        cfg = make_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_layers=layers,
+                          num_heads=hidden // 64, num_kv_heads=2, vision_depth=4, vision_hidden=256, vision_heads=4,
+                          vision_intermediate=512, fullatt_block_indexes=(3,), window_size=56,
+                          tie_word_embeddings=False)
+        model_cls = QwenVL
     torch.manual_seed(0)
-    ours = QwenVL(cfg).init_weights(0).train()
+    ours = model_cls(cfg).init_weights(0).train()
     return cfg, ours
 
 
 def to_hf(cfg, ours):
     import transformers
 
-    hfc = transformers.Qwen2_5_VLConfig(**{k: v for k, v in cfg.to_dict().items() if k != "architectures"})
+    conf_cls, model_cls = ((transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration)
+                           if ARCH == "qwen3_vl" else
+                           (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
+    hfc = conf_cls(**{k: v for k, v in cfg.to_dict().items() if k != "architectures"})
     hfc._attn_implementation = "sdpa"
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hfc).train()
+    hf = model_cls(hfc).train()
     sd = {("model.language_model." + k[6:] if k.startswith("model.") else
            "model." + k if k.startswith("visual.") else k): v for k, v in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -72,7 +88,8 @@ def batch(cfg, N: int, prompt_text: int, T: int, seed: int = 0):
         ids[i, L - len(r):] = torch.tensor(r)
         am[i, L - len(r):] = 1
     grid = torch.tensor([[1, 8, 8]] * N)
-    pix = torch.randn(N * 64, 3 * 2 * 14 * 14, generator=g)
+    p = cfg.vision.patch_size  # 14 (Qwen2.5-VL) or 16 (Qwen3-VL): 8x8 patches either way
+    pix = torch.randn(N * 64, 3 * 2 * p * p, generator=g)  # (N * 64, C*t*p*p)
     pos, _ = mrope_position_ids(ids, am, grid, image_token_id=cfg.image_token_id)
     return ids, am, pos, pix, grid
 
@@ -123,7 +140,7 @@ def speed(args):
 
     t_hf, t_ours = timeit(run_hf, args.repeats), timeit(run_ours, args.repeats)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"speed: {n_params / 1e6:.1f}M params, N={args.rows} rows x L={data[0].shape[1]} tokens, T={args.T}, "
+    print(f"speed ({ARCH}): {n_params / 1e6:.1f}M params, N={args.rows} rows x L={data[0].shape[1]} tokens, T={args.T}, "
           f"V={args.vocab}, threads={torch.get_num_threads()}")
     print(f"  transformers fwd+bwd {t_hf * 1e3:.0f} ms | ours {t_ours * 1e3:.0f} ms | speed-up {t_hf / t_ours:.2f}x")
 
@@ -172,7 +189,8 @@ def memory(args):
         res = {}
         for way in ("full", "ours"):
             cmd = [sys.executable, __file__, "--child", f"{way}:{part}"] + [
-                f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "rows", "prompt_text", "T")]
+                f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "rows", "prompt_text", "T",
+                                                      "arch", "threads")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             res[way] = json.loads(out.strip().splitlines()[-1])["rise_mb"]
         print(f"  {part:4s} peak RSS rise: full-logits {res['full']:.0f} MB | ours (chunked logprobs) "
@@ -190,7 +208,13 @@ def main():
     ap.add_argument("--T", type=int, default=128)
     ap.add_argument("--child", default=None)
     ap.add_argument("--skip_speed", action="store_true")
+    ap.add_argument("--arch", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    global ARCH
+    ARCH = args.arch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return memory_child(args)
     if not args.skip_speed:

@@ -157,6 +157,10 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
         _clear_previous_run(out)
     model, source = build_model(cfg, out, device, list(taxonomies.values()))
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    # images are pre-resized on the model's own grid: 28 px for Qwen2-VL / Qwen2.5-VL, 32 px for Qwen3-VL
+    factor = processor.image_processor.patch_size * processor.merge_size
+    for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
+        ds.set_image_budget(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, factor=factor)
     if resume_dir is not None:
         model = load_pretrained(resume_dir / "model", dtype=getattr(torch, cfg.model.dtype), device=device)
     model.freeze_vision(cfg.model.freeze_vision)

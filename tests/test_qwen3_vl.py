@@ -478,3 +478,18 @@ def test_one_grpo_step_on_a_tiny_thinking_qwen3_vl(tmp_path):
     assert not frozen, f"parameters that never moved: {frozen}"
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["logp_gap"] < 1e-4 and row["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_experiment_resizes_images_on_the_qwen3_vl_grid(tmp_path):
+    """A run on a Qwen3-VL model pre-resizes dataset images in multiples of 32 px (16-px patches x merge 2), the
+    grid its image processor uses, not Qwen2.5-VL's 28."""
+    from pathlib import Path
+
+    from emor3.experiment import build_experiment
+    from test_train import tiny_config as train_config
+
+    cfg = train_config(tmp_path, model={"tiny": "tiny-qwen3-vl", "min_pixels": 64 * 64, "max_pixels": 150 * 150})
+    exp = build_experiment(cfg, Path(cfg.run.out), stage="eval")
+    assert isinstance(exp.model, Qwen3VL) and exp.train_set.factor == 32
+    w, h = exp.train_set.image(0).size
+    assert w % 32 == 0 and h % 32 == 0, (w, h)
