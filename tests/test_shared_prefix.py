@@ -114,11 +114,33 @@ def test_right_padded_prompts_are_rejected():
 
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_shared_prefix_equals_unshared_qwen3_vl(ckpt):
+    """Qwen3-VL: interleaved M-RoPE, per-head q/k norm, and DeepStack features added to the prompt stream at its
+    image tokens after the first decoder layers (images of three sizes, 16-px patches)."""
+    from test_qwen3_vl import mixed_batch as qwen3_mixed_batch, tiny_hf_config as qwen3_hf_config
+
+    from emor3.models import parse_config
+
+    torch.manual_seed(0)
+    model = Qwen3VL(parse_config(qwen3_hf_config(tie=ckpt).to_dict())).init_weights(0, std=0.1)
+    model.train().set_gradient_checkpointing(ckpt)
+    ids, am, grids, pix = qwen3_mixed_batch()
+    pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG, spatial_merge_size=2)
+    batch = PromptBatch(ids, am, pos, pix, grids, nxt, num_images=[1, 0, 2])
+    index, ids_c, mask = completions(batch.batch_size, T=6, vocab=model.config.text.vocab_size)
+    shared, plain = (run(model, batch, index, ids_c, mask, s, 0.7) for s in (True, False))
+    assert_same(shared, plain)
+    assert all(n in shared[2] for n, _ in model.visual.deepstack_merger_list.named_parameters(prefix="visual."
+                                                                                               "deepstack_merger_list"))
+
+
 def test_other_model_types_are_refused():
-    """Qwen3-VL's decoder (DeepStack, interleaved M-RoPE) is not what the shared loop runs: refuse, never guess."""
-    cfg = tiny_config("tiny-qwen3-vl")
-    model = Qwen3VL(cfg).init_weights(0).eval()
-    batch = prompt_batch(cfg.image_token_id)
-    index, ids, mask = completions(batch.batch_size, T=2, vocab=cfg.text.vocab_size)
+    """A decoder the shared loop does not know is refused, never guessed at."""
+    model = parity_model("qwen2_5_vl").eval()
+    model.config = model.config.replace()
+    object.__setattr__(model.config, "model_type", "llava")
+    batch = prompt_batch()
+    index, ids, mask = completions(batch.batch_size, T=2, vocab=model.config.text.vocab_size)
     with pytest.raises(ValueError, match="score this model unshared"):
         shared_prefix_logprobs(model, batch, index, ids, mask)

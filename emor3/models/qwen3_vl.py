@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config_qwen3_vl import Qwen3TextConfig, Qwen3VisionConfig, Qwen3VLConfig
-from .qwen_vl import (MLP, DecoderLayer, KVCache, QwenVL, RMSNorm, VisionAttention, activation, attention_mask_4d,
-                      equal_length_segments, maybe_checkpoint, rotate_half, vision_rotary)
+from .qwen_vl import (MLP, Attention, DecoderLayer, KVCache, QwenVL, RMSNorm, VisionAttention, activation,
+                      attention_mask_4d, equal_length_segments, maybe_checkpoint, rotate_half, vision_rotary)
 
 
 # ----------------------------------------------------------------------------------------------- text decoder
@@ -57,9 +57,11 @@ def interleaved_mrope_cos_sin(position_ids: Tensor, cfg: Qwen3TextConfig, dtype:
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class Qwen3Attention(nn.Module):
+class Qwen3Attention(Attention):
+    """Qwen2's attention (same forward: cache, GQA through SDPA, shared-prefix keys) with Qwen3's projections."""
+
     def __init__(self, cfg: Qwen3TextConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.H, self.K, self.hd = H, K, hd
         self.q_proj = nn.Linear(D, H * hd, bias=False)
@@ -69,20 +71,13 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)  # over each head's hd, shared by the heads
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, layer: int,
-                cache: KVCache | None, cache_position: Tensor | None) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         N, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(N, L, self.H, self.hd)).transpose(1, 2)  # (N, H, L, hd)
         k = self.k_norm(self.k_proj(x).view(N, L, self.K, self.hd)).transpose(1, 2)  # (N, K, L, hd)
         v = self.v_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, L, hd)
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
-        if cache is not None:
-            k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.K != self.H)  # (N, H, L, hd)
-        return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v
 
 
 class Qwen3DecoderLayer(DecoderLayer):
@@ -241,6 +236,23 @@ class Qwen3VL(QwenVL):
                              " rows (each of a prompt's G rows needs its own copy of the embeds)")
         return is_img
 
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return interleaved_mrope_cos_sin(position_ids, self.config.text, dtype)
+
+    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None):
+        """(positions of input_ids' image tokens, row-major as `embed` fills them; DeepStack features (M, K, D)),
+        or None without images."""
+        if image_embeds is None:
+            return None
+        self._image_positions(input_ids, image_embeds)  # checks the shapes
+        return (input_ids == self.config.image_token_id).nonzero(as_tuple=True), image_embeds[:, 1:]
+
+    def add_deepstack(self, x: Tensor, layer: int, deepstack) -> Tensor:
+        if deepstack is None or layer >= deepstack[1].shape[1]:
+            return x
+        where, feats = deepstack
+        return x.index_put(where, feats[:, layer].to(x.dtype), accumulate=True)  # + feature `layer` at image tokens
+
     def embed(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, L, D)
         if image_embeds is not None:
@@ -255,16 +267,12 @@ class Qwen3VL(QwenVL):
         N, L = input_ids.shape
         assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
         x = self.embed(input_ids, image_embeds)  # (N, L, D)
-        deep, where = None, None
-        if image_embeds is not None:
-            deep = image_embeds[:, 1:].to(x.dtype)  # (M, K, D)
-            where = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)  # row-major, as masked_scatter
-        cos, sin = interleaved_mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (N, L, hd)
+        ds = self.deepstack(input_ids, image_embeds)
+        cos, sin = self.rope(position_ids, x.dtype)  # (N, L, hd)
         mask = attention_mask_4d(N, L, attention_mask, cache, cache_position, input_ids.device)
         use_ckpt = self.gradient_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.model.layers):
             x = maybe_checkpoint(use_ckpt, lambda x_, lay=layer, i_=i: lay(x_, cos, sin, mask, i_, cache,
                                                                            cache_position), x)
-            if deep is not None and i < deep.shape[1]:
-                x = x.index_put(where, deep[:, i], accumulate=True)  # DeepStack: + feature i at image tokens
+            x = self.add_deepstack(x, i, ds)
         return self.model.norm(x)

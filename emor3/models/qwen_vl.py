@@ -163,12 +163,7 @@ class Attention(nn.Module):
         values placed before the L own ones (then `mask` is (N, 1, L, P + L)); `return_kv` also returns the own
         rotated (k, v), each (N, K, L, hd), for other rows to attend to (emor3.models.shared_prefix)."""
         N, L, _ = x.shape
-        q = self.q_proj(x).view(N, L, self.H, self.hd).transpose(1, 2)  # (N, H, L, hd)
-        k = self.k_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
-        v = self.v_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, L, hd)
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        q, k, v = self.project(x, cos, sin)  # (N, H, L, hd), (N, K, L, hd) x 2
         own = (k, v)
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
@@ -180,6 +175,15 @@ class Attention(nn.Module):
                                            enable_gqa=self.K != self.H)  # (N, H, L, hd)
         out = self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
         return (out, own) if return_kv else out
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries (N, H, L, hd), rotated keys (N, K, L, hd) and values (N, K, L, hd) of x (N, L, D)."""
+        N, L, _ = x.shape
+        q = self.q_proj(x).view(N, L, self.H, self.hd).transpose(1, 2)  # (N, H, L, hd)
+        k = self.k_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
+        v = self.v_proj(x).view(N, L, self.K, self.hd).transpose(1, 2)  # (N, K, L, hd)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, L, hd)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v
 
 
 class MLP(nn.Module):
@@ -216,9 +220,8 @@ class DecoderLayer(nn.Module):
         return self._block(x, cos, sin, mask, layer, None, None, prefix_kv=kv), xp
 
     def _block(self, x, cos, sin, mask, layer, cache, cache_position, *, prefix_kv=None, return_kv=False):
-        # the prefix keywords only when used: attention modules that reuse this layer (Qwen3) need not take them
-        kw = {} if prefix_kv is None and not return_kv else dict(prefix_kv=prefix_kv, return_kv=return_kv)
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, cache_position, **kw)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, cache_position,
+                           prefix_kv=prefix_kv, return_kv=return_kv)
         a, kv = a if return_kv else (a, None)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -491,6 +494,19 @@ class QwenVL(nn.Module):
         dtype, device = dtype or p.dtype, device or p.device
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The decoder's rotary cos, sin (N, L, hd) for position ids (3, N, L): M-RoPE."""
+        return mrope_cos_sin(position_ids, self.config.text, dtype)
+
+    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None):
+        """Features the decoder adds to its hidden states after the first layers (Qwen3-VL's DeepStack, see
+        `add_deepstack`); this model has none."""
+        return None
+
+    def add_deepstack(self, x: Tensor, layer: int, deepstack) -> Tensor:
+        """x (N, L, D) after decoder layer `layer`, plus that layer's DeepStack features; unchanged here."""
+        return x
+
     def embed(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, L, D)
         if image_embeds is not None:
@@ -515,7 +531,7 @@ class QwenVL(nn.Module):
         N, L = input_ids.shape
         assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
         x = self.embed(input_ids, image_embeds)  # (N, L, D)
-        cos, sin = mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (N, L, hd)
+        cos, sin = self.rope(position_ids, x.dtype)  # (N, L, hd)
         mask = attention_mask_4d(N, L, attention_mask, cache, cache_position, input_ids.device)
         use_ckpt = self.gradient_checkpointing and self.training
         for i, layer in enumerate(self.model.layers):

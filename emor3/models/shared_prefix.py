@@ -35,13 +35,14 @@ from torch import Tensor
 
 from .positions import decode_position_ids
 from .processing import PromptBatch
-from .qwen_vl import decoder_mask, maybe_checkpoint, mrope_cos_sin
+from .qwen_vl import decoder_mask, maybe_checkpoint
 
 __all__ = ["SHARED_PREFIX_MODEL_TYPES", "shared_prefix_hidden", "shared_prefix_logprobs"]
 
-# Models whose decoder this module reproduces layer by layer (Qwen3-VL adds DeepStack features inside the decoder
-# and uses interleaved M-RoPE, which this loop does not do; callers score those unshared).
-SHARED_PREFIX_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# Models whose decoder this module reproduces layer by layer: their rotary (`model.rope`) and in-decoder image
+# features (`model.deepstack` / `add_deepstack`, Qwen3-VL's DeepStack, which only the prompt stream holds) are the
+# model's own; a model type not listed is refused rather than guessed at.
+SHARED_PREFIX_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _check_model(model) -> None:
@@ -55,8 +56,8 @@ def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, comple
     """Final-norm hidden states (N, T, D) that predict the T completion tokens: row n's position t is the state
     the unshared sequence prompt[index[n]] + completion[n] has right before completion token t.
 
-    ``image_embeds``: the B prompts' image features (M, D), in prompt order, as ``model.encode_images`` returns them
-    (once per prompt); required when the prompts hold image tokens."""
+    ``image_embeds``: the B prompts' image features (M, D), Qwen3-VL (M, 1 + K, D), in prompt order, as
+    ``model.encode_images`` returns them (once per prompt); required when the prompts hold image tokens."""
     _check_model(model)
     ids_p, mask_p, pos_p = batch.input_ids, batch.attention_mask, batch.position_ids
     B, P = ids_p.shape
@@ -72,10 +73,9 @@ def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, comple
 
     xp = model.embed(ids_p, image_embeds)  # (B, P, D)
     xc = model.model.embed_tokens(comp_ids)  # (N, T, D): completions never hold image tokens
-    text = model.config.text
-    cos_p, sin_p = mrope_cos_sin(pos_p, text, xp.dtype)  # (B, P, hd)
-    cos_c, sin_c = mrope_cos_sin(decode_position_ids(batch.next_position.to(dev)[index], 0, T), text,
-                                 xc.dtype)  # (N, T, hd)
+    cos_p, sin_p = model.rope(pos_p, xp.dtype)  # (B, P, hd)
+    cos_c, sin_c = model.rope(decode_position_ids(batch.next_position.to(dev)[index], 0, T), xc.dtype)  # (N, T, hd)
+    deepstack = model.deepstack(ids_p, image_embeds)  # the prompts' DeepStack features (Qwen3-VL), else None
 
     causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()  # (P, P)
     m_p = decoder_mask(causal_p, torch.eye(P, dtype=torch.bool, device=dev), mask_p)  # (B, 1, P, P)
@@ -91,6 +91,7 @@ def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, comple
         # as QwenVL.forward, one checkpoint per layer: its prompt and completion work are recomputed together
         xc, xp = maybe_checkpoint(use_ckpt, lambda xc_, xp_, lay=layer, i_=i: lay(
             xc_, cos_c, sin_c, m_c, i_, None, None, prefix=(xp_, cos_p, sin_p, m_p, index)), xc, xp)
+        xp = model.add_deepstack(xp, i, deepstack)  # as QwenVL.forward: after the layer, on the image tokens
     # token 0 is predicted from the prompt's last position, token t > 0 from completion position t - 1
     last = xp[:, -1:].index_select(0, index)  # (N, 1, D)
     return model.model.norm(torch.cat([last, xc[:, :T - 1]], dim=1))  # (N, T, D)
