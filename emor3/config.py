@@ -19,20 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
 
 
 def _f(default: Any, help: str, **kw):
@@ -301,17 +293,25 @@ def config_to_dict(cfg: Config) -> dict:
     return {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
 
 
-def load_toml(path: str | Path) -> dict:
+def load_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as nested dicts: run configs here, user taxonomies in ``emor3.data.taxonomy``. Errors name the
+    file and what is wrong. Python 3.11+ reads TOML with tomllib; 3.10 needs the tomli package."""
     path = Path(path)
-    if tomllib is None:
-        raise RuntimeError(f"{path}: reading TOML on Python 3.10 needs the 'tomli' package (pip install tomli)")
+    try:
+        import tomllib  # imported here, not at the top: a missing reader is an error only for whoever reads TOML
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise RuntimeError(f"{path}: reading TOML needs Python 3.11+ (tomllib) or the 'tomli' package "
+                               f"(pip install tomli)") from None
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML: {e}") from None
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
 
 
 def _toml_value(v: Any) -> str:

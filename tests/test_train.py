@@ -223,6 +223,14 @@ def test_config_round_trip(tmp_path):
         config_from_dict({"grpo": {"group": 4}})
     with pytest.raises(SystemExit):
         parse_args(["--grpo.group-size", "four"], "test", "")
+    # every objective setting is a flag, the DAPO and RER switches included; None keeps the preset's value
+    dapo_off = parse_args(["--algo", "dapo", "--grpo.dynamic-sampling", "false", "--grpo.overlong-buffer", "0"],
+                          "test", "").algorithm()
+    assert (dapo_off.dynamic_sampling, dapo_off.overlong_buffer, dapo_off.clip_high) == (False, 0.0, 0.28)
+    assert parse_args(["--grpo.reflection", "false"], "test", "").algorithm().reflection is False
+    assert parse_args([], "test", "").algorithm().reflection is True, "emo_r3 is the default and has RER"
+    with pytest.raises(SystemExit):
+        parse_args(["--eval.every", "5"], "test", "")  # a knob nothing read is gone
 
 
 def test_examples_parse():

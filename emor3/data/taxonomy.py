@@ -6,7 +6,7 @@ order is the order prompts list them in and the order of the datasets' own label
 
 Built-in taxonomies (`get_taxonomy(name)`; `BUILTIN_NAMES` lists them):
 - `mikels8` (aliases emoset, fi, artphoto, abstract): amusement, anger, awe, contentment, disgust, excitement,
-  fear, sadness; the alphabetical order EmoSet, FI, ArtPhoto and Abstract use (PAPER.md, "Data and protocol").
+  fear, sadness; the alphabetical order EmoSet, FI, ArtPhoto and Abstract use (docs/method.md, "Data and protocol").
   Valence is Mikels' split (4 positive, 4 negative). Arousal is a documented choice of ours, not a rating study:
   high for amusement, excitement, anger, fear; low for awe, contentment, disgust, sadness (awe and disgust are
   often rated mid-arousal; EmoScenes uses exactly this split, see emoscenes.py).
@@ -37,8 +37,8 @@ User taxonomies (`load_taxonomy(path)`), TOML or JSON, one table per label:
     arousal = "high"          # high | low (optional)
     synonyms = ["glad"]       # optional
     parent = "joy"            # optional
-JSON is the same structure (`{"name": ..., "labels": [{...}, ...]}`). TOML is read with `tomllib` (Python 3.11+),
-else with `tomli` if installed; JSON always works.
+JSON is the same structure (`{"name": ..., "labels": [{...}, ...]}`). TOML is read by
+`emor3.config.load_toml` (`tomllib`, Python 3.11+, or `tomli` if installed); JSON always works.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from emor3.config import load_toml
 
 VALENCES = ("positive", "negative", "neutral")
 AROUSALS = ("high", "low", None)
@@ -234,29 +236,13 @@ def get_taxonomy(name: str | Taxonomy) -> Taxonomy:
                    f"{sorted(_ALIASES)}), or give a .toml / .json file")
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib  # Python 3.11+
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise RuntimeError(f"{path}: reading TOML needs Python 3.11+ (tomllib) or the 'tomli' package; "
-                               f"install tomli or write the taxonomy as JSON") from None
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-
-
 def load_taxonomy(path: str | Path) -> Taxonomy:
     """A user taxonomy from a TOML or JSON file (structure in the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"taxonomy file {path} does not exist")
     if path.suffix.lower() == ".toml":
-        doc = _read_toml(path)
+        doc = load_toml(path, "taxonomy file")
     else:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
