@@ -30,8 +30,8 @@ def test_presets_match_paper_formulas():
     coh = torch.tensor([0.0, 1.0, 0.5, 1.0])
     fmt = torch.tensor([1.0, 1.0, 0.0, 0.0])
     comps = {"accuracy": acc, "consistency": cons, "coherence": coh, "format": fmt}
-    paper = 0.8 * acc + 0.1 * (cons + coh) / 2 + 0.1 * fmt  # PAPER.md, total (paper)
-    release = 0.8 * acc + 0.1 * cons + 0.1 * coh + 0.1 * fmt  # PAPER.md, total (authors' release)
+    paper = 0.8 * acc + 0.1 * (cons + coh) / 2 + 0.1 * fmt  # docs/method.md "Rewards", total (paper)
+    release = 0.8 * acc + 0.1 * cons + 0.1 * coh + 0.1 * fmt  # docs/method.md "Rewards", total (authors' release)
     torch.testing.assert_close(combine(comps, resolve_weights("paper")), paper, msg="paper preset arithmetic wrong")
     torch.testing.assert_close(combine(comps, resolve_weights("release")), release, msg="release preset wrong")
     assert combine({k: torch.ones(1) for k in comps}, WEIGHT_PRESETS["release"]).item() == pytest.approx(1.1)

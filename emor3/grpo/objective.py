@@ -4,7 +4,7 @@ Everything here is stateless math over tensors: keyword scalars in, ``(value, me
 useful, no config or trainer objects. The train loop (``emor3/grpo/train.py``) wires these together; other
 projects may import them directly in their own tests.
 
-The algorithm (EMO-R3 trains with GRPO as configured in its paper, PAPER.md "Training setup"), and every choice:
+The algorithm (EMO-R3 trains with GRPO as configured in its paper, docs/method.md "Training setup"), and every choice:
 
 1. Advantages are group-relative (GRPO, Shao et al. 2024, eq. 3): for each prompt, the G rewards are centred on
    their mean and divided by the group's *unbiased* standard deviation plus ``eps`` (verl
@@ -41,6 +41,8 @@ The algorithm (EMO-R3 trains with GRPO as configured in its paper, PAPER.md "Tra
    are not all equal, DAPO sec. 3.2) and ``overlong_penalty`` (soft overlong punishment, DAPO eq. 13).
 
 Where EMO-R3's paper and its authors' release differ, the difference is in the rewards (emor3/rewards), not here.
+The named algorithms (emo_r3, grpo, dapo, dr_grpo, gspo) are sets of these choices: ``ALGORITHMS`` in
+``emor3/config.py``, one flag per choice.
 
 Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion length.
 """

@@ -2,9 +2,9 @@
 
 Everything that defines the model's input comes from transformers' own code, not a re-implementation:
   - the chat template through the tokenizer's `apply_chat_template` (the template from the checkpoint);
-  - resizing, rescaling, normalising and patch flattening through `Qwen2VLImageProcessorPil` (the PIL backend,
-    because this machine has no torchvision; transformers' `AutoProcessor` may silently return only the tokenizer
-    when the torchvision-backed processor cannot be built, and `Qwen2VLProcessor` also wants a video processor);
+  - resizing, rescaling, normalising and patch flattening through `Qwen2VLImageProcessorPil` (the PIL backend, so
+    torchvision is not needed; transformers' `AutoProcessor` may silently return only the tokenizer when the
+    torchvision-backed processor cannot be built, and `Qwen2VLProcessor` also wants a video processor);
   - tokenisation through the tokenizer.
 The one step done here is the one `Qwen2VLProcessor.__call__` does: each `<|image_pad|>` of the template is
 expanded to t*h*w / merge^2 copies, the number of merged tokens the vision tower makes for that image.

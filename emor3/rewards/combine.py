@@ -8,14 +8,14 @@ Components (each (N,) float32, NaN = "cannot score"):
   consistency  RER visual-text self-judgement (emor3.rewards.reflection), passed in by the caller
   coherence    RER emotional self-judgement (emor3.rewards.reflection), passed in by the caller
   <plug-in>    any user function named `module:function`, TRL-style (below)
-Weight presets (PAPER.md "Rewards"):
+Weight presets (docs/method.md "Rewards"):
   paper    0.8·acc + 0.1·(cons + coh)/2 + 0.1·format  = weights 0.8 / 0.05 / 0.05 / 0.1   (default, max 1.0)
   release  0.8·acc + 0.1·cons + 0.1·coh + 0.1·format  (the authors' code, max 1.1)
 or any weights: a mapping, or a string "accuracy=0.8,format=0.2". A component with weight 0 is still computed and
 logged when its inputs are there, it just does not enter the total.
 
 Extras (logged only, never weighted): format_paper, format_strict, accuracy_exact, accuracy_normalized, so a run that
-trains on one variant still reports the other beside it (issue 5).
+trains on one variant still reports the other beside it.
 
 NaN in the total (`nan_policy`):
   "skip" (default, TRL's rule: `(rewards * weights).nansum(dim=1)`): a NaN component drops out of that row's sum;

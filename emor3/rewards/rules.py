@@ -1,4 +1,4 @@
-"""Rule rewards of EMO-R3: format and accuracy (PAPER.md, "Rewards"). Both are 0/1 floats per response.
+"""Rule rewards of EMO-R3: format and accuracy (docs/method.md, "Rewards"). Both are 0/1 floats per response.
 
 format, paper rule (default): remove whitespace around `<`, `>` and `/` (`re.sub(r"\\s*(<|>|/)\\s*", r"\\1", text)`,
 as EasyR1's math reward does), then the whole response must match, with `.` matching newlines,
@@ -8,7 +8,7 @@ starts with `<step1>` and the remaining literals occur in order without overlap.
 leftmost `str.find`s in linear time (leftmost is optimal for an ordered chain of literals); `re.fullmatch` of the
 pattern backtracks through every combination of tag occurrences and is polynomial of high degree on long responses
 with many repeated tags. tests/test_rewards.py checks the two agree on random strings.
-The paper's rule accepts empty steps and an empty box (a known way to game it, PAPER.md).
+The paper's rule accepts empty steps and an empty box (a known way to game it, docs/method.md "Rewards").
 
 format, `strict=True` (ours, for new runs; reported beside the paper's): the paper's rule, and also each of the six
 step tags exactly once and in order (so no repeated, nested or reordered steps), every step non-empty, exactly one
