@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from emor3.models.lora import DECODER_TARGETS, parse_targets
 
 
 def _f(default: Any, help: str, **kw):
@@ -44,6 +45,28 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward pass to save memory.")
     min_pixels: int = _f(112 * 112, "Smallest image size in pixels after resizing (the paper: 512*512).")
     max_pixels: int = _f(112 * 112, "Largest image size in pixels after resizing (the paper: 2048*2048).")
+    lora_rank: int = _f(0, "LoRA rank r: train low-rank adapters on --model.lora-targets and freeze every other "
+                           "weight; the KL reference is the model with its adapters off (0: full fine-tuning).")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r.")
+    lora_targets: list = _f(list(DECODER_TARGETS), "Layers that get LoRA adapters: any of the decoder's "
+                            + ", ".join(DECODER_TARGETS) + "; vision (every linear layer of the vision blocks); "
+                            "merger (the patch merger).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA adapters' input while training.")
+
+    def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"--model.lora-rank {self.lora_rank}: must be >= 0 (0: full fine-tuning)")
+        if self.lora_rank:
+            if not self.lora_alpha > 0:
+                raise ValueError(f"--model.lora-alpha {self.lora_alpha}: must be > 0")
+            if not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"--model.lora-dropout {self.lora_dropout}: must be in [0, 1)")
+            try:
+                targets = parse_targets(self.lora_targets)
+            except ValueError as e:
+                raise ValueError(f"--model.lora-targets: {e}") from None
+            if self.freeze_vision and "vision" in targets:
+                raise ValueError("--model.freeze-vision with the LoRA target 'vision': drop one of them")
 
 
 @dataclass(frozen=True)
@@ -206,6 +229,11 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.model.lora_rank and self.reward.judge == "reference":
+            raise ValueError("--reward.judge reference is not supported with --model.lora-rank (a LoRA run's "
+                             "reference is the policy with its adapters off); use --reward.judge policy (the paper)")
 
     def algorithm(self) -> Algorithm:
         """The objective settings: the ``grpo.algo`` preset with every non-None ``grpo`` override applied."""

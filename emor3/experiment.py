@@ -9,7 +9,8 @@ nothing (no training, no evaluation): the entry points run the stages on what it
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
 3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
    the reference judges RER.
-4. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``) and the trainer
+4. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``; with LoRA a
+   PEFT adapter folder ``adapter/`` over the model GRPO started from) and the trainer
    state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only=True). It is
    written beside the old one and swapped in by rename, so a crash never leaves a half-written checkpoint.
 """
@@ -29,6 +30,7 @@ from emor3.data import get_taxonomy, load_dataset
 from emor3.data.emoscenes import SPLITS, corpus_texts, load_emoscenes
 from emor3.engine.prompts import set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
+from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
 from emor3.models.tiny import build_tiny_checkpoint
 from emor3.rewards import load_reward_plugin, resolve_weights
 from emor3.rewards.reflection import COHERENCE_INSTRUCTION, COHERENCE_QUESTION, CONSISTENCY_QUESTION
@@ -162,8 +164,9 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
     for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
         ds.set_image_budget(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, factor=factor)
     if resume_dir is not None:
-        model = load_pretrained(resume_dir / "model", dtype=getattr(torch, cfg.model.dtype), device=device)
-    model.freeze_vision(cfg.model.freeze_vision)
+        model = load_policy(cfg, resume_dir, start_dir(out, source), device)
+    if not has_lora(model):  # a LoRA model's base, vision tower included, is frozen already
+        model.freeze_vision(cfg.model.freeze_vision)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     weights = resolve_weights(cfg.reward.weights)
     if not algo.reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
@@ -173,11 +176,45 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
                       resume_dir=resume_dir)
 
 
+def start_dir(out: Path, source: Path) -> Path:
+    """The model GRPO starts from: the Cold-Start checkpoint RUN_DIR/sft, else the initial model."""
+    return out / "sft" if (out / "sft" / "config.json").is_file() else source
+
+
+def add_adapters(model: torch.nn.Module, cfg: Config) -> list[str]:
+    """Fresh LoRA adapters (``--model.lora-*``, seeded by the run seed) on ``model``; every other weight frozen."""
+    m = cfg.model
+    return add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets, dropout=m.lora_dropout,
+                    seed=cfg.run.seed)
+
+
+def load_policy(cfg: Config, checkpoint: Path, base: Path, device: torch.device) -> torch.nn.Module:
+    """The policy a checkpoint holds: the whole model (``model/``), or with LoRA the base (the model GRPO started
+    from) plus the checkpoint's adapters (``adapter/``, a PEFT adapter folder)."""
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.lora_rank:
+        model = load_pretrained(base, dtype=dtype, device=device)
+        load_adapter(model, checkpoint / "adapter")
+        return model
+    return load_pretrained(checkpoint / "model", dtype=dtype, device=device)
+
+
+def attach_adapters(exp: Experiment) -> None:
+    """LoRA (``--model.lora-rank`` > 0): fresh adapters on the model GRPO starts from, after Cold-Start SFT has
+    merged its own into the weights. A resumed run has them already, from its checkpoint."""
+    if exp.cfg.model.lora_rank and not has_lora(exp.model):
+        names = add_adapters(exp.model, exp.cfg)
+        n = sum(p.numel() for p in exp.model.parameters() if p.requires_grad)
+        print(f"[emor3] LoRA: rank {exp.cfg.model.lora_rank} adapters on {len(names)} linear layers, {n:,} "
+              "trainable parameters; every other weight frozen")
+
+
 def attach_reference(exp: Experiment, out: Path) -> None:
     """The frozen reference, when β > 0 or the reference judges RER: a copy of the model GRPO starts from (a
-    resumed run reloads it: the Cold-Start checkpoint, else the initial model)."""
+    resumed run reloads it: the Cold-Start checkpoint, else the initial model). A LoRA run keeps none: its
+    reference is the policy with the adapters switched off (``emor3.models.lora.AdaptersOff``)."""
     cfg, algo = exp.cfg, exp.algo
-    if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")):
+    if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")) or has_lora(exp.model):
         return
     if exp.resume_dir is None:
         ref = copy.deepcopy(exp.model)
@@ -228,7 +265,11 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
+        if has_lora(exp.model):  # the adapters alone; the base is the model GRPO started from
+            save_adapter(exp.model, tmp / "adapter", state=model_state,
+                         base_model_name_or_path=str(start_dir(out, exp.source_dir).resolve()))
+        else:
+            save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
         torch.save({
             "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),

@@ -27,9 +27,10 @@ from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
 from emor3.engine.prompts import build_set_messages
 from emor3.engine.scoring import completion_logprobs
-from emor3.experiment import Experiment, build_experiment
+from emor3.experiment import Experiment, add_adapters, build_experiment
 from emor3.grpo.objective import aggregate
 from emor3.models import load_pretrained, save_pretrained
+from emor3.models.lora import merge_adapters
 from emor3.rewards import parse_set
 from emor3.rewards.reflection import coherence_request, consistency_request
 
@@ -157,7 +158,10 @@ def cold_start(exp: Experiment, out: Path) -> None:
     if cfg.sft.judge_examples:
         examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed)
     print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
+    if cfg.model.lora_rank:  # LoRA: SFT trains adapters, then folds them in, so RUN_DIR/sft is a whole model
+        add_adapters(exp.model, cfg)
     sft(exp.model, exp.processor, examples, cfg.sft, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress)
+    merge_adapters(exp.model)
     save_pretrained(exp.model, sft_dir, tokenizer_dir=exp.source_dir)
 
 

@@ -7,6 +7,7 @@ save / load round trip; `python -m emor3.models merge` writes a folder transform
 
 import json
 import os
+from pathlib import Path
 
 import peft  # the test extra: PEFT is the reference, never a runtime dependency
 import pytest
@@ -14,13 +15,17 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from emor3.models import QwenVL, load_pretrained, save_pretrained
+from emor3.config import parse_args
+from emor3.experiment import load_policy
+from emor3.grpo.train import train
+from emor3.models import load_pretrained, save_pretrained
 from emor3.models.__main__ import main as models_main
 from emor3.models.lora import (DECODER_TARGETS, LoRALinear, adapter_parameters, adapters_disabled, add_lora,
                                load_adapter, lora_modules, merge_adapters, save_adapter)
 from emor3.models.positions import mrope_position_ids
 import test_qwen3_vl as q3
 from test_models_parity import CASES, IMG, make_pair, mixed_batch
+from test_train import plugin, tiny_config  # noqa: F401  (plugin: the fixture)
 
 
 ALL = DECODER_TARGETS + ("vision", "merger")
@@ -212,3 +217,54 @@ def test_qwen3_vl_adapter_loads_in_peft_with_our_logits(tmp_path):
     err = (ref - out)[am.bool()].abs().max().item()
     print(f"PEFT vs emor3 LoRA logits (qwen3_vl): max abs diff {err:.2e}")
     assert err <= 1e-4, f"PEFT on Qwen3VLForConditionalGeneration gives other logits ({err:.2e})"
+
+
+def test_lora_grpo_run_trains_only_adapters_and_resumes_exactly(tmp_path, plugin):
+    lora = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": list(ALL)}
+    full = tiny_config(tmp_path / "a", model=lora, reward={"plugins": [plugin]}, grpo={"steps": 2})
+    train(full)
+    out = Path(full.run.out)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["adapter", "trainer_state.pt"], \
+        "a LoRA checkpoint holds the adapter folder and the trainer state, not the whole model"
+    cfg = json.loads((out / "checkpoint" / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == (out / "sft").resolve()
+
+    # Cold-Start SFT trained adapters and merged them: linear weights moved, everything else (embeddings) did not
+    init, sft = load_pretrained(out / "init").state_dict(), load_pretrained(out / "sft").state_dict()
+    assert torch.equal(init["model.embed_tokens.weight"], sft["model.embed_tokens.weight"])
+    assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
+    # GRPO trained only the adapters: the policy's base weights are the Cold-Start model's, bit for bit
+    policy = load_policy(full, out / "checkpoint", out / "sft", torch.device("cpu"))
+    state = policy.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in sft.items()), "GRPO changed a base weight"
+    mods = lora_modules(policy)
+    assert len(mods) == len([n for n, m in policy.named_modules() if isinstance(m, LoRALinear)]) > 0
+    assert all(m.lora_B.weight.abs().sum() > 0 for m in mods.values()), "an adapter never moved (B starts at 0)"
+    # the reference is the policy with adapters off: equal at step 1 (fresh adapters), apart after one update
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] < 1e-7 and rows[1]["kl"] > 0, [r["kl"] for r in rows]
+
+    half = tiny_config(tmp_path / "b", model=lora, reward={"plugins": [plugin]}, grpo={"steps": 1})
+    train(half)
+    out_b = Path(half.run.out)
+    train(parse_args(["--resume", str(out_b), "--grpo.steps", "2"], "test", ""))
+    with safe_open(out / "checkpoint/adapter/adapter_model.safetensors", "pt") as fa, \
+            safe_open(out_b / "checkpoint/adapter/adapter_model.safetensors", "pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        diff = [k for k in fa.keys() if not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
+    assert not diff, f"2 LoRA steps in one go differ from 1 + resume + 1 in {diff[:3]}"
+    mb = [json.loads(x) for x in (out_b / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] == mb[1]["loss"] and rows[1]["kl"] == mb[1]["kl"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model.lora-rank", "-1"], "lora-rank -1"),
+    (["--model.lora-rank", "4", "--model.lora-targets", "q_proj,qkv"], "valid names: q_proj"),
+    (["--model.lora-rank", "4", "--model.lora-dropout", "1.0"], "lora-dropout"),
+    (["--model.lora-rank", "4", "--model.lora-alpha", "0"], "lora-alpha"),
+    (["--model.lora-rank", "4", "--reward.judge", "reference"], "judge reference"),
+])
+def test_bad_lora_settings_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags, "test", "")
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -18,7 +18,8 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
 3. Advantages: group mean and unbiased std (GRPO), computed in ``objective.group_advantages``; unscorable
    completions (NaN) get advantage 0.
 4. KL to the frozen reference (the model after Cold-Start SFT) is in the loss, k3 with β = 0.01 (the paper);
-   β = 0 (DAPO, Dr.GRPO, GSPO) never builds the reference model.
+   β = 0 (DAPO, Dr.GRPO, GSPO) never builds the reference model. With LoRA (``--model.lora-rank``) only adapters
+   train and the reference is the policy with its adapters switched off: no second copy of the weights.
 5. Loss: clipped surrogate with clip 0.2 / 0.3 and dual clip 3 (the paper), token-mean over the mini-batch. The
    denominator is computed once per mini-batch (``objective.loss_normalizer``), so gradient accumulation over
    micro-batches gives exactly the mini-batch gradient.
@@ -66,10 +67,11 @@ from tqdm import tqdm
 from emor3 import distributed as dist
 from emor3.config import Config, parse_args, save_config
 from emor3.evaluate import evaluate_baseline, evaluate_experiment
-from emor3.experiment import attach_reference, build_experiment, load_trainer_state, save_checkpoint
+from emor3.experiment import (attach_adapters, attach_reference, build_experiment, load_policy, load_trainer_state,
+                              save_checkpoint, start_dir)
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
-from emor3.models import load_pretrained
+from emor3.models.lora import AdaptersOff, has_lora
 from emor3.sft import cold_start
 
 DESCRIPTION = (__doc__ or "").split("\n\n")[0] + "\n\n" + (__doc__ or "").split("\n\n")[1]
@@ -201,13 +203,16 @@ def train(cfg: Config) -> dict:
         exp = build_experiment(cfg, out)  # model (or the resumed policy), processor, data, reward setup
         cold_start(exp, out)  # Cold-Start SFT into RUN_DIR/sft, unless resuming
         baseline = evaluate_baseline(exp, out) if dist.is_main() else None  # the table's first row
-    attach_reference(exp, out)  # the frozen model GRPO starts from, when β > 0 or it judges
+    attach_adapters(exp)  # LoRA: fresh adapters on the model GRPO starts from (a resumed run has its own)
+    attach_reference(exp, out)  # the frozen model GRPO starts from, when β > 0 or it judges (none with LoRA)
     if dist.is_main():
         save_config(cfg, out / "config.toml")
     # training handles: forward = teacher-forced log-probs; FSDP2-sharded or DDP-wrapped under torchrun
     policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     reference = None if exp.reference is None else dist.wrap_reference(
         exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
+    if has_lora(exp.model) and exp.algo.kl_coef > 0:  # LoRA: the reference is the policy with its adapters off
+        reference = AdaptersOff(policy, exp.model)
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
@@ -258,9 +263,8 @@ def train(cfg: Config) -> dict:
         dist.shutdown()  # evaluation below issues no collectives; the other ranks are done
         if not main_rank:
             return {}
-        if cfg.run.parallel == "fsdp" and (out / "checkpoint" / "model").is_dir():  # the final checkpoint, unsharded
-            exp.model = load_pretrained(out / "checkpoint" / "model", dtype=getattr(torch, cfg.model.dtype),
-                                        device=exp.device)
+        if cfg.run.parallel == "fsdp" and (out / "checkpoint" / "trainer_state.pt").is_file():  # final, unsharded
+            exp.model = load_policy(cfg, out / "checkpoint", start_dir(out, exp.source_dir), exp.device)
     return evaluate_experiment(exp, cfg, out, baseline)
 
 

@@ -216,6 +216,18 @@ def adapters_disabled(model: nn.Module):
             m.enabled = e
 
 
+class AdaptersOff:
+    """A scoring handle that calls `handle` (the policy's, maybe FSDP- or DDP-wrapped) with `model`'s adapters
+    switched off: a LoRA run's frozen reference, computed by the policy's own weights."""
+
+    def __init__(self, handle, model: nn.Module):
+        self.handle, self.model = handle, model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.handle(*args, **kwargs)
+
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += s B A, computed in float32) and put plain nn.Linear back."""
