@@ -100,7 +100,10 @@ def test_truncated_draws_stay_in_kept_set_and_follow_renormalised_probs():
     _, filtered = filter_logits(logits, temperature=0.8, top_k=5, top_p=0.9, banned_mask=banned)
     n = 100_000
     g = torch.Generator().manual_seed(7)
-    tokens, _ = draw_tokens(filtered.expand(n, 8), torch.rand(n, generator=g))
+    tokens, log_z = draw_tokens(filtered.expand(n, 8), torch.rand(n, generator=g))
+    torch.testing.assert_close(log_z, filtered.logsumexp(-1).expand(n), msg="the draw's normaliser is not logsumexp")
+    _, greedy_log_z = draw_tokens(filtered, None)
+    torch.testing.assert_close(greedy_log_z, filtered.logsumexp(-1))
     kept = torch.isfinite(filtered[0])
     assert kept[tokens].all(), "a token outside the banned/top-k/top-p kept set was drawn"
     assert not (tokens == 1).any(), "a banned token was drawn"
