@@ -140,7 +140,8 @@ def speed(args):
 
     t_hf, t_ours = timeit(run_hf, args.repeats), timeit(run_ours, args.repeats)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"speed ({ARCH}): {n_params / 1e6:.1f}M params, N={args.rows} rows x L={data[0].shape[1]} tokens, T={args.T}, "
+    print(f"speed ({ARCH}): {n_params / 1e6:.1f}M params, N={args.rows} rows x L={data[0].shape[1]} tokens, "
+          f"T={args.T}, "
           f"V={args.vocab}, threads={torch.get_num_threads()}")
     print(f"  transformers fwd+bwd {t_hf * 1e3:.0f} ms | ours {t_ours * 1e3:.0f} ms | speed-up {t_hf / t_ours:.2f}x")
 

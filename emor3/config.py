@@ -36,8 +36,10 @@ def _f(default: Any, help: str, **kw):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Empty: build the tiny model.")
-    tiny: str = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
+    path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Empty: build the "
+                   "tiny model.")
+    tiny: str = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
+                   "tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
     tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
     dtype: str = _f("float32", "Parameter dtype: float32 or bfloat16.")
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")

@@ -9,6 +9,7 @@ of hidden / heads (as in 4B); the 4.57 (published) and 5.x config.json layouts a
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -493,3 +494,65 @@ def test_experiment_resizes_images_on_the_qwen3_vl_grid(tmp_path):
     assert isinstance(exp.model, Qwen3VL) and exp.train_set.factor == 32
     w, h = exp.train_set.image(0).size
     assert w % 32 == 0 and h % 32 == 0, (w, h)
+
+
+FSDP_SCRIPT = r'''
+import copy, os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from emor3.distributed import wrap_policy
+from emor3.engine.scoring import completion_logprobs
+from emor3.models import Qwen3VL, parse_config
+from emor3.models.positions import mrope_position_ids
+from emor3.models.processing import PromptBatch
+from test_qwen3_vl import IMG, mixed_batch, tiny_hf_config
+
+model = Qwen3VL(parse_config(tiny_hf_config(False).to_dict())).init_weights(0, std=0.1).train()
+plain = copy.deepcopy(model)
+ids, am, grids, pix = mixed_batch()
+pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG)
+batch = PromptBatch(ids, am, pos, pix, grids, nxt, num_images=[1, 0, 2])
+index = torch.arange(3).repeat_interleave(2)  # (6,)
+comp = torch.randint(0, 80, (6, 4), generator=torch.Generator().manual_seed(0))  # (6, 4)
+mask = torch.ones(6, 4)  # (6, 4)
+scorer = wrap_policy(model, "fsdp", torch.device("cpu"), "fp32")
+from torch.distributed.fsdp import FSDPModule
+units = sum(isinstance(m, FSDPModule) for m in scorer.modules())
+lp = scorer(batch, index, comp, mask)
+ref = completion_logprobs(plain, batch, index, comp, mask)
+w = torch.linspace(-1, 1, lp.numel()).view_as(lp)
+(lp * w).sum().backward()
+(ref * w).sum().backward()
+worst = 0.0
+for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    worst = max(worst, float((g - q.grad).abs().max() / q.grad.abs().max().clamp(min=1e-12)))
+print("RESULT", units, float((lp - ref).abs().max()), worst)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_wrapping_scores_and_backpropagates_like_the_plain_model(tmp_path):
+    """The FSDP2 policy handle (one unit per decoder layer and vision block, DeepStack mergers in the root) on one
+    gloo process: log-probs and every gradient equal the unwrapped model's."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp_qwen3.py"
+    script.write_text(FSDP_SCRIPT)
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(tests_dir.parent)}
+    out = subprocess.run([sys.executable, str(script), str(tests_dir)], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=tests_dir.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    units, lp_err, grad_err = out.stdout.split("RESULT")[-1].split()
+    assert int(units) == 3 + 3 + 1, "one unit per decoder layer and vision block, plus the root"
+    assert float(lp_err) < 1e-5 and float(grad_err) < 1e-4, (lp_err, grad_err)

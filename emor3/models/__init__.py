@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL in pure PyTorch: model, M-RoPE positions, checkpoint IO, prompt processing, tiny builder."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL in pure PyTorch: model, M-RoPE positions, checkpoint IO, prompt processing,
+tiny builder."""
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import QwenVLConfig, TextConfig, VisionConfig

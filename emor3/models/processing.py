@@ -59,7 +59,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class Processor:
-    """Tokenizer + Qwen2-VL PIL image processor (also Qwen3-VL's). `min_pixels` / `max_pixels` override the image pixel budget."""
+    """Tokenizer + Qwen2-VL PIL image processor (also Qwen3-VL's). `min_pixels` / `max_pixels` override the image
+    pixel budget."""
 
     def __init__(self, tokenizer, image_processor, *, max_prompt_length: int | None = None):
         self.tokenizer = tokenizer

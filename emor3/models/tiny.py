@@ -252,7 +252,8 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus_texts: Iterable[str], name
 
     The vocabulary is trained on `corpus_texts`; images are resized by the processor to about `image_pixels`.
     A Qwen3-VL size (`NAMED_QWEN3`) gets Qwen3-VL's extra tokens, a Qwen3-VL-style chat template (`thinking` or a
-    name ending in "-thinking": the Thinking variant's) and Qwen3-VL's image normalisation (mean = std = 0.5) with 16-px patches."""
+    name ending in "-thinking": the Thinking variant's) and Qwen3-VL's image normalisation (mean = std = 0.5)
+    with 16-px patches."""
     import torch
 
     from .checkpoint import build_model, save_pretrained
