@@ -28,10 +28,11 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.emoscenes import SPLITS, corpus_texts, load_emoscenes
-from emor3.engine.prompts import set_prompt
+from emor3.engine.prompts import sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
+from emor3.models.checkpoint import read_config
 from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
-from emor3.models.tiny import build_tiny_checkpoint
+from emor3.models.tiny import build_tiny_checkpoint, tiny_config
 from emor3.rewards import load_reward_plugin, resolve_weights
 from emor3.rewards.reflection import COHERENCE_INSTRUCTION, COHERENCE_QUESTION, CONSISTENCY_QUESTION
 
@@ -61,7 +62,7 @@ class Experiment:
     resume_dir: Path | None = None
 
     def prompt_text(self, sample) -> str:
-        return set_prompt(self.taxonomies[sample.taxonomy])
+        return sample_prompt(sample, self.taxonomies)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,12 +87,23 @@ def _parse_eval_spec(spec: str) -> tuple[str, str, str]:
     return name, rest, domain
 
 
+def image_factor(cfg: Config) -> int:
+    """Side multiple images are resized to: the vision patch times the spatial merge of the run's model (28 for
+    Qwen2-VL / Qwen2.5-VL's 14-px patches, 32 for Qwen3-VL's 16-px ones), read from ``--model.path``'s config.json
+    or the tiny configuration."""
+    m = cfg.model
+    vision = (read_config(m.path) if m.path else tiny_config(m.tiny)).vision
+    return vision.patch_size * vision.spatial_merge_size
+
+
 def build_data(cfg: Config):
-    """(train set, cold-start set (samples with a SET ``response`` in their metadata) or None, eval sets)."""
+    """(train set, cold-start set (samples with a SET ``response`` in their metadata) or None, eval sets). Loaders
+    check every image at the run's pixel budget (``--model.min-pixels`` / ``--model.max-pixels`` and the model's
+    ``image_factor``), so an image the processor cannot take at that budget is reported when the data is built."""
     d, m = cfg.data, cfg.model
-    budget = dict(min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    budget = dict(min_pixels=m.min_pixels, max_pixels=m.max_pixels, factor=image_factor(cfg))
     if d.train:
-        train = load_dataset(d.train, d.taxonomy or None, d.on_bad_sample)
+        train = load_dataset(d.train, d.taxonomy or None, d.on_bad_sample, **budget)
         with_response = [i for i, s in enumerate(train.samples) if isinstance(s.metadata, dict) and s.metadata.get("response")]
         cold = train.subset(with_response[: d.cold_start]) if with_response and d.cold_start > 0 else None
         evals = []
@@ -104,7 +116,7 @@ def build_data(cfg: Config):
         evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS if name != "train" and name in splits]
     for spec in d.eval:
         name, path, domain = _parse_eval_spec(spec)
-        evals.append(EvalSet(name, load_dataset(path, None, d.on_bad_sample), domain))
+        evals.append(EvalSet(name, load_dataset(path, None, d.on_bad_sample, **budget), domain))
     for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
         ds.set_image_budget(**budget)
         if ds.report.n_skipped:
@@ -115,16 +127,18 @@ def build_data(cfg: Config):
 # --------------------------------------------------------------------------------------------- model
 
 
-def tokenizer_corpus(taxonomies) -> list[str]:
-    """Texts the tiny tokenizer is trained on: EmoScenes traces and cue words, every prompt the run will send."""
+def tokenizer_corpus(taxonomies, questions=()) -> list[str]:
+    """Texts the tiny tokenizer is trained on: EmoScenes traces and cue words, every prompt the run will send
+    (``questions``: the samples' own questions, ``Sample.question``, where they have one)."""
     texts = corpus_texts() + [CONSISTENCY_QUESTION, COHERENCE_QUESTION]
     for tax in taxonomies:
         texts.append(set_prompt(tax))
         texts.append(COHERENCE_INSTRUCTION.replace("{labels}", ", ".join(tax.labels)))
+    texts += sorted({q for q in questions if q})
     return texts
 
 
-def build_model(cfg: Config, out: Path, device: torch.device, taxonomies) -> tuple[torch.nn.Module, Path]:
+def build_model(cfg: Config, out: Path, device: torch.device, taxonomies, questions=()) -> tuple[torch.nn.Module, Path]:
     m = cfg.model
     dtype = getattr(torch, m.dtype)
     if m.path:
@@ -132,7 +146,7 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies) -> tup
     else:
         source = out / "init"
         if not (source / "config.json").is_file():
-            build_tiny_checkpoint(source, tokenizer_corpus(taxonomies), name=m.tiny, seed=cfg.run.seed,
+            build_tiny_checkpoint(source, tokenizer_corpus(taxonomies, questions), name=m.tiny, seed=cfg.run.seed,
                                   vocab_size=m.tokenizer_vocab, image_pixels=m.max_pixels)
     return load_pretrained(source, dtype=dtype, device=device), source
 
@@ -157,7 +171,9 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
         raise FileNotFoundError(f"--resume {cfg.run.resume}: no checkpoint at {resume_dir}")
     if resume_dir is None and fresh_run and dist.is_main():
         _clear_previous_run(out)
-    model, source = build_model(cfg, out, device, list(taxonomies.values()))
+    questions = [s.question for ds in [train] + [e.samples for e in evals] for s in ds.samples
+                 if getattr(s, "question", None)]
+    model, source = build_model(cfg, out, device, list(taxonomies.values()), questions)
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     # images are pre-resized on the model's own grid: 28 px for Qwen2-VL / Qwen2.5-VL, 32 px for Qwen3-VL
     factor = processor.image_processor.patch_size * processor.merge_size

@@ -46,7 +46,7 @@ class SFTExample:
 
 def set_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict) -> list[SFTExample]:
     """The Cold-Start-Emo examples: the SET prompt of each sample (its taxonomy's labels) and its SET response."""
-    return [SFTExample(build_set_messages(taxonomies[s.taxonomy]), [im], r)
+    return [SFTExample(build_set_messages(taxonomies[s.taxonomy], question=getattr(s, "question", None)), [im], r)
             for s, im, r in zip(samples, images, responses)]
 
 

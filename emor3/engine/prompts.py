@@ -5,12 +5,15 @@ The user turn is: the image, the question that lists the sample's allowed labels
 verbatim the authors' release (`SET_INSTRUCTION`). The model is expected to answer
 `<step1>…</step1><step2>…</step2><step3>…</step3>` and then `\\boxed{label}`.
 
-Choices made here (the paper is silent on them):
+Choices made here (the paper is silent on them; docs/method.md, "Where the paper is silent: emor3 and the release"):
 1. The question wording (`DEFAULT_QUESTION`) is ours; the paper only says it lists the allowed labels. The labels come
    from the sample's taxonomy in its fixed order, comma-separated, never from a hard-coded list.
-2. Question and instruction are joined by one space, as EasyR1's format-prompt templates do
-   (`{{ content | trim }} You FIRST think ...`), which the authors' release is built on.
-3. A template is any string containing `{labels}`; it is filled by plain substitution, not `str.format`, so the
+2. Question and instruction are joined by a blank line (`QUESTION_JOIN`, "\\n\\n"), as the release's format-prompt
+   template does (`{{ content | trim }}`, an empty line, then the instruction).
+3. A sample that carries its own question (`Sample.question`: a manifest's `question`, an EasyR1 row's `problem`)
+   is sent as that question, stripped, then `QUESTION_JOIN`, then the SET instruction; `{labels}` in it, if any, is
+   filled as in a template. Without one, the template (`DEFAULT_TEMPLATE` unless given) is used.
+4. A template is any string containing `{labels}`; it is filled by plain substitution, not `str.format`, so the
    `\\boxed{}` of the instruction needs no brace escaping. `load_template(path)` reads one from a file.
 
 `encode_samples` turns dataset samples (each naming its taxonomy) and their images into the SET prompts'
@@ -38,7 +41,9 @@ SET_INSTRUCTION = (
 
 DEFAULT_QUESTION = "Which emotion does this image evoke? Choose one of the following emotions: {labels}."
 
-DEFAULT_TEMPLATE = DEFAULT_QUESTION + " " + SET_INSTRUCTION
+QUESTION_JOIN = "\n\n"  # between the question and the SET instruction, as the release's template
+
+DEFAULT_TEMPLATE = DEFAULT_QUESTION + QUESTION_JOIN + SET_INSTRUCTION
 
 LABELS_PLACEHOLDER = "{labels}"
 
@@ -54,12 +59,17 @@ def _label_list(labels: Any) -> list[str]:
     return out
 
 
-def set_prompt(labels: Any, template: str | None = None) -> str:
-    """The text of the SET user turn: `template` with `{labels}` replaced by the labels, comma-separated.
+def set_prompt(labels: Any, template: str | None = None, question: str | None = None) -> str:
+    """The text of the SET user turn: `template` with `{labels}` replaced by the labels, comma-separated; or, when
+    `question` is given, `question + QUESTION_JOIN + SET_INSTRUCTION` (its `{labels}`, if any, filled the same way).
 
     labels: a taxonomy (anything with `.labels`) or a sequence of label strings, in the taxonomy's order.
     template: None for the paper's (`DEFAULT_TEMPLATE`), else a string that contains `{labels}`.
+    question: a sample's own question (`Sample.question`), or None for the template's.
     """
+    if question is not None and question.strip():
+        text = question.strip() + QUESTION_JOIN + SET_INSTRUCTION
+        return text.replace(LABELS_PLACEHOLDER, ", ".join(_label_list(labels)))
     template = DEFAULT_TEMPLATE if template is None else template
     if LABELS_PLACEHOLDER not in template:
         raise ValueError(
@@ -69,9 +79,15 @@ def set_prompt(labels: Any, template: str | None = None) -> str:
     return template.replace(LABELS_PLACEHOLDER, ", ".join(_label_list(labels)))
 
 
-def build_set_messages(labels: Any, template: str | None = None) -> list[dict]:
+def build_set_messages(labels: Any, template: str | None = None, question: str | None = None) -> list[dict]:
     """Chat messages for one sample, as `Processor.encode_prompts` takes them: the image first, then the text."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": set_prompt(labels, template)}]}]
+    text = set_prompt(labels, template, question)
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def sample_prompt(sample, taxonomies: dict, template: str | None = None) -> str:
+    """The SET user-turn text of a dataset sample: its taxonomy's labels and its own question, if it has one."""
+    return set_prompt(taxonomies[sample.taxonomy], template, getattr(sample, "question", None))
 
 
 def load_template(path: str | Path) -> str:
@@ -89,6 +105,6 @@ def load_template(path: str | Path) -> str:
 
 def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: dict, template: str | None = None) -> PromptBatch:
     """SET prompts for ``samples`` (each with ``.taxonomy`` naming an entry of ``taxonomies``) and their images (one
-    PIL image per sample) as a PromptBatch."""
-    messages = [build_set_messages(taxonomies[s.taxonomy], template) for s in samples]
+    PIL image per sample) as a PromptBatch; a sample's own question (``Sample.question``) is honoured."""
+    messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None)) for s in samples]
     return processor.encode_prompts(messages, [[im] for im in images])
