@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from emor3.config import parse_args
-from emor3.evaluate import cue_rate, evaluate
+from emor3.evaluate import RUN_AVERAGES, cue_rate, evaluate
 from emor3.experiment import build_experiment
 from emor3.grpo.train import train
 
-COLUMNS = ("A^I", "A^O", "A")
+COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
 
 
 def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:

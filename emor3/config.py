@@ -184,6 +184,10 @@ class GRPOConfig(Algorithm):
     schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
     max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
+    loss_scope: str = _f("auto", "Over what the loss normaliser counts: mini-batch (the whole mini-batch over all "
+                                 "ranks: micro-batching does not change the gradient), micro-batch (the release: each "
+                                 "micro-batch's own count, its loss divided by the micro-batches per rank and averaged "
+                                 "over ranks), auto (micro-batch with a checkpoint, mini-batch with the tiny model).")
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,12 @@ class RewardConfig:
     accuracy: str = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized (synonyms).")
     judge: str = _f("policy", "Who answers the RER questions: policy (the paper) or reference (frozen copy).")
     judge_mode: str = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no sampling).")
-    judge_max_new_tokens: int = _f(8, "Longest judge reply in sample mode.")
+    judge_max_new_tokens: int = _f(0, "Longest judge reply in sample mode. 0: 32 with a checkpoint (--model.path; an "
+                                      "instruct model may answer 'Based on the image, yes'), 8 with the tiny model, "
+                                      "which answers in one word (docs/method.md, \"Where the paper is silent\").")
+    missing_step: str = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
+                                   "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
+                                   "(release with a checkpoint, neutral with the tiny model).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
 
 
@@ -242,9 +251,32 @@ class Config:
         overrides = {f.name: getattr(self.grpo, f.name) for f in fields(Algorithm) if getattr(self.grpo, f.name) is not None}
         return dataclasses.replace(get_algorithm(self.grpo.algo), **overrides)
 
+    # Where the paper is silent, a checkpoint run (--model.path) follows the authors' release and the tiny default
+    # keeps the choices its recorded results were made with (docs/method.md, "Where the paper is silent").
+    def judge_reply_tokens(self) -> int:
+        """``reward.judge_max_new_tokens`` with 0 resolved: 32 with a checkpoint, 8 with the tiny model."""
+        n = self.reward.judge_max_new_tokens
+        return n if n > 0 else (32 if self.model.path else 8)
+
+    def missing_step_rule(self) -> str:
+        """``reward.missing_step`` with auto resolved: release with a checkpoint, neutral with the tiny model."""
+        rule = self.reward.missing_step
+        return rule if rule != "auto" else ("release" if self.model.path else "neutral")
+
+    def loss_scope_rule(self) -> str:
+        """``grpo.loss_scope`` with auto resolved: micro-batch with a checkpoint, mini-batch with the tiny model."""
+        scope = self.grpo.loss_scope
+        if scope not in ("auto", "mini-batch", "micro-batch"):
+            raise ValueError(f"unknown --grpo.loss-scope {scope!r}; valid: mini-batch, micro-batch, auto")
+        return scope if scope != "auto" else ("micro-batch" if self.model.path else "mini-batch")
+
     def resolved(self) -> "Config":
-        """This config with the preset's objective numbers written into ``grpo`` (what a run records)."""
-        return dataclasses.replace(self, grpo=dataclasses.replace(self.grpo, **dataclasses.asdict(self.algorithm())))
+        """This config with the preset's objective numbers written into ``grpo`` and every "auto" choice made
+        (what a run records)."""
+        grpo = dataclasses.replace(self.grpo, **dataclasses.asdict(self.algorithm()), loss_scope=self.loss_scope_rule())
+        reward = dataclasses.replace(self.reward, judge_max_new_tokens=self.judge_reply_tokens(),
+                                     missing_step=self.missing_step_rule())
+        return dataclasses.replace(self, grpo=grpo, reward=reward)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]

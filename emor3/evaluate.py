@@ -2,18 +2,24 @@
 
 Protocol (docs/method.md "Data and protocol"): one sampled answer per image at temperature 0.6, top-p 0.95, no
 reflection; accuracy is the hard match of the last boxed answer with the label (lower-cased). The prompt lists the
-evaluated set's own taxonomy labels. Each set is in-domain or out-of-domain; A^I is the mean accuracy of the
-in-domain sets, A^O of the out-of-domain sets, A of all of them. Also reported per set: the format rate (the paper's
+evaluated set's own taxonomy labels. Each set is in-domain or out-of-domain; within one run, ``run A^I`` is the mean
+accuracy of its in-domain sets, ``run A^O`` of its out-of-domain sets, ``run A`` of all of them. These are not the
+paper's A^I / A^O / A, which average over two training settings (EmoSet-trained and Emotion6-trained): that table
+is ``python -m emor3.evaluate table RUN_A RUN_B ...`` (``paper_table``), built from the runs' results.json. Also reported per set: the format rate (the paper's
 rule), and on EmoScenes how often step 1 names cues that are really in the image (``cue_rate``) — the
 visual-text consistency that RER is meant to improve, measurable here because EmoScenes keeps its true cues.
 
 Results are printed as a markdown table and written to ``RUN_DIR/results.json`` and ``RUN_DIR/results.md``.
+``python -m emor3.evaluate table RUN_A RUN_B ...`` lays several runs' results.json out as the paper's Table 1
+(``TABLE_USAGE``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -79,11 +85,14 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+RUN_AVERAGES = ("run A^I", "run A^O", "run A")  # one run's averages; the paper's A^I / A^O / A are paper_table's
+
+
 def summary_scores(per_set: dict) -> dict:
-    """A^I (mean accuracy of in-domain sets), A^O (out-of-domain), A (all), as the paper's table."""
+    """One run's averages: run A^I (mean accuracy of its in-domain sets), run A^O (out-of-domain), run A (all)."""
     acc_in = [v["accuracy"] for v in per_set.values() if v["domain"] == "in"]
     acc_out = [v["accuracy"] for v in per_set.values() if v["domain"] == "out"]
-    return {"A^I": _mean(acc_in), "A^O": _mean(acc_out), "A": _mean(acc_in + acc_out)}
+    return dict(zip(RUN_AVERAGES, (_mean(acc_in), _mean(acc_out), _mean(acc_in + acc_out))))
 
 
 def _fmt(x) -> str:
@@ -92,18 +101,18 @@ def _fmt(x) -> str:
 
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, one row per evaluated model (e.g. "Cold-Start SFT", "EMO-R3"), columns as the paper's:
-    every set's accuracy (in-domain marked ^I), then A^I, A^O, A; then format and cue rates."""
+    every set's accuracy (in-domain marked ^I), then the run's averages; then format and cue rates."""
     first = next(iter(rows.values()))
     names = list(first["sets"])
     head = [n + ("^I" if first["sets"][n]["domain"] == "in" else "") for n in names]
-    lines = ["| Model | " + " | ".join(head) + " | A^I | A^O | A | format % | cue % |",
+    lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + " | format % | cue % |",
              "|---" * (len(names) + 6) + "|"]
     for model_name, r in rows.items():
         sets = r["sets"]
         fmt_rate = _mean([v["format_rate"] for v in sets.values()])
         cues = [v["cue_rate"] for v in sets.values() if v["cue_rate"] is not None]
-        cells = [_fmt(sets[n]["accuracy"]) for n in names] + [_fmt(r["A^I"]), _fmt(r["A^O"]), _fmt(r["A"]),
-                                                               _fmt(fmt_rate), _fmt(_mean(cues))]
+        cells = [_fmt(sets[n]["accuracy"]) for n in names] + [_fmt(r.get(k)) for k in RUN_AVERAGES] + [
+            _fmt(fmt_rate), _fmt(_mean(cues))]
         lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,7 +151,138 @@ def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict 
     return rows
 
 
+# --------------------------------------------------------------------------------------------- the paper's table
+
+TABLE_USAGE = """python -m emor3.evaluate table RUN [RUN ...] [--rows NAME,NAME] [--out FILE.md]
+
+The paper's Table 1 from two or more runs' results.json: each RUN (a run folder or its results.json) is one
+training setting, named by its in-domain set(s) (e.g. a run trained on EmoSet and evaluated on emoset@in,
+emotion6@out, webemo@out). Rows are the models in the runs' results.json (e.g. initial, Cold-Start SFT, emo_r3;
+--rows picks and orders them); columns are, per setting, its in-domain set(s) (^I) then its out-of-domain sets,
+then A^I, A^O and A.
+
+Averaging (the paper's): A^I is the unweighted mean of a row's in-domain accuracies over all settings (2 for the
+paper: EmoSet^I, Emo6^I), A^O of its out-of-domain accuracies (4), A of all of them (6); every (setting, set) cell
+counts once, whatever the set's size. A row missing a setting gets '–' for that setting's cells and its averages.
+A row found in several runs of the same setting is taken from the first and the others are named in a note."""
+
+
+def load_results(path: str | Path) -> tuple[Path, dict]:
+    """(the results.json file, its rows) for a run folder or a results.json path; errors name the file."""
+    path = Path(path)
+    f = path / "results.json" if path.is_dir() else path
+    try:
+        rows = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f}: no such results.json (RUN is a run folder or its results.json; "
+                                "`python -m emor3.evaluate` and training runs write it)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError(f"{f}: expected an object of rows {{model: {{'sets': ...}}}}")
+    for name, r in rows.items():
+        sets = r.get("sets") if isinstance(r, dict) else None
+        if not isinstance(sets, dict) or not sets:
+            raise ValueError(f"{f}: row {name!r} has no 'sets'")
+        for set_name, v in sets.items():
+            if not isinstance(v, dict) or v.get("domain") not in ("in", "out") or not isinstance(v.get("accuracy"), (int, float)):
+                raise ValueError(f"{f}: row {name!r} set {set_name!r} needs a domain 'in' or 'out' and a numeric accuracy")
+    return f, rows
+
+
+def paper_table(runs: Sequence[tuple[str, dict]], rows: Sequence[str] | None = None) -> dict:
+    """The paper's two-setting table from runs [(label, results.json rows)] -> {"settings": [{"name", "in",
+    "out", "runs"}], "rows": {model: {"cells": [[setting, set, accuracy or None]], "A^I", "A^O", "A"}},
+    "notes": [...]}; see ``TABLE_USAGE`` for the layout and the averaging rule."""
+    settings: dict[str, dict] = {}
+    for label, results in runs:
+        first = next(iter(results.values()))["sets"]
+        ins = [n for n, v in first.items() if v["domain"] == "in"]
+        if not ins:
+            raise ValueError(f"{label}: no in-domain set, so its training setting is unknown (evaluate with NAME=PATH@in)")
+        st = settings.setdefault("+".join(ins), {"name": "+".join(ins), "in": ins, "out": [], "runs": []})
+        st["runs"].append((label, results))
+        for r in results.values():
+            for n, v in r["sets"].items():
+                if v["domain"] == "out" and n not in st["out"]:
+                    st["out"].append(n)
+    if len(settings) < 2:
+        names = ", ".join(settings)
+        raise ValueError(f"the paper's table needs runs from two or more training settings; all runs given are "
+                         f"trained on {names} (a setting is named by its in-domain sets)")
+    models = list(rows) if rows else list(dict.fromkeys(m for st in settings.values() for _, res in st["runs"] for m in res))
+    notes, table = [], {}
+    for m in models:
+        cells, acc_in, acc_out, complete = [], [], [], True
+        for st in settings.values():
+            found = [(label, res[m]) for label, res in st["runs"] if m in res]
+            if len(found) > 1:
+                notes.append(f"{m} trained on {st['name']}: taken from {found[0][0]}; also in "
+                             + ", ".join(label for label, _ in found[1:]))
+            sets = found[0][1]["sets"] if found else {}
+            for n in st["in"] + st["out"]:
+                v = sets.get(n)
+                acc = None if v is None else float(v["accuracy"])
+                cells.append([st["name"], n, acc])
+                if acc is None:
+                    complete = False
+                elif v["domain"] == "in":
+                    acc_in.append(acc)
+                else:
+                    acc_out.append(acc)
+        if not any(c[2] is not None for c in cells):
+            raise ValueError(f"row {m!r} is in none of the runs; rows found: "
+                             + ", ".join(dict.fromkeys(k for st in settings.values() for _, res in st["runs"] for k in res)))
+        if not complete:
+            notes.append(f"{m}: some settings or sets are missing, so its averages are left out")
+        table[m] = {"cells": cells, "A^I": _mean(acc_in) if complete else None,
+                    "A^O": _mean(acc_out) if complete else None, "A": _mean(acc_in + acc_out) if complete else None}
+    info = [{"name": st["name"], "in": st["in"], "out": st["out"], "runs": [label for label, _ in st["runs"]]}
+            for st in settings.values()]
+    return {"settings": info, "rows": table, "notes": notes}
+
+
+def format_paper_table(t: dict) -> str:
+    """Markdown of ``paper_table``'s result: a line naming the settings, then one row per model."""
+    head, k = [], 1
+    spans = []
+    for st in t["settings"]:
+        cols = [n + "^I" for n in st["in"]] + list(st["out"])
+        spans.append(f"trained on {st['name']}: columns {k}-{k + len(cols) - 1} ({', '.join(st['runs'])})")
+        head += cols
+        k += len(cols)
+    lines = ["Settings: " + "; ".join(spans) + ".", "",
+             "| Model | " + " | ".join(head) + " | A^I | A^O | A |", "|---" * (len(head) + 4) + "|"]
+    for m, r in t["rows"].items():
+        cells = [_fmt(c[2]) for c in r["cells"]] + [_fmt(r["A^I"]), _fmt(r["A^O"]), _fmt(r["A"])]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"note: {n}" for n in t["notes"]] if t["notes"] else []
+    return "\n".join(lines)
+
+
+def table_main(argv: list[str]) -> str:
+    p = argparse.ArgumentParser(prog="python -m emor3.evaluate table", usage=TABLE_USAGE.split("\n", 1)[0],
+                                description=TABLE_USAGE.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder or its results.json, one per setting (or more)")
+    p.add_argument("--rows", default="", help="comma-separated models to show, in this order (default: all)")
+    p.add_argument("--out", default="", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    try:
+        runs = [(str(f), rows) for f, rows in (load_results(r) for r in args.runs)]
+        text = format_paper_table(paper_table(runs, [r for r in args.rows.split(",") if r] or None))
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["table"]:
+        table_main(argv[1:])
+        return
     cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip())
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)

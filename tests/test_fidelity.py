@@ -104,3 +104,97 @@ def test_loaders_check_images_at_the_models_budget(tmp_path):
     assert len(qwen25) == 2 and qwen25.factor == 28 and qwen25.report.n_skipped == 0
     assert len(qwen3) == 1 and qwen3.factor == 32 and qwen3.report.n_skipped == 1
     assert qwen3.image(0).width % 32 == 0 and qwen3.image(0).height % 32 == 0
+
+
+# ------------------------------------------------------------------------------------------------- RER defaults
+
+
+class _ScriptedJudge:
+    """Answers every consistency prompt "yes" and every coherence prompt "joy"; records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, requests):
+        self.asked.append(len(requests))
+        texts = [_user_text(r.messages) for r in requests]
+        return ["joy" if "Which emotion" in t else "yes" for t in texts]
+
+
+EMO6 = get_taxonomy("emotion6")
+FULL = "<step1>A girl laughs.</step1><step2>Happy.</step2><step3>positive</step3>\\boxed{joy}"
+NO_STEP1 = "<step2>Happy.</step2><step3>positive</step3>\\boxed{joy}"
+NO_STEP2 = "<step1>A girl laughs.</step1>\\boxed{joy}"
+
+
+@pytest.mark.parametrize("rule, cons, coh", [("release", [1.0, 0.0, 1.0], [1.0, 0.5, 0.5]),
+                                             ("neutral", [1.0, 0.5, 1.0], [1.0, 0.5, 0.5])])
+def test_missing_steps_score_as_the_release_does_by_default(rule, cons, coh):
+    from emor3.rewards.reflection import reflect
+
+    judge = _ScriptedJudge()
+    out = reflect([FULL, NO_STEP1, NO_STEP2], ["joy"] * 3, EMO6, ["a", "b", "c"], judge, mode="sample", missing=rule)
+    assert out.consistency.tolist() == cons and out.coherence.tolist() == coh
+    assert judge.asked == [2, 1], "rows without the judged steps are not sent to the judge"
+    assert out.judged_consistency.tolist() == [True, False, True]
+    if rule == "release":
+        default = reflect([FULL, NO_STEP1, NO_STEP2], ["joy"] * 3, EMO6, ["a", "b", "c"], _ScriptedJudge())
+        assert default.consistency.tolist() == cons, "the release's rule is reflect's default"
+
+
+def test_unknown_missing_rule_is_an_error():
+    from emor3.rewards.reflection import reflect
+
+    with pytest.raises(ValueError, match="missing-step rule 'zero'"):
+        reflect([FULL], ["joy"], EMO6, ["a"], _ScriptedJudge(), missing="zero")
+
+
+def test_model_judge_caps_replies_for_instruct_models():
+    import inspect
+
+    from emor3.rewards.reflection import ModelJudge
+
+    assert inspect.signature(ModelJudge).parameters["max_new_tokens"].default == 32
+
+
+def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run():
+    from emor3.config import GRPOConfig, RewardConfig, config_from_dict, config_to_dict
+
+    tiny = Config()
+    assert (tiny.judge_reply_tokens(), tiny.missing_step_rule(), tiny.loss_scope_rule()) == (8, "neutral", "mini-batch")
+    ckpt = Config(model=ModelConfig(path="/models/Qwen2.5-VL-3B-Instruct"))
+    assert (ckpt.judge_reply_tokens(), ckpt.missing_step_rule(), ckpt.loss_scope_rule()) == (32, "release", "micro-batch")
+    chosen = Config(model=ModelConfig(path="/m"), reward=RewardConfig(judge_max_new_tokens=8, missing_step="neutral"),
+                    grpo=GRPOConfig(loss_scope="mini-batch"))
+    assert (chosen.judge_reply_tokens(), chosen.missing_step_rule(), chosen.loss_scope_rule()) == (8, "neutral", "mini-batch")
+    # what a run records: the choices made, reading back to the same config
+    r = ckpt.resolved()
+    assert (r.reward.judge_max_new_tokens, r.reward.missing_step, r.grpo.loss_scope) == (32, "release", "micro-batch")
+    assert config_from_dict(config_to_dict(r)) == r and r.resolved() == r
+    with pytest.raises(ValueError, match="loss-scope"):
+        Config(grpo=GRPOConfig(loss_scope="sequence")).loss_scope_rule()
+
+
+# ------------------------------------------------------------------------------------------------- loss normaliser
+
+
+def test_micro_batch_scope_is_the_mean_of_each_micro_batchs_token_mean():
+    from emor3.grpo.objective import aggregate, loss_normalizer
+    from emor3.grpo.step import micro_normalizer
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4, 6, generator=g)  # (N, T) per-token losses of one mini-batch, 2 micro-batches of 2 rows
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0],  # micro-batch 1: 3 tokens
+                         [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.float32)  # micro-batch 2: 10 tokens
+    micro = [slice(0, 2), slice(2, 4)]
+    # the release (verl): each micro-batch's own token-mean, divided by the 2 accumulation steps
+    means = [float((values[m] * mask[m]).sum() / mask[m].sum()) for m in micro]
+    want_release = (means[0] + means[1]) / 2
+    got = sum(float(aggregate(values[m], mask[m], normalizer=micro_normalizer(mask[m], "token-mean", 6, 2)))
+              for m in micro)
+    assert got == pytest.approx(want_release, rel=1e-6)
+    # ours: one token-mean over the 13 tokens of the mini-batch
+    want_ours = float((values * mask).sum() / 13)
+    total = loss_normalizer(mask)
+    assert sum(float(aggregate(values[m], mask[m], normalizer=total)) for m in micro) == pytest.approx(want_ours, rel=1e-6)
+    assert abs(want_release - want_ours) > 1e-3, "the two scopes differ when micro-batches hold different token counts"

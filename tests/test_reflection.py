@@ -90,7 +90,7 @@ def test_reflect_sample_mode_prompts_scores_and_batching():
 
     judge = TwoScripts()
     images = [f"img{i}" for i in range(len(comps))]
-    out = reflect(comps, ["joy"] * len(comps), TAX, images, judge, mode="sample")
+    out = reflect(comps, ["joy"] * len(comps), TAX, images, judge, mode="sample", missing="neutral")
     assert out.consistency.tolist() == [1.0, 0.0, 0.5, 0.5, 0.5, 1.0]
     assert out.coherence.tolist() == [1.0, 0.5, 0.0, 0.0, 0.5, 0.5], "missing steps must get the neutral 0.5"
     assert out.judged_consistency.tolist() == [True] * 4 + [False, True]
@@ -309,7 +309,7 @@ def test_model_judge_sample_mode_one_batch_seeded():
         assert len(proc.seen) == 2 and proc.seen[0][0].shape[0] == 2, "one batch per judge, judged rows only"
     assert outs[0].consistency_replies == outs[1].consistency_replies, "seeded judge must repeat"
     assert all(isinstance(r, str) for r in outs[0].consistency_replies[:2]) and outs[0].consistency_replies[2] is None
-    assert outs[0].consistency[2].item() == 0.5 and outs[0].coherence[2].item() == 0.5
+    assert outs[0].consistency[2].item() == 0.0 and outs[0].coherence[2].item() == 0.5, "the release's missing rule"
     assert not outs[0].consistency.requires_grad
 
 

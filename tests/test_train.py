@@ -96,7 +96,8 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     table = (out / "results.md").read_text().splitlines()
     sets = list(results["emo_r3"]["sets"])
     assert sets == ["test", "ood_render", "ood_emotion6", "ood_binary"]
-    assert table[0] == "| Model | test^I | ood_render | ood_emotion6 | ood_binary | A^I | A^O | A | format % | cue % |"
+    assert table[0] == ("| Model | test^I | ood_render | ood_emotion6 | ood_binary | run A^I | run A^O | run A | "
+                        "format % | cue % |")
     assert [line.split(" | ")[0] for line in table[2:]] == ["| initial", "| emo_r3"]
     acc = results["emo_r3"]["sets"]["test"]["accuracy"]
     assert table[3].split(" | ")[1] == f"{acc:.2f}", "the table shows the evaluated accuracy"
@@ -249,7 +250,7 @@ def test_evaluation_table_arithmetic():
             "emotion6": {"domain": "out", "accuracy": 50.0, "format_rate": 90.0, "cue_rate": None},
             "webemo": {"domain": "out", "accuracy": 40.0, "format_rate": 80.0, "cue_rate": 25.0}}
     s = summary_scores(sets)
-    assert s == {"A^I": 70.0, "A^O": 45.0, "A": pytest.approx(160 / 3)}
+    assert s == {"run A^I": 70.0, "run A^O": 45.0, "run A": pytest.approx(160 / 3)}
     table = format_table({"GRPO": {"sets": sets, **s}})
     assert "| GRPO | 70.00 | 50.00 | 40.00 | 70.00 | 45.00 | 53.33 | 90.00 | 25.00 |" in table
     assert "emoset^I" in table and "emotion6 |" in table

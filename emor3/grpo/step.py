@@ -10,7 +10,8 @@ choices it makes are listed, numbered, at the top of train.py; the math is in ``
 4. Update: μ epochs over mini-batches of whole groups; each mini-batch's token count (its loss normaliser) is
    summed over ranks first, then its micro-batches' losses, each that share of the mini-batch loss, are
    backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW stepped (skipped if
-   the gradient is not finite).
+   the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release; docs/method.md, "Where the
+   paper is silent") each micro-batch is normalised by its own count instead (``micro_normalizer``).
 5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
    micro-batches and ranks), averaged over the step's updates, so they do not depend on
    ``--grpo.micro-batch-rows`` or on the number of processes; the per-token statistics are means over
@@ -74,6 +75,15 @@ def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, algo: Algorithm
     return pg_loss + algo.kl_coef * aggregate(kl, mask, mode=algo.loss_agg, normalizer=normalizer), pg_loss, kl, pm
 
 
+def micro_normalizer(mask: torch.Tensor, mode: str, max_len: int, n_micro: int) -> torch.Tensor:
+    """The release's normaliser (``--grpo.loss-scope micro-batch``): the micro-batch's own count (tokens for
+    token-mean) times the ``n_micro`` micro-batches of this rank's mini-batch times the world size, so the loss is
+    the mean over micro-batches and ranks of each micro-batch's own aggregate, as verl's gradient accumulation
+    (loss / accumulation steps, gradients averaged over ranks). It weighs a token of a short micro-batch more than
+    one of a long micro-batch; the default "mini-batch" scope (one count over the whole mini-batch) does not."""
+    return loss_normalizer(mask, mode=mode, max_len=max_len) * n_micro * dist.world_size()
+
+
 def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, reference, optimizer, scheduler,
               step: int) -> tuple[dict, list[dict]]:
     """One GRPO step: collect -> advantages -> reference log-probs -> update -> metrics.
@@ -81,6 +91,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
     when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
     g, algo, G = cfg.grpo, exp.algo, cfg.grpo.group_size
+    loss_scope = cfg.loss_scope_rule()
     t_step = time.perf_counter()
     exp.model.eval()
 
@@ -127,10 +138,13 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
             # summed over ranks: each rank's loss is its share of the global mini-batch's loss
             normalizer = dist.all_reduce(loss_normalizer(mask[group_rows(mb_prompts, G)], mode=algo.loss_agg,
                                                          max_len=g.max_new_tokens))
+            n_micro_here = -(-len(mb_prompts) // prompts_per_micro)  # this rank's micro-batches in the mini-batch
             optimizer.zero_grad(set_to_none=True)
             for s in range(0, len(mb_prompts), prompts_per_micro):
                 p = mb_prompts[s : s + prompts_per_micro]
                 rows = group_rows(p, G)
+                if loss_scope == "micro-batch":
+                    normalizer = micro_normalizer(mask[rows], algo.loss_agg, g.max_new_tokens, n_micro_here)
                 last = s + prompts_per_micro >= len(mb_prompts)  # reduce gradients over ranks once, at the end
                 with dist.grad_sync(policy, last):
                     logp, entropy = micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,

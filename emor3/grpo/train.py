@@ -22,7 +22,9 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
    train and the reference is the policy with its adapters switched off: no second copy of the weights.
 5. Loss: clipped surrogate with clip 0.2 / 0.3 and dual clip 3 (the paper), token-mean over the mini-batch. The
    denominator is computed once per mini-batch (``objective.loss_normalizer``), so gradient accumulation over
-   micro-batches gives exactly the mini-batch gradient.
+   micro-batches gives exactly the mini-batch gradient (``--grpo.loss-scope mini-batch``, the tiny default's);
+   a checkpoint run follows the release, a token-mean per micro-batch averaged over micro-batches
+   (``micro-batch``; docs/method.md, "Where the paper is silent").
 6. Old log-probs: with one update per rollout batch (the paper's default: μ = 1 and one mini-batch) the policy
    has not moved since sampling, so old = current, detached, and the ratio is exactly 1 (the loss then is the
    policy-gradient surrogate). With several updates per batch the trainer recomputes old log-probs before the first

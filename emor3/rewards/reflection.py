@@ -26,9 +26,14 @@ Scoring modes:
                       the product of its tokens' probabilities)
         coherence   = softmax over the taxonomy's labels of Σ_tokens log p(label's tokens), read at the
                       ground-truth label (labels written exactly as in the taxonomy).
-Unextractable steps: when step 1 (consistency) or step 1 or 2 (coherence) cannot be extracted or is empty, that judge
-is not asked and the component is 0.5, the neutral value the paper gives an undecidable judgement
-(`missing_value`). The format reward is what penalises a missing step; RER neither rewards nor punishes it.
+Unextractable steps (the paper is silent; docs/method.md, "Where the paper is silent"): when step 1 (consistency) or
+step 1 or 2 (coherence) cannot be extracted or is empty, that judge is not asked and the component gets the score of
+`MISSING_RULES[missing]`:
+  "release" (default): consistency 0, coherence 0.5. The release asks the judge to "Answer 'None'" instead; its
+      consistency parser tests for the substring "no", which "None" contains (→ 0), and its coherence parser scores
+      "None" as undecided (→ 0.5). The judge's obedient reply is scored here without asking it.
+  "neutral": both 0.5, the value the paper gives an undecidable judgement, so RER neither rewards nor punishes a
+      missing step and the format reward alone penalises it.
 
 Batching: all consistency prompts of a rollout batch go to the judge as one batch, all coherence prompts as another
 (`ModelJudge` may split them into `max_batch_size` chunks to bound memory). A `Judge` is anything with
@@ -55,6 +60,8 @@ from emor3.rewards.set_parse import parse_set
 CONSISTENCY_QUESTION = "Can the following text describe the image? Please answer with yes or no."
 COHERENCE_QUESTION = "Which emotion best describes the text above?"
 COHERENCE_INSTRUCTION = "Answer the question using one emotional category (one word only): {labels}."
+# score of (consistency, coherence) where the steps that judge reads are missing; see the module docstring
+MISSING_RULES = {"release": (0.0, 0.5), "neutral": (0.5, 0.5)}
 YES_STRINGS = ("Yes", "yes")
 NO_STRINGS = ("No", "no")
 MODES = ("sample", "logprob")
@@ -148,7 +155,7 @@ class ReflectionResult:
 
     consistency: torch.Tensor  # (N,) float32 in [0, 1]
     coherence: torch.Tensor  # (N,) float32 in [0, 1]
-    judged_consistency: torch.Tensor  # (N,) bool: False where step 1 was missing (score = missing_value)
+    judged_consistency: torch.Tensor  # (N,) bool: False where step 1 was missing (scored by the missing rule)
     judged_coherence: torch.Tensor  # (N,) bool: False where step 1 or 2 was missing
     consistency_replies: list = field(default_factory=list)  # N replies (sample mode) or None
     coherence_replies: list = field(default_factory=list)
@@ -174,23 +181,27 @@ def reflect(
     judge: Judge,
     *,
     mode: str = "sample",
-    missing_value: float = 0.5,
+    missing: str = "release",
 ) -> ReflectionResult:
     """Score N completions with the two RER judges; see the module docstring for prompts and rules.
 
     labels: N ground-truth labels. taxonomies: one taxonomy (anything with `.labels`, or a label list) for all rows,
     or N of them. images: N images, row n's being its prompt's image (for a rollout: images[prompt_index[n]]).
+    missing: the rule for completions whose judged steps are missing, a key of `MISSING_RULES`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown RER mode {mode!r}; valid: {MODES}")
+    if missing not in MISSING_RULES:
+        raise ValueError(f"unknown RER missing-step rule {missing!r}; valid: {tuple(MISSING_RULES)}")
+    missing_cons, missing_coh = MISSING_RULES[missing]
     n = len(completions)
     if len(labels) != n or len(images) != n:
         raise ValueError(f"reflect: {n} completions but {len(labels)} labels and {len(images)} images")
     label_sets = _label_lists(taxonomies, n)
     parses = [parse_set(c) for c in completions]
 
-    cons = torch.full((n,), float(missing_value), dtype=torch.float32)  # (N,)
-    coh = torch.full((n,), float(missing_value), dtype=torch.float32)  # (N,)
+    cons = torch.full((n,), missing_cons, dtype=torch.float32)  # (N,)
+    coh = torch.full((n,), missing_coh, dtype=torch.float32)  # (N,)
     cons_rows = [i for i, p in enumerate(parses) if p.step1]
     coh_rows = [i for i, p in enumerate(parses) if p.step1 and p.step2]
     for i in coh_rows:
@@ -245,11 +256,13 @@ class ModelJudge:
     tokens banned); logprob mode runs one prefill of the prompts into a KV cache, copies it to the K choices of each
     prompt, and scores all choice tokens in one forward. Both under torch.inference_mode (no gradient, no autograd
     state kept). The model's train/eval mode is left as it is (Qwen-VL has no dropout).
-    `max_batch_size` splits a judge batch into chunks of that many prompts (None: one batch).
+    `max_batch_size` splits a judge batch into chunks of that many prompts (None: one batch). `max_new_tokens` caps
+    a sampled reply: 32 by default, room for an instruct model's "Based on the image, yes." (the release lets the
+    judge write up to the rollout's response length; a run sets it with --reward.judge-max-new-tokens).
     """
 
     def __init__(self, model: Any, processor: Any, *, temperature: float = 0.6, top_p: float = 0.95,
-                 max_new_tokens: int = 8, seed: int | torch.Generator = 0, max_batch_size: int | None = None,
+                 max_new_tokens: int = 32, seed: int | torch.Generator = 0, max_batch_size: int | None = None,
                  logit_chunk: int = 256):
         self.model, self.processor = model, processor
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
@@ -363,7 +376,7 @@ class ModelJudge:
 
 __all__ = [
     "CONSISTENCY_QUESTION", "COHERENCE_QUESTION", "COHERENCE_INSTRUCTION", "JudgeRequest", "Judge", "ModelJudge",
-    "ReflectionResult", "reflect", "consistency_request", "coherence_request", "score_consistency_reply",
+    "ReflectionResult", "reflect", "MISSING_RULES", "consistency_request", "coherence_request", "score_consistency_reply",
     "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words",
 ]
 
