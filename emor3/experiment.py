@@ -175,10 +175,12 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
                  if getattr(s, "question", None)]
     model, source = build_model(cfg, out, device, list(taxonomies.values()), questions)
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
-    # images are pre-resized on the model's own grid: 28 px for Qwen2-VL / Qwen2.5-VL, 32 px for Qwen3-VL
+    # the datasets were checked and are resized on the model's own grid (build_data, image_factor): 28 px for
+    # Qwen2-VL / Qwen2.5-VL, 32 px for Qwen3-VL; the image processor must resize on the same one
     factor = processor.image_processor.patch_size * processor.merge_size
-    for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
-        ds.set_image_budget(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, factor=factor)
+    if factor != train.factor:
+        raise ValueError(f"{source}: preprocessor_config.json resizes images to multiples of {factor} px (patch x "
+                         f"merge) but config.json's vision tower to {train.factor} px; the two files disagree")
     if resume_dir is not None:
         model = load_policy(cfg, resume_dir, start_dir(out, source), device)
     if not has_lora(model):  # a LoRA model's base, vision tower included, is frozen already

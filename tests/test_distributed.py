@@ -44,7 +44,8 @@ def hang_on_rank1(prompts, completions, **kw):
 # 4 prompts x 2 samples per step: 2 prompts per rank; micro-batches of 2 prompts, so the single process runs two
 # micro-batches where each rank runs one (the accumulation and the cross-rank sum must agree).
 # sample_chunk 1: each prompt sampled under its own seeded generator, so rollouts do not depend on the ranks
-GRPO = {"prompts_per_step": 4, "mini_batch_prompts": 4, "micro_batch_rows": 4, "sample_chunk": 1}
+GRPO = {"prompts_per_step": 4, "mini_batch_prompts": 4, "micro_batch_rows": 4, "sample_chunk": 1,
+        "loss_scope": "mini-batch"}  # one token count over mini-batch and ranks, not a checkpoint run's per-micro one
 
 
 @pytest.fixture

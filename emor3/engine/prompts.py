@@ -5,7 +5,7 @@ The user turn is: the image, the question that lists the sample's allowed labels
 verbatim the authors' release (`SET_INSTRUCTION`). The model is expected to answer
 `<step1>…</step1><step2>…</step2><step3>…</step3>` and then `\\boxed{label}`.
 
-Choices made here (the paper is silent on them; docs/method.md, "Where the paper is silent: emor3 and the release"):
+Choices made here (the paper is silent on them; docs/method.md, "Where the paper is silent"):
 1. The question wording (`DEFAULT_QUESTION`) is ours; the paper only says it lists the allowed labels. The labels come
    from the sample's taxonomy in its fixed order, comma-separated, never from a hard-coded list.
 2. Question and instruction are joined by a blank line (`QUESTION_JOIN`, "\\n\\n"), as the release's format-prompt
