@@ -39,9 +39,11 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
                                  device=exp.device, progress=False, cue_rate_fn=cue_rate)
     rows["Cold-Start SFT"] = sft_row
     for algo in ("grpo", "dapo"):
+        # started from EMO-R3's Cold-Start checkpoint by path, they keep the tiny run's loss normaliser (a
+        # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
         r = train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out / f"seed{seed}" / algo),
                               "--model.path", str(emo / "sft"), "--sft.steps", "0", "--run.progress", "false",
-                              *extra], "ablation", ""))
+                              "--grpo.loss-scope", "mini-batch", *extra], "ablation", ""))
         rows[algo.upper()] = r[algo]
     rows["EMO-R3"] = emo_row
     return rows

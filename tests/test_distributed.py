@@ -45,7 +45,7 @@ def hang_on_rank1(prompts, completions, **kw):
 # micro-batches where each rank runs one (the accumulation and the cross-rank sum must agree).
 # sample_chunk 1: each prompt sampled under its own seeded generator, so rollouts do not depend on the ranks
 GRPO = {"prompts_per_step": 4, "mini_batch_prompts": 4, "micro_batch_rows": 4, "sample_chunk": 1,
-        "loss_scope": "mini-batch"}  # one token count over mini-batch and ranks, not a checkpoint run's per-micro one
+        "loss_scope": "mini-batch"}  # one token count over the mini-batch and its ranks
 
 
 @pytest.fixture
@@ -60,7 +60,9 @@ def plugin_dir(tmp_path, monkeypatch):
 def _config(tmp_path: Path, name: str, steps: int, plugin: str = "length_reward", model: str = "", **run):
     cfg = tiny_config(tmp_path, grpo={**GRPO, "steps": steps}, sft={"steps": 0}, model={"path": model},
                       data={"emoscenes_test": 2, "emoscenes_ood": 1},  # the evaluation tables are not under test
-                      reward={"plugins": [f"emor3_dist_plugin:{plugin}=1.0"]},
+                      # the tiny model's choices whether it is built here (model "") or given by path
+                      reward={"plugins": [f"emor3_dist_plugin:{plugin}=1.0"], "judge_max_new_tokens": 8,
+                              "missing_step": "neutral"},
                       run={"out": str(tmp_path / name), "dist_timeout": 60.0, **run})
     return cfg
 
