@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
-from emor3.data import get_taxonomy, load_dataset, write_manifest
+from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
 from emor3.engine.prompts import build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs
@@ -268,9 +268,9 @@ def make_traces(model, processor, dataset, *, n: int, per_image: int, taxonomies
 
 
 def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False) -> list[dict]:
-    """Manifest rows (``emor3.data.load_manifest``'s format) of ``dataset``: image (absolute path), label, taxonomy,
-    id, the sample's question if any, its other metadata, and ``response`` where ``kept`` has one (an earlier
-    ``response`` is dropped). ``only_traces``: the traced samples only."""
+    """Manifest rows (``emor3.data.load_manifest``'s format) of ``dataset``: image (absolute path), label, taxonomy
+    (a built-in one's name), id, the sample's question if any, its other metadata, and ``response`` where ``kept``
+    has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only."""
     rows = []
     for i, s in enumerate(dataset.samples):
         if only_traces and i not in kept:
@@ -279,7 +279,9 @@ def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False) -> l
             raise ValueError(f"sample {s.id}: its image is not a file ({type(s.image).__name__}), so a manifest "
                              "cannot point at it; write the dataset to disk first (python -m emor3.data emoscenes)")
         meta = {k: v for k, v in (s.metadata or {}).items() if k != "response"}
-        row = {**meta, "image": str(Path(s.image).resolve()), "label": s.label, "taxonomy": s.taxonomy, "id": s.id}
+        row = {**meta, "image": str(Path(s.image).resolve()), "label": s.label, "id": s.id}
+        if s.taxonomy in BUILTIN_NAMES:  # a user taxonomy (a file) is named again with --taxonomy when loading
+            row["taxonomy"] = s.taxonomy
         if getattr(s, "question", None):
             row["question"] = s.question
         if i in kept:
