@@ -223,7 +223,7 @@ def attach_adapters(exp: Experiment) -> None:
     if exp.cfg.model.lora_rank and not has_lora(exp.model):
         names = add_adapters(exp.model, exp.cfg)
         n = sum(p.numel() for p in exp.model.parameters() if p.requires_grad)
-        print(f"[emor3] LoRA: rank {exp.cfg.model.lora_rank} adapters on {len(names)} linear layers, {n:,} "
+        dist.print0(f"[emor3] LoRA: rank {exp.cfg.model.lora_rank} adapters on {len(names)} linear layers, {n:,} "
               "trainable parameters; every other weight frozen")
 
 
