@@ -23,7 +23,9 @@ from emor3.models.__main__ import main as models_main
 from emor3.models.lora import (DECODER_TARGETS, LoRALinear, adapter_parameters, adapters_disabled, add_lora,
                                load_adapter, lora_modules, merge_adapters, save_adapter)
 from emor3.models.positions import mrope_position_ids
+import test_distributed as dist_tests
 import test_qwen3_vl as q3
+from test_distributed import plugin_dir  # noqa: F401  (the fixture)
 from test_models_parity import CASES, IMG, make_pair, mixed_batch
 from test_train import plugin, tiny_config  # noqa: F401  (plugin: the fixture)
 
@@ -268,3 +270,25 @@ def test_bad_lora_settings_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags, "test", "")
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lora_on_two_ranks_equals_one(tmp_path, plugin_dir):
+    """torchrun, 2 processes, FSDP2: the adapters' global gradient and the step's metrics (KL from the sharded
+    policy with its adapters off included) equal the single-process LoRA step of the same global batch."""
+    def config(name, model=""):
+        return tiny_config(tmp_path, grpo={**dist_tests.GRPO, "steps": 1}, sft={"steps": 0},
+                           model={"path": model, "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": list(ALL)},
+                           data={"emoscenes_test": 2, "emoscenes_ood": 1},
+                           reward={"plugins": ["emor3_dist_plugin:length_reward=1.0"]},
+                           run={"out": str(tmp_path / name), "dist_timeout": 60.0})
+
+    single = config("single")
+    train(single)
+    two = config("two", model=str(Path(single.run.out) / "init"))
+    proc, _ = dist_tests._torchrun(two, plugin_dir)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    a, b = Path(single.run.out), Path(two.run.out)
+    assert sorted(dist_tests._adam_moment(b)) == sorted(dist_tests._adam_moment(a))
+    assert all(".lora_" in k for k in dist_tests._adam_moment(b)), "2 ranks trained a base weight"
+    dist_tests._assert_same_gradient(a, b, "LoRA, 2 processes vs 1")
+    dist_tests._assert_same_metrics(dist_tests._metrics(a), dist_tests._metrics(b), "LoRA, 2 processes vs 1")
