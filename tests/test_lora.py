@@ -5,6 +5,7 @@ only the adapters and an optimizer step changes nothing else; adapters switched 
 save / load round trip; `python -m emor3.models merge` writes a folder transformers loads with the same logits.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -275,12 +276,10 @@ def test_bad_lora_settings_are_usage_errors(flags, message, capsys):
 def test_lora_on_two_ranks_equals_one(tmp_path, plugin_dir):
     """torchrun, 2 processes, FSDP2: the adapters' global gradient and the step's metrics (KL from the sharded
     policy with its adapters off included) equal the single-process LoRA step of the same global batch."""
-    def config(name, model=""):
-        return tiny_config(tmp_path, grpo={**dist_tests.GRPO, "steps": 1}, sft={"steps": 0},
-                           model={"path": model, "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": list(ALL)},
-                           data={"emoscenes_test": 2, "emoscenes_ood": 1},
-                           reward={"plugins": ["emor3_dist_plugin:length_reward=1.0"]},
-                           run={"out": str(tmp_path / name), "dist_timeout": 60.0})
+    def config(name, model=""):  # test_distributed's run (its pinned choices), with LoRA
+        cfg = dist_tests._config(tmp_path, name, steps=1, model=model)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_rank=4, lora_alpha=8.0,
+                                                                  lora_targets=list(ALL)))
 
     single = config("single")
     train(single)
