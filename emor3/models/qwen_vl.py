@@ -171,8 +171,16 @@ class Attention(nn.Module):
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)  # (N, K, P + L, hd)
         # GQA: query head h reads kv head h // (H/K), transformers' repeat_kv grouping; SDPA does it without copying
         # K and V out to every query head (a copy of the whole cache per layer per decode step otherwise)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.K != self.H)  # (N, H, L, hd)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if L == 1 and self.K != self.H and mask.shape[1] == 1:
+            # one decode step: the H/K query heads of a kv head become H/K queries of one attention over that kv
+            # head (the mask, one row per sequence, is the same for all of them), so each K/V block is read once
+            # by a (H/K, hd) x (hd, S) product instead of H/K single-row ones (~1.5x faster at 5 heads per kv head
+            # on CPU); the same sums, so the same result up to float rounding
+            o = F.scaled_dot_product_attention(q.view(N, self.K, self.H // self.K, self.hd), k, v,
+                                               attn_mask=mask).view(N, self.H, 1, self.hd)  # (N, H, 1, hd)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.K != self.H)  # (N, H, L, hd)
         out = self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
         return (out, own) if return_kv else out
 
