@@ -170,6 +170,8 @@ class GRPOConfig(Algorithm):
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
     mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
     micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch).")
+    shared_prefix: bool = _f(True, "Teacher-force each prompt once for its G completions in the update, the "
+                                   "reference and the old log-probs (exact); false: N full prompt+completion rows.")
     epochs: int = _f(1, "Update epochs over each rollout batch, μ (the paper: 1).")
     max_new_tokens: int = _f(80, "Longest completion in tokens (the paper: 2048).")
     temperature: float = _f(1.0, "Rollout sampling temperature (the paper: 1.0).")

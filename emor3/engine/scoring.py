@@ -7,7 +7,7 @@ The trainer (policy, old and reference log-probs), Cold-Start SFT and the distri
    with, so trainer and sampler see identical inputs.
 2. ``row_image_embeds``: each prompt's image tokens are encoded once and repeated for its rows, never once per row.
 3. ``completion_logprobs``: per-token log-probs (and entropy) of the completions under a temperature, with or
-   without gradient.
+   without gradient; with ``shared_prefix`` each prompt runs once for its G rows (``emor3.models.shared_prefix``).
 4. ``prompt_slice`` / ``concat_prompt_batches``: sub-batches of whole prompts (micro-batches, DAPO's kept groups)
    and stacks of prompt batches (rollout chunks), each scoring exactly as the same rows of the full batch.
 
@@ -23,6 +23,7 @@ import torch
 
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
+from emor3.models.shared_prefix import shared_prefix_logprobs
 
 
 def teacher_forcing_inputs(
@@ -126,12 +127,19 @@ def completion_logprobs(
     temperature: float = 1.0,
     image_embeds: torch.Tensor | None = None,
     return_entropy: bool = False,
+    shared_prefix: bool = False,
 ):
     """Teacher-forced log-probs (N, T) of the completions (optionally with entropy (N, T)).
 
     ``image_embeds``: the prompts' image features (M, D) if already computed (the caller decides whether they carry
-    gradient); otherwise they are encoded here once per prompt.
+    gradient); otherwise they are encoded here once per prompt. ``shared_prefix``: run each prompt through the
+    decoder once for all of its rows (``emor3.models.shared_prefix``, the same numbers up to float rounding)
+    instead of N sequences of P + T tokens.
     """
+    if shared_prefix:
+        return shared_prefix_logprobs(model, batch, prompt_index, completion_ids, completion_mask,
+                                      image_embeds=image_embeds, temperature=temperature,
+                                      return_entropy=return_entropy)
     image_token_id = model.config.image_token_id
     if image_embeds is None and batch.pixel_values is not None:
         image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)

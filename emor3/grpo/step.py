@@ -118,9 +118,11 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     ref_logp = old_logp = None
     with torch.no_grad():
         if algo.kl_coef > 0:
-            ref_logp = torch.cat([micro_logprobs(reference, batch, p, completion_ids, mask, g.temperature) for p in micro])
+            ref_logp = torch.cat([micro_logprobs(reference, batch, p, completion_ids, mask, g.temperature,
+                                                    shared_prefix=g.shared_prefix) for p in micro])
         if g.epochs * (g.prompts_per_step // g.mini_batch_prompts) > 1:  # several updates: the policy moves
-            old_logp = torch.cat([micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature) for p in micro])
+            old_logp = torch.cat([micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,
+                                                    shared_prefix=g.shared_prefix) for p in micro])
     t_reference = time.perf_counter() - t0
 
     # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
@@ -148,7 +150,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
                 last = s + prompts_per_micro >= len(mb_prompts)  # reduce gradients over ranks once, at the end
                 with dist.grad_sync(policy, last):
                     logp, entropy = micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,
-                                                   return_entropy=True)  # (n, T) each
+                                                   return_entropy=True, shared_prefix=g.shared_prefix)  # (n, T) each
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 loss, pg_loss, kl, pm = micro_batch_loss(logp, old, None if ref_logp is None else ref_logp[rows],
                                                          batch.advantages[rows], mask[rows], algo, normalizer)
