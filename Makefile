@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test train bench ablation clean
+.PHONY: setup test check-faults train bench ablation clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# SIGKILL at 24 seeded points spread over a checkpoint save, each resumed and compared bit for bit with an
+# uninterrupted run (make test runs 2 of them)
+check-faults: setup
+	EMOR3_FAULT_CASES=24 $(BIN)/python -m pytest -q tests/test_safety.py -k sigkill
+
+# a second `make train` refuses the folder of the first (runs/default): ARGS=--overwrite replaces that run,
+# ARGS="--resume runs/default" continues it
 train: setup
-	$(BIN)/python -m emor3.grpo.train
+	$(BIN)/python -m emor3.grpo.train $(ARGS)
 
 # model and sampler against transformers; one GRPO step against TRL's GRPOTrainer (TRL only in the bench extra)
 bench: setup

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from emor3.config import parse_args
 from emor3.evaluate import RUN_AVERAGES, cue_rate, evaluate
-from emor3.experiment import build_experiment
+from emor3.experiment import build_experiment, prepare_run_dir
 from emor3.grpo.train import train
 
 COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
@@ -29,12 +29,12 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
     rows = {}
     emo = out / f"seed{seed}" / "emo_r3"
     res = train(parse_args(["--algo", "emo_r3", "--seed", str(seed), "--out", str(emo), "--run.progress", "false",
-                            *extra], "ablation", ""))
+                            "--overwrite", *extra], "ablation", ""))
     sft_row, emo_row = res.get("Cold-Start SFT"), res["emo_r3"]
     # zero-shot: the random init the run started from, evaluated the same way
     cfg = parse_args(["--seed", str(seed), "--out", str(out / f"seed{seed}" / "zero_shot"), "--model.path",
-                      str(emo / "init"), "--run.progress", "false", *extra], "ablation", "")
-    exp = build_experiment(cfg, Path(cfg.run.out), fresh_run=False)
+                      str(emo / "init"), "--run.progress", "false", "--overwrite", *extra], "ablation", "")
+    exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
     rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
                                  device=exp.device, progress=False, cue_rate_fn=cue_rate)
     rows["Cold-Start SFT"] = sft_row
@@ -43,7 +43,7 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
         # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
         r = train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out / f"seed{seed}" / algo),
                               "--model.path", str(emo / "sft"), "--sft.steps", "0", "--run.progress", "false",
-                              "--grpo.loss-scope", "mini-batch", *extra], "ablation", ""))
+                              "--grpo.loss-scope", "mini-batch", "--overwrite", *extra], "ablation", ""))
         rows[algo.upper()] = r[algo]
     rows["EMO-R3"] = emo_row
     return rows

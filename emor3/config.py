@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -206,6 +207,8 @@ class RewardConfig:
                                    "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
                                    "(release with a checkpoint, neutral with the tiny model).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
+    plugin_all_nan: str = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once per "
+                                     "plug-in, counted in the metrics) or error (stop the run).")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,9 @@ class RunConfig:
     seed: int = _f(0, "Seed for every random choice of the run.")
     resume: str = _f("", "Run folder to resume from (its latest checkpoint); its config.toml is the base config.")
     save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).")
+    keep_checkpoints: int = _f(2, "Numbered checkpoints (RUN_DIR/checkpoint-<step>) kept; older ones are deleted.")
+    overwrite: bool = _f(False, "Replace the run already in --run.out (without it a command refuses a non-empty "
+                                "run folder). Never saved in config.toml.")
     sample_every: int = _f(10, "Write sample completions with their rewards every N steps.")
     logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
     threads: int = _f(0, "CPU threads for torch (0: torch's default).")
@@ -357,6 +363,164 @@ def config_to_dict(cfg: Config) -> dict:
     return {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
 
 
+# --------------------------------------------------------------------------------------------- validation
+
+
+class ConfigError(ValueError):
+    """Settings that cannot run; the message names each bad flag (and TOML key), its value and what is allowed."""
+
+
+# The allowed values of each setting that has a closed set of choices or a range. ``Config.algorithm()``'s resolved
+# objective is checked with the same table (its keys are in ``grpo``).
+_CHOICES: dict[tuple[str, str], tuple] = {
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("data", "on_bad_sample"): ("error", "skip"),
+    ("grpo", "algo"): tuple(sorted(ALGORITHMS)),
+    ("grpo", "schedule"): ("constant", "cosine"),
+    ("grpo", "kl_kind"): ("k1", "k2", "k3"),
+    ("grpo", "loss_agg"): ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    ("grpo", "adv_scale"): ("group", "batch", "none"),
+    ("grpo", "ratio_level"): ("token", "sequence"),
+    ("reward", "format"): ("paper", "strict"),
+    ("reward", "accuracy"): ("exact", "normalized"),
+    ("reward", "judge"): ("policy", "reference"),
+    ("reward", "judge_mode"): ("sample", "logprob"),
+    ("reward", "plugin_all_nan"): ("warn", "error"),
+    ("run", "logger"): ("jsonl", "tensorboard", "wandb"),
+    ("run", "parallel"): ("fsdp", "ddp"),
+    ("run", "reference"): ("shard", "offload", "replicate"),
+    ("run", "mixed_precision"): ("auto", "bf16", "fp32"),
+}
+# (low, low_inclusive, high, high_inclusive, why); None: unbounded on that side
+_RANGES: dict[tuple[str, str], tuple] = {
+    ("model", "tokenizer_vocab"): (1, True, None, False, ""),
+    ("model", "min_pixels"): (1, True, None, False, ""),
+    ("model", "max_pixels"): (1, True, None, False, ""),
+    ("data", "emoscenes_train"): (1, True, None, False, ""),
+    ("data", "emoscenes_test"): (0, True, None, False, ""),
+    ("data", "emoscenes_ood"): (0, True, None, False, ""),
+    ("data", "image_size"): (1, True, None, False, ""),
+    ("data", "label_noise"): (0, True, 1, True, ""),
+    ("data", "cold_start"): (0, True, None, False, ""),
+    ("sft", "steps"): (0, True, None, False, "0 skips Cold-Start SFT"),
+    ("sft", "batch_size"): (1, True, None, False, ""),
+    ("sft", "lr"): (0, False, None, False, ""),
+    ("sft", "weight_decay"): (0, True, None, False, ""),
+    ("grpo", "clip_low"): (0, True, 1, False, "the ratio is clipped below at 1 - clip_low"),
+    ("grpo", "clip_high"): (0, True, None, False, ""),
+    ("grpo", "dual_clip"): (1, False, None, False, "the dual clip bounds the loss of negative advantages at c > 1"),
+    ("grpo", "kl_coef"): (0, True, None, False, ""),
+    ("grpo", "overlong_buffer"): (0, True, 1, False, "a fraction of max_new_tokens"),
+    ("grpo", "steps"): (1, True, None, False, "a run trains at least one step"),
+    ("grpo", "prompts_per_step"): (1, True, None, False, ""),
+    ("grpo", "group_size"): (2, True, None, False, "GRPO's advantage compares each completion with the others of "
+                                                   "its group"),
+    ("grpo", "mini_batch_prompts"): (1, True, None, False, ""),
+    ("grpo", "micro_batch_rows"): (1, True, None, False, ""),
+    ("grpo", "epochs"): (1, True, None, False, ""),
+    ("grpo", "max_new_tokens"): (1, True, None, False, ""),
+    ("grpo", "temperature"): (0, False, None, False, "training rollouts are sampled, and their log-probabilities at "
+                                                     "T = 0 are undefined (every update would be NaN)"),
+    ("grpo", "top_p"): (0, False, 1, True, "1 disables nucleus sampling"),
+    ("grpo", "top_k"): (0, True, None, False, "0 disables top-k"),
+    ("grpo", "sample_chunk"): (0, True, None, False, ""),
+    ("grpo", "lr"): (0, True, None, False, ""),
+    ("grpo", "weight_decay"): (0, True, None, False, ""),
+    ("grpo", "warmup_steps"): (0, True, None, False, ""),
+    ("grpo", "grad_clip"): (0, False, None, False, ""),
+    ("grpo", "max_refill"): (0, True, None, False, ""),
+    ("reward", "judge_max_new_tokens"): (1, True, None, False, ""),
+    ("eval", "temperature"): (0, True, None, False, "0 is greedy"),
+    ("eval", "top_p"): (0, False, 1, True, ""),
+    ("eval", "max_new_tokens"): (1, True, None, False, ""),
+    ("eval", "batch_size"): (1, True, None, False, ""),
+    ("run", "save_every"): (0, True, None, False, "0: only at the end and on a signal"),
+    ("run", "sample_every"): (0, True, None, False, "0 writes no samples"),
+    ("run", "keep_checkpoints"): (1, True, None, False, ""),
+    ("run", "threads"): (0, True, None, False, "0: torch's default"),
+    ("run", "dist_timeout"): (0, False, None, False, ""),
+    ("run", "dist_setup_timeout"): (0, False, None, False, ""),
+}
+
+
+def setting_name(sec: str, name: str) -> str:
+    """How a setting is written: its flag (and short alias) and its TOML key."""
+    alias = [f"--{a}" for a, target in ALIASES.items() if target == (sec, name)]
+    return f"--{sec}.{name.replace('_', '-')}{' / ' + alias[0] if alias else ''} ([{sec}] {name})"
+
+
+def _range_text(lo, lo_inc, hi, hi_inc) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>=' if lo_inc else '>'} {lo}")
+    if hi is not None:
+        parts.append(f"{'<=' if hi_inc else '<'} {hi}")
+    return " and ".join(parts)
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every setting of ``cfg`` that cannot run, one line each (empty: the config is valid)."""
+    problems = []
+
+    def bad(sec: str, name: str, value, allowed: str) -> None:
+        problems.append(f"{setting_name(sec, name)} = {value!r}: {allowed}")
+
+    resolved = {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
+    if cfg.grpo.algo in ALGORITHMS:  # the objective as it will run: the preset with the overrides applied
+        resolved["grpo"].update(dataclasses.asdict(cfg.algorithm()))
+    for (sec, name), valid in _CHOICES.items():
+        value = resolved[sec].get(name)
+        if value is not None and value not in valid:
+            bad(sec, name, value, f"must be one of {', '.join(map(str, valid))}")
+    for (sec, name), (lo, lo_inc, hi, hi_inc, why) in _RANGES.items():
+        value = resolved[sec].get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        ok = (lo is None or (value >= lo if lo_inc else value > lo)) and (hi is None or (value <= hi if hi_inc else value < hi))
+        if not ok or value != value:  # NaN fails every comparison
+            bad(sec, name, value, f"must be {_range_text(lo, lo_inc, hi, hi_inc)}" + (f" ({why})" if why else ""))
+
+    m, g, r = cfg.model, cfg.grpo, cfg.run
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", m.device):
+        bad("model", "device", m.device, "must be auto, cpu, cuda, cuda:N or mps")
+    if m.min_pixels > m.max_pixels >= 1:
+        bad("model", "min_pixels", m.min_pixels, f"must be <= --model.max-pixels ({m.max_pixels})")
+    if g.prompts_per_step >= 1 and g.mini_batch_prompts >= 1 and g.prompts_per_step % g.mini_batch_prompts:
+        bad("grpo", "prompts_per_step", g.prompts_per_step,
+            f"must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts}): every update takes whole "
+            "mini-batches of the rollout batch")
+    if not r.out:
+        bad("run", "out", r.out, "must name a folder")
+    if cfg.reward.weights not in ("paper", "release"):
+        for part in cfg.reward.weights.split(","):
+            name, sep, w = part.partition("=")
+            try:
+                ok = bool(sep and name.strip()) and float(w) == float(w)
+            except ValueError:
+                ok = False
+            if not ok:
+                bad("reward", "weights", cfg.reward.weights, "must be paper, release or NAME=W,NAME=W,... "
+                    f"(bad entry {part!r})")
+                break
+    for spec in cfg.reward.plugins:
+        target = spec.partition("=")[0]
+        module, colon, func = target.partition(":")
+        if not (colon and module.strip() and func.strip()):
+            bad("reward", "plugins", spec, "each entry must be package.module:function or package.module:function=WEIGHT")
+    for spec in cfg.data.eval:
+        if "=" not in spec or not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
+            bad("data", "eval", spec, "each entry must be NAME=PATH[@in|@out]")
+    return problems
+
+
+def validate_config(cfg: Config) -> Config:
+    """``cfg`` if every setting can run, else a ConfigError listing every bad one."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+    return cfg
+
+
 def load_toml(path: str | Path, what: str = "config file") -> dict:
     """A TOML file as nested dicts: run configs here, user taxonomies in ``emor3.data.taxonomy``. Errors name the
     file and what is wrong. Python 3.11+ reads TOML with tomllib; 3.10 needs the tomli package."""
@@ -399,7 +563,10 @@ def dump_toml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as TOML (through a temporary file and a rename). ``run.overwrite`` is saved false: a saved
+    config never carries the permission to replace a run."""
     path = Path(path)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, overwrite=False))
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(dump_toml(cfg))
     tmp.replace(path)
@@ -417,6 +584,9 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
         if sec in sections:
             p.add_argument(f"--{alias}", dest=f"{sec}.{name}", default=argparse.SUPPRESS, metavar="VALUE",
                            help=f"Alias of --{sec}.{name.replace('_', '-')}.")
+    if "run" in sections:
+        p.add_argument("--overwrite", dest="run.overwrite", action="store_const", const=True, default=argparse.SUPPRESS,
+                       help="Alias of --run.overwrite true: replace the run already in the run folder.")
     for sec in sections:
         group = p.add_argument_group(f"[{sec}]")
         # a section's own settings first, then those it inherits (GRPOConfig: the objective's)
@@ -430,24 +600,36 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
     return p
 
 
-def parse_args(argv: list[str] | None, prog: str, description: str) -> Config:
-    """Parse flags (and ``--config``) into a Config. Errors name the flag or file and the problem."""
+def parse_args(argv: list[str] | None, prog: str, description: str, default_out: str | None = None) -> Config:
+    """Parse flags (and ``--config``) into a validated Config. A bad setting is a usage error (exit 2) naming the
+    flag or file and what is allowed, raised before anything is written.
+
+    ``default_out``: the entry point's own run folder when neither a flag nor the config file names one.
+    ``--resume RUN_DIR`` continues the run in its own folder, with its saved config.toml as the base settings."""
     parser = build_parser(prog, description)
     ns = vars(parser.parse_args(argv))
     config_file = ns.pop("config", None)
     resume = ns.get("run.resume")
-    if resume and not config_file:  # --resume RUN_DIR continues with the run's own saved settings
-        config_file = str(Path(resume) / "config.toml")
-        ns.setdefault("run.out", resume)
+    if resume:
+        out = ns.get("run.out")
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            parser.error(f"--resume {resume} continues the run in its own folder, but --run.out is {out}: drop "
+                         f"--out, or copy {resume} to {out} and resume that")
+        ns["run.out"] = resume
+        if not config_file:  # --resume RUN_DIR continues with the run's own saved settings
+            config_file = str(Path(resume) / "config.toml")
     try:
-        base = config_from_dict(load_toml(config_file), config_file) if config_file else Config()
+        raw = load_toml(config_file) if config_file else {}
+        base = config_from_dict(raw, config_file) if config_file else Config()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e))
+    if default_out and not (isinstance(raw.get("run"), dict) and "out" in raw["run"]):
+        ns.setdefault("run.out", default_out)
     d = config_to_dict(base)
     for key, value in ns.items():
         sec, name = key.split(".", 1)
         d[sec][name] = value
     try:
-        return config_from_dict(d, "command line")
+        return validate_config(config_from_dict(d, "command line"))
     except ValueError as e:
         parser.error(str(e))

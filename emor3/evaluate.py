@@ -30,7 +30,7 @@ from emor3.config import Config, EvalConfig, parse_args
 from emor3.data.emoscenes import cue_mentions
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
-from emor3.experiment import EvalSet, Experiment, build_experiment
+from emor3.experiment import EvalSet, Experiment, build_experiment, exit_on_run_folder_error, prepare_run_dir
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 
 
@@ -283,10 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["table"]:
         table_main(argv[1:])
         return
-    cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip())
-    out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    exp = build_experiment(cfg, out, fresh_run=False)
+    cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip(), default_out="runs/eval")
+    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.evaluate")  # refuses a folder holding a run
+    exp = build_experiment(cfg, out)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
     rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
                            device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)}

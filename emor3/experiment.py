@@ -9,16 +9,28 @@ nothing (no training, no evaluation): the entry points run the stages on what it
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
 3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
    the reference judges RER.
-4. Checkpoints: ``RUN_DIR/checkpoint`` holds the latest policy as a Hugging Face folder (``model/``; with LoRA a
-   PEFT adapter folder ``adapter/`` over the model GRPO started from) and the trainer
-   state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only=True). It is
-   written beside the old one and swapped in by rename, so a crash never leaves a half-written checkpoint.
+4. The run folder (``prepare_run_dir``): a command refuses a folder that is not empty unless it resumes the run in it
+   (``--resume``) or is told to replace it (``--overwrite``, which removes the files a run writes and nothing else).
+5. Checkpoints: ``RUN_DIR/checkpoint-<step>/`` holds the policy as a Hugging Face folder (``model/``; with LoRA a
+   PEFT adapter folder ``adapter/`` over the model GRPO started from) and the trainer state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only).
+   A save builds ``.checkpoint-<step>.tmp/``, syncs it to disk and renames it into place, then replaces the pointer
+   file ``RUN_DIR/latest`` (temporary file, fsync, rename) and deletes all but the newest ``--run.keep-checkpoints``.
+   There is always one complete checkpoint: every folder named ``checkpoint-<step>`` was complete when it got its
+   name, and the old ones go only after the new one is in place. SIGINT / SIGTERM arriving during a save are held
+   until it ends. Resume takes the newest complete ``checkpoint-<step>`` (the pointer's, or the one after it when a
+   crash fell between the rename and the pointer), and the next save removes what an interrupted one left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import re
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +44,7 @@ from emor3.engine.prompts import sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
 from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
+from emor3.models.checkpoint import fault_point, load_torch_state, save_torch_state
 from emor3.models.tiny import build_tiny_checkpoint, tiny_config
 from emor3.rewards import load_reward_plugin, resolve_weights
 from emor3.rewards.reflection import COHERENCE_INSTRUCTION, COHERENCE_QUESTION, CONSISTENCY_QUESTION
@@ -151,12 +164,17 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies, questi
     return load_pretrained(source, dtype=dtype, device=device), source
 
 
-def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Experiment:
-    """The model (resumed from ``--resume``'s checkpoint if given), processor, data and reward setup of a run.
-    ``fresh_run``: a new training run (not resumed) replaces an earlier run's files in ``out``; evaluation passes
-    False. The reference is attached later (``attach_reference``), once Cold-Start SFT has run."""
+def build_experiment(cfg: Config, out: Path) -> Experiment:
+    """The model (resumed from ``--resume``'s newest complete checkpoint if given), processor, data and reward
+    setup of a run. The reference is attached later (``attach_reference``), once Cold-Start SFT has run."""
     device = resolve_device(cfg.model.device)
     algo = cfg.algorithm()
+    resume_dir = None
+    if cfg.run.resume:
+        resume_dir = latest_checkpoint(Path(cfg.run.resume))
+        if resume_dir is None:
+            raise FileNotFoundError(f"--resume {cfg.run.resume}: no complete checkpoint in it (a checkpoint-<step>/ "
+                                    "folder with model/ or adapter/ and trainer_state.pt)")
     train, cold, evals = build_data(cfg)
     taxonomies = {}  # name -> Taxonomy, for every sample of every set (a user taxonomy comes with its dataset)
     for ds in [train] + [e.samples for e in evals]:
@@ -166,11 +184,6 @@ def build_experiment(cfg: Config, out: Path, *, fresh_run: bool = True) -> Exper
             if s.taxonomy not in taxonomies:
                 taxonomies[s.taxonomy] = get_taxonomy(s.taxonomy)
 
-    resume_dir = Path(cfg.run.resume) / "checkpoint" if cfg.run.resume else None
-    if resume_dir is not None and not (resume_dir / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {cfg.run.resume}: no checkpoint at {resume_dir}")
-    if resume_dir is None and fresh_run and dist.is_main():
-        _clear_previous_run(out)
     questions = [s.question for ds in [train] + [e.samples for e in evals] for s in ds.samples
                  if getattr(s, "question", None)]
     model, source = build_model(cfg, out, device, list(taxonomies.values()), questions)
@@ -242,20 +255,58 @@ def attach_reference(exp: Experiment, out: Path) -> None:
     exp.reference = ref.eval().requires_grad_(False)
 
 
-# what a run writes into its folder (config.toml is rewritten anyway)
-RUN_FILES = ("init", "sft", "checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.jsonl", "samples.jsonl",
-             "baseline_results.json", "results.json", "results.md", "curves.png")
+# --------------------------------------------------------------------------------------------- the run folder
+
+# what a run writes into its folder: the names ``--overwrite`` removes (nothing else in the folder is touched)
+RUN_FILES = ("config.toml", "init", "sft", "latest", "metrics.jsonl", "samples.jsonl", "baseline_results.json",
+             "results.json", "results.md", "curves.png", "tensorboard", "wandb")
+_RUN_PATTERNS = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|trash)|\.latest\.tmp")
 
 
-def _clear_previous_run(out: Path) -> None:
-    """A new run (not --resume) in a folder that holds an earlier one starts clean: its metrics are not appended to
-    the old ones, and its tiny model, SFT checkpoint and baseline are rebuilt from this run's settings."""
-    stale = [name for name in RUN_FILES if (out / name).exists()]
-    if stale:
-        print(f"[emor3] {out} holds an earlier run; replacing {', '.join(stale)} (--resume {out} continues it instead)")
-    for name in stale:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+class RunFolderError(RuntimeError):
+    """A command was pointed at a folder holding another run; the message says which flag to use."""
+
+
+def _is_main_process() -> bool:
+    """Rank 0, also before the process group exists (torchrun sets RANK)."""
+    return dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> Path:
+    """The rule every entry point applies before it writes anything: ``cfg.run.out`` must be empty (or absent),
+    or be the run being resumed (``--resume``, where ``can_resume``), or ``--overwrite`` must be given, which
+    removes the files a run writes (``RUN_FILES``, checkpoints) and nothing else. Creates the folder. Rank 0 alone
+    checks and clears (under torchrun a failing rank 0 stops the job)."""
+    out = Path(cfg.run.out)
+    resuming = bool(cfg.run.resume) and can_resume
+    if _is_main_process() and out.is_dir() and not resuming:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not cfg.run.overwrite:
+            shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+            ways = ([f"`--resume {out}` continues it"] if can_resume else []) + [
+                f"`--overwrite` replaces it", "`--out NEW_DIR` writes elsewhere"]
+            raise RunFolderError(f"{command}: the run folder {out} is not empty ({shown}); it is left as it is. "
+                                 + "; ".join(ways) + ".")
+        ours = [n for n in entries if n in RUN_FILES or _RUN_PATTERNS.fullmatch(n)]
+        if ours:
+            print(f"[emor3] --overwrite: removing {', '.join(ours)} from {out}")
+        for name in ours:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if resuming and latest_checkpoint(out) is None:
+        raise FileNotFoundError(f"--resume {out}: no complete checkpoint in it (a checkpoint-<step>/ folder with "
+                                "model/ or adapter/ and trainer_state.pt)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def exit_on_run_folder_error(fn, *args):
+    """Call ``fn(*args)``; a RunFolderError ends the process with its message and exit status 2 (a usage error)."""
+    try:
+        return fn(*args)
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -271,38 +322,149 @@ class _FullState:
         return self._state
 
 
+POINTER = "latest"  # RUN_DIR/latest: the name of the newest checkpoint folder whose save finished
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / f"checkpoint-{step}"
+
+
+def _is_complete(folder: Path) -> bool:
+    """A trainer state and a policy: a model folder (``model/``) or a LoRA adapter folder (``adapter/``)."""
+    model, adapter, state = folder / "model", folder / "adapter", folder / "trainer_state.pt"
+    has_model = (model / "config.json").is_file() and (
+        (model / "model.safetensors").is_file() or (model / "model.safetensors.index.json").is_file())
+    has_adapter = (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    return state.is_file() and state.stat().st_size > 0 and (has_model or has_adapter)
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The complete ``checkpoint-<step>`` folders of a run, oldest first."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+    return sorted((step, p) for step, p in found if _is_complete(p))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run (what ``--resume`` continues from), or None."""
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers that were installed: a Ctrl-C
+    (first or second) during a save never leaves it half done. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in held:
+            signal.raise_signal(s)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root`` (and ``root``) to disk, folders after their contents."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder by renaming it out of the way first, so no half-deleted folder keeps a checkpoint's name."""
+    trash = path.parent / f".{path.name}.trash"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    fault_point("renamed an old checkpoint away")
+    shutil.rmtree(trash)
+    fault_point("deleted an old checkpoint")
+
+
+def _clean_interrupted(out: Path) -> None:
+    """What an interrupted save or prune left: temporary and trash folders, a stale pointer temp file, and
+    ``checkpoint-<step>`` folders that are not complete."""
+    for p in out.iterdir():
+        if re.fullmatch(r"\.checkpoint-\d+\.(tmp|trash)", p.name):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name == f".{POINTER}.tmp":
+            p.unlink()
+        elif _CHECKPOINT.fullmatch(p.name) and p.is_dir() and not _is_complete(p):
+            print(f"[emor3] removing {p}: an incomplete checkpoint left by an interrupted save")
+            shutil.rmtree(p)
+
+
+def _write_pointer(out: Path, name: str) -> None:
+    tmp = out / f".{POINTER}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    fault_point("wrote the pointer's temporary file")
+    os.replace(tmp, out / POINTER)
+    fault_point("renamed the pointer")
+    _fsync(out)
+
+
 def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
-    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by rename.
+    """Write RUN_DIR/checkpoint-<step> (module docstring, 5), point RUN_DIR/latest at it, keep the newest
+    ``--run.keep-checkpoints``; returns the folder.
 
     Under torchrun every rank calls this (gathering the full model and optimizer state is a collective) and rank 0
     writes. The optimizer state is keyed by parameter name (``distributed.full_optimizer_state``), so a checkpoint
     written by N ranks loads on M."""
-    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    out, final = Path(out), checkpoint_dir(out, step)
     model_state = dist.full_model_state(exp.model)
     optim_state = dist.full_optimizer_state(exp.model, optimizer)
     if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if has_lora(exp.model):  # the adapters alone; the base is the model GRPO started from
-            save_adapter(exp.model, tmp / "adapter", state=model_state,
-                         base_model_name_or_path=str(start_dir(out, exp.source_dir).resolve()))
-        else:
-            save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
-        torch.save({
-            "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
-        }, tmp / "trainer_state.pt")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        with signals_deferred():
+            _clean_interrupted(out)
+            tmp = out / f".{final.name}.tmp"
+            tmp.mkdir(parents=True)
+            fault_point("created the temporary folder")
+            if has_lora(exp.model):  # the adapters alone; the base is the model GRPO started from
+                save_adapter(exp.model, tmp / "adapter", state=model_state,
+                             base_model_name_or_path=str(start_dir(out, exp.source_dir).resolve()))
+            else:
+                save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
+            save_torch_state({
+                "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
+            }, tmp / "trainer_state.pt")
+            _fsync_tree(tmp)
+            fault_point("synced the temporary folder")
+            if final.exists():  # this step saved before (a rerun of it): the new one replaces it
+                _discard(final)
+            os.replace(tmp, final)
+            fault_point("renamed the checkpoint into place")
+            _fsync(out)
+            _write_pointer(out, final.name)
+            for _, old in list_checkpoints(out)[: -exp.cfg.run.keep_checkpoints]:
+                _discard(old)
     dist.barrier("saving a checkpoint")  # nobody reads or resumes before rank 0 has finished writing
     return final
 
 
 def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator, model) -> dict:
     """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state."""
-    state = torch.load(resume_dir / "trainer_state.pt", weights_only=True, map_location="cpu")
+    state = load_torch_state(resume_dir / "trainer_state.pt")
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])

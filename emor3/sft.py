@@ -35,7 +35,8 @@ from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
 from emor3.engine.prompts import build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs
-from emor3.experiment import Experiment, add_adapters, build_experiment, resolve_device
+from emor3.experiment import (Experiment, add_adapters, build_experiment, exit_on_run_folder_error, prepare_run_dir,
+                              resolve_device)
 from emor3.grpo.objective import aggregate
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
@@ -352,9 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["traces"]:
         traces_main(argv[1:])
         return
-    cfg = parse_args(argv, "python -m emor3.sft", (__doc__ or "").strip())
-    out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = parse_args(argv, "python -m emor3.sft", (__doc__ or "").strip(), default_out="runs/sft")
+    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.sft")  # refuses a folder holding a run
     save_config(cfg, out / "config.toml")
     cold_start(build_experiment(cfg, out), out)  # builds the model and data, runs SFT, writes RUN_DIR/sft
     print(f"[emor3] Cold-Start SFT checkpoint: {out / 'sft'}")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from emor3.config import parse_args, save_config
+from emor3.experiment import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 
@@ -84,12 +85,12 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _params(out: Path) -> dict[str, torch.Tensor]:
-    return dict(load_pretrained(out / "checkpoint" / "model").state_dict())
+    return dict(load_pretrained(latest_checkpoint(out) / "model").state_dict())
 
 
 def _adam_moment(out: Path) -> dict[str, torch.Tensor]:
     """AdamW's first moment m_t from the run's checkpoint (keyed by parameter name at any world size)."""
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    state = torch.load(latest_checkpoint(out) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
     return {k: v["exp_avg"] for k, v in state.items()}
 
 
@@ -156,7 +157,7 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, plugin_dir):
     half = _config(tmp_path, "half", steps=1, model=init)
     proc, _ = _torchrun(half, plugin_dir)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    state = torch.load(Path(half.run.out) / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = torch.load(latest_checkpoint(Path(half.run.out)) / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and all(isinstance(k, str) for k in state["optimizer"]["state"]), \
         "the optimizer state must be keyed by parameter name to load at another world size"
     _assert_same_gradient(Path(single.run.out), Path(half.run.out), "step 1, 2 processes vs 1")
@@ -167,7 +168,7 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, plugin_dir):
     proc, _ = _torchrun(two, plugin_dir)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("| emo_r3 |") == 1, "only rank 0 evaluates and prints the table"
-    assert not (Path(two.run.out) / "checkpoint.tmp").exists()
+    assert not list(Path(two.run.out).glob(".checkpoint-*.tmp")), "no temporary checkpoint folder is left"
 
     # the 2-rank checkpoint after step 1, resumed on 1 process for step 2: it starts step 2 from exactly the state
     # the 2-rank run had (both ran the same step 1), so step 2's gradient is compared at rounding tolerance

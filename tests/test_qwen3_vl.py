@@ -456,6 +456,7 @@ def test_one_grpo_step_on_a_tiny_thinking_qwen3_vl(tmp_path):
     import json
     from pathlib import Path
 
+    from emor3.experiment import latest_checkpoint
     from emor3.grpo.train import train
     from emor3.models import load_pretrained
     from test_train import tiny_config as train_config
@@ -473,7 +474,7 @@ def test_one_grpo_step_on_a_tiny_thinking_qwen3_vl(tmp_path):
         sys.path.remove(str(tmp_path))
     out = Path(cfg.run.out)
     before = dict(load_pretrained(out / "init").state_dict())
-    after = dict(load_pretrained(out / "checkpoint" / "model").state_dict())
+    after = dict(load_pretrained(latest_checkpoint(out) / "model").state_dict())
     assert isinstance(load_pretrained(out / "init"), Qwen3VL)
     frozen = [k for k in before if torch.equal(before[k], after[k])]
     assert not frozen, f"parameters that never moved: {frozen}"

@@ -15,6 +15,7 @@ from emor3.config import Config, config_from_dict, load_toml, parse_args, save_c
 from emor3.evaluate import format_table, summary_scores
 from emor3.data.dataset import BadSampleError
 from emor3.grpo.step import grpo_step
+from emor3.experiment import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 
@@ -62,7 +63,7 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     cfg = tiny_config(tmp_path, reward={"plugins": [plugin]}, sft={"steps": 0})
     results = train(cfg)
     out = Path(cfg.run.out)
-    before, after = _params(out / "init"), _params(out / "checkpoint" / "model")
+    before, after = _params(out / "init"), _params(latest_checkpoint(out) / "model")
     frozen = [k for k in before if torch.equal(before[k], after[k])]
     assert not frozen, f"parameters that never moved (no gradient reached them): {frozen}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -103,13 +104,29 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     assert table[3].split(" | ")[1] == f"{acc:.2f}", "the table shows the evaluated accuracy"
 
 
-def test_a_new_run_in_an_old_folder_starts_clean(tmp_path, capsys):
+def test_a_new_run_in_an_old_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    from emor3.experiment import RunFolderError
+
     cfg = tiny_config(tmp_path, grpo={"steps": 1}, sft={"steps": 0})
     train(cfg)
-    train(cfg)  # not --resume: the folder's earlier run is replaced, not appended to
-    rows = (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1, "a fresh run must not append its metrics to an earlier run's"
-    assert "holds an earlier run" in capsys.readouterr().out
+    out = Path(cfg.run.out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match="--resume .*--overwrite"):
+        train(cfg)  # neither --resume nor --overwrite: the earlier run is left as it is
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")
+    train(config_from_dict({**_as_dict(cfg), "run": {**_as_dict(cfg)["run"], "overwrite": True}}))
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1, "a replacing run must not append its metrics to an earlier run's"
+    assert (out / "notes.txt").read_text() == "mine", "--overwrite removes a run's files, nothing else"
+    assert "--overwrite: removing" in capsys.readouterr().out
+    assert "overwrite = false" in (out / "config.toml").read_text(), "a saved config never carries --overwrite"
+
+
+def _as_dict(cfg):
+    from emor3.config import config_to_dict
+
+    return config_to_dict(cfg)
 
 
 def test_resume_is_bit_exact(tmp_path, plugin):
@@ -122,7 +139,7 @@ def test_resume_is_bit_exact(tmp_path, plugin):
     resumed = parse_args(["--resume", str(out_b), "--grpo.steps", "2"], "test", "")
     assert resumed.run.out == str(out_b) and resumed.grpo.group_size == 2
     train(resumed)
-    a, b = _params(Path(full.run.out) / "checkpoint" / "model"), _params(out_b / "checkpoint" / "model")
+    a, b = _params(latest_checkpoint(Path(full.run.out)) / "model"), _params(latest_checkpoint(out_b) / "model")
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"2 steps in one go differ from 1 + resume + 1 in {diff[:5]}"
     ma = [json.loads(x) for x in (Path(full.run.out) / "metrics.jsonl").read_text().splitlines()]
@@ -145,7 +162,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"SIGTERM must end the run cleanly, got {proc.returncode}:\n{output}"
     assert "SIGTERM" in output and "--resume" in output
-    state = torch.load(Path(cfg.run.out) / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = torch.load(latest_checkpoint(Path(cfg.run.out)) / "trainer_state.pt", weights_only=True)
     steps_logged = len(metrics.read_text().splitlines())
     assert state["step"] == steps_logged >= 1, "the checkpoint holds the last finished step"
 

@@ -173,6 +173,7 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
         plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
         columns={"id": [samples[i].id for i in rows]},
         strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",
+        on_all_nan=cfg.reward.plugin_all_nan,
     )
     if exp.algo.overlong_buffer > 0:  # DAPO's soft overlong punishment: a term of weight 1 added to the total
         max_len = g.max_new_tokens

@@ -69,10 +69,11 @@ import torch
 from tqdm import tqdm
 
 from emor3 import distributed as dist
-from emor3.config import Config, parse_args, save_config
+from emor3.config import Config, parse_args, save_config, validate_config
 from emor3.evaluate import evaluate_baseline, evaluate_experiment
-from emor3.experiment import (attach_adapters, attach_reference, build_experiment, load_policy, load_trainer_state,
-                              save_checkpoint, start_dir)
+from emor3.experiment import (attach_adapters, attach_reference, build_experiment, exit_on_run_folder_error,
+                              latest_checkpoint, load_policy, load_trainer_state, prepare_run_dir, save_checkpoint,
+                              start_dir)
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
 from emor3.models.lora import AdaptersOff, has_lora
@@ -84,13 +85,46 @@ DESCRIPTION = (__doc__ or "").split("\n\n")[0] + "\n\n" + (__doc__ or "").split(
 # --------------------------------------------------------------------------------------------- logging sinks
 
 
+def rollback_jsonl(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (a resumed run writes the later ones again) and drop a partial
+    last line (a crash in the middle of a write), so the next record starts on a line of its own. Rewritten through
+    a temporary file and a rename."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")  # tail: the bytes after the last newline, b"" unless a write was cut short
+    kept, later, damaged = [], 0, int(bool(tail.strip()))
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            damaged += bool(line.strip())
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            later += 1
+        else:
+            kept.append(line)
+    if later or damaged:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        tmp.replace(path)
+        print(f"[emor3] {path}: rolled back to step {step} (dropped {later} later record(s)"
+              + (f" and {damaged} partial line(s) a crash cut short" if damaged else "") + ")")
+
+
 class MetricsSink:
     """metrics.jsonl (one JSON object per step) and samples.jsonl, plus TensorBoard or W&B when asked for and
-    installed. ``NullSink`` has the same methods and writes nothing, so the loop never asks whether to log."""
+    installed. ``NullSink`` has the same methods and writes nothing, so the loop never asks whether to log.
+    ``resume_step``: a resumed run's checkpoint step; both files are rolled back to it (``rollback_jsonl``) and
+    appended to. A new run starts them empty."""
 
-    def __init__(self, out: Path, logger: str = "jsonl", config: dict | None = None):
-        self.metrics = open(out / "metrics.jsonl", "a")
-        self.samples = open(out / "samples.jsonl", "a")
+    def __init__(self, out: Path, logger: str = "jsonl", config: dict | None = None, resume_step: int | None = None):
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                rollback_jsonl(out / name, resume_step)
+        mode = "w" if resume_step is None else "a"
+        self.metrics = open(out / "metrics.jsonl", mode)
+        self.samples = open(out / "samples.jsonl", mode)
         self.tb = self.wandb = None
         if logger == "tensorboard":
             try:
@@ -186,9 +220,8 @@ class StopFlag:
 def train(cfg: Config) -> dict:
     """The whole run: build -> Cold-Start SFT (unless resuming past it) -> baseline evaluation -> GRPO steps ->
     evaluation of the trained policy; returns the evaluation table's rows."""
-    cfg = cfg.resolved()
-    out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = validate_config(cfg).resolved()
+    out = prepare_run_dir(cfg, "python -m emor3.grpo.train", can_resume=True)  # before anything is written
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
@@ -196,8 +229,6 @@ def train(cfg: Config) -> dict:
     if g.prompts_per_step % W or g.mini_batch_prompts % W:
         raise ValueError(f"--grpo.prompts-per-step ({g.prompts_per_step}) and --grpo.mini-batch-prompts "
                          f"({g.mini_batch_prompts}) must be multiples of the number of processes ({W})")
-    if g.prompts_per_step % g.mini_batch_prompts:
-        raise ValueError(f"--grpo.prompts-per-step ({g.prompts_per_step}) must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts})")
     if W > 1 and cfg.algorithm().dynamic_sampling:
         raise NotImplementedError("DAPO dynamic sampling refills a varying number of groups per rank; it is not "
                                   "supported under torchrun yet: run it on one process")
@@ -232,7 +263,8 @@ def train(cfg: Config) -> dict:
 
     # ---- the loop: one grpo_step each, then log and checkpoint ------------------------------------------------
     cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    sink = MetricsSink(out, cfg.run.logger, cfg_dict) if dist.is_main() else NullSink()
+    resume_step = start_step if exp.resume_dir is not None else None
+    sink = MetricsSink(out, cfg.run.logger, cfg_dict, resume_step) if dist.is_main() else NullSink()
     stop = StopFlag()
     bar = tqdm(range(start_step, g.steps), initial=start_step, total=g.steps, desc="GRPO",
                disable=not (cfg.run.progress and dist.is_main()), dynamic_ncols=True)
@@ -267,15 +299,16 @@ def train(cfg: Config) -> dict:
         dist.shutdown()  # evaluation below issues no collectives; the other ranks are done
         if not main_rank:
             return {}
-        if cfg.run.parallel == "fsdp" and (out / "checkpoint" / "trainer_state.pt").is_file():  # final, unsharded
-            exp.model = load_policy(cfg, out / "checkpoint", start_dir(out, exp.source_dir), exp.device)
+        final = latest_checkpoint(out)
+        if cfg.run.parallel == "fsdp" and final is not None:  # the final checkpoint, unsharded
+            exp.model = load_policy(cfg, final, start_dir(out, exp.source_dir), exp.device)
     return evaluate_experiment(exp, cfg, out, baseline)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, "python -m emor3.grpo.train", DESCRIPTION)
     with dist.guard("the GRPO run"):  # a failed collective (a crashed rank) ends with an error that says so
-        train(cfg)
+        exit_on_run_folder_error(train, cfg)
 
 
 if __name__ == "__main__":

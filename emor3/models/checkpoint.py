@@ -29,6 +29,7 @@ import os
 import pickle
 import secrets
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,26 @@ def _umask() -> int:
     return mask
 
 
+_fault_calls = 0
+
+
+def fault_point(what: str) -> None:
+    """A crash-test hook, called after each file write and rename of a save; it does nothing unless the
+    environment asks. ``EMOR3_FAULT_LOG=FILE`` appends ``what`` to FILE (to count and name the points);
+    ``EMOR3_FAULT_AT=N`` makes the process kill itself with SIGKILL (no cleanup, as a power cut or the OOM killer)
+    at its Nth call. ``make check-faults`` runs a save killed at a seeded sample of these points."""
+    global _fault_calls
+    at, log = os.environ.get("EMOR3_FAULT_AT"), os.environ.get("EMOR3_FAULT_LOG")
+    if not (at or log):
+        return
+    _fault_calls += 1
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{_fault_calls}\t{what}\n")
+    if at and _fault_calls == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _atomic_write(target: Path, write) -> None:
     """Write `target` through a temporary file beside it, then rename it into place (atomic on POSIX).
 
@@ -218,9 +239,17 @@ def _atomic_write(target: Path, write) -> None:
             continue
     os.close(fd)
     try:
+        fault_point(f"created the temporary file of {target.name}")
         write(str(tmp))
+        fault_point(f"wrote the temporary file of {target.name}")
         os.chmod(tmp, mode)  # some writers (safetensors) replace the file with their own mode
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before it takes the target's name
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
+        fault_point(f"renamed {target.name}")
     finally:
         if tmp.exists():
             tmp.unlink()
