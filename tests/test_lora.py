@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 
 from emor3.config import parse_args
-from emor3.experiment import load_policy
+from emor3.experiment import latest_checkpoint, load_policy
 from emor3.grpo.train import train
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.__main__ import main as models_main
@@ -227,9 +227,9 @@ def test_lora_grpo_run_trains_only_adapters_and_resumes_exactly(tmp_path, plugin
     full = tiny_config(tmp_path / "a", model=lora, reward={"plugins": [plugin]}, grpo={"steps": 2})
     train(full)
     out = Path(full.run.out)
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["adapter", "trainer_state.pt"], \
+    assert sorted(p.name for p in latest_checkpoint(out).iterdir()) == ["adapter", "trainer_state.pt"], \
         "a LoRA checkpoint holds the adapter folder and the trainer state, not the whole model"
-    cfg = json.loads((out / "checkpoint" / "adapter" / "adapter_config.json").read_text())
+    cfg = json.loads((latest_checkpoint(out) / "adapter" / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == (out / "sft").resolve()
 
     # Cold-Start SFT trained adapters and merged them: linear weights moved, everything else (embeddings) did not
@@ -237,7 +237,7 @@ def test_lora_grpo_run_trains_only_adapters_and_resumes_exactly(tmp_path, plugin
     assert torch.equal(init["model.embed_tokens.weight"], sft["model.embed_tokens.weight"])
     assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
     # GRPO trained only the adapters: the policy's base weights are the Cold-Start model's, bit for bit
-    policy = load_policy(full, out / "checkpoint", out / "sft", torch.device("cpu"))
+    policy = load_policy(full, latest_checkpoint(out), out / "sft", torch.device("cpu"))
     state = policy.state_dict()
     assert all(torch.equal(state[k], v) for k, v in sft.items()), "GRPO changed a base weight"
     mods = lora_modules(policy)

@@ -491,7 +491,7 @@ def test_experiment_resizes_images_on_the_qwen3_vl_grid(tmp_path):
     from test_train import tiny_config as train_config
 
     cfg = train_config(tmp_path, model={"tiny": "tiny-qwen3-vl", "min_pixels": 64 * 64, "max_pixels": 150 * 150})
-    exp = build_experiment(cfg, Path(cfg.run.out), fresh_run=False)
+    exp = build_experiment(cfg, Path(cfg.run.out))
     assert isinstance(exp.model, Qwen3VL) and exp.train_set.factor == 32
     w, h = exp.train_set.image(0).size
     assert w % 32 == 0 and h % 32 == 0, (w, h)
