@@ -251,8 +251,8 @@ def test_lora_grpo_run_trains_only_adapters_and_resumes_exactly(tmp_path, plugin
     train(half)
     out_b = Path(half.run.out)
     train(parse_args(["--resume", str(out_b), "--grpo.steps", "2"], "test", ""))
-    with safe_open(out / "checkpoint/adapter/adapter_model.safetensors", "pt") as fa, \
-            safe_open(out_b / "checkpoint/adapter/adapter_model.safetensors", "pt") as fb:
+    with safe_open(latest_checkpoint(out) / "adapter/adapter_model.safetensors", "pt") as fa, \
+            safe_open(latest_checkpoint(out_b) / "adapter/adapter_model.safetensors", "pt") as fb:
         assert set(fa.keys()) == set(fb.keys())
         diff = [k for k in fa.keys() if not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
     assert not diff, f"2 LoRA steps in one go differ from 1 + resume + 1 in {diff[:3]}"
