@@ -429,7 +429,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("grpo", "warmup_steps"): (0, True, None, False, ""),
     ("grpo", "grad_clip"): (0, False, None, False, ""),
     ("grpo", "max_refill"): (0, True, None, False, ""),
-    ("reward", "judge_max_new_tokens"): (1, True, None, False, ""),
+    ("reward", "judge_max_new_tokens"): (0, True, None, False, "0: chosen by the model"),
     ("eval", "temperature"): (0, True, None, False, "0 is greedy"),
     ("eval", "top_p"): (0, False, 1, True, ""),
     ("eval", "max_new_tokens"): (1, True, None, False, ""),
