@@ -340,7 +340,7 @@ def test_shared_prefix_step_equals_the_unshared_step(tmp_path, plugin):
         train(cfg)
         out = Path(cfg.run.out)
         runs[shared] = (json.loads((out / "metrics.jsonl").read_text().splitlines()[0]),
-                        _params(out / "checkpoint" / "model"))
+                        _params(latest_checkpoint(out) / "model"))
     (m_s, p_s), (m_u, p_u) = runs[True], runs[False]
     assert m_s["reward/total"] == m_u["reward/total"], "the switch must not change the rollouts"
     assert abs(m_u["pg_loss"]) > 1e-4 and m_u["kl"] > 0, "the comparison is vacuous when loss and KL are 0"
