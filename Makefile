@@ -35,7 +35,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_train.py
 
-# zero-shot, Cold-Start SFT, GRPO, DAPO and EMO-R3 on EmoScenes, 3 seeds each, mean ± std (long: over an hour here)
+# zero-shot, Cold-Start SFT, GRPO, DAPO, EMO-R3 on EmoScenes and EMO-R3 vs GRPO on its shortcut variant, 5 seeds,
+# intervals; writes benchmarks/RESULTS.md (long: 25 default-size runs, about 4-6 hours on a 2-core CPU)
 ablation: setup
 	$(BIN)/python benchmarks/ablation.py
 

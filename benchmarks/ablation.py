@@ -1,93 +1,196 @@
-"""The paper's comparison at toy scale: zero-shot, Cold-Start SFT, GRPO, DAPO and EMO-R3 on EmoScenes, several seeds.
+"""The paper's comparison at toy scale, and RER's effect where an outcome reward can be satisfied without grounding.
 
-For each seed: the EMO-R3 run builds the tiny model (its random init is the zero-shot row), runs Cold-Start SFT
-(the SFT row) and GRPO with SET + RER; GRPO and DAPO then start from the same Cold-Start checkpoint with the same
-data, steps and batch sizes, so the rows differ only in the algorithm. Prints mean ± std over seeds of every column
-of the table, whatever the outcome, and writes runs/ablation/ablation.{md,json}.
+Two benchmarks, the same seeds (default 0-4):
+1. ``default`` (EmoScenes as ``make train`` draws it): per seed, the EMO-R3 run builds the tiny model (its random
+   init is the zero-shot row), runs Cold-Start SFT (the SFT row) and GRPO with SET + RER; GRPO and DAPO then start
+   from the same Cold-Start checkpoint with the same data, steps and batch sizes, so the rows differ only in the
+   algorithm.
+2. ``shortcut`` (``--data.emoscenes-variant shortcut``: a badge whose colour gives the label in train and test only,
+   independent of the scene out of domain): per seed, EMO-R3 as above, then ``--algo grpo`` from its Cold-Start
+   checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
+   RER's consistency reward keeps step 1 naming the true cues and the policy answering from them.
 
-    python benchmarks/ablation.py                       # 3 seeds, the embedded default settings
-    python benchmarks/ablation.py --seeds 0 --extra --grpo.steps 10   # quicker
+For each benchmark: every method's columns as the mean over seeds with a bootstrap 95 % interval over seeds, and
+EMO-R3 minus GRPO as paired differences (same seed, same Cold-Start checkpoint) with a paired-bootstrap 95 %
+interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall and the
+hallucinated-cue rate. Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed
+(a stopped ablation keeps what it finished) and, at the end, into benchmarks/RESULTS.md between the
+``<!-- ablation:begin -->`` / ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
+
+    python benchmarks/ablation.py                                   # 5 seeds, both benchmarks, default settings
+    python benchmarks/ablation.py --seeds 0,1 --benchmarks shortcut --extra --grpo.steps 10   # quicker
+
+Cost: one default EMO-R3 run is ~10-15 min on a 2-core CPU with nothing else running; the full ablation is 5 seeds
+x (3 runs on ``default`` + 2 on ``shortcut``) = 25 runs, about 4-6 hours there.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import torch
+
 from emor3.config import parse_args
-from emor3.evaluate import RUN_AVERAGES, cue_rate, evaluate
+from emor3.evaluate import RUN_AVERAGES, cue_scores, evaluate, paired_bootstrap
 from emor3.experiment import build_experiment, prepare_run_dir
 from emor3.grpo.train import train
 
 COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
+PAIRED = ("run A^I", "run A^O", "cue recall", "hallucinated")  # the paired EMO-R3 - GRPO differences
+MARK_BEGIN, MARK_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
-def run_seed(seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
-    rows = {}
-    emo = out / f"seed{seed}" / "emo_r3"
-    res = train(parse_args(["--algo", "emo_r3", "--seed", str(seed), "--out", str(emo), "--run.progress", "false",
-                            "--overwrite", *extra], "ablation", ""))
-    sft_row, emo_row = res.get("Cold-Start SFT"), res["emo_r3"]
-    # zero-shot: the random init the run started from, evaluated the same way
-    cfg = parse_args(["--seed", str(seed), "--out", str(out / f"seed{seed}" / "zero_shot"), "--model.path",
-                      str(emo / "init"), "--run.progress", "false", "--overwrite", *extra], "ablation", "")
-    exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
-    rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
-                                 device=exp.device, progress=False, cue_rate_fn=cue_rate)
-    rows["Cold-Start SFT"] = sft_row
-    for algo in ("grpo", "dapo"):
-        # started from EMO-R3's Cold-Start checkpoint by path, they keep the tiny run's loss normaliser (a
-        # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
-        r = train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out / f"seed{seed}" / algo),
-                              "--model.path", str(emo / "sft"), "--sft.steps", "0", "--run.progress", "false",
-                              "--grpo.loss-scope", "mini-batch", "--overwrite", *extra], "ablation", ""))
-        rows[algo.upper()] = r[algo]
-    rows["EMO-R3"] = emo_row
+def _train(algo: str, seed: int, out: Path, extra: list[str], *more: str) -> dict:
+    return train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out), "--run.progress", "false",
+                             "--overwrite", *more, *extra], "ablation", ""))
+
+
+def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str, dict]:
+    """Every method's evaluation rows for one seed of one benchmark."""
+    rows: dict[str, dict] = {}
+    base = out / benchmark / f"seed{seed}"
+    variant = ["--data.emoscenes-variant", benchmark]
+    emo = base / "emo_r3"
+    res = _train("emo_r3", seed, emo, extra, *variant)
+    # started from EMO-R3's Cold-Start checkpoint by path, GRPO and DAPO keep the tiny run's loss normaliser (a
+    # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
+    from_sft = ("--model.path", str(emo / "sft"), "--sft.steps", "0", "--grpo.loss-scope", "mini-batch", *variant)
+    if benchmark == "default":
+        # zero-shot: the random init the run started from, evaluated the same way
+        cfg = parse_args(["--seed", str(seed), "--out", str(base / "zero_shot"), "--model.path", str(emo / "init"),
+                          "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
+        exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
+        rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
+                                     device=exp.device, progress=False, cue_rate_fn=cue_scores)
+    rows["Cold-Start SFT"] = res["Cold-Start SFT"]
+    for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
+        rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]
+    rows["EMO-R3"] = res["emo_r3"]
     return rows
 
 
-def summarise(per_seed: list[dict[str, dict]]) -> str:
+def metrics(row: dict) -> dict[str, float | None]:
+    """The summary numbers of one evaluated row: A^I, A^O, A, format, cue recall and hallucinated-cue rate (means
+    over the sets that carry them)."""
+    sets = row["sets"].values()
+
+    def mean(key):
+        xs = [v[key] for v in sets if v.get(key) is not None]
+        return statistics.mean(xs) if xs else None
+
+    return {**{c: row[c] for c in COLUMNS}, "format": mean("format_rate"), "cue recall": mean("cue_recall"),
+            "hallucinated": mean("hallucinated")}
+
+
+def _mean_ci(values: list[float]) -> str:
+    """Mean over seeds [bootstrap 95 % interval over seeds]."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    m, lo, hi = paired_bootstrap(values, [0.0] * len(values))
+    return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def method_table(per_seed: list[dict[str, dict]]) -> str:
     names = list(per_seed[0])
     sets = list(per_seed[0][names[0]]["sets"])
-    head = "| Method | " + " | ".join(sets + list(COLUMNS)) + " | format % | cue % |"
-    lines = [head, "|---" * (len(sets) + len(COLUMNS) + 3) + "|"]
-
-    def ms(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {sd:.1f}"
-
+    extra = ("format", "cue recall", "hallucinated")
+    lines = ["| Method | " + " | ".join(sets + list(COLUMNS)) + " | format % | cue recall % | hallucinated cues % |",
+             "|---" * (len(sets) + len(COLUMNS) + len(extra) + 1) + "|"]
     for name in names:
         runs = [s[name] for s in per_seed]
-        cells = [ms([r["sets"][k]["accuracy"] for r in runs]) for k in sets]
-        cells += [ms([r[c] for r in runs]) for c in COLUMNS]
-        cells.append(ms([statistics.mean(v["format_rate"] for v in r["sets"].values()) for r in runs]))
-        cues = [[v["cue_rate"] for v in r["sets"].values() if v["cue_rate"] is not None] for r in runs]
-        cells.append(ms([statistics.mean(c) for c in cues if c]))
+        cells = [_mean_ci([r["sets"][k]["accuracy"] for r in runs]) for k in sets]
+        cells += [_mean_ci([metrics(r)[c] for r in runs]) for c in COLUMNS + extra]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def paired_table(per_seed: list[dict[str, dict]], seeds: list[int]) -> tuple[str, dict]:
+    """EMO-R3 minus GRPO per seed, the mean difference and its paired-bootstrap 95 % interval."""
+    lines = ["| metric | GRPO | EMO-R3 | EMO-R3 - GRPO [95 % CI] | per seed |", "|---|---|---|---|---|"]
+    out = {}
+    for key in PAIRED:
+        pairs = [(metrics(s["EMO-R3"])[key], metrics(s["GRPO"])[key]) for s in per_seed]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if not pairs:
+            continue
+        a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+        m, lo, hi = paired_bootstrap(a, b)
+        out[key] = {"diff": m, "ci": [lo, hi], "emo_r3": a, "grpo": b}
+        per = ", ".join(f"{x - y:+.1f}" for x, y in pairs)
+        lines.append(f"| {key} | {statistics.mean(b):.1f} | {statistics.mean(a):.1f} | {m:+.1f} [{lo:+.1f}, {hi:+.1f}] "
+                     f"| {per} |")
+    return "\n".join(lines), out
+
+
+def report(results: dict[str, list], seeds: list[int], wall: float, command: str, threads: int,
+           loads: list[float]) -> tuple[str, dict]:
+    parts = [f"Command: `{command}`. Seeds {','.join(map(str, seeds[:max(len(v) for v in results.values())]))}; "
+             f"torch threads {threads}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load "
+             f"average (1 min) {min(loads):.1f}-{max(loads):.1f} during the run; wall time {wall / 60:.0f} min; "
+             f"{datetime.date.today().isoformat()}.",
+             "Cells: mean over seeds [bootstrap 95 % interval over seeds]. Paired rows: EMO-R3 and GRPO start from "
+             "the same Cold-Start checkpoint of each seed."]
+    paired = {}
+    for bench, per_seed in results.items():
+        if not per_seed:
+            continue
+        parts.append(f"### {bench} ({len(per_seed)} seeds)\n\n" + method_table(per_seed))
+        table, paired[bench] = paired_table(per_seed, seeds)
+        parts.append(f"Paired, {bench}:\n\n" + table)
+    return "\n\n".join(parts), paired
+
+
+def write_results_md(path: Path, text: str) -> None:
+    """Replace the ablation section of RESULTS.md (between the markers), or append one."""
+    old = path.read_text() if path.is_file() else ""
+    block = f"{MARK_BEGIN}\n## ablation: benchmarks/ablation.py (its own output)\n\n{text}\n{MARK_END}"
+    if MARK_BEGIN in old and MARK_END in old:
+        head, rest = old.split(MARK_BEGIN, 1)
+        new = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    ap.add_argument("--results-md", type=Path, default=Path(__file__).with_name("RESULTS.md"),
+                    help="where the tables go at the end (empty: nowhere)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     a = ap.parse_args()
-    t0 = time.time()
-    per_seed = []
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        per_seed.append(run_seed(seed, a.out, a.extra))
-        table = summarise(per_seed)  # rewritten after every seed, so a stopped ablation keeps what it finished
-        (a.out / "ablation.json").write_text(json.dumps(per_seed, indent=2))
-        (a.out / "ablation.md").write_text(table + "\n")
-        print(f"[ablation] seed {seed} done after {time.time() - t0:.0f} s")
-    print(f"\n{len(per_seed)} seeds, {time.time() - t0:.0f} s\n\n{table}")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    benches = [b for b in a.benchmarks.split(",") if b]
+    a.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
+    t0, loads = time.time(), [os.getloadavg()[0]]
+    results: dict[str, list] = {b: [] for b in benches}
+    text = ""
+    for seed in seeds:
+        for bench in benches:
+            results[bench].append(run_seed(seed, a.out, bench, a.extra))
+            loads.append(os.getloadavg()[0])
+            text, paired = report(results, seeds, time.time() - t0, command, torch.get_num_threads(), loads)
+            (a.out / "ablation.json").write_text(json.dumps({"seeds": seeds, "rows": results, "paired": paired},
+                                                            indent=2))
+            (a.out / "ablation.md").write_text(text + "\n")
+            print(f"[ablation] {bench} seed {seed} done after {time.time() - t0:.0f} s", flush=True)
+    if a.results_md and str(a.results_md):
+        write_results_md(a.results_md, text)
+    print(f"\n{len(seeds)} seeds, {time.time() - t0:.0f} s\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ class DataConfig:
     emoscenes_ood: int = _f(200, "EmoScenes images per out-of-domain split.")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
+    emoscenes_variant: str = _f("default", "EmoScenes variant: default, or shortcut (a badge whose colour gives the "
+                                "label in train/test only; emor3.data.emoscenes).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 
@@ -375,6 +377,7 @@ class ConfigError(ValueError):
 _CHOICES: dict[tuple[str, str], tuple] = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("data", "on_bad_sample"): ("error", "skip"),
+    ("data", "emoscenes_variant"): ("default", "shortcut"),
     ("grpo", "algo"): tuple(sorted(ALGORITHMS)),
     ("grpo", "schedule"): ("constant", "cosine"),
     ("grpo", "kl_kind"): ("k1", "k2", "k3"),

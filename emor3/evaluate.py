@@ -5,9 +5,17 @@ reflection; accuracy is the hard match of the last boxed answer with the label (
 evaluated set's own taxonomy labels. Each set is in-domain or out-of-domain; within one run, ``run A^I`` is the mean
 accuracy of its in-domain sets, ``run A^O`` of its out-of-domain sets, ``run A`` of all of them. These are not the
 paper's A^I / A^O / A, which average over two training settings (EmoSet-trained and Emotion6-trained): that table
-is ``python -m emor3.evaluate table RUN_A RUN_B ...`` (``paper_table``), built from the runs' results.json. Also reported per set: the format rate (the paper's
-rule), and on EmoScenes how often step 1 names cues that are really in the image (``cue_rate``) — the
-visual-text consistency that RER is meant to improve, measurable here because EmoScenes keeps its true cues.
+is ``python -m emor3.evaluate table RUN_A RUN_B ...`` (``paper_table``), built from the runs' results.json. Also
+reported per set: the format rate (the paper's rule), and on EmoScenes the visual-text consistency that RER is meant
+to improve, measurable here because EmoScenes keeps its true cues: ``cue_recall``, the share of the image's cue
+kinds (face, sky, object) whose true value step 1 names, and ``hallucinated``, the share of cue kinds for which
+step 1 claims a value that is not in the image.
+
+Intervals. Every accuracy comes with its 95 % Wilson score interval from the set's size (``wilson_interval``): with
+n = 200 images an accuracy near 30 % is known to about ±6 points, so two rows whose intervals overlap widely are not
+shown to differ by one evaluation. The run averages get the Wilson interval at the sets' effective size
+(``mean_interval``). The intervals cover sampling noise of the evaluation set only, not the spread over
+training seeds (benchmarks/ablation.py measures that).
 
 Results are printed as a markdown table and written to ``RUN_DIR/results.json`` and ``RUN_DIR/results.md``.
 ``python -m emor3.evaluate table RUN_A RUN_B ...`` lays several runs' results.json out as the paper's Table 1
@@ -34,24 +42,76 @@ from emor3.experiment import EvalSet, Experiment, build_experiment, exit_on_run_
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 
 
-def cue_rate(step1: str, sample) -> float | None:
-    """Share of the sample's true cues that step 1 names (EmoScenes only; None where no cues are recorded)."""
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval, in percent, for k successes out of n (Wilson 1927). (0, 100) when n == 0."""
+    if n <= 0:
+        return 0.0, 100.0
+    if not 0 <= k <= n:  # k may be fractional (``mean_interval``)
+        raise ValueError(f"wilson_interval: k={k} successes out of n={n}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def mean_interval(sets: list[dict], z: float = Z95) -> tuple[float, float] | None:
+    """95 % interval (percent) of the mean accuracy of independent sets: the Wilson interval of the mean taken as
+    a proportion over the effective size n_eff = m^2 / sum_i 1/n_i (the size at which one proportion has the mean's
+    variance when the sets' accuracies are equal; sum_i n_i when their sizes are equal, n for a single set). It
+    stays inside [0, 100] and has width at 0 % and 100 %. None if a set lacks its size."""
+    if not sets or any(not v.get("n") for v in sets):
+        return None
+    m = len(sets)
+    mean = sum(v["accuracy"] for v in sets) / m / 100.0
+    n_eff = m * m / sum(1.0 / v["n"] for v in sets)
+    return wilson_interval(min(n_eff, max(0.0, mean * n_eff)), n_eff, z)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences a_i - b_i and its percentile bootstrap interval: the pairs (one per training
+    seed, both runs from the same Cold-Start checkpoint) are resampled with replacement ``n_boot`` times with a
+    seeded generator. With 5 pairs the interval is coarse (it can only take a few dozen distinct values) and assumes
+    the seeds are a fair sample of what a seed does; it says which signs the data support, nothing finer."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_bootstrap needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    d = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)  # (n,)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(d), (n_boot, len(d)), generator=g)  # (n_boot, n)
+    means = d[idx].mean(dim=1)  # (n_boot,)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return d.mean().item(), lo, hi
+
+
+def cue_scores(step1: str, sample) -> tuple[float, float] | None:
+    """(cue recall, hallucinated-cue rate) of step 1 against the sample's true cues (EmoScenes only; None where no
+    cues are recorded): the share of cue kinds whose true value is named, and the share for which an absent value
+    is claimed (``emor3.data.emoscenes.CueMentions``)."""
     cues = sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
-    return cue_mentions(step1, cues).recall if cues else None
+    if not cues:
+        return None
+    m = cue_mentions(step1, cues)
+    return m.recall, m.hallucination
 
 
 def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: EvalConfig, *, seed: int = 0,
              device="cpu", progress: bool = True, cue_rate_fn=None) -> dict:
-    """Accuracy, format rate (and cue rate where the samples carry cues) of ``model`` on each set, plus A^I, A^O, A.
+    """Accuracy with its Wilson interval, format rate (and cue recall / hallucinated-cue rate where the samples carry
+    cues) of ``model`` on each set, plus A^I, A^O, A and their intervals.
 
-    ``cue_rate_fn(step1_text, sample) -> float | None``: the share of the sample's true cues that step 1 names (None
-    where the sample has no recorded cues)."""
+    ``cue_rate_fn(step1_text, sample)``: None where the sample has no recorded cues, else the share of its true cues
+    that step 1 names, or the pair (that share, the hallucinated-cue rate) that ``cue_scores`` returns."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     results: dict = {"sets": {}}
     for s in sets:
         correct = formatted = 0
-        cue_scores: list[float] = []
+        recalls: list[float] = []
+        hallucinated: list[float] = []
         bar = tqdm(range(0, len(s.samples), cfg.batch_size), desc=f"eval {s.name}", disable=not progress,
                    dynamic_ncols=True, leave=False)
         for start in bar:
@@ -69,16 +129,26 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                 if cue_rate_fn is not None:
                     step1 = parse_set(text).step1
                     c = cue_rate_fn(step1 or "", smp)
-                    if c is not None:
-                        cue_scores.append(c)
-        n = len(s.samples)
-        results["sets"][s.name] = {
-            "domain": s.domain, "n": n, "accuracy": 100.0 * correct / max(1, n),
-            "format_rate": 100.0 * formatted / max(1, n),
-            "cue_rate": 100.0 * sum(cue_scores) / len(cue_scores) if cue_scores else None,
-        }
+                    if isinstance(c, tuple):
+                        recalls.append(c[0])
+                        hallucinated.append(c[1])
+                    elif c is not None:
+                        recalls.append(c)
+        results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, recalls, hallucinated)
     results.update(summary_scores(results["sets"]))
+    results.update(summary_intervals(results["sets"]))
     return results
+
+
+def set_row(domain: str, correct: int, n: int, formatted: int, recalls: Sequence[float] = (),
+            hallucinated: Sequence[float] = ()) -> dict:
+    """One evaluated set's entry of results.json: counts, accuracy (%) and its Wilson interval, format rate, and the
+    mean cue recall / hallucinated-cue rate (%, None where no sample carries cues)."""
+    lo, hi = wilson_interval(correct, n)
+    pct = (lambda xs: 100.0 * sum(xs) / len(xs) if xs else None)
+    return {"domain": domain, "n": n, "correct": correct, "accuracy": 100.0 * correct / max(1, n),
+            "accuracy_ci": [lo, hi], "format_rate": 100.0 * formatted / max(1, n),
+            "cue_recall": pct(recalls), "hallucinated": pct(hallucinated)}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -95,24 +165,45 @@ def summary_scores(per_set: dict) -> dict:
     return dict(zip(RUN_AVERAGES, (_mean(acc_in), _mean(acc_out), _mean(acc_in + acc_out))))
 
 
+def summary_intervals(per_set: dict) -> dict:
+    """95 % intervals of the run's averages (``mean_interval``), keyed "run A^I_ci" etc.; None where undefined."""
+    sets_in = [v for v in per_set.values() if v["domain"] == "in"]
+    sets_out = [v for v in per_set.values() if v["domain"] == "out"]
+    out = {}
+    for k, vs in zip(RUN_AVERAGES, (sets_in, sets_out, sets_in + sets_out)):
+        ci = mean_interval(vs)
+        out[k + "_ci"] = None if ci is None else list(ci)
+    return out
+
+
 def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def _fmt_ci(x, ci) -> str:
+    """"41.25 [36.5, 46.2]": a value and its 95 % interval (the value alone where no interval is known)."""
+    if ci is None or x is None:
+        return _fmt(x)
+    return f"{x:.2f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, one row per evaluated model (e.g. "Cold-Start SFT", "EMO-R3"), columns as the paper's:
-    every set's accuracy (in-domain marked ^I), then the run's averages; then format and cue rates."""
+    every set's accuracy (in-domain marked ^I) with its 95 % interval, then the run's averages; then the format rate, the
+    cue recall and the hallucinated-cue rate (means over the sets that carry cues)."""
     first = next(iter(rows.values()))
     names = list(first["sets"])
     head = [n + ("^I" if first["sets"][n]["domain"] == "in" else "") for n in names]
-    lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + " | format % | cue % |",
-             "|---" * (len(names) + 6) + "|"]
+    lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + " | format % | cue recall % | hallucinated cues % |",
+             "|---" * (len(names) + 7) + "|"]
     for model_name, r in rows.items():
         sets = r["sets"]
         fmt_rate = _mean([v["format_rate"] for v in sets.values()])
-        cues = [v["cue_rate"] for v in sets.values() if v["cue_rate"] is not None]
-        cells = [_fmt(sets[n]["accuracy"]) for n in names] + [_fmt(r.get(k)) for k in RUN_AVERAGES] + [
-            _fmt(fmt_rate), _fmt(_mean(cues))]
+        recall = _mean([v["cue_recall"] for v in sets.values() if v.get("cue_recall") is not None])
+        halluc = _mean([v["hallucinated"] for v in sets.values() if v.get("hallucinated") is not None])
+        cells = [_fmt_ci(sets[n]["accuracy"], sets[n].get("accuracy_ci")) for n in names]
+        cells += [_fmt_ci(r.get(k), r.get(k + "_ci")) for k in RUN_AVERAGES]
+        cells += [_fmt(fmt_rate), _fmt(recall), _fmt(halluc)]
         lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -133,7 +224,7 @@ def evaluate_baseline(exp: Experiment, out: Path) -> dict | None:
     if not exp.eval_sets:
         return None
     results = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                       device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)
+                       device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)
     results["name"] = "Cold-Start SFT" if (out / "sft").is_dir() else "initial"
     path.write_text(json.dumps(results, indent=2))
     return results
@@ -145,7 +236,7 @@ def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict 
     if baseline is not None:
         rows[baseline.get("name", "baseline")] = baseline
     rows[cfg.grpo.algo] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval,
-                                   seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)
+                                   seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)
     table = write_results(rows, out)
     print("\n" + table + "\n")
     return rows
@@ -288,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     exp = build_experiment(cfg, out)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
     rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                           device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_rate)}
+                           device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)}
     print(write_results(rows, out))
 
 

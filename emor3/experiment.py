@@ -3,7 +3,8 @@
 Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``; building runs
 nothing (no training, no evaluation): the entry points run the stages on what it builds.
 1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
-   ood_render, ood_emotion6, ood_binary out-of-domain; cold-start traces). Bad samples stop the run or are counted
+   ood_render, ood_emotion6 out-of-domain (ood_binary is drawn but not evaluated: emor3.data.emoscenes says why);
+   cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
 2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
@@ -123,10 +124,11 @@ def build_data(cfg: Config):
     else:
         splits = load_emoscenes(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
                                 n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
-                                n_coldstart=d.cold_start, on_bad_sample=d.on_bad_sample)
+                                n_coldstart=d.cold_start, variant=d.emoscenes_variant, on_bad_sample=d.on_bad_sample)
         train = splits["train"]
         cold = splits.get("coldstart")
-        evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS if name != "train" and name in splits]
+        evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name, spec in SPLITS.items()
+                 if name != "train" and name in splits and spec.in_table]
     for spec in d.eval:
         name, path, domain = _parse_eval_spec(spec)
         evals.append(EvalSet(name, load_dataset(path, None, d.on_bad_sample, **budget), domain))

@@ -12,7 +12,7 @@ import pytest
 from emor3.data import MIKELS8, get_taxonomy, load_dataset
 from emor3.data.__main__ import main as cli
 from emor3.data.emoscenes import (
-    BASE_STYLE, CUE_VALUES, SHIFTED_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
+    BADGE_COLOURS, SHORTCUT_AGREEMENT, SPLITS, BASE_STYLE, CUE_VALUES, SHIFTED_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
     cue_mentions, label_for, make_emoscenes, make_split, render_scene, rule_label, write_emoscenes,
 )
 from emor3.rewards import accuracy_reward, format_reward, parse_set
@@ -68,6 +68,58 @@ def test_splits_taxonomies_styles_and_balance():
     for s in ds["ood_emotion6"]:
         assert s.label == label_for(s.metadata["cues"], "emotion6")
     assert ds["train"].image(0).size == (112, 112)
+
+
+def test_shortcut_present_in_train_and_broken_out_of_domain():
+    """The shortcut variant's badge agrees with the rule label ~90 % of the time in train and test and is
+    independent of the scene in every out-of-domain split (seeded, so these statistics are fixed numbers)."""
+    ds = make_emoscenes(seed=1, n_train=640, n_test=320, n_ood=320, variant="shortcut")
+    assert set(ds) == {"train", "test", "ood_render", "ood_emotion6", "ood_binary", "ood_shortcut"}
+    assert ds["ood_shortcut"].taxonomy.name == "mikels8" and SPLITS["ood_shortcut"].domain == "out"
+    assert all(s.metadata["style"]["layout"] == "base" for s in ds["ood_shortcut"]), "only the shortcut is broken"
+
+    def agreement(split):
+        return sum(s.metadata["shortcut"] == rule_label(s.metadata["cues"]) for s in ds[split]) / len(ds[split])
+
+    # binomial sd at n=640, p=0.9 is 0.012; at n=320, p=1/8 it is 0.018: the bounds are > 3 sd wide
+    assert abs(agreement("train") - SHORTCUT_AGREEMENT) < 0.04
+    assert abs(agreement("test") - SHORTCUT_AGREEMENT) < 0.06
+    for split in ("ood_shortcut", "ood_render", "ood_emotion6"):
+        assert agreement(split) < 0.125 + 0.07, f"{split}: the badge must not predict the label"
+        # independence: within each rule label the badge is spread over the colours, not concentrated
+        for label in MIKELS8.labels:
+            badges = Counter(s.metadata["shortcut"] for s in ds[split] if rule_label(s.metadata["cues"]) == label)
+            assert badges and max(badges.values()) / sum(badges.values()) < 0.45, (split, label, badges)
+    # a model reading the badge alone: ~90 % in train, chance (1/8) on ood_shortcut
+    train_wrong = Counter(s.metadata["shortcut"] for s in ds["train"] if s.metadata["shortcut"] != s.metadata["rule_label"])
+    assert len(train_wrong) == 8, "disagreeing badges are drawn over the other labels"
+    default = make_emoscenes(seed=1, n_train=8, n_test=0, n_ood=4)
+    assert "ood_shortcut" not in default and all("shortcut" not in s.metadata for s in default["train"])
+    with pytest.raises(ValueError, match="variant"):
+        make_emoscenes(seed=1, n_train=8, n_test=0, n_ood=0, variant="shortcuts")
+    with pytest.raises(KeyError, match="shortcut"):
+        make_split("ood_shortcut", 4, seed=1)
+
+
+def test_shortcut_badge_is_drawn_in_the_corner_only():
+    cues = dict(face="smile", sky="night", object="gift")
+    plain = np.asarray(render_scene(cues, rng=random.Random(3)), dtype=np.int16)
+    with_badge = np.asarray(render_scene(cues, rng=random.Random(3), badge="fear"), dtype=np.int16)
+    changed = np.abs(with_badge - plain).sum(-1) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() > 200 and xs.max() < 0.16 * 112 and ys.min() >= 0.84 * 112, "a corner square only"
+    assert (with_badge[100, 5] == BADGE_COLOURS["fear"]).all(), "the exact badge colour"
+    other = np.asarray(render_scene(cues, rng=random.Random(3), badge="awe"), dtype=np.int16)
+    assert (np.abs(other - with_badge).sum(-1) > 0).sum() == changed.sum(), "the colour alone tells badges apart"
+    s = make_split("train", 3, seed=0, variant="shortcut")[0]
+    assert (np.asarray(s.open_image())[100, 5] == BADGE_COLOURS[s.metadata["shortcut"]]).all()
+    assert "badge=" in s.image.key and "badge=" not in make_split("train", 1, seed=0)[0].image.key
+
+
+def test_ood_binary_is_drawn_but_not_in_the_table():
+    assert not SPLITS["ood_binary"].in_table
+    assert [n for n, spec in SPLITS.items() if spec.in_table and spec.variant is None] == \
+        ["train", "test", "ood_render", "ood_emotion6"]
 
 
 def test_cues_change_the_pixels_where_drawn():
@@ -156,3 +208,7 @@ def test_write_load_validate_round_trip(tmp_path, capsys):
     assert all(accuracy_reward(s.metadata["response"], s.label, MIKELS8) == 1.0 for s in cs)
     assert cli(["validate", str(tmp_path)]) == 0
     assert "[ood_binary]" in capsys.readouterr().out
+    paths = write_emoscenes(tmp_path / "sc", seed=0, n_train=4, n_test=2, n_ood=2, variant="shortcut")
+    assert "ood_shortcut" in paths
+    disk = load_dataset(tmp_path / "sc", split="train")
+    assert disk[0].metadata["shortcut"] in MIKELS8.labels, "the badge's label survives the manifest"

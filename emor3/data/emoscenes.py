@@ -28,6 +28,22 @@ sky element top left). Emotion6 labels come from the Mikels label (`MIKELS_TO_EM
 contentment and excitement -> joy; awe -> surprise; the four negative labels keep their names); binary labels are
 the valence. With the in-domain `test` this gives a toy A^I / A^O / A table.
 
+What the out-of-domain taxonomies can measure. The cold-start traces all answer in Mikels' 8, so a model trained
+here has only ever boxed those eight words. Emotion6 shares four of them (anger, disgust, fear, sadness: half the
+scenes), so `ood_emotion6` measures partly transfer and partly whether the model picks the listed label it knows;
+"joy" and "surprise" are words it never boxed. Binary shares none ("positive" / "negative" appear only inside step
+3), and a model trained from scratch on 100 traces boxes a Mikels word there every time: 0 % whatever it learned. So
+`ood_binary` is generated and written to disk but is not in the evaluation table (`SplitSpec.in_table`).
+
+Variants (`VARIANTS`, `--data.emoscenes-variant`). `default` is the above. `shortcut` adds a coloured badge in the
+bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train` and `test` it
+is the colour of the scene's rule label with probability `SHORTCUT_AGREEMENT` (else another label's, drawn
+uniformly), in every out-of-domain split it is drawn uniformly, independent of the scene; an extra split
+`ood_shortcut` (Mikels' 8, base rendering) isolates the broken shortcut from the rendering shift. A policy that reads
+the badge instead of the three cues does well in-domain and at chance on `ood_shortcut`, and its step 1 need not name
+the true cues: the setting where a reward for grounded reasoning (RER) should matter. Metadata keeps `shortcut`
+(the label whose colour was drawn).
+
 Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
     <step1>A smiling face, a sunny sky and a gift.</step1><step2>With the gift under the sunny sky, one would
     feel playful and amused.</step2><step3>The smile makes it positive; the sunny sky gives high arousal.</step3>
@@ -102,6 +118,13 @@ def label_for(cues: dict[str, str], taxonomy: str) -> str:
 # rendering
 
 
+# the shortcut badge's colour per Mikels label: saturated, far from each other and from the ground strip
+BADGE_COLOURS = {
+    "amusement": (255, 0, 0), "excitement": (0, 0, 255), "contentment": (255, 255, 0), "awe": (0, 255, 255),
+    "anger": (255, 0, 255), "fear": (255, 128, 0), "sadness": (255, 255, 255), "disgust": (0, 0, 0),
+}
+
+
 @dataclass(frozen=True)
 class RenderStyle:
     """palette: "base" | "shifted"; scale: size of face and object; layout: "base" | "mirrored"."""
@@ -136,8 +159,9 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> 
 
 
 def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = BASE_STYLE,
-                 rng: random.Random | None = None) -> Image.Image:
-    """Draw one scene (RGB, size x size). rng drives small nuisance jitter (positions, sizes, colours)."""
+                 rng: random.Random | None = None, badge: str | None = None) -> Image.Image:
+    """Draw one scene (RGB, size x size). rng drives small nuisance jitter (positions, sizes, colours). ``badge``: a
+    Mikels label whose `BADGE_COLOURS` square is drawn in the bottom-left corner (the shortcut variant)."""
     rng = rng or random.Random(0)
     pal = {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
     S = size
@@ -160,6 +184,8 @@ def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = 
     oy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     _draw_face(d, cues["face"], fx, fy, 0.2 * S * k, S, pal)
     _draw_object(d, cues["object"], ox, oy, 0.18 * S * k, S, pal)
+    if badge is not None:  # fixed place and size, exact colour: the easiest feature in the image
+        d.rectangle([0, round(0.85 * S), round(0.15 * S), S - 1], fill=BADGE_COLOURS[badge])
     return img
 
 
@@ -269,13 +295,16 @@ class SceneImage:
     size: int
     style: RenderStyle
     seed: str  # the string seed of the per-image RNG
+    badge: str | None = None  # the shortcut variant's badge (a Mikels label), or None
 
     @property
     def key(self) -> str:
-        return f"emoscenes-v{VERSION}:{self.seed}:{self.size}:{self.style}"
+        tail = "" if self.badge is None else f":badge={self.badge}"
+        return f"emoscenes-v{VERSION}:{self.seed}:{self.size}:{self.style}{tail}"
 
     def open(self) -> Image.Image:
-        return render_scene(dict(self.cues), size=self.size, style=self.style, rng=random.Random(self.seed))
+        return render_scene(dict(self.cues), size=self.size, style=self.style, rng=random.Random(self.seed),
+                            badge=self.badge)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +317,8 @@ class SplitSpec:
     style: RenderStyle
     noisy: bool = False  # only the training split gets label noise
     domain: str = "in"   # "in" or "out": which average of the A^I / A^O table it counts towards
+    in_table: bool = True  # evaluated in a run's table (module docstring: what ood_binary cannot measure)
+    variant: str | None = None  # the only variant that has this split; None: every variant
 
 
 SPLITS = {
@@ -295,16 +326,39 @@ SPLITS = {
     "test": SplitSpec("mikels8", BASE_STYLE),
     "ood_render": SplitSpec("mikels8", SHIFTED_STYLE, domain="out"),
     "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out"),
-    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out"),
+    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False),
+    "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
 }
+VARIANTS = ("default", "shortcut")
+SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
 
 
-def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_noise: float = 0.0) -> list[Sample]:
+def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default") -> dict[str, int]:
+    """The splits a variant has, in `SPLITS` order, with their sizes (out-of-domain splits get n_ood each)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
+    n = {"train": n_train, "test": n_test}
+    return {name: n.get(name, n_ood) for name, spec in SPLITS.items() if spec.variant in (None, variant)}
+
+
+def _badge(split: str, truth: str, rng: random.Random) -> str:
+    """The shortcut badge's label: the rule label with prob. SHORTCUT_AGREEMENT in-domain, uniform out-of-domain."""
+    if SPLITS[split].domain == "in" and rng.random() < SHORTCUT_AGREEMENT:
+        return truth
+    if SPLITS[split].domain == "in":
+        return rng.choice([x for x in MIKELS8.labels if x != truth])
+    return rng.choice(list(MIKELS8.labels))
+
+
+def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_noise: float = 0.0,
+               variant: str = "default") -> list[Sample]:
     """n samples of `split` (images drawn lazily via SceneImage). label_noise applies to noisy splits only."""
     if split not in SPLITS:
         raise KeyError(f"unknown EmoScenes split {split!r}; known: {list(SPLITS)}")
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    if split not in split_sizes(0, 0, 0, variant):
+        raise KeyError(f"EmoScenes split {split!r} exists only in the {SPLITS[split].variant!r} variant")
     spec = SPLITS[split]
     tax = get_taxonomy(spec.taxonomy)
     combos = all_cue_combinations()
@@ -323,9 +377,15 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
             if nrng.random() < label_noise:
                 label, noisy = nrng.choice([x for x in tax.labels if x != truth]), True
         sid = f"emoscenes-{split}-{i:05d}"
-        image = SceneImage(tuple(sorted(cues.items())), image_size, spec.style, f"emoscenes:{seed}:{split}:{i}")
+        badge = None
+        if variant == "shortcut":
+            badge = _badge(split, rule_label(cues), random.Random(f"emoscenes:{seed}:{split}:{i}:badge"))
+        image = SceneImage(tuple(sorted(cues.items())), image_size, spec.style, f"emoscenes:{seed}:{split}:{i}",
+                           badge)
         meta = {"cues": dict(cues), "rule_label": truth, "noisy": noisy, "split": split, "domain": spec.domain,
                 "style": asdict(spec.style)}
+        if badge is not None:
+            meta["shortcut"] = badge
         samples.append(Sample(sid, image, label, tax.name, meta))
     return samples
 
@@ -351,14 +411,15 @@ def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
 
 
 def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_size: int = 112,
-                   label_noise: float = 0.0, n_coldstart: int = 0) -> dict[str, EmotionDataset]:
-    """All splits in memory (images drawn on first access): train, test, ood_*, and coldstart if n_coldstart."""
-    sizes = {"train": n_train, "test": n_test, "ood_render": n_ood, "ood_emotion6": n_ood, "ood_binary": n_ood}
+                   label_noise: float = 0.0, n_coldstart: int = 0,
+                   variant: str = "default") -> dict[str, EmotionDataset]:
+    """All splits of a variant in memory (images drawn on first access): train, test, ood_*, and coldstart if
+    n_coldstart."""
     out: dict[str, EmotionDataset] = {}
-    for split, n in sizes.items():
+    for split, n in split_sizes(n_train, n_test, n_ood, variant).items():
         if n <= 0:
             continue
-        samples = make_split(split, n, seed=seed, image_size=image_size, label_noise=label_noise)
+        samples = make_split(split, n, seed=seed, image_size=image_size, label_noise=label_noise, variant=variant)
         out[split] = EmotionDataset(samples, SPLITS[split].taxonomy,
                                     LoadReport(f"emoscenes:{split}", "emoscenes", SPLITS[split].taxonomy))
     if n_coldstart > 0:
@@ -371,7 +432,7 @@ def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_si
 
 def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
                     image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0,
-                    overwrite: bool = False) -> dict[str, Path]:
+                    overwrite: bool = False, variant: str = "default") -> dict[str, Path]:
     """Write every split as `<split>.jsonl` + `images/<split>/<id>.png` under out_dir; returns manifest paths.
 
     A folder already holding the same configuration (emoscenes.json) is reused as is, unless overwrite.
@@ -379,10 +440,12 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
     out_dir = Path(out_dir)
     config = dict(version=VERSION, seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
                   label_noise=label_noise, n_coldstart=n_coldstart)
+    if variant != "default":
+        config["variant"] = variant
     stamp = out_dir / "emoscenes.json"
     datasets = None
-    names = [s for s, n in (("train", n_train), ("test", n_test), ("ood_render", n_ood), ("ood_emotion6", n_ood),
-                            ("ood_binary", n_ood), ("coldstart", n_coldstart)) if n > 0]
+    sizes = dict(split_sizes(n_train, n_test, n_ood, variant), coldstart=n_coldstart)
+    names = [s for s, n in sizes.items() if n > 0]
     paths = {s: out_dir / f"{s}.jsonl" for s in names}
     if not overwrite and stamp.is_file() and all(p.is_file() for p in paths.values()):
         try:
@@ -393,7 +456,7 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
     if stamp.is_file():
         stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
     datasets = make_emoscenes(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
-                              label_noise=label_noise, n_coldstart=n_coldstart)
+                              label_noise=label_noise, n_coldstart=n_coldstart, variant=variant)
     from emor3.data.loaders import write_manifest
     written: dict[str, str] = {}
     for split, ds in datasets.items():
@@ -412,13 +475,15 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
 
 
 def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
-                   image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0,
+                   image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0, variant: str = "default",
                    **dataset_kw) -> dict[str, EmotionDataset]:
-    """Generate (or reuse) EmoScenes under `cache_dir/seed<seed>-<size>px` and load every split from disk."""
+    """Generate (or reuse) EmoScenes under `cache_dir/seed<seed>-<size>px...` and load every split from disk."""
     from emor3.data.loaders import load_manifest
     sub = Path(cache_dir) / f"seed{seed}-{image_size}px-n{n_train}-{n_test}-{n_ood}-{n_coldstart}-noise{label_noise}"
+    if variant != "default":
+        sub = sub.with_name(sub.name + f"-{variant}")
     paths = write_emoscenes(sub, seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
-                            label_noise=label_noise, n_coldstart=n_coldstart)
+                            label_noise=label_noise, n_coldstart=n_coldstart, variant=variant)
     return {split: load_manifest(p, verify="header", **dataset_kw) for split, p in paths.items()}
 
 
@@ -496,7 +561,14 @@ class CueMentions:
 
     @property
     def recall(self) -> float:
+        """Share of the scene's cue kinds whose true value the text names."""
         return sum(self.named.values()) / max(1, len(self.named))
+
+    @property
+    def hallucination(self) -> float:
+        """Share of the scene's cue kinds for which the text claims a value that is not in the scene ("a spider"
+        beside a gift). A text may both name the true value and claim a wrong one: the two rates are separate."""
+        return len({kind for kind, _ in self.wrong}) / max(1, len(self.named))
 
     @property
     def precision(self) -> float:

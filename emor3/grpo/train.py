@@ -224,6 +224,8 @@ def train(cfg: Config) -> dict:
     out = prepare_run_dir(cfg, "python -m emor3.grpo.train", can_resume=True)  # before anything is written
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    # what a result depends on besides the config: same seed and thread count on the same machine repeat exactly
+    dist.print0(f"[emor3] seed {cfg.run.seed}, torch threads {torch.get_num_threads()}, device {cfg.model.device}")
     launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
     W, g = dist.world_size(), cfg.grpo
     if g.prompts_per_step % W or g.mini_batch_prompts % W:

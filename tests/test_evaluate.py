@@ -1,0 +1,115 @@
+"""Evaluation metrics: Wilson intervals against hand-computed values, the interval of a mean of sets, the cue
+recall / hallucinated-cue rates of hand-written step-1 texts, and the table's cells."""
+
+import math
+
+import pytest
+
+from emor3.data import Sample
+from emor3.data.emoscenes import cue_mentions
+from emor3.evaluate import cue_scores, format_table, mean_interval, set_row, summary_intervals, summary_scores, \
+    wilson_interval
+
+
+def test_wilson_interval_hand_values():
+    # k=8, n=10, z=1.96: centre (0.8 + 1.9208/10) / 1.38416 = 0.71668; half 1.96 sqrt(0.016 + 0.0096040) / 1.38416
+    # = 0.22656 -> (0.4902, 0.9433), the textbook value
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(49.02, abs=0.01) and hi == pytest.approx(94.33, abs=0.01)
+    # k=0: the lower bound is 0 and the upper z^2 / (n + z^2) = 3.8415 / 103.8415 = 3.70 %
+    lo, hi = wilson_interval(0, 100)
+    assert lo == pytest.approx(0.0, abs=1e-9) and hi == pytest.approx(100 * 3.8415 / 103.8415, abs=0.01)
+    lo, hi = wilson_interval(100, 100)  # symmetric to k=0
+    assert hi == pytest.approx(100.0) and lo == pytest.approx(100 - 100 * 3.8415 / 103.8415, abs=0.01)
+    # half of n: centred on 50 %; width shrinks as 1/sqrt(n)
+    lo, hi = wilson_interval(100, 200)
+    assert (lo + hi) / 2 == pytest.approx(50.0) and hi - lo == pytest.approx(2 * 100 * 1.96 * math.sqrt(
+        0.25 / 200 + 1.96 ** 2 / (4 * 200 ** 2)) / (1 + 1.96 ** 2 / 200), abs=0.01)
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_mean_interval_of_independent_sets():
+    # equal sizes: the Wilson interval of the pooled count (50 + 20 correct of 200)
+    sets = [{"accuracy": 50.0, "n": 100}, {"accuracy": 20.0, "n": 100}]
+    assert mean_interval(sets) == pytest.approx(wilson_interval(70, 200))
+    # unequal sizes: n_eff = 4 / (1/100 + 1/400) = 320, mean 35 %
+    sets = [{"accuracy": 50.0, "n": 100}, {"accuracy": 20.0, "n": 400}]
+    assert mean_interval(sets) == pytest.approx(wilson_interval(0.35 * 320, 320))
+    lo, hi = mean_interval([{"accuracy": 0.0, "n": 200}] * 3)
+    assert lo == pytest.approx(0.0, abs=1e-9) and hi == pytest.approx(wilson_interval(0, 600)[1]) and hi > 0.5
+    assert mean_interval([{"accuracy": 50.0}]) is None, "no size, no interval"
+
+
+def _sample(cues):
+    return Sample("s0", None, "amusement", "mikels8", {"cues": cues})
+
+
+def test_cue_recall_and_hallucination_of_hand_written_texts():
+    cues = {"face": "smile", "sky": "sunny", "object": "gift"}
+    assert cue_scores("A smiling face, a sunny sky and a gift.", _sample(cues)) == (1.0, 0.0)
+    # two true cues named, the object claimed wrong (a spider): recall 2/3, one of three kinds hallucinated
+    assert cue_scores("A smiling face under the sun next to a spider.", _sample(cues)) == (pytest.approx(2 / 3),
+                                                                                         pytest.approx(1 / 3))
+    # true value named and a wrong one claimed for the same kind: both counted, per kind (not per word)
+    r, h = cue_scores("A smile and a frown, a stormy sky with lightning, a gift.", _sample(cues))
+    assert r == pytest.approx(2 / 3) and h == pytest.approx(2 / 3)
+    # negated mentions claim nothing
+    assert cue_scores("A smiling face and a gift in the sunshine. There is no spider and it is not stormy.",
+                      _sample(cues)) == (1.0, 0.0)
+    assert cue_scores("", _sample(cues)) == (0.0, 0.0)
+    assert cue_scores("a gift", Sample("s1", None, "joy", "emotion6", {})) is None, "no cues recorded: no score"
+    assert cue_mentions("a heart and a flower", cues).hallucination == pytest.approx(1 / 3), \
+        "two wrong objects are one hallucinated kind"
+
+
+def test_set_row_and_table_cells():
+    row = set_row("in", correct=8, n=10, formatted=9, recalls=[1.0, 0.5], hallucinated=[0.0, 1 / 3])
+    assert row["accuracy"] == 80.0 and row["format_rate"] == 90.0
+    assert row["accuracy_ci"] == pytest.approx([49.02, 94.33], abs=0.01)
+    assert row["cue_recall"] == pytest.approx(75.0) and row["hallucinated"] == pytest.approx(100 / 6)
+    other = set_row("out", correct=0, n=0, formatted=0)
+    assert other["cue_recall"] is None and other["hallucinated"] is None
+    sets = {"test": row, "ood": set_row("out", correct=25, n=100, formatted=50)}
+    r = {"sets": sets, **summary_scores(sets), **summary_intervals(sets)}
+    assert r["run A^I_ci"] == pytest.approx(row["accuracy_ci"]), "one set: the average's interval is the set's own"
+    assert r["run A_ci"][0] < r["run A"] < r["run A_ci"][1]
+    table = format_table({"EMO-R3": r}).splitlines()
+    assert table[0] == ("| Model | test^I | ood | run A^I | run A^O | run A | format % | cue recall % | "
+                        "hallucinated cues % |")
+    cells = table[2].split(" | ")
+    assert cells[1] == "80.00 [49.0, 94.3]" and cells[2].startswith("25.00 [17.5, 34.3]")
+    assert cells[-3:] == ["70.00", "75.00", "16.67 |"]
+
+
+def test_table_without_intervals_or_cues():
+    sets = {"emoset": {"domain": "in", "accuracy": 70.0, "format_rate": 100.0, "cue_recall": None},
+            "emotion6": {"domain": "out", "accuracy": 50.0, "format_rate": 90.0, "cue_recall": None},
+            "webemo": {"domain": "out", "accuracy": 40.0, "format_rate": 80.0, "cue_recall": 25.0}}
+    s = summary_scores(sets)
+    assert s == {"run A^I": 70.0, "run A^O": 45.0, "run A": pytest.approx(160 / 3)}
+    table = format_table({"GRPO": {"sets": sets, **s}})
+    assert "| GRPO | 70.00 | 50.00 | 40.00 | 70.00 | 45.00 | 53.33 | 90.00 | 25.00 | – |" in table
+    assert "emoset^I" in table and "emotion6 |" in table
+
+
+def test_paired_bootstrap_against_exact_enumeration():
+    import itertools
+
+    from emor3.evaluate import paired_bootstrap
+    b = [10.0, 30.0, 20.0, 50.0]
+    a = [13.0, 29.0, 24.0, 52.0]  # differences 3, -1, 4, 2
+    mean, lo, hi = paired_bootstrap(a, b, n_boot=40000, seed=1)
+    assert mean == pytest.approx(2.0)
+    # the exact bootstrap distribution: all 4^4 resamples are equally likely
+    d = [x - y for x, y in zip(a, b)]
+    means = sorted(sum(c) / 4 for c in itertools.product(d, repeat=4))
+    exact_lo, exact_hi = means[int(0.025 * 256)], means[int(0.975 * 256) - 1]
+    assert lo == pytest.approx(exact_lo, abs=0.3) and hi == pytest.approx(exact_hi, abs=0.3)
+    assert lo < mean < hi
+    # pairing: a constant shift is known exactly however much the pairs themselves vary
+    assert paired_bootstrap([x + 1.5 for x in b], b) == pytest.approx((1.5, 1.5, 1.5))
+    assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3), "seeded"
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])
