@@ -101,7 +101,7 @@ def cue_scores(step1: str, sample) -> tuple[float, float] | None:
 def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: EvalConfig, *, seed: int = 0,
              device="cpu", progress: bool = True, cue_rate_fn=None) -> dict:
     """Accuracy with its Wilson interval, format rate (and cue recall / hallucinated-cue rate where the samples carry
-    cues) of ``model`` on each set, plus A^I, A^O, A and their intervals.
+    cues) of ``model`` on each set, plus the run's averages and their intervals.
 
     ``cue_rate_fn(step1_text, sample)``: None where the sample has no recorded cues, else the share of its true cues
     that step 1 names, or the pair (that share, the hallucinated-cue rate) that ``cue_scores`` returns."""
@@ -189,12 +189,13 @@ def _fmt_ci(x, ci) -> str:
 
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, one row per evaluated model (e.g. "Cold-Start SFT", "EMO-R3"), columns as the paper's:
-    every set's accuracy (in-domain marked ^I) with its 95 % interval, then the run's averages; then the format rate, the
-    cue recall and the hallucinated-cue rate (means over the sets that carry cues)."""
+    every set's accuracy (in-domain marked ^I) with its 95 % interval, then the run's averages; then the format
+    rate, the cue recall and the hallucinated-cue rate (means over the sets that carry cues)."""
     first = next(iter(rows.values()))
     names = list(first["sets"])
     head = [n + ("^I" if first["sets"][n]["domain"] == "in" else "") for n in names]
-    lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + " | format % | cue recall % | hallucinated cues % |",
+    tail = " | format % | cue recall % | hallucinated cues % |"
+    lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + tail,
              "|---" * (len(names) + 7) + "|"]
     for model_name, r in rows.items():
         sets = r["sets"]
