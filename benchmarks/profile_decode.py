@@ -8,7 +8,12 @@ under torch.profiler, several times interleaved, and reports per decode step (th
   - the matmul throughput (GFLOP/s) of a decode step next to the prefill's, per token processed: a decode step
     streams every weight for N tokens, the prefill for B·P tokens.
 
-    .venv/bin/python benchmarks/profile_decode.py --threads 1
+Then, with ``--stops K`` (K > 0), rows that finish at different lengths: K ordinary token ids are stop ids (on a
+random-init model each is drawn about 1/V of the time, so rows stop after geometric lengths), and the rollout of
+``--compact-tokens`` tokens is timed with finished rows compacted out of the decode batch and without, both in this
+run, interleaved, checked to give the same tokens.
+
+    .venv/bin/python benchmarks/profile_decode.py --threads 1 --stops 600
 
 Shapes: B prompts, G samples per prompt, N = B·G rows, P prompt length, T decode steps.
 """
@@ -60,6 +65,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--stops", type=int, default=0, help="K stop ids for the compaction timing (0: skip it)")
+    ap.add_argument("--compact-tokens", type=int, default=96, help="max new tokens of the compaction timing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,6 +110,35 @@ def main() -> None:
           f"{s['matmul']} + attention {s['attention']} + other {s['other']} ms; matmul {res['decode_matmul_gflops']} "
           f"GFLOP/s in decode vs {res['prefill_matmul_gflops']} in prefill; {res['decode_ms_per_token']} ms/token "
           f"decoding vs {res['prefill_ms_per_token']} ms/token prefilling (image encode included)")
+    print("json", json.dumps(res), flush=True)
+    if args.stops:
+        compaction(model, batch, args, banned)
+
+
+def compaction(model, batch, args, banned) -> None:
+    stops = list(range(10, 10 + args.stops))  # ordinary ids (the specials sit at the top of the vocabulary)
+
+    def run(compact: bool):
+        t0 = time.perf_counter()
+        r = sample(model, batch, group_size=args.group, max_new_tokens=args.compact_tokens, temperature=1.0,
+                   stop_token_ids=stops, banned_token_ids=banned, generator=0, compact_finished=compact)
+        return time.perf_counter() - t0, r
+
+    times = {True: [], False: []}
+    outs = {}
+    for _ in range(args.repeats):
+        for compact in (False, True):
+            dt, outs[compact] = run(compact)
+            times[compact].append(dt)
+    same = torch.equal(outs[True].completion_ids, outs[False].completion_ids)
+    gap = float((outs[True].logprobs - outs[False].logprobs).abs().max())
+    lengths = outs[True].lengths.tolist()
+    res = {"stops": args.stops, "max_new_tokens": args.compact_tokens, "lengths": lengths,
+           "decoded_steps": max(lengths), "row_steps_used": sum(lengths),
+           "full_s": round(min(times[False]), 2), "compacted_s": round(min(times[True]), 2),
+           "ratio": round(min(times[False]) / min(times[True]), 2), "same_tokens": same, "logprob_gap": gap}
+    print(f"compaction: {len(lengths)} rows, lengths {sorted(lengths)}: without {res['full_s']} s, with "
+          f"{res['compacted_s']} s ({res['ratio']}x); same tokens {same}, log-prob gap {gap:.1e}")
     print("json", json.dumps(res), flush=True)
 
 

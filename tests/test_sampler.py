@@ -238,6 +238,38 @@ def test_logprobs_equal_teacher_forced(models, batch, temperature):
     assert r.logprobs.dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_compacting_finished_rows_keeps_tokens_and_logprobs(models, batch, monkeypatch, temperature):
+    """Dropping finished rows from the decode batch (power-of-two sizes, at the periodic check) changes which rows
+    are computed together, never what a row samples: same tokens, masks and log-probs as the uncompacted batch.
+    (Eager only: the compiled step runs the same loop, and compiling its four batch sizes takes a minute here.)"""
+    ours, _ = models
+    sizes = []
+    fwd = type(ours).forward
+
+    def recording_forward(self, input_ids, *a, **k):
+        if input_ids.shape[1] == 1:
+            sizes.append(input_ids.shape[0])
+        return fwd(self, input_ids, *a, **k)
+
+    kw = dict(group_size=4, max_new_tokens=24, temperature=temperature, stop_token_ids=tuple(range(3, 13)),
+              banned_token_ids=BANNED, generator=5, check_every=2)
+    monkeypatch.setattr(type(ours), "forward", recording_forward)
+    full = sample(ours, batch, compact_finished=False, **kw)
+    assert set(sizes) == {12}, "without compaction every decode step runs all 12 rows"
+    sizes.clear()
+    comp = sample(ours, batch, **kw)
+    N = 12
+    assert min(sizes) < N and all(n == N or n & (n - 1) == 0 for n in sizes), \
+        f"test setup: compaction must happen, to powers of two (decode batch sizes {sorted(set(sizes))})"
+    assert sizes == sorted(sizes, reverse=True), "the decode batch only shrinks"
+    assert torch.equal(comp.completion_ids, full.completion_ids), "compaction changed the sampled tokens"
+    assert torch.equal(comp.completion_mask, full.completion_mask) and torch.equal(comp.truncated, full.truncated)
+    gap = (comp.logprobs - full.logprobs).abs().max()
+    assert gap <= 1e-5, f"compaction changed the recorded log-probs by {gap:.1e}"
+    assert (comp.truncation_logmass - full.truncation_logmass).abs().max() <= 1e-5
+
 def test_image_encoded_once_and_prefill_once_per_prompt(models, batch, monkeypatch):
     ours, _ = models
     calls = {"encode": 0, "prefill_rows": []}

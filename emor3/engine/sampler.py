@@ -16,9 +16,13 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    multiple of 64 so that prompts of varying length reuse a few graphs. Eager decoding, where fixed shapes buy
    nothing, attends over the written prefix only (views of the same storage, grown 64 slots at a time): a long
    rollout then does about half the attention work. Finished rows keep decoding (they emit the pad token, masked
-   out): a fixed batch costs less than reshaping it, and a rollout's length is set by its longest row anyway.
-3. **No host sync in the loop.** Finished rows are a bool tensor; the only ``.item()`` is an "all rows finished"
-   check every ``check_every`` steps (default 16), so a batch that stops early wastes at most 15 steps.
+   out) until at most half of the batch is still running; then the batch is compacted (next point).
+3. **No host sync in the loop.** Finished rows are a bool tensor; the only ``.item()`` is a count of the running
+   rows every ``check_every`` steps (default 16): none left stops the rollout (so a batch that stops early wastes
+   at most 15 steps), at most half of the decode batch left compacts it to the next power of two holding them
+   (finished rows fill the rest), copying their cache rows once. SET answers vary in length, so this drops most
+   of the finished rows' work while a compiled step meets at most log2(N) + 1 batch sizes. Each row's sampling
+   reads its own uniforms, so the tokens and log-probs do not depend on compaction (tested).
 4. **Positions.** A generated token's M-RoPE position is the same on all three axes (Qwen2-VL, "text tokens use
    identical ids on the three axes") and counts on from ``PromptBatch.next_position``: the token fed at decode
    step t sits at ``next_position + t``, whatever the image layout of the prompt
@@ -276,6 +280,9 @@ def _cache_prefix(cache: Any, slots: int) -> Any:
     return replace(cache, k=cache.k.narrow(3, 0, slots), v=cache.v.narrow(3, 0, slots))
 
 
+_RECOMPILE_LIMIT = 64
+
+
 class _CompiledStep:
     """torch.compile of ``_decode_step``, fullgraph first (one graph per rollout, which CUDA graphs need), falling
     back to graph breaks with a warning if the model has an op dynamo cannot trace as one graph. dynamo traces
@@ -287,16 +294,19 @@ class _CompiledStep:
         self.fullgraph = True
 
     def __call__(self, *args, **kwargs):
-        try:
-            return self.fn(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as e:
-            if not self.fullgraph:
-                raise
-            warnings.warn(f"sampler: the decode step does not compile as one graph ({str(e).splitlines()[0]}); "
-                          "compiling with graph breaks instead", stacklevel=3)
-            self.fn = torch.compile(_decode_step, dynamic=False, backend=self.backend)
-            self.fullgraph = False
-            return self.fn(*args, **kwargs)
+        # one graph per (batch size, cache slots, greedy or not): compaction alone gives log2(N) + 1 batch sizes,
+        # more than dynamo's default of 8 graphs per function over a run's prompt lengths
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            try:
+                return self.fn(*args, **kwargs)
+            except torch._dynamo.exc.Unsupported as e:
+                if not self.fullgraph:
+                    raise
+                warnings.warn(f"sampler: the decode step does not compile as one graph ({str(e).splitlines()[0]}); "
+                              "compiling with graph breaks instead", stacklevel=3)
+                self.fn = torch.compile(_decode_step, dynamic=False, backend=self.backend)
+                self.fullgraph = False
+                return self.fn(*args, **kwargs)
 
 
 def _get_step(compile: bool | str):
@@ -362,6 +372,7 @@ def sample(
     compile: bool | str = False,
     pad_token_id: int | None = None,
     check_every: int = 16,
+    compact_finished: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt of ``batch`` (a ``PromptBatch``); returns a ``Rollout``.
 
@@ -372,6 +383,8 @@ def sample(
     an emor3 ``Processor``) decodes ``texts``. ``compile`` wraps the decode step in ``torch.compile`` (True: the
     default inductor backend; a string names another backend, e.g. "eager" to check tracing without codegen).
     ``pad_token_id`` (default: the first stop id, else 0) fills finished rows; it is always masked.
+    ``compact_finished``: drop finished rows from the decode batch at the periodic check (power-of-two sizes); the
+    tokens and log-probs are those of the uncompacted batch.
     """
     # --- validate -------------------------------------------------------------------------------------------------
     if group_size < 1 or max_new_tokens < 1 or check_every < 1:
@@ -448,28 +461,50 @@ def sample(
     step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
     pos = decode_position_ids(next_pos)  # (3, N, 1): generated token 0's position; advanced in place every step
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
+    # The decode batch holds R <= N rows: `rows` (R,) are their output rows. Once at most half of them are still
+    # running (seen at the periodic check), the batch is compacted to the next power of two that holds the running
+    # ones (padded with finished rows), so finished rows stop costing compute and a compiled step sees at most
+    # log2(N) + 1 batch sizes. Every row's computation is its own, and its uniforms are drawn by its output row, so
+    # compaction changes which rows are computed together, not what any row samples.
+    rows = torch.arange(N, device=device)  # (R,)
+    compacted = False
     # the first token comes from the prefill logits
-    token, logprob, logmass = _choose(logits, None if greedy else draws[0], **choose)  # (N,) each
+    token, logprob, logmass = _choose(logits, None if greedy else draws[0], **choose)  # (R,) each
     for t in range(T_max):
         # record token t; rows finished before it emit pad with mask 0 and log-prob 0
-        alive = ~finished  # (N,)
-        out_ids[:, t] = torch.where(alive, token, pad)
-        out_lp[:, t] = torch.where(alive, logprob, 0.0)
-        out_mass[:, t] = torch.where(alive, logmass, 0.0)
-        out_mask[:, t] = alive.float()
+        alive = ~finished  # (R,)
+        fed = torch.where(alive, token, pad)  # (R,)
+        out_ids[:, t].index_copy_(0, rows, fed)
+        out_lp[:, t].index_copy_(0, rows, torch.where(alive, logprob, 0.0))
+        out_mass[:, t].index_copy_(0, rows, torch.where(alive, logmass, 0.0))
+        out_mask[:, t].index_copy_(0, rows, alive.float())
         if stops:
             finished = finished | torch.isin(token, stop_tensor)
         if t == T_max - 1:
             break
-        if (t + 1) % check_every == 0 and bool(finished.all()):  # the one deliberate host sync
-            break
+        if (t + 1) % check_every == 0:  # the one deliberate host sync
+            running = int((~finished).sum())
+            if running == 0:
+                break
+            R = rows.shape[0]
+            if compact_finished and running <= R // 2:
+                R_new = 1 << (running - 1).bit_length()  # the next power of two >= running
+                keep = torch.argsort(finished.to(torch.int8), stable=True)[:R_new]  # (R_new,) running ones first
+                rows, finished, token, logprob, logmass = (x.index_select(0, keep) for x in
+                                                           (rows, finished, token, logprob, logmass))
+                fed = fed.index_select(0, keep)
+                cache = replace(cache, k=cache.k.index_select(1, keep), v=cache.v.index_select(1, keep))
+                attn, pos = attn.index_select(0, keep), pos.index_select(1, keep)  # (R_new, S), (3, R_new, 1)
+                step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window),
+                                                                           attn[:, :window])
+                compacted = True
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
-        fed = out_ids[:, t : t + 1]  # (N, 1)
         if not compile and P + t + 1 > window:  # eager: grow the attended prefix of the static cache (a view)
             window = min(S, window + _EAGER_WINDOW)
-            step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (N, window)
-        token, logprob, logmass = step_fn(model, step_cache, fed, pos, step_mask, cache_position,
-                                          None if greedy else draws[t + 1], **choose)
+            step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (R, window)
+        u = None if greedy else (draws[t + 1].index_select(0, rows) if compacted else draws[t + 1])  # (R,)
+        token, logprob, logmass = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u,
+                                          **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)
 
