@@ -295,9 +295,12 @@ def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> P
         for name in ours:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if resuming and latest_checkpoint(out) is None:
-        raise FileNotFoundError(f"--resume {out}: no complete checkpoint in it (a checkpoint-<step>/ folder with "
-                                "model/ or adapter/ and trainer_state.pt)")
+    if resuming:
+        if latest_checkpoint(out) is None:
+            raise FileNotFoundError(f"--resume {out}: no complete checkpoint in it (a checkpoint-<step>/ folder with "
+                                    "model/ or adapter/ and trainer_state.pt)")
+        if _is_main_process():
+            _tidy_checkpoints(out, cfg.run.keep_checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -411,6 +414,18 @@ def _clean_interrupted(out: Path) -> None:
         elif _CHECKPOINT.fullmatch(p.name) and p.is_dir() and not _is_complete(p):
             print(f"[emor3] removing {p}: an incomplete checkpoint left by an interrupted save")
             shutil.rmtree(p)
+
+
+def _tidy_checkpoints(out: Path, keep: int) -> None:
+    """Finish what an interrupted save left undone before resuming: remove its leftovers, point ``latest`` at the
+    newest complete checkpoint and keep the newest ``keep``."""
+    _clean_interrupted(out)
+    newest = latest_checkpoint(out)
+    pointer = out / POINTER
+    if newest is not None and (not pointer.is_file() or pointer.read_text().strip() != newest.name):
+        _write_pointer(out, newest.name)
+    for _, old in list_checkpoints(out)[:-keep]:
+        _discard(old)
 
 
 def _write_pointer(out: Path, name: str) -> None:

@@ -194,6 +194,21 @@ def test_resume_ignores_and_cleans_what_an_interrupted_save_left(three_steps, tm
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_resume_with_nothing_left_to_train_still_finishes_the_interrupted_save(three_steps, tmp_path):
+    """Killed in the last save after checkpoint-3 got its name: the pointer still names checkpoint-2, its
+    temporary file and the checkpoint to prune are still there. Resuming (no step left) completes the save."""
+    root, cfg = three_steps
+    out = tmp_path / "run"
+    shutil.copytree(cfg.run.out, out)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-1")
+    (out / POINTER).write_text("checkpoint-2\n")
+    (out / f".{POINTER}.tmp").write_text("checkpoint-3\n")
+    train(_parse(["--resume", str(out), "--grpo.steps", "3"]))
+    assert (out / POINTER).read_text() == "checkpoint-3\n"
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -332,7 +347,9 @@ def test_sigkill_at_any_point_of_a_save_resumes_bit_for_bit(tmp_path, monkeypatc
     reference = _finished_state(ref)
     assert reference["name"] == "checkpoint-3" and [m["step"] for m in reference["metrics"]] == [1, 2, 3]
 
-    for n in kill_schedule(len(points), cases):
+    schedule = kill_schedule(len(points), cases)
+    print(f"{len(points)} fault points in the saves of steps 2 and 3; killing at {schedule}")
+    for n in schedule:
         case = tmp_path / f"kill{n}"
         shutil.copytree(base, case)
         r = _run(["-m", "emor3.grpo.train", "--resume", str(case), "--grpo.steps", "3"], REPO,
@@ -342,3 +359,5 @@ def test_sigkill_at_any_point_of_a_save_resumes_bit_for_bit(tmp_path, monkeypatc
         resume(case)
         _assert_equal(_finished_state(case), reference, where)
         assert not [p.name for p in case.iterdir() if p.name.startswith(".")], f"{where}: leftovers"
+        assert (case / POINTER).read_text() == "checkpoint-3\n", f"{where}: the pointer"
+        assert [s for s, _ in list_checkpoints(case)] == [2, 3], f"{where}: the kept checkpoints"
