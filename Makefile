@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test check-faults train bench ablation clean
+.PHONY: setup test check-faults check-real train bench ablation clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: setup
 # uninterrupted run (make test runs 2 of them)
 check-faults: setup
 	EMOR3_FAULT_CASES=24 $(BIN)/python -m pytest -q tests/test_safety.py -k sigkill
+
+# the published 3B / 7B widths at 2 layers against transformers (about 5 minutes and 11 GB on one CPU thread)
+check-real: setup
+	$(BIN)/python -m pytest -q -m real tests/test_real_dims.py
 
 # a second `make train` refuses the folder of the first (runs/default): ARGS=--overwrite replaces that run,
 # ARGS="--resume runs/default" continues it
