@@ -261,10 +261,12 @@ class VisionAttention(nn.Module):
         c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # (n, 1, hd)
         q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
-        out = x.new_empty(n, self.heads, C // self.heads)  # (n, H, hd)
+        out = None  # (n, H, hd), in the attention's output dtype (bf16 under autocast while x is fp32)
         for idx, _ in segments:  # idx (num_segments, len): token indices of equal-length segments
             qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # (S_, H, len, hd)
             o = F.scaled_dot_product_attention(qs, ks, vs)  # (S_, H, len, hd)
+            if out is None:
+                out = o.new_empty(n, self.heads, C // self.heads)
             out = out.index_put((idx.reshape(-1),), o.transpose(1, 2).reshape(-1, self.heads, C // self.heads))
         return self.proj(out.reshape(n, C))
 
@@ -499,7 +501,9 @@ class QwenVL(nn.Module):
         t = self.config.text
         p = self.model.embed_tokens.weight
         shape = (t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim)
-        dtype, device = dtype or p.dtype, device or p.device
+        device = torch.device(device) if device is not None else p.device
+        if dtype is None:  # under autocast the keys and values are computed, hence cached, in the autocast dtype
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else p.dtype
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -611,6 +615,9 @@ class _ChunkLogprob(torch.autograd.Function):
             ent = lp.new_zeros(lp.shape)
         ctx.save_for_backward(h, w, tgt, lse)
         ctx.temperature, ctx.want_entropy = temperature, want_entropy
+        # backward recomputes the logits under the same autocast state as this forward (it runs outside it)
+        dev = h.device.type
+        ctx.autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -619,7 +626,8 @@ class _ChunkLogprob(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         h, w, tgt, lse = ctx.saved_tensors
         tau = ctx.temperature
-        z = F.linear(h, w).float().div_(tau)  # (c, V) recomputed
+        with torch.autocast(h.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+            z = F.linear(h, w).float().div_(tau)  # (c, V) recomputed
         c = z.shape[0]
         if g_lp is None:
             g_lp = z.new_zeros(c)
@@ -632,7 +640,8 @@ class _ChunkLogprob(torch.autograd.Function):
         else:
             grad = z.sub_(lse[:, None]).exp_().mul_(-g_lp[:, None])  # -g * p, in place over z
         grad[torch.arange(c, device=grad.device), tgt] += g_lp
-        grad = grad.div_(tau).to(h.dtype)  # chain rule through z = logits / tau
-        gh = grad @ w if ctx.needs_input_grad[0] else None  # (c, D)
-        gw = grad.t() @ h if ctx.needs_input_grad[1] else None  # (V, D)
+        cdt = ctx.autocast or h.dtype  # the matmuls run in the forward's compute dtype
+        grad = grad.div_(tau).to(cdt)  # chain rule through z = logits / tau
+        gh = (grad @ w.to(cdt)).to(h.dtype) if ctx.needs_input_grad[0] else None  # (c, D)
+        gw = (grad.t() @ h.to(cdt)).to(w.dtype) if ctx.needs_input_grad[1] else None  # (V, D)
         return gh, gw, None, None, None
