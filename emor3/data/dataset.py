@@ -47,8 +47,9 @@ MALFORMED_LINE = "malformed_line"
 DUPLICATE_ID = "duplicate_id"
 EMPTY_DATASET = "empty_dataset"
 IMAGE_SHAPE = "bad_image_shape"
+PROMPT_TOO_LONG = "prompt_too_long"  # over --data.max-prompt-length with its image tokens (found when prompts are built)
 REASONS = (MISSING_FILE, UNREADABLE_IMAGE, ZERO_SIZE_IMAGE, UNKNOWN_LABEL, MALFORMED_LINE, DUPLICATE_ID,
-           EMPTY_DATASET, IMAGE_SHAPE)
+           EMPTY_DATASET, IMAGE_SHAPE, PROMPT_TOO_LONG)
 ON_BAD_SAMPLE = ("error", "skip")
 
 # Qwen2-VL / Qwen2.5-VL image processor defaults (transformers' qwen2_vl `smart_resize`): patch 14 x merge 2

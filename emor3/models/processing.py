@@ -146,20 +146,8 @@ class Processor:
         n_tokens = (grid.prod(-1) // self.merge_size ** 2).tolist() if grid is not None else []
         rows, k = [], 0
         for i, msgs in enumerate(messages_list):
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            if close_thinking and self.thinking:
-                text += "\n" + THINK_CLOSE + "\n\n"
-            n_slots = text.count(self.image_token)
-            if n_slots != counts[i]:
-                raise ValueError(f"prompt {i}: the messages hold {n_slots} image slots but {counts[i]} images "
-                                 "were given")
-            # expand each image slot to its merged-token count (as Qwen2VLProcessor does), via a placeholder so
-            # already expanded slots are not expanded again
-            for _ in range(n_slots):
-                text = text.replace(self.image_token, "<|placeholder|>" * n_tokens[k], 1)
-                k += 1
-            text = text.replace("<|placeholder|>", self.image_token)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._prompt_ids(msgs, n_tokens[k:k + counts[i]], i, close_thinking)
+            k += counts[i]
             rows.append(self._truncate(ids, i))
         P = max(len(r) for r in rows)
         input_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)  # (B, P)
@@ -175,6 +163,39 @@ class Processor:
                                                          image_token_id=self.image_token_id,
                                                          spatial_merge_size=self.merge_size)
         return PromptBatch(input_ids, attention_mask, position_ids, pixel_values, grid, next_position, counts)
+
+    def _prompt_ids(self, msgs: list[dict], image_tokens: list[int], i: int, close_thinking: bool) -> list[int]:
+        """Token ids of prompt i: the chat template, each image slot expanded to its merged-token count."""
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if close_thinking and self.thinking:
+            text += "\n" + THINK_CLOSE + "\n\n"
+        n_slots = text.count(self.image_token)
+        if n_slots != len(image_tokens):
+            raise ValueError(f"prompt {i}: the messages hold {n_slots} image slots but {len(image_tokens)} images "
+                             "were given")
+        # expand each image slot to its merged-token count (as Qwen2VLProcessor does), via a placeholder so
+        # already expanded slots are not expanded again
+        for n in image_tokens:
+            text = text.replace(self.image_token, "<|placeholder|>" * n, 1)
+        text = text.replace("<|placeholder|>", self.image_token)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Merged image tokens this processor makes for an image of height x width pixels: the image processor's
+        own resize rule and pixel budget, then one token per merge x merge patches."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        f = ip.patch_size * ip.merge_size
+        h, w = smart_resize(height, width, factor=f, min_pixels=ip.size.shortest_edge,
+                            max_pixels=ip.size.longest_edge)
+        return (h // f) * (w // f)
+
+    def prompt_length(self, messages: list[dict], image_sizes: list[tuple[int, int]], *,
+                      close_thinking: bool = False) -> int:
+        """Tokens of one prompt, image tokens included, as `encode_prompts` would make it before any truncation,
+        from the images' (height, width) alone: no pixel is decoded or resized."""
+        return len(self._prompt_ids(messages, [self.image_tokens(h, w) for h, w in image_sizes], 0, close_thinking))
 
     def _truncate(self, ids: list[int], i: int) -> list[int]:
         L = self.max_prompt_length
