@@ -35,6 +35,7 @@ L = P + T, D text width, I MLP width, K kv heads, hd head dim, V vocabulary, C v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -252,17 +253,15 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
     return MemoryEstimate(rows, int(rollout), int(update), notes)
 
 
-def largest_sample_chunk(cfg: QwenVLConfig, plan: RunPlan, free_bytes: int) -> int:
-    """The largest chunk of prompts (a divisor of the rank's prompts, so chunks stay equal) whose rollout phase
-    fits in ``free_bytes`` on top of what the process already holds; 1 if none does."""
-    base = estimate(cfg, RunPlan(**{**plan.__dict__, "sample_chunk": 1}))
-    held = base.rows["parameters"] + base.rows["optimizer"] + base.rows["reference"]
-    budget = free_bytes + held  # free memory as measured excludes what is already allocated
+def largest_sample_chunk(cfg: QwenVLConfig, plan: RunPlan, budget_bytes: int) -> int:
+    """The largest chunk of prompts (a divisor of the rank's prompts, so every chunk has the same size) whose
+    rollout phase, everything this process holds while sampling included, fits in ``budget_bytes``; 1 if none
+    does. On CUDA the budget is the free memory plus what this process already holds."""
     best = 1
     for k in range(1, plan.prompts_per_rank + 1):
-        if plan.prompts_per_rank % k == 0:
-            if estimate(cfg, RunPlan(**{**plan.__dict__, "sample_chunk": k})).rollout_peak <= budget:
-                best = k
+        if plan.prompts_per_rank % k == 0 and \
+                estimate(cfg, dataclasses.replace(plan, sample_chunk=k)).rollout_peak <= budget_bytes:
+            best = k
     return best
 
 

@@ -1,0 +1,350 @@
+"""One-shot GPU check of the paper's scale: parity, rollout speed and GRPO steps on the full-depth Qwen2.5-VL-3B.
+
+Three parts, each run eager and with ``compile``, on one 80-140 GB GPU in a few minutes (random weights: nothing is
+downloaded; the model has the published 3B config, 151k vocabulary included, and a small offline tokenizer):
+  1. parity: our model and transformers' ``Qwen2_5_VLForConditionalGeneration`` holding the same bf16 tensors,
+     logits and teacher-forced log-probs on a batch with a 448-px image (compiled: our forward under
+     ``torch.compile``);
+  2. sampler: ``emor3.engine.sampler.sample`` against transformers' ``generate`` at B 8 x G 8 rows x 512 new tokens
+     (no stop token, so every row runs the full length), a 448-px image per prompt, tokens/s of each (compiled:
+     our decode step under ``torch.compile``, and ``generate`` with its static cache, which it compiles itself);
+  3. GRPO: three steps of ``python -m emor3.grpo.train``'s loop (``train(cfg)``) with the EmoSet recipe's
+     settings (fp32 master weights, bf16 compute, gradient checkpointing, the RER judge, two updates per rollout
+     batch) at 8 prompts x G 8 x 512 new tokens on 448-px EmoScenes images: seconds per step, tokens/s, peak memory,
+     next to the memory plan's estimate (compiled: the sampler's decode step under ``torch.compile``).
+Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``. A part that fails records its error and the rest still run.
+
+    benchmarks/gpu_check.sh                                # on the GPU machine (< 8 minutes)
+    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke   # the same code on the tiny model, CPU, ~1 minute
+
+``--cpu-smoke`` runs every part on the tiny model in fp32 on the CPU with tiny sizes, ``compile`` through
+torch.compile's "eager" backend (tracing without code generation); ``tests/test_gpu_check.py`` runs it, so this
+script cannot rot between GPU sessions.
+
+Shape legend: B prompts, G samples per prompt, N = B·G rows, T new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_sampler import banned_ids, make_batch  # noqa: E402
+
+from emor3.config import config_from_dict, load_toml  # noqa: E402
+from emor3.engine.sampler import sample  # noqa: E402
+from emor3.memory import GiB, param_counts  # noqa: E402
+from emor3.models import QwenVL, mrope_position_ids, save_pretrained, tiny_config  # noqa: E402
+from emor3.models.qwen_vl import RMSNorm  # noqa: E402
+from emor3.models.tiny import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
+
+RECIPE = REPO / "examples" / "emoset_qwen2_5_vl_3b.toml"
+
+# sizes of each part: the GPU check, and the CPU smoke test that keeps the code running
+SIZES = {
+    "gpu": dict(model="qwen2.5-vl-3b", dtype="bfloat16", device="cuda", prompts=8, group=8, new_tokens=512,
+                image_px=448, grpo_steps=3, grpo_prompts=8, grpo_mini=4, micro_rows=16, compile=True,
+                parity_logits_tol=3e-2, parity_logprob_tol=5e-2),
+    "cpu-smoke": dict(model="tiny", dtype="float32", device="cpu", prompts=2, group=2, new_tokens=8, image_px=56,
+                      grpo_steps=2, grpo_prompts=2, grpo_mini=1, micro_rows=2, compile="eager",
+                      parity_logits_tol=1e-4, parity_logprob_tol=1e-4),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / GiB, 2) if device.startswith("cuda") else None
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@torch.no_grad()
+def random_model(cfg, dtype: torch.dtype, device: str, seed: int = 0) -> QwenVL:
+    """transformers' init (normal(0, 0.02) weights, zero biases, unit norms) drawn on the device itself: the CPU
+    ``init_weights`` would spend minutes on 3.75B random numbers."""
+    with torch.device(device):
+        model = QwenVL(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.Embedding)):
+            mod.weight.normal_(0.0, 0.02, generator=g)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, (RMSNorm, torch.nn.LayerNorm)):
+            mod.weight.fill_(1.0)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+    return model.to(dtype).eval()
+
+
+def transformers_twin(model: QwenVL):
+    """transformers' Qwen2.5-VL holding our very tensors (built on the meta device, parameters assigned), so the
+    weights exist once; only its rotary buffers are its own."""
+    import transformers
+
+    hfc = transformers.Qwen2_5_VLConfig.from_dict(model.config.to_dict())
+    with torch.device("meta"):
+        hf = transformers.Qwen2_5_VLForConditionalGeneration(hfc)
+
+    def key(k: str) -> str:
+        return ("model.language_model." + k[6:]) if k.startswith("model.") else ("model." + k) \
+            if k.startswith("visual.") else k
+
+    sd = {key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
+    hf.load_state_dict(sd, strict=True, assign=True)
+    device = next(model.parameters()).device
+    with torch.device(device):
+        hf.model.visual.rotary_pos_emb = type(hf.model.visual.rotary_pos_emb)(hfc.vision_config)
+        hf.model.language_model.rotary_emb = type(hf.model.language_model.rotary_emb)(config=hfc.text_config)
+    return hf.eval()
+
+
+# --------------------------------------------------------------------------------------------- parts
+
+
+def part_parity(s: dict, model: QwenVL, hf, compile) -> dict:
+    """Max relative logit error and max log-prob error against transformers (same tensors)."""
+    cfg = model.config
+    grid = s["image_px"] // cfg.vision.patch_size
+    batch = make_batch(cfg, 2, seed=3, device=s["device"], grid_side=grid)
+    ids, am = batch.input_ids, batch.attention_mask
+    T = 8
+    forward = torch.compile(model.forward, backend=compile if isinstance(compile, str) else "inductor") \
+        if compile else model.forward
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=am, position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+                 image_grid_thw=batch.image_grid_thw).logits.float()
+        emb = model.encode_images(batch.pixel_values, batch.image_grid_thw)
+        t0 = time.perf_counter()
+        hidden = forward(ids, batch.position_ids, am, image_embeds=emb)
+        sync(s["device"])
+        first_call_s = time.perf_counter() - t0
+        out = model.logits(hidden).float()
+        valid = am.bool()
+        rel = float((ref - out)[valid].abs().max() / ref[valid].abs().max().clamp(min=1))
+        lp = model.logprobs_from_hidden(hidden[:, -T - 1:-1], ids[:, -T:])
+        ref_lp = torch.log_softmax(ref, -1)[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)
+        lp_err = float((lp - ref_lp).abs().max())
+    ok = rel <= s["parity_logits_tol"] and lp_err <= s["parity_logprob_tol"]
+    return {"logits_rel_err": rel, "logprob_abs_err": lp_err, "prompt_len": ids.shape[1],
+            "forward_first_call_s": round(first_call_s, 2), "ok": ok,
+            "tolerances": [s["parity_logits_tol"], s["parity_logprob_tol"]]}
+
+
+def part_sampler(s: dict, model: QwenVL, hf, compile) -> dict:
+    cfg = model.config
+    batch = make_batch(cfg, s["prompts"], seed=1, device=s["device"], grid_side=s["image_px"] // cfg.vision.patch_size)
+    rows, T = s["prompts"] * s["group"], s["new_tokens"]
+
+    def ours():
+        sync(s["device"])
+        t0 = time.perf_counter()
+        r = sample(model, batch, group_size=s["group"], max_new_tokens=T, temperature=1.0, stop_token_ids=(),
+                   banned_token_ids=banned_ids(cfg), generator=0, compile=compile)
+        sync(s["device"])
+        assert r.completion_ids.shape == (rows, T)
+        return time.perf_counter() - t0
+
+    def generate():
+        if compile:
+            hf.generation_config.cache_implementation = "static"  # transformers compiles the static-cache step
+        sync(s["device"])
+        t0 = time.perf_counter()
+        out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                          mm_token_type_ids=(batch.input_ids == cfg.image_token_id).int(), do_sample=True,
+                          temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=s["group"], max_new_tokens=T,
+                          min_new_tokens=T, suppress_tokens=banned_ids(cfg), eos_token_id=None, pad_token_id=0)
+        sync(s["device"])
+        assert out.shape == (rows, batch.input_ids.shape[1] + T), out.shape
+        return time.perf_counter() - t0
+
+    res = {"rows": rows, "new_tokens": T, "prompt_len": batch.input_ids.shape[1]}
+    reset_peak(s["device"])
+    res["ours_first_call_s"] = round(ours(), 2)  # warm-up (compiles when asked)
+    res["ours_s"] = round(ours(), 2)
+    res["ours_tok_s"] = round(rows * T / res["ours_s"], 1)
+    res["ours_peak_gib"] = peak_gib(s["device"])
+    try:
+        reset_peak(s["device"])
+        res["generate_first_call_s"] = round(generate(), 2)
+        res["generate_s"] = round(generate(), 2)
+        res["generate_tok_s"] = round(rows * T / res["generate_s"], 1)
+        res["generate_peak_gib"] = peak_gib(s["device"])
+        res["ratio"] = round(res["generate_s"] / res["ours_s"], 2)
+    except Exception as e:  # transformers' compiled generate is the baseline's business; ours still counts
+        res["generate_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    finally:
+        hf.generation_config.cache_implementation = None
+    return res
+
+
+def write_checkpoint(s: dict, out: Path) -> Path:
+    """A random-init checkpoint folder of the part's model: published config (real vocabulary), a small offline
+    tokenizer whose special tokens sit at Qwen's ids, the 448-px preprocessor budget."""
+    from emor3.data.taxonomy import get_taxonomy
+    from emor3.experiment import tokenizer_corpus
+
+    folder = out / "init"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = build_tiny_tokenizer(tokenizer_corpus([get_taxonomy("mikels8")]), 1024, folder)
+    base = tok.convert_tokens_to_ids("<|endoftext|>")
+    over = {"special_token_base": base} if s["model"] != "tiny" else {"vocab_size": len(tok), "special_token_base": base}
+    cfg = tiny_config(s["model"], **over)
+    model = random_model(cfg, getattr(torch, s["dtype"]), s["device"])
+    save_pretrained(model, folder)
+    del model
+    write_preprocessor_config(folder, min_pixels=(s["image_px"] // 2) ** 2, max_pixels=s["image_px"] ** 2)
+    return folder
+
+
+def grpo_config(s: dict, folder: Path, out: Path, compile):
+    """The EmoSet recipe, with the data, the batch and the lengths cut to a check's size."""
+    d = load_toml(RECIPE)
+    d["model"].update(path=str(folder), dtype="float32", min_pixels=(s["image_px"] // 2) ** 2,
+                      max_pixels=s["image_px"] ** 2, device=s["device"])
+    d["data"] = {"train": "", "eval": [], "taxonomy": "", "cache_dir": str(out / "emoscenes"),
+                 "emoscenes_train": 4 * s["grpo_prompts"], "emoscenes_test": 4, "emoscenes_ood": 2,
+                 "image_size": s["image_px"], "cold_start": 0}
+    d["sft"] = {"steps": 0}
+    d["grpo"].update(steps=s["grpo_steps"], prompts_per_step=s["grpo_prompts"], mini_batch_prompts=s["grpo_mini"],
+                     group_size=s["group"], micro_batch_rows=s["micro_rows"], max_new_tokens=s["new_tokens"])
+    d["eval"].update(max_new_tokens=16, batch_size=8)
+    d["run"] = {"out": str(out / ("grpo_compiled" if compile else "grpo_eager")), "progress": False,
+                "save_every": 0, "sample_every": 0}
+    if s["device"] == "cpu":
+        d["run"]["mixed_precision"] = "fp32"
+    return config_from_dict(d, where=str(RECIPE))
+
+
+def part_grpo(s: dict, folder: Path, out: Path, compile) -> dict:
+    from emor3.grpo.train import train
+
+    cfg = grpo_config(s, folder, out, compile)
+    reset_peak(s["device"])
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()]
+    steps = rows[1:] or rows  # the first step pays one-off costs (allocation, compilation)
+    mean = lambda k: round(sum(r[k] for r in steps) / len(steps), 3)  # noqa: E731
+    return {"steps": len(rows), "wall_s": round(wall, 1), "step_s": mean("time/step"),
+            "first_step_s": round(rows[0]["time/step"], 2), "tokens_per_s": mean("tokens_per_s"),
+            "rollout_s": mean("time/rollout"), "judge_s": mean("time/judge"), "update_s": mean("time/update"),
+            "peak_memory_gib": round(max(r["peak_memory_mb"] for r in rows) / 1024, 2),
+            "skipped_updates": sum(r["skipped_updates"] for r in rows),
+            "loss_finite": all(r["loss"] == r["loss"] for r in rows)}
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_part(results: dict, name: str, fn, *args) -> None:
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as e:
+        results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+    results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu_check] {name}: {json.dumps({k: v for k, v in results[name].items() if k != 'traceback'})}",
+          flush=True)
+
+
+def summary_markdown(res: dict) -> str:
+    lines = [f"# GPU check ({res['mode']})", "", f"{res['device_name']}, torch {res['torch']}, "
+             f"{res['model']} ({res['params_B']}B parameters), {res['date']}", ""]
+    lines += ["| part | variant | result |", "|---|---|---|"]
+    for key, r in res["parts"].items():
+        part, variant = key.split(":")
+        if "error" in r:
+            text = "ERROR " + r["error"][:200]
+        elif part == "parity":
+            text = (f"logits rel err {r['logits_rel_err']:.2e}, log-prob err {r['logprob_abs_err']:.2e} "
+                    f"({'ok' if r['ok'] else 'OVER'} {r['tolerances']})")
+        elif part == "sampler":
+            text = (f"{r['rows']} rows x {r['new_tokens']} tokens: sample {r['ours_tok_s']} tok/s "
+                    f"({r['ours_s']} s), generate " + (f"{r['generate_tok_s']} tok/s ({r['generate_s']} s), "
+                                                      f"ratio {r['ratio']}x" if "ratio" in r else
+                                                      f"failed: {r.get('generate_error', '')[:120]}"))
+        else:
+            text = (f"{r['steps']} steps: {r['step_s']} s/step (first {r['first_step_s']} s), {r['tokens_per_s']} "
+                    f"tok/s, peak {r['peak_memory_gib']} GiB, skipped {r['skipped_updates']}")
+        lines.append(f"| {part} | {variant} | {text} (part {r['seconds']} s) |")
+    if "memory_plan" in res:
+        lines += ["", "Memory plan for the GRPO part (emor3.memory):", "", res["memory_plan"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="the tiny model on the CPU, tiny sizes")
+    ap.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="folder for gpu_check.json / .md")
+    ap.add_argument("--parts", default="parity,sampler,grpo", help="comma-separated subset")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    args = ap.parse_args(argv)
+    mode = "cpu-smoke" if args.cpu_smoke else "gpu"
+    s = SIZES[mode]
+    if s["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (use --cpu-smoke on a CPU)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    variants = [False] + ([] if args.no_compile else [s["compile"]])
+    t_start = time.perf_counter()
+    dtype = getattr(torch, s["dtype"])
+    torch.manual_seed(0)
+    res = {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+           "python": platform.python_version(), "model": s["model"], "sizes": s,
+           "device_name": torch.cuda.get_device_name() if s["device"] == "cuda" else platform.processor() or "cpu",
+           "params_B": round(param_counts(tiny_config(s["model"])).total / 1e9, 3), "parts": {}}
+    if "parity" in parts or "sampler" in parts:
+        cfg = tiny_config(s["model"])
+        model = random_model(cfg, dtype, s["device"])
+        hf = transformers_twin(model)
+        for c in variants:
+            name = "compiled" if c else "eager"
+            if "parity" in parts:
+                run_part(res["parts"], f"parity:{name}", part_parity, s, model, hf, c)
+            if "sampler" in parts:
+                run_part(res["parts"], f"sampler:{name}", part_sampler, s, model, hf, c)
+        del model, hf
+        reset_peak(s["device"])
+    if "grpo" in parts:
+        folder = write_checkpoint(s, out)
+        for c in variants:
+            run_part(res["parts"], f"grpo:{'compiled' if c else 'eager'}", part_grpo, s, folder, out, c)
+    res["total_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(summary_markdown(res))
+    print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {res['total_s']} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
