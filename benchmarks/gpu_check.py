@@ -45,8 +45,9 @@ from bench_sampler import banned_ids, make_batch  # noqa: E402
 
 from emor3.config import config_from_dict, load_toml  # noqa: E402
 from emor3.engine.sampler import sample  # noqa: E402
-from emor3.memory import GiB, param_counts  # noqa: E402
+from emor3.memory import GiB, estimate, param_counts, plan_from_config, run_table  # noqa: E402
 from emor3.models import QwenVL, mrope_position_ids, save_pretrained, tiny_config  # noqa: E402
+from emor3.models.checkpoint import read_config  # noqa: E402
 from emor3.models.qwen_vl import RMSNorm  # noqa: E402
 from emor3.models.tiny import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
 
@@ -234,7 +235,8 @@ def grpo_config(s: dict, folder: Path, out: Path, compile):
                  "image_size": s["image_px"], "cold_start": 0}
     d["sft"] = {"steps": 0}
     d["grpo"].update(steps=s["grpo_steps"], prompts_per_step=s["grpo_prompts"], mini_batch_prompts=s["grpo_mini"],
-                     group_size=s["group"], micro_batch_rows=s["micro_rows"], max_new_tokens=s["new_tokens"])
+                     group_size=s["group"], micro_batch_rows=s["micro_rows"], max_new_tokens=s["new_tokens"],
+                     compile="off" if not compile else "on" if compile is True else compile)
     d["eval"].update(max_new_tokens=16, batch_size=8)
     d["run"] = {"out": str(out / ("grpo_compiled" if compile else "grpo_eager")), "progress": False,
                 "save_every": 0, "sample_every": 0}
@@ -247,6 +249,8 @@ def part_grpo(s: dict, folder: Path, out: Path, compile) -> dict:
     from emor3.grpo.train import train
 
     cfg = grpo_config(s, folder, out, compile)
+    model_cfg = read_config(folder)
+    planned = estimate(model_cfg, plan_from_config(cfg.resolved(), model_cfg, 1))
     reset_peak(s["device"])
     t0 = time.perf_counter()
     train(cfg)
@@ -259,6 +263,9 @@ def part_grpo(s: dict, folder: Path, out: Path, compile) -> dict:
             "rollout_s": mean("time/rollout"), "judge_s": mean("time/judge"), "update_s": mean("time/update"),
             "peak_memory_gib": round(max(r["peak_memory_mb"] for r in rows) / 1024, 2),
             "skipped_updates": sum(r["skipped_updates"] for r in rows),
+            "planned_rollout_gib": round(planned.rollout_peak / GiB, 2),
+            "planned_update_gib": round(planned.update_peak / GiB, 2),
+            "memory_plan": run_table(cfg.resolved(), model_cfg, 1),
             "loss_finite": all(r["loss"] == r["loss"] for r in rows)}
 
 
@@ -272,7 +279,7 @@ def run_part(results: dict, name: str, fn, *args) -> None:
     except Exception as e:
         results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
     results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"[gpu_check] {name}: {json.dumps({k: v for k, v in results[name].items() if k != 'traceback'})}",
+    print(f"[gpu_check] {name}: {json.dumps({k: v for k, v in results[name].items() if k not in ('traceback', 'memory_plan')})}",
           flush=True)
 
 
@@ -294,10 +301,12 @@ def summary_markdown(res: dict) -> str:
                                                       f"failed: {r.get('generate_error', '')[:120]}"))
         else:
             text = (f"{r['steps']} steps: {r['step_s']} s/step (first {r['first_step_s']} s), {r['tokens_per_s']} "
-                    f"tok/s, peak {r['peak_memory_gib']} GiB, skipped {r['skipped_updates']}")
+                    f"tok/s, peak {r['peak_memory_gib']} GiB (planned {max(r['planned_rollout_gib'], r['planned_update_gib'])}"
+                    f" GiB), skipped {r['skipped_updates']}")
         lines.append(f"| {part} | {variant} | {text} (part {r['seconds']} s) |")
-    if "memory_plan" in res:
-        lines += ["", "Memory plan for the GRPO part (emor3.memory):", "", res["memory_plan"]]
+    plans = [r["memory_plan"] for k, r in res["parts"].items() if k.startswith("grpo:") and "memory_plan" in r]
+    if plans:
+        lines += ["", "Memory plan of the GRPO part (emor3.memory, as the run printed it):", "", plans[0]]
     return "\n".join(lines) + "\n"
 
 

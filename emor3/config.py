@@ -42,7 +42,9 @@ class ModelConfig:
     tiny: str = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
                    "tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
     tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
-    dtype: str = _f("float32", "Parameter dtype: float32 or bfloat16.")
+    dtype: str = _f("float32", "Dtype of the trained parameters and their AdamW state: float32 (fp32 master weights; "
+                               "compute in bf16 through --run.mixed-precision) or bfloat16 (no master copy: updates "
+                               "smaller than bf16's rounding step are lost, so not for training at small lr).")
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     freeze_vision: bool = _f(False, "Freeze the vision tower (the paper trains it).")
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward pass to save memory.")
@@ -78,6 +80,9 @@ class DataConfig:
     eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out]. Empty: the EmoScenes splits.")
     taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
     on_bad_sample: str = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count it).")
+    max_prompt_length: int = _f(0, "Longest prompt in tokens, its image tokens included (the release: 2048). A longer "
+                                   "one is a bad sample (prompt_too_long), found when the data is loaded: an error, or "
+                                   "skipped and counted with --data.on-bad-sample skip; never cropped. 0: no limit.")
     cache_dir: str = _f(".cache/emoscenes", "Where EmoScenes images are cached on disk.")
     emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
     emoscenes_test: int = _f(400, "EmoScenes in-domain test images.")
@@ -181,8 +186,11 @@ class GRPOConfig(Algorithm):
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold (1 disables).")
     top_k: int = _f(0, "Rollout top-k (0 disables).")
     sample_chunk: int = _f(0, "Prompts sampled together under one generator seeded from (seed, stream position). "
-                              "0: all of a rank's prompts in one batch (fastest). Any N that divides the prompts "
+                              "0: all of a rank's prompts in one batch (fastest); on CUDA the largest chunk whose "
+                              "KV cache fits the free memory (emor3.memory). Any N that divides the prompts "
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
+    compile: str = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a torch.compile "
+                             "backend name (eager: trace only).")
     lr: float = _f(1e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
@@ -236,9 +244,14 @@ class RunConfig:
     progress: bool = _f(True, "Show tqdm progress bars.")
     parallel: str = _f("fsdp", "Under torchrun: fsdp (FSDP2, one unit per decoder layer / vision block) or ddp.")
     reference: str = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or replicate.")
-    mixed_precision: str = _f("auto", "FSDP compute dtype: auto (bf16 params, fp32 reduce on GPU; fp32 on CPU), bf16, fp32.")
+    mixed_precision: str = _f("auto", "Compute dtype of policy, reference and sampler: auto (bf16 on GPU, fp32 on CPU), "
+                                      "bf16, fp32. Parameters stay in --model.dtype: FSDP2 casts its fp32 shards "
+                                      "(MixedPrecisionPolicy, fp32 gradient reduce), one process and DDP autocast.")
     dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a crashed rank).")
     dist_setup_timeout: float = _f(7200.0, "Seconds ranks wait for rank 0's setup (data cache, tiny model, SFT, baseline eval).")
+    dry_run: bool = _f(False, "Print the per-process memory plan of this config (emor3.memory) and exit: nothing is "
+                              "loaded or trained. Every run prints the same table when it starts.")
+    dry_run_world: int = _f(0, "Processes the --dry-run plan is for (0: this launch's number of processes).")
 
 
 @dataclass(frozen=True)
@@ -303,6 +316,8 @@ ALIASES = {
     "seed": ("run", "seed"),
     "resume": ("run", "resume"),
     "on-bad-sample": ("data", "on_bad_sample"),
+    "dry-run": ("run", "dry_run"),
+    "dry-run-world": ("run", "dry_run_world"),
 }
 
 
@@ -585,8 +600,10 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
     p.add_argument("--config", metavar="FILE.toml", help="Load settings from a TOML file; later flags override it.")
     for alias, (sec, name) in ALIASES.items():
         if sec in sections:
+            flag = _field_type(SECTIONS[sec], name)[0] is bool  # a bare --dry-run means true
             p.add_argument(f"--{alias}", dest=f"{sec}.{name}", default=argparse.SUPPRESS, metavar="VALUE",
-                           help=f"Alias of --{sec}.{name.replace('_', '-')}.")
+                           help=f"Alias of --{sec}.{name.replace('_', '-')}.",
+                           **({"nargs": "?", "const": "true"} if flag else {}))
     if "run" in sections:
         p.add_argument("--overwrite", dest="run.overwrite", action="store_const", const=True, default=argparse.SUPPRESS,
                        help="Alias of --run.overwrite true: replace the run already in the run folder.")

@@ -19,16 +19,20 @@ of 1, reductions are the identity), so the train loop has one code path. The cho
 3. **FSDP2** (``--run.parallel fsdp``, the default): ``fully_shard`` on every decoder layer and vision block, then
    on a root ``PolicyScorer`` holding the rest (embeddings, final norm, lm_head, patch embed, merger). The root's
    forward is "teacher-forced log-probs of completions", one call per micro-batch, so FSDP's hooks see every
-   parameter use (QwenVL's ``encode_images`` / ``logprobs`` are methods, not ``forward``). Mixed precision on GPU:
-   bf16 parameters for compute and all-gather, fp32 gradient reduction and fp32 master weights
-   (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, the FSDP2 recipe of torchtitan); fp32 on CPU.
+   parameter use (QwenVL's ``encode_images`` / ``logprobs`` are methods, not ``forward``).
+   **Mixed precision** (``--run.mixed-precision``, ``compute_dtype``): the parameters, gradients and AdamW moments
+   stay in ``--model.dtype``; training runs keep it float32, so the trained copy is the fp32 master (the authors'
+   release does the same: fp32 actor, bf16 compute). bf16 compute is, under FSDP2,
+   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` over the fp32 shards (bf16 all-gather and
+   compute, fp32 gradient reduction: the torchtitan recipe) and, under DDP and on one process, ``torch.autocast``
+   inside ``PolicyScorer`` (its forward and the gathered rollout), with fp32 gradients.
    **DDP** (``--run.parallel ddp``): ``DistributedDataParallel`` over the same ``PolicyScorer``; the whole model
    on every rank, gradients all-reduced in buckets. Gradient accumulation skips the reduction on all but a
    mini-batch's last micro-batch (``no_sync`` / ``set_requires_gradient_sync``).
 4. **Sampling gathers the shards** (``run_gathered``): before a rollout every FSDP unit is unsharded (all-gathered)
    and kept whole until the rollout and RER judging end, then resharded. Memory cost: each rank holds the full
-   policy in the parameter dtype (bf16 on GPU: 2 bytes × parameters, 7.5 GB for a 3B model) on top of its 1/W fp32
-   shard, its optimizer shard and the KV cache, for the duration of the rollout; the training phase holds one
+   policy in the compute dtype (bf16 on GPU: 2 bytes × parameters, 7.5 GB for a 3B model) on top of its 1/W fp32
+   shard, its optimizer shard and the KV cache, for the duration of the rollout (``emor3.memory`` plans it); the training phase holds one
    block at a time. One all-gather per rollout instead of one per decode step. Faster paths (a vLLM-style engine,
    resharding to tensor parallel for generation) are not built.
 5. **The frozen reference** (``--run.reference``): ``shard`` (FSDP2 like the policy, resharded after each block:
@@ -263,20 +267,28 @@ class PolicyScorer(nn.Module):
     A module whose ``forward`` does a micro-batch's whole computation (image encoding and log-probs) is what FSDP2
     and DDP hook into; ``model`` stays reachable for sampling, judging and checkpoints."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast = autocast  # compute dtype over higher-precision parameters (one process, DDP); None: off
+
+    def _amp(self):
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
 
     def forward(self, batch, prompt_index, completion_ids, completion_mask, **kw):
-        out = completion_logprobs(self.model, batch, prompt_index, completion_ids, completion_mask, **kw)
+        with self._amp():
+            out = completion_logprobs(self.model, batch, prompt_index, completion_ids, completion_mask, **kw)
         # FSDP2 hooks the root's outputs for backward and warns about views (an in-place op on one would drop the
         # hook): return copies, (N, T) each, small next to the activations
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     def run(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs) with the whole model gathered (see ``run_gathered``); plain modules: just fn()."""
+        """fn(*args, **kwargs) with the whole model gathered (see ``run_gathered``) and under this handle's
+        autocast; plain modules: just fn() (under autocast)."""
         if not _fsdp_units(self):
-            return fn(*args, **kwargs)
+            with self._amp():
+                return fn(*args, **kwargs)
         with _all_units_unsharded(self):
             return fn(*args, **kwargs)
 
@@ -290,12 +302,26 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _mp_policy(mixed_precision: str, device: torch.device):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The policy's compute dtype for ``--run.mixed-precision``: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32."""
     if mixed_precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown --run.mixed-precision {mixed_precision!r}; valid: auto, bf16, fp32")
     if mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _autocast_dtype(model: nn.Module, mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """autocast's dtype where the compute dtype is narrower than the parameters (fp32 master weights), else None."""
+    dtype = compute_dtype(mixed_precision, device)
+    wider = any(p.dtype.itemsize > dtype.itemsize for p in model.parameters())
+    return dtype if wider else None
+
+
+def _mp_policy(mixed_precision: str, device: torch.device):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype(mixed_precision, device) == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
@@ -320,13 +346,14 @@ def wrap_policy(model: nn.Module, parallel: str, device: torch.device, mixed_pre
     ``model`` itself is sharded in place by FSDP (its parameters become DTensor shards)."""
     if parallel not in PARALLEL:
         raise ValueError(f"unknown --run.parallel {parallel!r}; valid: {', '.join(PARALLEL)}")
+    amp = _autocast_dtype(model, mixed_precision, device)
     if not is_distributed():
-        return PolicyScorer(model)
+        return PolicyScorer(model, amp)
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(PolicyScorer(model), device_ids=ids)
+        return DDP(PolicyScorer(model, amp), device_ids=ids)
     # the root's parameters (embeddings, lm_head) are used again right after forward by backward: keep them whole
     return _fully_shard(model, device, mixed_precision, reshard_root=False)
 
@@ -338,7 +365,7 @@ def wrap_reference(reference: nn.Module, mode: str, parallel: str, device: torch
     if mode not in REFERENCE:
         raise ValueError(f"unknown --run.reference {mode!r}; valid: {', '.join(REFERENCE)}")
     if not is_distributed() or parallel == "ddp" or mode == "replicate":
-        return PolicyScorer(reference)
+        return PolicyScorer(reference, _autocast_dtype(reference, mixed_precision, device))
     if mode == "offload" and device.type != "cuda":
         print0("[emor3] --run.reference offload: nothing to offload to on a CPU run; sharding it instead")
     return _fully_shard(reference, device, mixed_precision, reshard_root=True, offload=mode == "offload")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import shutil
@@ -40,8 +41,9 @@ import torch
 from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
+from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import SPLITS, corpus_texts, load_emoscenes
-from emor3.engine.prompts import sample_prompt, set_prompt
+from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
 from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
@@ -190,6 +192,14 @@ def build_experiment(cfg: Config, out: Path) -> Experiment:
                  if getattr(s, "question", None)]
     model, source = build_model(cfg, out, device, list(taxonomies.values()), questions)
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    if cfg.data.max_prompt_length:  # overlong prompts are bad samples, found now, before anything trains
+        limit = lambda ds: drop_overlong_prompts(ds, processor, taxonomies, cfg.data.max_prompt_length,  # noqa: E731
+                                                 cfg.data.on_bad_sample)
+        train, cold = limit(train), (limit(cold) if cold is not None else None)
+        evals = [dataclasses.replace(e, samples=limit(e.samples)) for e in evals]
+        for ds in [train] + [e.samples for e in evals]:
+            if ds.report.skipped.get(PROMPT_TOO_LONG):
+                print(f"[emor3] {ds.report.summary()}")
     # the datasets were checked and are resized on the model's own grid (build_data, image_factor): 28 px for
     # Qwen2-VL / Qwen2.5-VL, 32 px for Qwen3-VL; the image processor must resize on the same one
     factor = processor.image_processor.patch_size * processor.merge_size
@@ -254,6 +264,10 @@ def attach_reference(exp: Experiment, out: Path) -> None:
     else:
         ref_dir = out / "sft" if (out / "sft").is_dir() else exp.source_dir
         ref = load_pretrained(ref_dir, dtype=getattr(torch, cfg.model.dtype), device=exp.device)
+    # frozen: it only computes, so it is held in the compute dtype (a bf16 copy next to fp32 master weights)
+    dtype = dist.compute_dtype(cfg.run.mixed_precision, exp.device)
+    if next(ref.parameters()).dtype.itemsize > dtype.itemsize:
+        ref = ref.to(dtype)
     exp.reference = ref.eval().requires_grad_(False)
 
 

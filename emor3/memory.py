@@ -44,8 +44,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from emor3.config import Config
+from emor3.models.checkpoint import build_model
 from emor3.models.config import QwenVLConfig
-from emor3.models.qwen_vl import QwenVL
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -114,11 +115,11 @@ class ParamCounts:
 def param_counts(cfg: QwenVLConfig) -> ParamCounts:
     """Exact parameter counts, from the model built on the meta device (no memory, no arithmetic to drift)."""
     with torch.device("meta"):
-        m = QwenVL(cfg)
+        m = build_model(cfg)
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     total = count(m)
     units = [count(u) for u in [*m.model.layers, *m.visual.blocks]]
-    head = 0 if cfg.tie_word_embeddings else m.lm_head.weight.numel()
+    head = 0 if cfg.tie_word_embeddings else count(m.lm_head)
     return ParamCounts(total, count(m.visual), count(m.model.layers), m.model.embed_tokens.weight.numel(), head,
                        total - sum(units), max(units))
 
@@ -191,11 +192,12 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
         notes["reference"] = "none (beta = 0, policy judges)"
     else:
         ref_shard = {"shard": shard, "offload": 0, "replicate": 1}[plan.reference if fsdp else "replicate"]
-        rows["reference"] = 0 if ref_shard == 0 else n.total * cb // ref_shard
-        notes["reference"] = f"{plan.reference if fsdp else 'whole'}, {cb} B per parameter"
+        rb_ = min(pb, cb)  # held in the compute dtype where that is narrower
+        rows["reference"] = 0 if ref_shard == 0 else n.total * rb_ // ref_shard
+        notes["reference"] = f"{plan.reference if fsdp else 'whole'}, {rb_} B per parameter"
     if fsdp:
-        rows["rollout copy"] = n.total * cb
-        notes["rollout copy"] = f"whole model gathered for sampling, {cb} B per parameter"
+        rows["rollout copy"] = n.total * min(pb, cb)
+        notes["rollout copy"] = f"whole model gathered for sampling, {min(pb, cb)} B per parameter"
     elif mixed:
         rows["rollout copy"] = trained * cb
         notes["rollout copy"] = f"autocast's {cb}-byte cast of the trained weights while sampling"
@@ -263,6 +265,55 @@ def largest_sample_chunk(cfg: QwenVLConfig, plan: RunPlan, budget_bytes: int) ->
                 estimate(cfg, dataclasses.replace(plan, sample_chunk=k)).rollout_peak <= budget_bytes:
             best = k
     return best
+
+
+# the SET prompt's text around the image: system turn, question with the label list, instruction (about 170 Qwen
+# tokens for Mikels' eight); a plan assumes this much text besides the image tokens
+PROMPT_TEXT_TOKENS = 256
+
+
+def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
+    """The RunPlan of a run's Config on ``world_size`` processes: the longest prompt is the largest image the pixel
+    budget allows plus the SET text, capped at --data.max-prompt-length (longer prompts are dropped)."""
+    g, m, v = cfg.grpo, cfg.model, model_cfg.vision
+    patches = image_patches_for(m.max_pixels, v.patch_size, v.spatial_merge_size)
+    merge2 = v.spatial_merge_size ** 2
+    prompt = patches // merge2 + PROMPT_TEXT_TOKENS
+    if cfg.data.max_prompt_length:
+        prompt = min(prompt, cfg.data.max_prompt_length)
+        patches = min(patches, max(0, cfg.data.max_prompt_length - PROMPT_TEXT_TOKENS) * merge2)
+    algo = cfg.algorithm()
+    needs_ref = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
+    device = "cuda" if (m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available())) else "cpu"
+    compute = {"bf16": "bfloat16", "fp32": "float32"}.get(cfg.run.mixed_precision) or \
+        ("bfloat16" if device == "cuda" else "float32")
+    return RunPlan(prompts_per_rank=g.prompts_per_step // world_size, group_size=g.group_size, prompt_tokens=prompt,
+                   image_patches=patches, max_new_tokens=g.max_new_tokens, micro_batch_rows=g.micro_batch_rows,
+                   world_size=world_size, parallel=cfg.run.parallel, param_dtype=m.dtype, compute_dtype=compute,
+                   freeze_vision=m.freeze_vision, reference=cfg.run.reference if needs_ref else None,
+                   sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing)
+
+
+def run_table(cfg: Config, model_cfg, world_size: int) -> str:
+    """The memory plan of a run on ``world_size`` processes as the Markdown table --dry-run and every run print."""
+    plan = plan_from_config(cfg, model_cfg, world_size)
+    est = estimate(model_cfg, plan)
+    chunk = plan.sample_chunk or plan.prompts_per_rank
+    title = (f"Memory plan per process ({world_size} process{'es' if world_size > 1 else ''}, "
+             f"{'FSDP2' if world_size > 1 and plan.parallel == 'fsdp' else 'DDP' if world_size > 1 else 'one device'}"
+             f", {plan.param_dtype} parameters, {plan.compute_dtype} compute, gradient checkpointing "
+             f"{'on' if plan.gradient_checkpointing else 'off'}; {plan.prompts_per_rank} prompts x G "
+             f"{plan.group_size} per process sampled {chunk} at a time, prompts up to {plan.prompt_tokens} tokens, "
+             f"{plan.max_new_tokens} new):")
+    lines = [est.table(title), f"peak: {est.peak / GiB:.1f} GiB per process"]
+    if plan.sample_chunk == 0:  # what --grpo.sample-chunk 0 picks on a GPU (90 % of its memory usable)
+        picks = []
+        for gpu_gib in (80, 141):
+            k = largest_sample_chunk(model_cfg, plan, int(0.9 * gpu_gib * GiB))
+            e = estimate(model_cfg, dataclasses.replace(plan, sample_chunk=k))
+            picks.append(f"{gpu_gib} GB GPU: {k} prompts at a time (peak {e.peak / GiB:.1f} GiB)")
+        lines.append("--grpo.sample-chunk 0 on CUDA samples the largest chunk that fits: " + "; ".join(picks))
+    return "\n".join(lines)
 
 
 def image_patches_for(max_pixels: int, patch_size: int = 14, merge: int = 2) -> int:

@@ -110,8 +110,11 @@ def sft(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[float]:
-    """Fine-tune ``model`` in place on ``examples`` for ``cfg.steps`` steps of ``cfg.batch_size``; returns losses."""
+    """Fine-tune ``model`` in place on ``examples`` for ``cfg.steps`` steps of ``cfg.batch_size``; returns losses.
+    ``compute_dtype`` (e.g. bf16 over fp32 parameters): the forward runs under autocast in it, the parameters and
+    AdamW's moments keep their own dtype."""
     if not examples:
         raise ValueError("Cold-Start SFT needs at least one example")
     if cfg.steps <= 0:
@@ -133,7 +136,9 @@ def sft(
         batch = processor.encode_prompts([e.messages for e in chunk], [e.images for e in chunk],
                                          close_thinking=True).to(device)
         ids, mask = tokenize_responses(processor, [e.response for e in chunk], device)
-        logp = completion_logprobs(model, batch, torch.arange(len(chunk), device=device), ids, mask)  # (n, T)
+        amp = compute_dtype is not None and any(p.dtype.itemsize > compute_dtype.itemsize for p in params)
+        with torch.autocast(torch.device(device).type, dtype=compute_dtype or torch.bfloat16, enabled=amp):
+            logp = completion_logprobs(model, batch, torch.arange(len(chunk), device=device), ids, mask)  # (n, T)
         loss = -aggregate(logp, mask, mode="token-mean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,7 +179,8 @@ def cold_start(exp: Experiment, out: Path) -> None:
     print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
     if cfg.model.lora_rank:  # LoRA: SFT trains adapters, then folds them in, so RUN_DIR/sft is a whole model
         add_adapters(exp.model, cfg)
-    sft(exp.model, exp.processor, examples, cfg.sft, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress)
+    sft(exp.model, exp.processor, examples, cfg.sft, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress,
+        compute_dtype=dist.compute_dtype(cfg.run.mixed_precision, exp.device))
     merge_adapters(exp.model)
     save_pretrained(exp.model, sft_dir, tokenizer_dir=exp.source_dir)
 

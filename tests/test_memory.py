@@ -8,6 +8,8 @@ counts, FSDP's division by the world size, and the sample-chunk choice under a m
 """
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from emor3.memory import (
 from emor3.models import PromptBatch, QwenVL, mrope_position_ids, tiny_config
 
 TOLERANCE = 0.15
+REPO = Path(__file__).resolve().parents[1]
 
 
 def prompt_batch(cfg, B: int, text_tokens: int, grid: tuple[int, int, int]) -> PromptBatch:
@@ -159,3 +162,21 @@ def test_live_tensor_bytes_counts_allocations_not_views():
         del y
         assert meter.now == 0 and meter.peak == 8000
     assert v.shape == (100, 10)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    from emor3.grpo.train import main
+
+    folder = tmp_path / "qwen2.5-vl-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_config("qwen2.5-vl-7b").to_dict()))  # no weights needed
+    out = tmp_path / "run"
+    main(["--config", str(REPO / "examples" / "emoset_qwen2_5_vl_3b.toml"), "--model", str(folder), "--out", str(out),
+          "--dry-run", "--dry-run-world", "8"])
+    text = capsys.readouterr().out
+    assert "8 processes, FSDP2, float32 parameters, bfloat16 compute" in text
+    for row in ("parameters", "gradients", "optimizer", "reference", "rollout copy", "KV cache",
+                "activations (checkpointing)", "activations (no checkpointing)", "rollout phase", "update phase"):
+        assert f"| {row} |" in text or f"| **{row}** |" in text, f"--dry-run table lacks {row}"
+    assert "8.29B x 4 B / 8" in text and "--grpo.sample-chunk 0 on CUDA" in text
+    assert not out.exists(), "--dry-run must not build or write anything"

@@ -17,7 +17,10 @@ Choices made here (the paper is silent on them; docs/method.md, "Where the paper
    `\\boxed{}` of the instruction needs no brace escaping. `load_template(path)` reads one from a file.
 
 `encode_samples` turns dataset samples (each naming its taxonomy) and their images into the SET prompts'
-``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it. The parser of
+``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it.
+`drop_overlong_prompts` finds, when the data is loaded, the samples whose SET prompt would exceed
+``--data.max-prompt-length`` (the authors' release filters overlong prompts the same way, at load time): a bad
+sample each, never a cropped prompt. The parser of
 the reply (`parse_set`) is a reward concern: emor3/rewards/set_parse.py.
 """
 
@@ -26,6 +29,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image
+
+from emor3.data.dataset import PROMPT_TOO_LONG, BadSampleError, BadSampleHandler, EmotionDataset
 from emor3.models.processing import PromptBatch
 
 SET_INSTRUCTION = (
@@ -108,3 +114,44 @@ def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: d
     PIL image per sample) as a PromptBatch; a sample's own question (``Sample.question``) is honoured."""
     messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None)) for s in samples]
     return processor.encode_prompts(messages, [[im] for im in images])
+
+
+def _image_size(sample) -> tuple[int, int]:
+    """(height, width) of a sample's image: a file's header only, or the drawn image of an ImageSource."""
+    if isinstance(sample.image, (str, Path)):
+        with Image.open(sample.image) as im:
+            w, h = im.size
+    else:
+        w, h = sample.image.open().size
+    return h, w
+
+
+def drop_overlong_prompts(dataset: EmotionDataset, processor, taxonomies: dict, max_prompt_length: int,
+                          on_bad_sample: str = "error", template: str | None = None) -> EmotionDataset:
+    """``dataset`` without the samples whose SET prompt (chat template, question, instruction and the image's
+    tokens at the processor's pixel budget, as ``encode_samples`` makes it) is longer than ``max_prompt_length``
+    tokens. Each is a bad sample (``prompt_too_long``): an error naming it, or with ``on_bad_sample="skip"``
+    dropped and counted in the dataset's report. The image tokens are counted from the image's size (its file
+    header), no pixel is decoded. ``max_prompt_length`` 0 keeps everything."""
+    if not max_prompt_length:
+        return dataset
+    handle = BadSampleHandler(on_bad_sample, dataset.report)
+    messages = {}  # the SET messages depend on the taxonomy and the sample's own question only
+    keep = []
+    for s in dataset.samples:
+        key = (s.taxonomy, getattr(s, "question", None))
+        if key not in messages:
+            messages[key] = build_set_messages(taxonomies[s.taxonomy], template, key[1])
+        h, w = _image_size(s)
+        n = processor.prompt_length(messages[key], [(h, w)])
+        if n <= max_prompt_length:
+            keep.append(s)
+            continue
+        handle(BadSampleError(PROMPT_TOO_LONG, f"its prompt has {n} tokens ({processor.image_tokens(h, w)} of them for "
+                              f"the {w}x{h} image), over --data.max-prompt-length {max_prompt_length}; lower "
+                              f"--model.max-pixels or raise the limit", file=dataset.report.source, sample_id=s.id))
+    if len(keep) == len(dataset):
+        return dataset
+    return EmotionDataset(keep, dataset.taxonomy, dataset.report, min_pixels=dataset.min_pixels,
+                          max_pixels=dataset.max_pixels, factor=dataset.factor, cache_size=dataset.cache_size,
+                          cache_dir=dataset.cache_dir)

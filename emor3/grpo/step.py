@@ -168,6 +168,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
             grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, g.grad_clip))  # global norm
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
             else:  # a non-finite gradient would poison AdamW's moments: skip the step and say so
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -76,6 +77,10 @@ from emor3.experiment import (attach_adapters, attach_reference, build_experimen
                               start_dir)
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
+from emor3.memory import RunPlan, largest_sample_chunk, plan_from_config, run_table
+from emor3.memory import estimate as estimate_memory
+from emor3.models import tiny_config
+from emor3.models.checkpoint import read_config
 from emor3.models.lora import AdaptersOff, has_lora
 from emor3.sft import cold_start
 
@@ -217,10 +222,30 @@ class StopFlag:
 # --------------------------------------------------------------------------------------------- the run
 
 
+def auto_sample_chunk(cfg: Config, exp, world: int) -> int:
+    """``--grpo.sample-chunk 0`` on CUDA: the largest chunk of this rank's prompts whose rollout (KV cache and the
+    gathered weights included, ``emor3.memory``) fits in 90 % of what this process can use (free memory plus what
+    it already holds), the same on every rank."""
+    plan: RunPlan = plan_from_config(cfg, exp.model.config, world)
+    free, _ = torch.cuda.mem_get_info(exp.device)
+    budget = int(0.9 * (free + torch.cuda.memory_reserved(exp.device)))
+    chunk = int(dist.all_reduce(float(largest_sample_chunk(exp.model.config, plan, budget)), "min"))
+    peak = estimate_memory(exp.model.config, dataclasses.replace(plan, sample_chunk=chunk)).rollout_peak
+    dist.print0(f"[emor3] --grpo.sample-chunk 0: sampling {chunk} of {plan.prompts_per_rank} prompts at a time "
+                f"(planned rollout peak {peak / 2**30:.1f} GiB of {budget / 2**30:.1f} GiB usable)")
+    return chunk
+
+
 def train(cfg: Config) -> dict:
     """The whole run: build -> Cold-Start SFT (unless resuming past it) -> baseline evaluation -> GRPO steps ->
     evaluation of the trained policy; returns the evaluation table's rows."""
     cfg = validate_config(cfg).resolved()
+    if cfg.run.dry_run:  # the memory plan from the config alone: no weights, data, run folder or process group
+        model_cfg = read_config(cfg.model.path) if cfg.model.path else \
+            tiny_config(cfg.model.tiny, vocab_size=cfg.model.tokenizer_vocab)
+        world = cfg.run.dry_run_world or int(os.environ.get("WORLD_SIZE", 1))
+        print(run_table(cfg, model_cfg, world))
+        return {"dry_run": True}
     out = prepare_run_dir(cfg, "python -m emor3.grpo.train", can_resume=True)  # before anything is written
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -242,14 +267,18 @@ def train(cfg: Config) -> dict:
         baseline = evaluate_baseline(exp, out) if dist.is_main() else None  # the table's first row
     attach_adapters(exp)  # LoRA: fresh adapters on the model GRPO starts from (a resumed run has its own)
     attach_reference(exp, out)  # the frozen model GRPO starts from, when β > 0 or it judges (none with LoRA)
-    if dist.is_main():
-        save_config(cfg, out / "config.toml")
     # training handles: forward = teacher-forced log-probs; FSDP2-sharded or DDP-wrapped under torchrun
     policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     reference = None if exp.reference is None else dist.wrap_reference(
         exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     if has_lora(exp.model) and exp.algo.kl_coef > 0:  # LoRA: the reference is the policy with its adapters off
         reference = AdaptersOff(policy, exp.model)
+    if g.sample_chunk == 0 and exp.device.type == "cuda":  # the largest sampling chunk that fits this GPU
+        cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, sample_chunk=auto_sample_chunk(cfg, exp, W)))
+        g = cfg.grpo
+    dist.print0(run_table(cfg, exp.model.config, W))
+    if dist.is_main():
+        save_config(cfg, out / "config.toml")
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
