@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 from emor3.config import Config
 from emor3.models.checkpoint import build_model
 from emor3.models.config import QwenVLConfig
+from emor3.models.lora import add_lora
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -77,6 +78,8 @@ class RunPlan:
     sample_chunk: int = 0  # prompts sampled together; 0: all of the rank's prompts
     gradient_checkpointing: bool = True
     logprob_chunk: int = 128  # tokens per log-softmax block of the chunked log-probs
+    lora_rank: int = 0  # > 0: only LoRA adapters train (fp32), the base is frozen and the reference is the base
+    lora_targets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -122,6 +125,14 @@ def param_counts(cfg: QwenVLConfig) -> ParamCounts:
     head = 0 if cfg.tie_word_embeddings else count(m.lm_head)
     return ParamCounts(total, count(m.visual), count(m.model.layers), m.model.embed_tokens.weight.numel(), head,
                        total - sum(units), max(units))
+
+
+def lora_param_count(cfg, rank: int, targets) -> int:
+    """Adapter parameters of ``--model.lora-rank`` / ``--model.lora-targets`` (adapters put on the meta model)."""
+    with torch.device("meta"):
+        m = build_model(cfg)
+    add_lora(m, rank=rank, alpha=float(rank), targets=list(targets))
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def compute_mode(param_dtype: str, compute_dtype: str, fsdp: bool) -> str:
@@ -175,19 +186,27 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
     mode = compute_mode(plan.param_dtype, plan.compute_dtype, fsdp)
     n = param_counts(cfg)
     trained = n.total - (n.vision if plan.freeze_vision else 0)
+    lora = lora_param_count(cfg, plan.lora_rank, plan.lora_targets) if plan.lora_rank else 0
+    gb = pb  # bytes of a trained parameter, its gradient and each AdamW moment
+    if lora:  # adapters are fp32 whatever the base dtype; the base is frozen
+        trained, gb = lora, 4
     shard = W if fsdp else 1
     t = cfg.text
     rows: dict[str, int] = {}
     notes: dict[str, str] = {}
 
-    rows["parameters"] = n.total * pb // shard
-    notes["parameters"] = f"{n.total / 1e9:.2f}B x {pb} B" + (f" / {W}" if fsdp else "")
-    rows["gradients"] = trained * pb // shard * (2 if ddp else 1)
-    notes["gradients"] = f"{trained / 1e9:.2f}B trained x {pb} B" + (f" / {W}" if fsdp else "") + \
+    rows["parameters"] = (n.total * pb + lora * 4) // shard
+    notes["parameters"] = f"{n.total / 1e9:.2f}B x {pb} B" + (f" + {lora / 1e6:.1f}M LoRA x 4 B" if lora else "") + \
+        (f" / {W}" if fsdp else "")
+    rows["gradients"] = trained * gb // shard * (2 if ddp else 1)
+    notes["gradients"] = f"{trained / 1e9:.3f}B trained x {gb} B" + (f" / {W}" if fsdp else "") + \
         (" x 2 (DDP buckets)" if ddp else "")
-    rows["optimizer"] = 2 * trained * pb // shard
-    notes["optimizer"] = f"AdamW: 2 moments x {pb} B" + (f" / {W}" if fsdp else "")
-    if plan.reference is None:
+    rows["optimizer"] = 2 * trained * gb // shard
+    notes["optimizer"] = f"AdamW: 2 moments x {gb} B" + (f" / {W}" if fsdp else "")
+    if lora:
+        rows["reference"] = 0
+        notes["reference"] = "none: LoRA's reference is the base with its adapters off"
+    elif plan.reference is None:
         rows["reference"] = 0
         notes["reference"] = "none (beta = 0, policy judges)"
     else:
@@ -245,8 +264,8 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
     # activation), the text side done (its gradients, the vision activations), or the end (every gradient).
     a = acts[plan.gradient_checkpointing]
     g = rows["gradients"] / max(1, trained)  # bytes per trained parameter
-    g_head = (n.head or n.embed) * g
-    g_text = (n.layers + (n.embed if n.head else 0)) * g
+    g_head = 0 if lora else (n.head or n.embed) * g
+    g_text = 0 if lora else (n.layers + (n.embed if n.head else 0)) * g
     persistent = rows["parameters"] + rows["optimizer"] + rows["reference"]
     rollout = persistent + rows["rollout copy"] + rows["KV cache"] + sampling_ws
     update = persistent + compute_copy + max(g_head + a["text"] + a["vision"] + a["workspace"],
@@ -291,7 +310,8 @@ def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
                    image_patches=patches, max_new_tokens=g.max_new_tokens, micro_batch_rows=g.micro_batch_rows,
                    world_size=world_size, parallel=cfg.run.parallel, param_dtype=m.dtype, compute_dtype=compute,
                    freeze_vision=m.freeze_vision, reference=cfg.run.reference if needs_ref else None,
-                   sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing)
+                   sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing,
+                   lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
 
 
 def run_table(cfg: Config, model_cfg, world_size: int) -> str:

@@ -180,3 +180,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
         assert f"| {row} |" in text or f"| **{row}** |" in text, f"--dry-run table lacks {row}"
     assert "8.29B x 4 B / 8" in text and "--grpo.sample-chunk 0 on CUDA" in text
     assert not out.exists(), "--dry-run must not build or write anything"
+
+
+def test_lora_plan_trains_only_the_adapters():
+    from emor3.memory import lora_param_count
+    from emor3.models.lora import DECODER_TARGETS
+
+    cfg = tiny_config("qwen2.5-vl-3b")
+    base = dict(prompts_per_rank=8, group_size=8, prompt_tokens=1024, image_patches=2048, max_new_tokens=1024,
+                micro_batch_rows=8, param_dtype="bfloat16", compute_dtype="bfloat16", reference="replicate")
+    full = estimate(cfg, RunPlan(**base))
+    lora = estimate(cfg, RunPlan(**base, lora_rank=64, lora_targets=tuple(DECODER_TARGETS)))
+    n = lora_param_count(cfg, 64, DECODER_TARGETS)
+    assert 119e6 < n < 121e6, "rank 64 on the 3B decoder's linear layers: 119.7M adapter parameters"
+    assert lora.rows["gradients"] == 4 * n and lora.rows["optimizer"] == 8 * n, "adapters train in fp32"
+    assert lora.rows["reference"] == 0, "LoRA's reference is the base with adapters off: no copy"
+    assert lora.rows["parameters"] == full.rows["parameters"] + 4 * n
+    assert lora.update_peak < full.update_peak - full.rows["optimizer"]
