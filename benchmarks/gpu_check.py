@@ -239,7 +239,7 @@ def grpo_config(s: dict, folder: Path, out: Path, compile):
                      compile="off" if not compile else "on" if compile is True else compile)
     d["eval"].update(max_new_tokens=16, batch_size=8)
     d["run"] = {"out": str(out / ("grpo_compiled" if compile else "grpo_eager")), "progress": False,
-                "save_every": 0, "sample_every": 0}
+                "save_every": 0, "sample_every": 0, "overwrite": True}  # a rerun replaces the last check
     if s["device"] == "cpu":
         d["run"]["mixed_precision"] = "fp32"
     return config_from_dict(d, where=str(RECIPE))

@@ -78,6 +78,7 @@ class RunPlan:
     sample_chunk: int = 0  # prompts sampled together; 0: all of the rank's prompts
     gradient_checkpointing: bool = True
     logprob_chunk: int = 128  # tokens per log-softmax block of the chunked log-probs
+    shared_prefix: bool = False  # teacher forcing runs each prompt once for its G rows (--grpo.shared-prefix)
     lora_rank: int = 0  # > 0: only LoRA adapters train (fp32), the base is frozen and the reference is the base
     lora_targets: tuple[str, ...] = ()
 
@@ -142,7 +143,7 @@ def compute_mode(param_dtype: str, compute_dtype: str, fsdp: bool) -> str:
 
 
 def activation_bytes(cfg: QwenVLConfig, *, rows: int, length: int, targets: int, patches: int, mode: str,
-                     checkpointing: bool, logprob_chunk: int = 128) -> dict[str, int]:
+                     checkpointing: bool, logprob_chunk: int = 128, tokens: int | None = None) -> dict[str, int]:
     """Bytes autograd holds after one micro-batch's forward (rows x length tokens, of which the last ``targets``
     are scored, and ``patches`` vision patches), with or without checkpointing, by part: "text" (decoder layers,
     embeddings, final norm and scored hidden states), "vision" (blocks, merger, pixels), and "workspace" (what
@@ -155,7 +156,7 @@ def activation_bytes(cfg: QwenVLConfig, *, rows: int, length: int, targets: int,
         + 4 * t.num_attention_heads + rb * t.hidden_size
     bC, bI = _VISION_COEF[mode]
     per_patch = bC * v.hidden_size + bI * v.intermediate_size + 4 * v.num_heads + rb * v.hidden_size
-    tokens = rows * length
+    tokens = rows * length if tokens is None else tokens  # shared prefix: prompts once plus the rows' completions
     text_layer, vis_block = per_tok * tokens, per_patch * patches
     if checkpointing:  # each layer keeps only its input
         text = t.num_hidden_layers * rb * t.hidden_size * tokens
@@ -240,9 +241,10 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
 
     mb_rows = min(plan.micro_batch_rows, plan.prompts_per_rank * G)
     mb_prompts = max(1, mb_rows // G)
+    tokens = mb_prompts * plan.prompt_tokens + mb_rows * plan.max_new_tokens if plan.shared_prefix else None
     acts = {ck: activation_bytes(cfg, rows=mb_rows, length=slots, targets=plan.max_new_tokens,
                                  patches=mb_prompts * plan.image_patches, mode=mode, checkpointing=ck,
-                                 logprob_chunk=plan.logprob_chunk) for ck in (True, False)}
+                                 logprob_chunk=plan.logprob_chunk, tokens=tokens) for ck in (True, False)}
     rows["activations (checkpointing)"] = sum(acts[True].values())
     rows["activations (no checkpointing)"] = sum(acts[False].values())
     notes["activations (checkpointing)"] = f"one micro-batch: {mb_rows} rows x {slots} tokens, " \
@@ -311,7 +313,7 @@ def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
                    world_size=world_size, parallel=cfg.run.parallel, param_dtype=m.dtype, compute_dtype=compute,
                    freeze_vision=m.freeze_vision, reference=cfg.run.reference if needs_ref else None,
                    sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing,
-                   lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
+                   shared_prefix=g.shared_prefix, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
 
 
 def run_table(cfg: Config, model_cfg, world_size: int) -> str:

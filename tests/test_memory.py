@@ -43,7 +43,7 @@ def prompt_batch(cfg, B: int, text_tokens: int, grid: tuple[int, int, int]) -> P
     return PromptBatch(ids, am, pos, pix, grids, nxt, [1] * B)
 
 
-def measured_and_estimated(*, autocast: bool, checkpointing: bool, B=4, G=4, T=32, text_tokens=40, grid=(1, 8, 8),
+def measured_and_estimated(*, autocast: bool, checkpointing: bool, shared=False, B=4, G=4, T=32, text_tokens=40, grid=(1, 8, 8),
                            micro_rows=8, **sizes):
     cfg = tiny_config("tiny", **sizes)
     model = QwenVL(cfg).init_weights(0).set_gradient_checkpointing(checkpointing)
@@ -59,7 +59,8 @@ def measured_and_estimated(*, autocast: bool, checkpointing: bool, B=4, G=4, T=3
         model.train()
         with torch.autocast(**amp):
             lp, ent = completion_logprobs(model, prompt_slice(batch, prompts), prompts.repeat_interleave(G),
-                                          completions, torch.ones(micro_rows, T), return_entropy=True)
+                                          completions, torch.ones(micro_rows, T), return_entropy=True,
+                                          shared_prefix=shared)
         (lp.mean() + 0.1 * ent.mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -75,7 +76,7 @@ def measured_and_estimated(*, autocast: bool, checkpointing: bool, B=4, G=4, T=3
     plan = RunPlan(prompts_per_rank=B, group_size=G, prompt_tokens=batch.input_ids.shape[1],
                    image_patches=grid[0] * grid[1] * grid[2], max_new_tokens=T, micro_batch_rows=micro_rows,
                    param_dtype="float32", compute_dtype="bfloat16" if autocast else "float32",
-                   reference="replicate", gradient_checkpointing=checkpointing)
+                   reference="replicate", gradient_checkpointing=checkpointing, shared_prefix=shared)
     est = estimate(cfg, plan)
     return (held + rollout["peak"], est.rollout_peak), (held + upd["peak"], est.update_peak)
 
@@ -84,6 +85,8 @@ CASES = [
     dict(autocast=False, checkpointing=False),
     dict(autocast=True, checkpointing=True),
     dict(autocast=False, checkpointing=True, B=2, G=8, T=64, text_tokens=100, grid=(1, 16, 12), micro_rows=16),
+    dict(autocast=False, checkpointing=True, shared=True, B=2, G=8, T=32, text_tokens=100, grid=(1, 16, 12),
+         micro_rows=16),
     dict(autocast=True, checkpointing=False, hidden_size=256, intermediate_size=768, num_heads=8, vocab_size=4096,
          T=48),
 ]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from emor3.config import config_from_dict, load_toml
+from emor3.experiment import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 from emor3.models.checkpoint import load_torch_state
@@ -48,7 +49,7 @@ def tiny_run(tmp_path: Path, name: str, dtype: str, mixed_precision: str, plugin
 
 def moved_fraction(out: Path) -> float:
     before = load_pretrained(out / "init").state_dict()
-    after = load_pretrained(out / "checkpoint" / "model").state_dict()
+    after = load_pretrained(latest_checkpoint(out) / "model").state_dict()
     moved = sum(int((before[k].to(after[k].dtype) != after[k]).sum()) for k in before)  # compared as trained
     return moved / sum(v.numel() for v in before.values())
 
@@ -65,13 +66,16 @@ def test_recipe_precision_moves_every_weight_at_lr_2e6(tmp_path, plugin, monkeyp
     dtype, mp = recipe["model"]["dtype"], recipe["run"]["mixed_precision"]
     assert mp == "bf16", "the recipe asks for bf16 compute explicitly"
 
-    seen = set()  # dtypes of the attention outputs during the recipe-precision run
+    seen = set()  # dtypes of the decoder's query projections' outputs during the recipe-precision run
+    q_projs = set()
 
     def record(mod, args, out):
-        seen.add(out.dtype)
+        if isinstance(mod, Attention):
+            q_projs.add(id(mod.q_proj))
+        elif id(mod) in q_projs:
+            seen.add(out.dtype)
 
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: record(mod, args, out) if isinstance(mod, Attention) else None)
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         train(tiny_run(tmp_path, "recipe", dtype, mp, plugin))
     finally:
@@ -82,10 +86,10 @@ def test_recipe_precision_moves_every_weight_at_lr_2e6(tmp_path, plugin, monkeyp
     assert ref > 0.9, f"the fp32 run moved only {ref:.1%} of the weights"
     assert mixed > 0.98 * ref, (f"with the recipe's precision ({dtype} parameters, {mp} compute) only {mixed:.2%} of "
                                 f"the weights moved at lr 2e-6, against {ref:.2%} in fp32: updates round away")
-    assert torch.bfloat16 in seen, f"the recipe's run did not compute in bf16 (attention outputs {seen})"
-    params = load_pretrained(tmp_path / "recipe" / "checkpoint" / "model").state_dict()
+    assert torch.bfloat16 in seen, f"the recipe's run did not compute in bf16 (q_proj outputs {seen})"
+    params = load_pretrained(latest_checkpoint(tmp_path / "recipe") / "model").state_dict()
     assert {v.dtype for v in params.values()} == {torch.float32}, "the trained copy must be the fp32 master"
-    state = load_torch_state(tmp_path / "recipe" / "checkpoint" / "trainer_state.pt")
+    state = load_torch_state(latest_checkpoint(tmp_path / "recipe") / "trainer_state.pt")
     moments = [t for s in state["optimizer"]["state"].values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0]
     assert moments and {t.dtype for t in moments} == {torch.float32}, "AdamW's moments must be fp32"

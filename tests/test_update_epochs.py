@@ -91,7 +91,8 @@ def test_two_epochs_of_two_mini_batches_match_a_hand_computation(tmp_path, plugi
     def logprobs(model, prompts, **kw):
         rows = group_rows(prompts, G)
         return completion_logprobs(model, prompt_slice(batch.prompts, prompts),
-                                   torch.arange(len(prompts)).repeat_interleave(G), ids[rows], mask[rows], **kw)
+                                   torch.arange(len(prompts)).repeat_interleave(G), ids[rows], mask[rows],
+                                   shared_prefix=cfg.grpo.shared_prefix, **kw)  # the loop's own teacher forcing
 
     hand.eval()
     with torch.no_grad():  # old log-probs: the policy before any update, recomputed by teacher forcing
