@@ -92,15 +92,21 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------------------- data
 
 
-def _parse_eval_spec(spec: str) -> tuple[str, str, str]:
-    """NAME=PATH[@in|@out] -> (name, path, domain); domain defaults to out."""
+def _parse_eval_spec(spec: str) -> tuple[str, str, str | None, str]:
+    """NAME=PATH[:TAXONOMY][@in|@out] -> (name, path, taxonomy or None, domain); domain defaults to out.
+    TAXONOMY is what follows the path's last ':' when it holds no path separator (a name such as binary, or a
+    TOML/JSON file in the working folder)."""
     if "=" not in spec:
-        raise ValueError(f"--data.eval entry {spec!r}: expected NAME=PATH[@in|@out]")
+        raise ValueError(f"--data.eval entry {spec!r}: expected NAME=PATH[:TAXONOMY][@in|@out]")
     name, rest = spec.split("=", 1)
     domain = "out"
     if rest.endswith("@in") or rest.endswith("@out"):
         rest, domain = rest.rsplit("@", 1)
-    return name, rest, domain
+    taxonomy = None
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and tail and "/" not in tail and "\\" not in tail:
+        rest, taxonomy = head, tail
+    return name, rest, taxonomy, domain
 
 
 def image_factor(cfg: Config) -> int:
@@ -132,8 +138,8 @@ def build_data(cfg: Config):
         evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name, spec in SPLITS.items()
                  if name != "train" and name in splits and spec.in_table]
     for spec in d.eval:
-        name, path, domain = _parse_eval_spec(spec)
-        evals.append(EvalSet(name, load_dataset(path, None, d.on_bad_sample, **budget), domain))
+        name, path, taxonomy, domain = _parse_eval_spec(spec)
+        evals.append(EvalSet(name, load_dataset(path, taxonomy, d.on_bad_sample, **budget), domain))
     for ds in [train] + [e.samples for e in evals] + ([cold] if cold is not None else []):
         ds.set_image_budget(**budget)
         if ds.report.n_skipped:
