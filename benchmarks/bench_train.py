@@ -1,6 +1,6 @@
 """Seconds per GRPO step: emor3's own loop against TRL's ``GRPOTrainer``, same model folder, prompts and lengths.
 
-Issue 7, "Benchmark": the tiny model, 8 prompts x 8 samples, 64 new tokens, β = 0.01, temperature 1, fp32, CPU.
+The workload: the tiny model, 8 prompts x 8 samples, 64 new tokens, β = 0.01, temperature 1, fp32, CPU.
 Both sides start from the SAME saved folder (``emor3.models.tiny.build_tiny_checkpoint``, written once here and
 loaded by emor3's ``load_pretrained`` and by transformers' ``Qwen2_5_VLForConditionalGeneration``), train on the
 same EmoScenes training split (SET prompts with the mikels8 labels, one 112x112 image each), and score completions
