@@ -203,31 +203,29 @@ class QwenVLConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _parse_text(t: dict[str, Any], source: str) -> TextConfig:
-    problems = []
+def text_rope_settings(t: dict[str, Any], default_theta: float, problems: list[str]) -> tuple[float, dict]:
+    """(rope theta, the rope settings not yet read) of a Qwen text config, after the checks every Qwen-VL text
+    decoder here shares: no attention dropout, no sliding window, default M-RoPE. Problems are appended."""
     if t.get("attention_dropout", 0.0) not in (0, 0.0, None):
         problems.append(f"attention_dropout={t['attention_dropout']} (only 0 is supported)")
     if t.get("use_sliding_window"):
         problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
-    lt = t.get("layer_types")
-    if lt is not None and any(x != "full_attention" for x in lt):
-        problems.append(f"layer_types={sorted(set(lt))} (only full_attention is supported)")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    rope = dict(rope)
+    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     if rope_type not in ("default", "mrope"):
         problems.append(f"rope type {rope_type!r} (only default M-RoPE is supported)")
-    theta = rope.pop("rope_theta", None) or t.get("rope_theta", 1_000_000.0)
-    section = rope.pop("mrope_section", None)
-    if section is None:
-        problems.append("rope_scaling/rope_parameters.mrope_section is missing")
+    theta = rope.pop("rope_theta", None) or t.get("rope_theta", default_theta)
+    return float(theta), rope
+
+
+def finish_text_checks(t: dict[str, Any], rope: dict, problems: list[str], source: str) -> None:
+    """The shared last checks of a Qwen text config, once the caller has taken the rope settings it reads out of
+    ``rope``: nothing else left in it, the required sizes present, a SiLU MLP. Raises with every problem found."""
     if rope.get("partial_rotary_factor", 1.0) == 1.0:
         rope.pop("partial_rotary_factor", None)
     if rope:
         problems.append(f"unsupported rope settings {sorted(rope)}")
-    if "head_dim" in t and t["head_dim"] != t["hidden_size"] // t["num_attention_heads"]:
-        problems.append(f"head_dim={t['head_dim']} != hidden_size/num_attention_heads")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in t]
     if missing:
@@ -236,11 +234,25 @@ def _parse_text(t: dict[str, Any], source: str) -> TextConfig:
         problems.append(f"hidden_act={t['hidden_act']!r} (text MLP must be silu)")
     if problems:
         raise ValueError(f"{source}: unsupported config: " + "; ".join(problems))
+
+
+def _parse_text(t: dict[str, Any], source: str) -> TextConfig:
+    problems = []
+    lt = t.get("layer_types")
+    if lt is not None and any(x != "full_attention" for x in lt):
+        problems.append(f"layer_types={sorted(set(lt))} (only full_attention is supported)")
+    theta, rope = text_rope_settings(t, 1_000_000.0, problems)
+    section = rope.pop("mrope_section", None)
+    if section is None:
+        problems.append("rope_scaling/rope_parameters.mrope_section is missing")
+    if "head_dim" in t and t["head_dim"] != t["hidden_size"] // t["num_attention_heads"]:
+        problems.append(f"head_dim={t['head_dim']} != hidden_size/num_attention_heads")
+    finish_text_checks(t, rope, problems, source)
     return TextConfig(
         vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
         num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
         num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(theta), mrope_section=tuple(section),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=theta, mrope_section=tuple(section),
         max_position_embeddings=t.get("max_position_embeddings", 32768),
         bos_token_id=t.get("bos_token_id", 151643), eos_token_id=t.get("eos_token_id", 151645),
         pad_token_id=t.get("pad_token_id"))

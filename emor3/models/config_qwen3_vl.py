@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import METADATA_KEYS, QwenVLConfig
+from .config import METADATA_KEYS, QwenVLConfig, finish_text_checks, text_rope_settings
 
 MODEL_TYPE = "qwen3_vl"
 _TEXT_KEYS = {
@@ -176,43 +176,23 @@ class Qwen3VLConfig:
 
 def _parse_text(t: dict[str, Any], source: str) -> Qwen3TextConfig:
     problems = []
-    if t.get("attention_dropout", 0.0) not in (0, 0.0, None):
-        problems.append(f"attention_dropout={t['attention_dropout']} (only 0 is supported)")
     if t.get("attention_bias"):
         problems.append("attention_bias=true (Qwen3-VL has no q/k/v/o bias)")
-    if t.get("use_sliding_window"):
-        problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
     lt = t.get("layer_types")
     if lt is not None and any(x != "full_attention" for x in lt):
         problems.append(f"layer_types={sorted(set(lt))} (only full attention; Qwen3.5's linear attention is out of "
                         "scope)")
-    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
-    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    rope.pop("type", None)
-    if rope_type not in ("default", "mrope"):
-        problems.append(f"rope type {rope_type!r} (only default M-RoPE is supported)")
-    theta = rope.pop("rope_theta", None) or t.get("rope_theta", 5_000_000.0)
+    theta, rope = text_rope_settings(t, 5_000_000.0, problems)
     section = rope.pop("mrope_section", None) or (24, 20, 20)  # transformers' default when the file has none
     if not rope.pop("mrope_interleaved", True):
         problems.append("mrope_interleaved=false (transformers' Qwen3-VL always interleaves)")
-    if rope.get("partial_rotary_factor", 1.0) == 1.0:
-        rope.pop("partial_rotary_factor", None)
-    if rope:
-        problems.append(f"unsupported rope settings {sorted(rope)}")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in t]
-    if missing:
-        problems.append(f"missing text settings {missing}")
-    if t.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={t['hidden_act']!r} (text MLP must be silu)")
-    if problems:
-        raise ValueError(f"{source}: unsupported config: " + "; ".join(problems))
+    finish_text_checks(t, rope, problems, source)
     return Qwen3TextConfig(
         vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
         num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
         num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
         head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(theta), mrope_section=tuple(section),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=theta, mrope_section=tuple(section),
         max_position_embeddings=t.get("max_position_embeddings", 262144),
         bos_token_id=t.get("bos_token_id", 151643), eos_token_id=t.get("eos_token_id", 151645),
         pad_token_id=t.get("pad_token_id"))
