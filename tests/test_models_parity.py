@@ -57,8 +57,9 @@ def make_pair(model_type: str, tie: bool, seed: int = 0):
     return ours, hf
 
 
-def mixed_batch():
-    """Rows: [img 8x12 patches] text; text only (left-padded most); [img 4x4] text [img 6x4] text."""
+def mixed_batch(patch_dim: int = 3 * 2 * 14 * 14):
+    """Rows: [img 8x12 patches] text; text only (left-padded most); [img 4x4] text [img 6x4] text. ``patch_dim``:
+    C * t * p * p of the model's patches (14-px for Qwen2/2.5-VL, 16-px for Qwen3-VL)."""
     grids = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 6, 4]])  # patches; merged tokens 24, 4, 6
 
     def img(k):
@@ -72,7 +73,7 @@ def mixed_batch():
         ids[i, L - len(r):] = torch.tensor(r)
         am[i, L - len(r):] = 1
     g = torch.Generator().manual_seed(1)
-    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)  # (patches, C*t*p*p)
+    pix = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=g)  # (patches, C*t*p*p)
     return ids, am, grids, pix
 
 

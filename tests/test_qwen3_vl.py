@@ -17,6 +17,7 @@ import transformers
 
 from emor3.models import Qwen3VL, Qwen3VLConfig, parse_config, tiny_config
 from emor3.models.positions import decode_position_ids, mrope_position_ids
+from test_models_parity import hf_key, mixed_batch as qwen2_mixed_batch
 
 IMG, VSTART, VEND = 90, 92, 93
 V = 96
@@ -36,14 +37,6 @@ def tiny_hf_config(tie: bool):
                                       tie_word_embeddings=tie)
 
 
-def hf_key(ours_key: str) -> str:
-    if ours_key.startswith("model."):
-        return "model.language_model." + ours_key[len("model."):]
-    if ours_key.startswith("visual."):
-        return "model." + ours_key
-    return ours_key
-
-
 def make_pair(tie: bool = False, seed: int = 0):
     hfc = tiny_hf_config(tie)
     cfg = parse_config(hfc.to_dict())
@@ -57,21 +50,8 @@ def make_pair(tie: bool = False, seed: int = 0):
 
 
 def mixed_batch():
-    """Rows: [img 8x12 patches] text; text only (left-padded most); [img 4x4] text [img 6x4] text."""
-    grids = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 6, 4]])  # patches; merged tokens 24, 4, 6
-
-    def img(k):
-        return [VSTART] + [IMG] * k + [VEND]
-
-    rows = [[5, 6] + img(24) + [7, 8, 9], [10, 11, 12, 13], [14] + img(4) + [15] + img(6) + [16, 17]]
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        am[i, L - len(r):] = 1
-    pix = torch.randn(int(grids.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(1))
-    return ids, am, grids, pix
+    """The Qwen2.5-VL parity tests' mixed batch, with Qwen3-VL's 16-px patches."""
+    return qwen2_mixed_batch(PATCH_DIM)
 
 
 def hf_logits(hf, ids, am, grids, pix, pos):

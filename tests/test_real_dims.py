@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from emor3.models import QwenVL, QwenVLConfig, mrope_position_ids, tiny_config
+from test_models_parity import hf_key
 
 pytestmark = pytest.mark.real
 
@@ -30,14 +31,6 @@ SIZES = ["qwen2.5-vl-3b", "qwen2.5-vl-7b"]
 def real_config(name: str) -> QwenVLConfig:
     # the published numbers with 2 layers / 2 blocks; block 1 keeps full attention as blocks 7, 15, 23, 31 do
     return tiny_config(name, num_layers=2, vision_depth=2, fullatt_block_indexes=(1,))
-
-
-def hf_key(ours_key: str) -> str:
-    if ours_key.startswith("model."):
-        return "model.language_model." + ours_key[len("model."):]
-    if ours_key.startswith("visual."):
-        return "model." + ours_key
-    return ours_key
 
 
 def make_pair(cfg: QwenVLConfig, seed: int = 0):
