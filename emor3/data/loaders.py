@@ -291,20 +291,25 @@ def load_image_folder(root: str | Path, taxonomy: Taxonomy | str | None = None, 
 # EmoSet
 
 
+def _split_file(path: Path, split: str | None, splits, name: str, folder: str, file: str) -> tuple[Path, Path]:
+    """(split file, dataset root) of a published layout given its root folder or one split file. ``name`` formats
+    a split's file name (``{split}``); a root holding exactly one split needs no ``split``."""
+    if not path.is_dir():
+        return path, path.parent
+    if split is None:
+        present = [s for s in splits if (path / name.format(split=s)).is_file()]
+        if len(present) != 1:
+            raise ValueError(f"{path}: {folder} {present}: pass split= (or the {file})")
+        split = present[0]
+    return path / name.format(split=split), path
+
+
 def load_emoset(path: str | Path, split: str | None = None, on_bad_sample: str = "error", *,
                 taxonomy: Taxonomy | str | None = None, annotations: bool = True, verify: str = "full",
                 **dataset_kw) -> EmotionDataset:
     """EmoSet: `path` is the root (then `split` picks train/val/test) or a split file itself."""
     path = Path(path)
-    if path.is_dir():
-        if split is None:
-            present = [s for s in EMOSET_SPLITS if (path / f"{s}.json").is_file()]
-            if len(present) != 1:
-                raise ValueError(f"{path}: EmoSet root with splits {present}: pass split= (or the split file)")
-            split = present[0]
-        split_file, root = path / f"{split}.json", path
-    else:
-        split_file, root = path, path.parent
+    split_file, root = _split_file(path, split, EMOSET_SPLITS, "{split}.json", "EmoSet root with splits", "split file")
     report = LoadReport(str(split_file), "emoset")
     handle = BadSampleHandler(on_bad_sample, report)
     if not split_file.is_file():
@@ -480,15 +485,7 @@ def load_webemo(path: str | Path, split: str | None = None, on_bad_sample: str =
     path = Path(path)
     if missing not in ("count", "error"):
         raise ValueError(f"WebEmo missing must be 'count' or 'error', got {missing!r}")
-    if path.is_dir():
-        if split is None:
-            present = [s for s in WEBEMO_SPLITS if (path / WEBEMO_LIST.format(split=s)).is_file()]
-            if len(present) != 1:
-                raise ValueError(f"{path}: WebEmo folder with lists {present}: pass split= (or the list file)")
-            split = present[0]
-        list_file, root = path / WEBEMO_LIST.format(split=split), path
-    else:
-        list_file, root = path, path.parent
+    list_file, root = _split_file(path, split, WEBEMO_SPLITS, WEBEMO_LIST, "WebEmo folder with lists", "list file")
     report = LoadReport(str(list_file), "webemo")
     handle = BadSampleHandler(on_bad_sample, report)
     if not list_file.is_file():
