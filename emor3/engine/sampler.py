@@ -62,9 +62,19 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    1 up to and including the first stop token and 0 after; rows that never stop within ``max_new_tokens`` are
    flagged ``truncated``. The returned length T is the longest row's length (trailing all-pad columns dropped).
    Texts are decoded from the masked tokens with special tokens skipped.
+8. **Shared prefixes** (``suffix=``, a ``PromptSuffix``; the RER judge's G questions about one image differ only in
+   the step-1 text at their end). ``batch`` then holds Q distinct prefixes, prefilled once each (their images
+   encoded once), and each of the R prompts is a prefix plus its own text tokens: the prefix's cache rows are
+   copied to the prompts that continue it (``cache_rows``), then the R suffixes, left-padded to a common length L,
+   are prefilled at slots P_prefix .. P_prefix + L - 1. The suffix padding sits between a row's prefix and its
+   suffix and is masked like any padding; positions are explicit (a text token's M-RoPE id counts on from the
+   prefix's, the same on all three axes), so every real token has the keys, values and positions of the unshared
+   prompt and decoding continues as in point 2 (tested against the unshared prompts in tests/test_judge_share.py).
+   ``prefill`` is this phase alone, for callers that score fixed continuations instead of sampling.
 
 Shapes: B prompts, G samples per prompt, N = B·G rows, P prompt length, T completion length (≤ max_new_tokens),
-S = P + max_new_tokens cache slots, V vocabulary, D hidden size.
+S = P + max_new_tokens cache slots, V vocabulary, D hidden size; with shared prefixes (point 8), B prefixes, R prompts
+(suffix rows) continuing them, L suffix length.
 """
 
 from __future__ import annotations
@@ -77,7 +87,8 @@ import torch
 
 from emor3.models.positions import decode_position_ids
 
-__all__ = ["Rollout", "group_rows", "sample", "apply_banned", "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
+__all__ = ["Rollout", "PromptSuffix", "Prefill", "group_rows", "sample", "prefill", "cache_rows", "apply_banned",
+           "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
 
 
 @dataclass
@@ -324,6 +335,85 @@ def _get_step(compile: bool | str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def cache_rows(cache: Any, index: torch.Tensor) -> Any:
+    """A KVCache whose row i is row ``index[i]`` of ``cache`` (a copy). index (N,) long.
+    (Built from KVCache's public k, v fields, laid out (layers, N, K, S, hd).)"""
+    return replace(cache, k=cache.k.index_select(1, index), v=cache.v.index_select(1, index))
+
+
+@dataclass
+class PromptSuffix:
+    """Prompts that share prefixes: row r is prefix ``prefix_index[r]`` (a row of the prefixes' ``PromptBatch``)
+    followed by its own text tokens (point 8 of the module docstring)."""
+
+    prefix_index: torch.Tensor  # (R,) long: the prefix each row continues
+    input_ids: torch.Tensor  # (R, L) long, left-padded; every row's last slot is a real token
+    attention_mask: torch.Tensor  # (R, L) long, 0 on padding
+    position_ids: torch.Tensor  # (3, R, L) long: the tokens' M-RoPE ids in the whole prompt (0 on padding)
+    next_position: torch.Tensor  # (R,) long: M-RoPE id (all 3 axes) of the row's first generated token
+
+
+@dataclass
+class Prefill:
+    """Prompts run into a static KV cache with room for new tokens, and what decoding needs to continue them."""
+
+    cache: Any  # KVCache, R rows, S slots: the prompt in slots 0 .. length-1, new tokens after
+    last_logits: torch.Tensor  # (R, V): the distribution of each prompt's first new token
+    attention_mask: torch.Tensor  # (R, S): 0 on padding, 1 elsewhere (new slots included; causality hides them)
+    next_position: torch.Tensor  # (R,) long: M-RoPE id of the first new token
+    length: int  # P: slots the prompt occupies; new token t goes to slot P + t
+
+
+def prefill(model: Any, batch: Any, new_tokens: int, *, suffix: PromptSuffix | None = None, bucket: int = 1) -> Prefill:
+    """Run the prompts of ``batch`` (a ``PromptBatch``: B rows, their images encoded once) into a cache of
+    ``P + new_tokens`` slots (rounded up to a multiple of ``bucket``); R = B rows.
+
+    With ``suffix`` the batch holds shared prefixes: each prefix is run once, its cache copied to the rows that
+    continue it, and those rows' own tokens run after it (slots P_prefix .. P_prefix + L - 1); R = suffix rows.
+    Row r then equals the unshared prompt prefix[index[r]] + suffix[r]: every real token has the same keys, values
+    and positions, padding is masked (left padding of the prefix and, between prefix and suffix, of the suffix)."""
+    input_ids, prompt_mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+    B, P0 = input_ids.shape
+    assert prompt_mask.shape == (B, P0), f"attention_mask {tuple(prompt_mask.shape)} != input_ids {(B, P0)}"
+    assert positions.shape == (3, B, P0), f"position_ids {tuple(positions.shape)} != {(3, B, P0)}"
+    assert batch.next_position.shape == (B,), f"next_position {tuple(batch.next_position.shape)} != {(B,)}"
+    device = input_ids.device
+    L = 0
+    if suffix is not None:
+        R, L = suffix.input_ids.shape
+        assert suffix.attention_mask.shape == (R, L) and suffix.position_ids.shape == (3, R, L), \
+            "suffix attention_mask (R, L) and position_ids (3, R, L)"
+        assert suffix.prefix_index.shape == (R,) and suffix.next_position.shape == (R,), \
+            "suffix prefix_index and next_position (R,)"
+        if L == 0 or not bool(suffix.attention_mask[:, -1].all()):  # the last slot's logits start the reply
+            raise ValueError("sampler: every suffix row needs a real token in its last slot (left padding)")
+    P = P0 + L
+    S = -(-(P + new_tokens) // bucket) * bucket
+
+    image_embeds = None
+    if getattr(batch, "pixel_values", None) is not None:
+        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
+    cache = model.new_cache(B, S, dtype=None, device=device)
+    # The mask covers all S slots from the start: slots after the prompt are 1 (causality hides the not-yet-written
+    # ones), so the mask never changes value (and, compiled, never changes shape).
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, S - P0)], dim=1)  # (B, S)
+    hidden = model(input_ids, positions, full_mask, image_embeds=image_embeds, cache=cache,
+                   cache_position=torch.arange(P0, device=device))  # (B, P0, D)
+    if suffix is None:
+        last_logits = model.logits(hidden[:, -1:])[:, -1]  # (B, V): only the last position is needed
+        return Prefill(cache, last_logits, full_mask, batch.next_position.to(device), P)
+
+    # each prefix's cache to the rows continuing it, then the rows' own tokens at slots P0 .. P - 1
+    index = suffix.prefix_index.to(device)
+    cache = cache_rows(cache, index)
+    mask = torch.cat([prompt_mask.index_select(0, index), suffix.attention_mask.to(prompt_mask),
+                      prompt_mask.new_ones(R, S - P)], dim=1)  # (R, S)
+    hidden = model(suffix.input_ids.to(device), suffix.position_ids.to(device), mask, cache=cache,
+                   cache_position=torch.arange(P0, P, device=device))  # (R, L, D): text only, no image tokens
+    last_logits = model.logits(hidden[:, -1:])[:, -1]  # (R, V)
+    return Prefill(cache, last_logits, mask, suffix.next_position.to(device), P)
+
+
 def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
     """A torch.Generator from a Generator (any device: the rollout's uniforms are drawn on it, then moved once) or
     an int seed (a CPU generator, so a seed gives the same rollout wherever the model runs)."""
@@ -373,6 +463,7 @@ def sample(
     pad_token_id: int | None = None,
     check_every: int = 16,
     compact_finished: bool = True,
+    suffix: PromptSuffix | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt of ``batch`` (a ``PromptBatch``); returns a ``Rollout``.
 
@@ -385,6 +476,9 @@ def sample(
     ``pad_token_id`` (default: the first stop id, else 0) fills finished rows; it is always masked.
     ``compact_finished``: drop finished rows from the decode batch at the periodic check (power-of-two sizes); the
     tokens and log-probs are those of the uncompacted batch.
+    ``suffix``: prompts that share a prefix (a ``PromptSuffix``, point 8 of the module docstring): ``batch`` then
+    holds the prefixes, the prompts are the suffix's rows (prefix ``suffix.prefix_index[r]`` + row r's own tokens),
+    and row n of the rollout samples suffix row ``n // group_size``.
     """
     # --- validate -------------------------------------------------------------------------------------------------
     if group_size < 1 or max_new_tokens < 1 or check_every < 1:
@@ -392,21 +486,13 @@ def sample(
                          f"({check_every}) must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"sampler: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    input_ids, prompt_mask, prompt_positions = batch.input_ids, batch.attention_mask, batch.position_ids
-    B, P = input_ids.shape
-    assert prompt_mask.shape == (B, P), f"attention_mask {tuple(prompt_mask.shape)} != input_ids {(B, P)}"
-    assert prompt_positions.shape == (3, B, P), f"position_ids {tuple(prompt_positions.shape)} != {(3, B, P)}"
-    assert batch.next_position.shape == (B,), f"next_position {tuple(batch.next_position.shape)} != {(B,)}"
     V = _vocab_size(model)
     stops = _token_set(stop_token_ids, "stop_token_ids", V)
     banned = _token_set(banned_token_ids, "banned_token_ids", V)
     if set(stops) & set(banned):
         raise ValueError(f"sampler: stop ids {sorted(set(stops) & set(banned))} are also banned, so no row could stop")
-    device = input_ids.device
-    G, N, T_max = group_size, B * group_size, max_new_tokens
-    S = P + T_max
-    if compile:
-        S = -(-S // _COMPILE_BUCKET) * _COMPILE_BUCKET
+    device = batch.input_ids.device
+    T_max = max_new_tokens
     gen = _make_generator(generator)
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
     banned_mask = None
@@ -416,30 +502,18 @@ def sample(
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)  # (n_stop,)
     choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
 
-    # --- prefill: B rows, each image encoded once --------------------------------------------------------------------
-    image_embeds = None
-    if getattr(batch, "pixel_values", None) is not None:
-        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
-    cache = model.new_cache(B, S, dtype=None, device=device)
-    # The mask covers all S slots from the start: generated slots are 1 (causality hides the not-yet-written ones),
-    # so the mask never changes value (and, compiled, never changes shape).
-    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, S - P)], dim=1)  # (B, S)
-    hidden = model(
-        input_ids,
-        prompt_positions,
-        full_mask,
-        image_embeds=image_embeds,
-        cache=cache,
-        cache_position=torch.arange(P, device=device),
-    )  # (B, P, D)
-    last_logits = model.logits(hidden[:, -1:])[:, -1]  # (B, V): only the last position is needed
-    assert last_logits.shape == (B, V), f"logits {tuple(last_logits.shape)} != {(B, V)} (config vocab_size)"
+    # --- prefill: B rows, each image encoded once; with a suffix, then each row's own tokens ---------------------
+    pre = prefill(model, batch, T_max, suffix=suffix, bucket=_COMPILE_BUCKET if compile else 1)
+    P, S = pre.length, pre.cache.max_len  # decode step t writes slot P + t
+    R0 = pre.last_logits.shape[0]  # the prompts: B, or the suffix's rows
+    assert pre.last_logits.shape == (R0, V), f"logits {tuple(pre.last_logits.shape)} != {(R0, V)} (config vocab_size)"
+    G, N = group_size, R0 * group_size
 
     # --- copy each prompt's cache to its G rows --------------------------------------------------------------------
-    cache = cache.repeat_interleave(G) if G > 1 else cache
-    logits = last_logits.repeat_interleave(G, dim=0)  # (N, V)
-    attn = full_mask.repeat_interleave(G, dim=0)  # (N, S)
-    next_pos = batch.next_position.to(device).repeat_interleave(G)  # (N,)
+    cache = pre.cache.repeat_interleave(G) if G > 1 else pre.cache
+    logits = pre.last_logits.repeat_interleave(G, dim=0)  # (N, V)
+    attn = pre.attention_mask.repeat_interleave(G, dim=0)  # (N, S)
+    next_pos = pre.next_position.repeat_interleave(G)  # (N,)
 
     # --- decode: fixed shapes, no host sync except the rare all-finished check ---------------------------------------
     out_ids = torch.full((N, T_max), pad, dtype=torch.long, device=device)  # (N, T_max)
@@ -493,7 +567,7 @@ def sample(
                 rows, finished, token, logprob, logmass = (x.index_select(0, keep) for x in
                                                            (rows, finished, token, logprob, logmass))
                 fed = fed.index_select(0, keep)
-                cache = replace(cache, k=cache.k.index_select(1, keep), v=cache.v.index_select(1, keep))
+                cache = cache_rows(cache, keep)
                 attn, pos = attn.index_select(0, keep), pos.index_select(1, keep)  # (R_new, S), (3, R_new, 1)
                 step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window),
                                                                            attn[:, :window])
@@ -517,7 +591,7 @@ def sample(
     else:
         truncated = torch.ones(N, dtype=torch.bool, device=device)  # (N,)
     return Rollout(
-        prompt_index=torch.arange(B, device=device).repeat_interleave(G),  # (N,)
+        prompt_index=torch.arange(R0, device=device).repeat_interleave(G),  # (N,)
         completion_ids=ids,
         completion_mask=mask,
         logprobs=out_lp[:, :T],

@@ -36,7 +36,15 @@ step 1 or 2 (coherence) cannot be extracted or is empty, that judge is not asked
       missing step and the format reward alone penalises it.
 
 Batching: all consistency prompts of a rollout batch go to the judge as one batch, all coherence prompts as another
-(`ModelJudge` may split them into `max_batch_size` chunks to bound memory). A `Judge` is anything with
+(`ModelJudge` may split them into `max_batch_size` chunks to bound memory). Within a batch `ModelJudge` shares
+prefixes (`share_prefix=True`, the default): the G consistency prompts of a GRPO group
+hold the same chat header, image and question and differ only in step 1, so requests about the same image object
+are grouped, their longest common token prefix is prefilled once (its image encoded once by the vision tower) and
+copied to their cache rows, and only each request's rest (step 1, the end of the user turn, the assistant header)
+is prefilled per request (`split_shared_prefixes`, `emor3.engine.sampler.PromptSuffix`). Text-only coherence
+prompts share the chat header the same way. Every token keeps its ids and M-RoPE position, so the replies (for a
+seed) and log-probs are those of the unshared prompts (tests/test_judge_share.py: same texts, 1e-5 in fp32); the
+processor still tokenises and preprocesses each request's image. A `Judge` is anything with
 `generate(requests) -> list[str]` and `choice_logprobs(requests, choices) -> list[Tensor]`, so the scoring logic is
 tested with a scripted fake judge, and `ModelJudge` runs the emor3 model (emor3.models Processor / QwenVL and
 emor3.engine.sampler.sample).
@@ -53,8 +61,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from emor3.engine.sampler import sample
+from emor3.engine.sampler import PromptSuffix, prefill, sample
 from emor3.models.positions import decode_position_ids
+from emor3.models.processing import PromptBatch
 from emor3.rewards.set_parse import parse_set
 
 CONSISTENCY_QUESTION = "Can the following text describe the image? Please answer with yes or no."
@@ -246,6 +255,92 @@ def _checked(out: Sequence, n: int, what: str) -> Sequence:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ shared prefixes
+
+
+def _common_prefix_length(rows: Sequence[list[int]]) -> int:
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int) -> tuple[PromptBatch, PromptSuffix]:
+    """Split the encoded judge prompts of ``batch`` (R left-padded rows, request r about ``images[r]``) into Q
+    shared prefixes (a ``PromptBatch``, each image once) and R suffixes (a ``PromptSuffix``), so that prefix
+    ``prefix_index[r]`` + suffix r is prompt r token for token, with the same M-RoPE positions.
+
+    Requests about the same image object (the consistency questions of one GRPO group) form one group, text-only
+    requests another; a group's prefix is the longest common prefix of its token ids, cut one token short of its
+    shortest prompt so that every suffix holds at least the last token (whose logits start the reply). The image
+    must lie inside the prefix; a group whose common part ends before its image tokens do (the requests differ
+    before the image) is split into one prefix per request instead. Positions are copied from ``batch``, so a
+    suffix token keeps the id it has in the whole prompt (text: its prefix's next id + its index, on all 3 axes)."""
+    ids, mask, pos = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu()
+    R, P = ids.shape
+    assert len(images) == R, f"{len(images)} images for {R} prompts"
+    if not bool(mask[:, -1].all()):
+        raise ValueError("shared-prefix judging needs left-padded prompts (a real token in every prompt's last slot)")
+    lens = mask.sum(-1).tolist()  # real tokens per prompt
+    rows = [ids[r, P - lens[r]:].tolist() for r in range(R)]
+    # the image of request r is image number first_image[r] of batch.pixel_values (requests in order, one or none)
+    first_image, k = [], 0
+    for im in images:
+        first_image.append(k if im is not None else None)
+        k += im is not None
+    groups: dict[Any, list[int]] = {}
+    for r, im in enumerate(images):
+        groups.setdefault(None if im is None else id(im), []).append(r)
+
+    prefixes: list[tuple[int, int]] = []  # (representative row, prefix length), one per prefix
+    prefix_index = [0] * R
+    for members in groups.values():
+        n = min(_common_prefix_length([rows[m] for m in members]), min(lens[m] for m in members) - 1)
+        img = [i for i, t in enumerate(rows[members[0]]) if t == image_token_id]
+        parts = [members] if not img or img[-1] < n else [[m] for m in members]
+        for part in parts:
+            cut = n if len(parts) == 1 else lens[part[0]] - 1
+            prefix_index_q = len(prefixes)
+            prefixes.append((part[0], cut))
+            for m in part:
+                prefix_index[m] = prefix_index_q
+
+    Q, Pp = len(prefixes), max(c for _, c in prefixes)
+    p_ids = torch.zeros(Q, Pp, dtype=ids.dtype)  # (Q, Pp) left-padded
+    p_mask = torch.zeros(Q, Pp, dtype=mask.dtype)  # (Q, Pp)
+    p_pos = torch.zeros(3, Q, Pp, dtype=pos.dtype)  # (3, Q, Pp)
+    p_next = torch.zeros(Q, dtype=torch.long)  # (Q,)
+    pix, grid, counts = [], [], []
+    patches = batch.image_grid_thw.prod(-1).tolist() if batch.image_grid_thw is not None else []
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    for q, (r, n) in enumerate(prefixes):
+        a = P - lens[r]
+        p_ids[q, Pp - n:], p_mask[q, Pp - n:], p_pos[:, q, Pp - n:] = ids[r, a:a + n], 1, pos[:, r, a:a + n]
+        p_next[q] = pos[0, r, a + n]  # the first suffix token's id: a text token, the same on all 3 axes
+        i = first_image[r]
+        counts.append(0 if i is None else 1)
+        if i is not None:
+            pix.append(batch.pixel_values[starts[i]:starts[i] + patches[i]])
+            grid.append(batch.image_grid_thw[i])
+    index = torch.tensor(prefix_index, dtype=torch.long)  # (R,)
+    cuts = torch.tensor([prefixes[q][1] for q in prefix_index])  # (R,) prefix length of each row
+    s_len = torch.tensor(lens) - cuts  # (R,) suffix tokens, >= 1
+    L = int(s_len.max())
+    keep = torch.arange(L)[None, :] >= L - s_len[:, None]  # (R, L): the suffix's real slots
+    s_ids, s_mask, s_pos = ids[:, P - L:], keep.to(mask.dtype), pos[:, :, P - L:] * keep  # (R, L), (R, L), (3, R, L)
+    s_ids = s_ids.masked_fill(~keep, 0)
+    assert not bool((s_ids[keep] == image_token_id).any()), "a suffix holds image tokens: the prefix split is wrong"
+    steps = s_mask.cumsum(-1) - 1  # (R, L): index among the suffix's real tokens
+    want = (p_next.index_select(0, index)[:, None] + steps) * keep  # (R, L)
+    assert bool((s_pos == want[None]).all()), "suffix positions must count on from the prefix's (text tokens)"
+    prefix = PromptBatch(p_ids, p_mask, p_pos, torch.cat(pix) if pix else None,
+                         torch.stack(grid) if grid else None, p_next, counts)
+    return prefix, PromptSuffix(index, s_ids, s_mask, s_pos, batch.next_position.cpu())
+
+
 # ---------------------------------------------------------------------------------------------------- model judge
 
 
@@ -253,9 +348,12 @@ class ModelJudge:
     """The emor3 model as judge: pass the policy (the paper) or the frozen reference model (option).
 
     Sample mode goes through `emor3.engine.sampler.sample` (one reply per prompt, stop at <|im_end|>, vision special
-    tokens banned); logprob mode runs one prefill of the prompts into a KV cache, copies it to the K choices of each
-    prompt, and scores all choice tokens in one forward. Both under torch.inference_mode (no gradient, no autograd
-    state kept). The model's train/eval mode is left as it is (Qwen-VL has no dropout).
+    tokens banned); logprob mode runs one prefill of the prompts into a KV cache (`emor3.engine.sampler.prefill`),
+    copies it to the K choices of each prompt, and scores all choice tokens in one forward. `share_prefix` (default
+    True) prefills the prefix that requests about one image share once (module docstring, "Batching"); False
+    prefills every request whole (the reference the shared path is tested against). Both under
+    torch.inference_mode (no gradient, no autograd state kept). The model's train/eval mode is left as it is
+    (Qwen-VL has no dropout).
     `max_batch_size` splits a judge batch into chunks of that many prompts (None: one batch). `max_new_tokens` caps
     a sampled reply: 32 by default, room for an instruct model's "Based on the image, yes." (the release lets the
     judge write up to the rollout's response length; a run sets it with --reward.judge-max-new-tokens).
@@ -263,10 +361,10 @@ class ModelJudge:
 
     def __init__(self, model: Any, processor: Any, *, temperature: float = 0.6, top_p: float = 0.95,
                  max_new_tokens: int = 32, seed: int | torch.Generator = 0, max_batch_size: int | None = None,
-                 logit_chunk: int = 256):
+                 logit_chunk: int = 256, share_prefix: bool = True):
         self.model, self.processor = model, processor
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.max_batch_size, self.logit_chunk = max_batch_size, logit_chunk
+        self.max_batch_size, self.logit_chunk, self.share_prefix = max_batch_size, logit_chunk, share_prefix
         device = next(model.parameters()).device
         if isinstance(seed, torch.Generator):
             self.generator = seed
@@ -282,26 +380,38 @@ class ModelJudge:
 
     def encode(self, requests: Sequence[JudgeRequest]):
         """The `PromptBatch` of a list of judge requests (on the model's device)."""
+        batch = self._encode_host(requests)
+        to = getattr(batch, "to", None)
+        return to(self.device) if callable(to) else batch
+
+    def _encode_host(self, requests: Sequence[JudgeRequest]):
         # a Thinking model's judge replies right away, after an empty reasoning block: the yes / no / label is read
         # from the reply's first tokens
         kw = {"close_thinking": True} if getattr(self.processor, "thinking", False) else {}
-        batch = self.processor.encode_prompts(
+        return self.processor.encode_prompts(
             [r.messages for r in requests], [[r.image] if r.image is not None else [] for r in requests], **kw
         )
-        to = getattr(batch, "to", None)
-        return to(self.device) if callable(to) else batch
+
+    def prompts(self, requests: Sequence[JudgeRequest]) -> tuple[Any, PromptSuffix | None]:
+        """What the engine runs for these requests: their `PromptBatch` and no suffix, or, with `share_prefix`,
+        the shared prefixes and the requests' suffixes (`split_shared_prefixes`), on the model's device."""
+        if not self.share_prefix:
+            return self.encode(requests), None
+        prefixes, suffix = split_shared_prefixes(self._encode_host(requests), [r.image for r in requests],
+                                                 self.model.config.image_token_id)
+        return prefixes.to(self.device), suffix
 
     # -- sample mode
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
         out: list[str] = []
         with torch.inference_mode():
             for rows in self._chunks(len(requests)):
-                batch = self.encode([requests[i] for i in rows])
+                batch, suffix = self.prompts([requests[i] for i in rows])
                 roll = sample(
                     self.model, batch, group_size=1, max_new_tokens=self.max_new_tokens,
                     temperature=self.temperature, top_p=self.top_p,
                     stop_token_ids=self.processor.stop_token_ids, banned_token_ids=self.processor.banned_token_ids,
-                    generator=self.generator, tokenizer=self.processor,
+                    generator=self.generator, tokenizer=self.processor, suffix=suffix,
                 )
                 out.extend(roll.texts)
         return out
@@ -332,32 +442,26 @@ class ModelJudge:
         return out  # type: ignore[return-value]
 
     def _score_choices(self, requests: Sequence[JudgeRequest], choice_ids: list[list[int]]) -> torch.Tensor:
-        """(R, K) summed log-probs of each choice's tokens as the reply's start, one prefill per prompt."""
+        """(R, K) summed log-probs of each choice's tokens as the reply's start, one prefill per prompt (with
+        `share_prefix`: one per shared prefix, then the prompts' own tokens)."""
         model, dev = self.model, self.device
-        batch = self.encode(requests)
-        R, P = batch.input_ids.shape
+        batch, suffix = self.prompts(requests)
         K, L = len(choice_ids), max(len(c) for c in choice_ids)
         cids = torch.zeros(K, L, dtype=torch.long, device=dev)  # (K, L) right-padded with id 0, masked below
         cmask = torch.zeros(K, L, dtype=torch.float32, device=dev)  # (K, L)
         for k, c in enumerate(choice_ids):
             cids[k, : len(c)] = torch.tensor(c, dtype=torch.long)
             cmask[k, : len(c)] = 1.0
-        image_embeds = None
-        if getattr(batch, "pixel_values", None) is not None:
-            image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
-        S = P + L
-        full_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(R, L)], dim=1)  # (R, S)
-        cache = model.new_cache(R, S, device=dev)
-        hidden = model(batch.input_ids, batch.position_ids, full_mask, image_embeds=image_embeds, cache=cache,
-                       cache_position=torch.arange(P, device=dev))  # (R, P, D)
-        first = torch.log_softmax(model.logits(hidden[:, -1]).float(), dim=-1)  # (R, V): reply's first token
+        pre = prefill(model, batch, L - 1, suffix=suffix)  # R prompts in a cache with room for L - 1 choice tokens
+        R, P = pre.last_logits.shape[0], pre.length
+        first = torch.log_softmax(pre.last_logits.float(), dim=-1)  # (R, V): reply's first token
         lp = first[:, cids[:, 0]]  # (R, K)
         if L > 1:
             # feed choice tokens 0..L-2 of every (prompt, choice) pair; they predict choice tokens 1..L-1
-            cache = cache.repeat_interleave(K)
+            cache = pre.cache.repeat_interleave(K)
             fed = cids[:, : L - 1].repeat(R, 1)  # (R*K, L-1): row r*K + k is prompt r, choice k
-            pos = decode_position_ids(batch.next_position.to(dev).repeat_interleave(K), 0, L - 1)  # (3, R*K, L-1)
-            h = model(fed, pos, full_mask.repeat_interleave(K, dim=0), cache=cache,
+            pos = decode_position_ids(pre.next_position.repeat_interleave(K), 0, L - 1)  # (3, R*K, L-1)
+            h = model(fed, pos, pre.attention_mask.repeat_interleave(K, dim=0), cache=cache,
                       cache_position=torch.arange(P, P + L - 1, device=dev))  # (R*K, L-1, D)
             tgt = cids[:, 1:].repeat(R, 1)  # (R*K, L-1)
             rest = torch.empty(R * K, L - 1, dtype=torch.float32, device=dev)  # (R*K, L-1)
@@ -377,6 +481,6 @@ class ModelJudge:
 __all__ = [
     "CONSISTENCY_QUESTION", "COHERENCE_QUESTION", "COHERENCE_INSTRUCTION", "JudgeRequest", "Judge", "ModelJudge",
     "ReflectionResult", "reflect", "MISSING_RULES", "consistency_request", "coherence_request", "score_consistency_reply",
-    "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words",
+    "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words", "split_shared_prefixes",
 ]
 
