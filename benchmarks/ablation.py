@@ -1,10 +1,10 @@
 """The paper's comparison at toy scale, and RER's effect where an outcome reward can be satisfied without grounding.
 
 Two benchmarks, the same seeds (default 0-4):
-1. ``default`` (EmoScenes as ``make train`` draws it): per seed, the EMO-R3 run builds the tiny model (its random
-   init is the zero-shot row), runs Cold-Start SFT (the SFT row) and GRPO with SET + RER; GRPO and DAPO then start
-   from the same Cold-Start checkpoint with the same data, steps and batch sizes, so the rows differ only in the
-   algorithm.
+1. ``default`` (EmoScenes as ``make train`` draws it): per seed, the EMO-R3 run builds the tiny model and its
+   instruct stage (the zero-shot row, as the paper's zero-shot row is the instruct checkpoint), runs Cold-Start SFT
+   (the SFT row) and GRPO with SET + RER; GRPO and DAPO then start from the same Cold-Start checkpoint with the
+   same data, steps and batch sizes, so the rows differ only in the algorithm.
 2. ``shortcut`` (``--data.emoscenes-variant shortcut``: a badge whose colour gives the label in train and test only,
    independent of the scene out of domain): per seed, EMO-R3 as above, then ``--algo grpo`` from its Cold-Start
    checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
@@ -64,8 +64,10 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
     # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
     from_sft = ("--model.path", str(emo / "sft"), "--sft.steps", "0", "--grpo.loss-scope", "mini-batch", *variant)
     if benchmark == "default":
-        # zero-shot: the random init the run started from, evaluated the same way
-        cfg = parse_args(["--seed", str(seed), "--out", str(base / "zero_shot"), "--model.path", str(emo / "init"),
+        # zero-shot: the model the run started from (the tiny model's instruct stage, else its random init),
+        # evaluated the same way
+        start = emo / "instruct" if (emo / "instruct" / "config.json").is_file() else emo / "init"
+        cfg = parse_args(["--seed", str(seed), "--out", str(base / "zero_shot"), "--model.path", str(start),
                           "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
         exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
         rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,

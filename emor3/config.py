@@ -103,6 +103,14 @@ class SFTConfig:
     judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
                               "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
                               "set false).")
+    instruct_steps: int = _f(800, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
+                             "\"Instruct stage\"): optimizer steps of captioning and yes/no questions on EmoScenes "
+                             "images without emotion labels; built once per setting and cached. Runs from a "
+                             "checkpoint (--model.path) skip it; 0 skips it.")
+    instruct_images: int = _f(2000, "Scenes the instruct stage trains on (their own seeds: no benchmark image).")
+    instruct_batch_size: int = _f(32, "Instruct-stage batch size (examples).")
+    instruct_lr: float = _f(2e-3, "Instruct-stage learning rate (AdamW, cosine to 10%).")
+    instruct_cache: str = _f(".cache/instruct", "Where instruct-stage checkpoints are cached, one folder per setting.")
 
 
 @dataclass(frozen=True)
@@ -424,6 +432,10 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("sft", "batch_size"): (1, True, None, False, ""),
     ("sft", "lr"): (0, False, None, False, ""),
     ("sft", "weight_decay"): (0, True, None, False, ""),
+    ("sft", "instruct_steps"): (0, True, None, False, "0 skips the instruct stage"),
+    ("sft", "instruct_images"): (1, True, None, False, ""),
+    ("sft", "instruct_batch_size"): (1, True, None, False, ""),
+    ("sft", "instruct_lr"): (0, False, None, False, ""),
     ("grpo", "clip_low"): (0, True, 1, False, "the ratio is clipped below at 1 - clip_low"),
     ("grpo", "clip_high"): (0, True, None, False, ""),
     ("grpo", "dual_clip"): (1, False, None, False, "the dual clip bounds the loss of negative advantages at c > 1"),

@@ -42,7 +42,7 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
-from emor3.data.emoscenes import SPLITS, corpus_texts, load_emoscenes
+from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
@@ -153,7 +153,8 @@ def build_data(cfg: Config):
 def tokenizer_corpus(taxonomies, questions=()) -> list[str]:
     """Texts the tiny tokenizer is trained on: EmoScenes traces and cue words, every prompt the run will send
     (``questions``: the samples' own questions, ``Sample.question``, where they have one)."""
-    texts = corpus_texts() + [CONSISTENCY_QUESTION, COHERENCE_QUESTION]
+    texts = corpus_texts() + [CONSISTENCY_QUESTION, COHERENCE_QUESTION, DESCRIBE_QUESTION]
+    texts += [q for q, _ in CUE_QUESTIONS.values()]
     for tax in taxonomies:
         texts.append(set_prompt(tax))
         texts.append(COHERENCE_INSTRUCTION.replace("{labels}", ", ".join(tax.labels)))
@@ -166,6 +167,8 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies, questi
     dtype = getattr(torch, m.dtype)
     if m.path:
         source = Path(m.path)
+    elif (out / "instruct" / "config.json").is_file():  # a resumed run: the instruct stage's model (emor3.sft)
+        source = out / "instruct"
     else:
         source = out / "init"
         if not (source / "config.json").is_file():
@@ -280,7 +283,7 @@ def attach_reference(exp: Experiment, out: Path) -> None:
 # --------------------------------------------------------------------------------------------- the run folder
 
 # what a run writes into its folder: the names ``--overwrite`` removes (nothing else in the folder is touched)
-RUN_FILES = ("config.toml", "init", "sft", "latest", "metrics.jsonl", "samples.jsonl", "baseline_results.json",
+RUN_FILES = ("config.toml", "init", "instruct", "sft", "latest", "metrics.jsonl", "samples.jsonl", "baseline_results.json",
              "results.json", "results.md", "curves.png", "tensorboard", "wandb")
 _RUN_PATTERNS = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|trash)|\.latest\.tmp")
 

@@ -17,9 +17,12 @@ runs it on a built experiment and writes the checkpoint to ``RUN_DIR/sft``; ``py
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +35,8 @@ from tqdm import tqdm
 from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
+from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
+                                  cue_mentions, describe_scene, instruct_scenes)
 from emor3.engine.prompts import build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs
@@ -87,6 +92,113 @@ def judge_examples(samples: Sequence, images: Sequence, responses: Sequence[str]
     return out
 
 
+# --------------------------------------------------------------------------------------------- instruct stage
+
+INSTRUCT_VERSION = 1  # bump when the instruct examples or their training change, so cached checkpoints are rebuilt
+
+
+def _one_cue_changed(cues: dict, rng: random.Random) -> dict:
+    kind = rng.choice(sorted(CUE_VALUES))
+    return dict(cues, **{kind: rng.choice([v for v in CUE_VALUES[kind] if v != cues[kind]])})
+
+
+def _ask(question: str) -> list:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def instruct_examples(samples: Sequence, images: Sequence, seed: int = 0) -> list[SFTExample]:
+    """What an instruct checkpoint already knows and a tiny model trained from scratch does not: to see. Per scene
+    (``samples[i].metadata["cues"]``):
+      - "Describe the image." -> a description of its three cues (``describe_scene``);
+      - one of the cue questions (``CUE_QUESTIONS``, the kind drawn at random) -> that cue's word. A description
+        puts one token of a dozen on the face's expression, the smallest cue; without the questions the tiny model
+        learned it late or not at all, depending on the seed;
+      - RER's consistency question (``consistency_request``, the judge's own prompt) with a description of the
+        scene -> "yes", and with a description of another scene -> "no": half of the time a scene with one cue
+        changed (so every cue must be checked), else one with all three drawn at random.
+    No emotion label is taught."""
+    rng = random.Random(f"instruct:{seed}")
+    out = []
+    for s, im in zip(samples, images):
+        cues = s.metadata["cues"]
+        out.append(SFTExample(_ask(DESCRIBE_QUESTION), [im], describe_scene(cues, rng)))
+        kind = rng.choice(sorted(CUE_QUESTIONS))
+        question, answers = CUE_QUESTIONS[kind]
+        out.append(SFTExample(_ask(question), [im], answers[cues[kind]]))
+        out.append(SFTExample(consistency_request(describe_scene(cues, rng), im).messages, [im], "yes"))
+        other = cues
+        while other == cues:
+            other = (_one_cue_changed(cues, rng) if rng.random() < 0.5
+                     else {k: rng.choice(v) for k, v in sorted(CUE_VALUES.items())})
+        out.append(SFTExample(consistency_request(describe_scene(other, rng), im).messages, [im], "no"))
+    return out
+
+
+def instruct_key(init_dir: Path, cfg) -> str:
+    """The cache key of an instruct checkpoint: a hash of the initial model (config, tokenizer, weights) and every
+    setting the stage reads, so a change to any of them builds a new one."""
+    h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{EMOSCENES_VERSION}".encode())
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        h.update((init_dir / name).read_bytes())
+    s, d = cfg.sft, cfg.data
+    h.update(repr((s.instruct_steps, s.instruct_images, s.instruct_batch_size, s.instruct_lr, s.weight_decay,
+                   d.image_size, cfg.run.seed, cfg.model.dtype)).encode())
+    return h.hexdigest()[:16]
+
+
+def caption_recall(model, processor, samples: Sequence, images: Sequence, device) -> float:
+    """Mean share of the true cues that the model's greedy description of each image names (``cue_mentions``)."""
+    batch = processor.encode_prompts([_ask(DESCRIBE_QUESTION)] * len(images), [[im] for im in images]).to(device)
+    with torch.no_grad():
+        roll = sample(model, batch, group_size=1, max_new_tokens=32, temperature=0.0,
+                      stop_token_ids=processor.stop_token_ids, banned_token_ids=processor.banned_token_ids,
+                      tokenizer=processor)
+    return sum(cue_mentions(t, s.metadata["cues"]).recall for t, s in zip(roll.texts, samples)) / max(1, len(samples))
+
+
+def instruct_stage(exp: Experiment, out: Path) -> None:
+    """The tiny model's stand-in for an instruct checkpoint (the paper starts from Qwen2.5-VL-Instruct, which already
+    sees and answers yes/no questions): SFT on ``instruct_examples`` of ``--sft.instruct-images`` scenes drawn for
+    it, before Cold-Start SFT. Built once per setting into ``--sft.instruct-cache``/<instruct_key> and reused (like
+    a downloaded checkpoint), copied to ``RUN_DIR/instruct``, which the run then starts from
+    (``exp.source_dir``; a resumed run finds it there). Skipped for checkpoints (``--model.path``), when resuming,
+    and when ``--sft.instruct-steps`` is 0."""
+    cfg = exp.cfg
+    if cfg.model.path or cfg.sft.instruct_steps <= 0 or exp.resume_dir is not None:
+        return
+    run_dir = out / "instruct"
+    cache = Path(cfg.sft.instruct_cache) / instruct_key(exp.source_dir, cfg)
+    if not (cache / "config.json").is_file():
+        if not dist.is_main():
+            raise RuntimeError(f"instruct stage: {cache} missing on rank {dist.rank()} (rank 0 builds it first)")
+        scenes = instruct_scenes(cfg.sft.instruct_images, seed=cfg.run.seed, image_size=cfg.data.image_size)
+        images = [s.open_image() for s in scenes]
+        examples = instruct_examples(scenes, images, seed=cfg.run.seed)
+        print(f"[emor3] instruct stage: {len(scenes)} scenes, {len(examples)} examples, {cfg.sft.instruct_steps} steps "
+              f"(cached in {cache})")
+        stage = SFTConfig(steps=cfg.sft.instruct_steps, batch_size=cfg.sft.instruct_batch_size, lr=cfg.sft.instruct_lr,
+                          weight_decay=cfg.sft.weight_decay)
+        sft(exp.model, exp.processor, examples, stage, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress,
+            desc="instruct stage")
+        held_out = instruct_scenes(cfg.sft.instruct_images + 64, seed=cfg.run.seed, image_size=cfg.data.image_size)[-64:]
+        recall = caption_recall(exp.model, exp.processor, held_out, [s.open_image() for s in held_out], exp.device)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(exp.model, tmp, tokenizer_dir=exp.source_dir)
+        (tmp / "instruct.json").write_text(json.dumps({"caption_cue_recall": recall, "steps": cfg.sft.instruct_steps,
+                                                       "scenes": cfg.sft.instruct_images}, indent=1))
+        tmp.replace(cache)  # a crash never leaves a folder that looks complete
+    else:
+        exp.model.load_state_dict(load_pretrained(cache, dtype=getattr(torch, cfg.model.dtype)).state_dict())
+        print(f"[emor3] instruct stage: reusing {cache}")
+    if dist.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(cache, run_dir)
+    exp.source_dir = run_dir
+    recall = json.loads((run_dir / "instruct.json").read_text())["caption_cue_recall"]
+    print(f"[emor3] instruct model: names {100 * recall:.1f}% of the true cues when describing 64 held-out scenes")
+
+
 def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Responses + the end-of-turn token, right-padded -> ids (N, T) long and mask (N, T) float."""
     tok = processor.tokenizer
@@ -111,6 +223,7 @@ def sft(
     device: torch.device | str = "cpu",
     progress: bool = True,
     compute_dtype: torch.dtype | None = None,
+    desc: str = "Cold-Start SFT",
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``examples`` for ``cfg.steps`` steps of ``cfg.batch_size``; returns losses.
     ``compute_dtype`` (e.g. bf16 over fp32 parameters): the forward runs under autocast in it, the parameters and
@@ -127,7 +240,7 @@ def sft(
     order: list[int] = []
     losses = []
     model.train()
-    bar = tqdm(range(cfg.steps), desc="Cold-Start SFT", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
         if len(order) < cfg.batch_size:  # reshuffle per epoch
             order += torch.randperm(len(examples), generator=g).tolist()
@@ -157,6 +270,7 @@ def cold_start(exp: Experiment, out: Path) -> None:
     ``dist.rank0_first``) and the other ranks load what it saved instead of repeating it."""
     cfg = exp.cfg
     sft_dir = out / "sft"
+    instruct_stage(exp, out)
     if exp.resume_dir is not None or cfg.sft.steps <= 0:
         return
     if not dist.is_main() and (sft_dir / "config.json").is_file():

@@ -37,7 +37,7 @@ def tiny_run(tmp_path: Path, name: str, dtype: str, mixed_precision: str, plugin
         "model": {"dtype": dtype},
         "data": {"emoscenes_train": 16, "emoscenes_test": 2, "emoscenes_ood": 1, "cold_start": 4,
                  "cache_dir": str(tmp_path / "emoscenes")},
-        "sft": {"steps": 0},
+        "sft": {"steps": 0, "instruct_steps": 0},
         "grpo": {"steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 2, "group_size": 2, "micro_batch_rows": 4,
                  "max_new_tokens": 12, "lr": 2e-6, "weight_decay": 0.01},
         "reward": {"judge_max_new_tokens": 2, "plugins": [plugin]},

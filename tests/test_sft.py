@@ -1,16 +1,21 @@
-"""Cold-Start SFT: its examples (SET and RER judge answers) and that training lowers the response NLL."""
+"""Cold-Start SFT: its examples (SET and RER judge answers), that training lowers the response NLL, and the tiny
+model's instruct stage: its examples, its cache, and that a run starts from it."""
+
+import json
+from collections import Counter
+from pathlib import Path
 
 import torch
 
 from emor3.config import SFTConfig
 from emor3.data import get_taxonomy
-from emor3.data.emoscenes import make_emoscenes
+from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, cue_mentions, instruct_scenes, make_emoscenes
 from emor3.experiment import tokenizer_corpus
 from emor3.models import Processor, load_pretrained
 from emor3.models.tiny import build_tiny_checkpoint
 from emor3.rewards import SET_INSTRUCTION, parse_set
-from emor3.rewards.reflection import COHERENCE_QUESTION, CONSISTENCY_QUESTION
-from emor3.sft import judge_examples, set_examples, sft
+from emor3.rewards.reflection import COHERENCE_QUESTION, CONSISTENCY_QUESTION, words
+from emor3.sft import instruct_examples, judge_examples, set_examples, sft
 
 
 def _text(example) -> str:
@@ -51,3 +56,95 @@ def test_sft_lowers_the_response_nll(tmp_path):
     losses = sft(model, proc, examples, SFTConfig(steps=12, batch_size=8, lr=3e-3), progress=False)
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, f"SFT did not lower the NLL: {losses}"
+
+
+# ------------------------------------------------------------------------------------------------ instruct stage
+
+
+def test_instruct_examples_describe_and_check_the_scene_without_labels():
+    scenes = instruct_scenes(12, seed=0, image_size=56)
+    images = [s.open_image() for s in scenes]
+    examples = instruct_examples(scenes, images, seed=0)
+    assert len(examples) == 4 * len(scenes)
+    labels = set(get_taxonomy("mikels8").labels) | set(get_taxonomy("emotion6").labels)
+    asked = Counter()
+    for i, s in enumerate(scenes):
+        describe, question, yes, no = examples[4 * i : 4 * i + 4]
+        cues = s.metadata["cues"]
+        assert all(e.images == [images[i]] for e in (describe, question, yes, no)), "every example shows its scene"
+        assert DESCRIBE_QUESTION in _text(describe)
+        (kind,) = [k for k, (q, _) in CUE_QUESTIONS.items() if q == _text(question).strip()]
+        assert question.response == CUE_QUESTIONS[kind][1][cues[kind]], "a cue question answers with the true cue"
+        asked[kind] += 1
+        seen = cue_mentions(describe.response, cues)
+        assert seen.recall == 1.0 and not seen.wrong, describe.response
+        assert yes.response == "yes" and no.response == "no"
+        assert CONSISTENCY_QUESTION in _text(yes) and CONSISTENCY_QUESTION in _text(no)
+        claimed_yes = cue_mentions(_text(yes).split(CONSISTENCY_QUESTION)[1], cues)
+        claimed_no = cue_mentions(_text(no).split(CONSISTENCY_QUESTION)[1], cues)
+        assert claimed_yes.recall == 1.0 and not claimed_yes.wrong, "'yes' must pair the scene with its own description"
+        assert claimed_no.wrong, "'no' must pair the scene with a description that claims a cue it lacks"
+        for e in (describe, question, yes, no):
+            assert not labels & set(words(e.response + " " + _text(e))), "the instruct stage teaches no emotion label"
+    assert set(asked) == set(CUE_QUESTIONS), f"every cue kind is asked about: {asked}"
+    # the scenes are drawn from their own seeds: no image of a benchmark split is among them
+    bench = make_emoscenes(seed=0, n_train=12, n_test=12, n_ood=12, image_size=56)
+    keys = {s.image.key for ds in bench.values() for s in ds.samples}
+    assert not keys & {s.image.key for s in scenes}
+    again = instruct_scenes(12, seed=0, image_size=56)
+    assert [s.image.key for s in again] == [s.image.key for s in scenes], "seeded: the same scenes every time"
+
+
+def _count_sft_calls(monkeypatch) -> list[str]:
+    import emor3.sft as sft_module
+
+    calls, real = [], sft_module.sft
+
+    def counted(*a, desc="Cold-Start SFT", **kw):
+        calls.append(desc)
+        return real(*a, desc=desc, **kw)
+
+    monkeypatch.setattr(sft_module, "sft", counted)
+    return calls
+
+
+def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypatch):
+    from test_train import tiny_config
+
+    from emor3.config import parse_args
+    from emor3.experiment import build_experiment
+    from emor3.grpo.train import train
+
+    cache = tmp_path / "instruct-cache"
+    stage = {"instruct_steps": 3, "instruct_images": 8, "instruct_batch_size": 4, "instruct_cache": str(cache)}
+    calls = _count_sft_calls(monkeypatch)
+    first = tiny_config(tmp_path / "a", sft=stage, grpo={"steps": 1})
+    train(first)
+    out = Path(first.run.out)
+    assert calls == ["instruct stage", "Cold-Start SFT"]
+    (built,) = list(cache.iterdir())
+    init, instruct = _params(out / "init"), _params(out / "instruct")
+    assert _same(_params(built), instruct), "RUN_DIR/instruct is the cached checkpoint"
+    assert any(not torch.equal(init[k], instruct[k]) for k in init), "the instruct stage trained nothing"
+    assert 0.0 <= json.loads((out / "instruct" / "instruct.json").read_text())["caption_cue_recall"] <= 1.0
+
+    calls.clear()
+    second = tiny_config(tmp_path / "b", sft=stage, grpo={"steps": 1})
+    train(second)
+    assert calls == ["Cold-Start SFT"], "the same settings reuse the cached instruct checkpoint"
+    assert _same(_params(Path(second.run.out) / "instruct"), instruct)
+    assert _same(_params(Path(second.run.out) / "sft"), _params(out / "sft")), "a run from the cache is the same run"
+
+    resumed = build_experiment(parse_args(["--resume", str(out)], "test", ""), out)
+    assert resumed.source_dir == out / "instruct", "a resumed run starts from its instruct model, not the init"
+
+    train(tiny_config(tmp_path / "c", sft={**stage, "instruct_steps": 4}, grpo={"steps": 1}))
+    assert len(list(cache.iterdir())) == 2, "another setting builds (and caches) another instruct checkpoint"
+
+
+def _params(folder: Path) -> dict:
+    return dict(load_pretrained(folder).state_dict())
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -146,7 +146,7 @@ def test_sft_skipped_message_says_how_to_make_traces(tmp_path, capsys):
     data, _ = _dataset(tmp_path, ["awe", "fear"])
 
     class Exp:  # what cold_start reads of an Experiment
-        cfg = Config(data=DataConfig(train=str(data)))
+        cfg = Config(data=DataConfig(train=str(data)), sft=SFTConfig(instruct_steps=0))
         resume_dir, cold_start = None, None
 
     cold_start(Exp(), tmp_path / "run")

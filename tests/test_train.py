@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A run small enough for CI: 2 prompts x 2 samples, 16 new tokens, a handful of eval images.
 TINY = {
     "data": {"emoscenes_train": 16, "emoscenes_test": 4, "emoscenes_ood": 2, "cold_start": 4},
-    "sft": {"steps": 2, "batch_size": 4},
+    "sft": {"steps": 2, "batch_size": 4, "instruct_steps": 0},
     "grpo": {"steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 2, "group_size": 2, "micro_batch_rows": 2,
              "max_new_tokens": 16, "lr": 1e-3, "weight_decay": 0.0},
     "reward": {"judge_max_new_tokens": 3},

@@ -59,7 +59,7 @@ def test_two_epochs_of_two_mini_batches_match_a_hand_computation(tmp_path, plugi
     cfg = config_from_dict({
         "data": {"emoscenes_train": 16, "emoscenes_test": 2, "emoscenes_ood": 1, "cold_start": 2,
                  "cache_dir": str(tmp_path / "emoscenes")},
-        "sft": {"steps": 0},
+        "sft": {"steps": 0, "instruct_steps": 0},
         "grpo": {"algo": "grpo", "kl_coef": 0.0, "prompts_per_step": B, "mini_batch_prompts": MINI, "epochs": EPOCHS,
                  "group_size": G, "micro_batch_rows": G, "max_new_tokens": 8, "lr": LR, "weight_decay": 0.01},
         "reward": {"plugins": [plugin]},

@@ -524,6 +524,41 @@ STEP3 = (
 )
 
 
+# the instruct stage's questions (emor3.sft.instruct_examples): a description, and one question per cue kind with
+# its answer per cue value
+DESCRIBE_QUESTION = "Describe the image."
+CUE_QUESTIONS = {
+    "face": ("Is the face smiling or frowning?", {"smile": "smiling", "frown": "frowning"}),
+    "sky": ("What is the sky like?", {"sunny": "sunny", "stormy": "stormy", "dusk": "dusk", "night": "night"}),
+    "object": ("What object is in the image?", {v: v for v in OBJECTS}),
+}
+
+
+def describe_scene(cues: dict[str, str], rng: random.Random | None = None) -> str:
+    """A one-sentence description of a scene's three cues (one of the `STEP1` phrasings, seeded by rng): what an
+    instruct model would say when asked to describe the image, and step 1 of a cold-start trace."""
+    rng = rng or random.Random(0)
+    return rng.choice(STEP1).format(face=FACE_WORDS[cues["face"]], sky=SKY_WORDS[cues["sky"]], object=cues["object"])
+
+
+def instruct_scenes(n: int, *, seed: int, image_size: int = 112) -> list[Sample]:
+    """n scenes for the tiny model's instruct stage (captions and yes/no questions, no emotion labels): the base
+    rendering, drawn from their own seeds (``emoscenes:<seed>:instruct:<i>``), so no image of a benchmark split is
+    among them; cues in shuffled full rounds of the 32 combinations. Images are drawn lazily (`SceneImage`)."""
+    order_rng = random.Random(f"emoscenes:{seed}:instruct:order")
+    cue_list: list[dict[str, str]] = []
+    while len(cue_list) < n:
+        block = all_cue_combinations()
+        order_rng.shuffle(block)
+        cue_list.extend(block)
+    out = []
+    for i, cues in enumerate(cue_list[:n]):
+        image = SceneImage(tuple(sorted(cues.items())), image_size, BASE_STYLE, f"emoscenes:{seed}:instruct:{i}")
+        out.append(Sample(f"emoscenes-instruct-{i:05d}", image, rule_label(cues), "mikels8",
+                          {"cues": dict(cues), "split": "instruct"}))
+    return out
+
+
 def coldstart_trace(cues: dict[str, str], taxonomy: str = "mikels8", rng: random.Random | None = None) -> str:
     """A short SET-formatted reference response for a scene, phrased at random (seeded by rng)."""
     rng = rng or random.Random(0)
