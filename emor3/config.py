@@ -221,6 +221,9 @@ class RewardConfig:
     judge_max_new_tokens: int = _f(0, "Longest judge reply in sample mode. 0: 32 with a checkpoint (--model.path; an "
                                       "instruct model may answer 'Based on the image, yes'), 8 with the tiny model, "
                                       "which answers in one word (docs/method.md, \"Where the paper is silent\").")
+    judge_share_prefix: bool = _f(True, "Prefill each prompt's judge prefix (chat header, image, question) once for "
+                                        "its G consistency questions, then only each step 1; same scores as "
+                                        "prefilling every question whole (off).")
     missing_step: str = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
                                    "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
                                    "(release with a checkpoint, neutral with the tiny model).")

@@ -166,7 +166,8 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
     reflection = None
     if exp.algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
         judge = ModelJudge(exp.reference if cfg.reward.judge == "reference" else exp.model, exp.processor,
-                           max_new_tokens=cfg.judge_reply_tokens(), seed=generator)
+                           max_new_tokens=cfg.judge_reply_tokens(), seed=generator,
+                           share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
                              mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule()).components()
     rewards = compute_rewards(

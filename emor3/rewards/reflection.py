@@ -37,7 +37,7 @@ step 1 or 2 (coherence) cannot be extracted or is empty, that judge is not asked
 
 Batching: all consistency prompts of a rollout batch go to the judge as one batch, all coherence prompts as another
 (`ModelJudge` may split them into `max_batch_size` chunks to bound memory). Within a batch `ModelJudge` shares
-prefixes (`share_prefix=True`, the default): the G consistency prompts of a GRPO group
+prefixes (`share_prefix=True`, the default; `--reward.judge-share-prefix`): the G consistency prompts of a GRPO group
 hold the same chat header, image and question and differ only in step 1, so requests about the same image object
 are grouped, their longest common token prefix is prefilled once (its image encoded once by the vision tower) and
 copied to their cache rows, and only each request's rest (step 1, the end of the user turn, the assistant header)
