@@ -93,6 +93,26 @@ def test_encode_prompts_matches_transformers_processor(ckpt):
     assert proc.decode(batch.input_ids[1][am[1].bool()]).startswith("system\nBe brief.")
 
 
+def test_a_shared_image_is_preprocessed_once_with_the_same_batch(ckpt, monkeypatch):
+    """The G judge prompts of a group pass the same image object: it is preprocessed once, and the batch equals
+    the one built from separate copies of the image (transformers' processor on the copies is the reference)."""
+    d, _ = ckpt
+    proc = Processor.from_pretrained(d)
+    shared, other = Image.new("RGB", (150, 90), (10, 90, 200)), Image.new("L", (112, 112), 128)
+    msgs, _ = messages()
+    rows = [msgs[0], msgs[2], msgs[0], msgs[1]]
+    batch_copies = proc.encode_prompts(rows, [[shared.copy()], [shared.copy(), other.copy()], [shared.copy()], []])
+    seen = []
+    real = proc.image_processor.__class__.__call__
+    monkeypatch.setattr(proc.image_processor.__class__, "__call__",
+                        lambda self, images, **kw: seen.append(len(images)) or real(self, images=images, **kw))
+    batch = proc.encode_prompts(rows, [[shared], [shared, other], [shared], []])
+    assert seen == [2], f"the shared image must be preprocessed once: {seen}"
+    for name in ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "next_position"):
+        assert torch.equal(getattr(batch, name), getattr(batch_copies, name)), name
+    assert batch.num_images == [1, 2, 1, 0]
+
+
 def test_tiny_checkpoint_same_logits_as_transformers_on_processed_batch(ckpt):
     d, _ = ckpt
     proc = Processor.from_pretrained(d)

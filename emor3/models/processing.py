@@ -137,12 +137,24 @@ class Processor:
         for i, imgs in enumerate(images_list):
             imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
             counts.append(len(imgs))
-            flat_images += [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in imgs]
+            flat_images += imgs
         pixel_values = grid = None
         if flat_images:
-            out = self.image_processor(images=flat_images, return_tensors="pt")
+            # an image object that several prompts share (the G judge prompts of a group) is preprocessed once
+            unique, slot, first = [], [], {}
+            for im in flat_images:
+                if id(im) not in first:
+                    first[id(im)] = len(unique)
+                    unique.append(im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im)
+                slot.append(first[id(im)])
+            out = self.image_processor(images=unique, return_tensors="pt")
             pixel_values = out["pixel_values"]  # (patches, C*t*p*p)
             grid = out["image_grid_thw"].long()  # (I, 3)
+            if len(unique) < len(flat_images):  # the patches of image slot[j], in prompt order
+                sizes = grid.prod(-1)
+                starts = torch.cumsum(sizes, 0) - sizes
+                pixel_values = torch.cat([pixel_values[starts[k] : starts[k] + sizes[k]] for k in slot])
+                grid = grid[slot]
         n_tokens = (grid.prod(-1) // self.merge_size ** 2).tolist() if grid is not None else []
         rows, k = [], 0
         for i, msgs in enumerate(messages_list):
