@@ -214,3 +214,8 @@ def test_write_load_validate_round_trip(tmp_path, capsys):
     assert "ood_shortcut" in paths
     disk = load_dataset(tmp_path / "sc", split="train")
     assert disk[0].metadata["shortcut"] in MIKELS8.labels, "the badge's label survives the manifest"
+    capsys.readouterr()
+    assert cli(["emoscenes", str(tmp_path / "cli"), "--n-train", "4", "--n-test", "2", "--n-ood", "2",
+                "--n-coldstart", "0", "--variant", "shortcut"]) == 0
+    assert "ood_shortcut:" in capsys.readouterr().out
+    assert load_dataset(tmp_path / "cli", split="test")[0].metadata["shortcut"] in MIKELS8.labels

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from emor3.data.dataset import BadSampleError
 from emor3.data.loaders import EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset
+from emor3.data.emoscenes import VARIANTS
 
 
 def _targets(path: Path, split: str | None) -> list[str | None]:
@@ -80,7 +81,7 @@ def emoscenes(args: argparse.Namespace) -> int:
     from emor3.data.emoscenes import write_emoscenes
     paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                             n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
-                            n_coldstart=args.n_coldstart, overwrite=args.overwrite)
+                            n_coldstart=args.n_coldstart, overwrite=args.overwrite, variant=args.variant)
     for split, p in paths.items():
         print(f"{split}: {p}")
     print(f"check with: python -m emor3.data validate {args.out_dir}")
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
     e.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="probability that a training label is replaced by a random other label")
+    e.add_argument("--variant", choices=VARIANTS, default="default",
+                   help="default, or shortcut: a badge whose colour gives the label in train/test only, drawn "
+                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 
