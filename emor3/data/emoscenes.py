@@ -72,7 +72,7 @@ from PIL import Image, ImageDraw
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
-VERSION = 2  # bump when drawing or rule changes, so cached folders are regenerated
+VERSION = 3  # bump when drawing or rule changes, so cached folders are regenerated
 
 FACES = ("smile", "frown")
 SKIES = ("sunny", "stormy", "dusk", "night")
@@ -232,17 +232,19 @@ def _draw_face(d: ImageDraw.ImageDraw, face: str, x: float, y: float, r: float, 
     e = 0.12 * r
     for ex in (x - 0.38 * r, x + 0.38 * r):
         d.ellipse([ex - e, y - 0.3 * r - e, ex + e, y - 0.3 * r + e], fill=pal["ink"])
-    # the expression is drawn big and filled (a tiny ViT sees 14 px patches): a smile is a half-disc mouth flat on
-    # top and round below, with raised brows; a frown is the same half-disc upside down, with brows slanting down
-    mw, mh, bw = 0.6 * r, 0.5 * r, _w(S, 1 / 36)
+    # the expression is drawn big (a tiny ViT sees 14 px patches) and differs in more than its shape, since a shape
+    # alone inside one or two patches was learned late or never, depending on the seed: a smile is a wide open grin
+    # (a filled half-disc, flat on top) with raised brows; a frown is a thin mouth line curving down, with heavy
+    # brows slanting down, so the lower face is mostly ink in a smile and mostly skin in a frown
+    mw, mh, bw = 0.7 * r, 0.6 * r, _w(S, 1 / 36)
     if face == "smile":
         d.chord([x - mw, y - 0.05 * r - mh, x + mw, y - 0.05 * r + mh], 0, 180, fill=pal["ink"])
         for ex in (x - 0.38 * r, x + 0.38 * r):
             d.arc([ex - 0.22 * r, y - 0.62 * r, ex + 0.22 * r, y - 0.38 * r], 200, 340, fill=pal["ink"], width=bw)
     elif face == "frown":
-        d.chord([x - mw, y + 0.65 * r - mh, x + mw, y + 0.65 * r + mh], 180, 360, fill=pal["ink"])
-        d.line([(x - 0.6 * r, y - 0.62 * r), (x - 0.15 * r, y - 0.45 * r)], fill=pal["ink"], width=bw)
-        d.line([(x + 0.6 * r, y - 0.62 * r), (x + 0.15 * r, y - 0.45 * r)], fill=pal["ink"], width=bw)
+        d.arc([x - 0.5 * r, y + 0.3 * r, x + 0.5 * r, y + 0.9 * r], 200, 340, fill=pal["ink"], width=bw)
+        d.line([(x - 0.65 * r, y - 0.65 * r), (x - 0.1 * r, y - 0.4 * r)], fill=pal["ink"], width=2 * bw)
+        d.line([(x + 0.65 * r, y - 0.65 * r), (x + 0.1 * r, y - 0.4 * r)], fill=pal["ink"], width=2 * bw)
     else:
         raise ValueError(f"unknown face {face!r}; known: {FACES}")
 
