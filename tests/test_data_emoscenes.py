@@ -177,6 +177,9 @@ def test_cue_mentions_hand_cases():
     cues = dict(face="smile", sky="stormy", object="spider")
     m = cue_mentions("A smiling person under lightning, with no spider in sight.", cues)
     assert m.named == {"face": True, "sky": True, "object": False}, "negated mention must not count"
+    m = cue_mentions("The sky is not sunny, a spider and a grin.", cues)
+    assert m.named == {"face": True, "sky": False, "object": True}, "a negation ends at the clause's punctuation"
+    assert cue_mentions("A smile without a big spider.", cues).named["object"] is False
     m = cue_mentions("A frowning face at sunset next to a gift.", cues)
     assert m.named == {"face": False, "sky": False, "object": False}
     assert set(m.wrong) == {("face", "frown"), ("sky", "dusk"), ("object", "gift")}

@@ -2,7 +2,8 @@
 
 Every image shows three cues, drawn as large, high-contrast shapes so that a ~1-3M parameter ViT with 14 px patches
 can learn them from a few hundred 112x112 images (8x8 patches, 16 merged tokens):
-- face (the person's expression): smile | frown (a big face disc; the mouth arc is the cue);
+- face (the person's expression): smile | frown (a big face disc: a wide open grin, or a thin mouth line curving
+  down under heavy brows);
 - sky (environment and light): sunny (blue, sun with rays) | stormy (grey, cloud and lightning) |
   dusk (orange-to-purple gradient, red sun) | night (dark blue, crescent moon, stars);
 - object: gift (box with ribbon) | heart | spider | flower.
@@ -586,7 +587,9 @@ CUE_SYNONYMS = {
                "spider": ("spider", "spiders", "tarantula"),
                "flower": ("flower", "flowers", "blossom", "bloom", "daisy")},
 }
-_NEGATION = re.compile(r"\b(no|not|without|never|nor|isn't|aren't|n't)\W+(\w+\W+){0,2}$", re.I)
+# a negation word, then at most two words before the mention, within one clause: "no big spider" negates the spider,
+# "not stormy, a spider" does not (punctuation ends the negation's scope)
+_NEGATION = re.compile(r"\b(no|not|without|never|nor|isn't|aren't|n't)\s+(\w+\s+){0,2}$", re.I)
 
 
 @dataclass(frozen=True)
