@@ -19,6 +19,9 @@ hallucinated-cue rate. Printed whatever the outcome; written to runs/ablation/ab
 
     python benchmarks/ablation.py                                   # 5 seeds, both benchmarks, default settings
     python benchmarks/ablation.py --seeds 0,1 --benchmarks shortcut --extra --grpo.steps 10   # quicker
+    python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # one process per core,
+    python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
+    python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
 
 Cost: one default EMO-R3 run is ~10-15 min on a 2-core CPU with nothing else running; the full ablation is 5 seeds
 x (3 runs on ``default`` + 2 on ``shortcut``) = 25 runs, about 4-6 hours there.
@@ -165,6 +168,24 @@ def write_results_md(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def merge(paths: list[Path], results_md: Path | None) -> str:
+    """One report from several ablation.json files (seeds run in separate processes, e.g. one per core): rows in
+    the order of the files' seeds; the wall time is the longest run's, the load range covers them all."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    seeds = [s for part in parts for s in part["seeds"][: max(len(v) for v in part["rows"].values())]]
+    results: dict[str, list] = {}
+    for part in parts:
+        for bench, rows in part["rows"].items():
+            results.setdefault(bench, []).extend(rows)
+    command = " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py --merge " + \
+        " ".join(map(str, paths))
+    text, _ = report(results, seeds, max(part["wall_s"] for part in parts), command, parts[0]["threads"],
+                     [x for part in parts for x in part["loads"]])
+    if results_md:
+        write_results_md(results_md, text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
@@ -172,8 +193,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
     ap.add_argument("--results-md", type=Path, default=Path(__file__).with_name("RESULTS.md"),
                     help="where the tables go at the end (empty: nowhere)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="ABLATION_JSON",
+                    help="run nothing: merge the ablation.json of runs made in separate processes into one report")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     a = ap.parse_args()
+    if a.merge:
+        print(merge(a.merge, a.results_md if str(a.results_md) else None))
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
     benches = [b for b in a.benchmarks.split(",") if b]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +212,9 @@ def main() -> None:
             results[bench].append(run_seed(seed, a.out, bench, a.extra))
             loads.append(os.getloadavg()[0])
             text, paired = report(results, seeds, time.time() - t0, command, torch.get_num_threads(), loads)
-            (a.out / "ablation.json").write_text(json.dumps({"seeds": seeds, "rows": results, "paired": paired},
-                                                            indent=2))
+            (a.out / "ablation.json").write_text(json.dumps(
+                {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": time.time() - t0,
+                 "threads": torch.get_num_threads(), "loads": loads}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
             print(f"[ablation] {bench} seed {seed} done after {time.time() - t0:.0f} s", flush=True)
     if a.results_md and str(a.results_md):
