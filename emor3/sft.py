@@ -207,8 +207,8 @@ def instruct_stage(exp: Experiment, out: Path) -> None:
         shutil.copytree(cache, run_dir)
     exp.source_dir = run_dir
     recall = json.loads((run_dir / "instruct.json").read_text())["caption_cue_recall"]
-    print(f"[emor3] instruct model: describing 64 held-out scenes, it names the true face in {100 * recall['face']:.0f}%, "
-          f"sky {100 * recall['sky']:.0f}%, object {100 * recall['object']:.0f}%")
+    print(f"[emor3] instruct model: describing 64 held-out scenes, it names the true face in "
+          f"{100 * recall['face']:.0f}%, sky {100 * recall['sky']:.0f}%, object {100 * recall['object']:.0f}%")
 
 
 def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
