@@ -86,7 +86,7 @@ class DataConfig:
     cache_dir: str = _f(".cache/emoscenes", "Where EmoScenes images are cached on disk.")
     emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
     emoscenes_test: int = _f(400, "EmoScenes in-domain test images.")
-    emoscenes_ood: int = _f(200, "EmoScenes images per out-of-domain split.")
+    emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split.")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
     emoscenes_variant: str = _f("default", "EmoScenes variant: default, or shortcut (a badge whose colour gives the "

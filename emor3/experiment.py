@@ -3,7 +3,7 @@
 Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``; building runs
 nothing (no training, no evaluation): the entry points run the stages on what it builds.
 1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
-   ood_render, ood_emotion6 out-of-domain (ood_binary is drawn but not evaluated: emor3.data.emoscenes says why);
+   ood_render out-of-domain (ood_emotion6 and ood_binary are drawn but not evaluated: emor3.data.emoscenes says why);
    cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
 2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
