@@ -222,3 +222,21 @@ def test_write_load_validate_round_trip(tmp_path, capsys):
                 "--n-coldstart", "0", "--variant", "shortcut"]) == 0
     assert "ood_shortcut:" in capsys.readouterr().out
     assert load_dataset(tmp_path / "cli", split="test")[0].metadata["shortcut"] in MIKELS8.labels
+
+
+def test_two_processes_writing_the_same_folder_both_get_whole_files(tmp_path):
+    """Two runs of the same seed share a cache folder: each writes through its own temporary files, so neither
+    reads a partial image or manifest, and nothing temporary is left behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from emor3.data.emoscenes import load_emoscenes; "
+            "d = load_emoscenes(sys.argv[1], seed=0, n_train=96, n_test=32, n_ood=32, n_coldstart=8); "
+            "[ds.image(i) for ds in d.values() for i in range(len(ds))]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    (folder,) = list(tmp_path.iterdir())
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert cli(["validate", str(folder)]) == 0

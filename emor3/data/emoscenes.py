@@ -65,6 +65,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -471,13 +472,22 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
             if s.id not in written:
                 rel = f"images/{s.metadata['split']}/{s.id}.png"
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                s.open_image().save(out_dir / rel)
+                _write_atomic(out_dir / rel, lambda f: s.open_image().save(f, format="PNG"))
                 written[s.id] = rel
             rows.append({"id": s.id, "image": written[s.id], "label": s.label, "taxonomy": s.taxonomy,
                          **s.metadata})
         write_manifest(paths[split], rows)
-    stamp.write_text(json.dumps(config, indent=1))
+    _write_atomic(stamp, lambda f: f.write(json.dumps(config, indent=1).encode()))
     return paths
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file of this process, then rename it to ``path``: runs that share a cache
+    folder (the same seed in two processes) write the same bytes, and none ever reads a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
 
 
 def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,

@@ -37,6 +37,7 @@ zero-size image, unknown label, malformed JSON line or row, duplicate id; and an
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from collections import Counter
@@ -668,10 +669,11 @@ def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_ba
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows as JSONL atomically (a temp file then rename)."""
+    """Write rows as JSONL atomically (a temp file of this process, then rename), so a reader, or another process
+    writing the same manifest, never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
