@@ -7,11 +7,19 @@ no top-k / top-p, the vision special tokens suppressed. The baseline is what TRL
 expanded G times before prefill, so every prompt and image is processed G times). The transformers model is loaded
 with ``from_pretrained`` from a folder written by emor3's ``save_pretrained``, so the weights are identical.
 
-Reported per config: wall seconds and generated tokens/s of each, the ratio, and the KV-cache bytes per token
-(layers · 2 · kv_heads · head_dim · bytes per element). ``--compile`` adds a run of ``sample(compile=True)``
-(its compile time reported separately, after one warm-up rollout).
+Reported per config: wall seconds and generated tokens/s of each, the ratio, the KV-cache bytes per token
+(layers · 2 · kv_heads · head_dim · bytes per element) and the peak memory of each side's first timed rollout
+(CPU: the rise of the peak RSS over the state before it, VmHWM reset through /proc/self/clear_refs, with glibc's mmap
+threshold fixed at 64 KiB so freed blocks go back to the OS, as in bench_update.py; CUDA:
+``torch.cuda.max_memory_allocated`` above the memory in use before it). ``--compile`` adds a run of
+``sample(compile=True)`` (its compile time reported separately, after one warm-up rollout).
+
+The config "emoset" is the EmoSet-shaped workload of bench_update.py: the "100m" size, B = 2 prompts x G = 8 = 16
+rows x 96 new tokens, each prompt one 448 x 448 image (32 x 32 patches, 256 merged tokens) and text up to P = 425
+(``bench_update.make_prompts``); it ignores --prompts, --group, --new-tokens and --image-grid.
 
     .venv/bin/python benchmarks/bench_sampler.py                       # CPU: tiny and 100m, fp32
+    .venv/bin/python benchmarks/bench_sampler.py --configs emoset --threads 1 --repeats 2
     .venv/bin/python benchmarks/bench_sampler.py --configs tiny --compile
     benchmarks/gpu_sampler.sh                                          # GPU: bf16, with and without compile
 
@@ -22,17 +30,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_update import _MMAP_ENV, make_prompts, peak_mb  # noqa: E402
 from emor3.engine.sampler import sample
 from emor3.models.checkpoint import save_pretrained
 from emor3.models.positions import mrope_position_ids
 from emor3.models.processing import PromptBatch
 from emor3.models.qwen_vl import QwenVL
 from emor3.models.tiny import tiny_config
+
+# the EmoSet-shaped workload (bench_update.py's default): model size, B, G, new tokens, image side in patches, P
+EMOSET = dict(size="100m", prompts=2, group=8, new_tokens=96, image_grid=32, prompt_len=425)
 
 
 def make_batch(cfg, B: int, seed: int, device, grid_side: int = 8) -> PromptBatch:
@@ -102,15 +120,21 @@ def sync(device: str) -> None:
 def bench_config(name: str, args) -> dict:
     import transformers
 
+    emoset = name == "emoset"
+    if emoset:
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in EMOSET.items() if k != "size"}})
     dtype = getattr(torch, args.dtype)
-    cfg = tiny_config(name)
+    cfg = tiny_config(EMOSET["size"] if emoset else name)
     torch.manual_seed(0)
     model = QwenVL(cfg).init_weights(0).to(dtype=dtype, device=args.device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, d)
         hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(args.device).eval()
-    batch = make_batch(cfg, args.prompts, seed=1, device=args.device, grid_side=args.image_grid)
+    if emoset:
+        batch = make_prompts(cfg, args.prompts, args.prompt_len, args.image_grid, seed=1, device=args.device)
+    else:
+        batch = make_batch(cfg, args.prompts, seed=1, device=args.device, grid_side=args.image_grid)
     t = cfg.text
     kv_bytes = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
 
@@ -122,15 +146,22 @@ def bench_config(name: str, args) -> dict:
     res = {"config": name, "params_M": round(n_params / 1e6, 1), "device": args.device, "dtype": args.dtype,
            "rows": args.prompts * args.group, "new_tokens": args.new_tokens, "kv_bytes_per_token": kv_bytes,
            "prompt_len": batch.input_ids.shape[1]}
-    # interleaved repeats, best of each: the CPU is shared, so the minimum is the least-disturbed measurement
-    hf_runs, ours_runs = [], []
-    for _ in range(args.repeats):
+    # interleaved repeats, best of each: the CPU is shared, so the minimum is the least-disturbed measurement;
+    # the first repeat of each also gives its peak memory
+    hf_runs, ours_runs, peak = [], [], {}
+    device = torch.device(args.device)
+    for i in range(args.repeats):
+        if i == 0:
+            peak["hf"] = peak_mb(lambda: hf_runs.append(run_hf(hf, batch, args, cfg)), device)
+            peak["ours"] = peak_mb(lambda: ours_runs.append(run_ours(model, batch, args)), device)
+            continue
         hf_runs.append(run_hf(hf, batch, args, cfg))
         ours_runs.append(run_ours(model, batch, args))
     (hf_s, hf_tok), (ours_s, ours_tok) = min(hf_runs), min(ours_runs)
     res.update(hf_all_s=[round(r[0], 2) for r in hf_runs], ours_all_s=[round(r[0], 2) for r in ours_runs])
     res.update(hf_s=round(hf_s, 2), hf_tok_s=round(hf_tok / hf_s, 1), ours_s=round(ours_s, 2),
-               ours_tok_s=round(ours_tok / ours_s, 1), ratio=round(hf_s / ours_s, 2))
+               ours_tok_s=round(ours_tok / ours_s, 1), ratio=round(hf_s / ours_s, 2),
+               hf_peak_mb=round(peak["hf"]), ours_peak_mb=round(peak["ours"]))
     if args.compile:
         t0 = time.perf_counter()
         run_ours(model, batch, args, compile=True)  # first call compiles
@@ -142,7 +173,8 @@ def bench_config(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="tiny,100m", help="comma-separated names from emor3.models.tiny.NAMED")
+    ap.add_argument("--configs", default="tiny,100m", help="comma-separated names from emor3.models.tiny.NAMED, or "
+                    "emoset (the EmoSet-shaped workload, see the docstring)")
     ap.add_argument("--prompts", type=int, default=8, help="B")
     ap.add_argument("--group", type=int, default=8, help="G (rows = B·G)")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -154,6 +186,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
+    if args.device == "cpu" and os.environ.get(_MMAP_ENV) != "65536":  # see the docstring: RSS tracks live memory
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, _MMAP_ENV: "65536"})
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
@@ -165,7 +199,8 @@ def main() -> None:
         if args.compile:
             line += (f"; compiled {res['compiled_s']} s ({res['compiled_tok_s']} tok/s, ratio {res['compiled_ratio']}x,"
                      f" first call {res['compile_first_call_s']} s)")
-        line += f"; KV cache {res['kv_bytes_per_token']} B/token"
+        line += (f"; peak +{res['hf_peak_mb']} MB (generate) / +{res['ours_peak_mb']} MB (sample); "
+                 f"KV cache {res['kv_bytes_per_token']} B/token")
         print(line, flush=True)
         print("json", json.dumps(res), flush=True)
 
