@@ -24,9 +24,9 @@ Timing. emor3: ``emor3.grpo.train.train(cfg)`` in-process, per-step ``time/*`` a
 from RUN_DIR/metrics.jsonl. TRL: a ``TrainerCallback`` takes the wall time between consecutive ``on_step_end``
 calls (so data loading, generation, scoring, reference, forward/backward and the optimizer are all inside), and
 the trainer's ``model.generate``, ``_calculate_rewards`` and reference log-prob calls are wrapped with timers for
-the split. Both report the median over the steps after the first (the first pays one-off allocation costs), and the prompt
-lengths P and image grids each side actually fed its model (emor3: ``Processor.encode_prompts``; TRL: the prompt ids
-and ``image_grid_thw`` its generation receives), so a mismatch in the inputs shows.
+the split. Both report the median over the steps after the first (the first pays one-off allocation costs), and
+the prompt lengths P and image grids each side actually fed its model (emor3: ``Processor.encode_prompts``; TRL:
+the prompt ids and ``image_grid_thw`` its generation receives), so a mismatch in the inputs shows.
 Each side runs in its own subprocess, one after the other, so its peak RSS (``ru_maxrss``, the high-water mark
 of the process: weights, reference copy, optimizer state, activations) is its own.
 
@@ -71,6 +71,7 @@ class Workload:
     image_size: int = 112
     max_new_tokens: int = 64
     micro_batch_rows: int = B * G
+    algo: str = "grpo"  # emor3's preset; "emo_r3" adds the RER judge (emor3 alone: TRL has no judge)
 
     def model_dir(self, work: Path) -> Path:
         return work / ("model" if (self.model, self.image_size) == ("tiny", 112) else
@@ -78,7 +79,7 @@ class Workload:
 
     def cli(self) -> list[str]:
         return ["--model", self.model, "--image-size", str(self.image_size), "--max-new-tokens",
-                str(self.max_new_tokens), "--micro-batch-rows", str(self.micro_batch_rows)]
+                str(self.max_new_tokens), "--micro-batch-rows", str(self.micro_batch_rows), "--algo", self.algo]
 
 
 def rss_peak_mb() -> float:
@@ -170,13 +171,13 @@ def run_emor3(work: Path, steps: int, w: Workload, sample_chunk: int = B) -> dic
         "data": {"cache_dir": str(work / "emoscenes"), "emoscenes_train": es["n_train"], "emoscenes_test": es["n_test"],
                  "emoscenes_ood": es["n_ood"], "image_size": w.image_size, "cold_start": 0},
         "sft": {"steps": 0},
-        "grpo": {"algo": "grpo", "steps": steps, "prompts_per_step": B, "group_size": G, "mini_batch_prompts": B,
+        "grpo": {"algo": w.algo, "steps": steps, "prompts_per_step": B, "group_size": G, "mini_batch_prompts": B,
                  "micro_batch_rows": w.micro_batch_rows, "epochs": 1, "max_new_tokens": w.max_new_tokens,
-                 "temperature": 1.0,
-                 "top_p": 1.0, "top_k": 0, "lr": LR, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
-                 "kl_coef": BETA, "kl_kind": "k3", "loss_agg": "token-mean", "clip_low": CLIP_LOW,
-                 "clip_high": CLIP_HIGH, "sample_chunk": sample_chunk},
-        "reward": {"weights": f"accuracy={W_ACCURACY},format={W_FORMAT}"},
+                 "temperature": 1.0, "top_p": 1.0, "top_k": 0, "lr": LR, "weight_decay": WEIGHT_DECAY,
+                 "grad_clip": GRAD_CLIP, "kl_coef": BETA, "kl_kind": "k3", "loss_agg": "token-mean",
+                 "clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, "sample_chunk": sample_chunk},
+        # --algo emo_r3: the paper's weights, RER terms included
+        "reward": {"weights": f"accuracy={W_ACCURACY},format={W_FORMAT}" if w.algo == "grpo" else "paper"},
         "eval": {"max_new_tokens": 4, "batch_size": 8},
         "run": {"out": str(out), "seed": SEED, "progress": False, "sample_every": 0},
     })
@@ -197,6 +198,7 @@ def run_emor3(work: Path, steps: int, w: Workload, sample_chunk: int = B) -> dic
         # rollout = sampling + decoding texts + rule rewards (judge is 0 with --algo grpo)
         "split_s": {"generation+rewards": split["rollout"] + split["judge"], "reference": split["reference"],
                     "update": split["update"]},
+        "phases_s": split,  # the same medians with the RER judge apart from the rollout
         "completion_len_mean": statistics.mean(r["completion_len_mean"] for r in rows),
         "reward_mean": statistics.mean(r["reward/total"] for r in rows),
         "peak_rss_mb_training": max(r["peak_memory_mb"] for r in rows),  # before the final evaluation
@@ -405,13 +407,17 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap T")
     p.add_argument("--micro-batch-rows", type=int, default=B * G,
                    help=f"rows per forward/backward on both sides (gradient accumulation over {B * G} // this)")
+    p.add_argument("--algo", default="grpo", choices=["grpo", "emo_r3"],
+                   help="emor3's preset (emo_r3 adds the RER judge, which TRL lacks: only with --side emor3)")
     p.add_argument("--json", default="", help="write the result(s) as JSON here")
     a = p.parse_args()
+    if a.algo != "grpo" and a.side != "emor3":
+        p.error("--algo emo_r3 has no TRL counterpart: use it with --side emor3")
     if a.steps < 2:
         p.error("--steps must be >= 2 (the first step is excluded from the median)")
     if a.micro_batch_rows < 1 or (B * G) % a.micro_batch_rows:
         p.error(f"--micro-batch-rows must divide {B * G}")
-    w = Workload(a.model, a.image_size, a.max_new_tokens, a.micro_batch_rows)
+    w = Workload(a.model, a.image_size, a.max_new_tokens, a.micro_batch_rows, a.algo)
     work = Path(a.work) if a.work else Path(os.environ.get("TMPDIR", "/tmp")) / "emor3_bench_train"
     work.mkdir(parents=True, exist_ok=True)
     if a.threads:
@@ -420,6 +426,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     if a.side != "both":
+        prepare(work, a.steps, w)
         res = run_emor3(work, a.steps, w, a.sample_chunk) if a.side == "emor3" else run_trl(work, a.steps, w)
         text = json.dumps(res, indent=1)
         if a.json:
@@ -430,9 +437,10 @@ def main() -> None:
 
     prepare(work, a.steps, w)
     results = {side: run_side(side, work, a.steps, a.threads, a.sample_chunk, w) for side in ("emor3", "trl")}
-    print(f"# GRPO step: model {w.model}, {w.image_size}-px images, B={B} prompts x G={G} samples, <= {w.max_new_tokens} "
-          f"new tokens, micro-batch {w.micro_batch_rows} rows, beta {BETA}, fp32 CPU, {a.steps} steps per side (median "
-          f"excludes the first); emor3 sample_chunk {a.sample_chunk}; cpu count {os.cpu_count()}")
+    print(f"# GRPO step: model {w.model}, {w.image_size}-px images, B={B} prompts x G={G} samples, "
+          f"<= {w.max_new_tokens} new tokens, micro-batch {w.micro_batch_rows} rows, beta {BETA}, fp32 CPU, "
+          f"{a.steps} steps per side (median excludes the first); emor3 sample_chunk {a.sample_chunk}; "
+          f"cpu count {os.cpu_count()}")
     for side, r in results.items():
         if "error" in r:
             print(f"\n{side} FAILED ({r['error']}):\n{r['log_tail']}")
@@ -445,8 +453,9 @@ def main() -> None:
             steps = " ".join(f"{x:.2f}" for x in r["step_s"])
             peak = r.get("peak_rss_mb_training", r["peak_rss_mb_process"])
             shapes = f"{r['prompt_len_min']}-{r['prompt_len_max']} ({r['image_grids']})"
-            print(f"| {side} | {r['median_step_s']:.2f} s | {steps} | {fmt_split(r)} | {r['completion_len_mean']:.1f} | "
-                  f"{shapes} | {peak:.0f} MB | {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} |")
+            print(f"| {side} | {r['median_step_s']:.2f} s | {steps} | {fmt_split(r)} | "
+                  f"{r['completion_len_mean']:.1f} | {shapes} | {peak:.0f} MB | "
+                  f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} |")
     if len(ok) == 2:
         ratio = ok["trl"]["median_step_s"] / ok["emor3"]["median_step_s"]
         mem = ok["trl"]["peak_rss_mb_process"] / ok["emor3"]["peak_rss_mb_training"]
