@@ -12,6 +12,11 @@ responses sampled from a teacher checkpoint, kept only where they pass the paper
 label, i.e. rejection sampling). With ``--sft.judge-examples`` (the default) the same responses also teach the two
 RER questions (``judge_examples``), which a model trained from scratch cannot otherwise answer. ``cold_start``
 runs it on a built experiment and writes the checkpoint to ``RUN_DIR/sft``; ``python -m emor3.sft`` does only that.
+
+Before it, the tiny model built from scratch gets an instruct stage (``instruct_stage``; docs/method.md, "The tiny
+default's starting point"), the stand-in for the instruct checkpoint the paper starts from: SFT on descriptions of
+EmoScenes scenes, one question about a cue per scene and RER's yes/no question, with no emotion label, cached per
+setting in ``--sft.instruct-cache``.
 """
 
 from __future__ import annotations
@@ -201,13 +206,13 @@ def instruct_stage(exp: Experiment, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         exp.model.load_state_dict(load_pretrained(cache, dtype=getattr(torch, cfg.model.dtype)).state_dict())
-        print(f"[emor3] instruct stage: reusing {cache}")
+        dist.print0(f"[emor3] instruct stage: reusing {cache}")
     if dist.is_main():
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(cache, run_dir)
     exp.source_dir = run_dir
     recall = json.loads((run_dir / "instruct.json").read_text())["caption_cue_recall"]
-    print(f"[emor3] instruct model: describing 64 held-out scenes, it names the true face in "
+    dist.print0(f"[emor3] instruct model: describing 64 held-out scenes, it names the true face in "
           f"{100 * recall['face']:.0f}%, sky {100 * recall['sky']:.0f}%, object {100 * recall['object']:.0f}%")
 
 
