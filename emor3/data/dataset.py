@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,17 @@ QWEN_FACTOR = 28
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 1280
 QWEN_MAX_ASPECT = 200
+
+
+def write_atomic(path: str | Path, write) -> Path:
+    """``write(file)`` into a temporary file of this process (binary), then rename it to ``path``: a reader, or
+    another process writing the same bytes (two runs of one seed sharing a cache folder), never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+    return path
 
 
 class BadSampleError(ValueError):

@@ -65,7 +65,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -74,7 +73,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from emor3.data.dataset import EmotionDataset, LoadReport, Sample
+from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
 VERSION = 3  # bump when drawing or rule changes, so cached folders are regenerated
@@ -99,6 +98,16 @@ MIKELS_TO_EMOTION6 = {"amusement": "joy", "contentment": "joy", "excitement": "j
 
 def all_cue_combinations() -> list[dict[str, str]]:
     return [dict(face=f, sky=s, object=o) for f, s, o in itertools.product(FACES, SKIES, OBJECTS)]
+
+
+def cue_rounds(n: int, rng: random.Random) -> list[dict[str, str]]:
+    """n cue combinations drawn as shuffled full rounds of all 32 (so labels are balanced), shuffled by rng."""
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        block = all_cue_combinations()
+        rng.shuffle(block)
+        out.extend(block)
+    return out[:n]
 
 
 def rule_label(cues: dict[str, str]) -> str:
@@ -368,15 +377,9 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
         raise KeyError(f"EmoScenes split {split!r} exists only in the {SPLITS[split].variant!r} variant")
     spec = SPLITS[split]
     tax = get_taxonomy(spec.taxonomy)
-    combos = all_cue_combinations()
-    order_rng = random.Random(f"emoscenes:{seed}:{split}:order")
-    cue_list: list[dict[str, str]] = []
-    while len(cue_list) < n:  # shuffled full rounds of the 32 combinations: balanced labels
-        block = list(combos)
-        order_rng.shuffle(block)
-        cue_list.extend(block)
+    cue_list = cue_rounds(n, random.Random(f"emoscenes:{seed}:{split}:order"))
     samples = []
-    for i, cues in enumerate(cue_list[:n]):
+    for i, cues in enumerate(cue_list):
         truth = label_for(cues, tax.name)
         label, noisy = truth, False
         if spec.noisy and label_noise > 0:
@@ -472,22 +475,14 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
             if s.id not in written:
                 rel = f"images/{s.metadata['split']}/{s.id}.png"
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(out_dir / rel, lambda f: s.open_image().save(f, format="PNG"))
+                write_atomic(out_dir / rel, lambda f: s.open_image().save(f, format="PNG"))
                 written[s.id] = rel
             rows.append({"id": s.id, "image": written[s.id], "label": s.label, "taxonomy": s.taxonomy,
                          **s.metadata})
         write_manifest(paths[split], rows)
-    _write_atomic(stamp, lambda f: f.write(json.dumps(config, indent=1).encode()))
+    write_atomic(stamp, lambda f: f.write(json.dumps(config, indent=1).encode()))
     return paths
 
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(file)`` into a temporary file of this process, then rename it to ``path``: runs that share a cache
-    folder (the same seed in two processes) write the same bytes, and none ever reads a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    tmp.replace(path)
 
 
 def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
@@ -561,14 +556,8 @@ def instruct_scenes(n: int, *, seed: int, image_size: int = 112) -> list[Sample]
     """n scenes for the tiny model's instruct stage (captions and yes/no questions, no emotion labels): the base
     rendering, drawn from their own seeds (``emoscenes:<seed>:instruct:<i>``), so no image of a benchmark split is
     among them; cues in shuffled full rounds of the 32 combinations. Images are drawn lazily (`SceneImage`)."""
-    order_rng = random.Random(f"emoscenes:{seed}:instruct:order")
-    cue_list: list[dict[str, str]] = []
-    while len(cue_list) < n:
-        block = all_cue_combinations()
-        order_rng.shuffle(block)
-        cue_list.extend(block)
     out = []
-    for i, cues in enumerate(cue_list[:n]):
+    for i, cues in enumerate(cue_rounds(n, random.Random(f"emoscenes:{seed}:instruct:order"))):
         image = SceneImage(tuple(sorted(cues.items())), image_size, BASE_STYLE, f"emoscenes:{seed}:instruct:{i}")
         out.append(Sample(f"emoscenes-instruct-{i:05d}", image, rule_label(cues), "mikels8",
                           {"cues": dict(cues), "split": "instruct"}))

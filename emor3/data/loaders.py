@@ -37,7 +37,6 @@ zero-size image, unknown label, malformed JSON line or row, duplicate id; and an
 from __future__ import annotations
 
 import json
-import os
 import math
 import re
 from collections import Counter
@@ -46,7 +45,7 @@ from typing import Any, Callable
 
 from emor3.data.dataset import (
     DUPLICATE_ID, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL, UNREADABLE_IMAGE, BadSampleError,
-    BadSampleHandler, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
+    BadSampleHandler, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file, write_atomic,
 )
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
@@ -669,16 +668,11 @@ def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_ba
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows as JSONL atomically (a temp file of this process, then rename), so a reader, or another process
-    writing the same manifest, never sees a partial file."""
+    """Write rows as JSONL atomically (``write_atomic``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def label_histogram(samples) -> Counter:

@@ -44,7 +44,8 @@ copied to their cache rows, and only each request's rest (step 1, the end of the
 is prefilled per request (`split_shared_prefixes`, `emor3.engine.sampler.PromptSuffix`). Text-only coherence
 prompts share the chat header the same way. Every token keeps its ids and M-RoPE position, so the replies (for a
 seed) and log-probs are those of the unshared prompts (tests/test_judge_share.py: same texts, 1e-5 in fp32); the
-processor still tokenises and preprocesses each request's image. A `Judge` is anything with
+processor still tokenises each request, and preprocesses an image object shared by requests once. A `Judge` is
+anything with
 `generate(requests) -> list[str]` and `choice_logprobs(requests, choices) -> list[Tensor]`, so the scoring logic is
 tested with a scripted fake judge, and `ModelJudge` runs the emor3 model (emor3.models Processor / QwenVL and
 emor3.engine.sampler.sample).
