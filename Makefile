@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test check-faults check-real train bench ablation clean
+.PHONY: setup test check-faults check-real train instruct bench ablation clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ check-real: setup
 # ARGS="--resume runs/default" continues it
 train: setup
 	$(BIN)/python -m emor3.grpo.train $(ARGS)
+
+# the default run's instruct checkpoint, shipped in emor3/assets/instruct/<key> (the key hashes the initial model and
+# the stage's settings, so a change to either makes the run build its own): rebuilds it there (about 35 minutes on
+# one CPU thread); remove the folder it replaces
+instruct: setup
+	$(BIN)/python -m emor3.sft instruct --sft.instruct-cache emor3/assets/instruct --overwrite $(ARGS)
 
 # model and sampler against transformers; one GRPO step against TRL's GRPOTrainer (TRL only in the bench extra)
 bench: setup

@@ -103,13 +103,18 @@ class SFTConfig:
     judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
                               "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
                               "set false).")
-    instruct_steps: int = _f(800, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
+    instruct_steps: int = _f(1600, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
                              "\"Instruct stage\"): optimizer steps of captioning and yes/no questions on EmoScenes "
-                             "images without emotion labels; built once per setting and cached. Runs from a "
-                             "checkpoint (--model.path) skip it; 0 skips it.")
-    instruct_images: int = _f(2000, "Scenes the instruct stage trains on (their own seeds: no benchmark image).")
+                             "images of every rendering, without emotion labels; built once per setting and cached "
+                             "(the default setting's ships with the package: `make instruct` rebuilds it). Runs from "
+                             "a checkpoint (--model.path) skip it; 0 skips it.")
+    instruct_images: int = _f(4000, "Scenes the instruct stage trains on, half in each rendering (their own seeds: no "
+                              "benchmark image).")
     instruct_batch_size: int = _f(32, "Instruct-stage batch size (examples).")
     instruct_lr: float = _f(2e-3, "Instruct-stage learning rate (AdamW, cosine to 10%).")
+    instruct_seed: int = _f(0, "Seed of the instruct stage (initial weights, scenes, example order), not --run.seed: "
+                            "runs of every seed start from the same instruct checkpoint, as the paper's runs start "
+                            "from one released model.")
     instruct_cache: str = _f(".cache/instruct", "Where instruct-stage checkpoints are cached, one folder per setting.")
 
 
@@ -439,6 +444,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("sft", "instruct_images"): (1, True, None, False, ""),
     ("sft", "instruct_batch_size"): (1, True, None, False, ""),
     ("sft", "instruct_lr"): (0, False, None, False, ""),
+    ("sft", "instruct_seed"): (0, True, None, False, ""),
     ("grpo", "clip_low"): (0, True, 1, False, "the ratio is clipped below at 1 - clip_low"),
     ("grpo", "clip_high"): (0, True, None, False, ""),
     ("grpo", "dual_clip"): (1, False, None, False, "the dual clip bounds the loss of negative advantages at c > 1"),

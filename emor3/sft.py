@@ -41,7 +41,8 @@ from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
 from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
-                                  cue_mentions, describe_scene, instruct_scenes)
+                                  INSTRUCT_STYLES, cue_mentions, describe_scene,
+                                  instruct_scenes)
 from emor3.engine.prompts import build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs
@@ -99,7 +100,7 @@ def judge_examples(samples: Sequence, images: Sequence, responses: Sequence[str]
 
 # --------------------------------------------------------------------------------------------- instruct stage
 
-INSTRUCT_VERSION = 1  # bump when the instruct examples or their training change, so cached checkpoints are rebuilt
+INSTRUCT_VERSION = 2  # bump when the instruct examples or their training change, so cached checkpoints are rebuilt
 
 
 def _one_cue_changed(cues: dict, rng: random.Random) -> dict:
@@ -139,15 +140,23 @@ def instruct_examples(samples: Sequence, images: Sequence, seed: int = 0) -> lis
     return out
 
 
-def instruct_key(init_dir: Path, cfg) -> str:
-    """The cache key of an instruct checkpoint: a hash of the initial model (config, tokenizer, weights) and every
-    setting the stage reads, so a change to any of them builds a new one."""
+SHIPPED_INSTRUCT = Path(__file__).resolve().parent / "assets" / "instruct"  # the default's, built by `make instruct`
+
+
+def instruct_key(model, init_dir: Path, cfg) -> str:
+    """The cache key of an instruct checkpoint: a hash of the initial model (config, tokenizer, the weights of
+    ``model`` as initialised from ``--sft.instruct-seed``) and every setting the stage reads, so a change to any of
+    them builds a new one. The run's own seed is not among them: every run seed starts from the same instruct
+    checkpoint, as the paper's runs all start from one released instruct model."""
     h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{EMOSCENES_VERSION}".encode())
-    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+    for name in ("config.json", "tokenizer.json"):
         h.update((init_dir / name).read_bytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     s, d = cfg.sft, cfg.data
     h.update(repr((s.instruct_steps, s.instruct_images, s.instruct_batch_size, s.instruct_lr, s.weight_decay,
-                   d.image_size, cfg.run.seed, cfg.model.dtype)).encode())
+                   d.image_size, s.instruct_seed, cfg.model.dtype)).encode())
     return h.hexdigest()[:16]
 
 
@@ -166,54 +175,89 @@ def caption_recall(model, processor, samples: Sequence, images: Sequence, device
     return {**out, "all": sum(out.values()) / len(out)}
 
 
+HELD_OUT_PER_RENDERING = 64  # held-out scenes per rendering on which the instruct model's descriptions are scored
+
+
+def build_instruct(exp: Experiment, cache: Path) -> None:
+    """Train ``exp.model`` (initialised from ``--sft.instruct-seed``) on ``instruct_examples`` and save it, with
+    ``instruct.json`` (its settings and the share of true cues it names per rendering on held-out scenes), to
+    ``cache``, written whole or not at all."""
+    cfg = exp.cfg
+    seed, n = cfg.sft.instruct_seed, cfg.sft.instruct_images
+    scenes = instruct_scenes(n, seed=seed, image_size=cfg.data.image_size)
+    examples = instruct_examples(scenes, [s.open_image() for s in scenes], seed=seed)
+    print(f"[emor3] instruct stage: {len(scenes)} scenes, {len(examples)} examples, {cfg.sft.instruct_steps} steps "
+          f"(cached in {cache})")
+    stage = SFTConfig(steps=cfg.sft.instruct_steps, batch_size=cfg.sft.instruct_batch_size, lr=cfg.sft.instruct_lr,
+                      weight_decay=cfg.sft.weight_decay)
+    sft(exp.model, exp.processor, examples, stage, seed=seed, device=exp.device, progress=cfg.run.progress,
+        desc="instruct stage")
+    k = len(INSTRUCT_STYLES)
+    held_out = instruct_scenes(n + k * HELD_OUT_PER_RENDERING, seed=seed, image_size=cfg.data.image_size)[n:]
+    recall = {}
+    for style in INSTRUCT_STYLES:  # scenes the stage never trained on, per rendering
+        part = [s for s in held_out if s.metadata["rendering"] == style.palette]
+        recall[style.palette] = caption_recall(exp.model, exp.processor, part, [s.open_image() for s in part],
+                                               exp.device)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(exp.model, tmp, tokenizer_dir=exp.source_dir)
+    (tmp / "instruct.json").write_text(json.dumps(
+        {"caption_cue_recall": recall, "steps": cfg.sft.instruct_steps, "scenes": n, "seed": seed,
+         "held_out_per_rendering": HELD_OUT_PER_RENDERING}, indent=1))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.replace(cache)  # a crash never leaves a folder that looks complete
+    except OSError:  # another run with the same settings finished first: keep its checkpoint (the same one)
+        if not (cache / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_instruct(exp: Experiment) -> tuple[Path, Path | None]:
+    """Where this setting's instruct checkpoint is cached (``--sft.instruct-cache``/<key>) and where it is found:
+    there, in the checkpoints shipped with the package (``SHIPPED_INSTRUCT``), or None. Initialises ``exp.model``
+    from ``--sft.instruct-seed`` (the stage's starting point, hashed into the key)."""
+    cfg = exp.cfg
+    exp.model.init_weights(cfg.sft.instruct_seed)
+    key = instruct_key(exp.model, exp.source_dir, cfg)
+    cache = Path(cfg.sft.instruct_cache) / key
+    for where in (cache, SHIPPED_INSTRUCT / key):
+        if (where / "config.json").is_file():
+            return cache, where
+    return cache, None
+
+
 def instruct_stage(exp: Experiment, out: Path) -> None:
     """The tiny model's stand-in for an instruct checkpoint (the paper starts from Qwen2.5-VL-Instruct, which already
     sees and answers yes/no questions): SFT on ``instruct_examples`` of ``--sft.instruct-images`` scenes drawn for
-    it, before Cold-Start SFT. Built once per setting into ``--sft.instruct-cache``/<instruct_key> and reused (like
-    a downloaded checkpoint), copied to ``RUN_DIR/instruct``, which the run then starts from
+    it in every rendering of the benchmark, before Cold-Start SFT. Built once per setting (``build_instruct``) into
+    ``--sft.instruct-cache``/<instruct_key> and reused like a downloaded checkpoint; the default setting's ships
+    with the package (``SHIPPED_INSTRUCT``). Copied to ``RUN_DIR/instruct``, which the run then starts from
     (``exp.source_dir``; a resumed run finds it there). Skipped for checkpoints (``--model.path``), when resuming,
     and when ``--sft.instruct-steps`` is 0."""
     cfg = exp.cfg
     if cfg.model.path or cfg.sft.instruct_steps <= 0 or exp.resume_dir is not None:
         return
     run_dir = out / "instruct"
-    cache = Path(cfg.sft.instruct_cache) / instruct_key(exp.source_dir, cfg)
-    if not (cache / "config.json").is_file():
+    cache, found = find_instruct(exp)
+    if found is None:
         if not dist.is_main():
             raise RuntimeError(f"instruct stage: {cache} missing on rank {dist.rank()} (rank 0 builds it first)")
-        scenes = instruct_scenes(cfg.sft.instruct_images, seed=cfg.run.seed, image_size=cfg.data.image_size)
-        images = [s.open_image() for s in scenes]
-        examples = instruct_examples(scenes, images, seed=cfg.run.seed)
-        print(f"[emor3] instruct stage: {len(scenes)} scenes, {len(examples)} examples, {cfg.sft.instruct_steps} steps "
-              f"(cached in {cache})")
-        stage = SFTConfig(steps=cfg.sft.instruct_steps, batch_size=cfg.sft.instruct_batch_size, lr=cfg.sft.instruct_lr,
-                          weight_decay=cfg.sft.weight_decay)
-        sft(exp.model, exp.processor, examples, stage, seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress,
-            desc="instruct stage")
-        held_out = instruct_scenes(cfg.sft.instruct_images + 64, seed=cfg.run.seed,
-                                   image_size=cfg.data.image_size)[-64:]  # scenes the stage never trained on
-        recall = caption_recall(exp.model, exp.processor, held_out, [s.open_image() for s in held_out], exp.device)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(exp.model, tmp, tokenizer_dir=exp.source_dir)
-        (tmp / "instruct.json").write_text(json.dumps({"caption_cue_recall": recall, "steps": cfg.sft.instruct_steps,
-                                                       "scenes": cfg.sft.instruct_images}, indent=1))
-        try:
-            tmp.replace(cache)  # a crash never leaves a folder that looks complete
-        except OSError:  # another run with the same settings finished first: keep its checkpoint (the same one)
-            if not (cache / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        build_instruct(exp, cache)
+        found = cache
     else:
-        exp.model.load_state_dict(load_pretrained(cache, dtype=getattr(torch, cfg.model.dtype)).state_dict())
-        dist.print0(f"[emor3] instruct stage: reusing {cache}")
+        exp.model.load_state_dict(load_pretrained(found, dtype=getattr(torch, cfg.model.dtype)).state_dict())
+        dist.print0(f"[emor3] instruct stage: reusing {found}")
     if dist.is_main():
         shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(cache, run_dir)
+        shutil.copytree(found, run_dir)
     exp.source_dir = run_dir
     recall = json.loads((run_dir / "instruct.json").read_text())["caption_cue_recall"]
-    dist.print0(f"[emor3] instruct model: describing 64 held-out scenes, it names the true face in "
-          f"{100 * recall['face']:.0f}%, sky {100 * recall['sky']:.0f}%, object {100 * recall['object']:.0f}%")
+    for rendering, r in recall.items():
+        dist.print0(f"[emor3] instruct model: describing {HELD_OUT_PER_RENDERING} held-out scenes of the {rendering} "
+                    f"rendering, it names the true face in {100 * r['face']:.0f}%, sky {100 * r['sky']:.0f}%, "
+                    f"object {100 * r['object']:.0f}%")
 
 
 def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,10 +529,27 @@ def traces_main(argv: list[str]) -> TraceReport:
     return report
 
 
+def instruct_main(argv: list[str]) -> None:
+    """python -m emor3.sft instruct [flags]: only the instruct stage of the run the same flags describe, into
+    ``--sft.instruct-cache`` (built there unless a checkpoint of that setting exists) and ``RUN_DIR/instruct``."""
+    cfg = parse_args(argv, "python -m emor3.sft instruct", (instruct_stage.__doc__ or "").strip(),
+                     default_out="runs/instruct")
+    if cfg.model.path or cfg.sft.instruct_steps <= 0:
+        raise SystemExit("python -m emor3.sft instruct: the instruct stage is for the tiny model built from scratch "
+                         "(no --model.path) with --sft.instruct-steps > 0")
+    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.sft instruct")
+    save_config(cfg, out / "config.toml")
+    instruct_stage(build_experiment(cfg, out), out)
+    print(f"[emor3] instruct checkpoint: {out / 'instruct'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["traces"]:
         traces_main(argv[1:])
+        return
+    if argv[:1] == ["instruct"]:
+        instruct_main(argv[1:])
         return
     cfg = parse_args(argv, "python -m emor3.sft", (__doc__ or "").strip(), default_out="runs/sft")
     out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.sft")  # refuses a folder holding a run

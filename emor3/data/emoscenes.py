@@ -552,15 +552,26 @@ def describe_scene(cues: dict[str, str], rng: random.Random | None = None) -> st
     return rng.choice(STEP1).format(face=FACE_WORDS[cues["face"]], sky=SKY_WORDS[cues["sky"]], object=cues["object"])
 
 
-def instruct_scenes(n: int, *, seed: int, image_size: int = 112) -> list[Sample]:
-    """n scenes for the tiny model's instruct stage (captions and yes/no questions, no emotion labels): the base
-    rendering, drawn from their own seeds (``emoscenes:<seed>:instruct:<i>``), so no image of a benchmark split is
-    among them; cues in shuffled full rounds of the 32 combinations. Images are drawn lazily (`SceneImage`)."""
+# the renderings the instruct stage sees: every one the benchmark uses, as a pretrained model has seen images of
+# every kind. No emotion label is taught there, so `ood_render` still measures whether the cue-to-label reasoning of
+# Cold-Start SFT and GRPO (base rendering only) carries over to another rendering.
+INSTRUCT_STYLES = (BASE_STYLE, SHIFTED_STYLE)
+
+
+def instruct_scenes(n: int, *, seed: int, image_size: int = 112,
+                    styles: tuple[RenderStyle, ...] = INSTRUCT_STYLES) -> list[Sample]:
+    """n scenes for the tiny model's instruct stage (captions and yes/no questions, no emotion labels), drawn from
+    their own seeds (``emoscenes:<seed>:instruct:<i>``), so no image of a benchmark split is among them. Scene i is
+    drawn in ``styles[i % len(styles)]``; each style's cues come in shuffled full rounds of the 32 combinations, so a
+    longer list starts with the shorter one. Images are drawn lazily (`SceneImage`)."""
+    k = len(styles)
+    rounds = [cue_rounds(-(-n // k), random.Random(f"emoscenes:{seed}:instruct:order:{j}")) for j in range(k)]
     out = []
-    for i, cues in enumerate(cue_rounds(n, random.Random(f"emoscenes:{seed}:instruct:order"))):
-        image = SceneImage(tuple(sorted(cues.items())), image_size, BASE_STYLE, f"emoscenes:{seed}:instruct:{i}")
+    for i in range(n):
+        style, cues = styles[i % k], rounds[i % k][i // k]
+        image = SceneImage(tuple(sorted(cues.items())), image_size, style, f"emoscenes:{seed}:instruct:{i}")
         out.append(Sample(f"emoscenes-instruct-{i:05d}", image, rule_label(cues), "mikels8",
-                          {"cues": dict(cues), "split": "instruct"}))
+                          {"cues": dict(cues), "split": "instruct", "rendering": style.palette}))
     return out
 
 
