@@ -103,12 +103,12 @@ class SFTConfig:
     judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
                               "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
                               "set false).")
-    instruct_steps: int = _f(1600, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
+    instruct_steps: int = _f(3200, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
                              "\"Instruct stage\"): optimizer steps of captioning and yes/no questions on EmoScenes "
                              "images of every rendering, without emotion labels; built once per setting and cached "
                              "(the default setting's ships with the package: `make instruct` rebuilds it). Runs from "
                              "a checkpoint (--model.path) skip it; 0 skips it.")
-    instruct_images: int = _f(4000, "Scenes the instruct stage trains on, half in each rendering (their own seeds: no "
+    instruct_images: int = _f(8000, "Scenes the instruct stage trains on, half in each rendering (their own seeds: no "
                               "benchmark image).")
     instruct_batch_size: int = _f(32, "Instruct-stage batch size (examples).")
     instruct_lr: float = _f(2e-3, "Instruct-stage learning rate (AdamW, cosine to 10%).")

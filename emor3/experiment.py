@@ -177,9 +177,18 @@ def build_model(cfg: Config, out: Path, device: torch.device, taxonomies, questi
     return load_pretrained(source, dtype=dtype, device=device), source
 
 
+def set_threads(cfg: Config) -> int:
+    """Apply ``--run.threads`` (0: torch's default) and return the thread count torch now uses."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return torch.get_num_threads()
+
+
 def build_experiment(cfg: Config, out: Path) -> Experiment:
     """The model (resumed from ``--resume``'s newest complete checkpoint if given), processor, data and reward
-    setup of a run. The reference is attached later (``attach_reference``), once Cold-Start SFT has run."""
+    setup of a run, under ``--run.threads``. The reference is attached later (``attach_reference``), once
+    Cold-Start SFT has run."""
+    set_threads(cfg)
     device = resolve_device(cfg.model.device)
     algo = cfg.algorithm()
     resume_dir = None

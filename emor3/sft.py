@@ -190,8 +190,10 @@ def build_instruct(exp: Experiment, cache: Path) -> None:
           f"(cached in {cache})")
     stage = SFTConfig(steps=cfg.sft.instruct_steps, batch_size=cfg.sft.instruct_batch_size, lr=cfg.sft.instruct_lr,
                       weight_decay=cfg.sft.weight_decay)
+    exp.model.freeze_vision(False)  # the stage teaches the model to see, whatever --model.freeze-vision says of the run
     sft(exp.model, exp.processor, examples, stage, seed=seed, device=exp.device, progress=cfg.run.progress,
         desc="instruct stage")
+    exp.model.freeze_vision(cfg.model.freeze_vision)
     k = len(INSTRUCT_STYLES)
     held_out = instruct_scenes(n + k * HELD_OUT_PER_RENDERING, seed=seed, image_size=cfg.data.image_size)[n:]
     recall = {}
@@ -204,7 +206,8 @@ def build_instruct(exp: Experiment, cache: Path) -> None:
     save_pretrained(exp.model, tmp, tokenizer_dir=exp.source_dir)
     (tmp / "instruct.json").write_text(json.dumps(
         {"caption_cue_recall": recall, "steps": cfg.sft.instruct_steps, "scenes": n, "seed": seed,
-         "held_out_per_rendering": HELD_OUT_PER_RENDERING}, indent=1))
+         "held_out_per_rendering": HELD_OUT_PER_RENDERING, "torch": torch.__version__,
+         "torch_threads": torch.get_num_threads()}, indent=1))  # what a bit-exact rebuild needs besides the key
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.replace(cache)  # a crash never leaves a folder that looks complete

@@ -95,6 +95,22 @@ def test_instruct_examples_describe_and_check_the_scene_without_labels():
     assert [s.image.key for s in again] == [s.image.key for s in scenes], "seeded: the same scenes every time"
 
 
+def test_instruct_scenes_cover_every_rendering_with_balanced_cues():
+    from emor3.data.emoscenes import INSTRUCT_STYLES, SHIFTED_STYLE, SceneImage, all_cue_combinations
+
+    assert SHIFTED_STYLE in INSTRUCT_STYLES, "the instruct model must see the rendering of ood_render"
+    scenes = instruct_scenes(128, seed=0, image_size=56)
+    for style in INSTRUCT_STYLES:
+        part = [s for s in scenes if s.metadata["rendering"] == style.palette]
+        assert len(part) == 64 and all(isinstance(s.image, SceneImage) and s.image.style == style for s in part)
+        combos = Counter(tuple(sorted(s.metadata["cues"].items())) for s in part)
+        assert len(combos) == len(all_cue_combinations()) and set(combos.values()) == {2}, \
+            "each rendering gets full rounds of the 32 cue combinations"
+    longer = instruct_scenes(200, seed=0, image_size=56)
+    assert [s.image.key for s in longer[:128]] == [s.image.key for s in scenes], \
+        "a longer list starts with the shorter one (the held-out scenes follow the training scenes)"
+
+
 def _count_sft_calls(monkeypatch) -> list[str]:
     import emor3.sft as sft_module
 
@@ -114,6 +130,7 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     from emor3.config import parse_args
     from emor3.experiment import build_experiment
     from emor3.grpo.train import train
+    from emor3.sft import find_instruct
 
     cache = tmp_path / "instruct-cache"
     stage = {"instruct_steps": 3, "instruct_images": 8, "instruct_batch_size": 4, "instruct_cache": str(cache)}
@@ -127,7 +144,9 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     assert _same(_params(built), instruct), "RUN_DIR/instruct is the cached checkpoint"
     assert any(not torch.equal(init[k], instruct[k]) for k in init), "the instruct stage trained nothing"
     recall = json.loads((out / "instruct" / "instruct.json").read_text())["caption_cue_recall"]
-    assert set(recall) == {"face", "sky", "object", "all"} and all(0.0 <= v <= 1.0 for v in recall.values())
+    assert set(recall) == {"base", "shifted"}, "the held-out descriptions are scored per rendering"
+    for r in recall.values():
+        assert set(r) == {"face", "sky", "object", "all"} and all(0.0 <= v <= 1.0 for v in r.values())
 
     calls.clear()
     second = tiny_config(tmp_path / "b", sft=stage, grpo={"steps": 1})
@@ -141,6 +160,37 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
 
     train(tiny_config(tmp_path / "c", sft={**stage, "instruct_steps": 4}, grpo={"steps": 1}))
     assert len(list(cache.iterdir())) == 2, "another setting builds (and caches) another instruct checkpoint"
+
+    def found(name, **sections):
+        cfg = tiny_config(tmp_path / name, sft=stage, grpo={"steps": 1}, **sections)
+        return find_instruct(build_experiment(cfg, Path(cfg.run.out)))
+
+    assert found("f", run={"seed": 1}) == (built, built), "every run seed starts from the same instruct checkpoint"
+    cache_other, none = found("g", sft={**stage, "instruct_seed": 1})
+    assert none is None and cache_other != built, "another instruct seed is another setting"
+
+
+def test_the_default_run_finds_the_shipped_instruct_checkpoint(tmp_path):
+    """The default setting's instruct checkpoint ships in emor3/assets/instruct/<key>: the key the default run
+    computes must name it (else a fresh clone's `make train` silently spends the stage's time building its own),
+    and the checkpoint must load and say how well it sees."""
+    from emor3.config import Config, DataConfig, RunConfig
+    from emor3.experiment import build_experiment
+    from emor3.sft import SHIPPED_INSTRUCT, find_instruct
+
+    cfg = Config(data=DataConfig(cache_dir=str(tmp_path / "emoscenes")),
+                 run=RunConfig(out=str(tmp_path / "run"), progress=False))
+    exp = build_experiment(cfg, tmp_path / "run")
+    cache, found = find_instruct(exp)
+    shipped = sorted(p.name for p in SHIPPED_INSTRUCT.iterdir() if p.is_dir())
+    assert found == SHIPPED_INSTRUCT / cache.name, f"default key {cache.name}, shipped {shipped}: run `make instruct`"
+    assert shipped == [cache.name], "one shipped checkpoint, the default's"
+    meta = json.loads((found / "instruct.json").read_text())
+    assert (meta["steps"], meta["scenes"], meta["seed"]) == (cfg.sft.instruct_steps, cfg.sft.instruct_images,
+                                                              cfg.sft.instruct_seed)
+    model = load_pretrained(found)
+    assert model.config.vocab_size == exp.model.config.vocab_size
+    assert all(r["all"] > 0.9 for r in meta["caption_cue_recall"].values()), meta["caption_cue_recall"]
 
 
 def _params(folder: Path) -> dict:

@@ -74,7 +74,7 @@ from emor3.config import Config, parse_args, save_config, validate_config
 from emor3.evaluate import evaluate_baseline, evaluate_experiment
 from emor3.experiment import (attach_adapters, attach_reference, build_experiment, exit_on_run_folder_error,
                               latest_checkpoint, load_policy, load_trainer_state, prepare_run_dir, save_checkpoint,
-                              start_dir)
+                              set_threads, start_dir)
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
 from emor3.memory import RunPlan, largest_sample_chunk, plan_from_config, run_table
@@ -247,10 +247,8 @@ def train(cfg: Config) -> dict:
         print(run_table(cfg, model_cfg, world))
         return {"dry_run": True}
     out = prepare_run_dir(cfg, "python -m emor3.grpo.train", can_resume=True)  # before anything is written
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     # what a result depends on besides the config: same seed and thread count on the same machine repeat exactly
-    dist.print0(f"[emor3] seed {cfg.run.seed}, torch threads {torch.get_num_threads()}, device {cfg.model.device}")
+    dist.print0(f"[emor3] seed {cfg.run.seed}, torch threads {set_threads(cfg)}, device {cfg.model.device}")
     launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
     W, g = dist.world_size(), cfg.grpo
     if g.prompts_per_step % W or g.mini_batch_prompts % W:
