@@ -96,7 +96,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    steps: int = _f(500, "Cold-Start SFT optimizer steps (0 skips SFT).")
+    steps: int = _f(300, "Cold-Start SFT optimizer steps (0 skips SFT).")
     batch_size: int = _f(16, "Cold-Start SFT batch size (samples).")
     lr: float = _f(2e-3, "Cold-Start SFT learning rate (AdamW, cosine to 10%).")
     weight_decay: float = _f(0.01, "Cold-Start SFT weight decay.")
@@ -186,7 +186,7 @@ class GRPOConfig(Algorithm):
     """The GRPO stage's settings; the objective's (``Algorithm``'s fields) default to the ``algo`` preset."""
 
     algo: str = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
-    steps: int = _f(100, "GRPO steps (one rollout batch each).")
+    steps: int = _f(150, "GRPO steps (one rollout batch each).")
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
     mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
@@ -204,7 +204,7 @@ class GRPOConfig(Algorithm):
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
     compile: str = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a torch.compile "
                              "backend name (eager: trace only).")
-    lr: float = _f(1e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
+    lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model; the tiny default: 3e-4).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
     schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
