@@ -34,7 +34,7 @@ train: setup
 	$(BIN)/python -m emor3.grpo.train $(ARGS)
 
 # the default run's instruct checkpoint, shipped in emor3/assets/instruct/<key> (the key hashes the initial model and
-# the stage's settings, so a change to either makes the run build its own): rebuilds it there (about 35 minutes on
+# the stage's settings, so a change to either makes the run build its own): rebuilds it there (about 25 minutes on
 # one CPU thread); remove the folder it replaces
 instruct: setup
 	$(BIN)/python -m emor3.sft instruct --sft.instruct-cache emor3/assets/instruct --overwrite $(ARGS)
