@@ -161,12 +161,12 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     train(tiny_config(tmp_path / "c", sft={**stage, "instruct_steps": 4}, grpo={"steps": 1}))
     assert len(list(cache.iterdir())) == 2, "another setting builds (and caches) another instruct checkpoint"
 
-    def found(name, **sections):
-        cfg = tiny_config(tmp_path / name, sft=stage, grpo={"steps": 1}, **sections)
+    def found(name, sft=stage, **sections):
+        cfg = tiny_config(tmp_path / name, sft=sft, grpo={"steps": 1}, **sections)
         return find_instruct(build_experiment(cfg, Path(cfg.run.out)))
 
     assert found("f", run={"seed": 1}) == (built, built), "every run seed starts from the same instruct checkpoint"
-    cache_other, none = found("g", sft={**stage, "instruct_seed": 1})
+    cache_other, none = found("g", {**stage, "instruct_seed": 1})
     assert none is None and cache_other != built, "another instruct seed is another setting"
 
 
@@ -189,7 +189,7 @@ def test_the_default_run_finds_the_shipped_instruct_checkpoint(tmp_path):
     assert (meta["steps"], meta["scenes"], meta["seed"]) == (cfg.sft.instruct_steps, cfg.sft.instruct_images,
                                                               cfg.sft.instruct_seed)
     model = load_pretrained(found)
-    assert model.config.vocab_size == exp.model.config.vocab_size
+    assert model.config == exp.model.config, "the shipped checkpoint is the default's architecture"
     assert all(r["all"] > 0.9 for r in meta["caption_cue_recall"].values()), meta["caption_cue_recall"]
 
 
