@@ -204,7 +204,7 @@ class GRPOConfig(Algorithm):
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
     compile: str = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a torch.compile "
                              "backend name (eager: trace only).")
-    lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model; the tiny default: 3e-4).")
+    lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
     schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")

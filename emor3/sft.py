@@ -256,11 +256,11 @@ def instruct_stage(exp: Experiment, out: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(found, run_dir)
     exp.source_dir = run_dir
-    recall = json.loads((run_dir / "instruct.json").read_text())["caption_cue_recall"]
-    for rendering, r in recall.items():
-        dist.print0(f"[emor3] instruct model: describing {HELD_OUT_PER_RENDERING} held-out scenes of the {rendering} "
-                    f"rendering, it names the true face in {100 * r['face']:.0f}%, sky {100 * r['sky']:.0f}%, "
-                    f"object {100 * r['object']:.0f}%")
+    meta = json.loads((run_dir / "instruct.json").read_text())
+    for rendering, r in meta["caption_cue_recall"].items():
+        dist.print0(f"[emor3] instruct model: describing {meta['held_out_per_rendering']} held-out scenes of the "
+                    f"{rendering} rendering, it names the true face in {100 * r['face']:.0f}%, sky "
+                    f"{100 * r['sky']:.0f}%, object {100 * r['object']:.0f}%")
 
 
 def tokenize_responses(processor, responses: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
