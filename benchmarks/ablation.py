@@ -120,7 +120,7 @@ def method_table(per_seed: list[dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(per_seed: list[dict[str, dict]], seeds: list[int]) -> tuple[str, dict]:
+def paired_table(per_seed: list[dict[str, dict]]) -> tuple[str, dict]:
     """EMO-R3 minus GRPO per seed, the mean difference and its paired-bootstrap 95 % interval."""
     lines = ["| metric | GRPO | EMO-R3 | EMO-R3 - GRPO [95 % CI] | per seed |", "|---|---|---|---|---|"]
     out = {}
@@ -138,20 +138,24 @@ def paired_table(per_seed: list[dict[str, dict]], seeds: list[int]) -> tuple[str
     return "\n".join(lines), out
 
 
-def report(results: dict[str, list], seeds: list[int], wall: float, command: str, threads: int,
-           loads: list[float]) -> tuple[str, dict]:
-    parts = [f"Command: `{command}`. Seeds {','.join(map(str, seeds[:max(len(v) for v in results.values())]))}; "
-             f"torch threads {threads}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load "
-             f"average (1 min) {min(loads):.1f}-{max(loads):.1f} during the run; wall time {wall / 60:.0f} min; "
-             f"{datetime.date.today().isoformat()}.",
+def report(results: dict[str, list], seeds: dict[str, list[int]], wall: float, command: str, threads: int,
+           loads: list[float], compute: float | None = None) -> tuple[str, dict]:
+    """The tables of every benchmark; ``seeds[bench]`` names the seed of each of ``results[bench]``'s rows, ``wall``
+    is the time from the first run's start to the last one's end and ``compute`` the sum of the processes' wall
+    times (when they ran side by side)."""
+    done = "; ".join(f"{b} {','.join(map(str, seeds[b]))}" for b in results if results[b])
+    spent = f"wall time {wall / 60:.0f} min" + (f" ({compute / 60:.0f} process-minutes)" if compute else "")
+    parts = [f"Command: `{command}`. Seeds: {done}; torch threads {threads}; {os.cpu_count()} CPUs "
+             f"({platform.processor() or platform.machine()}); load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
+             f" during the run; {spent}; {datetime.date.today().isoformat()}.",
              "Cells: mean over seeds [bootstrap 95 % interval over seeds]. Paired rows: EMO-R3 and GRPO start from "
-             "the same Cold-Start checkpoint of each seed."]
+             "the same Cold-Start checkpoint of each seed; per seed in the order of the seeds above."]
     paired = {}
     for bench, per_seed in results.items():
         if not per_seed:
             continue
         parts.append(f"### {bench} ({len(per_seed)} seeds)\n\n" + method_table(per_seed))
-        table, paired[bench] = paired_table(per_seed, seeds)
+        table, paired[bench] = paired_table(per_seed)
         parts.append(f"Paired, {bench}:\n\n" + table)
     return "\n\n".join(parts), paired
 
@@ -168,19 +172,30 @@ def write_results_md(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def _span(part: dict, path: Path) -> tuple[float, float]:
+    """(start, end) of one ablation process in seconds since the epoch; a file without them ended when it was last
+    written."""
+    end = part.get("ended", Path(path).stat().st_mtime)
+    return part.get("started", end - part["wall_s"]), end
+
+
 def merge(paths: list[Path], results_md: Path | None) -> str:
-    """One report from several ablation.json files (seeds run in separate processes, e.g. one per core): rows in
-    the order of the files' seeds; the wall time is the longest run's, the load range covers them all."""
+    """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
+    after another): each benchmark's rows in the order of the files; the wall time runs from the first process's
+    start to the last one's end, the load range covers them all."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    seeds = [s for part in parts for s in part["seeds"][: max(len(v) for v in part["rows"].values())]]
     results: dict[str, list] = {}
+    seeds: dict[str, list[int]] = {}
     for part in parts:
         for bench, rows in part["rows"].items():
             results.setdefault(bench, []).extend(rows)
+            seeds.setdefault(bench, []).extend(part["seeds"][: len(rows)])
+    spans = [_span(part, p) for part, p in zip(parts, paths)]
     command = " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py --merge " + \
         " ".join(map(str, paths))
-    text, _ = report(results, seeds, max(part["wall_s"] for part in parts), command, parts[0]["threads"],
-                     [x for part in parts for x in part["loads"]])
+    text, _ = report(results, seeds, max(e for _, e in spans) - min(s for s, _ in spans), command,
+                     parts[0]["threads"], [x for part in parts for x in part["loads"]],
+                     compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None)
     if results_md:
         write_results_md(results_md, text)
     return text
@@ -211,10 +226,11 @@ def main() -> None:
         for bench in benches:
             results[bench].append(run_seed(seed, a.out, bench, a.extra))
             loads.append(os.getloadavg()[0])
-            text, paired = report(results, seeds, time.time() - t0, command, torch.get_num_threads(), loads)
+            done = {b: seeds[: len(results[b])] for b in benches}
+            text, paired = report(results, done, time.time() - t0, command, torch.get_num_threads(), loads)
             (a.out / "ablation.json").write_text(json.dumps(
                 {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": time.time() - t0,
-                 "threads": torch.get_num_threads(), "loads": loads}, indent=2))
+                 "started": t0, "ended": time.time(), "threads": torch.get_num_threads(), "loads": loads}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
             print(f"[ablation] {bench} seed {seed} done after {time.time() - t0:.0f} s", flush=True)
     if a.results_md and str(a.results_md):

@@ -16,11 +16,15 @@ def _row(acc_in: float, acc_out: float, recall: float, halluc: float) -> dict:
     return {"sets": sets, "run A^I": acc_in, "run A^O": acc_out, "run A": (acc_in + acc_out) / 2}
 
 
-def _part(tmp_path: Path, name: str, seeds: list[int], rows: list[dict]) -> Path:
+def _part(tmp_path: Path, name: str, seeds: list[int], rows: list[dict], bench: str = "shortcut",
+          started: float | None = None) -> Path:
     path = tmp_path / name / "ablation.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({"seeds": seeds, "rows": {"shortcut": rows}, "paired": {}, "command": f"run {name}",
-                                "wall_s": 60.0 * len(seeds), "threads": 1, "loads": [1.0, 2.0]}))
+    part = {"seeds": seeds, "rows": {bench: rows}, "paired": {}, "command": f"run {name}",
+            "wall_s": 60.0 * len(seeds), "threads": 1, "loads": [1.0, 2.0]}
+    if started is not None:
+        part.update(started=started, ended=started + part["wall_s"])
+    path.write_text(json.dumps(part))
     return path
 
 
@@ -32,10 +36,22 @@ def test_merge_reports_every_seed_of_every_part(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(f"before\n{ablation.MARK_BEGIN}\nstale table\n{ablation.MARK_END}\nafter\n")
     text = ablation.merge([a, b], md)
-    assert "### shortcut (3 seeds)" in text and "Seeds 0,2,1" in text
+    assert "### shortcut (3 seeds)" in text and "Seeds: shortcut 0,2,1;" in text
     # EMO-R3 - GRPO per seed, in the merged order (seeds 0, 2, 1): in-domain 52 - (50 + s)
     assert "| run A^I | 51.0 | 52.0 | +1.0" in text and "| +2.0, +0.0, +1.0 |" in text
     assert "| cue recall | 45.0 | 60.0 | +15.0 [+15.0, +15.0] |" in text
     written = md.read_text()
     assert written.startswith("before\n") and written.endswith("after\n") and "stale table" not in written
     assert text in written
+
+
+def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
+    """Parts that ran one benchmark each, one after another: each table names its own seeds, and the wall time runs
+    from the first start to the last end (here 0-5 min), not the longest part's."""
+    row = {"Cold-Start SFT": _row(40, 20, 50, 30), "GRPO": _row(50, 22, 45, 35), "EMO-R3": _row(52, 24, 60, 20)}
+    a = _part(tmp_path, "a", [0, 1, 2], [row] * 3, "shortcut", started=1000.0)  # 1000-1180 s
+    b = _part(tmp_path, "b", [3, 4], [row] * 2, "default", started=1180.0)  # 1180-1300 s
+    text = ablation.merge([a, b], None)
+    assert "Seeds: shortcut 0,1,2; default 3,4;" in text
+    assert "### shortcut (3 seeds)" in text and "### default (2 seeds)" in text
+    assert "wall time 5 min (5 process-minutes)" in text
