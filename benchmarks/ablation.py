@@ -12,8 +12,8 @@ Two benchmarks, the same seeds (default 0-4):
 
 For each benchmark: every method's columns as the mean over seeds with a bootstrap 95 % interval over seeds, and
 EMO-R3 minus GRPO as paired differences (same seed, same Cold-Start checkpoint) with a paired-bootstrap 95 %
-interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall and the
-hallucinated-cue rate. Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed
+interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall, the
+hallucinated-cue rate and the SET format rate (both reward the format alike; RER adds its two judge rewards). Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed
 (a stopped ablation keeps what it finished) and, at the end, into benchmarks/RESULTS.md between the
 ``<!-- ablation:begin -->`` / ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
 
@@ -47,7 +47,7 @@ from emor3.experiment import build_experiment, prepare_run_dir
 from emor3.grpo.train import train
 
 COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
-PAIRED = ("run A^I", "run A^O", "cue recall", "hallucinated")  # the paired EMO-R3 - GRPO differences
+PAIRED = ("run A^I", "run A^O", "cue recall", "hallucinated", "format")  # the paired EMO-R3 - GRPO differences
 MARK_BEGIN, MARK_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
