@@ -13,9 +13,10 @@ Two benchmarks, the same seeds (default 0-4):
 For each benchmark: every method's columns as the mean over seeds with a bootstrap 95 % interval over seeds, and
 EMO-R3 minus GRPO as paired differences (same seed, same Cold-Start checkpoint) with a paired-bootstrap 95 %
 interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall, the
-hallucinated-cue rate and the SET format rate (both reward the format alike; RER adds its two judge rewards). Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed
-(a stopped ablation keeps what it finished) and, at the end, into benchmarks/RESULTS.md between the
-``<!-- ablation:begin -->`` / ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
+hallucinated-cue rate and the SET format rate (both reward the format alike; RER adds its two judge rewards).
+Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed (a stopped ablation keeps
+what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!-- ablation:begin -->`` /
+``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
 
     python benchmarks/ablation.py                                   # 5 seeds, both benchmarks, default settings
     python benchmarks/ablation.py --seeds 0,1 --benchmarks shortcut --extra --grpo.steps 10   # quicker
