@@ -202,24 +202,27 @@ def merge(paths: list[Path], results_md: Path | None) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    ap.add_argument("--results-md", type=Path, default=Path(__file__).with_name("RESULTS.md"),
+    # a str, not a Path: Path("") is "." and would not read as "nowhere"
+    ap.add_argument("--results-md", default=str(Path(__file__).with_name("RESULTS.md")),
                     help="where the tables go at the end (empty: nowhere)")
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="ABLATION_JSON",
                     help="run nothing: merge the ablation.json of runs made in separate processes into one report")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
-    a = ap.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    a = ap.parse_args(argv)
+    results_md = Path(a.results_md) if a.results_md else None
     if a.merge:
-        print(merge(a.merge, a.results_md if str(a.results_md) else None))
+        print(merge(a.merge, results_md))
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     benches = [b for b in a.benchmarks.split(",") if b]
     a.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/ablation.py " + " ".join(argv)
     t0, loads = time.time(), [os.getloadavg()[0]]
     results: dict[str, list] = {b: [] for b in benches}
     text = ""
@@ -234,8 +237,8 @@ def main() -> None:
                  "started": t0, "ended": time.time(), "threads": torch.get_num_threads(), "loads": loads}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
             print(f"[ablation] {bench} seed {seed} done after {time.time() - t0:.0f} s", flush=True)
-    if a.results_md and str(a.results_md):
-        write_results_md(a.results_md, text)
+    if results_md:
+        write_results_md(results_md, text)
     print(f"\n{len(seeds)} seeds, {time.time() - t0:.0f} s\n\n{text}")
 
 

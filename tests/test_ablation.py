@@ -55,3 +55,15 @@ def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
     assert "Seeds: shortcut 0,1,2; default 3,4;" in text
     assert "### shortcut (3 seeds)" in text and "### default (2 seeds)" in text
     assert "wall time 5 min (5 process-minutes)" in text
+
+
+def test_an_empty_results_md_writes_nowhere(tmp_path, monkeypatch, capsys):
+    """--results-md "" (the form the docstring gives for parts run side by side) prints the report and writes no
+    file: an empty path must not become the working folder."""
+    row = {"Cold-Start SFT": _row(40, 20, 50, 30), "GRPO": _row(50, 22, 45, 35), "EMO-R3": _row(52, 24, 60, 20)}
+    a = _part(tmp_path, "a", [0], [row])
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    ablation.main(["--merge", str(a), "--results-md", ""])
+    assert "### shortcut (1 seeds)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
