@@ -47,9 +47,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train.py
 
 # zero-shot, Cold-Start SFT, GRPO, DAPO, EMO-R3 on EmoScenes and EMO-R3 vs GRPO on its shortcut variant, 5 seeds,
-# intervals; writes benchmarks/RESULTS.md (long: 25 default-size runs, about 4-6 hours on a 2-core CPU)
+# intervals; writes benchmarks/RESULTS.md (long: 25 default-size runs in two processes of one thread each, about
+# 2.7 hours on a 2-core CPU)
 ablation: setup
-	$(BIN)/python benchmarks/ablation.py
+	$(BIN)/python benchmarks/ablation.py --jobs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

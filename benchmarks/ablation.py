@@ -19,13 +19,21 @@ what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!--
 ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
 
     python benchmarks/ablation.py                                   # 5 seeds, both benchmarks, default settings
+    python benchmarks/ablation.py --jobs 2                          # the same in 2 processes, 1 thread each (make ablation)
     python benchmarks/ablation.py --seeds 0,1 --benchmarks shortcut --extra --grpo.steps 10   # quicker
-    python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # one process per core,
+    python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # parts by hand,
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
 
-Cost: one default EMO-R3 run is ~10-15 min on a 2-core CPU with nothing else running; the full ablation is 5 seeds
-x (3 runs on ``default`` + 2 on ``shortcut``) = 25 runs, about 4-6 hours there.
+``--jobs N`` deals the seeds out to N processes in turn (seeds 0,2,4 and 1,3 for two), each at one torch thread
+(``--run.threads 1`` before ``--extra``) with its own folder ``OUT/part<k>`` and log ``OUT/part<k>/log.txt``, then
+merges their ablation.json as ``--merge`` does. Every run seeds itself and builds its model from the checkpoint
+folders, so which process runs a seed does not enter it; the thread count does (README, "Determinism").
+
+Cost, measured on a 2-core CPU with two processes at one thread each (benchmarks/RESULTS.md, "ablation"): a
+``shortcut`` seed (EMO-R3 with its Cold-Start SFT, then GRPO) took about 26 min, a ``default`` seed (EMO-R3, the
+zero-shot evaluation, GRPO, DAPO) about 38 min; the whole ablation, 5 seeds x (3 runs on ``default`` + 2 on
+``shortcut``) = 25 runs, about 5.3 process-hours: about 2.7 hours with ``--jobs 2`` there.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,7 +189,7 @@ def _span(part: dict, path: Path) -> tuple[float, float]:
     return part.get("started", end - part["wall_s"]), end
 
 
-def merge(paths: list[Path], results_md: Path | None) -> str:
+def merge(paths: list[Path], results_md: Path | None, command: str | None = None) -> str:
     """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
     after another): each benchmark's rows in the order of the files; the wall time runs from the first process's
     start to the last one's end, the load range covers them all."""
@@ -192,13 +201,42 @@ def merge(paths: list[Path], results_md: Path | None) -> str:
             results.setdefault(bench, []).extend(rows)
             seeds.setdefault(bench, []).extend(part["seeds"][: len(rows)])
     spans = [_span(part, p) for part, p in zip(parts, paths)]
-    command = " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py --merge " + \
-        " ".join(map(str, paths))
+    command = command or " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py " \
+        "--merge " + " ".join(map(str, paths))
     text, _ = report(results, seeds, max(e for _, e in spans) - min(s for s, _ in spans), command,
                      parts[0]["threads"], [x for part in parts for x in part["loads"]],
                      compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None)
     if results_md:
         write_results_md(results_md, text)
+    return text
+
+
+def deal(seeds: list[int], jobs: int) -> list[list[int]]:
+    """The seeds of each of ``jobs`` processes, dealt in turn: [0, 1, 2, 3, 4], 2 -> [[0, 2, 4], [1, 3]]."""
+    return [part for part in (seeds[k::jobs] for k in range(jobs)) if part]
+
+
+def run_parts(a: argparse.Namespace, seeds: list[int], results_md: Path | None, command: str) -> str:
+    """``--jobs N``: one ablation process per part of the seeds, side by side at one thread each, each in its own
+    folder ``OUT/part<k>/``; then their merged report, written to ``OUT/ablation.md`` and ``results_md``."""
+    procs = []
+    for k, part in enumerate(deal(seeds, a.jobs)):
+        out = a.out / f"part{k}"
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--seeds", ",".join(map(str, part)), "--benchmarks",
+               a.benchmarks, "--out", str(out), "--results-md", "", "--extra", "--run.threads", "1", *a.extra]
+        log = (out / "log.txt").open("w")
+        procs.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"[ablation] part {k}: seeds {','.join(map(str, part))}, log {out / 'log.txt'}", flush=True)
+    failed = []
+    for out, proc, log in procs:
+        if proc.wait() != 0:
+            failed.append(f"{out / 'log.txt'} (exit {proc.returncode})")
+        log.close()
+    if failed:
+        raise SystemExit("[ablation] a part failed; its log: " + ", ".join(failed))
+    text = merge([out / "ablation.json" for out, _, _ in procs], results_md, command)
+    (a.out / "ablation.md").write_text(text + "\n")
     return text
 
 
@@ -212,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the tables go at the end (empty: nowhere)")
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="ABLATION_JSON",
                     help="run nothing: merge the ablation.json of runs made in separate processes into one report")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes side by side, one torch thread each (their seeds dealt in turn), then merged")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
@@ -220,9 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         print(merge(a.merge, results_md))
         return
     seeds = [int(s) for s in a.seeds.split(",")]
+    command = "python benchmarks/ablation.py " + " ".join(argv)
+    if a.jobs > 1:
+        print(run_parts(a, seeds, results_md, command))
+        return
     benches = [b for b in a.benchmarks.split(",") if b]
     a.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/ablation.py " + " ".join(argv)
     t0, loads = time.time(), [os.getloadavg()[0]]
     results: dict[str, list] = {b: [] for b in benches}
     text = ""

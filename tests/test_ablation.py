@@ -67,3 +67,27 @@ def test_an_empty_results_md_writes_nowhere(tmp_path, monkeypatch, capsys):
     ablation.main(["--merge", str(a), "--results-md", ""])
     assert "### shortcut (1 seeds)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_jobs_deal_the_seeds_in_turn():
+    assert ablation.deal([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert ablation.deal([0, 1, 2], 3) == [[0], [1], [2]]
+    assert ablation.deal([7], 4) == [[7]]
+
+
+def test_jobs_a_failing_part_stops_the_ablation_and_names_its_log(tmp_path):
+    """Each part runs in its own process with its own folder and log; a part whose runs fail (here: a flag the
+    runs do not know) ends the ablation with its log's path, and nothing is merged into RESULTS.md."""
+    md = tmp_path / "RESULTS.md"
+    md.write_text("untouched\n")
+    try:
+        ablation.main(["--jobs", "2", "--seeds", "0,1", "--benchmarks", "shortcut", "--out", str(tmp_path / "abl"),
+                       "--results-md", str(md), "--extra", "--no-such-flag", "1"])
+    except SystemExit as e:
+        message = str(e)
+    else:
+        raise AssertionError("the ablation went on after its parts failed")
+    for k in (0, 1):
+        log = tmp_path / "abl" / f"part{k}" / "log.txt"
+        assert str(log) in message and "no-such-flag" in log.read_text()
+    assert md.read_text() == "untouched\n"
