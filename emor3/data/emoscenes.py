@@ -33,9 +33,10 @@ What the out-of-domain taxonomies can measure. The cold-start traces all answer 
 here has only ever boxed those eight words, after a prompt that only ever listed them. Binary shares none
 ("positive" / "negative" appear only inside step 3): a model trained from scratch on 100 traces boxes a Mikels word
 there every time, 0 % whatever it learned. Emotion6 shares four (anger, disgust, fear, sadness), but the tiny model
-does not carry its SET reasoning over to a prompt with another label list: the Cold-Start checkpoints of seeds 0
-and 1 answered 1 % and 4 % of `ood_emotion6` in the SET format (benchmarks/RESULTS.md, "The instruct stage"), so
-the split measures how the model breaks on an unseen prompt, not emotion transfer. Both are generated and written
+does not carry its SET reasoning over to a prompt with another label list: at the default settings the Cold-Start
+checkpoints of seeds 0 and 2 answered 18.75 % and 11.50 % of `ood_emotion6` in the SET format, and their EMO-R3
+policies 26.25 % and 8.25 % (benchmarks/RESULTS.md, "ablation"), so the split measures how the model breaks on an
+unseen prompt, not emotion transfer. Both are generated and written
 to disk but are not in the evaluation table (`SplitSpec.in_table`); `ood_render` (the same labels, a shifted
 rendering) is the out-of-domain set of the default table (and `ood_shortcut` of the shortcut variant's).
 
