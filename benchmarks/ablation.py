@@ -274,12 +274,13 @@ def main(argv: list[str] | None = None) -> None:
             results[bench].append(run_seed(seed, a.out, bench, a.extra))
             loads.append(os.getloadavg()[0])
             done = {b: seeds[: len(results[b])] for b in benches}
-            text, paired = report(results, done, time.time() - t0, command, torch.get_num_threads(), loads)
+            now = time.time()
+            text, paired = report(results, done, now - t0, command, torch.get_num_threads(), loads)
             (a.out / "ablation.json").write_text(json.dumps(
-                {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": time.time() - t0,
-                 "started": t0, "ended": time.time(), "threads": torch.get_num_threads(), "loads": loads}, indent=2))
+                {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": now - t0,
+                 "started": t0, "ended": now, "threads": torch.get_num_threads(), "loads": loads}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
-            print(f"[ablation] {bench} seed {seed} done after {time.time() - t0:.0f} s", flush=True)
+            print(f"[ablation] {bench} seed {seed} done after {now - t0:.0f} s", flush=True)
     if results_md:
         write_results_md(results_md, text)
     print(f"\n{len(seeds)} seeds, {time.time() - t0:.0f} s\n\n{text}")

@@ -16,6 +16,11 @@ def _row(acc_in: float, acc_out: float, recall: float, halluc: float) -> dict:
     return {"sets": sets, "run A^I": acc_in, "run A^O": acc_out, "run A": (acc_in + acc_out) / 2}
 
 
+def _methods() -> dict:
+    """One seed's rows: Cold-Start SFT, GRPO and EMO-R3."""
+    return {"Cold-Start SFT": _row(40, 20, 50, 30), "GRPO": _row(50, 22, 45, 35), "EMO-R3": _row(52, 24, 60, 20)}
+
+
 def _part(tmp_path: Path, name: str, seeds: list[int], rows: list[dict], bench: str = "shortcut",
           started: float | None = None) -> Path:
     path = tmp_path / name / "ablation.json"
@@ -48,9 +53,8 @@ def test_merge_reports_every_seed_of_every_part(tmp_path):
 def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
     """Parts that ran one benchmark each, one after another: each table names its own seeds, and the wall time runs
     from the first start to the last end (here 0-5 min), not the longest part's."""
-    row = {"Cold-Start SFT": _row(40, 20, 50, 30), "GRPO": _row(50, 22, 45, 35), "EMO-R3": _row(52, 24, 60, 20)}
-    a = _part(tmp_path, "a", [0, 1, 2], [row] * 3, "shortcut", started=1000.0)  # 1000-1180 s
-    b = _part(tmp_path, "b", [3, 4], [row] * 2, "default", started=1180.0)  # 1180-1300 s
+    a = _part(tmp_path, "a", [0, 1, 2], [_methods()] * 3, "shortcut", started=1000.0)  # 1000-1180 s
+    b = _part(tmp_path, "b", [3, 4], [_methods()] * 2, "default", started=1180.0)  # 1180-1300 s
     text = ablation.merge([a, b], None)
     assert "Seeds: shortcut 0,1,2; default 3,4;" in text
     assert "### shortcut (3 seeds)" in text and "### default (2 seeds)" in text
@@ -60,8 +64,7 @@ def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
 def test_an_empty_results_md_writes_nowhere(tmp_path, monkeypatch, capsys):
     """--results-md "" (the form the docstring gives for parts run side by side) prints the report and writes no
     file: an empty path must not become the working folder."""
-    row = {"Cold-Start SFT": _row(40, 20, 50, 30), "GRPO": _row(50, 22, 45, 35), "EMO-R3": _row(52, 24, 60, 20)}
-    a = _part(tmp_path, "a", [0], [row])
+    a = _part(tmp_path, "a", [0], [_methods()])
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     ablation.main(["--merge", str(a), "--results-md", ""])

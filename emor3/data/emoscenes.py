@@ -36,9 +36,9 @@ there every time, 0 % whatever it learned. Emotion6 shares four (anger, disgust,
 does not carry its SET reasoning over to a prompt with another label list: at the default settings the Cold-Start
 checkpoints of seeds 0 and 2 answered 18.75 % and 11.50 % of `ood_emotion6` in the SET format, and their EMO-R3
 policies 26.25 % and 8.25 % (benchmarks/RESULTS.md, "ablation"), so the split measures how the model breaks on an
-unseen prompt, not emotion transfer. Both are generated and written
-to disk but are not in the evaluation table (`SplitSpec.in_table`); `ood_render` (the same labels, a shifted
-rendering) is the out-of-domain set of the default table (and `ood_shortcut` of the shortcut variant's).
+unseen prompt, not emotion transfer. Both are generated and written to disk but are not in the evaluation table
+(`SplitSpec.in_table`); `ood_render` (the same labels, a shifted rendering) is the out-of-domain set of the default
+table (and `ood_shortcut` of the shortcut variant's).
 
 Variants (`VARIANTS`, `--data.emoscenes-variant`). `default` is the above. `shortcut` adds a coloured badge in the
 bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train` and `test` it
