@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from emor3 import distributed as dist
-from emor3.config import Algorithm, Config
+from emor3.config import Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
@@ -67,7 +67,6 @@ class Experiment:
     model: torch.nn.Module
     processor: Processor
     source_dir: Path  # folder the tokenizer and processor files come from (copied into every checkpoint)
-    algo: Algorithm
     train_set: object = None
     cold_start: object = None  # the samples with SET responses for Cold-Start SFT (an EmotionDataset), or None
     eval_sets: list = field(default_factory=list)
@@ -190,7 +189,6 @@ def build_experiment(cfg: Config, out: Path) -> Experiment:
     Cold-Start SFT has run."""
     set_threads(cfg)
     device = resolve_device(cfg.model.device)
-    algo = cfg.algorithm()
     resume_dir = None
     if cfg.run.resume:
         resume_dir = latest_checkpoint(Path(cfg.run.resume))
@@ -230,9 +228,9 @@ def build_experiment(cfg: Config, out: Path) -> Experiment:
         model.freeze_vision(cfg.model.freeze_vision)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     weights = resolve_weights(cfg.reward.weights)
-    if not algo.reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
+    if not cfg.algorithm().reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
         weights = {k: v for k, v in weights.items() if k not in ("consistency", "coherence")}
-    return Experiment(cfg, device, model, processor, source, algo, train, cold, evals, taxonomies,
+    return Experiment(cfg, device, model, processor, source, train, cold, evals, taxonomies,
                       reward_weights=weights, plugins=[load_reward_plugin(spec) for spec in cfg.reward.plugins],
                       resume_dir=resume_dir)
 
@@ -274,7 +272,7 @@ def attach_reference(exp: Experiment, out: Path) -> None:
     """The frozen reference, when β > 0 or the reference judges RER: a copy of the model GRPO starts from (a
     resumed run reloads it: the Cold-Start checkpoint, else the initial model). A LoRA run keeps none: its
     reference is the policy with the adapters switched off (``emor3.models.lora.AdaptersOff``)."""
-    cfg, algo = exp.cfg, exp.algo
+    cfg, algo = exp.cfg, exp.cfg.algorithm()
     if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")) or has_lora(exp.model):
         return
     if exp.resume_dir is None:
@@ -472,7 +470,7 @@ def _write_pointer(out: Path, name: str) -> None:
     _fsync(out)
 
 
-def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
+def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, data_state: dict) -> Path:
     """Write RUN_DIR/checkpoint-<step> (module docstring, 5), point RUN_DIR/latest at it, keep the newest
     ``--run.keep-checkpoints``; returns the folder.
 
@@ -495,7 +493,7 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
                 save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
             save_torch_state({
                 "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
+                "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
             }, tmp / "trainer_state.pt")
             _fsync_tree(tmp)
             fault_point("synced the temporary folder")
@@ -511,11 +509,11 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
     return final
 
 
-def load_trainer_state(resume_dir: Path, optimizer, scheduler, generator, model) -> dict:
-    """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state."""
+def load_trainer_state(resume_dir: Path, optimizer, scheduler, model) -> dict:
+    """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state. A
+    "generator" entry (written by earlier versions; nothing samples from it) is ignored."""
     state = load_torch_state(resume_dir / "trainer_state.pt")
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state

@@ -72,7 +72,7 @@ def test_easyr1_problem_reaches_every_prompt_the_run_sends(tmp_path):
     messages, images = encode_samples(_EchoProcessor(), ds.samples, ["im0", "im1"], taxes)
     assert [_user_text(m) for m in messages] == expected and images == [["im0"], ["im1"]]
     # the text reward plug-ins see
-    exp = Experiment(Config(), torch.device("cpu"), None, None, tmp_path, None, taxonomies=taxes)
+    exp = Experiment(Config(), torch.device("cpu"), None, None, tmp_path, taxonomies=taxes)
     assert [exp.prompt_text(s) for s in ds.samples] == expected == [sample_prompt(s, taxes) for s in ds.samples]
     # Cold-Start SFT's SET examples
     sft = set_examples(ds.samples, ["im0", "im1"], ["r0", "r1"], taxes)

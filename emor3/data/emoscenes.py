@@ -74,6 +74,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from emor3.config import EmoScenesVariant, choices
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
@@ -346,7 +347,7 @@ SPLITS = {
     "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False),
     "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
 }
-VARIANTS = ("default", "shortcut")
+VARIANTS = choices(EmoScenesVariant)
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
 
 

@@ -269,22 +269,21 @@ def train(cfg: Config) -> dict:
     policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     reference = None if exp.reference is None else dist.wrap_reference(
         exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    if has_lora(exp.model) and exp.algo.kl_coef > 0:  # LoRA: the reference is the policy with its adapters off
+    if has_lora(exp.model) and cfg.algorithm().kl_coef > 0:  # LoRA: the reference is the policy with its adapters off
         reference = AdaptersOff(policy, exp.model)
     if g.sample_chunk == 0 and exp.device.type == "cuda":  # the largest sampling chunk that fits this GPU
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, sample_chunk=auto_sample_chunk(cfg, exp, W)))
-        g = cfg.grpo
+        exp, g = dataclasses.replace(exp, cfg=cfg), cfg.grpo  # one config from here on: the step reads exp.cfg too
     dist.print0(run_table(cfg, exp.model.config, W))
     if dist.is_main():
         save_config(cfg, out / "config.toml")
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
-    generator = torch.Generator(device=exp.device).manual_seed(cfg.run.seed)
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
     start_step = 0
     if exp.resume_dir is not None:
-        state = load_trainer_state(exp.resume_dir, optimizer, scheduler, generator, model=exp.model)
+        state = load_trainer_state(exp.resume_dir, optimizer, scheduler, model=exp.model)
         start_step = state["step"]
         stream = PromptStream(len(exp.train_set), cfg.run.seed, **state["data"])
         dist.print0(f"[emor3] resumed from {exp.resume_dir} at step {start_step} (written by "
@@ -309,7 +308,7 @@ def train(cfg: Config) -> dict:
         if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank got the signal: stop together
             stop.signal = signal.SIGTERM
         if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-            save_checkpoint(exp, out, step + 1, optimizer, scheduler, generator, stream.state())
+            save_checkpoint(exp, out, step + 1, optimizer, scheduler, stream.state())
         if stop.signal is not None:
             break
     bar.close()

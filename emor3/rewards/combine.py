@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from emor3.config import PluginAllNaN, choices
 from emor3.rewards.rules import accuracy_reward, format_reward
 
 WEIGHT_PRESETS: dict[str, dict[str, float]] = {
@@ -58,7 +59,7 @@ WEIGHT_PRESETS: dict[str, dict[str, float]] = {
 BUILTIN_COMPONENTS = ("accuracy", "format", "consistency", "coherence")
 REFLECTION_COMPONENTS = ("consistency", "coherence")
 NAN_POLICIES = ("skip", "propagate")
-ALL_NAN_POLICIES = ("warn", "error")
+ALL_NAN_POLICIES = choices(PluginAllNaN)
 _warned_all_nan: set[str] = set()  # plug-ins already warned about in this process
 
 

@@ -62,6 +62,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from emor3.config import JudgeMode, MissingStep, choices
 from emor3.engine.sampler import PromptSuffix, prefill, sample
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
@@ -72,9 +73,10 @@ COHERENCE_QUESTION = "Which emotion best describes the text above?"
 COHERENCE_INSTRUCTION = "Answer the question using one emotional category (one word only): {labels}."
 # score of (consistency, coherence) where the steps that judge reads are missing; see the module docstring
 MISSING_RULES = {"release": (0.0, 0.5), "neutral": (0.5, 0.5)}
+assert tuple(MISSING_RULES) == choices(MissingStep), "MissingStep (emor3.config) names every rule"
 YES_STRINGS = ("Yes", "yes")
 NO_STRINGS = ("No", "no")
-MODES = ("sample", "logprob")
+MODES = choices(JudgeMode)
 
 
 # -------------------------------------------------------------------------------------------------------- prompts
