@@ -103,8 +103,8 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
     """Accuracy with its Wilson interval, format rate (and cue recall / hallucinated-cue rate where the samples carry
     cues) of ``model`` on each set, plus the run's averages and their intervals.
 
-    ``cue_rate_fn(step1_text, sample)``: None where the sample has no recorded cues, else the share of its true cues
-    that step 1 names, or the pair (that share, the hallucinated-cue rate) that ``cue_scores`` returns."""
+    ``cue_rate_fn(step1_text, sample)``: None where the sample has no recorded cues, else the pair (cue recall,
+    hallucinated-cue rate) that ``cue_scores`` returns."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     results: dict = {"sets": {}}
@@ -129,11 +129,9 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                 if cue_rate_fn is not None:
                     step1 = parse_set(text).step1
                     c = cue_rate_fn(step1 or "", smp)
-                    if isinstance(c, tuple):
+                    if c is not None:
                         recalls.append(c[0])
                         hallucinated.append(c[1])
-                    elif c is not None:
-                        recalls.append(c)
         results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, recalls, hallucinated)
     results.update(summary_scores(results["sets"]))
     results.update(summary_intervals(results["sets"]))

@@ -348,7 +348,7 @@ def test_shared_prefix_step_equals_the_unshared_step(tmp_path, plugin):
 
 def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
     """DAPO keeps groups (select) from several rollout rounds (cat): every row must stay with its prompt, its
-    rewards, its advantage and every Rollout field, including truncation_logmass."""
+    rewards, its advantage and every Rollout field."""
     from emor3.data import get_taxonomy
     from emor3.data.emoscenes import make_emoscenes
     from emor3.engine.prompts import encode_samples
@@ -373,8 +373,7 @@ def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
         mask = torch.ones(B * G, T)
         rollout = Rollout(prompt_index=torch.arange(B).repeat_interleave(G), completion_ids=ids, completion_mask=mask,
                           logprobs=-n[:, None].float().repeat(1, T), truncated=n % 2 == 0,
-                          texts=[f"row{i}" for i in n.tolist()], group_size=G,
-                          truncation_logmass=-0.5 * n[:, None].float().repeat(1, T))
+                          texts=[f"row{i}" for i in n.tolist()], group_size=G)
         rewards = RewardBreakdown(n.float(), {"accuracy": 2 * n.float()}, {"accuracy": 1.0}, {"format_paper": 3 * n.float()})
         return ScoredBatch(prompts, rollout, rewards, advantages=10 * n.float())
 
@@ -391,7 +390,6 @@ def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
                 r, n = b * G + j, p * G + j + off
                 assert batch.rollout.completion_ids[r, 0] == n and batch.rollout.texts[r] == f"row{n}"
                 assert batch.rollout.logprobs[r, 0] == -n and batch.rollout.truncated[r] == (n % 2 == 0)
-                assert batch.rollout.truncation_logmass[r, 0] == -0.5 * n, "truncation_logmass lost or misaligned"
                 assert batch.rewards.total[r] == n and batch.rewards.components["accuracy"][r] == 2 * n
                 assert batch.rewards.extras["format_paper"][r] == 3 * n and batch.advantages[r] == 10 * n
         assert batch.prompts.pixel_values.shape[0] == sum(
