@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -113,17 +114,16 @@ class ModelConfig:
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"--model.lora-rank {self.lora_rank}: must be >= 0 (0: full fine-tuning)")
-        if self.lora_rank:
-            if not self.lora_alpha > 0:
-                raise ValueError(f"--model.lora-alpha {self.lora_alpha}: must be > 0")
-            if not 0 <= self.lora_dropout < 1:
-                raise ValueError(f"--model.lora-dropout {self.lora_dropout}: must be in [0, 1)")
-            try:
-                targets = parse_targets(self.lora_targets)
-            except ValueError as e:
-                raise ValueError(f"--model.lora-targets: {e}") from None
-            if self.freeze_vision and "vision" in targets:
-                raise ValueError("--model.freeze-vision with the LoRA target 'vision': drop one of them")
+        if not self.lora_alpha > 0:  # NaN fails too
+            raise ValueError(f"--model.lora-alpha {self.lora_alpha}: must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--model.lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        try:
+            targets = parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--model.lora-targets: {e}") from None
+        if self.lora_rank and self.freeze_vision and "vision" in targets:
+            raise ValueError("--model.freeze-vision with the LoRA target 'vision': drop one of them")
 
 
 @dataclass(frozen=True)
@@ -382,9 +382,14 @@ ALIASES = {
 # --------------------------------------------------------------------------------------------- conversion
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _field_type(cls: type, name: str):
-    hints = typing.get_type_hints(cls)
-    t = hints[name]
+    """A field's type without its Optional, and whether None is allowed."""
+    t = _hints(cls)[name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     optional = typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
     return (args[0] if optional else t), optional
@@ -466,6 +471,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("data", "image_size"): (1, True, None, False, ""),
     ("data", "label_noise"): (0, True, 1, True, ""),
     ("data", "cold_start"): (0, True, None, False, ""),
+    ("data", "max_prompt_length"): (0, True, None, False, "0: no limit"),
     ("sft", "steps"): (0, True, None, False, "0 skips Cold-Start SFT"),
     ("sft", "batch_size"): (1, True, None, False, ""),
     ("sft", "lr"): (0, False, None, False, ""),
@@ -508,6 +514,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("run", "sample_every"): (0, True, None, False, "0 writes no samples"),
     ("run", "keep_checkpoints"): (1, True, None, False, ""),
     ("run", "threads"): (0, True, None, False, "0: torch's default"),
+    ("run", "dry_run_world"): (0, True, None, False, "0: this launch's number of processes"),
     ("run", "dist_timeout"): (0, False, None, False, ""),
     ("run", "dist_setup_timeout"): (0, False, None, False, ""),
 }
@@ -565,8 +572,9 @@ def config_problems(cfg: Config) -> list[str]:
         bad("grpo", "prompts_per_step", g.prompts_per_step,
             f"must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts}): every update takes whole "
             "mini-batches of the rollout batch")
-    if not r.out:
-        bad("run", "out", r.out, "must name a folder")
+    for sec, name in (("run", "out"), ("data", "cache_dir"), ("sft", "instruct_cache")):
+        if not getattr(getattr(cfg, sec), name).strip():
+            bad(sec, name, getattr(getattr(cfg, sec), name), "must name a folder")
     if cfg.reward.weights not in ("paper", "release"):
         for part in cfg.reward.weights.split(","):
             name, sep, w = part.partition("=")
@@ -689,6 +697,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str, default_out:
     config_file = ns.pop("config", None)
     resume = ns.get("run.resume")
     if resume:
+        if not Path(resume).is_dir():
+            parser.error(f"{setting_name('run', 'resume')} = {resume!r}: no such run folder")
         out = ns.get("run.out")
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             parser.error(f"--resume {resume} continues the run in its own folder, but --run.out is {out}: drop "
