@@ -2,6 +2,7 @@
 config round trip, evaluation arithmetic, and the batch plumbing the loop relies on."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -336,16 +337,24 @@ def test_shared_prefix_step_equals_the_unshared_step(tmp_path, plugin):
     assert abs(m_u["pg_loss"]) > 1e-4 and m_u["kl"] > 0, "the comparison is vacuous when loss and KL are 0"
     for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "ratio_mean", "ratio_min", "ratio_max", "logp_gap"):
         assert m_s[k] == pytest.approx(m_u[k], rel=1e-5, abs=1e-6), f"{k}: shared {m_s[k]} vs unshared {m_u[k]}"
-    # AdamW divides each gradient element by its own running magnitude, so an element whose gradient is near zero
-    # moves by an amount its rounding decides (measured: at most 0.08 lr in one element, 1e-5 lr on average); the
-    # gradients themselves are pinned by grad_norm above and per parameter in tests/test_shared_prefix.py
+    # The parameters: AdamW divides each element by its own gradient magnitude, so an element whose gradient is ~0
+    # moves by an amount its rounding decides, in either direction. Elementwise, two runs equal up to rounding can
+    # therefore differ by both runs' largest moves, 2·lr·Σ_t B_t, where B_t bounds Adam's bias-corrected
+    # |m̂_t| / √v̂_t at update t (Cauchy-Schwarz over the t gradients so far); the decoupled weight decay moves both
+    # runs alike. The gradients themselves are pinned by grad_norm above and per parameter in
+    # tests/test_shared_prefix.py; on average the parameter gap is far smaller (the mean is pinned at 1e-4·lr).
+    lr, (b1, b2) = cfg.grpo.lr, (0.9, 0.999)  # torch.optim.AdamW's default betas, which the trainer uses
+    updates = cfg.grpo.epochs * cfg.grpo.prompts_per_step // cfg.grpo.mini_batch_prompts
+    bound = 2 * lr * sum((1 - b1) / (1 - b1**t) / math.sqrt((1 - b2) / (1 - b2**t))
+                         * math.sqrt(sum(b1 ** (2 * (t - i)) / b2 ** (t - i) for i in range(1, t + 1)))
+                         for t in range(1, updates + 1))
     init = _params(Path(cfg.run.out) / "init")
-    lr = cfg.grpo.lr
     for name, p in p_u.items():
         assert not torch.equal(p, init[name]), f"{name} never moved: the comparison would not cover its gradient"
         gap = (p_s[name] - p).abs()
-        assert float(gap.max()) <= 0.25 * lr and float(gap.mean()) <= 1e-4 * lr, \
-            f"{name}: shared and unshared parameters differ by up to {float(gap.max()):.1e} (lr {lr})"
+        assert float(gap.max()) <= bound and float(gap.mean()) <= 1e-4 * lr, \
+            f"{name}: shared and unshared parameters differ by up to {float(gap.max()):.1e} (bound {bound:.1e})"
+
 
 def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
     """DAPO keeps groups (select) from several rollout rounds (cat): every row must stay with its prompt, its
