@@ -144,13 +144,18 @@ SHIPPED_INSTRUCT = Path(__file__).resolve().parent / "assets" / "instruct"  # th
 
 
 def instruct_key(model, init_dir: Path, cfg) -> str:
-    """The cache key of an instruct checkpoint: a hash of the initial model (config, tokenizer, the weights of
-    ``model`` as initialised from ``--sft.instruct-seed``) and every setting the stage reads, so a change to any of
-    them builds a new one. The run's own seed is not among them: every run seed starts from the same instruct
-    checkpoint, as the paper's runs all start from one released instruct model."""
+    """The cache key of an instruct checkpoint: a hash of the stage's starting point and every setting the stage
+    reads, all of it content the project writes: the versions of the instruct examples and of EmoScenes, the model's
+    architecture (its config), its weights as initialised from ``--sft.instruct-seed``, the tokenizer's vocabulary
+    and merges (read as data: a tokenizers release that serialises tokenizer.json differently keeps the key, one
+    that trains another vocabulary changes it) and the stage's settings. The run's own seed is not among them: every
+    run seed starts from the same instruct checkpoint, as the paper's runs all start from one released model."""
     h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{EMOSCENES_VERSION}".encode())
-    for name in ("config.json", "tokenizer.json"):
-        h.update((init_dir / name).read_bytes())
+    h.update(json.dumps(json.loads((init_dir / "config.json").read_text()), sort_keys=True).encode())
+    tok = json.loads((init_dir / "tokenizer.json").read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]  # "a b" or [a, b]
+    h.update(json.dumps([sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), merges]).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
