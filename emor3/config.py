@@ -12,6 +12,12 @@ written once. The named presets (``ALGORITHMS``: emo_r3, grpo, dapo, dr_grpo, gs
 inherits them as ``--grpo.*`` flags defaulting to ``None``: "take the value from the ``--algo`` preset".
 ``Config.algorithm()`` resolves them, and the saved config records the resolved numbers, so a run is never
 mislabelled.
+
+Every setting with a closed set of values is typed by a ``Literal`` declared once below; parsing checks values
+against it, and the code that dispatches on the names (the objective, the launcher, the rewards) reads the same
+declaration. ``parse_args`` returns a resolved config (``Config.resolved``: the preset written in, every
+model-dependent ``auto`` made) or exits with a usage error (status 2) naming each bad flag, before any work. This
+module imports no torch.
 """
 
 from __future__ import annotations
@@ -131,7 +137,8 @@ class DataConfig:
     train: str = _f("", "Training set: JSONL manifest, image-folder tree or EmoSet folder. Empty: EmoScenes.")
     eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out]. Empty: the EmoScenes splits.")
     taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
-    on_bad_sample: OnBadSample = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count it).")
+    on_bad_sample: OnBadSample = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count "
+                                             "it).")
     max_prompt_length: int = _f(0, "Longest prompt in tokens, its image tokens included (the release: 2048). A longer "
                                    "one is a bad sample (prompt_too_long), found when the data is loaded: an error, or "
                                    "skipped and counted with --data.on-bad-sample skip; never cropped. 0: no limit.")
@@ -141,8 +148,8 @@ class DataConfig:
     emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split.")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
-    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose colour gives the "
-                                "label in train/test only; emor3.data.emoscenes).")
+    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "
+                                             "colour gives the label in train/test only; emor3.data.emoscenes).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 
@@ -155,9 +162,10 @@ class SFTConfig:
     judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
                               "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
                               "set false).")
-    instruct_steps: int = _f(3200, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
-                             "\"Instruct stage\"): optimizer steps of captioning and yes/no questions on EmoScenes "
-                             "images of every rendering, without emotion labels; built once per setting and cached "
+    instruct_steps: int = _f(3200, "The tiny model's instruct stage before Cold-Start SFT (docs/method.md, \"The "
+                             "tiny default's starting point: an instruct stage\"): optimizer steps of captioning and "
+                             "yes/no questions on EmoScenes images of every rendering, without emotion labels; built "
+                             "once per setting and cached "
                              "(the default setting's ships with the package: `make instruct` rebuilds it). Runs from "
                              "a checkpoint (--model.path) skip it; 0 skips it.")
     instruct_images: int = _f(8000, "Scenes the instruct stage trains on, half in each rendering (their own seeds: no "
@@ -255,39 +263,44 @@ class GRPOConfig(Algorithm):
                               "0: all of a rank's prompts in one batch (fastest); on CUDA the largest chunk whose "
                               "KV cache fits the free memory (emor3.memory). Any N that divides the prompts "
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
-    compile: Compile = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a torch.compile "
-                             "backend name (eager: trace only).")
+    compile: Compile = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a "
+                                 "torch.compile backend: inductor, eager (trace only), aot_eager, cudagraphs.")
     lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
     schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
     max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
-    loss_scope: Literal[Auto, LossScope] = _f("auto", "Over what the loss normaliser counts: mini-batch (the whole mini-batch over all "
-                                 "ranks: micro-batching does not change the gradient), micro-batch (the release: each "
-                                 "micro-batch's own count, its loss divided by the micro-batches per rank and averaged "
-                                 "over ranks), auto (micro-batch with a checkpoint, mini-batch with the tiny model).")
+    loss_scope: Literal[Auto, LossScope] = _f(
+        "auto", "Over what the loss normaliser counts: mini-batch (the whole mini-batch over all ranks: "
+        "micro-batching does not change the gradient), micro-batch (the release: each micro-batch's own count, its "
+        "loss divided by the micro-batches per rank and averaged over ranks), auto (micro-batch with a checkpoint, "
+        "mini-batch with the tiny model; resolved when the config is parsed).")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     weights: str = _f("paper", "Reward weights: paper, release, or NAME=W,NAME=W,... for any components.")
-    format: FormatRule = _f("paper", "Format rule: paper (the paper's regex) or strict (also rejects empty steps etc.).")
-    accuracy: AccuracyRule = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized (synonyms).")
+    format: FormatRule = _f("paper", "Format rule: paper (the paper's regex) or strict (also rejects empty steps "
+                                     "etc.).")
+    accuracy: AccuracyRule = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized "
+                                         "(synonyms).")
     judge: Judge = _f("policy", "Who answers the RER questions: policy (the paper) or reference (frozen copy).")
-    judge_mode: JudgeMode = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no sampling).")
+    judge_mode: JudgeMode = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no "
+                                         "sampling).")
     judge_max_new_tokens: int = _f(0, "Longest judge reply in sample mode. 0: 32 with a checkpoint (--model.path; an "
                                       "instruct model may answer 'Based on the image, yes'), 8 with the tiny model, "
                                       "which answers in one word (docs/method.md, \"Where the paper is silent\").")
     judge_share_prefix: bool = _f(True, "Prefill each prompt's judge prefix (chat header, image, question) once for "
                                         "its G consistency questions, then only each step 1; same scores as "
                                         "prefilling every question whole (off).")
-    missing_step: Literal[Auto, MissingStep] = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
-                                   "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
-                                   "(release with a checkpoint, neutral with the tiny model).")
+    missing_step: Literal[Auto, MissingStep] = _f(
+        "auto", "RER score where the steps a judge reads are missing: release (consistency 0, coherence 0.5, as the "
+        "release's 'None' answer scores), neutral (both 0.5), auto (release with a checkpoint, neutral with the tiny "
+        "model; resolved when the config is parsed).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
-    plugin_all_nan: PluginAllNaN = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once per "
-                                     "plug-in, counted in the metrics) or error (stop the run).")
+    plugin_all_nan: PluginAllNaN = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once "
+                                              "per plug-in, counted in the metrics) or error (stop the run).")
 
 
 @dataclass(frozen=True)
@@ -312,10 +325,12 @@ class RunConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default).")
     progress: bool = _f(True, "Show tqdm progress bars.")
     parallel: Parallel = _f("fsdp", "Under torchrun: fsdp (FSDP2, one unit per decoder layer / vision block) or ddp.")
-    reference: ReferenceMode = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or replicate.")
-    mixed_precision: MixedPrecision = _f("auto", "Compute dtype of policy, reference and sampler: auto (bf16 on GPU, fp32 on CPU), "
-                                      "bf16, fp32. Parameters stay in --model.dtype: FSDP2 casts its fp32 shards "
-                                      "(MixedPrecisionPolicy, fp32 gradient reduce), one process and DDP autocast.")
+    reference: ReferenceMode = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or "
+                                           "replicate.")
+    mixed_precision: MixedPrecision = _f(
+        "auto", "Compute dtype of policy, reference and sampler: auto (bf16 on GPU, fp32 on CPU), bf16, fp32. "
+        "Parameters stay in --model.dtype: FSDP2 casts its fp32 shards (MixedPrecisionPolicy, fp32 gradient "
+        "reduce), one process and DDP autocast.")
     dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a crashed rank).")
     dist_setup_timeout: float = _f(7200.0, "Seconds ranks wait for rank 0's setup (data cache, tiny model, SFT, baseline eval).")
     dry_run: bool = _f(False, "Print the per-process memory plan of this config (emor3.memory) and exit: nothing is "

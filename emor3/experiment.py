@@ -6,8 +6,8 @@ nothing (no training, no evaluation): the entry points run the stages on what it
    ood_render out-of-domain (ood_emotion6 and ood_binary are drawn but not evaluated: emor3.data.emoscenes says why);
    cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
-2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
-   ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
+2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder), else a tiny model built offline
+   into ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
 3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
    the reference judges RER.
 4. The run folder (``prepare_run_dir``): a command refuses a folder that is not empty unless it resumes the run in it

@@ -213,7 +213,8 @@ def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[Sc
         raise ValueError(f"--grpo.sample-chunk {chunk} must divide the prompts per rank ({len(mine)})")
     parts, t_judge = [], 0.0
     for s in range(0, len(mine), chunk):
-        generator = torch.Generator(device=exp.device).manual_seed(stream_seed(cfg.run.seed, "sampling", first + offset + s))
+        seed = stream_seed(cfg.run.seed, "sampling", first + offset + s)
+        generator = torch.Generator(device=exp.device).manual_seed(seed)
         part, dt = score_prompts(exp, cfg, mine[s : s + chunk], generator)
         parts.append(part)
         t_judge += dt

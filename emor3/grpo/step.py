@@ -232,7 +232,8 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     m.update(rewards.metrics(prefix="reward/"))
     lengths = dist.gather_rows(rollout.lengths).float()
     m.update({
-        "ratio_min": dist.all_reduce(local["ratio_min"], "min"), "ratio_max": dist.all_reduce(local["ratio_max"], "max"),
+        "ratio_min": dist.all_reduce(local["ratio_min"], "min"),
+        "ratio_max": dist.all_reduce(local["ratio_max"], "max"),
         "grad_norm": local["grad_norm"] / n_updates, "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
         "accuracy": float(rewards.components["accuracy"].nanmean()),
         "format_rate": float(rewards.components["format"].nanmean()),

@@ -2,9 +2,9 @@
 
 With no arguments it runs the embedded default on a CPU in minutes: a tiny Qwen2.5-VL-architecture model with a
 tokenizer trained offline, the synthetic EmoScenes benchmark, Cold-Start SFT on ~100 SET traces, GRPO with the
-``emo_r3`` preset, then the paper-style accuracy table. ``--model PATH`` starts from a Qwen2-VL / Qwen2.5-VL
-checkpoint folder instead, ``--data`` / ``--eval-data`` take datasets in the loaders' formats, ``--config FILE`` a
-TOML recipe (examples/). Every flag: ``--help``.
+``emo_r3`` preset, then the paper-style accuracy table. ``--model PATH`` starts from a Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL checkpoint folder instead, ``--data`` / ``--eval-data`` take datasets in the loaders' formats,
+``--config FILE`` a TOML recipe (examples/). Every flag: ``--help``.
 
 How one step departs from textbook GRPO (Shao et al. 2024), and the choices made here:
 1. Prompts use SET (EMO-R3 sec. 3.1): the question lists the sample's taxonomy labels, the model reasons in
