@@ -138,6 +138,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
     when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
     assert exp.cfg == cfg, "grpo_step: exp.cfg and cfg differ; the run must hold one config"
+    assert cfg.resolved() == cfg, "grpo_step: the config must be resolved (Config.resolved: no 'auto' left)"
     g, algo, G = cfg.grpo, cfg.algorithm(), cfg.grpo.group_size
     t_step = time.perf_counter()
     exp.model.eval()
