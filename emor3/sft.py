@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from emor3 import distributed as dist
-from emor3.config import SFTConfig, parse_args, save_config
+from emor3.config import OnBadSample, SFTConfig, choices, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
 from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
                                   INSTRUCT_STYLES, cue_mentions, describe_scene,
@@ -506,7 +506,7 @@ def traces_main(argv: list[str]) -> TraceReport:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-bad-sample", default="error", choices=("error", "skip"))
+    p.add_argument("--on-bad-sample", default="error", choices=choices(OnBadSample))
     p.add_argument("--only-traces", action="store_true", help="write the traced samples only")
     p.add_argument("--progress", default="true", choices=("true", "false"))
     a = p.parse_args(argv)

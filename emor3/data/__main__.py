@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from emor3.data.dataset import BadSampleError
+from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset
 from emor3.data.emoscenes import VARIANTS
 
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="taxonomy name (mikels8, emotion6, binary, webemo2/7/25) or a TOML/JSON file; "
                         "default: per-row 'taxonomy' fields, else inferred from the labels")
     v.add_argument("--split", default=None, help="only this split (EmoSet train/val/test, or a manifest's stem)")
-    v.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip",
+    v.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="skip",
                    help="skip: report every problem (default); error: stop at the first one")
     v.add_argument("--verify", choices=("full", "header", "exists"), default="full",
                    help="how much of each image to check: full decode (catches truncation), header, or existence")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the draw")
     s.add_argument("--train", type=int, default=EMOSET_PAPER_SIZES["train"], help="training samples (0: none)")
     s.add_argument("--test", type=int, default=EMOSET_PAPER_SIZES["test"], help="test samples (0: none)")
-    s.add_argument("--on-bad-sample", choices=("skip", "error"), default="error",
+    s.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="error",
                    help="a bad row of the split files: stop (error) or leave it out of the draw (skip)")
     s.set_defaults(func=emoset_subset)
     return p

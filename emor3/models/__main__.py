@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from emor3.config import Dtype, choices
+
 from .checkpoint import load_pretrained, save_pretrained
 from .lora import load_adapter, merge_adapters, read_adapter_config
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--base", type=Path, default=None,
                    help="base model folder (default: base_model_name_or_path of adapter_config.json)")
     m.add_argument("--out", type=Path, required=True, help="folder to write the merged model to")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    m.add_argument("--dtype", choices=choices(Dtype), default=None,
                    help="dtype of the merged weights (default: the base checkpoint's)")
     a = p.parse_args(argv)
     try:
