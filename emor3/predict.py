@@ -5,7 +5,8 @@ for each image of INPUT (image files, or folders searched recursively for image 
    ``adapter_config.json`` names the base), a run's ``checkpoint-<step>/`` (``model/``, or ``adapter/`` over the
    model GRPO started from), or a run folder, meaning its newest complete checkpoint. ``--adapter`` puts a PEFT
    adapter folder over a full model. A run's ``config.toml`` supplies the defaults the run was evaluated with:
-   pixel budget, dtype, taxonomy, sampling settings and the judge's reply length; flags override them.
+   pixel budget, taxonomy, sampling settings and the judge's reply length; flags override them. The weights are
+   loaded in bfloat16 on CUDA (as the rollout copy of a mixed-precision run), float32 elsewhere (``--dtype``).
 2. The prompt is the SET prompt of training and evaluation (``emor3.engine.prompts``), listing ``--taxonomy``'s
    labels. Images are decoded, checked against the processor's pixel budget and resized as a dataset's are, then
    batched through the rollout sampler (``emor3.engine.sampler.sample``, one completion per image) ``--batch-size``
@@ -127,21 +128,21 @@ def load_model(source: ModelSource, *, dtype: str = "auto", device: str = "auto"
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(image files in order, [(input, problem)] for inputs that yield none). A file is taken whatever its name; a
-    folder contributes its files with an image suffix (``IMAGE_SUFFIXES``), recursively, sorted."""
-    files, problems = [], []
+def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """[(image file, None)] in input order, with (input, problem) in place of an input that yields none. A file is
+    taken whatever its name; a folder contributes its files with an image suffix (``IMAGE_SUFFIXES``),
+    recursively, sorted."""
+    entries: list[tuple[Path, str | None]] = []
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append((item, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
-            files += found
+            entries += [(p, None) for p in found] or [
+                (item, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")]
         elif item.exists():
-            files.append(item)
+            entries.append((item, None))
         else:
-            problems.append((item, "no such file or folder"))
-    return files, problems
+            entries.append((item, "no such file or folder"))
+    return entries
 
 
 def load_image(path: Path, processor: Processor) -> Image.Image:
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "preprocessor_config.json).")
     p.add_argument("--max-pixels", type=int, default=None, help="Largest image area after resizing (default as "
                                                                 "--min-pixels).")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="Weights dtype (default: the run's, else auto: bfloat16 on CUDA, float32 elsewhere).")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="Weights dtype; auto: bfloat16 on CUDA, float32 elsewhere (default: auto).")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto).")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -276,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pick(flag, run_value, default):
-    return flag if flag is not None else (run_value if run_value is not None else default)
+def _pick(flag, run_value):
+    """A flag's value when given, else the run's."""
+    return flag if flag is not None else run_value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,23 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     ev = run.eval if run is not None else EvalConfig()
-    temperature = _pick(a.temperature, ev.temperature, EvalConfig.temperature)
-    top_p = _pick(a.top_p, ev.top_p, EvalConfig.top_p)
-    max_new_tokens = _pick(a.max_new_tokens, ev.max_new_tokens, EvalConfig.max_new_tokens)
-    batch_size = _pick(a.batch_size, ev.batch_size, EvalConfig.batch_size)
+    temperature, top_p = _pick(a.temperature, ev.temperature), _pick(a.top_p, ev.top_p)
+    max_new_tokens, batch_size = _pick(a.max_new_tokens, ev.max_new_tokens), _pick(a.batch_size, ev.batch_size)
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
         p.error(f"need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1 and --batch-size >= 1; got "
                 f"{temperature}, {top_p}, {max_new_tokens}, {batch_size}")
     try:
-        taxonomy = get_taxonomy(_pick(a.taxonomy, (run.data.taxonomy or None) if run else None, "mikels8"))
+        taxonomy = get_taxonomy(_pick(a.taxonomy, (run.data.taxonomy if run is not None else "") or "mikels8"))
     except (KeyError, FileNotFoundError, ValueError) as e:
         p.error(f"--taxonomy: {e.args[0] if e.args else e}")
     if a.threads:
         torch.set_num_threads(a.threads)
     model, processor = load_model(
-        source, dtype=_pick(a.dtype, run.model.dtype if run else None, "auto"), device=a.device,
-        min_pixels=_pick(a.min_pixels, run.model.min_pixels if run else None, None),
-        max_pixels=_pick(a.max_pixels, run.model.max_pixels if run else None, None))
+        source, dtype=a.dtype, device=a.device,
+        min_pixels=_pick(a.min_pixels, run.model.min_pixels if run is not None else None),
+        max_pixels=_pick(a.max_pixels, run.model.max_pixels if run is not None else None))
     generator = torch.Generator().manual_seed(a.seed)  # on the CPU: a seed draws the same numbers on any device
     judge = None
     if a.reflect:
@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             judge_kw["temperature"] = 0.0
         judge = ModelJudge(model, processor, seed=generator, **judge_kw)
 
-    files, problems = collect_inputs(a.inputs)
-    out = open(a.out, "w") if a.out else sys.stdout
+    entries = collect_inputs(a.inputs)
+    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
     show_bar = a.progress == "on" or (a.progress == "auto" and any(Path(i).is_dir() for i in a.inputs))
-    bar = tqdm(total=len(files), desc="predict", unit="image", disable=not show_bar, dynamic_ncols=True,
+    bar = tqdm(total=len(entries), desc="predict", unit="image", disable=not show_bar, dynamic_ncols=True,
                file=sys.stderr)
     failed = 0
 
@@ -335,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 out.flush()
 
     try:
-        for item, problem in problems:
-            emit({"image": str(item), "error": problem})
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
+        for start in range(0, len(entries), batch_size):
+            chunk = [f for f, _ in entries[start:start + batch_size]]
             loaded: dict[int, Image.Image] = {}
-            errors: dict[int, str] = {}
+            errors = {i: problem for i, (_, problem) in enumerate(entries[start:start + batch_size]) if problem}
             for i, f in enumerate(chunk):
+                if i in errors:
+                    continue
                 try:
                     loaded[i] = load_image(f, processor)
                 except BadSampleError as e:
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not sys.stdout:
             out.close()
     if failed:
-        print(f"[emor3] {failed} of {len(files) + len(problems)} input(s) failed; see the errors above",
+        print(f"[emor3] {failed} of {len(entries)} input(s) failed; see the errors above",
               file=sys.stderr)
     return 1 if failed else 0
 
