@@ -178,7 +178,8 @@ def card_html(row: dict, images: dict, thumb: int) -> tuple[str, str, bool]:
         if f"{judge}_reply" in row:
             reply = row[f"{judge}_reply"]
             lines.append(f'<div class="step"><span class="k">{judge} judge:</span> '
-                         + (_esc(repr(reply)) if reply is not None else "not asked (its step is missing)") + "</div>")
+                         + (_esc(repr(reply)) if reply is not None else "no reply (its step is missing, or the judge "
+                                                                "scored log-probs)") + "</div>")
     terms = [(k, v) for k, v in row.items() if k not in NOT_REWARDS and isinstance(v, (int, float))
              and not isinstance(v, bool)]
     lines.append("<table><tr>" + "".join(f'<td class="k">{_esc(k)}</td>' for k, _ in terms) + "</tr><tr>"

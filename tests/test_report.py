@@ -162,7 +162,7 @@ def test_filters_count_correct_wrong_format_and_hallucinated(run, tmp_path):
     assert page.filters == {"all": "all (4)", "correct": "correct (2)", "wrong": "wrong (1)",
                             "format": "format failure (1)", "hallucinated": "hallucinated cues (1)"}
     assert "claims object gift" in page.cards[1]["text"]
-    assert "not asked" in page.cards[2]["text"] and "just fear" in page.cards[2]["text"]
+    assert "no reply (its step is missing" in page.cards[2]["text"] and "just fear" in page.cards[2]["text"]
     assert page.cards[3]["images"] == [] and "image not readable" in page.cards[3]["text"]
     assert "'yes'" in page.cards[0]["text"] and "'fear'" in page.cards[0]["text"], "the judge's replies are shown"
 

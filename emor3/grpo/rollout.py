@@ -2,9 +2,10 @@
 typed, scored batch.
 
 1. ``ScoredBatch`` is what a step trains on: B prompts (a ``PromptBatch``), their N = B·G completions (a
-   ``Rollout``, row n continuing prompt n // G), the rewards of every row (a ``RewardBreakdown``) and, once
-   computed, the group-relative advantages. ``select`` keeps whole prompts with their G rows, ``cat`` stacks
-   batches; both carry every field of every part, so rows and prompts stay aligned.
+   ``Rollout``, row n continuing prompt n // G), the rewards of every row (a ``RewardBreakdown``), once computed
+   the group-relative advantages, and what samples.jsonl records of each row (``row_records``). ``select`` keeps
+   whole prompts with their G rows, ``cat`` stacks batches; both carry every field of every part, so rows and
+   prompts stay aligned.
 2. ``score_prompts``: dataset rows -> SET prompts -> ``sample`` G completions each -> RER judgements (the current
    policy or the frozen reference answers two questions about each completion, no gradient) -> rewards, plus
    DAPO's soft overlong penalty when the algorithm has one.
