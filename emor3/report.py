@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -64,7 +63,8 @@ SCRIPT = """
 function applyFilter() {
   var choice = document.querySelector('#filters input:checked').value;
   document.querySelectorAll('.card').forEach(function (c) {
-    var show = choice === 'all' || c.dataset.outcome === choice || (choice === 'hallucinated' && c.dataset.hallucinated === '1');
+    var show = choice === 'all' || c.dataset.outcome === choice ||
+               (choice === 'hallucinated' && c.dataset.hallucinated === '1');
     c.hidden = !show;
   });
   document.querySelectorAll('section.step').forEach(function (s) {
@@ -127,7 +127,8 @@ def markdown_table_html(table: str) -> str:
     """An HTML table of a markdown table (header row, separator row, body rows; no escaped pipes inside cells)."""
     lines = [line.strip().strip("|").split("|") for line in table.strip().splitlines()]
     head, body = lines[0], lines[2:]
-    out = ['<table class="results"><thead><tr>' + "".join(f"<th>{_esc(c.strip())}</th>" for c in head) + "</tr></thead><tbody>"]
+    out = ['<table class="results"><thead><tr>' + "".join(f"<th>{_esc(c.strip())}</th>" for c in head)
+           + "</tr></thead><tbody>"]
     out += ["<tr>" + "".join(f"<td>{_esc(c.strip())}</td>" for c in row) + "</tr>" for row in body]
     return "\n".join(out) + "</tbody></table>"
 
@@ -212,7 +213,8 @@ def build_report(run_dir: str | Path, thumb: int = 160) -> str:
     parts.append("<h2>Training curves</h2>")
     if (run / "metrics.jsonl").is_file():
         try:
-            parts.append(f'<img class="curves" alt="training curves" src="{curves_data_uri(read_metrics(run / "metrics.jsonl"))}">')
+            uri = curves_data_uri(read_metrics(run / "metrics.jsonl"))
+            parts.append(f'<img class="curves" alt="training curves" src="{uri}">')
         except ImportError as e:
             parts.append(f"<p>{_esc(e)}</p>")
         except ValueError as e:

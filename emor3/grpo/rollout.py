@@ -210,7 +210,8 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
         rewards = dataclasses.replace(rewards, total=rewards.total + penalty,
                                       components={**rewards.components, "overlong_penalty": penalty},
                                       weights={**rewards.weights, "overlong_penalty": 1.0})
-    return ScoredBatch(prompts, rollout, rewards, records=row_records(samples, rows, reflection)), time.perf_counter() - t0
+    batch = ScoredBatch(prompts, rollout, rewards, records=row_records(samples, rows, reflection))
+    return batch, time.perf_counter() - t0
 
 
 def chunk_seed(seed: int, position: int) -> int:
