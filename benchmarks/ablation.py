@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from emor3.config import parse_args
-from emor3.evaluate import RUN_AVERAGES, cue_scores, evaluate, paired_bootstrap
+from emor3.evaluate import RUN_AVERAGES, evaluate, paired_bootstrap
 from emor3.experiment import build_experiment, prepare_run_dir
 from emor3.grpo.train import train
 
@@ -84,7 +84,7 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
                           "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
         exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
         rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
-                                     device=exp.device, progress=False, cue_rate_fn=cue_scores)
+                                     device=exp.device, progress=False)
     rows["Cold-Start SFT"] = res["Cold-Start SFT"]
     for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
         rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]

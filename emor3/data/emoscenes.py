@@ -601,14 +601,22 @@ CUE_SYNONYMS = {
                "spider": ("spider", "spiders", "tarantula"),
                "flower": ("flower", "flowers", "blossom", "bloom", "daisy")},
 }
-# a negation word, then at most two words before the mention, within one clause: "no big spider" negates the spider,
-# "not stormy, a spider" does not (punctuation ends the negation's scope)
-_NEGATION = re.compile(r"\b(no|not|without|never|nor|isn't|aren't|n't)\s+(\w+\s+){0,2}$", re.I)
+# words of one value that name an element another value's scene draws too: a dusk scene draws a red sun, so "the
+# sun" there names no sunny sky and is no wrong claim either (in a sunny scene it names the sunny sky, in a stormy or
+# night one it claims it)
+ALSO_DRAWN = {"sky": {"dusk": ("sun",)}}
+# a negation, then at most two words before the mention, within one clause: "no big spider" and "I don't see a
+# spider" negate the spider, "not stormy, a spider" and "not a gift but a spider" do not (punctuation and "but" end
+# the negation's scope). The contraction "n't" ends a word ("don't", "isn't"), so it has no word boundary before it.
+# Idioms whose negation negates nothing after them ("no doubt a smiling face", "not only a gift") are not negations.
+_NEGATION = re.compile(r"(?:\b(?:no|not|without|never|nor)|n['’]t)\s+(?!(?:doubt|only|question|wonder)\b)"
+                       r"(?:(?!but\b)\w+\s+){0,2}$", re.I)
 
 
 @dataclass(frozen=True)
 class CueMentions:
-    """Which true cues a text names (`named`, per cue type) and which absent cue values it claims (`wrong`)."""
+    """Which true cues a text names (`named`, per cue kind) and which absent cue values it claims (`wrong`, pairs
+    (kind, value))."""
 
     named: dict
     wrong: tuple
@@ -619,10 +627,16 @@ class CueMentions:
         return sum(self.named.values()) / max(1, len(self.named))
 
     @property
+    def wrong_kinds(self) -> dict:
+        """Per cue kind of the scene: does the text claim a value of that kind that is not in the scene."""
+        claimed = {kind for kind, _ in self.wrong}
+        return {kind: kind in claimed for kind in self.named}
+
+    @property
     def hallucination(self) -> float:
         """Share of the scene's cue kinds for which the text claims a value that is not in the scene ("a spider"
         beside a gift). A text may both name the true value and claim a wrong one: the two rates are separate."""
-        return len({kind for kind, _ in self.wrong}) / max(1, len(self.named))
+        return sum(self.wrong_kinds.values()) / max(1, len(self.named))
 
     @property
     def precision(self) -> float:
@@ -639,15 +653,41 @@ def _mentions(text: str, words: tuple[str, ...]) -> bool:
 
 
 def cue_mentions(step1: str | None, cues: dict[str, Any]) -> CueMentions:
-    """Which of the scene's true cues `step1` names, and which cue values it names that are not in the scene."""
+    """Which of the scene's true cues `step1` names, and which cue values it names that are not in the scene (a word
+    in `ALSO_DRAWN` for the scene's own value claims nothing)."""
     text = step1 or ""
     named, wrong = {}, []
     for kind, values in CUE_SYNONYMS.items():
         if kind not in cues:
             continue
         named[kind] = _mentions(text, values[cues[kind]])
-        wrong += [(kind, v) for v, words in values.items() if v != cues[kind] and _mentions(text, words)]
+        shared = set(ALSO_DRAWN.get(kind, {}).get(cues[kind], ()))
+        wrong += [(kind, v) for v, words in values.items()
+                  if v != cues[kind] and _mentions(text, tuple(w for w in words if w not in shared))]
     return CueMentions(named, tuple(wrong))
+
+
+# what step 3 concludes: the valence and the arousal it states, matched as whole words outside a negation
+_VALENCE_WORDS = {"positive": ("positive", "pleasant"), "negative": ("negative", "unpleasant")}
+_AROUSAL_PATTERNS = {a: (re.compile(rf"\b{a}(?:[- ]\w+)?\s+arousal\b", re.I),
+                         re.compile(rf"\barousal\s+(?:is\s+|was\s+|of\s+)?{a}\b", re.I))
+                     for a in ("high", "low")}
+
+
+def step3_claims(step3: str | None) -> tuple[str | None, str | None]:
+    """(valence, arousal) that a step-3 text states: "positive" / "negative" where exactly one of them is stated
+    (not negated: "not positive but negative" is negative), "high" / "low" where exactly one is stated next to the
+    word arousal ("high arousal", "arousal is low"); None where the text states neither or both."""
+    text = step3 or ""
+    valences = [v for v, words in _VALENCE_WORDS.items() if _mentions(text, words)]
+    arousals = [a for a, pats in _AROUSAL_PATTERNS.items()
+                if any(not _NEGATION.search(text[: m.start()]) for p in pats for m in p.finditer(text))]
+    return (valences[0] if len(valences) == 1 else None), (arousals[0] if len(arousals) == 1 else None)
+
+
+def scene_properties(cues: dict[str, str]) -> tuple[str, str]:
+    """(valence, arousal) of a scene, by the rule (module docstring)."""
+    return VALENCE_OF_FACE[cues["face"]], AROUSAL_OF_SKY[cues["sky"]]
 
 
 def corpus_texts(seed: int = 0, repeats: int = 2) -> list[str]:
