@@ -95,6 +95,71 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10
     return d.mean().item(), lo, hi
 
 
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with an integer number of degrees of freedom, by the finite series of Abramowitz &
+    Stegun 26.7.3 (odd df) and 26.7.4 (even df), exact up to rounding."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 1:
+        s, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):  # cos(th) (1 + 2/3 cos^2 + 2.4/(3.5) cos^4 + ...)
+            s += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        a = (2 / math.pi) * (theta + math.sin(theta) * s) if df > 1 else (2 / math.pi) * theta
+    else:
+        s, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):  # 1 + 1/2 cos^2 + 1.3/(2.4) cos^4 + ...
+            s += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        a = math.sin(theta) * s
+    return 0.5 + a / 2  # a = P(|T| <= |t|) with the sign of t
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (bisection on ``_t_cdf``; t_{0.975, 4} =
+    2.7764)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def paired_t_interval(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences a_i - b_i and its Student-t interval (mean +- t_{n-1} s / sqrt(n)): exact
+    when the differences are normal, and wider than the percentile bootstrap with few pairs, which takes the
+    spread of the n values as the spread of their mean's distribution and so covers less than it claims."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_t_interval needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def sign_test(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, float]:
+    """Exact two-sided sign test of the paired differences a_i - b_i: (positive, non-zero, p), p = P(a count at
+    least as far from n/2 as the one seen | each sign +- with probability 1/2); zero differences are left out. It
+    assumes nothing about the size of the differences: 5 positive of 5 gives p = 2 / 32 = 0.0625."""
+    if len(a) != len(b):
+        raise ValueError(f"sign_test needs two equally long lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b) if x != y]
+    n, k = len(d), sum(x > 0 for x in d)
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return k, n, min(1.0, 2 * tail)
+
+
 def cue_scores(step1: str, sample) -> tuple[float, float] | None:
     """(cue recall, hallucinated-cue rate) of step 1 against the sample's true cues (EmoScenes only; None where no
     cues are recorded): the share of cue kinds whose true value is named, and the share for which an absent value
