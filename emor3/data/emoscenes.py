@@ -77,7 +77,11 @@ from PIL import Image, ImageDraw
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
-VERSION = 3  # bump when drawing or rule changes, so cached folders are regenerated
+VERSION = 4  # bump when drawing, splits or rule change, so cached folders are regenerated
+# the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
+# change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
+# the shipped one) valid; bump it when the instruct scenes change. Version 4 changed the splits only.
+INSTRUCT_SCENES_VERSION = 3
 
 FACES = ("smile", "frown")
 SKIES = ("sunny", "stormy", "dusk", "night")
@@ -101,11 +105,47 @@ def all_cue_combinations() -> list[dict[str, str]]:
     return [dict(face=f, sky=s, object=o) for f, s, o in itertools.product(FACES, SKIES, OBJECTS)]
 
 
-def cue_rounds(n: int, rng: random.Random) -> list[dict[str, str]]:
-    """n cue combinations drawn as shuffled full rounds of all 32 (so labels are balanced), shuffled by rng."""
+# The compositional hold-out: one (face, sky, object) combination per label, never drawn with a label in train, in
+# validation, in test or in the Cold-Start traces. Each sky and each object is held out twice, once per face, and
+# each pair of a held-out combination's values (face+sky, face+object, sky+object) occurs in training in another
+# combination (the held-out sky+object pair with the other face), so every face, sky and object value, and every
+# valence, arousal and family, is learned from other scenes: a policy that reasons through valence, arousal and
+# family (SET's step 3) can answer these, a lookup of seen combinations cannot.
+HELD_OUT_COMBINATIONS = (
+    ("smile", "sunny", "gift"),     # amusement
+    ("smile", "stormy", "flower"),  # excitement
+    ("smile", "dusk", "heart"),     # contentment
+    ("smile", "night", "spider"),   # awe
+    ("frown", "stormy", "gift"),    # anger
+    ("frown", "sunny", "spider"),   # fear
+    ("frown", "night", "heart"),    # sadness
+    ("frown", "dusk", "flower"),    # disgust
+)
+
+
+def _key(cues: dict[str, str]) -> tuple[str, str, str]:
+    return cues["face"], cues["sky"], cues["object"]
+
+
+def seen_combinations() -> list[dict[str, str]]:
+    """The 24 combinations training draws (three per label): all but `HELD_OUT_COMBINATIONS`."""
+    return [c for c in all_cue_combinations() if _key(c) not in HELD_OUT_COMBINATIONS]
+
+
+def held_out_combinations() -> list[dict[str, str]]:
+    return [c for c in all_cue_combinations() if _key(c) in HELD_OUT_COMBINATIONS]
+
+
+COMBINATIONS = {"all": all_cue_combinations, "seen": seen_combinations, "held_out": held_out_combinations}
+
+
+def cue_rounds(n: int, rng: random.Random, combos: str = "all") -> list[dict[str, str]]:
+    """n cue combinations drawn as shuffled full rounds of the ``combos`` set (`COMBINATIONS`: all 32, the 24 seen
+    in training, the 8 held out; each has as many combinations per label, so labels are balanced), shuffled by
+    rng."""
     out: list[dict[str, str]] = []
     while len(out) < n:
-        block = all_cue_combinations()
+        block = COMBINATIONS[combos]()
         rng.shuffle(block)
         out.extend(block)
     return out[:n]
@@ -142,7 +182,7 @@ BADGE_COLOURS = {
 
 @dataclass(frozen=True)
 class RenderStyle:
-    """palette: "base" | "shifted"; scale: size of face and object; layout: "base" | "mirrored"."""
+    """palette: "base" | "shifted" | "unseen"; scale: size of face and object; layout: `LAYOUTS`."""
 
     palette: str = "base"
     scale: float = 1.0
@@ -151,6 +191,11 @@ class RenderStyle:
 
 BASE_STYLE = RenderStyle()
 SHIFTED_STYLE = RenderStyle(palette="shifted", scale=0.8, layout="mirrored")
+# the rendering no stage trains on (not in train, the Cold-Start traces or the instruct stage's `INSTRUCT_STYLES`):
+# other colours, larger shapes, the sky element centred
+UNSEEN_STYLE = RenderStyle(palette="unseen", scale=1.1, layout="centred")
+# x of the sky element, the face and the object, as fractions of the side
+LAYOUTS = {"base": (0.78, 0.30, 0.72), "mirrored": (0.22, 0.70, 0.28), "centred": (0.50, 0.28, 0.74)}
 
 PALETTES = {
     "base": dict(
@@ -166,6 +211,12 @@ PALETTES = {
         ink=(60, 25, 15), gift=(40, 90, 220), ribbon=(250, 250, 250), heart=(200, 40, 200), spider=(70, 35, 10),
         halo=(235, 220, 170),
         petal=(250, 250, 130), petal_center=(240, 120, 30), stem=(20, 110, 90)),
+    "unseen": dict(
+        sunny=(120, 200, 200), stormy=(60, 62, 60), dusk_top=(230, 200, 90), dusk_bottom=(90, 50, 90),
+        night=(5, 35, 45), ground=(120, 110, 70), sun=(255, 255, 255), cloud=(30, 30, 30), bolt=(255, 200, 200),
+        dusk_sun=(200, 30, 90), moon=(255, 230, 150), star=(200, 255, 255), skin=(200, 160, 120), ink=(10, 10, 60),
+        gift=(40, 160, 60), ribbon=(200, 40, 40), heart=(250, 90, 40), spider=(40, 10, 40), halo=(190, 240, 190),
+        petal=(150, 120, 250), petal_center=(255, 255, 255), stem=(90, 150, 20)),
 }
 
 
@@ -187,14 +238,14 @@ def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = 
         for y in range(S):
             t = y / max(1, S - 1)
             d.line([(0, y), (S, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bot)))
-    mirrored = style.layout == "mirrored"
-    sx = (0.22 if mirrored else 0.78) * S + rng.uniform(-0.04, 0.04) * S
+    sky_x, face_x, object_x = LAYOUTS[style.layout]
+    sx = sky_x * S + rng.uniform(-0.04, 0.04) * S
     sy = 0.19 * S + rng.uniform(-0.03, 0.03) * S
     _draw_sky(d, cues["sky"], sx, sy, S, pal, rng)
     d.rectangle([0, round(0.84 * S), S, S], fill=pal["ground"])
     k = style.scale * rng.uniform(0.92, 1.08)
-    fx = (0.70 if mirrored else 0.30) * S + rng.uniform(-0.04, 0.04) * S
-    ox = (0.28 if mirrored else 0.72) * S + rng.uniform(-0.04, 0.04) * S
+    fx = face_x * S + rng.uniform(-0.04, 0.04) * S
+    ox = object_x * S + rng.uniform(-0.04, 0.04) * S
     fy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     oy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     _draw_face(d, cues["face"], fx, fy, 0.2 * S * k, S, pal)
@@ -334,27 +385,44 @@ class SplitSpec:
     style: RenderStyle
     noisy: bool = False  # only the training split gets label noise
     domain: str = "in"   # "in" or "out": which average of the A^I / A^O table it counts towards
-    in_table: bool = True  # evaluated in a run's table (module docstring: what ood_binary cannot measure)
+    in_table: bool = True  # evaluated in a run's final table (module docstring: what ood_binary cannot measure)
     variant: str | None = None  # the only variant that has this split; None: every variant
+    combos: str = "seen"  # which cue combinations it draws (`COMBINATIONS`): the 24 seen in training by default
+    selection: bool = False  # the split settings are chosen on (`--data.emoscenes-eval validation`)
 
 
 SPLITS = {
-    "train": SplitSpec("mikels8", BASE_STYLE, noisy=True),
+    "train": SplitSpec("mikels8", BASE_STYLE, noisy=True, in_table=False),
+    "validation": SplitSpec("mikels8", BASE_STYLE, in_table=False, selection=True),
     "test": SplitSpec("mikels8", BASE_STYLE),
+    "compositional": SplitSpec("mikels8", BASE_STYLE, domain="out", combos="held_out"),
     "ood_render": SplitSpec("mikels8", SHIFTED_STYLE, domain="out"),
-    "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out", in_table=False),
-    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False),
+    "ood_unseen": SplitSpec("mikels8", UNSEEN_STYLE, domain="out"),
+    "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
+    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
     "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
 }
 VARIANTS = ("default", "shortcut")
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
+EVAL_SPLITS = ("table", "validation")  # what a run evaluates (`eval_split_names`)
+
+
+def eval_split_names(which: str = "table", variant: str = "default") -> list[str]:
+    """The splits a run evaluates: "table", the final table's (test, compositional, ood_render, ood_unseen, and
+    ood_shortcut in the shortcut variant); "validation", the split settings are chosen on, which reads no test
+    image."""
+    if which not in EVAL_SPLITS:
+        raise ValueError(f"unknown EmoScenes evaluation {which!r}; known: {', '.join(EVAL_SPLITS)}")
+    names = split_sizes(0, 0, 0, variant)
+    return [n for n in names if (SPLITS[n].selection if which == "validation" else SPLITS[n].in_table)]
 
 
 def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default") -> dict[str, int]:
-    """The splits a variant has, in `SPLITS` order, with their sizes (out-of-domain splits get n_ood each)."""
+    """The splits a variant has, in `SPLITS` order, with their sizes: validation as many as test, every
+    out-of-domain split (the compositional hold-out included) n_ood."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
-    n = {"train": n_train, "test": n_test}
+    n = {"train": n_train, "validation": n_test, "test": n_test}
     return {name: n.get(name, n_ood) for name, spec in SPLITS.items() if spec.variant in (None, variant)}
 
 
@@ -378,7 +446,8 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
         raise KeyError(f"EmoScenes split {split!r} exists only in the {SPLITS[split].variant!r} variant")
     spec = SPLITS[split]
     tax = get_taxonomy(spec.taxonomy)
-    cue_list = cue_rounds(n, random.Random(f"emoscenes:{seed}:{split}:order"))
+    # every split has its own seed stream (the split's name is in every seed string)
+    cue_list = cue_rounds(n, random.Random(f"emoscenes:{seed}:{split}:order"), spec.combos)
     samples = []
     for i, cues in enumerate(cue_list):
         truth = label_for(cues, tax.name)
