@@ -199,3 +199,17 @@ def test_set_row_counts_missing_step1_apart_and_per_kind():
     assert "| 50.00 / 100.00 / 50.00 | 50.00 / 0.00 / 50.00 | 50.00 | 50.00 |" in cells
     lost = set_row("in", correct=0, n=2, formatted=0, replies=[_reply("x"), _reply("y")])
     assert lost["no_step1"] == 100.0 and lost["hallucinated"] is None, "losing the format is not 0 % hallucination"
+
+
+def test_every_cold_start_trace_is_correct_and_coherent():
+    """The reference traces are the ceiling of each reasoning check: step 1 names exactly the true cues, step 3
+    states the scene's valence and arousal, the boxed label agrees with it (every combination, several phrasings)."""
+    import random
+
+    from emor3.data.emoscenes import all_cue_combinations, coldstart_trace, rule_label
+    rng = random.Random(0)
+    for cues in all_cue_combinations():
+        for _ in range(4):
+            r = _reply(coldstart_trace(cues, "mikels8", rng), cues, rule_label(cues))
+            assert r["step1"] and all(r["named"].values()) and not any(r["wrong"].values()), r
+            assert r["step3_correct"] and r["agreement"], (cues, r)

@@ -18,16 +18,36 @@ The rule (Mikels' 8). Each cue sets one property; the label is the pair of prope
               negative/high: anger (personal), fear (nature)
               negative/low:  sadness (personal), disgust (nature)
 So one cue alone leaves 4 labels possible, two cues leave 2, all three decide (tests check this over the whole
-table); valence and arousal follow `emor3.data.taxonomy.MIKELS8`. Cues are drawn as a shuffled, repeated list of all
-2*4*4 = 32 combinations, so labels are balanced. With `label_noise` p, a training label is replaced with prob. p by
-a uniformly drawn different label (metadata keeps `rule_label` and `noisy`); evaluation splits are clean.
+table); valence and arousal follow `emor3.data.taxonomy.MIKELS8`. Cues are drawn as a shuffled, repeated list of a
+split's combinations (`cue_rounds`), so labels are balanced. With `label_noise` p, a training label is replaced with
+prob. p by a uniformly drawn different label (metadata keeps `rule_label` and `noisy`); evaluation splits are clean.
 
-Splits (`SPLITS`): `train`, `test` (Mikels' 8, base rendering: in-domain); `ood_render` (Mikels' 8, shifted
-rendering); `ood_emotion6` and `ood_binary` (shifted rendering and a different taxonomy: out-of-domain). The shifted
-rendering changes the palette (every colour), the size (0.8x) and the layout (mirrored: face right, object left,
-sky element top left). Emotion6 labels come from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement,
-contentment and excitement -> joy; awe -> surprise; the four negative labels keep their names); binary labels are
-the valence. With the in-domain `test` this gives a toy A^I / A^O / A table.
+Splits (`SPLITS`, version 4). Every split draws its cue order and its images from its own seed stream (the split's
+name is in every seed string), so no two share an id or an image. Of the 32 combinations, 8 are held out
+(`HELD_OUT_COMBINATIONS`, one per label; each of their face, sky and object values, and each pair of them, occurs in
+training in other combinations); every split but `compositional` (and the two other-taxonomy splits) draws the
+other 24.
+- `train` (base rendering; the Cold-Start traces are drawn from it): what Cold-Start SFT and GRPO train on.
+- `validation` (base rendering, as many images as test): the split settings are chosen on. A run evaluates it
+  instead of the final table's splits with ``--data.emoscenes-eval validation``, and then reads no test image.
+- `test` (base rendering, in-domain): sealed. Only the final tables read it: the table at the end of
+  ``python -m emor3.grpo.train`` (its Cold-Start row is evaluated when GRPO starts, and selects nothing),
+  ``python -m emor3.evaluate`` and ``benchmarks/ablation.py``.
+- `compositional` (base rendering, out-of-domain): the 8 held-out combinations. A lookup of seen combinations
+  cannot answer them; reasoning through valence, arousal and family (SET's step 3) can. The instruct stage shows
+  these scenes, without labels (it draws every combination, to describe them and answer questions about cues).
+- `ood_render` (Mikels' 8, shifted rendering): the palette (every colour), the size (0.8x) and the layout (mirrored:
+  face right, object left, sky element top left) change. The instruct stage trains on this rendering (no label), so
+  it tests whether the cue-to-label reasoning Cold-Start SFT and GRPO learn on the base rendering carries over to a
+  rendering the model already perceives, not perception of an unseen one.
+- `ood_unseen` (Mikels' 8, `UNSEEN_STYLE`): a rendering no stage trains on, the instruct stage included (other
+  colours, 1.1x shapes, the sky element centred): perception and reasoning both out of domain.
+- `ood_emotion6` and `ood_binary` (shifted rendering, every combination, another taxonomy). Emotion6 labels come
+  from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement, contentment and excitement -> joy; awe ->
+  surprise; the four negative labels keep their names); binary labels are the valence.
+The final table (`eval_split_names`) is test (A^I) and compositional, ood_render and ood_unseen (A^O). What the
+tokenizer of the tiny model is trained on (`corpus_texts`: traces of all 32 combinations) is text for its BPE
+merges, never a training example of the model.
 
 What the out-of-domain taxonomies can measure. The cold-start traces all answer in Mikels' 8, so a model trained
 here has only ever boxed those eight words, after a prompt that only ever listed them. Binary shares none
@@ -36,13 +56,12 @@ there every time, 0 % whatever it learned. Emotion6 shares four (anger, disgust,
 does not carry its SET reasoning over to a prompt with another label list: at the default settings the Cold-Start
 checkpoints of seeds 0 and 2 answered 18.75 % and 11.50 % of `ood_emotion6` in the SET format, and their EMO-R3
 policies 26.25 % and 8.25 % (benchmarks/RESULTS.md, "ablation"), so the split measures how the model breaks on an
-unseen prompt, not emotion transfer. Both are generated and written to disk but are not in the evaluation table
-(`SplitSpec.in_table`); `ood_render` (the same labels, a shifted rendering) is the out-of-domain set of the default
-table (and `ood_shortcut` of the shortcut variant's).
+unseen prompt, not emotion transfer (measured with EmoScenes v3). Both are generated and written to disk but are not
+in the evaluation table (`SplitSpec.in_table`).
 
 Variants (`VARIANTS`, `--data.emoscenes-variant`). `default` is the above. `shortcut` adds a coloured badge in the
-bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train` and `test` it
-is the colour of the scene's rule label with probability `SHORTCUT_AGREEMENT` (else another label's, drawn
+bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train`, `validation`
+and `test` it is the colour of the scene's rule label with probability `SHORTCUT_AGREEMENT` (else another label's, drawn
 uniformly), in every out-of-domain split it is drawn uniformly, independent of the scene; an extra split
 `ood_shortcut` (Mikels' 8, base rendering) isolates the broken shortcut from the rendering shift. A policy that reads
 the badge instead of the three cues does well in-domain and at chance on `ood_shortcut`, and its step 1 need not name
@@ -54,7 +73,8 @@ Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
     feel playful and amused.</step2><step3>The smile makes it positive; the sunny sky gives high arousal.</step3>
     \\boxed{amusement}
 with several phrasings per step (under 60 words), chosen by a seeded RNG. `cue_mentions(step1, cues)` says which
-true cues a step-1 text names and which absent cues it claims (visual-text consistency at evaluation).
+true cues a step-1 text names and which absent cues it claims (visual-text consistency at evaluation);
+`step3_claims(step3)` which valence and arousal a step 3 concludes (step-3 correctness and answer agreement).
 
 Determinism: each split's cue list and each image come from `random.Random` seeded with a string built from the
 seed, split and index (string seeds hash with SHA-512, so they do not depend on PYTHONHASHSEED). Drawing is
