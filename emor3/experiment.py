@@ -43,7 +43,8 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
-from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names, load_emoscenes
+from emor3.data.emoscenes import (CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names,
+                                  load_emoscenes)
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
