@@ -95,7 +95,8 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
 # the reasoning and grounding numbers of a row (means over its sets that carry them): (label, results.json key)
 GROUNDING = (("format", "format_rate"), ("no step 1", "no_step1"), ("cue recall", "cue_recall"),
              ("hallucinated", "hallucinated"), ("step 3 correct", "step3_correct"),
-             ("answer agrees with step 3", "agreement"))
+             ("answer agrees with step 3", "agreement"), ("accuracy where the badge agrees", "accuracy_badge_agrees"),
+             ("accuracy where the badge disagrees", "accuracy_badge_disagrees"))
 PER_KIND = (("recall face/sky/object", "cue_recall_by_kind"), ("hallucinated face/sky/object", "hallucinated_by_kind"))
 MIN_SEEDS_FOR_INTERVAL = 5  # fewer seeds: the spread is reported as their range, never as an interval
 # the paired comparisons of each benchmark: (method, the method it is compared with)

@@ -16,7 +16,9 @@ reasoning says against the truth (``reply_scores``):
 - ``step3_correct``: the share of answers with a step 3 whose stated valence and arousal are the scene's (a step 3
   that states neither is not correct);
 - ``agreement``: the share of answers with a step 3 and a boxed label of the set's taxonomy whose label has the
-  valence and arousal step 3 concluded: the answer-reasoning coherence RER's second judge rewards.
+  valence and arousal step 3 concluded: the answer-reasoning coherence RER's second judge rewards;
+- on the shortcut variant, ``accuracy_badge_agrees`` / ``accuracy_badge_disagrees``: accuracy where the badge shows
+  the scene's rule label and where it does not (results.json only; a badge reader scores high and low).
 
 Intervals. Every accuracy comes with its 95 % Wilson score interval from the set's size (``wilson_interval``): with
 n = 200 images an accuracy near 30 % is known to about ±6 points, so two rows whose intervals overlap widely are not
@@ -178,16 +180,20 @@ def _cues(sample) -> dict | None:
     return sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
 
 
-def reply_scores(parsed: SetParse, sample, taxonomy=None) -> dict | None:
+def reply_scores(parsed: SetParse, sample, taxonomy=None, correct: bool | None = None) -> dict | None:
     """One reply against its scene's truth (EmoScenes only: None where the sample records no cues):
     ``step1`` (does step 1 parse), per cue kind ``named`` and ``wrong`` (None without a step 1), ``step3_correct``
     (None without a step 3) and ``agreement`` (None without a step 3 or without a boxed label of ``taxonomy`` that
-    has a valence and an arousal). Module docstring: what each measures."""
+    has a valence and an arousal). Module docstring: what each measures. On the shortcut variant also
+    ``badge_agrees`` (does the badge show the scene's rule label) with ``correct`` (the reply's accuracy, as given),
+    so accuracy can be split by whether the shortcut agrees with the cues; None elsewhere."""
     cues = _cues(sample)
     if not cues:
         return None
+    badge = sample.metadata.get("shortcut")
     out: dict = {"step1": parsed.step1 is not None, "named": None, "wrong": None, "step3_correct": None,
-                 "agreement": None}
+                 "agreement": None, "correct": correct,
+                 "badge_agrees": None if badge is None else badge == sample.metadata.get("rule_label", sample.label)}
     if parsed.step1 is not None:
         m = cue_mentions(parsed.step1, cues)
         out["named"], out["wrong"] = dict(m.named), m.wrong_kinds
@@ -224,10 +230,11 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                                  banned_token_ids=processor.banned_token_ids, generator=generator, tokenizer=processor)
             for text, smp in zip(rollout.texts, chunk):
                 text = processor.answer(text)  # a Thinking model's reasoning block is not scored
-                correct += accuracy_reward(text, smp.label)
+                right = accuracy_reward(text, smp.label)
+                correct += right
                 formatted += format_reward(text)
                 if grounding:
-                    r = reply_scores(parse_set(text), smp, taxonomies.get(smp.taxonomy))
+                    r = reply_scores(parse_set(text), smp, taxonomies.get(smp.taxonomy), correct=right == 1.0)
                     if r is not None:
                         replies.append(r)
         results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, replies=replies)
@@ -264,6 +271,11 @@ def set_row(domain: str, correct: int, n: int, formatted: int, recalls: Sequence
         "cue_recall_by_kind": {k: _pct(r["named"][k] for r in with1 if k in r["named"]) for k in kinds},
         "hallucinated_by_kind": {k: _pct(r["wrong"][k] for r in with1 if k in r["wrong"]) for k in kinds},
         "n_step3": len(step3), "step3_correct": _pct(step3), "n_agreement": len(agree), "agreement": _pct(agree)})
+    badged = [r for r in replies if r.get("badge_agrees") is not None and r.get("correct") is not None]
+    if badged:  # the shortcut variant: accuracy where the badge shows the rule label and where it does not
+        for key, agrees in (("badge_agrees", True), ("badge_disagrees", False)):
+            part = [r["correct"] for r in badged if r["badge_agrees"] is agrees]
+            row.update({f"n_{key}": len(part), f"accuracy_{key}": _pct(part)})
     return row
 
 

@@ -164,7 +164,7 @@ def test_reply_scores_of_hand_written_replies():
                   "<step3>Positive valence and low arousal.</step3>\\boxed{contentment}")
     assert good == {"step1": True, "named": {"face": True, "sky": True, "object": True},
                     "wrong": {"face": False, "sky": False, "object": False}, "step3_correct": True,
-                    "agreement": True}
+                    "agreement": True, "correct": None, "badge_agrees": None}
     # step 3 wrong about arousal, and the answer follows the box rather than step 3
     r = _reply("<step1>A smiling face, a stormy sky and a gift.</step1><step2>x</step2>"
                "<step3>Positive valence and high arousal.</step3>\\boxed{contentment}")
@@ -175,7 +175,8 @@ def test_reply_scores_of_hand_written_replies():
     assert r["step3_correct"] is False and r["agreement"] is True
     # no step 1: counted as such, with no grounding rates (never 0 % hallucinated)
     r = _reply("\\boxed{contentment}")
-    assert r == {"step1": False, "named": None, "wrong": None, "step3_correct": None, "agreement": None}
+    assert r == {"step1": False, "named": None, "wrong": None, "step3_correct": None, "agreement": None,
+                 "correct": None, "badge_agrees": None}
     # a box that is not a label of the taxonomy: no agreement to score
     assert _reply("<step3>Positive valence and low arousal.</step3>\\boxed{joy}")["agreement"] is None
     assert reply_scores(parse_set("\\boxed{joy}"), Sample("s", None, "joy", "emotion6", {})) is None
@@ -213,3 +214,20 @@ def test_every_cold_start_trace_is_correct_and_coherent():
             r = _reply(coldstart_trace(cues, "mikels8", rng), cues, rule_label(cues))
             assert r["step1"] and all(r["named"].values()) and not any(r["wrong"].values()), r
             assert r["step3_correct"] and r["agreement"], (cues, r)
+
+
+def test_accuracy_split_by_whether_the_shortcut_badge_agrees():
+    """On the shortcut variant each set also reports accuracy where the badge shows the scene's rule label and where
+    it does not: a policy that reads the badge is right on the first and wrong on the second."""
+    def badged(badge, answer):
+        meta = {"cues": SMILE_DUSK_GIFT, "rule_label": "contentment", "shortcut": badge}
+        text = f"<step1>x</step1>\\boxed{{{answer}}}"
+        return reply_scores(parse_set(text), Sample("s", None, "contentment", "mikels8", meta),
+                            get_taxonomy("mikels8"), correct=answer == "contentment")
+    replies = [badged("contentment", "contentment"), badged("contentment", "contentment"),
+               badged("fear", "fear"), badged("awe", "contentment")]
+    assert [r["badge_agrees"] for r in replies] == [True, True, False, False]
+    row = set_row("in", correct=3, n=4, formatted=0, replies=replies)
+    assert (row["accuracy_badge_agrees"], row["n_badge_agrees"]) == (100.0, 2)
+    assert (row["accuracy_badge_disagrees"], row["n_badge_disagrees"]) == (50.0, 2)
+    assert "accuracy_badge_agrees" not in set_row("in", correct=1, n=1, formatted=1, replies=[_reply("x")])
