@@ -10,10 +10,12 @@ Two benchmarks, the same seeds (default 0-4):
    checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
    RER's consistency reward keeps step 1 naming the true cues and the policy answering from them.
 
-For each benchmark: every method's columns as the mean over seeds with a bootstrap 95 % interval over seeds, and
-EMO-R3 minus GRPO as paired differences (same seed, same Cold-Start checkpoint) with a paired-bootstrap 95 %
-interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall, the
-hallucinated-cue rate and the SET format rate (both reward the format alike; RER adds its two judge rewards).
+For each benchmark: every method's columns (each evaluated split's accuracy, the run averages, the grounding and
+reasoning rates of ``emor3.evaluate``) as the mean over seeds, with a bootstrap 95 % interval over seeds from 5 seeds
+on and the seeds' range, named as such, below that; then paired differences (same seed, same Cold-Start checkpoint)
+of EMO-R3 - GRPO and of each method - Cold-Start on every one of those numbers, with the percentile bootstrap
+(``emor3.evaluate.paired_bootstrap``) and Student-t (``paired_t_interval``) 95 % intervals from 5 seeds on and the
+exact sign test (``sign_test``) always. Rows are sorted by seed, so a report depends on the per-seed rows only.
 Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed (a stopped ablation keeps
 what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!-- ablation:begin -->`` /
 ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
@@ -24,6 +26,7 @@ what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!--
     python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # parts by hand,
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
+    python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from benchmarks/ablation_runs/*.json
 
 ``--jobs N`` deals the seeds out to N processes in turn (seeds 0,2,4 and 1,3 for two), each at one torch thread
 (``--run.threads 1`` before ``--extra``) with its own folder ``OUT/part<k>`` and log ``OUT/part<k>/log.txt``, then
