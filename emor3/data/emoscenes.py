@@ -513,8 +513,8 @@ def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
 def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_size: int = 112,
                    label_noise: float = 0.0, n_coldstart: int = 0,
                    variant: str = "default") -> dict[str, EmotionDataset]:
-    """All splits of a variant in memory (images drawn on first access): train, test, ood_*, and coldstart if
-    n_coldstart."""
+    """All splits of a variant in memory (images drawn on first access): train, validation, test, compositional,
+    ood_*, and coldstart if n_coldstart."""
     out: dict[str, EmotionDataset] = {}
     for split, n in split_sizes(n_train, n_test, n_ood, variant).items():
         if n <= 0:
