@@ -40,7 +40,7 @@ other 24.
   face right, object left, sky element top left) change. The instruct stage trains on this rendering (no label), so
   it tests whether the cue-to-label reasoning Cold-Start SFT and GRPO learn on the base rendering carries over to a
   rendering the model already perceives, not perception of an unseen one.
-- `ood_unseen` (Mikels' 8, `UNSEEN_STYLE`): a rendering no stage trains on, the instruct stage included (other
+- `ood_unseen` (Mikels' 8, `UNSEEN_STYLE`): a rendering no stage trains on, the instruct stage included (washed-out
   colours, 1.1x shapes, the sky element centred): perception and reasoning both out of domain.
 - `ood_emotion6` and `ood_binary` (shifted rendering, every combination, another taxonomy). Emotion6 labels come
   from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement, contentment and excitement -> joy; awe ->
@@ -202,7 +202,8 @@ BADGE_COLOURS = {
 
 @dataclass(frozen=True)
 class RenderStyle:
-    """palette: "base" | "shifted" | "unseen"; scale: size of face and object; layout: `LAYOUTS`."""
+    """palette: a key of `PALETTES` ("base", "shifted", "faded"); scale: size of face and object; layout: a key of
+    `LAYOUTS`."""
 
     palette: str = "base"
     scale: float = 1.0
@@ -212,8 +213,11 @@ class RenderStyle:
 BASE_STYLE = RenderStyle()
 SHIFTED_STYLE = RenderStyle(palette="shifted", scale=0.8, layout="mirrored")
 # the rendering no stage trains on (not in train, the Cold-Start traces or the instruct stage's `INSTRUCT_STYLES`):
-# other colours, larger shapes, the sky element centred
-UNSEEN_STYLE = RenderStyle(palette="unseen", scale=1.1, layout="centred")
+# washed-out colours (the base palette faded halfway to grey, `PALETTES["faded"]`), larger shapes, the sky element
+# centred. A first candidate that changed every colour to new hues left the shipped instruct model naming few of the
+# objects, so labels there would sit near chance whatever the policy reasons; this one is seen in part
+# (benchmarks/RESULTS.md, "Evidence protocol", measures how much).
+UNSEEN_STYLE = RenderStyle(palette="faded", scale=1.1, layout="centred")
 # x of the sky element, the face and the object, as fractions of the side
 LAYOUTS = {"base": (0.78, 0.30, 0.72), "mirrored": (0.22, 0.70, 0.28), "centred": (0.50, 0.28, 0.74)}
 
@@ -231,13 +235,17 @@ PALETTES = {
         ink=(60, 25, 15), gift=(40, 90, 220), ribbon=(250, 250, 250), heart=(200, 40, 200), spider=(70, 35, 10),
         halo=(235, 220, 170),
         petal=(250, 250, 130), petal_center=(240, 120, 30), stem=(20, 110, 90)),
-    "unseen": dict(
-        sunny=(120, 200, 200), stormy=(60, 62, 60), dusk_top=(230, 200, 90), dusk_bottom=(90, 50, 90),
-        night=(5, 35, 45), ground=(120, 110, 70), sun=(255, 255, 255), cloud=(30, 30, 30), bolt=(255, 200, 200),
-        dusk_sun=(200, 30, 90), moon=(255, 230, 150), star=(200, 255, 255), skin=(200, 160, 120), ink=(10, 10, 60),
-        gift=(40, 160, 60), ribbon=(200, 40, 40), heart=(250, 90, 40), spider=(40, 10, 40), halo=(190, 240, 190),
-        petal=(150, 120, 250), petal_center=(255, 255, 255), stem=(90, 150, 20)),
 }
+
+
+def _faded(rgb: tuple[int, int, int], amount: float = 0.5) -> tuple[int, ...]:
+    """A colour moved ``amount`` of the way to its own grey level: a washed-out version of it."""
+    grey = sum(rgb) / 3
+    return tuple(round(c + (grey - c) * amount) for c in rgb)
+
+
+# the rendering no stage trains on: the base palette faded halfway to grey
+PALETTES["faded"] = {k: _faded(v) for k, v in PALETTES["base"].items()}
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> tuple[int, ...]:
