@@ -214,9 +214,9 @@ BASE_STYLE = RenderStyle()
 SHIFTED_STYLE = RenderStyle(palette="shifted", scale=0.8, layout="mirrored")
 # the rendering no stage trains on (not in train, the Cold-Start traces or the instruct stage's `INSTRUCT_STYLES`):
 # washed-out colours (the base palette faded halfway to grey, `PALETTES["faded"]`), larger shapes, the sky element
-# centred. A first candidate that changed every colour to new hues left the shipped instruct model naming few of the
-# objects, so labels there would sit near chance whatever the policy reasons; this one is seen in part
-# (benchmarks/RESULTS.md, "Evidence protocol", measures how much).
+# centred. Faded rather than recoloured: under new hues the shipped instruct model names few of the objects, so labels
+# there would sit near chance whatever a policy reasons; faded scenes it sees in part (benchmarks/perception.py
+# measures how much).
 UNSEEN_STYLE = RenderStyle(palette="faded", scale=1.1, layout="centred")
 # x of the sky element, the face and the object, as fractions of the side
 LAYOUTS = {"base": (0.78, 0.30, 0.72), "mirrored": (0.22, 0.70, 0.28), "centred": (0.50, 0.28, 0.74)}
