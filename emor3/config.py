@@ -45,6 +45,7 @@ DecoderTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 GroupTarget = Literal["vision", "merger"]  # every linear layer of the vision blocks / of the patch merger(s)
 OnBadSample = Literal["error", "skip"]
 EmoScenesVariant = Literal["default", "shortcut"]
+EmoScenesEval = Literal["table", "validation"]
 AlgoName = Literal["emo_r3", "grpo", "dapo", "dr_grpo", "gspo"]
 KLKind = Literal["k1", "k2", "k3"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -144,8 +145,11 @@ class DataConfig:
                                    "skipped and counted with --data.on-bad-sample skip; never cropped. 0: no limit.")
     cache_dir: str = _f(".cache/emoscenes", "Where EmoScenes images are cached on disk.")
     emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
-    emoscenes_test: int = _f(400, "EmoScenes in-domain test images.")
-    emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split.")
+    emoscenes_test: int = _f(400, "EmoScenes in-domain test images (and as many validation images).")
+    emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split (compositional, ood_render, ...).")
+    emoscenes_eval: EmoScenesEval = _f("table", "Which EmoScenes splits a run evaluates: table (the final table: "
+                                       "test, compositional, ood_render, ood_unseen) or validation (the validation "
+                                       "split only, to choose settings without reading test).")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
     emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from emor3 import distributed as dist
 from emor3.config import OnBadSample, SFTConfig, choices, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
-from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
+from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, INSTRUCT_SCENES_VERSION,
                                   INSTRUCT_STYLES, cue_mentions, describe_scene,
                                   instruct_scenes)
 from emor3.engine.prompts import build_set_messages, encode_samples
@@ -145,12 +145,14 @@ SHIPPED_INSTRUCT = Path(__file__).resolve().parent / "assets" / "instruct"  # th
 
 def instruct_key(model, init_dir: Path, cfg) -> str:
     """The cache key of an instruct checkpoint: a hash of the stage's starting point and every setting the stage
-    reads, all of it content the project writes: the versions of the instruct examples and of EmoScenes, the model's
+    reads, all of it content the project writes: the versions of the instruct examples and scenes, the model's
     architecture (its config), its weights as initialised from ``--sft.instruct-seed``, the tokenizer's vocabulary
     and merges (read as data: a tokenizers release that serialises tokenizer.json differently keeps the key, one
     that trains another vocabulary changes it) and the stage's settings. The run's own seed is not among them: every
     run seed starts from the same instruct checkpoint, as the paper's runs all start from one released model."""
-    h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{EMOSCENES_VERSION}".encode())
+    # the instruct scenes' own version, not EmoScenes' VERSION: a change to the benchmark splits that leaves the
+    # instruct scenes unchanged does not change what this stage trains on
+    h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{INSTRUCT_SCENES_VERSION}".encode())
     h.update(json.dumps(json.loads((init_dir / "config.json").read_text()), sort_keys=True).encode())
     tok = json.loads((init_dir / "tokenizer.json").read_text())
     vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
