@@ -60,6 +60,7 @@ Judge = Literal["policy", "reference"]
 JudgeMode = Literal["sample", "logprob"]
 MissingStep = Literal["release", "neutral"]
 PluginAllNaN = Literal["warn", "error"]
+WeightPreset = Literal["paper", "release"]  # --reward.weights: one of these, or NAME=W,NAME=W,...
 Logger = Literal["jsonl", "tensorboard", "wandb"]
 Parallel = Literal["fsdp", "ddp"]
 ReferenceMode = Literal["shard", "offload", "replicate"]
@@ -595,22 +596,27 @@ def config_problems(cfg: Config) -> list[str]:
     for sec, name in (("run", "out"), ("data", "cache_dir"), ("sft", "instruct_cache")):
         if not getattr(getattr(cfg, sec), name).strip():
             bad(sec, name, getattr(getattr(cfg, sec), name), "must name a folder")
-    if cfg.reward.weights not in ("paper", "release"):
+    if cfg.reward.weights not in choices(WeightPreset):
         for part in cfg.reward.weights.split(","):
             name, sep, w = part.partition("=")
             try:
-                ok = bool(sep and name.strip()) and float(w) == float(w)
+                ok = bool(sep and name.strip()) and math.isfinite(float(w))
             except ValueError:
                 ok = False
             if not ok:
-                bad("reward", "weights", cfg.reward.weights, "must be paper, release or NAME=W,NAME=W,... "
-                    f"(bad entry {part!r})")
+                bad("reward", "weights", cfg.reward.weights, f"must be {' or '.join(choices(WeightPreset))} or "
+                    f"NAME=W,NAME=W,... with finite weights (bad entry {part!r})")
                 break
     for spec in cfg.reward.plugins:
-        target = spec.partition("=")[0]
+        target, eq, weight = spec.partition("=")
         module, colon, func = target.partition(":")
-        if not (colon and module.strip() and func.strip()):
-            bad("reward", "plugins", spec, "each entry must be package.module:function or package.module:function=WEIGHT")
+        try:
+            finite = not eq or math.isfinite(float(weight))
+        except ValueError:
+            finite = False
+        if not (colon and module.strip() and func.strip() and finite):
+            bad("reward", "plugins", spec, "each entry must be package.module:function or "
+                "package.module:function=WEIGHT with a finite weight")
     for spec in cfg.data.eval:
         if "=" not in spec or not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
             bad("data", "eval", spec, "each entry must be NAME=PATH[@in|@out]")

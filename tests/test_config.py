@@ -27,8 +27,8 @@ TEXT = {
     ("data", "eval"): "no-equals-sign",
     ("data", "cache_dir"): " ",
     ("sft", "instruct_cache"): " ",
-    ("reward", "weights"): "accuracy=heavy",
-    ("reward", "plugins"): "no_colon",
+    ("reward", "weights"): ["accuracy=heavy", "accuracy=inf", "accuracy=nan", "bogus"],
+    ("reward", "plugins"): ["no_colon", "pkg.mod:fn=inf"],
     ("run", "out"): " ",
     ("run", "resume"): "/nonexistent/emor3-run",
 }
@@ -42,7 +42,7 @@ def _bad_values(sec: str, name: str) -> list[str]:
     """Values of ``sec.name`` that no run can use."""
     t, _ = C._field_type(C.SECTIONS[sec], name)
     if (sec, name) in TEXT:
-        return [TEXT[sec, name]]
+        return TEXT[sec, name] if isinstance(TEXT[sec, name], list) else [TEXT[sec, name]]
     if typing.get_origin(t) is Literal:
         return ["bogus"]
     if t is bool:
@@ -98,12 +98,14 @@ def test_the_default_and_the_examples_parse_to_resolved_configs():
 
 def test_dispatchers_read_the_config_declarations():
     """One source for each choice: the names the math, the rewards and the launcher accept are the config's."""
+    import torch
+
     from emor3 import distributed
     from emor3.data.dataset import ON_BAD_SAMPLE
-    from emor3.data.emoscenes import VARIANTS
+    from emor3.data.emoscenes import EVAL_SPLITS, VARIANTS
     from emor3.grpo import objective
     from emor3.models.tiny import NAMED, NAMED_QWEN3
-    from emor3.rewards.combine import ALL_NAN_POLICIES
+    from emor3.rewards.combine import ALL_NAN_POLICIES, WEIGHT_PRESETS
     from emor3.rewards.reflection import MISSING_RULES, MODES
 
     assert objective.KL_KINDS == C.choices(C.KLKind) and objective.AGG_MODES == C.choices(C.LossAgg)
@@ -112,9 +114,13 @@ def test_dispatchers_read_the_config_declarations():
     assert tuple(MISSING_RULES) == C.choices(C.MissingStep) and MODES == C.choices(C.JudgeMode)
     assert ALL_NAN_POLICIES == C.choices(C.PluginAllNaN) and ON_BAD_SAMPLE == C.choices(C.OnBadSample)
     assert VARIANTS == C.choices(C.EmoScenesVariant) and set(C.ALGORITHMS) == set(C.choices(C.AlgoName))
+    assert EVAL_SPLITS == C.choices(C.EmoScenesEval) and tuple(WEIGHT_PRESETS) == C.choices(C.WeightPreset)
     assert set(NAMED) | set(NAMED_QWEN3) == set(C.choices(C.ModelSize))
+    logp = torch.zeros(1, 3)  # (N, T)
     for name in C.choices(C.KLKind):  # every declared name runs, not only parses
-        assert math.isfinite(float(objective.kl_penalty(*__import__("torch").zeros(2, 1, 1), kind=name).sum()))
+        assert math.isfinite(float(objective.kl_penalty(logp, logp, kind=name).sum()))
+    for name in C.choices(C.LossAgg):
+        assert math.isfinite(float(objective.aggregate(logp, torch.ones(1, 3), mode=name)))
 
 
 def test_importing_the_config_does_not_import_torch():

@@ -46,13 +46,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from emor3.config import PluginAllNaN, choices
+from emor3.config import PluginAllNaN, WeightPreset, choices
 from emor3.rewards.rules import accuracy_reward, format_reward
 
 WEIGHT_PRESETS: dict[str, dict[str, float]] = {
     "paper": {"accuracy": 0.8, "consistency": 0.05, "coherence": 0.05, "format": 0.1},
     "release": {"accuracy": 0.8, "consistency": 0.1, "coherence": 0.1, "format": 0.1},
 }
+assert tuple(WEIGHT_PRESETS) == choices(WeightPreset), "WeightPreset (emor3.config) names every preset"
 BUILTIN_COMPONENTS = ("accuracy", "format", "consistency", "coherence")
 REFLECTION_COMPONENTS = ("consistency", "coherence")
 ALL_NAN_POLICIES = choices(PluginAllNaN)
