@@ -1,0 +1,354 @@
+"""Clips for the Qwen-VL video input: reading frames, sampling them at an fps, resizing them to a pixel budget and
+cutting them into the flattened temporal patches the vision tower takes.
+
+The rules are transformers 5.24's `Qwen2VLVideoProcessor` (Qwen2-VL, Qwen2.5-VL: family "qwen2") and
+`Qwen3VLVideoProcessor` (family "qwen3"), written here without torchvision (which those classes need):
+  1. Sampling (`sample_indices`): from F decoded frames at `source_fps`, keep n frames.
+     qwen2: n = F / source_fps * fps, clamped to [min_frames, min(max_frames, F) rounded down to even], rounded down
+       to a multiple of the temporal patch; frames arange(0, F, F / n) truncated.
+     qwen3: n = int(F / source_fps * fps), clamped to [min_frames, min(max_frames, F)]; frames
+       linspace(0, F - 1, n) rounded. `fps=None` keeps every frame (transformers' `do_sample_frames=False`).
+  2. Resizing (`resized_hw`): each side a multiple of patch x merge, aspect ratio kept.
+     qwen2: `min_pixels` / `max_pixels` bound one frame; with `cap_pixels_per_frame` the per-frame bound is also at
+       most an even share of a total budget (90% of `max_video_tokens` tokens' pixels, x temporal patch / n).
+     qwen3: `min_pixels` / `max_pixels` bound the whole clip (n x h x w); with `cap_pixels_per_frame` each frame is
+       at most `max_video_tokens` tokens' pixels and the budget's even share.
+     Both floor the capped per-frame budget at 1.05 x min_pixels. The resampling is bicubic with antialiasing on
+     uint8 frames (`torch.nn.functional.interpolate`, the kernel torchvision's `resize` calls on CPU).
+  3. Padding and patches (`patchify`): an odd frame count is padded by repeating the last frame (the temporal patch
+     spans two frames); frames are rescaled to [0, 1], normalised by mean / std, and flattened to
+     (t * h * w, C * temporal_patch * patch * patch) rows in the vision tower's order (merge blocks contiguous).
+Times the prompt needs: Qwen2.5-VL's `second_per_grid_t` = temporal_patch / sampled fps (absolute-time M-RoPE,
+`emor3.models.positions.video_rope_grids`); Qwen3-VL's per-patch timestamps = the mean time of the patch's first
+and last frame, written `<t.t seconds>` before each patch's tokens.
+
+Inputs (`read_clip`): a folder of frames (sorted by name, numbers compared as numbers), a list of frame paths, an
+animated GIF or WebP (Pillow; fps from the frame durations), or a video file through PyAV (the optional `video`
+extra; an error names it when missing). A folder or list has no frame rate of its own: pass `fps=`.
+
+Shape legend: F decoded frames, n sampled frames, C channels, H x W source size, h x w resized size,
+t = n / temporal_patch temporal patches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Family = Literal["qwen2", "qwen3"]
+FAMILIES: tuple[str, ...] = ("qwen2", "qwen3")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+ANIMATED_SUFFIXES = (".gif", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpeg", ".mpg")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- clips
+@dataclass
+class Clip:
+    """Decoded frames of one clip and the rate they were decoded at."""
+
+    frames: Tensor  # (F, C, H, W) uint8
+    fps: float | None  # frames per second of `frames`; None when unknown (a folder without fps=)
+    source: str = "<frames>"  # what errors name
+
+    def __post_init__(self):
+        if self.frames.dim() != 4 or self.frames.dtype != torch.uint8 or self.frames.shape[1] != 3:
+            raise ValueError(f"{self.source}: frames must be (F, 3, H, W) uint8, got {tuple(self.frames.shape)} "
+                             f"{self.frames.dtype}")
+        if self.frames.shape[0] == 0:
+            raise ValueError(f"{self.source}: the clip has no frames")
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+
+def _natural_key(name: str):
+    return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", name)]
+
+
+def _frame_tensor(img, source) -> Tensor:
+    """A PIL image -> (3, H, W) uint8."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _stack(frames: list[Tensor], source: str) -> Tensor:
+    sizes = {tuple(f.shape) for f in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"{source}: frames differ in size {sorted(sizes)}; a clip's frames must share one size")
+    return torch.stack(frames)  # (F, 3, H, W)
+
+
+def _read_frames(paths: Sequence[Path], source: str) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    frames = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                frames.append(_frame_tensor(im, p))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{p}: not a readable image ({e})") from e
+    return _stack(frames, source)
+
+
+def _read_animated(path: Path) -> Clip:
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            frames, durations = [], []
+            for fr in ImageSequence.Iterator(im):
+                frames.append(_frame_tensor(fr, path))
+                durations.append(fr.info.get("duration") or 0)
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not a readable animated image ({e})") from e
+    ms = sum(durations) / len(durations) if durations else 0
+    return Clip(_stack(frames, str(path)), 1000.0 / ms if ms > 0 else None, str(path))
+
+
+def _read_video_file(path: Path) -> Clip:
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"{path}: decoding {path.suffix} files needs PyAV: pip install 'emor3[video]'") from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                      for f in container.decode(stream)]
+    except (av.error.FFmpegError if hasattr(av, "error") else OSError, IndexError) as e:
+        raise ValueError(f"{path}: not a readable video ({e})") from e
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames")
+    return Clip(torch.stack(frames), float(rate) if rate else None, str(path))
+
+
+def read_clip(source: str | Path | Sequence[str | Path], *, fps: float | None = None) -> Clip:
+    """Decode every frame of a clip: a folder of frame images (sorted by name, numbers as numbers), a list of frame
+    paths, an animated GIF / WebP, or a video file (PyAV). `fps` sets the frame rate (required in practice for a
+    folder or list; overrides the file's own otherwise)."""
+    if isinstance(source, (list, tuple)):
+        paths = [Path(p) for p in source]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: frame file not found ({len(missing)} of {len(paths)} missing)")
+        if not paths:
+            raise ValueError("read_clip: the frame list is empty")
+        return Clip(_read_frames(paths, f"{paths[0].parent}/[{len(paths)} frames]"), fps,
+                    f"{paths[0].parent}/[{len(paths)} frames]")
+    path = Path(source)
+    if path.is_dir():
+        paths = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES),
+                       key=lambda p: _natural_key(p.name))
+        if not paths:
+            raise ValueError(f"{path}: the folder holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        return Clip(_read_frames(paths, str(path)), fps, str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: clip not found")
+    suffix = path.suffix.lower()
+    if suffix in ANIMATED_SUFFIXES:
+        clip = _read_animated(path)
+    elif suffix in VIDEO_SUFFIXES:
+        clip = _read_video_file(path)
+    else:
+        raise ValueError(f"{path}: unknown clip format {suffix!r} (a folder of frames, .gif, .webp, "
+                         f"{', '.join(VIDEO_SUFFIXES)})")
+    return replace(clip, fps=fps) if fps is not None else clip
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class VideoSettings:
+    """Every number of clip preprocessing; `for_model` gives transformers' defaults of each family."""
+
+    family: Family
+    fps: float | None = 2.0  # frames kept per second of clip; None keeps every frame
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 32 * 32  # qwen2: per frame; qwen3: whole clip
+    max_pixels: int = 768 * 32 * 32  # qwen2: per frame; qwen3: whole clip
+    cap_pixels_per_frame: bool = False  # also bound each frame by its share of a total budget (qwen-vl-utils)
+    max_video_tokens: int = 768  # qwen2: the total budget in tokens (context); qwen3: tokens per frame
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = HALF
+    image_std: tuple[float, ...] = HALF
+    default_source_fps: float | None = None  # rate assumed for a clip without one (qwen3: 24, as transformers)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"video family {self.family!r} is not one of {FAMILIES}")
+        if self.min_frames < 1 or self.max_frames < self.min_frames:
+            raise ValueError(f"frame counts must satisfy 1 <= min_frames {self.min_frames} <= max_frames "
+                             f"{self.max_frames}")
+        if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
+            raise ValueError(f"pixel budget must satisfy 0 < min_pixels {self.min_pixels} <= max_pixels "
+                             f"{self.max_pixels}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps {self.fps} must be positive (or None to keep every frame)")
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def for_model(cls, model_type: str, **overrides) -> "VideoSettings":
+        """transformers 5.24's video processor defaults for `model_type` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        except that qwen2 samples at 2 fps here (transformers keeps every frame unless asked to sample)."""
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
+            base = dict(family="qwen2", min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, max_video_tokens=128000,
+                        patch_size=14, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        elif model_type == "qwen3_vl":
+            base = dict(family="qwen3", min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, max_video_tokens=768,
+                        patch_size=16, image_mean=HALF, image_std=HALF, default_source_fps=24.0)
+        else:
+            raise ValueError(f"no video settings for model_type {model_type!r}")
+        return cls(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------- the steps
+def sample_indices(num_frames: int, source_fps: float | None, s: VideoSettings, *, source: str = "<clip>") -> list[int]:
+    """Indices of the frames kept from a clip of `num_frames` frames decoded at `source_fps` (rule 1)."""
+    if s.fps is None:
+        return list(range(num_frames))
+    if source_fps is None:
+        source_fps = s.default_source_fps
+    if source_fps is None:
+        raise ValueError(f"{source}: sampling at {s.fps} fps needs the clip's frame rate; pass fps= when reading it "
+                         "(a folder of frames has none)")
+    tp = s.temporal_patch_size
+    if s.family == "qwen2":
+        hi = math.floor(min(s.max_frames, num_frames) / tp) * tp
+        n = min(max(num_frames / source_fps * s.fps, s.min_frames), hi, num_frames)
+        n = math.floor(n / tp) * tp
+        if n <= 0:
+            raise ValueError(f"{source}: {num_frames} frames are too few for a temporal patch of {tp}")
+        return torch.arange(0, num_frames, num_frames / n).int().tolist()
+    n = int(num_frames / source_fps * s.fps)
+    n = min(max(n, s.min_frames), s.max_frames, num_frames)
+    return np.linspace(0, num_frames - 1, n).round().astype(int).tolist()
+
+
+def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int,
+                 num_frames: int = 1, temporal_factor: int = 1) -> tuple[int, int]:
+    """(h, w): multiples of `factor` near (height, width) with the same aspect ratio whose pixel count, times the
+    frame count rounded to `temporal_factor`, lies in [min_pixels, max_pixels] (Qwen2-VL's `smart_resize` for one
+    frame; with num_frames, Qwen3-VL's video one over the whole clip)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    t = round(num_frames / temporal_factor) * temporal_factor
+    if t * h * w > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resized_hw(num_frames: int, height: int, width: int, s: VideoSettings) -> tuple[int, int]:
+    """The size every frame of an n-frame clip is resized to (rule 2)."""
+    f, n = s.factor, num_frames
+    if s.family == "qwen2":
+        max_px = s.max_pixels
+        if s.cap_pixels_per_frame:
+            total = int(s.max_video_tokens * f * f * 0.9)
+            max_px = max(min(max_px, total * s.temporal_patch_size // n), int(s.min_pixels * 1.05))
+        return smart_resize(height, width, factor=f, min_pixels=s.min_pixels, max_pixels=max_px)
+    if n < s.temporal_patch_size:
+        raise ValueError(f"{n} frames are fewer than the temporal patch {s.temporal_patch_size}")
+    if height < f or width < f:  # a side under one merged patch: scale up first, as Qwen3-VL's smart_resize
+        scale = max(f / height, f / width)
+        height, width = int(height * scale), int(width * scale)
+    max_px = s.max_pixels
+    if s.cap_pixels_per_frame:
+        per_frame = max(min(s.max_video_tokens * f * f, s.max_pixels // n), int(s.min_pixels * 1.05))
+        max_px = per_frame * n
+    return smart_resize(height, width, factor=f, min_pixels=s.min_pixels, max_pixels=max_px, num_frames=n,
+                        temporal_factor=s.temporal_patch_size)
+
+
+def resize_frames(frames: Tensor, h: int, w: int) -> Tensor:
+    """(n, C, H, W) uint8 -> (n, C, h, w) uint8: bicubic with antialiasing on uint8, as torchvision's CPU resize
+    (unchanged when the size already matches)."""
+    if frames.shape[-2:] == (h, w):
+        return frames
+    return F.interpolate(frames, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+
+
+def patchify(frames: Tensor, s: VideoSettings) -> tuple[Tensor, tuple[int, int, int]]:
+    """(n, C, h, w) uint8 -> normalised patches (t*gh*gw, C*tp*p*p) float32 and the grid (t, gh, gw) (rule 3)."""
+    n, C, h, w = frames.shape
+    tp, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
+    assert h % (p * m) == 0 and w % (p * m) == 0, f"frame {h}x{w} is not a multiple of patch x merge {p * m}"
+    # fused rescale + normalise as transformers: (x - 255 mean) / (255 std) in float32
+    mean = torch.tensor(s.image_mean, dtype=torch.float32) * 255.0  # (C,)
+    std = torch.tensor(s.image_std, dtype=torch.float32) * 255.0  # (C,)
+    x = (frames.float() - mean[:, None, None]) / std[:, None, None]  # (n, C, h, w)
+    if pad := -n % tp:  # repeat the last frame so the temporal patches are whole
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        n += pad
+    t, gh, gw = n // tp, h // p, w // p
+    x = x.view(t, tp, C, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, tp, p, p)
+    return x.reshape(t * gh * gw, C * tp * p * p), (t, gh, gw)
+
+
+def patch_timestamps(indices: list[int], source_fps: float, temporal_patch_size: int = 2) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's times (Qwen3-VL's prompt times; the
+    last patch padded with the last frame as `patchify` pads)."""
+    idx = list(indices) + [indices[-1]] * (-len(indices) % temporal_patch_size)
+    sec = [i / source_fps for i in idx]
+    return [(sec[i] + sec[i + temporal_patch_size - 1]) / 2 for i in range(0, len(sec), temporal_patch_size)]
+
+
+@dataclass
+class ProcessedClips:
+    """Clips ready for the vision tower, in order."""
+
+    pixel_values_videos: Tensor  # (video patches, C * tp * p * p) float32
+    video_grid_thw: Tensor  # (V, 3) long: temporal patches, patch rows, patch columns
+    second_per_grid_ts: list[float]  # (V,) seconds per temporal patch (Qwen2.5-VL's M-RoPE time)
+    timestamps: list[list[float]]  # per clip, seconds of each temporal patch (Qwen3-VL's prompt text)
+    frame_indices: list[list[int]] = field(default_factory=list)  # per clip, the decoded frames kept
+
+    def tokens(self, merge_size: int = 2) -> list[int]:
+        """Merged video tokens of each clip."""
+        return (self.video_grid_thw.prod(-1) // merge_size ** 2).tolist()
+
+
+def preprocess_clips(clips: Sequence[Clip], s: VideoSettings) -> ProcessedClips:
+    """Sample, resize, pad and patchify each clip (rules 1-3)."""
+    pix, grids, spg, stamps, kept = [], [], [], [], []
+    for clip in clips:
+        idx = sample_indices(clip.num_frames, clip.fps, s, source=clip.source)
+        frames = clip.frames[idx]  # (n, C, H, W)
+        h, w = resized_hw(len(idx), frames.shape[-2], frames.shape[-1], s)
+        patches, grid = patchify(resize_frames(frames, h, w), s)
+        pix.append(patches)
+        grids.append(grid)
+        src_fps = clip.fps or s.default_source_fps or 24.0  # transformers' fallback rate
+        # sampled rate = kept frames per second of clip (transformers' VideoMetadata.sampled_fps)
+        sampled_fps = len(idx) / clip.num_frames * src_fps
+        spg.append(s.temporal_patch_size / sampled_fps)
+        stamps.append(patch_timestamps(idx, src_fps, s.temporal_patch_size))
+        kept.append(idx)
+    return ProcessedClips(torch.cat(pix), torch.tensor(grids, dtype=torch.long).reshape(-1, 3), spg, stamps, kept)
