@@ -197,3 +197,23 @@ def test_reading_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # PyAV absent
     with pytest.raises(ImportError, match=r"clip.mp4: decoding .mp4 files needs PyAV: pip install 'emor3\[video\]'"):
         read_clip(tmp_path / "clip.mp4")
+
+
+def test_settings_from_a_published_video_preprocessor_config():
+    """Qwen3-VL-*-Instruct's video_preprocessor_config.json (the values as published) and a Qwen2-VL one that keeps
+    every frame; unsupported settings are named."""
+    published = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16,
+                 "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                 "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                 "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2, "min_frames": 4, "max_frames": 768,
+                 "do_sample_frames": True, "do_resize": True, "resample": 3, "rescale_factor": 1 / 255}
+    s = VideoSettings.from_dict("qwen3_vl", published)
+    assert (s.family, s.min_pixels, s.max_pixels, s.fps, s.patch_size, s.default_source_fps) == \
+        ("qwen3", 4096, 25165824, 2.0, 16, 24.0)
+    q2 = VideoSettings.from_dict("qwen2_vl", {"min_pixels": 3136, "max_pixels": 12845056, "do_sample_frames": False})
+    assert (q2.family, q2.min_pixels, q2.max_pixels, q2.fps, q2.patch_size) == ("qwen2", 3136, 12845056, None, 14)
+    with pytest.raises(ValueError, match=r"v.json: unsupported video settings: do_normalize=false; unknown settings "
+                                         r"\['fancy'\]"):
+        VideoSettings.from_dict("qwen3_vl", {"do_normalize": False, "fancy": 1}, source="v.json")
+    with pytest.raises(ValueError, match="video family 'qwen9' is not one of"):
+        VideoSettings(family="qwen9")

@@ -8,6 +8,9 @@ keeps: source fps and the frames kept). What is compared is therefore transforme
 mask, and `get_rope_index` on the result; the pixels themselves are pinned by tests/test_video.py.
 """
 
+import json
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -120,7 +123,7 @@ def test_clip_prompts_equal_transformers_processor_and_model(ckpt):
     assert (a - b)[m].abs().max() < 1e-4 * b[m].abs().max().clamp(min=1), "logits on processed clips differ"
 
 
-def test_clip_prompt_errors(ckpt):
+def test_clip_prompt_errors_and_settings(ckpt, tmp_path):
     model_type, d = ckpt
     proc = Processor.from_pretrained(d, video_settings=VideoSettings.for_model(
         model_type, max_pixels=64 * 32 * 32, min_pixels=8 * 32 * 32))
@@ -136,3 +139,13 @@ def test_clip_prompt_errors(ckpt):
     two = proc.encode_prompts([msgs[0], msgs[0]], videos_list=[[shared], [copy]])
     for name in ("input_ids", "position_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         assert torch.equal(getattr(one, name), getattr(two, name)), name
+    # video_preprocessor_config.json beside the checkpoint sets the budgets; patch sizes follow the image processor
+    shutil.copytree(d, tmp_path / "c")
+    (tmp_path / "c" / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 4096, "longest_edge": 65536}, "fps": 1, "max_frames": 8}))
+    read = Processor.from_pretrained(tmp_path / "c").video_settings
+    assert (read.min_pixels, read.max_pixels, read.fps, read.max_frames) == (4096, 65536, 1.0, 8)
+    assert read.patch_size == proc.image_processor.patch_size
+    with pytest.raises(ValueError, match="video settings .* differ from the image processor's"):
+        Processor(proc.tokenizer, proc.image_processor, model_type=model_type,
+                  video_settings=VideoSettings.for_model(model_type, patch_size=8))

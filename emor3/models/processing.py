@@ -89,10 +89,14 @@ class Processor:
         self.model_type = model_type
         self.tokens_per_second = tokens_per_second
         if video_settings is None and model_type is not None:
-            video_settings = VideoSettings.for_model(
-                model_type, patch_size=image_processor.patch_size, merge_size=image_processor.merge_size,
-                temporal_patch_size=image_processor.temporal_patch_size,
-                image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std))
+            video_settings = VideoSettings.for_model(model_type, **self.image_defaults(image_processor))
+        if video_settings is not None:
+            ip = image_processor
+            theirs = (ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+            mine = (video_settings.patch_size, video_settings.merge_size, video_settings.temporal_patch_size)
+            if mine != theirs:
+                raise ValueError(f"video settings (patch, merge, temporal patch) {mine} differ from the image "
+                                 f"processor's {theirs}: the vision tower takes one patch size")
         self.video_settings = video_settings
         ids = tokenizer.convert_tokens_to_ids
         self.image_token = "<|image_pad|>"
@@ -107,6 +111,13 @@ class Processor:
         probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                               add_generation_prompt=True) if tokenizer.chat_template else ""
         self.thinking = probe.rstrip().endswith(THINK_OPEN)  # a Thinking model's template opens the block
+
+    @staticmethod
+    def image_defaults(image_processor) -> dict:
+        """The video settings that follow the image processor: patch sizes (one vision tower), mean and std."""
+        ip = image_processor
+        return dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size,
+                    image_mean=tuple(ip.image_mean), image_std=tuple(ip.image_std))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -142,6 +153,11 @@ class Processor:
             tps = (cfg.get("vision_config") or {}).get("tokens_per_second", 2.0)
         if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             model_type = None  # clips are refused, images work as before
+        vfile = path / "video_preprocessor_config.json"
+        if video_settings is None and model_type is not None and vfile.is_file():
+            # a file whose patch sizes disagree with the image processor's is an error (checked in __init__)
+            video_settings = VideoSettings.from_dict(model_type, json.loads(vfile.read_text()), source=str(vfile),
+                                                     defaults=cls.image_defaults(improc))
         return cls(tok, improc, max_prompt_length=max_prompt_length, model_type=model_type,
                    video_settings=video_settings, tokens_per_second=tps)
 

@@ -219,6 +219,55 @@ class VideoSettings:
             raise ValueError(f"no video settings for model_type {model_type!r}")
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def from_dict(cls, model_type: str, d: dict, *, source: str = "video_preprocessor_config.json",
+                  defaults: dict | None = None) -> "VideoSettings":
+        """`for_model` defaults, then `defaults`, overridden by a transformers video processor config (`size` {shortest_edge,
+        longest_edge} or min/max_pixels, fps, min/max_frames, do_sample_frames, patch / merge / temporal sizes,
+        mean, std, cap_pixels_per_frame, max_video_tokens). Keys of no meaning for the pixels (the processor
+        class, rescale and resample settings at their only supported values) are accepted; others are named."""
+        d = dict(d)
+        kw: dict = {}
+        size = d.pop("size", None) or {}
+        for key, ours in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+            if key in size:
+                kw[ours] = int(size[key])
+        for key in ("min_pixels", "max_pixels", "min_frames", "max_frames", "patch_size", "temporal_patch_size",
+                    "merge_size", "max_video_tokens"):
+            if d.get(key) is not None:
+                kw[key] = int(d.pop(key))
+            else:
+                d.pop(key, None)
+        if d.get("fps") is not None:
+            kw["fps"] = float(d.pop("fps"))
+        d.pop("fps", None)
+        if d.pop("do_sample_frames", True) is False:
+            kw["fps"] = None
+        for key in ("image_mean", "image_std"):
+            if d.get(key) is not None:
+                kw[key] = tuple(float(x) for x in d.pop(key))
+        if d.get("cap_pixels_per_frame") is not None:
+            kw["cap_pixels_per_frame"] = bool(d.pop("cap_pixels_per_frame"))
+        problems = []
+        if abs(float(d.pop("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+            problems.append("rescale_factor other than 1/255")
+        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if d.pop(key, True) is not True:
+                problems.append(f"{key}=false")
+        if d.pop("resample", 3) != 3:
+            problems.append("resample other than bicubic (3)")
+        if d.pop("num_frames", None) is not None:
+            problems.append("num_frames (sample at fps instead)")
+        ignored = {"video_processor_type", "image_processor_type", "processor_class", "return_metadata",
+                   "default_to_square", "data_format", "input_data_format", "device", "do_center_crop",
+                   "crop_size", "do_pad", "max_duration", "max_image_size", "video_metadata", "return_tensors"}
+        unknown = sorted(set(d) - ignored)
+        if unknown:
+            problems.append(f"unknown settings {unknown}")
+        if problems:
+            raise ValueError(f"{source}: unsupported video settings: " + "; ".join(problems))
+        return cls.for_model(model_type, **{**(defaults or {}), **kw})
+
 
 # ----------------------------------------------------------------------------------------------- the steps
 def sample_indices(num_frames: int, source_fps: float | None, s: VideoSettings, *, source: str = "<clip>") -> list[int]:
