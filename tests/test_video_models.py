@@ -199,3 +199,13 @@ def test_video_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="video 1 .* consecutive video tokens"):
         mrope_position_ids(ids, am, None, image_token_id=IMG, video_grid_thw=torch.tensor([[4, 4, 6], [4, 6, 4]]),
                            video_token_id=VID)
+
+
+def test_video_tokens_without_video_embeds_are_an_error():
+    """Paths that do not pass clips yet (the sampler, scoring, the judge) fail loudly instead of embedding the
+    clip's placeholder tokens as text."""
+    ours, _ = make_pair("qwen3_vl")
+    ids, am, img_grids, pix_i, vid_grids, _ = batch("qwen3_vl", True)
+    pos, _ = our_positions(ours, ids, am, img_grids, vid_grids)
+    with pytest.raises(ValueError, match="input_ids hold video tokens but no video_embeds"):
+        ours(ids, pos, am, image_embeds=ours.encode_images(pix_i, img_grids))

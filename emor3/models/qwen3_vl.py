@@ -18,7 +18,8 @@ tests/test_qwen3_vl.py):
     tokens.
 
 `encode_images` returns (M, 1 + K, D): slot 0 the merged image tokens that replace the image placeholders, slots
-1..K the DeepStack features of the same tokens. Everything downstream (the sampler, rollout row copies, the RER
+1..K the DeepStack features of the same tokens; `encode_videos` the same for clips, whose DeepStack features are
+added at the video tokens (transformers adds image and video ones at their joint positions). Everything downstream (the sampler, rollout row copies, the RER
 judge) only indexes image features along dim 0, so it handles both models unchanged.
 Choices that differ from transformers are those of `QwenVL` (no cached rope deltas, static KV cache, image features
 passed in, attention masks that never empty a row, vision attention batched by segment length, chunked log-probs),
@@ -252,7 +253,7 @@ class Qwen3VL(QwenVL):
         if deepstack is None or layer >= deepstack[1].shape[1]:
             return x
         where, feats = deepstack
-        return x.index_put(where, feats[:, layer].to(x.dtype), accumulate=True)  # + feature `layer` at image tokens
+        return x.index_put(where, feats[:, layer].to(x.dtype), accumulate=True)  # + feature `layer` at vision tokens
 
     def embed(self, input_ids: Tensor, image_embeds: Tensor | None, video_embeds: Tensor | None = None) -> Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, L, D)

@@ -13,6 +13,9 @@ parity is pinned by tests/test_models_parity.py):
   Vision (Qwen2.5-VL): RMSNorm blocks, SwiGLU MLP with bias, window attention: patches are reordered so that each
     `window_size` x `window_size` pixel window is contiguous, blocks listed in `fullatt_block_indexes` attend over
     the whole image, the others within windows; the merger uses RMSNorm; the window order is undone at the end.
+  Video (both): a clip is a (t, h, w) grid whose patches span two frames each (`temporal_patch_size`), so the same
+    tower encodes it (`encode_videos`); attention and windows stay within each temporal patch, as for a one-frame
+    image. Its features fill the video tokens (`video_embeds`), image features the image tokens, in one scatter.
 
 Choices that differ from transformers, on purpose:
   - No hidden state on the model: M-RoPE position ids are always passed in (computed statelessly by
@@ -508,6 +511,11 @@ class QwenVL(nn.Module):
         row-major order of those tokens), or None without features. Images fill the image tokens in order and clips
         the video tokens in order (as transformers' separate masked_scatter calls do); a mixed batch interleaves
         them here by position, so one scatter serves both."""
+        if video_embeds is None and input_ids.shape[1] > 1 and bool((input_ids == self.config.video_token_id).any()):
+            # a clip's tokens embedded as plain tokens would be a silently wrong input; decode steps (one token,
+            # never a banned vision token) skip the check and its device sync
+            raise ValueError("input_ids hold video tokens but no video_embeds were given (encode_videos them; the "
+                             "sampler, scoring and judge paths do not pass clips yet)")
         parts = []
         for embeds, tok, name in ((image_embeds, self.config.image_token_id, "image"),
                                   (video_embeds, self.config.video_token_id, "video")):
