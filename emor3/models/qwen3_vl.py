@@ -19,8 +19,9 @@ tests/test_qwen3_vl.py):
 
 `encode_images` returns (M, 1 + K, D): slot 0 the merged image tokens that replace the image placeholders, slots
 1..K the DeepStack features of the same tokens; `encode_videos` the same for clips, whose DeepStack features are
-added at the video tokens (transformers adds image and video ones at their joint positions). Everything downstream (the sampler, rollout row copies, the RER
-judge) only indexes image features along dim 0, so it handles both models unchanged.
+added at the video tokens (transformers adds image and video ones at their joint positions). Everything downstream
+(the sampler, rollout row copies, the RER judge) only indexes image features along dim 0, so it handles both models
+unchanged.
 Choices that differ from transformers are those of `QwenVL` (no cached rope deltas, static KV cache, image features
 passed in, attention masks that never empty a row, vision attention batched by segment length, chunked log-probs),
 all inherited.
