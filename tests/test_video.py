@@ -1,6 +1,6 @@
 """Clip preprocessing (emor3.models.video) against transformers 5.24's Qwen2-VL / Qwen3-VL video processors.
 
-transformers' video processor classes cannot be built here: they need torchvision, which this environment lacks
+transformers' video processor classes cannot be built here: they need torchvision, which the test environment lacks
 (`Qwen2VLVideoProcessor`'s module does not even import without it). So the steps are checked one by one:
   - against transformers' own functions where they run without torchvision: Qwen3-VL's `sample_frames`,
     `patchify` and `get_num_of_video_patches` (called on a stand-in for the processor's settings), Qwen3-VL's video
@@ -9,9 +9,11 @@ transformers' video processor classes cannot be built here: they need torchvisio
     fused rescale + normalise, and the resampling, which is bicubic with antialiasing on uint8 frames (the kernel
     torchvision's CPU resize calls) and is compared with Pillow's bicubic resize (the same filter, within 1 grey
     level) rather than with torchvision;
-plus reading clips from a folder, a frame list, GIF and WebP files, and the missing-PyAV message.
+plus reading clips from a folder, a frame list, GIF and WebP files, and the missing-PyAV message. The calls into
+transformers' functions run inside `hf_reference.internals` (they are internals, checked on the releases named there).
 """
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -19,20 +21,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hf_reference import internals
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_image_smart_resize
-import transformers.models.qwen3_vl
-from transformers.video_utils import VideoMetadata
 
 from emor3.models.video import (Clip, VideoSettings, patch_timestamps, patchify, preprocess_clips, read_clip,
                                 resize_frames, resized_hw, sample_indices, smart_resize)
 
 
 
-def load_hf3():
+@functools.cache
+def hf3():
     """transformers' video_processing_qwen3_vl module, executed from its file: importing it through transformers
     raises for the missing torchvision before any of its functions can be called, though the ones used here do not
-    touch torchvision."""
+    touch torchvision. Call inside `internals(...)`."""
+    import transformers.models.qwen3_vl
+
     name = "transformers.models.qwen3_vl._video_processing_for_emor3_tests"
     path = Path(transformers.models.qwen3_vl.__file__).parent / "video_processing_qwen3_vl.py"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -42,7 +45,10 @@ def load_hf3():
     return module
 
 
-hf3 = load_hf3()
+def video_metadata(**kw):
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(**kw)
 Q2 = VideoSettings.for_model("qwen2_5_vl")
 Q3 = VideoSettings.for_model("qwen3_vl")
 
@@ -64,8 +70,9 @@ def random_clip(n: int, h: int, w: int, fps: float | None = 10.0, seed: int = 0)
                                                 (2000, 30.0, 2.0), (5, 5.0, 2.0)])
 def test_qwen3_sampling_equals_transformers(frames, src_fps, fps):
     s = VideoSettings.for_model("qwen3_vl", fps=fps, max_frames=64)
-    meta = VideoMetadata(total_num_frames=frames, fps=src_fps)
-    ref = hf3.Qwen3VLVideoProcessor.sample_frames(hf3_settings(s), meta, fps=fps).tolist()
+    with internals("Qwen3VLVideoProcessor.sample_frames"):
+        meta = video_metadata(total_num_frames=frames, fps=src_fps)
+        ref = hf3().Qwen3VLVideoProcessor.sample_frames(hf3_settings(s), meta, fps=fps).tolist()
     assert sample_indices(frames, src_fps, s) == ref
 
 
@@ -88,17 +95,19 @@ def test_resize_sizes_equal_transformers(hw, frames, cap):
     h, w = hw
     s3 = VideoSettings.for_model("qwen3_vl", cap_pixels_per_frame=cap, max_pixels=64 * 32 * 32 * 8,
                                  min_pixels=16 * 32 * 32)
-    patches = hf3.Qwen3VLVideoProcessor.get_num_of_video_patches(hf3_settings(s3), frames, h, w)
+    s2 = VideoSettings.for_model("qwen2_5_vl", max_pixels=64 * 28 * 28, min_pixels=16 * 28 * 28)
+    with internals("Qwen3-VL's video and Qwen2-VL's image smart_resize"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as image_smart_resize
+
+        patches = hf3().Qwen3VLVideoProcessor.get_num_of_video_patches(hf3_settings(s3), frames, h, w)
+        ref3 = hf3().smart_resize(frames, h, w, factor=32, min_pixels=s3.min_pixels, max_pixels=s3.max_pixels)
+        # qwen2, uncapped: the image smart_resize per frame
+        ref2 = image_smart_resize(h, w, factor=28, min_pixels=s2.min_pixels, max_pixels=s2.max_pixels)
     gh, gw = (x // s3.patch_size for x in resized_hw(frames, h, w, s3))
     assert (frames + frames % 2) // 2 * gh * gw == patches
     if not cap and min(h, w) >= 32:
-        assert resized_hw(frames, h, w, s3) == hf3.smart_resize(frames, h, w, factor=32, min_pixels=s3.min_pixels,
-                                                                max_pixels=s3.max_pixels)
-    # qwen2, uncapped: the image smart_resize per frame
-    s2 = VideoSettings.for_model("qwen2_5_vl", max_pixels=64 * 28 * 28, min_pixels=16 * 28 * 28)
-    if max(h, w) / min(h, w) <= 200:
-        assert resized_hw(frames, h, w, s2) == hf_image_smart_resize(h, w, factor=28, min_pixels=s2.min_pixels,
-                                                                     max_pixels=s2.max_pixels)
+        assert resized_hw(frames, h, w, s3) == ref3
+    assert resized_hw(frames, h, w, s2) == ref2
 
 
 def test_qwen2_total_budget_hand_checked():
@@ -116,8 +125,9 @@ def test_patchify_equals_transformers_and_pads_odd_clips():
     ours, grid = patchify(frames, s)
     assert grid == (3, 4, 6) and ours.shape == (3 * 4 * 6, 3 * 2 * 16 * 16)
     norm = (frames.float() / 255 - 0.5) / 0.5  # (5, 3, 64, 96) rescale + normalise by hand
-    ref, t, gh, gw = hf3.Qwen3VLVideoProcessor.patchify(None, norm[None], patch_size=16, merge_size=2,
-                                                         temporal_patch_size=2)
+    with internals("Qwen3VLVideoProcessor.patchify"):
+        ref, t, gh, gw = hf3().Qwen3VLVideoProcessor.patchify(None, norm[None], patch_size=16, merge_size=2,
+                                                               temporal_patch_size=2)
     assert (t, gh, gw) == grid
     assert torch.allclose(ours, ref[0], atol=1e-6), "patch order or normalisation differs from transformers"
     # the padded last temporal patch holds frame 4 twice

@@ -10,6 +10,7 @@ model are checked together.
 import pytest
 import torch
 import transformers
+from hf_reference import internals
 
 from emor3.models import QwenVL, QwenVLConfig, parse_config, Qwen3VL
 from emor3.models.positions import decode_position_ids, mrope_position_ids, video_rope_grids
@@ -108,8 +109,9 @@ def test_positions_match_transformers_rope_index(model_type, mixed):
     pos, nxt = our_positions(ours, ids, am, img_grids, vid_grids)
     kw = hf_kwargs(model_type, ids, am, img_grids, None, vid_grids, None)
     extra = {"second_per_grid_ts": kw["second_per_grid_ts"]} if model_type == "qwen2_5_vl" else {}
-    ref, deltas = hf.model.get_rope_index(ids, kw["mm_token_type_ids"], img_grids, vid_grids, attention_mask=am,
-                                          **extra)
+    with internals("get_rope_index's arguments"):
+        ref, deltas = hf.model.get_rope_index(ids, kw["mm_token_type_ids"], img_grids, vid_grids, attention_mask=am,
+                                              **extra)
     assert torch.equal(pos * am, ref * am), "M-RoPE ids of clips differ from transformers on real tokens"
     assert torch.equal(nxt, am.sum(1) + deltas.squeeze(1)), "next_position disagrees with rope_deltas"
     if model_type == "qwen2_5_vl":

@@ -1,7 +1,7 @@
 """Prompts with clips: emor3's Processor against transformers 5.24's Qwen2_5_VLProcessor / Qwen3VLProcessor on tiny
 checkpoint folders, and the tiny models' logits against transformers' on the processed batch.
 
-transformers' video processor needs torchvision, which this environment lacks, so the reference processors get a
+transformers' video processor needs torchvision, which the test environment lacks, so the reference processors get a
 stand-in video processor that hands them emor3's preprocessed clips (pixels, grids, and the metadata transformers
 keeps: source fps and the frames kept). What is compared is therefore transformers' own prompt side: the
 `<|video_pad|>` expansion (Qwen3-VL's `<t seconds>` per temporal patch), `second_per_grid_ts`, the token ids and
@@ -15,9 +15,9 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from hf_reference import internals
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-from transformers.processing_utils import ProcessorMixin
 from transformers.video_utils import VideoMetadata
 
 from emor3.models import load_pretrained
@@ -48,20 +48,18 @@ class StandInVideoProcessor:
 
 
 def reference_processor(model_type, proc: Processor, clips):
+    """transformers' processor running its own __init__, with the stand-in as its video processor (ProcessorMixin's
+    class check told to accept it)."""
     base = Qwen3VLProcessor if model_type == "qwen3_vl" else Qwen2_5_VLProcessor
 
-    class Reference(base):
-        attributes = ["image_processor", "tokenizer"]
+    class WithStandIn(base):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and isinstance(argument, StandInVideoProcessor):
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
 
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-            self.video_processor = StandInVideoProcessor(clips, proc.video_settings)
-
-    return Reference(image_processor=proc.image_processor, tokenizer=proc.tokenizer)
+    return WithStandIn(image_processor=proc.image_processor, tokenizer=proc.tokenizer,
+                       video_processor=StandInVideoProcessor(clips, proc.video_settings))
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
@@ -90,10 +88,11 @@ def test_clip_prompts_equal_transformers_processor_and_model(ckpt):
     msgs, imgs, vids, flat_v, flat_i = clips_and_prompts()
     batch = proc.encode_prompts(msgs, imgs, videos_list=vids)
     assert batch.num_videos == [1, 1, 0] and batch.num_images == [0, 1, 0]
-    ref_proc = reference_processor(model_type, proc, flat_v)
     texts = [proc.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    ref = ref_proc(text=texts, images=flat_i, videos=[c.frames for c in flat_v], return_tensors="pt", padding=True,
-                   padding_side="left")
+    with internals("the Qwen-VL processors with a stand-in video processor"):
+        ref = reference_processor(model_type, proc, flat_v)(
+            text=texts, images=flat_i, videos=[c.frames for c in flat_v], return_tensors="pt", padding=True,
+            padding_side="left")
     assert torch.equal(batch.input_ids, ref["input_ids"]), "clip prompt ids differ from transformers' processor"
     assert torch.equal(batch.attention_mask, ref["attention_mask"])
     assert torch.equal(batch.video_grid_thw, ref["video_grid_thw"])
@@ -106,8 +105,9 @@ def test_clip_prompts_equal_transformers_processor_and_model(ckpt):
         assert "<0.3 seconds><|vision_start|><|video_pad|>" in text0 and "<2.6 seconds>" in text0, text0[:200]
     hf = HF[model_type].from_pretrained(d, dtype=torch.float32).eval()
     extra = {"second_per_grid_ts": ref["second_per_grid_ts"]} if model_type == "qwen2_5_vl" else {}
-    pos, deltas = hf.model.get_rope_index(batch.input_ids, ref["mm_token_type_ids"], batch.image_grid_thw,
-                                          batch.video_grid_thw, attention_mask=batch.attention_mask, **extra)
+    with internals("get_rope_index's arguments"):
+        pos, deltas = hf.model.get_rope_index(batch.input_ids, ref["mm_token_type_ids"], batch.image_grid_thw,
+                                              batch.video_grid_thw, attention_mask=batch.attention_mask, **extra)
     am = batch.attention_mask
     assert torch.equal(batch.position_ids * am, pos * am), "clip prompt M-RoPE ids differ from get_rope_index"
     assert torch.equal(batch.next_position, am.sum(1) + deltas.squeeze(1))
