@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hf_reference import internals
@@ -140,7 +141,7 @@ def test_resize_is_bicubic_antialiased_like_pillow():
     out = resize_frames(clip.frames, 56, 84)
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 56, 84)
     pil = Image.fromarray(clip.frames[1].permute(1, 2, 0).numpy()).resize((84, 56), Image.BICUBIC)
-    ref = torch.tensor(list(pil.getdata()), dtype=torch.int32).view(56, 84, 3).permute(2, 0, 1)
+    ref = torch.from_numpy(np.array(pil, dtype=np.int32)).permute(2, 0, 1)  # (3, 56, 84)
     assert (out[1].int() - ref).abs().max() <= 1, "resampling is not Pillow-equivalent bicubic with antialiasing"
     assert resize_frames(clip.frames, 70, 101) is clip.frames  # same size: untouched, as torchvision
 
