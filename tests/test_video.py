@@ -228,3 +228,35 @@ def test_settings_from_a_published_video_preprocessor_config():
         VideoSettings.from_dict("qwen3_vl", {"do_normalize": False, "fancy": 1}, source="v.json")
     with pytest.raises(ValueError, match="video family 'qwen9' is not one of"):
         VideoSettings(family="qwen9")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("cap", [False, True])
+def test_equals_transformers_video_processor_where_torchvision_is_installed(model_type, cap):
+    """End to end against transformers' own `Qwen2VLVideoProcessor` / `Qwen3VLVideoProcessor` (sampling at 2 fps,
+    resizing with torchvision, padding, patches): skipped where torchvision is missing, as in the CPU test
+    environment; run where it is installed (the GPU machine's image has it)."""
+    pytest.importorskip("torchvision", reason="transformers' video processors need torchvision")
+    s = VideoSettings.for_model(model_type, min_pixels=8 * 32 * 32, max_pixels=(96 if model_type == "qwen3_vl"
+                                                                                 else 24) * 32 * 32,
+                                cap_pixels_per_frame=cap, max_video_tokens=40 if model_type == "qwen2_5_vl" else 16)
+    clips = [random_clip(30, 60, 80, fps=10.0), random_clip(7, 50, 90, fps=30.0, seed=1),
+             random_clip(45, 37, 121, fps=15.0, seed=2)]
+    with internals("transformers' video processors"):
+        from transformers.video_utils import VideoMetadata
+
+        if model_type == "qwen3_vl":
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as cls
+        else:
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as cls
+        hf = cls(size={"shortest_edge": s.min_pixels, "longest_edge": s.max_pixels}, patch_size=s.patch_size,
+                 merge_size=s.merge_size, temporal_patch_size=s.temporal_patch_size, image_mean=list(s.image_mean),
+                 image_std=list(s.image_std), fps=s.fps, min_frames=s.min_frames, max_frames=s.max_frames,
+                 do_sample_frames=True, cap_pixels_per_frame=cap, max_video_tokens=s.max_video_tokens)
+        meta = [VideoMetadata(total_num_frames=c.num_frames, fps=c.fps) for c in clips]
+        ref = hf(videos=[c.frames for c in clips], video_metadata=meta, return_metadata=True, return_tensors="pt")
+    ours = preprocess_clips(clips, s)
+    assert ours.frame_indices == [list(map(int, m.frames_indices)) for m in ref["video_metadata"]]
+    assert torch.equal(ours.video_grid_thw, ref["video_grid_thw"])
+    diff = (ours.pixel_values_videos - ref["pixel_values_videos"]).abs().max()
+    assert diff < 1e-5, f"patches differ from transformers' video processor by {diff:.2e}"
