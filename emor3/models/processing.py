@@ -16,7 +16,7 @@ Thinking models (Qwen3-VL-*-Thinking) open a reasoning block in the generation p
 template's no-thinking form (an empty block, `\n</think>\n\n`) for replies that must start at once (the RER judge,
 Cold-Start SFT targets), and `answer(completion)` is the text after `</think>`, which the rewards score.
 
-Clips (`videos_list`, `emor3.models.video.Clip`s) are preprocessed by `emor3.models.video` (transformers' video
+Clips (`videos_list`: `Clip`s or paths `read_clip` reads) are preprocessed by `emor3.models.video` (transformers' video
 processor rules, our own code) and each `<|video_pad|>` slot of the template is expanded as transformers 5.24's
 processors do: Qwen2-VL / Qwen2.5-VL to the clip's t*h*w / merge^2 video tokens; Qwen3-VL to, per temporal patch,
 `<t.t seconds><|vision_start|>` + h*w / merge^2 video tokens + `<|vision_end|>` (inside the template's own
@@ -74,8 +74,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class Processor:
-    """Tokenizer + Qwen2-VL PIL image processor (also Qwen3-VL's). `min_pixels` / `max_pixels` override the image
-    pixel budget."""
+    """Tokenizer + Qwen2-VL PIL image processor (also Qwen3-VL's) + clip preprocessing (`emor3.models.video`).
+    `min_pixels` / `max_pixels` override the image pixel budget, `video_settings` the clips'."""
 
     def __init__(self, tokenizer, image_processor, *, max_prompt_length: int | None = None,
                  model_type: str | None = None, video_settings: VideoSettings | None = None,

@@ -1,5 +1,5 @@
-"""Clips for the Qwen-VL video input: reading frames, sampling them at an fps, resizing them to a pixel budget and
-cutting them into the flattened temporal patches the vision tower takes.
+"""Clips for the Qwen-VL video input: sampling their frames at an fps, resizing them to a pixel budget and cutting
+them into the flattened temporal patches the vision tower takes.
 
 The rules are transformers 5.24's `Qwen2VLVideoProcessor` (Qwen2-VL, Qwen2.5-VL: family "qwen2") and
 `Qwen3VLVideoProcessor` (family "qwen3"), written here without torchvision (which those classes need):
