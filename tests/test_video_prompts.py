@@ -23,7 +23,7 @@ from transformers.video_utils import VideoMetadata
 from emor3.models import load_pretrained
 from emor3.models.processing import Processor
 from emor3.models.tiny import build_tiny_checkpoint
-from emor3.models.video import Clip, VideoSettings, preprocess_clips
+from emor3.models.video import Clip, VideoSettings, preprocess_clips, read_clip
 
 CORPUS = ["The person looks happy and excited at the party.", "A sad, gloomy rainy day; the man is crying.",
           "Step 1: look at the face. Step 2: the scene. \\boxed{joy}"] * 30
@@ -139,6 +139,14 @@ def test_clip_prompt_errors_and_settings(ckpt, tmp_path):
     two = proc.encode_prompts([msgs[0], msgs[0]], videos_list=[[shared], [copy]])
     for name in ("input_ids", "position_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         assert torch.equal(getattr(one, name), getattr(two, name)), name
+    # a clip given as a path is read with read_clip (a GIF here: 6 frames at 5 fps)
+    gif = tmp_path / "c.gif"
+    frames = [Image.new("RGB", (40, 30), (40 * i, 90, 0)) for i in range(6)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    by_path = proc.encode_prompts([msgs[0]], videos_list=[[gif]])
+    by_clip = proc.encode_prompts([msgs[0]], videos_list=[[read_clip(gif)]])
+    assert torch.equal(by_path.input_ids, by_clip.input_ids)
+    assert torch.equal(by_path.pixel_values_videos, by_clip.pixel_values_videos)
     # video_preprocessor_config.json beside the checkpoint sets the budgets; patch sizes follow the image processor
     shutil.copytree(d, tmp_path / "c")
     (tmp_path / "c" / "video_preprocessor_config.json").write_text(json.dumps(
