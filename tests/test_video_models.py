@@ -145,13 +145,14 @@ def test_logits_and_logprobs_match_transformers(model_type, mixed):
     assert (other[0] - out[0]).abs().max() > 1e-3, "video features do not reach the decoder"
 
 
-def test_video_gradients_match_transformers():
-    """Gradient of one scalar loss for every parameter on the mixed batch (Qwen3-VL: DeepStack features of clips
-    and images at their joint positions)."""
-    ours, hf = make_pair("qwen3_vl")
-    ids, am, img_grids, pix_i, vid_grids, pix_v = batch("qwen3_vl", True)
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_video_gradients_match_transformers(model_type):
+    """Gradient of one scalar loss for every parameter on the mixed batch (Qwen2.5-VL: window attention within
+    each temporal patch; Qwen3-VL: DeepStack features of clips and images at their joint positions)."""
+    ours, hf = make_pair(model_type)
+    ids, am, img_grids, pix_i, vid_grids, pix_v = batch(model_type, True)
     pos, _ = our_positions(ours, ids, am, img_grids, vid_grids)
-    ref = hf(**hf_kwargs("qwen3_vl", ids, am, img_grids, pix_i, vid_grids, pix_v)).logits
+    ref = hf(**hf_kwargs(model_type, ids, am, img_grids, pix_i, vid_grids, pix_v)).logits
     out = ours.logits(ours(ids, pos, am, image_embeds=ours.encode_images(pix_i, img_grids),
                            video_embeds=ours.encode_videos(pix_v, vid_grids)))
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
