@@ -212,3 +212,14 @@ def test_video_tokens_without_video_embeds_are_an_error():
     pos, _ = our_positions(ours, ids, am, img_grids, vid_grids)
     with pytest.raises(ValueError, match="input_ids hold video tokens but no video_embeds"):
         ours(ids, pos, am, image_embeds=ours.encode_images(pix_i, img_grids))
+
+
+def test_tokens_per_second_read_as_transformers_reads_it():
+    """A Qwen2.5-VL config.json without vision_config.tokens_per_second means transformers' default (4), which
+    sets the clip's temporal M-RoPE step; the published files' 2 is kept."""
+    d = qwen2_hf_config("qwen2_5_vl", False).to_dict()
+    d["vision_config"].pop("tokens_per_second", None)
+    ref = transformers.Qwen2_5_VLConfig(**d).vision_config.tokens_per_second
+    assert parse_config(d).vision.tokens_per_second == ref == 4
+    d["vision_config"]["tokens_per_second"] = 2
+    assert parse_config(d).vision.tokens_per_second == 2

@@ -150,7 +150,7 @@ class Processor:
         if (path / "config.json").is_file():
             cfg = json.loads((path / "config.json").read_text())
             model_type = cfg.get("model_type")
-            tps = (cfg.get("vision_config") or {}).get("tokens_per_second", 2.0)
+            tps = (cfg.get("vision_config") or {}).get("tokens_per_second", 4)  # transformers' default, as config.py
         if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             model_type = None  # clips are refused, images work as before
         vfile = path / "video_preprocessor_config.json"
