@@ -19,7 +19,7 @@ MAFW (Liu et al., ACM MM 2022; github.com/MAFW-database/MAFW), 10,045 clips, 11 
 label, taxonomy name) with a `LoadReport`. Checked per sample, with the reasons of `emor3.data.dataset`: malformed
 row, label outside the taxonomy, missing clip (a frame folder without frames counts as missing), duplicate id; and
 an empty result. `on_bad_sample="skip"` counts them instead of raising. Nothing is decoded at load time
-(`verify="exists"`); `verify="full"` decodes every clip once (`emor3.data.clips.read_clip`; video files need the
+(`verify="exists"`); `verify="full"` decodes every clip once (`emor3.models.clips.read_clip`; video files need the
 `video` extra). `python -m emor3.data.video_loaders validate ROOT` prints the counts per fold, split and label.
 
 The labels stay the datasets' own words; the two taxonomies are `DFEW_LABELS` (`dfew7`) and `MAFW_LABELS`
@@ -38,7 +38,7 @@ from typing import Iterator, Literal
 
 from emor3.data.dataset import (DUPLICATE_ID, EMPTY_DATASET, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL,
                                 UNREADABLE_IMAGE, BadSampleError, BadSampleHandler, LoadReport)
-from emor3.data.clips import FRAME_SUFFIXES, VIDEO_SUFFIXES, Clip, read_clip
+from emor3.models.clips import FRAME_SUFFIXES, VIDEO_SUFFIXES, Clip, read_clip
 
 DFEW_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")  # split-file labels 1..7
 MAFW_LABELS = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",

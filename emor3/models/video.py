@@ -22,7 +22,7 @@ Times the prompt needs: Qwen2.5-VL's `second_per_grid_t` = temporal_patch / samp
 `emor3.models.positions.video_rope_grids`); Qwen3-VL's per-patch timestamps = the mean time of the patch's first
 and last frame, written `<t.t seconds>` before each patch's tokens.
 
-Clips come from `emor3.data.clips.read_clip` (re-exported here): a folder of frames, a list of frame paths, an
+Clips come from `emor3.models.clips.read_clip` (re-exported here): a folder of frames, a list of frame paths, an
 animated GIF or WebP, or a video file through the optional PyAV extra.
 
 Shape legend: F decoded frames, n sampled frames, C channels, H x W source size, h x w resized size,
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from emor3.data.clips import Clip, read_clip
+from .clips import Clip, read_clip
 
 __all__ = ["Clip", "read_clip", "VideoSettings", "ProcessedClips", "sample_indices", "smart_resize", "resized_hw",
            "resize_frames", "patchify", "patch_timestamps", "preprocess_clips"]
