@@ -169,7 +169,8 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
                            max_new_tokens=cfg.judge_reply_tokens(), seed=generator,
                            share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
-                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule()).components()
+                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule(),
+                             prompt=cfg.judge_prompt_rule(), match=cfg.coherence_match_rule()).components()
     rewards = compute_rewards(
         answers, labels, taxonomies=taxes, weights=exp.reward_weights, reflection=reflection,
         plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
