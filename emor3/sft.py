@@ -53,7 +53,8 @@ from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
 from emor3.models.lora import merge_adapters
 from emor3.rewards import accuracy_reward, format_reward, parse_set
-from emor3.rewards.reflection import coherence_request, consistency_request
+from emor3.rewards.reflection import (JudgeRequest, coherence_request, consistency_request, release_coherence_request,
+                                     release_consistency_request, release_spans)
 
 
 @dataclass
@@ -72,29 +73,37 @@ def set_examples(samples: Sequence, images: Sequence, responses: Sequence[str], 
 
 
 def judge_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict,
-                   seed: int = 0) -> list[SFTExample]:
+                   seed: int = 0, prompt: str = "clean") -> list[SFTExample]:
     """Teach RER's two questions from the same responses, for models that do not follow instructions.
 
     An instruct checkpoint answers "Can the following text describe the image?" and "Which emotion best describes
     the text above?" out of the box (the paper relies on it); a model trained from scratch (the tiny default) does
     not, and without this its judgements are constant and RER carries no signal. Per sample: the consistency
     prompt with its own step 1 -> "yes", with the step 1 of a sample with a different label -> "no", and the
-    coherence prompt (steps 1-2, the taxonomy's labels) -> the label. Prompts are exactly the judges' own.
+    coherence prompt (steps 1-2, the taxonomy's labels) -> the label. Prompts are exactly the judges' own, in the
+    run's ``prompt`` text (``--reward.judge-prompt``: clean, or the release's with the step tags kept).
     """
     rng = random.Random(f"sft-judge:{seed}")
     parsed = [parse_set(r) for r in responses]
+    release = prompt == "release"
+
+    def consistency(j: int, im) -> JudgeRequest:
+        return release_consistency_request(release_spans(responses[j])[0], im) if release else \
+            consistency_request(parsed[j].step1, im)
+
+    def coherence(j: int, labels) -> JudgeRequest:
+        return release_coherence_request(release_spans(responses[j])[1], labels) if release else \
+            coherence_request(parsed[j].step1, parsed[j].step2, labels)
+
     out = []
     for i, (s, im, p) in enumerate(zip(samples, images, parsed)):
         if not (p.step1 and p.step2):
             continue
-        req = consistency_request(p.step1, im)
-        out.append(SFTExample(req.messages, [im], "yes"))
+        out.append(SFTExample(consistency(i, im).messages, [im], "yes"))
         others = [j for j, q in enumerate(parsed) if samples[j].label != s.label and q.step1]
         if others:
-            req = consistency_request(parsed[rng.choice(others)].step1, im)
-            out.append(SFTExample(req.messages, [im], "no"))
-        req = coherence_request(p.step1, p.step2, taxonomies[s.taxonomy].labels)
-        out.append(SFTExample(req.messages, [], s.label))
+            out.append(SFTExample(consistency(rng.choice(others), im).messages, [im], "no"))
+        out.append(SFTExample(coherence(i, taxonomies[s.taxonomy].labels).messages, [], s.label))
     return out
 
 
@@ -353,7 +362,8 @@ def cold_start(exp: Experiment, out: Path) -> None:
     responses = [s.metadata["response"] for s in cold.samples]
     examples = set_examples(cold.samples, images, responses, exp.taxonomies)
     if cfg.sft.judge_examples:
-        examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed)
+        examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed,
+                                   prompt=cfg.judge_prompt_rule())
     print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
     if cfg.model.lora_rank:  # LoRA: SFT trains adapters, then folds them in, so RUN_DIR/sft is a whole model
         add_adapters(exp.model, cfg)

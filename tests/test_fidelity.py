@@ -352,3 +352,22 @@ def test_reference_init_is_the_model_before_cold_start_sft(tmp_path):
     assert torch.equal(reference("init").state_dict()[w], before), "init: the checkpoint before Cold-Start SFT"
     assert reference("sft", lora=True) is None, "LoRA + sft: the policy with its adapters off, no copy"
     assert torch.equal(reference("init", lora=True).state_dict()[w], before), "LoRA + init keeps the initial model"
+
+
+def test_cold_start_judge_examples_follow_the_runs_judge_prompt():
+    from emor3.rewards.reflection import release_coherence_request, release_consistency_request, release_spans
+    from emor3.sft import judge_examples
+
+    responses = ["<step1>A girl laughs.</step1><step2>Happy.</step2><step3>positive</step3>\\boxed{amusement}",
+                 "<step1>A dark alley.</step1><step2>Uneasy.</step2><step3>negative</step3>\\boxed{fear}"]
+    samples = [type("S", (), {"label": lab, "taxonomy": "mikels8"})() for lab in ("amusement", "fear")]
+    taxes = {"mikels8": MIKELS}
+    out = judge_examples(samples, ["im0", "im1"], responses, taxes, prompt="release")
+    spans = [release_spans(r) for r in responses]
+    # per sample: its own step 1 -> yes, the other's -> no, its steps 1-2 -> the label, in the judge's own text
+    assert [(e.messages, e.response) for e in out[:3]] == [
+        (release_consistency_request(spans[0][0], "im0").messages, "yes"),
+        (release_consistency_request(spans[1][0], "im0").messages, "no"),
+        (release_coherence_request(spans[0][1], MIKELS.labels).messages, "amusement")]
+    clean = judge_examples(samples, ["im0", "im1"], responses, taxes)
+    assert "<step1>" not in _user_text(clean[0].messages), "the default keeps the clean text the judge reads"
