@@ -139,3 +139,12 @@ def test_a_parquet_dataset_trains_and_evaluates(tmp_path):
     assert step["step"] == 1 and np.isfinite(step["loss"])
     results = json.loads((out / "results.json").read_text())
     assert "emoset2k" in json.dumps(results), "the parquet test split is in the evaluation table"
+    # the evaluation entry point on the trained checkpoint reads the same split
+    from emor3 import evaluate
+    from emor3.experiment import latest_checkpoint
+
+    evaluate.main(["--model", str(latest_checkpoint(out) / "model"), "--data", f"{root}@train",
+                   "--eval-data", f"emoset2k={root}@test@in", "--eval.max-new-tokens", "4",
+                   "--run.progress", "false", "--out", str(tmp_path / "eval")])
+    (row,) = json.loads((tmp_path / "eval" / "results.json").read_text()).values()
+    assert row["sets"]["emoset2k"]["n"] == 4 and row["sets"]["emoset2k"]["domain"] == "in", "all 4 test rows, in domain"
