@@ -65,10 +65,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, get_args
 
 import torch
 
+from emor3.config import CoherenceMatch, JudgePrompt
 from emor3.engine.sampler import PromptSuffix, prefill, sample
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
@@ -84,8 +85,10 @@ MISSING_RULES = {"release": (0.0, 0.5), "neutral": (0.5, 0.5)}
 YES_STRINGS = ("Yes", "yes")
 NO_STRINGS = ("No", "no")
 MODES = ("sample", "logprob")
-JUDGE_PROMPTS = ("clean", "release")
-COHERENCE_MATCHES = ("lenient", "exact")
+# the choices of --reward.judge-prompt and --reward.coherence-match, read from their declaration (auto is resolved
+# by the config before it reaches here)
+JUDGE_PROMPTS = tuple(x for x in get_args(JudgePrompt) if x != "auto")
+COHERENCE_MATCHES = tuple(x for x in get_args(CoherenceMatch) if x != "auto")
 # the release's spans (its trainer's extract_step1_to_step2 and extract_steps): tags kept
 _RELEASE_STEP1 = re.compile(r"(<step1>.*?)(?=<step2>)", re.S)
 _RELEASE_STEPS12 = re.compile(r"(<step1>.*?</step2>)", re.S)
