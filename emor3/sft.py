@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
-from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
+from emor3.data import BUILTIN_NAMES, BytesImage, get_taxonomy, load_dataset, write_manifest
+from emor3.data.dataset import write_atomic
 from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
                                   INSTRUCT_STYLES, cue_mentions, describe_scene,
                                   instruct_scenes)
@@ -462,19 +463,34 @@ def make_traces(model, processor, dataset, *, n: int, per_image: int, taxonomies
     return kept, report
 
 
-def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False) -> list[dict]:
+def _image_file(s, image_dir: Path | None) -> Path:
+    """The file a manifest row points at for sample ``s``: its own path, or, for an image held as bytes (a parquet
+    dataset's), those bytes written once to ``image_dir`` under their digest."""
+    if isinstance(s.image, (str, Path)):
+        return Path(s.image).resolve()
+    if isinstance(s.image, BytesImage) and image_dir is not None:
+        suffix = Path(s.image.name).suffix if s.image.name else ""
+        suffix = suffix or "." + (s.image.open().format or "img").lower()  # PNG -> .png
+        path = (image_dir / (s.image.key.split(":", 1)[1] + suffix)).resolve()
+        if not path.is_file():
+            image_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f: f.write(s.image.data))
+        return path
+    raise ValueError(f"sample {s.id}: its image is not a file ({type(s.image).__name__}), so a manifest cannot point "
+                     "at it; write the dataset to disk first (python -m emor3.data emoscenes)")
+
+
+def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False, image_dir: Path | None = None) -> list[dict]:
     """Manifest rows (``emor3.data.load_manifest``'s format) of ``dataset``: image (absolute path), label, taxonomy
     (a built-in one's name), id, the sample's question if any, its other metadata, and ``response`` where ``kept``
-    has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only."""
+    has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only. ``image_dir``: where
+    images held as bytes (a parquet dataset's) are written, so that the rows can point at them."""
     rows = []
     for i, s in enumerate(dataset.samples):
         if only_traces and i not in kept:
             continue
-        if not isinstance(s.image, (str, Path)):
-            raise ValueError(f"sample {s.id}: its image is not a file ({type(s.image).__name__}), so a manifest "
-                             "cannot point at it; write the dataset to disk first (python -m emor3.data emoscenes)")
         meta = {k: v for k, v in (s.metadata or {}).items() if k != "response"}
-        row = {**meta, "image": str(Path(s.image).resolve()), "label": s.label, "id": s.id}
+        row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
         if s.taxonomy in BUILTIN_NAMES:  # a user taxonomy (a file) is named again with --taxonomy when loading
             row["taxonomy"] = s.taxonomy
         if getattr(s, "question", None):
@@ -530,7 +546,8 @@ def traces_main(argv: list[str]) -> TraceReport:
     kept, report = make_traces(model, processor, dataset, n=a.n, per_image=a.per_image, taxonomies=taxonomies,
                                max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, seed=a.seed, progress=a.progress == "true")
-    out = write_manifest(a.out, trace_rows(dataset, kept, only_traces=a.only_traces))
+    image_dir = Path(a.out).with_name(Path(a.out).stem + "_images")  # a parquet dataset's images, written once
+    out = write_manifest(a.out, trace_rows(dataset, kept, only_traces=a.only_traces, image_dir=image_dir))
     print(f"[emor3] traces: {report.summary()}")
     if report.kept < a.n:
         print(f"[emor3] traces: {a.n} asked, {report.kept} found; raise --per-image, or use a stronger teacher")

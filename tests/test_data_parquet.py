@@ -148,3 +148,26 @@ def test_a_parquet_dataset_trains_and_evaluates(tmp_path):
                    "--run.progress", "false", "--out", str(tmp_path / "eval")])
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text()).values()
     assert row["sets"]["emoset2k"]["n"] == 4 and row["sets"]["emoset2k"]["domain"] == "in", "all 4 test rows, in domain"
+
+
+def test_trace_manifests_write_parquet_images_to_files(tmp_path):
+    from emor3.sft import trace_rows
+
+    root = _write_dataset(tmp_path / "ds")
+    train = load_dataset(root, split="train")
+    rows = trace_rows(train, {1: "<step1>a</step1>"}, image_dir=tmp_path / "images")
+    assert rows[1]["response"] == "<step1>a</step1>" and rows[1]["coarse_answer"] == "negative"
+    files = [Path(r["image"]) for r in rows]
+    assert files[0].parent == (tmp_path / "images").resolve() and files[0].suffix == ".png"
+    assert files[0] == files[4], "rows 0 and 4 hold the same PNG bytes: one file"
+    assert tuple(np.asarray(Image.open(files[1]).convert("RGB"))[0, 0]) == COLOURS[1]
+    again = load_dataset(_manifest(tmp_path, rows))
+    assert [s.label for s in again] == [s.label for s in train] and again[1].metadata["response"] == "<step1>a</step1>"
+    with pytest.raises(ValueError, match="not a file"):
+        trace_rows(train, {})
+
+
+def _manifest(tmp_path: Path, rows: list) -> Path:
+    from emor3.data import write_manifest
+
+    return write_manifest(tmp_path / "traces.jsonl", rows)
