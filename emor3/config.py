@@ -245,10 +245,11 @@ class RewardConfig:
     missing_step: str = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
                                    "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
                                    "(release with a checkpoint, neutral with the tiny model).")
-    coherence_match: CoherenceMatch = _f("auto", "How a sampled coherence reply is matched to the label: lenient (word "
-                                                 "level: 'Sadness.' and '**sadness**' count), exact (the release: 1 only "
-                                                 "when reply.lower() == label.lower(), 0.5 for an empty reply or 'none'), "
-                                                 "auto (exact with --reward.weights release, else lenient).")
+    coherence_match: CoherenceMatch = _f("auto", "How a sampled coherence reply is matched to the label: lenient "
+                                                 "(word level: 'Sadness.' and '**sadness**' count), exact (the "
+                                                 "release: 1 only when reply.lower() == label.lower(), 0.5 for an "
+                                                 "empty reply or 'none'), auto (exact with --reward.weights release, "
+                                                 "else lenient).")
     judge_prompt: JudgePrompt = _f("auto", "RER judge prompt text: clean (steps without their tags, a newline after "
                                            "each part), release (the release's text: tags kept, no separator after the "
                                            "consistency question), auto (release with --reward.weights release, else "

@@ -279,7 +279,8 @@ def attach_reference(exp: Experiment, out: Path) -> None:
     with LoRA."""
     cfg, algo = exp.cfg, exp.algo
     init = cfg.grpo.reference == "init"
-    if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")) or (has_lora(exp.model) and not init):
+    needed = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
+    if not needed or (has_lora(exp.model) and not init):
         return
     if init:
         ref = load_pretrained(exp.source_dir, dtype=getattr(torch, cfg.model.dtype), device=exp.device)

@@ -480,7 +480,8 @@ def _image_file(s, image_dir: Path | None) -> Path:
                      "at it; write the dataset to disk first (python -m emor3.data emoscenes)")
 
 
-def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False, image_dir: Path | None = None) -> list[dict]:
+def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False,
+               image_dir: Path | None = None) -> list[dict]:
     """Manifest rows (``emor3.data.load_manifest``'s format) of ``dataset``: image (absolute path), label, taxonomy
     (a built-in one's name), id, the sample's question if any, its other metadata, and ``response`` where ``kept``
     has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only. ``image_dir``: where

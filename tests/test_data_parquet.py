@@ -105,7 +105,8 @@ def test_missing_pyarrow_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet now fails
-    with pytest.raises(ModuleNotFoundError, match=r"^reading a parquet dataset needs pyarrow: pip install 'emor3\[parquet\]'$"):
+    one_line = r"^reading a parquet dataset needs pyarrow: pip install 'emor3\[parquet\]'$"
+    with pytest.raises(ModuleNotFoundError, match=one_line):
         load_dataset(tmp_path)
 
 

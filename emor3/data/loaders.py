@@ -26,7 +26,8 @@ EmoSet, Emotion6 and WebEmo.
   columns, images as bytes or paths, and the release's coarse answer column (`load_parquet`; needs pyarrow, the
   `parquet` extra). The release's training data, `fuyyy74/EmoSet2k`, downloads this way.
 A folder holding several manifests (e.g. written by `python -m emor3.data emoscenes`), EmoSet, WebEmo or parquet
-splits needs `split=`, or EasyR1's `PATH@SPLIT` (`--data /data/EmoSet2k@train`). `build_emoset_subset` writes the paper's 2,100 / 2,000 EmoSet subset as manifests, seeded and stratified.
+splits needs `split=`, or EasyR1's `PATH@SPLIT` (`--data /data/EmoSet2k@train`). `build_emoset_subset` writes the
+paper's 2,100 / 2,000 EmoSet subset as manifests, seeded and stratified.
 
 Ids are stable across runs: the row's `id` if given, else the image path relative to the dataset root.
 Without a taxonomy (argument or per-row field) the built-in one that recognises the most labels is used; a tie
@@ -564,7 +565,8 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq  # optional: only parquet datasets need it
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(f"reading a parquet dataset needs pyarrow: pip install 'emor3[{PARQUET_EXTRA}]'") from None
+        raise ModuleNotFoundError("reading a parquet dataset needs pyarrow: "
+                                  f"pip install 'emor3[{PARQUET_EXTRA}]'") from None
     return pq
 
 
@@ -665,7 +667,8 @@ def _bytes_check(verify: str, budget: ImageBudget) -> Callable[[_Row], None]:
                     im.load()
                 w, h = im.size
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt bytes
-            why = "not an image format PIL knows" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+            unknown = isinstance(e, UnidentifiedImageError)
+            why = "not an image format PIL knows" if unknown else f"{type(e).__name__}: {e}"
             raise BadSampleError(UNREADABLE_IMAGE, f"the image's {len(r.image.data)} bytes cannot be decoded ({why})",
                                  **ctx) from None
         if w == 0 or h == 0:

@@ -130,7 +130,8 @@ def release_spans(completion: str) -> tuple[str, str]:
 def release_consistency_request(span: str, image: Any) -> JudgeRequest:
     """The release's visual-text judge: the image, "\\n", its question and the step-1 span with no separator."""
     if image is None:
-        raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image must reach it)")
+        raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image "
+                         "must reach it)")
     text = f"\n{RELEASE_CONSISTENCY_QUESTION}{span}"
     return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
 
