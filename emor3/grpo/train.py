@@ -30,10 +30,11 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
    has not moved since sampling, so old = current, detached, and the ratio is exactly 1 (the loss then is the
    policy-gradient surrogate). With several updates per batch the trainer recomputes old log-probs before the first
    update, as verl does; the sampler's own log-probs are only compared (metric ``logp_gap``), never trusted.
-7. A prompt's image is encoded once per micro-batch and shared by its G rows, and (``--grpo.shared-prefix``, on
-   by default) the prompt itself runs through the decoder once: the G completions attend to its keys and values
-   (``emor3.models.shared_prefix``; exact, the same log-probs and gradients up to float rounding). The vision tower
-   is trained (the paper) unless ``--model.freeze-vision``.
+7. A prompt's image is encoded once per micro-batch and shared by its G rows (its rows in the micro-batch when
+   ``--grpo.micro-batch-rows`` is below G and splits the group, as the release's 4 rows at G = 8), and
+   (``--grpo.shared-prefix``, on by default) the prompt itself runs through the decoder once: the completions
+   attend to its keys and values (``emor3.models.shared_prefix``; exact, the same log-probs and gradients up to
+   float rounding). The vision tower is trained (the paper) unless ``--model.freeze-vision``.
 8. A step whose gradient norm is not finite is skipped (no optimizer step) and reported in the metrics.
 9. DAPO (``--algo dapo``): groups whose rewards are all equal are dropped and replaced by fresh prompts, up to
    ``--grpo.max-refill`` extra rollout rounds; the soft overlong penalty is added to the reward.
