@@ -89,6 +89,22 @@ def test_a_shard_without_the_columns_is_named(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_bad_labels_and_image_lists_name_the_shard_and_row(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="the parquet extra (pyarrow) is not installed")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    shard = tmp_path / "data" / "train-00000-of-00001.parquet"
+    png = {"bytes": _png(COLOURS[0]), "path": None}
+    pq.write_table(pa.table({"problem": ["Which?"] * 3, "answer": ["awe", "banana", "fear"],
+                             "images": [[png], [png], [png, png]]}), shard)
+    ds = load_dataset(tmp_path, "mikels8", "skip")
+    assert len(ds) == 1 and ds.report.skipped == {"unknown_label": 1, "malformed_line": 1}
+    (label,), (images,) = ds.report.examples["unknown_label"], ds.report.examples["malformed_line"]
+    assert label.startswith(f"{shard}, row 1: ") and "'banana' is not in taxonomy 'mikels8'" in label
+    assert images.startswith(f"{shard}, row 2: ") and "exactly one image" in images
+
+
 def test_image_paths_are_read_relative_to_the_dataset(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="the parquet extra (pyarrow) is not installed")
     import pyarrow.parquet as pq
