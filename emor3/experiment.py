@@ -300,7 +300,7 @@ def attach_reference(exp: Experiment, out: Path) -> None:
 
 # what a run writes into its folder: the names ``--overwrite`` removes (nothing else in the folder is touched)
 RUN_FILES = ("config.toml", "init", "instruct", "sft", "latest", "metrics.jsonl", "samples.jsonl", "baseline_results.json",
-             "results.json", "results.md", "curves.png", "tensorboard", "wandb")
+             "results.json", "results.md", "curves.png", "report.html", "tensorboard", "wandb")
 _RUN_PATTERNS = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|trash)|\.latest\.tmp")
 
 
