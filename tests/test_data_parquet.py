@@ -148,12 +148,23 @@ def test_a_parquet_dataset_trains_and_evaluates(tmp_path):
                  "max_new_tokens": 8},
         "reward": {"judge_max_new_tokens": 2},
         "eval": {"max_new_tokens": 4, "batch_size": 4},
-        "run": {"out": str(tmp_path / "run"), "progress": False},
+        "run": {"out": str(tmp_path / "run"), "progress": False, "sample_every": 1},
     })
     train(cfg)
     out = Path(cfg.run.out)
     (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert step["step"] == 1 and np.isfinite(step["loss"])
+    # samples.jsonl names each image by shard and row, and the report page inlines it from there
+    from emor3.data import open_image
+    from emor3.report import build_report
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    shard = (root / "data" / "train-00000-of-00001.parquet").resolve()
+    assert samples and all(r["image"].startswith(f"{shard}#") for r in samples)
+    row = int(samples[0]["image"].rsplit("#", 1)[1])
+    assert tuple(np.asarray(open_image(samples[0]["image"]).convert("RGB"))[0, 0]) == COLOURS[row % 4]
+    page = build_report(out)
+    assert page.count('<img src="data:image/png;base64,') >= len(samples) and "image not readable" not in page
     results = json.loads((out / "results.json").read_text())
     assert "emoset2k" in json.dumps(results), "the parquet test split is in the evaluation table"
     # the evaluation entry point on the trained checkpoint reads the same split

@@ -170,15 +170,17 @@ class ImageSource(Protocol):
 @dataclass(frozen=True, repr=False)
 class BytesImage:
     """An encoded image held in memory (a parquet dataset's `images` column): `key` names it for the caches (a
-    digest of the bytes), `name` is the file name the dataset recorded, if any."""
+    digest of the bytes), `name` is the file name the dataset recorded, if any, and `origin` where the bytes are
+    stored (`<shard>.parquet#<row>`, what a run's samples.jsonl records; `emor3.data.open_image` reads it back)."""
 
     data: bytes
     key: str
     name: str | None = None
+    origin: str | None = None
 
     @classmethod
-    def of(cls, data: bytes, name: str | None = None) -> "BytesImage":
-        return cls(data, "bytes:" + hashlib.sha1(data).hexdigest(), name)
+    def of(cls, data: bytes, name: str | None = None, origin: str | None = None) -> "BytesImage":
+        return cls(data, "bytes:" + hashlib.sha1(data).hexdigest(), name, origin)
 
     def open(self) -> Image.Image:
         im = Image.open(io.BytesIO(self.data))

@@ -624,7 +624,7 @@ def _parquet_row(rec: dict, shard: Path, row: int, base: Path) -> _Row:
     data, name = (images[0].get("bytes"), images[0].get("path")) if isinstance(images[0], dict) else \
         (images[0], None) if isinstance(images[0], bytes) else (None, images[0])
     if data:
-        image: Any = BytesImage.of(data, name if isinstance(name, str) else None)
+        image: Any = BytesImage.of(data, name if isinstance(name, str) else None, f"{shard.resolve()}#{row}")
     elif isinstance(name, str) and name:
         image = Path(name) if Path(name).is_absolute() else base / name
     else:
@@ -650,6 +650,36 @@ def _parquet_row(rec: dict, shard: Path, row: int, base: Path) -> _Row:
             break
     metadata.update({k: v for k, v in rec.items() if not isinstance(v, (bytes, bytearray))})
     return _Row(sid, image, label, metadata.pop("taxonomy", None), metadata, None, shard, question, row)
+
+
+_ROW_REF = re.compile(r"^(?P<shard>.+\.parquet)#(?P<row>\d+)$")
+
+
+def parquet_image_bytes(shard: str | Path, row: int) -> bytes:
+    """The encoded image of row ``row`` (counted from 0) of a parquet shard in EasyR1's columns."""
+    pq = _pyarrow_parquet()
+    pf = pq.ParquetFile(shard)
+    column = "images" if "images" in pf.schema_arrow.names else "image"
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < n:
+            value = pf.read_row_group(g, columns=[column]).column(column)[row].as_py()
+            value = value[0] if isinstance(value, list) and value else value
+            data = value.get("bytes") if isinstance(value, dict) else value
+            if not isinstance(data, bytes) or not data:
+                raise ValueError(f"{shard}, row {row}: the image is not stored as bytes")
+            return data
+        row -= n
+    raise ValueError(f"{shard}: no row {row}")
+
+
+def open_image(ref: str | Path) -> Image.Image:
+    """The image a run's records name: a file path, or `<shard>.parquet#<row>` for an image a parquet dataset
+    holds as bytes (`BytesImage.origin`). OSError / ValueError when it cannot be read."""
+    m = _ROW_REF.match(str(ref))
+    if m:
+        return Image.open(io.BytesIO(parquet_image_bytes(m["shard"], int(m["row"]))))
+    return Image.open(ref)
 
 
 def _bytes_check(verify: str, budget: ImageBudget) -> Callable[[_Row], None]:
