@@ -2,9 +2,10 @@
 
 Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``; building runs
 nothing (no training, no evaluation): the entry points run the stages on what it builds.
-1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
-   ood_render out-of-domain (ood_emotion6 and ood_binary are drawn but not evaluated: emor3.data.emoscenes says why);
-   cold-start traces). Bad samples stop the run or are counted
+1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train; the final table's
+   test in-domain and compositional, ood_render, ood_unseen out-of-domain, or with ``--data.emoscenes-eval
+   validation`` the validation split alone; ood_emotion6 and ood_binary are drawn but not evaluated:
+   emor3.data.emoscenes says why; cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
 2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
@@ -42,7 +43,8 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
-from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
+from emor3.data.emoscenes import (CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names,
+                                  load_emoscenes)
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import read_config
@@ -135,8 +137,8 @@ def build_data(cfg: Config):
                                 n_coldstart=d.cold_start, variant=d.emoscenes_variant, on_bad_sample=d.on_bad_sample)
         train = splits["train"]
         cold = splits.get("coldstart")
-        evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name, spec in SPLITS.items()
-                 if name != "train" and name in splits and spec.in_table]
+        evals = [EvalSet(name, splits[name], SPLITS[name].domain)
+                 for name in eval_split_names(d.emoscenes_eval, d.emoscenes_variant) if name in splits]
     for spec in d.eval:
         name, path, taxonomy, domain = _parse_eval_spec(spec)
         evals.append(EvalSet(name, load_dataset(path, taxonomy, d.on_bad_sample, **budget), domain))
