@@ -61,6 +61,9 @@ JudgeMode = Literal["sample", "logprob"]
 MissingStep = Literal["release", "neutral"]
 PluginAllNaN = Literal["warn", "error"]
 WeightPreset = Literal["paper", "release"]  # --reward.weights: one of these, or NAME=W,NAME=W,...
+CoherenceMatch = Literal["auto", "exact", "lenient"]  # --reward.coherence-match
+JudgePrompt = Literal["auto", "release", "clean"]  # --reward.judge-prompt
+Reference = Literal["sft", "init"]  # --grpo.reference: the KL term's frozen anchor
 Logger = Literal["jsonl", "tensorboard", "wandb"]
 Parallel = Literal["fsdp", "ddp"]
 ReferenceMode = Literal["shard", "offload", "replicate"]
@@ -256,7 +259,10 @@ class GRPOConfig(Algorithm):
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
     mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
-    micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch).")
+    micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch): at least "
+                                   "--grpo.group-size, rows // G whole groups (a prompt's image encoded once for its "
+                                   "G rows); below it, a divisor of G, and each group is split into G / rows "
+                                   "micro-batches (the release: 4 rows per GPU).")
     shared_prefix: bool = _f(True, "Teacher-force each prompt once for its G completions in the update, the "
                                    "reference and the old log-probs (exact); false: N full prompt+completion rows.")
     epochs: int = _f(1, "Update epochs over each rollout batch, μ (the paper: 1).")
@@ -281,6 +287,9 @@ class GRPOConfig(Algorithm):
         "micro-batching does not change the gradient), micro-batch (the release: each micro-batch's own count, its "
         "loss divided by the micro-batches per rank and averaged over ranks), auto (micro-batch with a checkpoint, "
         "mini-batch with the tiny model; resolved when the config is parsed).")
+    reference: Reference = _f("sft", "The KL term's frozen anchor: sft (the model after Cold-Start SFT, the model GRPO "
+                                     "starts from) or init (the model before it, as the release anchors to its initial "
+                                     "checkpoint). With LoRA, init keeps a frozen copy of that model.")
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,15 @@ class RewardConfig:
         "auto", "RER score where the steps a judge reads are missing: release (consistency 0, coherence 0.5, as the "
         "release's 'None' answer scores), neutral (both 0.5), auto (release with a checkpoint, neutral with the tiny "
         "model; resolved when the config is parsed).")
+    coherence_match: CoherenceMatch = _f("auto", "How a sampled coherence reply is matched to the label: lenient "
+                                                 "(word level: 'Sadness.' and '**sadness**' count), exact (the "
+                                                 "release: 1 only when reply.lower() == label.lower(), 0.5 for an "
+                                                 "empty reply or 'none'), auto (exact with --reward.weights release, "
+                                                 "else lenient).")
+    judge_prompt: JudgePrompt = _f("auto", "RER judge prompt text: clean (steps without their tags, a newline after "
+                                           "each part), release (the release's text: tags kept, no separator after the "
+                                           "consistency question), auto (release with --reward.weights release, else "
+                                           "clean).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
     plugin_all_nan: PluginAllNaN = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once "
                                               "per plug-in, counted in the metrics) or error (stop the run).")
@@ -370,14 +388,20 @@ class Config:
         (--model.path) follows the authors' release and the tiny default keeps the choices its recorded results
         were made with (docs/method.md, "Where the paper is silent"):
         judge_max_new_tokens 0 -> 32 with a checkpoint, 8 with the tiny model; missing_step auto -> release / neutral;
-        loss_scope auto -> micro-batch / mini-batch. Resolving a resolved config changes nothing."""
+        loss_scope auto -> micro-batch / mini-batch. With the release's reward weights the judge follows the release
+        too: coherence_match auto -> exact, else lenient; judge_prompt auto -> release, else clean. Resolving a
+        resolved config changes nothing."""
         ckpt = bool(self.model.path)
         r, g = self.reward, self.grpo
         grpo = dataclasses.replace(g, **dataclasses.asdict(self.algorithm()), loss_scope=g.loss_scope if
                                    g.loss_scope != "auto" else ("micro-batch" if ckpt else "mini-batch"))
         reward = dataclasses.replace(
             r, judge_max_new_tokens=r.judge_max_new_tokens or (32 if ckpt else 8),
-            missing_step=r.missing_step if r.missing_step != "auto" else ("release" if ckpt else "neutral"))
+            missing_step=r.missing_step if r.missing_step != "auto" else ("release" if ckpt else "neutral"),
+            coherence_match=r.coherence_match if r.coherence_match != "auto" else (
+                "exact" if r.weights == "release" else "lenient"),
+            judge_prompt=r.judge_prompt if r.judge_prompt != "auto" else (
+                "release" if r.weights == "release" else "clean"))
         return dataclasses.replace(self, grpo=grpo, reward=reward)
 
 
@@ -593,6 +617,10 @@ def config_problems(cfg: Config) -> list[str]:
         bad("grpo", "prompts_per_step", g.prompts_per_step,
             f"must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts}): every update takes whole "
             "mini-batches of the rollout batch")
+    if 1 <= g.micro_batch_rows < g.group_size and g.group_size % g.micro_batch_rows:
+        bad("grpo", "micro_batch_rows", g.micro_batch_rows,
+            f"must divide --grpo.group-size ({g.group_size}) when smaller than it: a micro-batch holds whole groups "
+            "or an equal slice of one")
     for sec, name in (("run", "out"), ("data", "cache_dir"), ("sft", "instruct_cache")):
         if not getattr(getattr(cfg, sec), name).strip():
             bad(sec, name, getattr(getattr(cfg, sec), name), "must name a folder")
