@@ -251,7 +251,8 @@ class EvalConfig:
 class RunConfig:
     out: str = _f("runs/default", "Run folder: config, metrics.jsonl, samples, checkpoints, results.")
     seed: int = _f(0, "Seed for every random choice of the run.")
-    resume: str = _f("", "Run folder to resume from (its latest checkpoint); its config.toml is the base config.")
+    resume: str = _f("", "Run folder to resume (its newest checkpoint that loads), or RUN_DIR/checkpoint-<step> to "
+                         "resume from that one; its config.toml is the base config and the run's settings stay.")
     save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).")
     keep_checkpoints: int = _f(2, "Numbered checkpoints (RUN_DIR/checkpoint-<step>) kept; older ones are deleted.")
     overwrite: bool = _f(False, "Replace the run already in --run.out (without it a command refuses a non-empty "

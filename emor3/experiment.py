@@ -11,15 +11,21 @@ nothing (no training, no evaluation): the entry points run the stages on what it
 3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
    the reference judges RER.
 4. The run folder (``prepare_run_dir``): a command refuses a folder that is not empty unless it resumes the run in it
-   (``--resume``) or is told to replace it (``--overwrite``, which removes the files a run writes and nothing else).
+   (``--resume``) or is told to replace it (``--overwrite``, which removes the files a run writes and nothing else),
+   then holds its lock (``emor3.folders``: one owner per folder, a second process refuses naming the first's PID).
+   A resume is the same run: its settings must equal config.toml but for ``RESUME_MAY_CHANGE`` (recorded with their
+   step in ``changes.jsonl``), and the model it started from, which is also its KL reference, must be the one
+   ``lineage.json`` records by content hash.
 5. Checkpoints: ``RUN_DIR/checkpoint-<step>/`` holds the policy as a Hugging Face folder (``model/``; with LoRA a
-   PEFT adapter folder ``adapter/`` over the model GRPO started from) and the trainer state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only).
-   A save builds ``.checkpoint-<step>.tmp/``, syncs it to disk and renames it into place, then replaces the pointer
-   file ``RUN_DIR/latest`` (temporary file, fsync, rename) and deletes all but the newest ``--run.keep-checkpoints``.
-   There is always one complete checkpoint: every folder named ``checkpoint-<step>`` was complete when it got its
-   name, and the old ones go only after the new one is in place. SIGINT / SIGTERM arriving during a save are held
-   until it ends. Resume takes the newest complete ``checkpoint-<step>`` (the pointer's, or the one after it when a
-   crash fell between the rename and the pointer), and the next save removes what an interrupted one left behind.
+   PEFT adapter folder ``adapter/`` over the model GRPO started from, with that model's fingerprint) and the trainer
+   state (optimizer, scheduler, RNG, step, data position; ``trainer_state.pt``, loaded with weights_only).
+   A save builds ``.checkpoint-<step>.tmp/``, syncs it to disk, renames it into place and reads it back, then
+   replaces the pointer file ``RUN_DIR/latest`` (temporary file, fsync, rename) and deletes all but the newest
+   ``--run.keep-checkpoints``. Every folder named ``checkpoint-<step>`` was complete when it got its name, and the
+   old ones go only after a newer one is in place and verified. SIGINT / SIGTERM arriving during a save are held
+   until it ends. Resume takes the newest checkpoint that loads (``load_resume_point``; or the one named by
+   ``--resume RUN_DIR/checkpoint-<step>``), sets the later ones aside (``checkpoint-<step>.damaged`` /
+   ``.abandoned``: never deleted by a resume), and prunes older ones only once it has loaded.
 """
 
 from __future__ import annotations
@@ -435,7 +441,8 @@ def check_resume_settings(cfg: Config, out: Path) -> None:
 
 def record_resume_changes(cfg: Config, out: Path, step: int) -> list[dict]:
     """Append the allowed changes of a resumed run (``RESUME_MAY_CHANGE``) to RUN_DIR/changes.jsonl with the step
-    they take effect at, and write the settings the run now has to config.toml. Returns the records."""
+    they take effect at, and write the settings the run now has to config.toml (without ``--resume``: the file
+    describes the run, and ``--config RUN_DIR/config.toml`` must start it afresh). Returns the records."""
     saved = _saved_config(out)
     records = [{"step": step, "setting": "--" + f"{sec}.{k}".replace("_", "-"), "was": a, "now": b}
                for sec, k, a, b in _settings_diff(saved, cfg, lambda key: key in RESUME_MAY_CHANGE)]
@@ -444,7 +451,7 @@ def record_resume_changes(cfg: Config, out: Path, step: int) -> list[dict]:
             fh.writelines(json.dumps(r) + "\n" for r in records)
         for r in records:
             print(f"[emor3] from step {step}: {r['setting']} {r['was']!r} -> {r['now']!r} (RUN_DIR/changes.jsonl)")
-    save_config(cfg, out / "config.toml")
+    save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="")), out / "config.toml")
     return records
 
 
