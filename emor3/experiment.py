@@ -351,7 +351,7 @@ _RESUME_IGNORED = (("run", "resume"), ("run", "out"), ("run", "overwrite"), ("ru
                    ("run", "dry_run_world"))
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0, also before the process group exists (torchrun sets RANK)."""
     return dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
 
@@ -371,9 +371,10 @@ def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> P
     job)."""
     out = Path(cfg.run.out)
     resuming = bool(cfg.run.resume) and can_resume
-    if _is_main_process():
+    if is_main_process():
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder (--run.out names the run folder)", str(out))
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder (--run.out names the run folder)",
+                                     str(out))
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
         if entries and not (resuming or cfg.run.overwrite):
             shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
@@ -679,7 +680,7 @@ def load_resume_point(cfg: Config, out: Path, candidates: list[Path], base: Path
             skipped.append((ckpt, reason))
             continue
         step = int(_CHECKPOINT.fullmatch(ckpt.name).group(1))
-        if _is_main_process():
+        if is_main_process():
             damaged = {c for c, _ in skipped}
             for later_step, later in list_checkpoints(out):
                 if later_step > step:

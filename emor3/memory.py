@@ -366,7 +366,8 @@ def fits_verdict(cfg: Config, model_cfg, world_size: int) -> tuple[bool | None, 
         return None, (f"fits: unknown; the planned peak is {peak / GiB:.1f} GiB per process, and {what} has no "
                       "memory to compare with")
     if peak <= total:
-        return True, f"fits: yes; the planned peak {peak / GiB:.1f} GiB per process is within {what}'s {total / GiB:.1f} GiB"
+        return True, (f"fits: yes; the planned peak {peak / GiB:.1f} GiB per process is within {what}'s "
+                      f"{total / GiB:.1f} GiB")
     return False, (f"fits: NO; the planned peak {peak / GiB:.3g} GiB per process exceeds {what}'s {total / GiB:.1f} "
                    "GiB: lower --grpo.sample-chunk, --grpo.micro-batch-rows, --model.max-pixels or "
                    "--grpo.max-new-tokens, or add processes")

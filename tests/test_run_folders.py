@@ -125,6 +125,21 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
     assert folder_holder(tmp_path / "a") is None
 
 
+def test_a_waiting_lock_takes_over_when_the_owner_ends(tmp_path, capsys):
+    """The instruct stage cache waits (``wait=True``) instead of refusing: a second run of one setting reuses the
+    first's checkpoint once it is written."""
+    holder = _start(["-c", "import sys, time; from emor3.folders import lock_folder; "
+                     "lock_folder(sys.argv[1], 'x', name='.key.lock'); print('locked', flush=True); time.sleep(2)",
+                     str(tmp_path)])
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.time()
+    lock_folder(tmp_path, "instruct stage", wait=True, name=".key.lock")
+    assert time.time() - start > 1.0 and holder.wait(timeout=30) == 0, "taken only once the owner had ended"
+    assert f"in use by process {holder.pid}: waiting" in capsys.readouterr().out
+    unlock_folder(tmp_path, name=".key.lock")
+    holder.communicate(timeout=30)
+
+
 # ------------------------------------------------------------------------------------------------ 2. same run
 
 

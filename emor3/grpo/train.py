@@ -259,8 +259,6 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, out) -> dict:
     """``train`` once the run folder is prepared and locked."""
     resuming = bool(cfg.run.resume)
-    if dist.is_main() and not resuming:  # the settings are on disk before the first minute of work
-        save_config(cfg, out / "config.toml")
     # what a result depends on besides the config: same seed and thread count on the same machine repeat exactly
     dist.print0(f"[emor3] seed {cfg.run.seed}, torch threads {set_threads(cfg)}, device {cfg.model.device}")
     launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
@@ -275,6 +273,8 @@ def _train(cfg: Config, out) -> dict:
     # ---- setup: rank 0 first (it writes the shared files: data cache, tiny model, SFT checkpoint, baseline) ----
     with dist.rank0_first("setup (data, model, Cold-Start SFT, baseline evaluation)"):
         exp = build_experiment(cfg, out)  # model (or the resumed policy), processor, data, reward setup
+        if dist.is_main() and not resuming:  # the data is sound: the settings go on disk before Cold-Start SFT
+            save_config(cfg, out / "config.toml")
         cold_start(exp, out)  # Cold-Start SFT into RUN_DIR/sft, unless resuming
         baseline = evaluate_baseline(exp, out) if dist.is_main() else None  # the table's first row
     attach_adapters(exp)  # LoRA: fresh adapters on the model GRPO starts from (a resumed run has its own)

@@ -49,9 +49,9 @@ def check_base(adapter: Path, base: Path, cfg: dict) -> None:
           "over", file=sys.stderr)
 
 
-def prepare_out(out: Path, base: Path, overwrite: bool) -> None:
-    """``--out`` must be new or empty, or ``overwrite`` replaces the files a merge writes; never the base itself.
-    Takes the folder's lock."""
+def check_out(out: Path, base: Path, overwrite: bool) -> list[str]:
+    """Refuse (RunFolderError) an ``--out`` that is the base, a file, or a folder that is not empty without
+    ``overwrite``; returns what the folder holds. Reads only."""
     if out.resolve() == base.resolve():
         raise RunFolderError(f"merge: --out {out} is the base folder; write the merged model elsewhere")
     if out.exists() and not out.is_dir():
@@ -61,8 +61,14 @@ def prepare_out(out: Path, base: Path, overwrite: bool) -> None:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise RunFolderError(f"merge: --out {out} is not empty ({shown}); it is left as it is. --overwrite replaces "
                              "its model files, or write to a new folder")
+    return entries
+
+
+def take_out(out: Path, base: Path, overwrite: bool) -> None:
+    """Lock ``--out`` (one writer), check it again, and remove the model files an ``overwrite`` replaces (nothing
+    else in the folder)."""
     lock_folder(out, "python -m emor3.models merge")
-    for name in entries:
+    for name in check_out(out, base, overwrite):
         if name in _MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors")):
             (out / name).unlink()
 
@@ -75,13 +81,12 @@ def merge(adapter: Path, base: Path | None, out: Path, dtype: str | None = None,
             raise ValueError(f"{adapter}: adapter_config.json names no base model; pass --base PATH")
         base = Path(cfg["base_model_name_or_path"])
     out, base = Path(out), Path(base)
-    if out.resolve() == base.resolve():
-        raise RunFolderError(f"merge: --out {out} is the base folder; write the merged model elsewhere")
+    check_out(out, base, overwrite)  # before any work: a refusal costs nothing
     check_base(Path(adapter), base, cfg)
     model = load_pretrained(base, dtype=dtype)
     load_adapter(model, adapter)
     merge_adapters(model)
-    prepare_out(out, base, overwrite)
+    take_out(out, base, overwrite)  # only now, with the merged model in hand, is anything in --out replaced
     save_pretrained(model, out, tokenizer_dir=base)
     return out
 

@@ -317,7 +317,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, 
     _atomic(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
     if base_fingerprint is not None:
-        _atomic(path / BASE_FINGERPRINT, lambda tmp: Path(tmp).write_text(json.dumps(base_fingerprint, indent=2) + "\n"))
+        text = json.dumps(base_fingerprint, indent=2) + "\n"
+        _atomic(path / BASE_FINGERPRINT, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
