@@ -232,8 +232,8 @@ def set_threads(cfg: Config) -> int:
 
 
 def build_experiment(cfg: Config, out: Path) -> Experiment:
-    """The model (resumed from ``--resume``'s newest complete checkpoint if given), processor, data and reward
-    setup of a run, under ``--run.threads``. The reference is attached later (``attach_reference``), once
+    """The model (with ``--resume``: the run's checkpoint that ``load_resume_point`` picks, over the start model
+    ``check_lineage`` verified), processor, data and reward setup of a run, under ``--run.threads``. The reference is attached later (``attach_reference``), once
     Cold-Start SFT has run."""
     set_threads(cfg)
     device = resolve_device(cfg.model.device)
