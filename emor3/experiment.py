@@ -361,6 +361,17 @@ def restart_command(out: Path) -> str:
     return f"python -m emor3.grpo.train --config {out / 'config.toml'} --overwrite"
 
 
+def new_run_command(out: Path) -> str:
+    """Commands that start a new run from the weights of the newest checkpoint in ``out`` (a LoRA checkpoint's
+    adapter is merged into its base first), for settings a resume may not change."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and (ckpt / "model").is_dir():
+        return f"python -m emor3.grpo.train --model {ckpt / 'model'} --sft.steps 0 --out NEW_DIR [settings]"
+    adapter = ckpt / "adapter" if ckpt is not None else out / "checkpoint-N" / "adapter"
+    return (f"python -m emor3.models merge {adapter} --out MERGED_DIR, then python -m emor3.grpo.train --model "
+            "MERGED_DIR --sft.steps 0 --out NEW_DIR [settings]")
+
+
 def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> Path:
     """The rule every entry point applies before it writes anything: ``cfg.run.out`` must be empty (or absent),
     or be the run being resumed (``--resume``, where ``can_resume``), or ``--overwrite`` must be given, which
@@ -429,15 +440,10 @@ def check_resume_settings(cfg: Config, out: Path) -> None:
         return
     lines = [f"  {setting_name(sec, k)}: {a!r} in the run, {b!r} now" for sec, k, a, b in diff]
     may = ", ".join("--" + ".".join(k).replace("_", "-") for k in RESUME_MAY_CHANGE)
-    ckpt = latest_checkpoint(out)
-    new_from = (f"python -m emor3.grpo.train --model {ckpt / 'model'} --sft.steps 0 --out NEW_DIR [settings]"
-                if ckpt is not None and (ckpt / "model").is_dir() else
-                f"python -m emor3.models merge {ckpt / 'adapter' if ckpt else 'RUN/checkpoint-N/adapter'} --out "
-                "MERGED_DIR, then python -m emor3.grpo.train --model MERGED_DIR --sft.steps 0 --out NEW_DIR [settings]")
     raise RunFolderError(
         f"--resume {out}: settings differ from the run's ({out / 'config.toml'}); a resumed run keeps its own:\n"
         + "\n".join(lines) + f"\nResume it as it is: python -m emor3.grpo.train --resume {out} (only {may} may "
-        f"change). For other settings start a new run from its weights: {new_from}")
+        f"change). For other settings start a new run from its weights: {new_run_command(out)}")
 
 
 def record_resume_changes(cfg: Config, out: Path, step: int) -> list[dict]:
@@ -497,16 +503,18 @@ def check_lineage(out: Path, start: Path) -> dict:
         folder = out / entry["path"]  # an absolute path stays itself
         if not (folder / "config.json").is_file():
             raise RunFolderError(f"--resume {out}: the run's {what} {folder} is missing (sha256 {entry['sha256'][:16]}"
-                                 f"... in {path}); put it back, or start a new run from a checkpoint's weights "
-                                 f"(README, 'Runs and checkpoints')")
+                                 f"... in {path}); put it back, or start a new run from the run's weights: "
+                                 f"{new_run_command(out)}")
         if folder.resolve() != Path(start).resolve():
             raise RunFolderError(f"--resume {out}: the run's {what} is {folder}, but this resume would start from "
-                                 f"{start}; put {folder} back as it was")
+                                 f"{start}; put {folder} back as it was, or start a new run from the run's weights: "
+                                 f"{new_run_command(out)}")
         digest = content_hash(folder)
         if digest != entry["sha256"]:
             raise RunFolderError(f"--resume {out}: the run's {what} {folder} has changed since the run started "
                                  f"(sha256 {digest[:16]}..., recorded {entry['sha256'][:16]}... in {path}); put "
-                                 "the original back, or start a new run from a checkpoint's weights")
+                                 f"the original back, or start a new run from the run's weights: "
+                                 f"{new_run_command(out)}")
     return lineage
 
 

@@ -9,7 +9,8 @@ instruct stage cache), waits for it.
 
 OS errors: ``run_cli`` runs an entry point and turns an ``OSError`` (a read-only folder, a file where a folder is
 expected, a full disk) into one line naming the operation and the path, exit status 1; ``--debug`` shows the
-traceback instead. A refusal about a run folder (``RunFolderError``) is a usage error, exit status 2.
+traceback instead. A refusal (``UsageError``: a folder held by another process or run, a resume with other
+settings, an output that is an input) is one line too, exit status 2.
 """
 
 from __future__ import annotations

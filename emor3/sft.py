@@ -231,6 +231,16 @@ def find_instruct(exp: Experiment) -> tuple[Path, Path | None]:
     return cache, None
 
 
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder's files (a flat folder) into a new folder ``dst``. The copies are new files of this
+    run, so they get the mode any file it writes gets (0666 less the umask), not the source's (copytree would keep
+    the cache's or the package's modes)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+
+
 def instruct_stage(exp: Experiment, out: Path) -> None:
     """The tiny model's stand-in for an instruct checkpoint (the paper starts from Qwen2.5-VL-Instruct, which already
     sees and answers yes/no questions): SFT on ``instruct_examples`` of ``--sft.instruct-images`` scenes drawn for
@@ -262,7 +272,7 @@ def instruct_stage(exp: Experiment, out: Path) -> None:
         dist.print0(f"[emor3] instruct stage: reusing {found}")
     if dist.is_main():
         shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(found, run_dir)
+        copy_checkpoint(found, run_dir)
     exp.source_dir = run_dir
     meta = json.loads((run_dir / "instruct.json").read_text())
     for rendering, r in meta["caption_cue_recall"].items():

@@ -167,6 +167,13 @@ def test_resume_refuses_other_settings_with_a_diff(one_step, tmp_path):
     with pytest.raises(RunFolderError, match=r"--grpo.algo / --algo \(\[grpo\] algo\): 'emo_r3' in the run, 'grpo' now"):
         train(_parse(["--resume", str(run), "--config", str(other)]))
     assert _snapshot(run) == before, "a refused resume changes nothing"
+    # the named way to other settings: a new run from the checkpoint's weights (the run's own settings as the base)
+    command = msg.split("start a new run from its weights: ")[1].split(" [settings]")[0].replace("NEW_DIR",
+                                                                                                str(tmp_path / "new"))
+    assert command.startswith("python -m emor3.grpo.train --model "), command
+    grpo_train.main(command.split()[3:] + ["--config", str(run / "config.toml"), "--grpo.lr", "0.01"])
+    assert json.loads((tmp_path / "new" / "lineage.json").read_text())["start_model"]["path"] == \
+        str((run / "checkpoint-1" / "model").resolve())
 
 
 def test_allowed_changes_are_recorded_with_their_step(one_step, tmp_path):
@@ -376,6 +383,21 @@ def test_a_colon_in_an_eval_path(tmp_path, monkeypatch):
 
     help_text = {f.name: f.metadata["help"] for f in fields(DataConfig)}["eval"]
     assert "':'" in help_text, "the flag's help says how a path with ':' is read"
+
+
+def test_the_instruct_copy_follows_the_umask(tmp_path):
+    from emor3.sft import copy_checkpoint
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "config.json").write_text("{}")
+    os.chmod(tmp_path / "cache" / "config.json", 0o644)
+    old = os.umask(0o077)
+    try:
+        copy_checkpoint(tmp_path / "cache", tmp_path / "run" / "instruct")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "instruct" / "config.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "run" / "instruct").stat().st_mode & 0o777 == 0o700
 
 
 # ------------------------------------------------------------------------------------------------ 5. numbers, OS

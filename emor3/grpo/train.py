@@ -304,7 +304,8 @@ def _train(cfg: Config, out) -> dict:
         start_step = state["step"]
         if g.steps < start_step:
             raise RunFolderError(f"--resume {out}: --grpo.steps {g.steps} is before the checkpoint's step "
-                                 f"{start_step}; give --grpo.steps {start_step} or more")
+                                 f"{start_step}: python -m emor3.grpo.train --resume {out} --grpo.steps {start_step} "
+                                 "(or more)")
         if dist.is_main():
             record_resume_changes(cfg, out, start_step)
         stream = PromptStream(len(exp.train_set), cfg.run.seed, **state["data"])
