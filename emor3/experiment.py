@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -53,7 +52,7 @@ from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
-from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, run_cli
+from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, not_a_folder, run_cli
 from emor3.models.checkpoint import (CheckpointError, content_hash, fault_point, load_torch_state, read_config,
                                      save_torch_state, verify_safetensors, verify_torch_state)
 from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
@@ -384,8 +383,7 @@ def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> P
     resuming = bool(cfg.run.resume) and can_resume
     if is_main_process():
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder (--run.out names the run folder)",
-                                     str(out))
+            raise not_a_folder(out, "creating the run folder (--run.out)")
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
         if entries and not (resuming or cfg.run.overwrite):
             shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")

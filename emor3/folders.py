@@ -59,8 +59,7 @@ def lock_folder(folder: str | os.PathLike, command: str, *, wait: bool = False, 
     if key in _held:
         return folder
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder (the command writes a folder there)",
-                                 str(folder))
+        raise not_a_folder(folder, "creating the folder")
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -119,7 +118,16 @@ _OPERATIONS = (("mkdir", "creating the folder"), ("makedirs", "creating the fold
                ("write", "writing"), ("open", "opening"), ("iterdir", "listing"), ("stat", "reading"))
 
 
+def not_a_folder(path: str | os.PathLike, operation: str) -> NotADirectoryError:
+    """The error for a file found where a command writes a folder, carrying the operation for ``os_error_line``."""
+    e = NotADirectoryError(errno.ENOTDIR, "a file is there, not a folder", str(path))
+    e.operation = operation
+    return e
+
+
 def _operation(e: OSError) -> str:
+    if getattr(e, "operation", None):
+        return e.operation
     frames = traceback.extract_tb(e.__traceback__)
     for f in reversed(frames):
         for call, verb in _OPERATIONS:
@@ -139,7 +147,9 @@ def os_error_line(e: OSError) -> str:
     hint = {errno.ENOSPC: " (the disk is full: free space, or write elsewhere with --out)",
             errno.EROFS: " (a read-only file system: write elsewhere with --out)",
             errno.EACCES: " (no permission: write elsewhere with --out)",
-            errno.ENOTDIR: " (a file where a folder is expected)"}.get(e.errno, "")
+            errno.ENOTDIR: " (a file where a folder is expected: give a folder's path)"}.get(e.errno, "")
+    if getattr(e, "operation", None):  # raised by emor3 with its own words
+        hint = ""
     return f"error: {_operation(e)} {where}: {reason}{hint}"
 
 

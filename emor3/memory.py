@@ -349,12 +349,12 @@ def device_memory(cfg: Config) -> tuple[int | None, str]:
             return None, "a CUDA device (none is visible here)"
         index = int(d.split(":", 1)[1]) if ":" in d else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        return props.total_memory, f"{props.name} (cuda:{index})"
+        return props.total_memory, f"the GPU {props.name} (cuda:{index})"
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None, "this machine's memory (unknown)"
-    return total, "this machine's memory (CPU)"
+    return total, "this machine's memory (the plan is for the CPU)"
 
 
 def fits_verdict(cfg: Config, model_cfg, world_size: int) -> tuple[bool | None, str]:
@@ -366,10 +366,10 @@ def fits_verdict(cfg: Config, model_cfg, world_size: int) -> tuple[bool | None, 
         return None, (f"fits: unknown; the planned peak is {peak / GiB:.1f} GiB per process, and {what} has no "
                       "memory to compare with")
     if peak <= total:
-        return True, (f"fits: yes; the planned peak {peak / GiB:.1f} GiB per process is within {what}'s "
-                      f"{total / GiB:.1f} GiB")
-    return False, (f"fits: NO; the planned peak {peak / GiB:.3g} GiB per process exceeds {what}'s {total / GiB:.1f} "
-                   "GiB: lower --grpo.sample-chunk, --grpo.micro-batch-rows, --model.max-pixels or "
+        return True, (f"fits: yes; the planned peak {peak / GiB:.1f} GiB per process is within the "
+                      f"{total / GiB:.1f} GiB of {what}")
+    return False, (f"fits: NO; the planned peak {peak / GiB:.3g} GiB per process exceeds the {total / GiB:.1f} GiB "
+                   f"of {what}: lower --grpo.sample-chunk, --grpo.micro-batch-rows, --model.max-pixels or "
                    "--grpo.max-new-tokens, or add processes")
 
 
