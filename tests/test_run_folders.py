@@ -428,12 +428,14 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert str(tmp_path / "afile") in err and "not a folder" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(NotADirectoryError):
         grpo_train.main(["--out", str(tmp_path / "afile"), "--debug"])
+    import emor3.experiment as experiment
+
     for code, words in ((errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")):
-        def refuse(cfg, path, code=code):
-            raise OSError(code, os.strerror(code), str(path))
-        monkeypatch.setattr(grpo_train, "save_config", refuse)
+        def refuse(folder, command, code=code):  # the first write of a run: its folder's lock file
+            raise OSError(code, os.strerror(code), str(Path(folder) / ".lock"))
+        monkeypatch.setattr(experiment, "lock_folder", refuse)
         err = _refused(grpo_train.main, ["--out", str(tmp_path / f"r{code}")] + _tiny_flags(tmp_path), capsys, code=1)
-        assert str(tmp_path / f"r{code}" / "config.toml") in err and words in err, err
+        assert str(tmp_path / f"r{code}" / ".lock") in err and words in err, err
         assert len(err.strip().splitlines()) == 1, err
 
 
