@@ -1,22 +1,35 @@
 # Every target sets itself up from a fresh clone: a virtual environment in .venv that can see the system's
 # packages (so a torch already installed, e.g. a CUDA build, is kept), the CPU build torch==2.13.0 only where
-# no torch is importable (a bare `torch` requirement would pull a multi-GB CUDA build here), then emor3 itself.
+# no torch is importable (a bare `torch` requirement would pull a multi-GB CUDA build here), then emor3 itself
+# with every other package at the version constraints.txt pins (the versions the suite last passed with).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test check-faults check-real train instruct bench ablation clean
+.PHONY: setup test test-latest check-faults check-real train instruct bench ablation clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the suite against the newest releases of every dependency but torch, in its own .venv-latest: a release that
+# breaks a test shows as a failure or a named skip here, not in a newcomer's first `make test` (torch is kept as
+# installed: an eager upgrade would pull a multi-GB CUDA build)
+# (constraints.txt says how to move the pins)
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv --system-site-packages .venv-latest
+	.venv-latest/bin/python -c "import torch" 2>/dev/null || .venv-latest/bin/pip install --quiet torch==2.13.0
+	.venv-latest/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-latest/keep-torch.txt
+	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/keep-torch.txt -e '.[test]'
+	.venv-latest/bin/pip list 2>/dev/null | grep -iE '^(transformers|tokenizers|peft|safetensors|numpy|pillow) '
+	EMOR3_UNPINNED=1 .venv-latest/bin/python -m pytest -q
 
 # SIGKILL at 24 seeded points spread over a checkpoint save, each resumed and compared bit for bit with an
 # uninterrupted run (make test runs 2 of them)
@@ -53,4 +66,4 @@ ablation: setup
 	$(BIN)/python benchmarks/ablation.py --jobs 2
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest runs .pytest_cache

@@ -257,7 +257,8 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "Numbered checkpoints (RUN_DIR/checkpoint-<step>) kept; older ones are deleted.")
     overwrite: bool = _f(False, "Replace the run already in --run.out (without it a command refuses a non-empty "
                                 "run folder). Never saved in config.toml.")
-    sample_every: int = _f(10, "Write sample completions with their rewards every N steps.")
+    sample_every: int = _f(10, "Write the completions of a step's first two prompts to samples.jsonl (text, image, "
+                               "label, every reward term, the judge's replies) every N steps and at the last step.")
     logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
     threads: int = _f(0, "CPU threads for torch (0: torch's default).")
     progress: bool = _f(True, "Show tqdm progress bars.")

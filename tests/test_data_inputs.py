@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_reference import internals
 from PIL import Image
 
 from emor3.data import BadSampleError, load_dataset, load_manifest, smart_resize
@@ -29,7 +30,8 @@ def manifest(path: Path, rows) -> Path:
 
 
 def test_smart_resize_equals_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+    with internals("smart_resize's module"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
     sides = [1, 2, 5, 13, 14, 15, 27, 28, 29, 55, 100, 333, 600, 1000, 2800, 5601]
     budgets = [(56 * 56, 28 * 28 * 1280), (112 * 112, 112 * 112), (28 * 28, 56 * 56), (512 * 512, 2048 * 2048)]
     n = 0
@@ -48,7 +50,8 @@ def test_smart_resize_equals_transformers():
 
 
 def test_image_shape_problem_follows_the_processor_and_the_budget():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+    with internals("smart_resize's module"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
     assert image_shape_problem(600, 2) is not None and "200:1" in image_shape_problem(600, 2)
     with pytest.raises(ValueError):
         reference(2, 600)  # the processor really rejects what we reject for aspect

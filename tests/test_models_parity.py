@@ -10,6 +10,7 @@ log-softmax at temperature 1 and 0.7; gradient checkpointing and freeze_vision.
 import pytest
 import torch
 import transformers
+from hf_reference import internals
 
 from emor3.models import QwenVL, QwenVLConfig
 from emor3.models.positions import decode_position_ids, mrope_position_ids
@@ -85,7 +86,8 @@ def test_positions_match_transformers_rope_index(model_type, tie):
     ours, hf = make_pair(model_type, tie)
     ids, am, grids, _ = mixed_batch()
     pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG, spatial_merge_size=2)
-    ref, deltas = hf.model.get_rope_index(ids, (ids == IMG).int(), grids, attention_mask=am)
+    with internals("get_rope_index's arguments"):
+        ref, deltas = hf.model.get_rope_index(ids, (ids == IMG).int(), grids, attention_mask=am)
     assert torch.equal(pos * am, ref * am), "M-RoPE ids differ from transformers on real tokens"
     # decoding continues at max id + 1 on all axes == transformers' rope_deltas rule (position = seq idx + delta)
     assert torch.equal(nxt, am.sum(1) + deltas.squeeze(1)), "next_position disagrees with rope_deltas"

@@ -1,15 +1,15 @@
 """emor3.models.processing and emor3.models.tiny: prompts, images and the tiny checkpoint builder (offline).
 
-The reference is transformers' own Qwen2VLProcessor (subclassed without a video processor, which needs torchvision)
-and `get_rope_index`; the tiny checkpoint must load in both our loader and transformers with equal logits.
+The reference is transformers' own Qwen2VLProcessor (without a video processor, which needs torchvision) and
+`get_rope_index` (tests/hf_reference.py); the tiny checkpoint must load in both our loader and transformers with
+equal logits.
 """
 
 import pytest
 import torch
 import transformers
 from PIL import Image
-from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
-from transformers.processing_utils import ProcessorMixin
+from hf_reference import image_only_processor, internals
 
 from emor3.models import QwenVL, load_pretrained
 from emor3.models.processing import Processor
@@ -17,18 +17,6 @@ from emor3.models.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, tiny_c
 
 CORPUS = ["The person looks happy and excited at the party.", "A sad, gloomy rainy day; the man is crying.",
           "Step 1: look at the face. Step 2: the scene. \\boxed{joy}"] * 30
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """transformers' processor minus the video processor (which needs torchvision)."""
-
-    attributes = ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +58,13 @@ def test_encode_prompts_matches_transformers_processor(ckpt):
     proc = Processor.from_pretrained(d)
     msgs, imgs = messages()
     batch = proc.encode_prompts(msgs, imgs)
-    ref_proc = ImageOnlyQwen2VLProcessor(image_processor=proc.image_processor, tokenizer=proc.tokenizer)
     flat = [im for row in imgs for im in row]
     texts = [proc.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    ref = ref_proc(text=texts, images=flat, return_tensors="pt", padding=True, padding_side="left")
+    with internals("Qwen2VLProcessor without a video processor"):
+        from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+        ref_proc = image_only_processor(Qwen2VLProcessor, proc.image_processor, proc.tokenizer)
+        ref = ref_proc(text=texts, images=flat, return_tensors="pt", padding=True, padding_side="left")
     assert torch.equal(batch.input_ids, ref["input_ids"]), "prompt ids differ from Qwen2VLProcessor"
     assert torch.equal(batch.attention_mask, ref["attention_mask"])
     assert torch.equal(batch.pixel_values, ref["pixel_values"]) and torch.equal(batch.image_grid_thw,
@@ -82,8 +73,9 @@ def test_encode_prompts_matches_transformers_processor(ckpt):
     assert batch.image_grid_thw.tolist() == [[1, 8, 8], [1, 6, 10], [1, 8, 8]], "112x112 -> 16 merged tokens"
     # positions equal transformers' get_rope_index on the same batch
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d)
-    pos, deltas = hf.model.get_rope_index(batch.input_ids, ref["mm_token_type_ids"], batch.image_grid_thw,
-                                          attention_mask=batch.attention_mask)
+    with internals("get_rope_index's arguments"):
+        pos, deltas = hf.model.get_rope_index(batch.input_ids, ref["mm_token_type_ids"], batch.image_grid_thw,
+                                              attention_mask=batch.attention_mask)
     am = batch.attention_mask
     assert torch.equal(batch.position_ids * am, pos * am)
     assert torch.equal(batch.next_position, am.sum(1) + deltas.squeeze(1))

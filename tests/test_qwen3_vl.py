@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import transformers
+from hf_reference import image_only_processor, internals
 
 from emor3.models import Qwen3VL, Qwen3VLConfig, parse_config, tiny_config
 from emor3.models.positions import decode_position_ids, mrope_position_ids
@@ -63,7 +64,8 @@ def test_positions_match_transformers_rope_index():
     _, hf = make_pair()
     ids, am, grids, _ = mixed_batch()
     pos, nxt = mrope_position_ids(ids, am, grids, image_token_id=IMG, spatial_merge_size=2)
-    ref, deltas = hf.model.get_rope_index(ids, (ids == IMG).int(), grids, attention_mask=am)
+    with internals("get_rope_index's arguments"):
+        ref, deltas = hf.model.get_rope_index(ids, (ids == IMG).int(), grids, attention_mask=am)
     assert torch.equal(pos * am, ref * am), "M-RoPE ids differ from transformers on real tokens"
     assert torch.equal(nxt, am.sum(1) + deltas.squeeze(1)), "next_position disagrees with rope_deltas"
 
@@ -343,29 +345,20 @@ def prompts():
 def test_processor_matches_transformers_qwen3_vl_processor(tiny_ckpt):
     """emor3's Processor on a Qwen3-VL folder == transformers' Qwen3VLProcessor (without its video processor,
     which needs torchvision): ids, mask, pixels, grids; and the 16-px, mean = std = 0.5 image processing."""
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
     from emor3.models import Processor
-
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        attributes = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     proc = Processor.from_pretrained(tiny_ckpt)
     assert proc.image_processor.patch_size == 16 and list(proc.image_processor.image_mean) == [0.5] * 3
     assert not proc.thinking
     msgs, imgs = prompts()
     batch = proc.encode_prompts(msgs, imgs)
-    ref_proc = ImageOnlyQwen3VLProcessor(image_processor=proc.image_processor, tokenizer=proc.tokenizer)
     texts = [proc.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    ref = ref_proc(text=texts, images=[im for row in imgs for im in row], return_tensors="pt", padding=True,
-                   padding_side="left")
+    with internals("Qwen3VLProcessor without a video processor"):
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+        ref_proc = image_only_processor(Qwen3VLProcessor, proc.image_processor, proc.tokenizer)
+        ref = ref_proc(text=texts, images=[im for row in imgs for im in row], return_tensors="pt", padding=True,
+                       padding_side="left")
     assert torch.equal(batch.input_ids, ref["input_ids"]) and torch.equal(batch.attention_mask, ref["attention_mask"])
     assert torch.equal(batch.pixel_values, ref["pixel_values"])
     assert torch.equal(batch.image_grid_thw, ref["image_grid_thw"])

@@ -2,9 +2,10 @@
 typed, scored batch.
 
 1. ``ScoredBatch`` is what a step trains on: B prompts (a ``PromptBatch``), their N = B·G completions (a
-   ``Rollout``, row n continuing prompt n // G), the rewards of every row (a ``RewardBreakdown``) and, once
-   computed, the group-relative advantages. ``select`` keeps whole prompts with their G rows, ``cat`` stacks
-   batches; both carry every field of every part, so rows and prompts stay aligned.
+   ``Rollout``, row n continuing prompt n // G), the rewards of every row (a ``RewardBreakdown``), once computed
+   the group-relative advantages, and what samples.jsonl records of each row (``row_records``). ``select`` keeps
+   whole prompts with their G rows, ``cat`` stacks batches; both carry every field of every part, so rows and
+   prompts stay aligned.
 2. ``score_prompts``: dataset rows -> SET prompts -> ``sample`` G completions each -> RER judgements (the current
    policy or the frozen reference answers two questions about each completion, no gradient) -> rewards, plus
    DAPO's soft overlong penalty when the algorithm has one.
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -74,6 +76,9 @@ class ScoredBatch:
     rollout: Rollout  # N completions: ids, mask, sampler log-probs (N, T); texts, truncation flags
     rewards: RewardBreakdown  # total (N,), every component and extra (N,)
     advantages: torch.Tensor | None = None  # (N,) float32, group-relative; None until computed
+    # N dicts, what samples.jsonl records of a row besides its text and rewards: the sample's id, image path,
+    # label, taxonomy, true cues (EmoScenes) and the RER judge's replies (``row_records``)
+    records: list = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -92,6 +97,7 @@ class ScoredBatch:
             prompt_slice(self.prompts, prompts), self.rollout.select(prompts),
             _map_rewards(self.rewards, lambda t: t[rows.to(t.device)]),
             None if self.advantages is None else self.advantages[rows.to(self.advantages.device)],
+            [self.records[i] for i in rows.tolist()] if self.records else [],
         )
 
     @staticmethod
@@ -105,6 +111,7 @@ class ScoredBatch:
             Rollout.cat([b.rollout for b in batches], pad_token_id),
             _cat_rewards([b.rewards for b in batches]),
             None if any(a is None for a in advantages) else torch.cat(advantages),
+            [r for b in batches for r in b.records] if all(b.records for b in batches) else [],
         )
 
     def gathered_rewards(self) -> RewardBreakdown:
@@ -145,6 +152,25 @@ class PromptStream:
 
 
 
+def row_records(samples: Sequence, rows: Sequence[int], reflection=None) -> list[dict]:
+    """What samples.jsonl keeps of each completion row besides its text and rewards: its sample's id, image (an
+    absolute path, or an in-memory source's key), label and taxonomy, the true cues where the sample records them
+    (EmoScenes), and the RER judge's replies (None where the judge was not asked) when ``reflection`` (a
+    ``ReflectionResult``) is given."""
+    out = []
+    for n, p in enumerate(rows):
+        s = samples[p]
+        image = str(Path(s.image).resolve()) if isinstance(s.image, (str, Path)) else s.image.key
+        r = {"id": s.id, "image": image, "label": s.label, "taxonomy": s.taxonomy}
+        if isinstance(s.metadata, dict) and s.metadata.get("cues"):
+            r["cues"] = s.metadata["cues"]
+        if reflection is not None:
+            r["consistency_reply"] = reflection.consistency_replies[n]
+            r["coherence_reply"] = reflection.coherence_replies[n]
+        out.append(r)
+    return out
+
+
 def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: torch.Generator) -> tuple[ScoredBatch, float]:
     """Dataset rows ``indices`` -> (their ScoredBatch, seconds spent judging and scoring)."""
     g = cfg.grpo
@@ -169,9 +195,10 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
                            max_new_tokens=cfg.judge_reply_tokens(), seed=generator,
                            share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
-                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule()).components()
+                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule())
     rewards = compute_rewards(
-        answers, labels, taxonomies=taxes, weights=exp.reward_weights, reflection=reflection,
+        answers, labels, taxonomies=taxes, weights=exp.reward_weights,
+        reflection=None if reflection is None else reflection.components(),
         plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
         columns={"id": [samples[i].id for i in rows]},
         strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",
@@ -183,7 +210,8 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
         rewards = dataclasses.replace(rewards, total=rewards.total + penalty,
                                       components={**rewards.components, "overlong_penalty": penalty},
                                       weights={**rewards.weights, "overlong_penalty": 1.0})
-    return ScoredBatch(prompts, rollout, rewards), time.perf_counter() - t0
+    batch = ScoredBatch(prompts, rollout, rewards, records=row_records(samples, rows, reflection))
+    return batch, time.perf_counter() - t0
 
 
 def chunk_seed(seed: int, position: int) -> int:

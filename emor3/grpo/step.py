@@ -200,7 +200,8 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
         "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
         "peak_memory_mb": dist.all_reduce(peak_memory_mb(exp.device), "max"),
     })
-    samples = [{"prompt": int(rollout.prompt_index[i]), "completion": rollout.texts[i],
-                **{k: float(v[i]) for k, v in rewards.components.items()}, "total": float(rewards.total[i])}
+    samples = [{"prompt": int(rollout.prompt_index[i]), **(batch.records[i] if batch.records else {}),
+                "completion": rollout.texts[i], **{k: float(v[i]) for k, v in rewards.components.items()},
+                "total": float(rewards.total[i])}
                for i in range(min(N, 2 * G))]
     return m, samples

@@ -325,9 +325,9 @@ def _train(cfg: Config, out) -> dict:
         sink.log(step + 1, m)
         if "reward/total" in m:
             bar.set_postfix(reward=f"{m['reward/total']:.3f}", acc=f"{m['accuracy']:.2f}", s=f"{m['time/step']:.1f}")
-        if cfg.run.sample_every and (step + 1) % cfg.run.sample_every == 0 and samples:
-            sink.log_samples(step + 1, samples)
         done = step + 1 == g.steps
+        if cfg.run.sample_every and ((step + 1) % cfg.run.sample_every == 0 or done) and samples:  # the last step too
+            sink.log_samples(step + 1, samples)
         if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank got the signal: stop together
             stop.signal = signal.SIGTERM
         if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
