@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
-from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, not_a_folder, run_cli
+from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, not_a_folder
 from emor3.models.checkpoint import (CheckpointError, content_hash, fault_point, load_torch_state, read_config,
                                      save_torch_state, verify_safetensors, verify_torch_state)
 from emor3.models.lora import add_lora, has_lora, load_adapter, save_adapter
@@ -515,12 +514,6 @@ def check_lineage(out: Path, start: Path) -> dict:
                                  f"the original back, or start a new run from the run's weights: "
                                  f"{new_run_command(out)}")
     return lineage
-
-
-def exit_on_run_folder_error(fn, *args, debug: bool = False):
-    """Call ``fn(*args)`` for an entry point (``emor3.folders.run_cli``): a refusal exits with status 2, an OS
-    error with one line and status 1."""
-    return run_cli(fn, *args, debug=debug)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
