@@ -122,9 +122,10 @@ def _parse_eval_spec(spec: str) -> tuple[str, str, str | None, str]:
 RESERVED_EVAL_NAMES = tuple(SPLITS) + ("coldstart",)
 
 
-def eval_requests(specs) -> tuple[list[str], list[str]]:
+def eval_requests(specs, train: str = "") -> tuple[list[str], list[str]]:
     """``--data.eval`` entries -> (EmoScenes splits asked for by name, NAME=PATH entries). A user set may not
-    take a split's name (it would replace the split in results.json) nor a name given twice."""
+    take a split's name (it would replace the split in results.json) nor a name given twice, and splits are asked
+    for only where EmoScenes is built (no ``--data.train``). Raises UsageError."""
     splits, files, names = [], [], []
     for spec in specs:
         if "=" not in spec:
@@ -145,6 +146,9 @@ def eval_requests(specs) -> tuple[list[str], list[str]]:
     if dup:
         raise UsageError(f"--data.eval: {', '.join(dup)} named twice; each set needs its own name (results.json "
                          "keeps one row per name)")
+    if train and splits:
+        raise UsageError(f"--data.eval {','.join(splits)}: EmoScenes' splits are built only when EmoScenes is the "
+                         "training data (no --data); evaluate your own sets as NAME=PATH")
     return splits, files
 
 
@@ -163,7 +167,7 @@ def build_data(cfg: Config):
     ``image_factor``), so an image the processor cannot take at that budget is reported when the data is built."""
     d, m = cfg.data, cfg.model
     budget = dict(min_pixels=m.min_pixels, max_pixels=m.max_pixels, factor=image_factor(cfg))
-    asked_splits, asked_files = eval_requests(d.eval)
+    asked_splits, asked_files = eval_requests(d.eval, d.train)
     if d.train:
         train = load_dataset(d.train, d.taxonomy or None, d.on_bad_sample, **budget)
         with_response = [i for i, s in enumerate(train.samples) if isinstance(s.metadata, dict) and s.metadata.get("response")]
@@ -179,9 +183,6 @@ def build_data(cfg: Config):
         wanted = asked_splits or ([] if asked_files else [n for n, sp in SPLITS.items() if sp.in_table])
         evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS
                  if name != "train" and name in splits and name in wanted]
-    if d.train and asked_splits:
-        raise UsageError(f"--data.eval {','.join(asked_splits)}: EmoScenes' splits are built only when EmoScenes "
-                         "is the training data (no --data); evaluate your own sets as NAME=PATH")
     for spec in asked_files:
         name, path, taxonomy, domain = _parse_eval_spec(spec)
         evals.append(EvalSet(name, load_dataset(path, taxonomy, d.on_bad_sample, **budget), domain))
@@ -381,6 +382,7 @@ def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> P
     job)."""
     out = Path(cfg.run.out)
     resuming = bool(cfg.run.resume) and can_resume
+    eval_requests(cfg.data.eval, cfg.data.train)  # refused settings are refused before a file is touched
     if is_main_process():
         if out.exists() and not out.is_dir():
             raise not_a_folder(out, "creating the run folder (--run.out)")

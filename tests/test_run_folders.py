@@ -354,8 +354,18 @@ def test_evaluation_sets_are_the_ones_asked_for():
                        (["ood_binary"], "not an EmoScenes split")):
         with pytest.raises(UsageError, match=match):
             eval_requests(bad)
+    with pytest.raises(UsageError, match="only when EmoScenes is the training data"):
+        eval_requests(["test"], "train.jsonl")
     with pytest.raises(SystemExit):
         _parse(["--data.eval", "a=x.jsonl,a=y.jsonl"])  # caught when the flags are read
+
+
+def test_a_shadowing_eval_name_is_refused_before_overwrite_touches_anything(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    err = _refused(evaluate.main, ["--out", str(run), "--overwrite", "--eval-data", "test=mine.jsonl"], capsys)
+    assert "EmoScenes' built-in split" in err and (run / "results.json").read_text() == "{}"
 
 
 def test_only_the_asked_sets_are_evaluated(tmp_path):
