@@ -10,10 +10,12 @@ Two benchmarks, the same seeds (default 0-4):
    checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
    RER's consistency reward keeps step 1 naming the true cues and the policy answering from them.
 
-For each benchmark: every method's columns as the mean over seeds with a bootstrap 95 % interval over seeds, and
-EMO-R3 minus GRPO as paired differences (same seed, same Cold-Start checkpoint) with a paired-bootstrap 95 %
-interval (``emor3.evaluate.paired_bootstrap``) for in-domain accuracy, out-of-domain accuracy, cue recall, the
-hallucinated-cue rate and the SET format rate (both reward the format alike; RER adds its two judge rewards).
+For each benchmark: every method's columns (each evaluated split's accuracy, the run averages, the grounding and
+reasoning rates of ``emor3.evaluate``) as the mean over seeds, with a bootstrap 95 % interval over seeds from 5 seeds
+on and the seeds' range, named as such, below that; then paired differences (same seed, same Cold-Start checkpoint)
+of EMO-R3 - GRPO and of each method - Cold-Start on every one of those numbers, with the percentile bootstrap
+(``emor3.evaluate.paired_bootstrap``) and Student-t (``paired_t_interval``) 95 % intervals from 5 seeds on and the
+exact sign test (``sign_test``) always. Rows are sorted by seed, so a report depends on the per-seed rows only.
 Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed (a stopped ablation keeps
 what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!-- ablation:begin -->`` /
 ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
@@ -24,6 +26,7 @@ what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!--
     python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # parts by hand,
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
+    python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from benchmarks/ablation_runs/*.json
 
 ``--jobs N`` deals the seeds out to N processes in turn (seeds 0,2,4 and 1,3 for two), each at one torch thread
 (``--run.threads 1`` before ``--extra``) with its own folder ``OUT/part<k>`` and log ``OUT/part<k>/log.txt``, then
@@ -52,7 +55,7 @@ from pathlib import Path
 import torch
 
 from emor3.config import parse_args
-from emor3.evaluate import RUN_AVERAGES, cue_scores, evaluate, paired_bootstrap
+from emor3.evaluate import CUE_KINDS, RUN_AVERAGES, evaluate, paired_bootstrap, paired_t_interval, sign_test
 from emor3.experiment import build_experiment, prepare_run_dir
 from emor3.grpo.train import train
 
@@ -84,7 +87,7 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
                           "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
         exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
         rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
-                                     device=exp.device, progress=False, cue_rate_fn=cue_scores)
+                                     device=exp.device, progress=False)
     rows["Cold-Start SFT"] = res["Cold-Start SFT"]
     for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
         rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]
@@ -92,91 +95,178 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
     return rows
 
 
+# the reasoning and grounding numbers of a row (means over its sets that carry them): (label, results.json key)
+GROUNDING = (("format", "format_rate"), ("no step 1", "no_step1"), ("cue recall", "cue_recall"),
+             ("hallucinated", "hallucinated"), ("step 3 correct", "step3_correct"),
+             ("answer agrees with step 3", "agreement"), ("accuracy where the badge agrees", "accuracy_badge_agrees"),
+             ("accuracy where the badge disagrees", "accuracy_badge_disagrees"))
+PER_KIND = (("recall face/sky/object", "cue_recall_by_kind"), ("hallucinated face/sky/object", "hallucinated_by_kind"))
+MIN_SEEDS_FOR_INTERVAL = 5  # fewer seeds: the spread is reported as their range, never as an interval
+# the paired comparisons of each benchmark: (method, the method it is compared with)
+PAIRS = (("EMO-R3", "GRPO"), ("GRPO", "Cold-Start SFT"), ("DAPO", "Cold-Start SFT"), ("EMO-R3", "Cold-Start SFT"))
+README_PAIRS = (("EMO-R3", "GRPO"),)  # the paired tables the README shows (RESULTS.md shows every one)
+
+
 def metrics(row: dict) -> dict[str, float | None]:
-    """The summary numbers of one evaluated row: A^I, A^O, A, format, cue recall and hallucinated-cue rate (means
-    over the sets that carry them)."""
+    """The summary numbers of one evaluated row: each set's accuracy, A^I, A^O, A, then the `GROUNDING` rates
+    (means over the sets that carry them; None where none does, e.g. rows scored before a rate existed)."""
     sets = row["sets"].values()
 
     def mean(key):
         xs = [v[key] for v in sets if v.get(key) is not None]
         return statistics.mean(xs) if xs else None
 
-    return {**{c: row[c] for c in COLUMNS}, "format": mean("format_rate"), "cue recall": mean("cue_recall"),
-            "hallucinated": mean("hallucinated")}
+    return {**{name: v["accuracy"] for name, v in row["sets"].items()}, **{c: row[c] for c in COLUMNS},
+            **{label: mean(key) for label, key in GROUNDING}}
 
 
-def _mean_ci(values: list[float]) -> str:
-    """Mean over seeds [bootstrap 95 % interval over seeds]."""
+def per_kind(row: dict, key: str) -> dict[str, float] | None:
+    """The mean over a row's sets of a per-cue-kind rate (face, sky, object); None where no set has it."""
+    out = {}
+    for kind in CUE_KINDS:
+        xs = [v[key][kind] for v in row["sets"].values() if (v.get(key) or {}).get(kind) is not None]
+        if xs:
+            out[kind] = statistics.mean(xs)
+    return out or None
+
+
+def _mean_ci(values: list[float | None]) -> str:
+    """Mean over seeds [bootstrap 95 % interval over seeds] from 5 seeds on; with fewer, the mean and the seeds'
+    range, labelled as one ("range of 3 seeds")."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.1f}"
+    if len(values) < MIN_SEEDS_FOR_INTERVAL:
+        return f"{statistics.mean(values):.1f} (range {min(values):.1f} to {max(values):.1f})"
     m, lo, hi = paired_bootstrap(values, [0.0] * len(values))
     return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
 def method_table(per_seed: list[dict[str, dict]]) -> str:
+    """One row per method: every set's accuracy, the run averages and the grounding rates that any row has, each
+    as ``_mean_ci`` over seeds; the per-kind rates as the mean over seeds of each kind."""
     names = list(per_seed[0])
     sets = list(per_seed[0][names[0]]["sets"])
-    extra = ("format", "cue recall", "hallucinated")
-    lines = ["| Method | " + " | ".join(sets + list(COLUMNS)) + " | format % | cue recall % | hallucinated cues % |",
-             "|---" * (len(sets) + len(COLUMNS) + len(extra) + 1) + "|"]
+    rows = [s[name] for s in per_seed for name in names]
+    grounding = [label for label, _ in GROUNDING if any(metrics(r)[label] is not None for r in rows)]
+    kinds = [(label, key) for label, key in PER_KIND if any(per_kind(r, key) for r in rows)]
+    head = sets + list(COLUMNS) + [f"{g} %" for g in grounding] + [f"{label} %" for label, _ in kinds]
+    lines = ["| Method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name in names:
         runs = [s[name] for s in per_seed]
-        cells = [_mean_ci([r["sets"][k]["accuracy"] for r in runs]) for k in sets]
-        cells += [_mean_ci([metrics(r)[c] for r in runs]) for c in COLUMNS + extra]
+        cells = [_mean_ci([metrics(r)[c] for r in runs]) for c in sets + list(COLUMNS) + grounding]
+        for _, key in kinds:
+            per = [per_kind(r, key) or {} for r in runs]
+            cells.append(" / ".join(_fmt_mean([p.get(k) for p in per]) for k in CUE_KINDS))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def paired_table(per_seed: list[dict[str, dict]]) -> tuple[str, dict]:
-    """EMO-R3 minus GRPO per seed, the mean difference and its paired-bootstrap 95 % interval."""
-    lines = ["| metric | GRPO | EMO-R3 | EMO-R3 - GRPO [95 % CI] | per seed |", "|---|---|---|---|---|"]
+def _fmt_mean(xs: list[float | None]) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.mean(xs):.1f}" if xs else "–"
+
+
+def paired_stats(a: list[float], b: list[float]) -> dict:
+    """Paired differences a - b over seeds: the mean, per seed, the sign test, and from 5 seeds on the bootstrap
+    and t intervals (``intervals`` False below that, where only the range of the differences is reported)."""
+    d = [x - y for x, y in zip(a, b)]
+    k, n, p = sign_test(a, b)
+    out = {"diff": statistics.mean(d), "per_seed": d, "range": [min(d), max(d)], "sign": [k, n, p],
+           "intervals": len(d) >= MIN_SEEDS_FOR_INTERVAL, "a": a, "b": b}
+    if out["intervals"]:
+        out["ci"] = list(paired_bootstrap(a, b)[1:])
+        out["t_ci"] = list(paired_t_interval(a, b)[1:])
+    return out
+
+
+def paired_table(per_seed: list[dict[str, dict]], a_name: str = "EMO-R3", b_name: str = "GRPO") -> tuple[str, dict]:
+    """``a_name`` minus ``b_name`` per seed on every metric both have: the means, the mean difference, its paired
+    bootstrap and Student-t 95 % intervals (from 5 seeds on; below that the range of the differences, named as
+    such) and the exact two-sided sign test."""
+    lines = [f"| metric | {b_name} | {a_name} | {a_name} - {b_name} | bootstrap 95 % | t 95 % | sign test | per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     out = {}
-    for key in PAIRED:
-        pairs = [(metrics(s["EMO-R3"])[key], metrics(s["GRPO"])[key]) for s in per_seed]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    for key in metrics(per_seed[0][a_name]):
+        pairs = [(metrics(s[a_name])[key], metrics(s[b_name])[key]) for s in per_seed]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         if not pairs:
             continue
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-        m, lo, hi = paired_bootstrap(a, b)
-        out[key] = {"diff": m, "ci": [lo, hi], "emo_r3": a, "grpo": b}
-        per = ", ".join(f"{x - y:+.1f}" for x, y in pairs)
-        lines.append(f"| {key} | {statistics.mean(b):.1f} | {statistics.mean(a):.1f} | {m:+.1f} [{lo:+.1f}, {hi:+.1f}] "
-                     f"| {per} |")
+        st = out[key] = paired_stats(a, b)
+        if st["intervals"]:
+            boot = "[{:+.1f}, {:+.1f}]".format(*st["ci"])
+            t = "[{:+.1f}, {:+.1f}]".format(*st["t_ci"])
+        else:
+            boot = "range of {} seeds [{:+.1f}, {:+.1f}]".format(len(a), *st["range"])
+            t = "–"
+        k, n, p = st["sign"]
+        per = ", ".join(f"{x:+.1f}" for x in st["per_seed"])
+        lines.append(f"| {key} | {statistics.mean(b):.1f} | {statistics.mean(a):.1f} | {st['diff']:+.1f} | {boot} "
+                     f"| {t} | {k} of {n} > 0, p = {p:.3g} | {per} |")
     return "\n".join(lines), out
 
 
+def _order(results: dict[str, list], seeds: dict[str, list[int]]) -> tuple[dict[str, list], dict[str, list[int]]]:
+    """Each benchmark's rows sorted by seed, so a report does not depend on which process ran which seed."""
+    res, sd = {}, {}
+    for bench, rows in results.items():
+        pairs = sorted(zip(seeds[bench], rows), key=lambda p: p[0])
+        res[bench], sd[bench] = [r for _, r in pairs], [s for s, _ in pairs]
+    return res, sd
+
+
+OLD_METRICS_NOTE = ("Rows without the `no step 1` column were scored before it existed: their cue recall and "
+                    "hallucinated-cue rate are over all answers (an answer without a step 1 counted as 0 % "
+                    "hallucinated), a negation by \"n't\" did not negate and \"sun\" in a dusk scene counted as "
+                    "claiming a sunny sky; EmoScenes was at version 3 (every cue combination in train and test).")
+
+
 def report(results: dict[str, list], seeds: dict[str, list[int]], wall: float, command: str, threads: int,
-           loads: list[float], compute: float | None = None) -> tuple[str, dict]:
-    """The tables of every benchmark; ``seeds[bench]`` names the seed of each of ``results[bench]``'s rows, ``wall``
-    is the time from the first run's start to the last one's end and ``compute`` the sum of the processes' wall
-    times (when they ran side by side)."""
+           loads: list[float], compute: float | None = None, *, machine: str | None = None,
+           date: str | None = None, pairs=PAIRS) -> tuple[str, dict]:
+    """The tables of every benchmark (rows sorted by seed); ``seeds[bench]`` names the seed of each of
+    ``results[bench]``'s rows, ``wall`` is the time from the first run's start to the last one's end and
+    ``compute`` the sum of the processes' wall times (when they ran side by side). ``machine`` and ``date``
+    describe where and when the runs ran (the artifacts' own record; "not recorded" where they lack it)."""
+    results, seeds = _order(results, seeds)
     done = "; ".join(f"{b} {','.join(map(str, seeds[b]))}" for b in results if results[b])
     spent = f"wall time {wall / 60:.0f} min" + (f" ({compute / 60:.0f} process-minutes)" if compute else "")
-    parts = [f"Command: `{command}`. Seeds: {done}; torch threads {threads}; {os.cpu_count()} CPUs "
-             f"({platform.processor() or platform.machine()}); load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
-             f" during the run; {spent}; {datetime.date.today().isoformat()}.",
-             "Cells: mean over seeds [bootstrap 95 % interval over seeds]. Paired rows: EMO-R3 and GRPO start from "
-             "the same Cold-Start checkpoint of each seed; per seed in the order of the seeds above."]
-    paired = {}
+    parts = [f"Command: `{command}`. Seeds: {done}; torch threads {threads}; machine: "
+             f"{machine or 'not recorded in the artifacts'}; load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
+             f" during the run; {spent}; {date or 'date not recorded'}.",
+             f"Cells: mean over seeds [bootstrap 95 % interval over seeds] from {MIN_SEEDS_FOR_INTERVAL} seeds on; "
+             "with fewer seeds, the mean and the range of the seeds (not an interval). Paired tables: both methods "
+             "start from the same Cold-Start checkpoint of each seed; differences per seed in seed order; the "
+             "bootstrap (percentile, 10000 resamples) and Student-t intervals are given from "
+             f"{MIN_SEEDS_FOR_INTERVAL} seeds on, the exact two-sided sign test always (zero differences left out; "
+             "with n seeds its p is at least 2 / 2^n: 0.25 for 3, 0.0625 for 5)."]
+    if any("no_step1" not in v for rows in results.values() for r in rows for m in r.values()
+           for v in m["sets"].values()):
+        parts.append(OLD_METRICS_NOTE)
+    paired: dict = {}
     for bench, per_seed in results.items():
         if not per_seed:
             continue
         parts.append(f"### {bench} ({len(per_seed)} seeds)\n\n" + method_table(per_seed))
-        table, paired[bench] = paired_table(per_seed)
-        parts.append(f"Paired, {bench}:\n\n" + table)
+        paired[bench] = {}
+        for a_name, b_name in pairs:
+            if a_name in per_seed[0] and b_name in per_seed[0]:
+                table, paired[bench][f"{a_name} - {b_name}"] = paired_table(per_seed, a_name, b_name)
+                parts.append(f"Paired, {bench}: {a_name} - {b_name}\n\n" + table)
     return "\n\n".join(parts), paired
 
 
-def write_results_md(path: Path, text: str) -> None:
-    """Replace the ablation section of RESULTS.md (between the markers), or append one."""
+def write_results_md(path: Path, text: str, begin: str = MARK_BEGIN, end: str = MARK_END,
+                     title: str = "## ablation: benchmarks/ablation.py (its own output)\n\n") -> None:
+    """Replace the block between the markers of a markdown file (RESULTS.md, README.md), or append one."""
     old = path.read_text() if path.is_file() else ""
-    block = f"{MARK_BEGIN}\n## ablation: benchmarks/ablation.py (its own output)\n\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{begin}\n{title}{text}\n{end}"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(new)
@@ -189,10 +279,10 @@ def _span(part: dict, path: Path) -> tuple[float, float]:
     return part.get("started", end - part["wall_s"]), end
 
 
-def merge(paths: list[Path], results_md: Path | None, command: str | None = None) -> str:
+def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS) -> str:
     """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
-    after another): each benchmark's rows in the order of the files; the wall time runs from the first process's
-    start to the last one's end, the load range covers them all."""
+    after another): each benchmark's rows sorted by seed; the wall time runs from the first process's start to the
+    last one's end, the load range covers them all. Depends on the files only."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     results: dict[str, list] = {}
     seeds: dict[str, list[int]] = {}
@@ -203,12 +293,60 @@ def merge(paths: list[Path], results_md: Path | None, command: str | None = None
     spans = [_span(part, p) for part, p in zip(parts, paths)]
     command = command or " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py " \
         "--merge " + " ".join(map(str, paths))
+    machines = sorted({part["machine"] for part in parts if part.get("machine")})
+    end = datetime.datetime.fromtimestamp(max(e for _, e in spans), datetime.timezone.utc).date().isoformat()
     text, _ = report(results, seeds, max(e for _, e in spans) - min(s for s, _ in spans), command,
                      parts[0]["threads"], [x for part in parts for x in part["loads"]],
-                     compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None)
+                     compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None,
+                     machine="; ".join(machines) or None, date=end, pairs=pairs)
+    return text
+
+
+def merge(paths: list[Path], results_md: Path | None, command: str | None = None) -> str:
+    """``merged_report`` of the files, written into ``results_md`` between the markers (unless None)."""
+    text = merged_report(paths, command)
     if results_md:
         write_results_md(results_md, text)
     return text
+
+
+# --------------------------------------------------------------------------------------------- --report
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "benchmarks" / "ablation_runs"  # the committed ablation.json of every reported part
+README_BEGIN, README_END = "<!-- ablation-readme:begin -->", "<!-- ablation-readme:end -->"
+
+
+def artifact_paths(folder: Path = ARTIFACTS) -> list[Path]:
+    return sorted(folder.glob("*.json"))
+
+
+def _rel(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths]
+
+
+def report_texts(paths: list[Path]) -> tuple[str, str]:
+    """(RESULTS.md's ablation block, README.md's) regenerated from the artifacts alone: the full report, and the
+    README's part of it (every method table and the ``README_PAIRS`` paired tables)."""
+    rel = _rel(paths)
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    command = " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py --report (" + \
+        ", ".join(rel) + ")"
+    full = merged_report(paths, command)
+    short = merged_report(paths, command, pairs=README_PAIRS)
+    return full, short
+
+
+def write_report(paths: list[Path], results_md: Path, readme: Path) -> str:
+    full, short = report_texts(paths)
+    write_results_md(results_md, full)
+    write_results_md(readme, "```\n" + short + "\n```", README_BEGIN, README_END, title="")
+    return full
+
+
+def machine_line() -> str:
+    """Where this process runs, as its ablation.json records it: CPU count and model, torch build."""
+    return f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}"
 
 
 def deal(seeds: list[int], jobs: int) -> list[list[int]]:
@@ -250,12 +388,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the tables go at the end (empty: nowhere)")
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="ABLATION_JSON",
                     help="run nothing: merge the ablation.json of runs made in separate processes into one report")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: regenerate the ablation tables of RESULTS.md and README.md from the committed "
+                         "artifacts (benchmarks/ablation_runs/*.json)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes side by side, one torch thread each (their seeds dealt in turn), then merged")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     results_md = Path(a.results_md) if a.results_md else None
+    if a.report:
+        print(write_report(artifact_paths(), REPO / "benchmarks" / "RESULTS.md", REPO / "README.md"))
+        return
     if a.merge:
         print(merge(a.merge, results_md))
         return
@@ -267,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     benches = [b for b in a.benchmarks.split(",") if b]
     a.out.mkdir(parents=True, exist_ok=True)
     t0, loads = time.time(), [os.getloadavg()[0]]
+    machine = machine_line()
     results: dict[str, list] = {b: [] for b in benches}
     text = ""
     for seed in seeds:
@@ -275,10 +420,12 @@ def main(argv: list[str] | None = None) -> None:
             loads.append(os.getloadavg()[0])
             done = {b: seeds[: len(results[b])] for b in benches}
             now = time.time()
-            text, paired = report(results, done, now - t0, command, torch.get_num_threads(), loads)
+            text, paired = report(results, done, now - t0, command, torch.get_num_threads(), loads,
+                                  machine=machine, date=datetime.date.today().isoformat())
             (a.out / "ablation.json").write_text(json.dumps(
                 {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": now - t0,
-                 "started": t0, "ended": now, "threads": torch.get_num_threads(), "loads": loads}, indent=2))
+                 "started": t0, "ended": now, "threads": torch.get_num_threads(), "loads": loads,
+                 "machine": machine}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
             print(f"[ablation] {bench} seed {seed} done after {now - t0:.0f} s", flush=True)
     if results_md:

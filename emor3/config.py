@@ -78,8 +78,9 @@ class ModelConfig:
 class DataConfig:
     train: str = _f("", "Training set: JSONL manifest, image-folder tree or EmoSet folder. Empty: EmoScenes.")
     eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out], or the name of an EmoScenes split "
-                        "(test, ood_render). Empty: the EmoScenes splits. A PATH that exists is read whole, ':' and "
-                        "all; PATH:TAXONOMY adds a taxonomy only where PATH alone exists.")
+                        "(test, validation, ood_render, ...). Empty: --data.emoscenes-eval's splits. A PATH that "
+                        "exists is read whole, ':' and all; PATH:TAXONOMY adds a taxonomy only where PATH alone "
+                        "exists.")
     taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
     on_bad_sample: str = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count it).")
     max_prompt_length: int = _f(0, "Longest prompt in tokens, its image tokens included (the release: 2048). A longer "
@@ -87,8 +88,11 @@ class DataConfig:
                                    "skipped and counted with --data.on-bad-sample skip; never cropped. 0: no limit.")
     cache_dir: str = _f(".cache/emoscenes", "Where EmoScenes images are cached on disk.")
     emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
-    emoscenes_test: int = _f(400, "EmoScenes in-domain test images.")
-    emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split.")
+    emoscenes_test: int = _f(400, "EmoScenes in-domain test images (and as many validation images).")
+    emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split (compositional, ood_render, ...).")
+    emoscenes_eval: str = _f("table", "Which EmoScenes splits a run evaluates: table (the final table: test, "
+                             "compositional, ood_render, ood_unseen) or validation (the validation split only, to "
+                             "choose settings without reading test).")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
     emoscenes_variant: str = _f("default", "EmoScenes variant: default, or shortcut (a badge whose colour gives the "
@@ -413,6 +417,7 @@ _CHOICES: dict[tuple[str, str], tuple] = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("data", "on_bad_sample"): ("error", "skip"),
     ("data", "emoscenes_variant"): ("default", "shortcut"),
+    ("data", "emoscenes_eval"): ("table", "validation"),
     ("grpo", "algo"): tuple(sorted(ALGORITHMS)),
     ("grpo", "schedule"): ("constant", "cosine"),
     ("grpo", "kl_kind"): ("k1", "k2", "k3"),

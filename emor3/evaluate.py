@@ -6,10 +6,19 @@ evaluated set's own taxonomy labels. Each set is in-domain or out-of-domain; wit
 accuracy of its in-domain sets, ``run A^O`` of its out-of-domain sets, ``run A`` of all of them. These are not the
 paper's A^I / A^O / A, which average over two training settings (EmoSet-trained and Emotion6-trained): that table
 is ``python -m emor3.evaluate table RUN_A RUN_B ...`` (``paper_table``), built from the runs' results.json. Also
-reported per set: the format rate (the paper's rule), and on EmoScenes the visual-text consistency that RER is meant
-to improve, measurable here because EmoScenes keeps its true cues: ``cue_recall``, the share of the image's cue
-kinds (face, sky, object) whose true value step 1 names, and ``hallucinated``, the share of cue kinds for which
-step 1 claims a value that is not in the image.
+reported per set: the format rate (the paper's rule), and on EmoScenes, which keeps each image's true cues, what the
+reasoning says against the truth (``reply_scores``):
+- ``no_step1``: the share of answers without a parseable step 1. The grounding rates below are taken over the
+  answers that have one, so an answer that loses the format is counted here and never as 0 % hallucination;
+- ``cue_recall``: the share of the image's cue kinds (face, sky, object) whose true value step 1 names, and
+  ``hallucinated``: the share of cue kinds for which step 1 claims a value that is not in the image; both also per
+  cue kind (``cue_recall_by_kind``, ``hallucinated_by_kind``): the visual-text consistency RER's first judge rewards;
+- ``step3_correct``: the share of answers with a step 3 whose stated valence and arousal are the scene's (a step 3
+  that states neither is not correct);
+- ``agreement``: the share of answers with a step 3 and a boxed label of the set's taxonomy whose label has the
+  valence and arousal step 3 concluded: the answer-reasoning coherence RER's second judge rewards;
+- on the shortcut variant, ``accuracy_badge_agrees`` / ``accuracy_badge_disagrees``: accuracy where the badge shows
+  the scene's rule label and where it does not (results.json only; a badge reader scores high and low).
 
 Intervals. Every accuracy comes with its 95 % Wilson score interval from the set's size (``wilson_interval``): with
 n = 200 images an accuracy near 30 % is known to about ±6 points, so two rows whose intervals overlap widely are not
@@ -35,13 +44,14 @@ import torch
 from tqdm import tqdm
 
 from emor3.config import Config, EvalConfig, parse_args
-from emor3.data.emoscenes import cue_mentions
+from emor3.data.emoscenes import cue_mentions, scene_properties, step3_claims
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
 from emor3.experiment import EvalSet, Experiment, build_experiment, prepare_run_dir
 from emor3.folders import run_cli, wants_debug
 from emor3.models.checkpoint import fault_point
 from emor3.rewards import accuracy_reward, format_reward, parse_set
+from emor3.rewards.set_parse import SetParse
 
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -89,31 +99,127 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10
     return d.mean().item(), lo, hi
 
 
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with an integer number of degrees of freedom, by the finite series of Abramowitz &
+    Stegun 26.7.3 (odd df) and 26.7.4 (even df), exact up to rounding."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 1:
+        s, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):  # cos(th) (1 + 2/3 cos^2 + 2.4/(3.5) cos^4 + ...)
+            s += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        a = (2 / math.pi) * (theta + math.sin(theta) * s) if df > 1 else (2 / math.pi) * theta
+    else:
+        s, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):  # 1 + 1/2 cos^2 + 1.3/(2.4) cos^4 + ...
+            s += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        a = math.sin(theta) * s
+    return 0.5 + a / 2  # a = P(|T| <= |t|) with the sign of t
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (bisection on ``_t_cdf``; t_{0.975, 4} =
+    2.7764)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def paired_t_interval(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences a_i - b_i and its Student-t interval (mean +- t_{n-1} s / sqrt(n)): exact
+    when the differences are normal, and wider than the percentile bootstrap with few pairs, which takes the
+    spread of the n values as the spread of their mean's distribution and so covers less than it claims."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_t_interval needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def sign_test(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, float]:
+    """Exact two-sided sign test of the paired differences a_i - b_i: (positive, non-zero, p), p = P(a count at
+    least as far from n/2 as the one seen | each sign +- with probability 1/2); zero differences are left out. It
+    assumes nothing about the size of the differences: 5 positive of 5 gives p = 2 / 32 = 0.0625."""
+    if len(a) != len(b):
+        raise ValueError(f"sign_test needs two equally long lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b) if x != y]
+    n, k = len(d), sum(x > 0 for x in d)
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return k, n, min(1.0, 2 * tail)
+
+
 def cue_scores(step1: str, sample) -> tuple[float, float] | None:
     """(cue recall, hallucinated-cue rate) of step 1 against the sample's true cues (EmoScenes only; None where no
     cues are recorded): the share of cue kinds whose true value is named, and the share for which an absent value
     is claimed (``emor3.data.emoscenes.CueMentions``)."""
-    cues = sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
+    cues = _cues(sample)
     if not cues:
         return None
     m = cue_mentions(step1, cues)
     return m.recall, m.hallucination
 
 
-def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: EvalConfig, *, seed: int = 0,
-             device="cpu", progress: bool = True, cue_rate_fn=None) -> dict:
-    """Accuracy with its Wilson interval, format rate (and cue recall / hallucinated-cue rate where the samples carry
-    cues) of ``model`` on each set, plus the run's averages and their intervals.
+CUE_KINDS = ("face", "sky", "object")
 
-    ``cue_rate_fn(step1_text, sample)``: None where the sample has no recorded cues, else the share of its true cues
-    that step 1 names, or the pair (that share, the hallucinated-cue rate) that ``cue_scores`` returns."""
+
+def _cues(sample) -> dict | None:
+    return sample.metadata.get("cues") if isinstance(sample.metadata, dict) else None
+
+
+def reply_scores(parsed: SetParse, sample, taxonomy=None, correct: bool | None = None) -> dict | None:
+    """One reply against its scene's truth (EmoScenes only: None where the sample records no cues):
+    ``step1`` (does step 1 parse), per cue kind ``named`` and ``wrong`` (None without a step 1), ``step3_correct``
+    (None without a step 3) and ``agreement`` (None without a step 3 or without a boxed label of ``taxonomy`` that
+    has a valence and an arousal). Module docstring: what each measures. On the shortcut variant also
+    ``badge_agrees`` (does the badge show the scene's rule label) with ``correct`` (the reply's accuracy, as given),
+    so accuracy can be split by whether the shortcut agrees with the cues; None elsewhere."""
+    cues = _cues(sample)
+    if not cues:
+        return None
+    badge = sample.metadata.get("shortcut")
+    out: dict = {"step1": parsed.step1 is not None, "named": None, "wrong": None, "step3_correct": None,
+                 "agreement": None, "correct": correct,
+                 "badge_agrees": None if badge is None else badge == sample.metadata.get("rule_label", sample.label)}
+    if parsed.step1 is not None:
+        m = cue_mentions(parsed.step1, cues)
+        out["named"], out["wrong"] = dict(m.named), m.wrong_kinds
+    if parsed.step3 is not None:
+        stated = step3_claims(parsed.step3)
+        if {"face", "sky"} <= set(cues):
+            out["step3_correct"] = stated == scene_properties(cues)
+        label = (parsed.answer or "").strip().lower()
+        if taxonomy is not None and label in taxonomy.labels and taxonomy.arousal.get(label) is not None:
+            out["agreement"] = stated == (taxonomy.valence[label], taxonomy.arousal[label])
+    return out
+
+
+def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: EvalConfig, *, seed: int = 0,
+             device="cpu", progress: bool = True, grounding: bool = True) -> dict:
+    """Accuracy with its Wilson interval and format rate of ``model`` on each set, and with ``grounding`` what the
+    replies of samples that carry cues say against the truth (``reply_scores``, aggregated by ``set_row``), plus the
+    run's averages and their intervals."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     results: dict = {"sets": {}}
     for s in sets:
         correct = formatted = 0
-        recalls: list[float] = []
-        hallucinated: list[float] = []
+        replies: list[dict] = []
         bar = tqdm(range(0, len(s.samples), cfg.batch_size), desc=f"eval {s.name}", disable=not progress,
                    dynamic_ncols=True, leave=False)
         for start in bar:
@@ -126,32 +232,54 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                                  banned_token_ids=processor.banned_token_ids, generator=generator, tokenizer=processor)
             for text, smp in zip(rollout.texts, chunk):
                 text = processor.answer(text)  # a Thinking model's reasoning block is not scored
-                correct += accuracy_reward(text, smp.label)
+                right = accuracy_reward(text, smp.label)
+                correct += right
                 formatted += format_reward(text)
-                if cue_rate_fn is not None:
-                    step1 = parse_set(text).step1
-                    c = cue_rate_fn(step1 or "", smp)
-                    if isinstance(c, tuple):
-                        recalls.append(c[0])
-                        hallucinated.append(c[1])
-                    elif c is not None:
-                        recalls.append(c)
-        results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, recalls, hallucinated)
+                if grounding:
+                    r = reply_scores(parse_set(text), smp, taxonomies.get(smp.taxonomy), correct=right == 1.0)
+                    if r is not None:
+                        replies.append(r)
+        results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, replies=replies)
         fault_point(f"evaluated set {s.name}")  # a crash-test hook (checkpoint.fault_point)
     results.update(summary_scores(results["sets"]))
     results.update(summary_intervals(results["sets"]))
     return results
 
 
+def _pct(xs) -> float | None:
+    xs = list(xs)
+    return 100.0 * sum(xs) / len(xs) if xs else None
+
+
 def set_row(domain: str, correct: int, n: int, formatted: int, recalls: Sequence[float] = (),
-            hallucinated: Sequence[float] = ()) -> dict:
-    """One evaluated set's entry of results.json: counts, accuracy (%) and its Wilson interval, format rate, and the
-    mean cue recall / hallucinated-cue rate (%, None where no sample carries cues)."""
+            hallucinated: Sequence[float] = (), *, replies: Sequence[dict] = ()) -> dict:
+    """One evaluated set's entry of results.json: counts, accuracy (%) and its Wilson interval, format rate, and
+    (%, None where no sample carries cues) the grounding and reasoning rates of the module docstring, from
+    ``replies`` (``reply_scores`` of each reply whose sample has cues). ``recalls`` / ``hallucinated``: per-answer
+    rates given directly instead (no per-kind or reasoning columns then)."""
     lo, hi = wilson_interval(correct, n)
-    pct = (lambda xs: 100.0 * sum(xs) / len(xs) if xs else None)
-    return {"domain": domain, "n": n, "correct": correct, "accuracy": 100.0 * correct / max(1, n),
-            "accuracy_ci": [lo, hi], "format_rate": 100.0 * formatted / max(1, n),
-            "cue_recall": pct(recalls), "hallucinated": pct(hallucinated)}
+    row = {"domain": domain, "n": n, "correct": correct, "accuracy": 100.0 * correct / max(1, n),
+           "accuracy_ci": [lo, hi], "format_rate": 100.0 * formatted / max(1, n),
+           "cue_recall": _pct(recalls), "hallucinated": _pct(hallucinated)}
+    if not replies:
+        return row
+    with1 = [r for r in replies if r["step1"]]
+    step3 = [r["step3_correct"] for r in replies if r["step3_correct"] is not None]
+    agree = [r["agreement"] for r in replies if r["agreement"] is not None]
+    kinds = [k for k in CUE_KINDS if any(k in r["named"] for r in with1)]
+    row.update({
+        "n_cued": len(replies), "no_step1": _pct(not r["step1"] for r in replies), "n_step1": len(with1),
+        "cue_recall": _pct(sum(r["named"].values()) / max(1, len(r["named"])) for r in with1),
+        "hallucinated": _pct(sum(r["wrong"].values()) / max(1, len(r["wrong"])) for r in with1),
+        "cue_recall_by_kind": {k: _pct(r["named"][k] for r in with1 if k in r["named"]) for k in kinds},
+        "hallucinated_by_kind": {k: _pct(r["wrong"][k] for r in with1 if k in r["wrong"]) for k in kinds},
+        "n_step3": len(step3), "step3_correct": _pct(step3), "n_agreement": len(agree), "agreement": _pct(agree)})
+    badged = [r for r in replies if r.get("badge_agrees") is not None and r.get("correct") is not None]
+    if badged:  # the shortcut variant: accuracy where the badge shows the rule label and where it does not
+        for key, agrees in (("badge_agrees", True), ("badge_disagrees", False)):
+            part = [r["correct"] for r in badged if r["badge_agrees"] is agrees]
+            row.update({f"n_{key}": len(part), f"accuracy_{key}": _pct(part)})
+    return row
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -190,24 +318,49 @@ def _fmt_ci(x, ci) -> str:
     return f"{x:.2f} [{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
+# the grounding and reasoning columns of the table after the accuracies: (header, results.json key)
+GROUNDING_COLUMNS = (("format %", "format_rate"), ("no step 1 %", "no_step1"), ("cue recall %", "cue_recall"),
+                     ("hallucinated cues %", "hallucinated"), ("recall face/sky/object %", "cue_recall_by_kind"),
+                     ("hallucinated face/sky/object %", "hallucinated_by_kind"), ("step 3 correct %", "step3_correct"),
+                     ("answer agrees with step 3 %", "agreement"))
+
+
+def set_means(sets) -> dict:
+    """Each grounding column's mean over the sets that have it (per-kind columns: per kind); None where none has."""
+    sets = list(sets)
+    out = {}
+    for _, key in GROUNDING_COLUMNS:
+        if key.endswith("_by_kind"):
+            per = {k: _mean([v[key][k] for v in sets if (v.get(key) or {}).get(k) is not None]) for k in CUE_KINDS}
+            out[key] = per if any(x is not None for x in per.values()) else None
+        else:
+            out[key] = _mean([v[key] for v in sets if v.get(key) is not None])
+    return out
+
+
+def fmt_cell(x) -> str:
+    """A table cell: "12.34", "–" for none, and "a / b / c" for a per-kind value (face, sky, object)."""
+    if isinstance(x, dict):
+        return " / ".join(_fmt(x.get(k)) for k in CUE_KINDS)
+    return _fmt(x)
+
+
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, one row per evaluated model (e.g. "Cold-Start SFT", "EMO-R3"), columns as the paper's:
-    every set's accuracy (in-domain marked ^I) with its 95 % interval, then the run's averages; then the format
-    rate, the cue recall and the hallucinated-cue rate (means over the sets that carry cues)."""
+    every set's accuracy (in-domain marked ^I) with its 95 % interval, then the run's averages; then the format rate
+    and the grounding and reasoning rates (``GROUNDING_COLUMNS``; means over the sets that carry them)."""
     first = next(iter(rows.values()))
     names = list(first["sets"])
     head = [n + ("^I" if first["sets"][n]["domain"] == "in" else "") for n in names]
-    tail = " | format % | cue recall % | hallucinated cues % |"
+    tail = " | " + " | ".join(h for h, _ in GROUNDING_COLUMNS) + " |"
     lines = ["| Model | " + " | ".join(head + list(RUN_AVERAGES)) + tail,
-             "|---" * (len(names) + 7) + "|"]
+             "|---" * (len(names) + len(RUN_AVERAGES) + len(GROUNDING_COLUMNS) + 1) + "|"]
     for model_name, r in rows.items():
         sets = r["sets"]
-        fmt_rate = _mean([v["format_rate"] for v in sets.values()])
-        recall = _mean([v["cue_recall"] for v in sets.values() if v.get("cue_recall") is not None])
-        halluc = _mean([v["hallucinated"] for v in sets.values() if v.get("hallucinated") is not None])
+        means = set_means(sets.values())
         cells = [_fmt_ci(sets[n]["accuracy"], sets[n].get("accuracy_ci")) for n in names]
         cells += [_fmt_ci(r.get(k), r.get(k + "_ci")) for k in RUN_AVERAGES]
-        cells += [_fmt(fmt_rate), _fmt(recall), _fmt(halluc)]
+        cells += [fmt_cell(means[key]) for _, key in GROUNDING_COLUMNS]
         lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -228,7 +381,7 @@ def evaluate_baseline(exp: Experiment, out: Path) -> dict | None:
     if not exp.eval_sets:
         return None
     results = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                       device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)
+                       device=exp.device, progress=cfg.run.progress)
     results["name"] = "Cold-Start SFT" if (out / "sft").is_dir() else "initial"
     path.write_text(json.dumps(results, indent=2))
     return results
@@ -245,7 +398,7 @@ def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict 
     if baseline is not None:
         rows[baseline.get("name", "baseline")] = baseline
     rows[cfg.grpo.algo] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval,
-                                   seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)
+                                   seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress)
     table = write_results(rows, out)
     print("\n" + table + "\n")
     return rows
@@ -392,7 +545,7 @@ def evaluate_main(argv: list[str]) -> dict:
     exp = build_experiment(cfg, out)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
     rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                           device=exp.device, progress=cfg.run.progress, cue_rate_fn=cue_scores)}
+                           device=exp.device, progress=cfg.run.progress)}
     print(write_results(rows, out))
     return rows
 

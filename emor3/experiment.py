@@ -2,9 +2,10 @@
 
 Shared by ``python -m emor3.grpo.train``, ``python -m emor3.sft`` and ``python -m emor3.evaluate``; building runs
 nothing (no training, no evaluation): the entry points run the stages on what it builds.
-1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train, test in-domain;
-   ood_render out-of-domain (ood_emotion6 and ood_binary are drawn but not evaluated: emor3.data.emoscenes says why);
-   cold-start traces). Bad samples stop the run or are counted
+1. Data: ``--data.train`` in any loader format, or EmoScenes generated from the run's seed (train; the final table's
+   test in-domain and compositional, ood_render, ood_unseen out-of-domain, or with ``--data.emoscenes-eval
+   validation`` the validation split alone; ood_emotion6 and ood_binary are drawn but not evaluated:
+   emor3.data.emoscenes says why; cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
 2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
    ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
@@ -48,7 +49,8 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config, config_from_dict, config_to_dict, load_toml, save_config, setting_name
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
-from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, load_emoscenes
+from emor3.data.emoscenes import (CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names,
+                                  load_emoscenes)
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, not_a_folder
@@ -129,8 +131,8 @@ def eval_requests(specs, train: str = "") -> tuple[list[str], list[str]]:
     splits, files, names = [], [], []
     for spec in specs:
         if "=" not in spec:
-            if spec not in SPLITS or not SPLITS[spec].in_table or spec == "train":
-                valid = ", ".join(n for n, sp in SPLITS.items() if sp.in_table and n != "train")
+            if spec not in SPLITS or spec == "train" or not (SPLITS[spec].in_table or SPLITS[spec].selection):
+                valid = ", ".join(n for n, sp in SPLITS.items() if n != "train" and (sp.in_table or sp.selection))
                 raise UsageError(f"--data.eval {spec}: not an EmoScenes split ({valid}); a set of your own is "
                                  "NAME=PATH[:TAXONOMY][@in|@out]")
             splits.append(spec)
@@ -179,10 +181,15 @@ def build_data(cfg: Config):
                                 n_coldstart=d.cold_start, variant=d.emoscenes_variant, on_bad_sample=d.on_bad_sample)
         train = splits["train"]
         cold = splits.get("coldstart")
-        # the sets asked for: EmoScenes' splits by name, else all of them unless sets of the user's are given
-        wanted = asked_splits or ([] if asked_files else [n for n, sp in SPLITS.items() if sp.in_table])
+        # the sets asked for: EmoScenes' splits by name, else --data.emoscenes-eval's unless sets of the user's
+        # are given
+        names = asked_splits or ([] if asked_files else eval_split_names(d.emoscenes_eval, d.emoscenes_variant))
+        missing = [n for n in asked_splits if n not in splits]
+        if missing:
+            raise UsageError(f"--data.eval {','.join(missing)}: not built in this run (a size of 0, or a split of "
+                             "another --data.emoscenes-variant)")
         evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS
-                 if name != "train" and name in splits and name in wanted]
+                 if name in names and name in splits]
     for spec in asked_files:
         name, path, taxonomy, domain = _parse_eval_spec(spec)
         evals.append(EvalSet(name, load_dataset(path, taxonomy, d.on_bad_sample, **budget), domain))
@@ -344,8 +351,8 @@ _RUN_PATTERNS = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|trash)|\.late
 # change is recorded in RUN_DIR/changes.jsonl with the step it took effect. Every other setting is the run's own.
 RESUME_MAY_CHANGE = (("grpo", "steps"), ("run", "progress"), ("run", "logger"), ("run", "threads"),
                      ("run", "keep_checkpoints"), ("run", "save_every"), ("run", "sample_every"), ("data", "eval"),
-                     ("eval", "batch_size"), ("data", "cache_dir"), ("sft", "instruct_cache"),
-                     ("run", "dist_timeout"), ("run", "dist_setup_timeout"))
+                     ("data", "emoscenes_eval"), ("eval", "batch_size"), ("data", "cache_dir"),
+                     ("sft", "instruct_cache"), ("run", "dist_timeout"), ("run", "dist_setup_timeout"))
 # settings that say how this command is run, not what the run is
 _RESUME_IGNORED = (("run", "resume"), ("run", "out"), ("run", "overwrite"), ("run", "dry_run"),
                    ("run", "dry_run_world"))

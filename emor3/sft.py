@@ -40,7 +40,7 @@ from tqdm import tqdm
 from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
-from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, VERSION as EMOSCENES_VERSION,
+from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, INSTRUCT_SCENES_VERSION,
                                   INSTRUCT_STYLES, cue_mentions, describe_scene,
                                   instruct_scenes)
 from emor3.engine.prompts import build_set_messages, encode_samples
@@ -148,7 +148,9 @@ def instruct_key(model, init_dir: Path, cfg) -> str:
     ``model`` as initialised from ``--sft.instruct-seed``) and every setting the stage reads, so a change to any of
     them builds a new one. The run's own seed is not among them: every run seed starts from the same instruct
     checkpoint, as the paper's runs all start from one released instruct model."""
-    h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{EMOSCENES_VERSION}".encode())
+    # the instruct scenes' own version, not EmoScenes' VERSION: a change to the benchmark splits that leaves the
+    # instruct scenes unchanged does not change what this stage trains on
+    h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{INSTRUCT_SCENES_VERSION}".encode())
     for name in ("config.json", "tokenizer.json"):
         h.update((init_dir / name).read_bytes())
     for name, tensor in sorted(model.state_dict().items()):

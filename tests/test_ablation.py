@@ -1,8 +1,13 @@
-"""benchmarks/ablation.py: seeds run in separate processes merge into the report one process would write."""
+"""benchmarks/ablation.py: seeds run in separate processes merge into the report one process would write; the
+statistics against hand-computed values; the README's and RESULTS.md's tables are the committed artifacts' report."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
+
+from emor3.evaluate import paired_t_interval, sign_test, t_quantile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -41,10 +46,12 @@ def test_merge_reports_every_seed_of_every_part(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(f"before\n{ablation.MARK_BEGIN}\nstale table\n{ablation.MARK_END}\nafter\n")
     text = ablation.merge([a, b], md)
-    assert "### shortcut (3 seeds)" in text and "Seeds: shortcut 0,2,1;" in text
-    # EMO-R3 - GRPO per seed, in the merged order (seeds 0, 2, 1): in-domain 52 - (50 + s)
-    assert "| run A^I | 51.0 | 52.0 | +1.0" in text and "| +2.0, +0.0, +1.0 |" in text
-    assert "| cue recall | 45.0 | 60.0 | +15.0 [+15.0, +15.0] |" in text
+    assert "### shortcut (3 seeds)" in text and "Seeds: shortcut 0,1,2;" in text, "rows sorted by seed"
+    # EMO-R3 - GRPO per seed, in seed order: in-domain 52 - (50 + s); 3 seeds: a range, no interval
+    assert "| run A^I | 51.0 | 52.0 | +1.0 | range of 3 seeds [+0.0, +2.0] | – | 2 of 2 > 0, p = 0.5 | " \
+           "+2.0, +1.0, +0.0 |" in text
+    assert "| cue recall | 45.0 | 60.0 | +15.0 | range of 3 seeds [+15.0, +15.0] | – |" in text
+    assert "| GRPO | 51.0 (range 50.0 to 52.0) |" in text, "fewer than 5 seeds: the range, named as such"
     written = md.read_text()
     assert written.startswith("before\n") and written.endswith("after\n") and "stale table" not in written
     assert text in written
@@ -94,3 +101,46 @@ def test_jobs_a_failing_part_stops_the_ablation_and_names_its_log(tmp_path):
         log = tmp_path / "abl" / f"part{k}" / "log.txt"
         assert str(log) in message and "no-such-flag" in log.read_text()
     assert md.read_text() == "untouched\n"
+
+
+def test_statistics_hand_values():
+    # the shortcut variant's format differences: mean 17.1, sd sqrt(1275.96 / 4) = 17.860, t_{0.975, 4} = 2.7764,
+    # half-width 2.7764 * 17.860 / sqrt(5) = 22.176
+    d = [24.7, 45.0, 8.8, 2.8, 4.2]
+    mean, lo, hi = paired_t_interval(d, [0.0] * 5)
+    assert mean == pytest.approx(17.1) and lo == pytest.approx(-5.076, abs=1e-3) and hi == pytest.approx(39.276, abs=1e-3)
+    assert sign_test(d, [0.0] * 5) == (5, 5, pytest.approx(0.0625)), "5 of 5 positive: p = 2 / 2^5"
+    assert sign_test([1, 2, -3, 0], [0, 0, 0, 0]) == (2, 3, pytest.approx(1.0)), "a zero difference is left out"
+    assert sign_test([1] * 8 + [-1], [0] * 9)[2] == pytest.approx(2 * 10 / 512), "P(<= 1 of 9) = (1 + 9) / 512"
+    # Student-t quantiles from the printed tables
+    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (7, 2.3646), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_no_interval_from_fewer_than_five_seeds():
+    assert ablation._mean_ci([10.0, 20.0, 30.0]) == "20.0 (range 10.0 to 30.0)"
+    assert ablation._mean_ci([10.0, 20.0, 30.0, 40.0, 50.0]).startswith("30.0 [")
+    three = ablation.paired_stats([3.0, 1.0, 2.0], [0.0, 0.0, 0.0])
+    assert not three["intervals"] and "ci" not in three and "t_ci" not in three and three["range"] == [1.0, 3.0]
+    five = ablation.paired_stats([24.7, 45.0, 8.8, 2.8, 4.2], [0.0] * 5)
+    assert five["intervals"] and five["t_ci"] == pytest.approx([-5.076, 39.276], abs=1e-3)
+    assert five["ci"][0] > 0 > five["t_ci"][0], "the bootstrap interval excludes 0 where the t-interval does not"
+
+
+def _block(text: str, begin: str, end: str) -> str:
+    assert begin in text and end in text, f"markers {begin} / {end} missing"
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def test_readme_and_results_tables_are_the_artifacts_report():
+    """`python benchmarks/ablation.py --report` regenerates both from benchmarks/ablation_runs/*.json: a table edited
+    by hand, or an artifact changed without regenerating them, fails here."""
+    full, short = ablation.report_texts(ablation.artifact_paths())
+    assert ablation.artifact_paths(), "no committed ablation artifacts"
+    readme = (REPO / "README.md").read_text()
+    assert _block(readme, ablation.README_BEGIN, ablation.README_END).strip() == f"```\n{short}\n```", \
+        "README's ablation tables differ from `python benchmarks/ablation.py --report`"
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    assert full in _block(results, ablation.MARK_BEGIN, ablation.MARK_END), \
+        "RESULTS.md's ablation tables differ from `python benchmarks/ablation.py --report`"

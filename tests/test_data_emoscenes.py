@@ -12,9 +12,10 @@ import pytest
 from emor3.data import MIKELS8, get_taxonomy, load_dataset
 from emor3.data.__main__ import main as cli
 from emor3.data.emoscenes import (
-    BADGE_COLOURS, BASE_STYLE, CUE_VALUES, SHIFTED_STYLE, SHORTCUT_AGREEMENT, SPLITS, all_cue_combinations,
-    coldstart_subset, coldstart_trace, corpus_texts,
-    cue_mentions, label_for, make_emoscenes, make_split, render_scene, rule_label, write_emoscenes,
+    BADGE_COLOURS, BASE_STYLE, CUE_VALUES, HELD_OUT_COMBINATIONS, INSTRUCT_STYLES, SHIFTED_STYLE,
+    SHORTCUT_AGREEMENT, SPLITS, UNSEEN_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
+    cue_mentions, eval_split_names, instruct_scenes, label_for, make_emoscenes, make_split, render_scene, rule_label,
+    seen_combinations, write_emoscenes,
 )
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 
@@ -60,9 +61,11 @@ def test_determinism_by_seed():
 
 
 def test_splits_taxonomies_styles_and_balance():
-    ds = make_emoscenes(seed=0, n_train=64, n_test=32, n_ood=16, n_coldstart=8)
-    assert set(ds) == {"train", "test", "ood_render", "ood_emotion6", "ood_binary", "coldstart"}
-    assert set(ds["train"].label_counts().values()) == {8}, "64 = 2 rounds of the 32 combinations: balanced"
+    ds = make_emoscenes(seed=0, n_train=48, n_test=24, n_ood=16, n_coldstart=8)
+    assert set(ds) == {"train", "validation", "test", "compositional", "ood_render", "ood_unseen", "ood_emotion6",
+                       "ood_binary", "coldstart"}
+    assert set(ds["train"].label_counts().values()) == {6}, "48 = 2 rounds of the 24 seen combinations: balanced"
+    assert set(ds["compositional"].label_counts().values()) == {2}, "16 = 2 rounds of the 8 held out"
     assert ds["ood_emotion6"].taxonomy.name == "emotion6" and ds["ood_binary"].taxonomy.name == "binary"
     for name in ("ood_render", "ood_emotion6", "ood_binary"):
         assert all(s.metadata["domain"] == "out" and s.metadata["style"]["layout"] == "mirrored" for s in ds[name])
@@ -75,7 +78,8 @@ def test_shortcut_present_in_train_and_broken_out_of_domain():
     """The shortcut variant's badge agrees with the rule label ~90 % of the time in train and test and is
     independent of the scene in every out-of-domain split (seeded, so these statistics are fixed numbers)."""
     ds = make_emoscenes(seed=1, n_train=640, n_test=320, n_ood=320, variant="shortcut")
-    assert set(ds) == {"train", "test", "ood_render", "ood_emotion6", "ood_binary", "ood_shortcut"}
+    assert set(ds) == {"train", "validation", "test", "compositional", "ood_render", "ood_unseen", "ood_emotion6",
+                       "ood_binary", "ood_shortcut"}
     assert ds["ood_shortcut"].taxonomy.name == "mikels8" and SPLITS["ood_shortcut"].domain == "out"
     assert all(s.metadata["style"]["layout"] == "base" for s in ds["ood_shortcut"]), "only the shortcut is broken"
 
@@ -118,10 +122,14 @@ def test_shortcut_badge_is_drawn_in_the_corner_only():
     assert "badge=" in s.image.key and "badge=" not in make_split("train", 1, seed=0)[0].image.key
 
 
-def test_ood_binary_is_drawn_but_not_in_the_table():
+def test_which_splits_a_run_evaluates():
     assert not SPLITS["ood_binary"].in_table and not SPLITS["ood_emotion6"].in_table
-    assert [n for n, spec in SPLITS.items() if spec.in_table and spec.variant is None] == \
-        ["train", "test", "ood_render"]
+    assert eval_split_names("table") == ["test", "compositional", "ood_render", "ood_unseen"]
+    assert eval_split_names("table", "shortcut")[-1] == "ood_shortcut"
+    assert eval_split_names("validation") == eval_split_names("validation", "shortcut") == ["validation"], \
+        "choosing settings reads validation and nothing of the final table"
+    with pytest.raises(ValueError, match="validation"):
+        eval_split_names("test")
 
 
 def test_cues_change_the_pixels_where_drawn():
@@ -213,6 +221,7 @@ def test_write_load_validate_round_trip(tmp_path, capsys):
     assert all(accuracy_reward(s.metadata["response"], s.label, MIKELS8) == 1.0 for s in cs)
     assert cli(["validate", str(tmp_path)]) == 0
     assert "[ood_binary]" in capsys.readouterr().out
+    assert {"validation", "test", "compositional", "ood_unseen"} <= set(paths)
     paths = write_emoscenes(tmp_path / "sc", seed=0, n_train=4, n_test=2, n_ood=2, variant="shortcut")
     assert "ood_shortcut" in paths
     disk = load_dataset(tmp_path / "sc", split="train")
@@ -220,7 +229,8 @@ def test_write_load_validate_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["emoscenes", str(tmp_path / "cli"), "--n-train", "4", "--n-test", "2", "--n-ood", "2",
                 "--n-coldstart", "0", "--variant", "shortcut"]) == 0
-    assert "ood_shortcut:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ood_shortcut:" in printed and "validation:" in printed and "compositional:" in printed
     assert load_dataset(tmp_path / "cli", split="test")[0].metadata["shortcut"] in MIKELS8.labels
 
 
@@ -240,3 +250,59 @@ def test_two_processes_writing_the_same_folder_both_get_whole_files(tmp_path):
     (folder,) = list(tmp_path.iterdir())
     assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
     assert cli(["validate", str(folder)]) == 0
+
+
+def _pixels(samples):
+    return {hashlib.sha256(s.open_image().tobytes()).hexdigest() for s in samples}
+
+
+def test_splits_are_disjoint_in_ids_pixels_and_combinations():
+    """validation and test draw from their own seed streams; the compositional hold-out's combinations appear in no
+    split a stage trains or chooses settings on, with a label or without; the unseen rendering is drawn by no
+    training stage (the instruct stage included)."""
+    ds = make_emoscenes(seed=3, n_train=96, n_test=48, n_ood=24, n_coldstart=24)
+    ids = [s.id for name, d in ds.items() if name != "coldstart" for s in d]
+    assert len(ids) == len(set(ids)), "sample ids are unique across splits"
+    pixels = {name: _pixels(d) for name, d in ds.items() if name != "coldstart"}
+    for a, b in itertools.combinations(pixels, 2):
+        assert not pixels[a] & pixels[b], f"{a} and {b} share an image"
+    assert [s.metadata["cues"] for s in ds["validation"]] != [s.metadata["cues"] for s in ds["test"]], \
+        "validation has its own cue order"
+    held = set(HELD_OUT_COMBINATIONS)
+
+    def combos(name):
+        return {(s.metadata["cues"]["face"], s.metadata["cues"]["sky"], s.metadata["cues"]["object"]) for s in ds[name]}
+
+    assert combos("compositional") == held
+    for name in ("train", "coldstart", "validation", "test", "ood_render", "ood_unseen"):
+        assert not combos(name) & held, f"{name} shows a held-out combination"
+    assert combos("train") == {(c["face"], c["sky"], c["object"]) for c in seen_combinations()}
+    assert all(s.metadata["style"] == {"palette": "faded", "scale": 1.1, "layout": "centred"}
+               for s in ds["ood_unseen"])
+    assert UNSEEN_STYLE not in INSTRUCT_STYLES and all(
+        s.image.style in INSTRUCT_STYLES for s in instruct_scenes(8, seed=3)), "no stage trains on ood_unseen"
+    assert all(s.metadata["style"]["palette"] == "base" for s in ds["train"])
+    assert not _pixels(instruct_scenes(64, seed=3)) & set().union(*pixels.values()), \
+        "the instruct stage's scenes are none of the benchmark's images"
+
+
+def test_the_hold_out_is_compositional():
+    """At least 8 combinations, one per label; each held-out combination's face, sky and object values, and each
+    pair of them, occur in training in other combinations, so valence, arousal and family are all learned."""
+    assert len(HELD_OUT_COMBINATIONS) >= 8 and len(set(HELD_OUT_COMBINATIONS)) == len(HELD_OUT_COMBINATIONS)
+    labels = [rule_label(dict(face=f, sky=s, object=o)) for f, s, o in HELD_OUT_COMBINATIONS]
+    assert set(labels) == set(MIKELS8.labels), "at least one held-out combination per label"
+    train = [(c["face"], c["sky"], c["object"]) for c in seen_combinations()]
+    assert len(train) == 32 - len(HELD_OUT_COMBINATIONS)
+    assert set(Counter(rule_label(dict(face=f, sky=s, object=o)) for f, s, o in train).values()) == {3}
+    for combo in HELD_OUT_COMBINATIONS:
+        for i, j in itertools.combinations(range(3), 2):
+            assert any(t[i] == combo[i] and t[j] == combo[j] for t in train), (combo, i, j)
+
+
+def test_unseen_rendering_differs_from_both_trained_ones():
+    base = dict(face="smile", sky="sunny", object="gift")
+    imgs = {st.palette: np.asarray(render_scene(base, style=st, rng=random.Random(7)), dtype=np.int16)
+            for st in (BASE_STYLE, SHIFTED_STYLE, UNSEEN_STYLE)}
+    for other in ("base", "shifted"):
+        assert (np.abs(imgs["faded"] - imgs[other]).sum(-1) > 30).mean() > 0.5, other

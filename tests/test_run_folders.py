@@ -263,9 +263,12 @@ def test_a_crash_in_sft_then_the_named_command_works(tmp_path, capsys):
 def test_a_crash_in_the_final_evaluation_resumes(tmp_path):
     run = tmp_path / "run"
     save_config(_tiny(tmp_path, run, grpo={"steps": 1}), tmp_path / "cfg.toml")
-    # the baseline evaluates 2 sets before training; the 3rd set evaluated is the final evaluation's first
+    from emor3.data.emoscenes import eval_split_names
+
+    # the baseline evaluates the table's sets before training; the next set evaluated is the final evaluation's first
+    first_final = len(eval_split_names()) + 1
     r = _run(["-m", "emor3.grpo.train", "--config", str(tmp_path / "cfg.toml")], REPO,
-             {"EMOR3_FAULT_AT": "3:evaluated set"})
+             {"EMOR3_FAULT_AT": f"{first_final}:evaluated set"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert latest_checkpoint(run) is not None and not (run / "results.json").exists()
     train(_parse(["--resume", str(run)]))
@@ -379,7 +382,9 @@ def test_only_the_asked_sets_are_evaluated(tmp_path):
     both = _tiny(tmp_path, tmp_path / "r", data={**d, "eval": [f"mine={paths['test']}@in", "ood_render"]})
     assert [e.name for e in build_data(both)[2]] == ["ood_render", "mine"]
     default = _tiny(tmp_path, tmp_path / "r", data=d)
-    assert [e.name for e in build_data(default)[2]] == ["test", "ood_render"], "no set given: EmoScenes'"
+    from emor3.data.emoscenes import eval_split_names
+
+    assert [e.name for e in build_data(default)[2]] == eval_split_names(), "no set given: EmoScenes' table splits"
 
 
 def test_a_colon_in_an_eval_path(tmp_path, monkeypatch):

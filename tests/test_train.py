@@ -95,9 +95,10 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
     assert set(results) == {"initial", "emo_r3"}, "the table has the starting point and the trained policy"
     table = (out / "results.md").read_text().splitlines()
     sets = list(results["emo_r3"]["sets"])
-    assert sets == ["test", "ood_render"], "ood_emotion6 and ood_binary are drawn but not in the table"
-    assert table[0] == ("| Model | test^I | ood_render | run A^I | run A^O | run A | format % | "
-                        "cue recall % | hallucinated cues % |")
+    assert sets == ["test", "compositional", "ood_render", "ood_unseen"], \
+        "validation, ood_emotion6 and ood_binary are drawn but not in the table"
+    assert table[0].startswith("| Model | test^I | compositional | ood_render | ood_unseen | run A^I | run A^O | "
+                               "run A | format % | no step 1 % | cue recall % | hallucinated cues % |")
     assert [line.split(" | ")[0] for line in table[2:]] == ["| initial", "| emo_r3"]
     acc = results["emo_r3"]["sets"]["test"]["accuracy"]
     lo, hi = results["emo_r3"]["sets"]["test"]["accuracy_ci"]

@@ -131,17 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=validate)
 
     e = sub.add_parser("emoscenes", help="write the EmoScenes splits (JSONL manifests + PNG images)",
-                       description="Write EmoScenes splits under OUT_DIR: train.jsonl, test.jsonl, "
-                                   "ood_render.jsonl, ood_emotion6.jsonl, ood_binary.jsonl, coldstart.jsonl and "
+                       description="Write EmoScenes splits under OUT_DIR: train.jsonl, validation.jsonl, "
+                                   "test.jsonl, compositional.jsonl, ood_render.jsonl, ood_unseen.jsonl, "
+                                   "ood_emotion6.jsonl, ood_binary.jsonl, coldstart.jsonl and "
                                    "images/<split>/*.png. Deterministic from --seed; a folder already holding the "
                                    "same settings is reused.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("out_dir", help="output folder (created; reused if it holds the same settings)")
     e.add_argument("--seed", type=int, default=0, help="seed of cue draws, rendering jitter and label noise")
     e.add_argument("--n-train", type=int, default=d.emoscenes_train, help="training samples (Mikels' 8)")
-    e.add_argument("--n-test", type=int, default=d.emoscenes_test, help="in-domain test samples (Mikels' 8)")
+    e.add_argument("--n-test", type=int, default=d.emoscenes_test,
+                   help="in-domain test samples, and as many validation samples (Mikels' 8)")
     e.add_argument("--n-ood", type=int, default=d.emoscenes_ood,
-                   help="samples in each out-of-domain split (ood_render, ood_emotion6, ood_binary)")
+                   help="samples in each out-of-domain split (compositional, ood_render, ood_unseen, ood_emotion6, "
+                        "ood_binary)")
     e.add_argument("--n-coldstart", type=int, default=d.cold_start,
                    help="training samples that get a SET reference response (coldstart.jsonl)")
     e.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")

@@ -18,16 +18,36 @@ The rule (Mikels' 8). Each cue sets one property; the label is the pair of prope
               negative/high: anger (personal), fear (nature)
               negative/low:  sadness (personal), disgust (nature)
 So one cue alone leaves 4 labels possible, two cues leave 2, all three decide (tests check this over the whole
-table); valence and arousal follow `emor3.data.taxonomy.MIKELS8`. Cues are drawn as a shuffled, repeated list of all
-2*4*4 = 32 combinations, so labels are balanced. With `label_noise` p, a training label is replaced with prob. p by
-a uniformly drawn different label (metadata keeps `rule_label` and `noisy`); evaluation splits are clean.
+table); valence and arousal follow `emor3.data.taxonomy.MIKELS8`. Cues are drawn as a shuffled, repeated list of a
+split's combinations (`cue_rounds`), so labels are balanced. With `label_noise` p, a training label is replaced with
+prob. p by a uniformly drawn different label (metadata keeps `rule_label` and `noisy`); evaluation splits are clean.
 
-Splits (`SPLITS`): `train`, `test` (Mikels' 8, base rendering: in-domain); `ood_render` (Mikels' 8, shifted
-rendering); `ood_emotion6` and `ood_binary` (shifted rendering and a different taxonomy: out-of-domain). The shifted
-rendering changes the palette (every colour), the size (0.8x) and the layout (mirrored: face right, object left,
-sky element top left). Emotion6 labels come from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement,
-contentment and excitement -> joy; awe -> surprise; the four negative labels keep their names); binary labels are
-the valence. With the in-domain `test` this gives a toy A^I / A^O / A table.
+Splits (`SPLITS`, version 4). Every split draws its cue order and its images from its own seed stream (the split's
+name is in every seed string), so no two share an id or an image. Of the 32 combinations, 8 are held out
+(`HELD_OUT_COMBINATIONS`, one per label; each of their face, sky and object values, and each pair of them, occurs in
+training in other combinations); every split but `compositional` (and the two other-taxonomy splits) draws the
+other 24.
+- `train` (base rendering; the Cold-Start traces are drawn from it): what Cold-Start SFT and GRPO train on.
+- `validation` (base rendering, as many images as test): the split settings are chosen on. A run evaluates it
+  instead of the final table's splits with ``--data.emoscenes-eval validation``, and then reads no test image.
+- `test` (base rendering, in-domain): sealed. Only the final tables read it: the table at the end of
+  ``python -m emor3.grpo.train`` (its Cold-Start row is evaluated when GRPO starts, and selects nothing),
+  ``python -m emor3.evaluate`` and ``benchmarks/ablation.py``.
+- `compositional` (base rendering, out-of-domain): the 8 held-out combinations. A lookup of seen combinations
+  cannot answer them; reasoning through valence, arousal and family (SET's step 3) can. The instruct stage shows
+  these scenes, without labels (it draws every combination, to describe them and answer questions about cues).
+- `ood_render` (Mikels' 8, shifted rendering): the palette (every colour), the size (0.8x) and the layout (mirrored:
+  face right, object left, sky element top left) change. The instruct stage trains on this rendering (no label), so
+  it tests whether the cue-to-label reasoning Cold-Start SFT and GRPO learn on the base rendering carries over to a
+  rendering the model already perceives, not perception of an unseen one.
+- `ood_unseen` (Mikels' 8, `UNSEEN_STYLE`): a rendering no stage trains on, the instruct stage included (washed-out
+  colours, 1.1x shapes, the sky element centred): perception and reasoning both out of domain.
+- `ood_emotion6` and `ood_binary` (shifted rendering, every combination, another taxonomy). Emotion6 labels come
+  from the Mikels label (`MIKELS_TO_EMOTION6`, our choice: amusement, contentment and excitement -> joy; awe ->
+  surprise; the four negative labels keep their names); binary labels are the valence.
+The final table (`eval_split_names`) is test (A^I) and compositional, ood_render and ood_unseen (A^O). What the
+tokenizer of the tiny model is trained on (`corpus_texts`: traces of all 32 combinations) is text for its BPE
+merges, never a training example of the model.
 
 What the out-of-domain taxonomies can measure. The cold-start traces all answer in Mikels' 8, so a model trained
 here has only ever boxed those eight words, after a prompt that only ever listed them. Binary shares none
@@ -36,13 +56,12 @@ there every time, 0 % whatever it learned. Emotion6 shares four (anger, disgust,
 does not carry its SET reasoning over to a prompt with another label list: at the default settings the Cold-Start
 checkpoints of seeds 0 and 2 answered 18.75 % and 11.50 % of `ood_emotion6` in the SET format, and their EMO-R3
 policies 26.25 % and 8.25 % (benchmarks/RESULTS.md, "ablation"), so the split measures how the model breaks on an
-unseen prompt, not emotion transfer. Both are generated and written to disk but are not in the evaluation table
-(`SplitSpec.in_table`); `ood_render` (the same labels, a shifted rendering) is the out-of-domain set of the default
-table (and `ood_shortcut` of the shortcut variant's).
+unseen prompt, not emotion transfer (measured with EmoScenes v3). Both are generated and written to disk but are not
+in the evaluation table (`SplitSpec.in_table`).
 
 Variants (`VARIANTS`, `--data.emoscenes-variant`). `default` is the above. `shortcut` adds a coloured badge in the
-bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train` and `test` it
-is the colour of the scene's rule label with probability `SHORTCUT_AGREEMENT` (else another label's, drawn
+bottom-left corner whose colour is one of eight (`BADGE_COLOURS`, one per Mikels label): in `train`, `validation`
+and `test` it is the colour of the scene's rule label with probability `SHORTCUT_AGREEMENT` (else another label's, drawn
 uniformly), in every out-of-domain split it is drawn uniformly, independent of the scene; an extra split
 `ood_shortcut` (Mikels' 8, base rendering) isolates the broken shortcut from the rendering shift. A policy that reads
 the badge instead of the three cues does well in-domain and at chance on `ood_shortcut`, and its step 1 need not name
@@ -54,7 +73,8 @@ Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
     feel playful and amused.</step2><step3>The smile makes it positive; the sunny sky gives high arousal.</step3>
     \\boxed{amusement}
 with several phrasings per step (under 60 words), chosen by a seeded RNG. `cue_mentions(step1, cues)` says which
-true cues a step-1 text names and which absent cues it claims (visual-text consistency at evaluation).
+true cues a step-1 text names and which absent cues it claims (visual-text consistency at evaluation);
+`step3_claims(step3)` which valence and arousal a step 3 concludes (step-3 correctness and answer agreement).
 
 Determinism: each split's cue list and each image come from `random.Random` seeded with a string built from the
 seed, split and index (string seeds hash with SHA-512, so they do not depend on PYTHONHASHSEED). Drawing is
@@ -77,7 +97,11 @@ from PIL import Image, ImageDraw
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
-VERSION = 3  # bump when drawing or rule changes, so cached folders are regenerated
+VERSION = 4  # bump when drawing, splits or rule change, so cached folders are regenerated
+# the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
+# change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
+# the shipped one) valid; bump it when the instruct scenes change. Version 4 changed the splits only.
+INSTRUCT_SCENES_VERSION = 3
 
 FACES = ("smile", "frown")
 SKIES = ("sunny", "stormy", "dusk", "night")
@@ -101,11 +125,47 @@ def all_cue_combinations() -> list[dict[str, str]]:
     return [dict(face=f, sky=s, object=o) for f, s, o in itertools.product(FACES, SKIES, OBJECTS)]
 
 
-def cue_rounds(n: int, rng: random.Random) -> list[dict[str, str]]:
-    """n cue combinations drawn as shuffled full rounds of all 32 (so labels are balanced), shuffled by rng."""
+# The compositional hold-out: one (face, sky, object) combination per label, never drawn with a label in train, in
+# validation, in test or in the Cold-Start traces. Each sky and each object is held out twice, once per face, and
+# each pair of a held-out combination's values (face+sky, face+object, sky+object) occurs in training in another
+# combination (the held-out sky+object pair with the other face), so every face, sky and object value, and every
+# valence, arousal and family, is learned from other scenes: a policy that reasons through valence, arousal and
+# family (SET's step 3) can answer these, a lookup of seen combinations cannot.
+HELD_OUT_COMBINATIONS = (
+    ("smile", "sunny", "gift"),     # amusement
+    ("smile", "stormy", "flower"),  # excitement
+    ("smile", "dusk", "heart"),     # contentment
+    ("smile", "night", "spider"),   # awe
+    ("frown", "stormy", "gift"),    # anger
+    ("frown", "sunny", "spider"),   # fear
+    ("frown", "night", "heart"),    # sadness
+    ("frown", "dusk", "flower"),    # disgust
+)
+
+
+def _key(cues: dict[str, str]) -> tuple[str, str, str]:
+    return cues["face"], cues["sky"], cues["object"]
+
+
+def seen_combinations() -> list[dict[str, str]]:
+    """The 24 combinations training draws (three per label): all but `HELD_OUT_COMBINATIONS`."""
+    return [c for c in all_cue_combinations() if _key(c) not in HELD_OUT_COMBINATIONS]
+
+
+def held_out_combinations() -> list[dict[str, str]]:
+    return [c for c in all_cue_combinations() if _key(c) in HELD_OUT_COMBINATIONS]
+
+
+COMBINATIONS = {"all": all_cue_combinations, "seen": seen_combinations, "held_out": held_out_combinations}
+
+
+def cue_rounds(n: int, rng: random.Random, combos: str = "all") -> list[dict[str, str]]:
+    """n cue combinations drawn as shuffled full rounds of the ``combos`` set (`COMBINATIONS`: all 32, the 24 seen
+    in training, the 8 held out; each has as many combinations per label, so labels are balanced), shuffled by
+    rng."""
     out: list[dict[str, str]] = []
     while len(out) < n:
-        block = all_cue_combinations()
+        block = COMBINATIONS[combos]()
         rng.shuffle(block)
         out.extend(block)
     return out[:n]
@@ -142,7 +202,8 @@ BADGE_COLOURS = {
 
 @dataclass(frozen=True)
 class RenderStyle:
-    """palette: "base" | "shifted"; scale: size of face and object; layout: "base" | "mirrored"."""
+    """palette: a key of `PALETTES` ("base", "shifted", "faded"); scale: size of face and object; layout: a key of
+    `LAYOUTS`."""
 
     palette: str = "base"
     scale: float = 1.0
@@ -151,6 +212,14 @@ class RenderStyle:
 
 BASE_STYLE = RenderStyle()
 SHIFTED_STYLE = RenderStyle(palette="shifted", scale=0.8, layout="mirrored")
+# the rendering no stage trains on (not in train, the Cold-Start traces or the instruct stage's `INSTRUCT_STYLES`):
+# washed-out colours (the base palette faded halfway to grey, `PALETTES["faded"]`), larger shapes, the sky element
+# centred. Faded rather than recoloured: under new hues the shipped instruct model names few of the objects, so labels
+# there would sit near chance whatever a policy reasons; faded scenes it sees in part (benchmarks/perception.py
+# measures how much).
+UNSEEN_STYLE = RenderStyle(palette="faded", scale=1.1, layout="centred")
+# x of the sky element, the face and the object, as fractions of the side
+LAYOUTS = {"base": (0.78, 0.30, 0.72), "mirrored": (0.22, 0.70, 0.28), "centred": (0.50, 0.28, 0.74)}
 
 PALETTES = {
     "base": dict(
@@ -167,6 +236,16 @@ PALETTES = {
         halo=(235, 220, 170),
         petal=(250, 250, 130), petal_center=(240, 120, 30), stem=(20, 110, 90)),
 }
+
+
+def _faded(rgb: tuple[int, int, int], amount: float = 0.5) -> tuple[int, ...]:
+    """A colour moved ``amount`` of the way to its own grey level: a washed-out version of it."""
+    grey = sum(rgb) / 3
+    return tuple(round(c + (grey - c) * amount) for c in rgb)
+
+
+# the rendering no stage trains on: the base palette faded halfway to grey
+PALETTES["faded"] = {k: _faded(v) for k, v in PALETTES["base"].items()}
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> tuple[int, ...]:
@@ -187,14 +266,14 @@ def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = 
         for y in range(S):
             t = y / max(1, S - 1)
             d.line([(0, y), (S, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bot)))
-    mirrored = style.layout == "mirrored"
-    sx = (0.22 if mirrored else 0.78) * S + rng.uniform(-0.04, 0.04) * S
+    sky_x, face_x, object_x = LAYOUTS[style.layout]
+    sx = sky_x * S + rng.uniform(-0.04, 0.04) * S
     sy = 0.19 * S + rng.uniform(-0.03, 0.03) * S
     _draw_sky(d, cues["sky"], sx, sy, S, pal, rng)
     d.rectangle([0, round(0.84 * S), S, S], fill=pal["ground"])
     k = style.scale * rng.uniform(0.92, 1.08)
-    fx = (0.70 if mirrored else 0.30) * S + rng.uniform(-0.04, 0.04) * S
-    ox = (0.28 if mirrored else 0.72) * S + rng.uniform(-0.04, 0.04) * S
+    fx = face_x * S + rng.uniform(-0.04, 0.04) * S
+    ox = object_x * S + rng.uniform(-0.04, 0.04) * S
     fy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     oy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     _draw_face(d, cues["face"], fx, fy, 0.2 * S * k, S, pal)
@@ -334,27 +413,44 @@ class SplitSpec:
     style: RenderStyle
     noisy: bool = False  # only the training split gets label noise
     domain: str = "in"   # "in" or "out": which average of the A^I / A^O table it counts towards
-    in_table: bool = True  # evaluated in a run's table (module docstring: what ood_binary cannot measure)
+    in_table: bool = True  # evaluated in a run's final table (module docstring: what ood_binary cannot measure)
     variant: str | None = None  # the only variant that has this split; None: every variant
+    combos: str = "seen"  # which cue combinations it draws (`COMBINATIONS`): the 24 seen in training by default
+    selection: bool = False  # the split settings are chosen on (`--data.emoscenes-eval validation`)
 
 
 SPLITS = {
-    "train": SplitSpec("mikels8", BASE_STYLE, noisy=True),
+    "train": SplitSpec("mikels8", BASE_STYLE, noisy=True, in_table=False),
+    "validation": SplitSpec("mikels8", BASE_STYLE, in_table=False, selection=True),
     "test": SplitSpec("mikels8", BASE_STYLE),
+    "compositional": SplitSpec("mikels8", BASE_STYLE, domain="out", combos="held_out"),
     "ood_render": SplitSpec("mikels8", SHIFTED_STYLE, domain="out"),
-    "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out", in_table=False),
-    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False),
+    "ood_unseen": SplitSpec("mikels8", UNSEEN_STYLE, domain="out"),
+    "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
+    "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
     "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
 }
 VARIANTS = ("default", "shortcut")
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
+EVAL_SPLITS = ("table", "validation")  # what a run evaluates (`eval_split_names`)
+
+
+def eval_split_names(which: str = "table", variant: str = "default") -> list[str]:
+    """The splits a run evaluates: "table", the final table's (test, compositional, ood_render, ood_unseen, and
+    ood_shortcut in the shortcut variant); "validation", the split settings are chosen on, which reads no test
+    image."""
+    if which not in EVAL_SPLITS:
+        raise ValueError(f"unknown EmoScenes evaluation {which!r}; known: {', '.join(EVAL_SPLITS)}")
+    names = split_sizes(0, 0, 0, variant)
+    return [n for n in names if (SPLITS[n].selection if which == "validation" else SPLITS[n].in_table)]
 
 
 def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default") -> dict[str, int]:
-    """The splits a variant has, in `SPLITS` order, with their sizes (out-of-domain splits get n_ood each)."""
+    """The splits a variant has, in `SPLITS` order, with their sizes: validation as many as test, every
+    out-of-domain split (the compositional hold-out included) n_ood."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
-    n = {"train": n_train, "test": n_test}
+    n = {"train": n_train, "validation": n_test, "test": n_test}
     return {name: n.get(name, n_ood) for name, spec in SPLITS.items() if spec.variant in (None, variant)}
 
 
@@ -378,7 +474,8 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
         raise KeyError(f"EmoScenes split {split!r} exists only in the {SPLITS[split].variant!r} variant")
     spec = SPLITS[split]
     tax = get_taxonomy(spec.taxonomy)
-    cue_list = cue_rounds(n, random.Random(f"emoscenes:{seed}:{split}:order"))
+    # every split has its own seed stream (the split's name is in every seed string)
+    cue_list = cue_rounds(n, random.Random(f"emoscenes:{seed}:{split}:order"), spec.combos)
     samples = []
     for i, cues in enumerate(cue_list):
         truth = label_for(cues, tax.name)
@@ -424,8 +521,8 @@ def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
 def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_size: int = 112,
                    label_noise: float = 0.0, n_coldstart: int = 0,
                    variant: str = "default") -> dict[str, EmotionDataset]:
-    """All splits of a variant in memory (images drawn on first access): train, test, ood_*, and coldstart if
-    n_coldstart."""
+    """All splits of a variant in memory (images drawn on first access): train, validation, test, compositional,
+    ood_*, and coldstart if n_coldstart."""
     out: dict[str, EmotionDataset] = {}
     for split, n in split_sizes(n_train, n_test, n_ood, variant).items():
         if n <= 0:
@@ -601,14 +698,22 @@ CUE_SYNONYMS = {
                "spider": ("spider", "spiders", "tarantula"),
                "flower": ("flower", "flowers", "blossom", "bloom", "daisy")},
 }
-# a negation word, then at most two words before the mention, within one clause: "no big spider" negates the spider,
-# "not stormy, a spider" does not (punctuation ends the negation's scope)
-_NEGATION = re.compile(r"\b(no|not|without|never|nor|isn't|aren't|n't)\s+(\w+\s+){0,2}$", re.I)
+# words of one value that name an element another value's scene draws too: a dusk scene draws a red sun, so "the
+# sun" there names no sunny sky and is no wrong claim either (in a sunny scene it names the sunny sky, in a stormy or
+# night one it claims it)
+ALSO_DRAWN = {"sky": {"dusk": ("sun",)}}
+# a negation, then at most two words before the mention, within one clause: "no big spider" and "I don't see a
+# spider" negate the spider, "not stormy, a spider" and "not a gift but a spider" do not (punctuation and "but" end
+# the negation's scope). The contraction "n't" ends a word ("don't", "isn't"), so it has no word boundary before it.
+# Idioms whose negation negates nothing after them ("no doubt a smiling face", "not only a gift") are not negations.
+_NEGATION = re.compile(r"(?:\b(?:no|not|without|never|nor)|n['’]t)\s+(?!(?:doubt|only|question|wonder)\b)"
+                       r"(?:(?!but\b)\w+\s+){0,2}$", re.I)
 
 
 @dataclass(frozen=True)
 class CueMentions:
-    """Which true cues a text names (`named`, per cue type) and which absent cue values it claims (`wrong`)."""
+    """Which true cues a text names (`named`, per cue kind) and which absent cue values it claims (`wrong`, pairs
+    (kind, value))."""
 
     named: dict
     wrong: tuple
@@ -619,10 +724,16 @@ class CueMentions:
         return sum(self.named.values()) / max(1, len(self.named))
 
     @property
+    def wrong_kinds(self) -> dict:
+        """Per cue kind of the scene: does the text claim a value of that kind that is not in the scene."""
+        claimed = {kind for kind, _ in self.wrong}
+        return {kind: kind in claimed for kind in self.named}
+
+    @property
     def hallucination(self) -> float:
         """Share of the scene's cue kinds for which the text claims a value that is not in the scene ("a spider"
         beside a gift). A text may both name the true value and claim a wrong one: the two rates are separate."""
-        return len({kind for kind, _ in self.wrong}) / max(1, len(self.named))
+        return sum(self.wrong_kinds.values()) / max(1, len(self.named))
 
     @property
     def precision(self) -> float:
@@ -639,15 +750,41 @@ def _mentions(text: str, words: tuple[str, ...]) -> bool:
 
 
 def cue_mentions(step1: str | None, cues: dict[str, Any]) -> CueMentions:
-    """Which of the scene's true cues `step1` names, and which cue values it names that are not in the scene."""
+    """Which of the scene's true cues `step1` names, and which cue values it names that are not in the scene (a word
+    in `ALSO_DRAWN` for the scene's own value claims nothing)."""
     text = step1 or ""
     named, wrong = {}, []
     for kind, values in CUE_SYNONYMS.items():
         if kind not in cues:
             continue
         named[kind] = _mentions(text, values[cues[kind]])
-        wrong += [(kind, v) for v, words in values.items() if v != cues[kind] and _mentions(text, words)]
+        shared = set(ALSO_DRAWN.get(kind, {}).get(cues[kind], ()))
+        wrong += [(kind, v) for v, words in values.items()
+                  if v != cues[kind] and _mentions(text, tuple(w for w in words if w not in shared))]
     return CueMentions(named, tuple(wrong))
+
+
+# what step 3 concludes: the valence and the arousal it states, matched as whole words outside a negation
+_VALENCE_WORDS = {"positive": ("positive", "pleasant"), "negative": ("negative", "unpleasant")}
+_AROUSAL_PATTERNS = {a: (re.compile(rf"\b{a}(?:[- ]\w+)?\s+arousal\b", re.I),
+                         re.compile(rf"\barousal\s+(?:is\s+|was\s+|of\s+)?{a}\b", re.I))
+                     for a in ("high", "low")}
+
+
+def step3_claims(step3: str | None) -> tuple[str | None, str | None]:
+    """(valence, arousal) that a step-3 text states: "positive" / "negative" where exactly one of them is stated
+    (not negated: "not positive but negative" is negative), "high" / "low" where exactly one is stated next to the
+    word arousal ("high arousal", "arousal is low"); None where the text states neither or both."""
+    text = step3 or ""
+    valences = [v for v, words in _VALENCE_WORDS.items() if _mentions(text, words)]
+    arousals = [a for a, pats in _AROUSAL_PATTERNS.items()
+                if any(not _NEGATION.search(text[: m.start()]) for p in pats for m in p.finditer(text))]
+    return (valences[0] if len(valences) == 1 else None), (arousals[0] if len(arousals) == 1 else None)
+
+
+def scene_properties(cues: dict[str, str]) -> tuple[str, str]:
+    """(valence, arousal) of a scene, by the rule (module docstring)."""
+    return VALENCE_OF_FACE[cues["face"]], AROUSAL_OF_SKY[cues["sky"]]
 
 
 def corpus_texts(seed: int = 0, repeats: int = 2) -> list[str]:

@@ -1,0 +1,172 @@
+"""Settings chosen on EmoScenes' validation split only: Cold-Start SFT's step count, then each method's learning rate.
+
+Every run here evaluates with ``--data.emoscenes-eval validation``, so no test image is read while choosing.
+1. Cold-Start SFT, early stopping over a step grid: per selection seed and per step count of ``--sft-steps``,
+   Cold-Start SFT for that many steps (``python -m emor3.sft``), the checkpoint evaluated on validation
+   (``python -m emor3.evaluate``). The chosen count is the one with the best mean validation accuracy over the
+   seeds, the smaller count on a tie: past it, validation stopped improving. Its curve (steps -> accuracy per seed)
+   is part of the report.
+2. Each method's learning rate, at one step budget: per seed, method (``--methods``) and learning rate (``--lrs``),
+   GRPO training from that seed's Cold-Start checkpoint at the chosen step count (``--sft.steps 0``), the same
+   ``--grpo.steps`` for all, evaluated on validation. Each method keeps the rate with its best mean validation
+   accuracy over the seeds (the smaller rate on a tie): every method at its own best, none inheriting another's.
+Use selection seeds that are not the reporting seeds. The record (every score and the choices) is written to
+OUT/selection.json and OUT/selection.md after every run, and with ``--results-md`` into benchmarks/RESULTS.md
+between the ``<!-- selection:begin -->`` / ``<!-- selection:end -->`` markers.
+
+    python benchmarks/selection.py --seeds 100,101,102 --sft-steps 100,200,300,500,800 --lrs 1e-4,3e-4,5e-4
+    python benchmarks/selection.py --seeds 100 --sft-steps 4,8 --lrs 1e-4,3e-4 --extra --config examples/quick.toml
+
+Cost at the default sizes: stage 1 trains sum(--sft-steps) SFT steps per seed, stage 2 runs
+len(methods) x len(lrs) GRPO runs per seed (each about a default run without its instruct stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from emor3.config import parse_args
+from emor3.evaluate import main as evaluate_main
+from emor3.grpo.train import train
+from emor3.sft import main as sft_main
+
+SELECT = ["--data.emoscenes-eval", "validation"]  # every run of the selection reads validation, never test
+MARK_BEGIN, MARK_END = "<!-- selection:begin -->", "<!-- selection:end -->"
+
+
+def validation_accuracy(rows: dict, name: str) -> float:
+    """The validation accuracy of row ``name`` of a results.json; an error if the run evaluated anything else."""
+    sets = rows[name]["sets"]
+    if set(sets) != {"validation"}:
+        raise RuntimeError(f"a selection run evaluated {sorted(sets)}: it must read validation only")
+    return sets["validation"]["accuracy"]
+
+
+def choose(grid: list, scores: dict) -> object:
+    """The grid value with the best mean score over seeds; on a tie the earlier one in ``grid`` (the smaller step
+    count or rate when the grid is sorted)."""
+    means = {v: statistics.mean(scores[v]) for v in grid if scores.get(v)}
+    if not means:
+        raise ValueError("no scores to choose from")
+    best = max(means.values())
+    return next(v for v in grid if v in means and means[v] == best)
+
+
+def sft_point(seed: int, steps: int, out: Path, extra: list[str]) -> float:
+    """Cold-Start SFT of ``steps`` steps for ``seed`` into ``out/sft``, then its validation accuracy."""
+    common = ["--seed", str(seed), "--run.progress", "false", "--overwrite", *SELECT, *extra]
+    sft_main(["--out", str(out), "--sft.steps", str(steps), *common])
+    evaluate_main(["--model.path", str(out / "sft"), "--out", str(out / "eval"), *common])
+    return validation_accuracy(json.loads((out / "eval" / "results.json").read_text()), "sft")
+
+
+def grpo_point(algo: str, lr: str, seed: int, sft_dir: Path, out: Path, extra: list[str]) -> float:
+    """``algo`` at learning rate ``lr`` from the Cold-Start checkpoint ``sft_dir``, its validation accuracy."""
+    # from a checkpoint by path, the run keeps the tiny run's loss normaliser (as benchmarks/ablation.py does)
+    res = train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out), "--run.progress", "false",
+                            "--overwrite", "--model.path", str(sft_dir), "--sft.steps", "0", "--grpo.loss-scope",
+                            "mini-batch", "--grpo.lr", lr, *SELECT, *extra], "selection", ""))
+    return validation_accuracy(res, algo)
+
+
+def _cell(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} (range {min(xs):.2f} to {max(xs):.2f})"
+
+
+def report(rec: dict) -> str:
+    """The record as markdown: the SFT curve, the learning-rate grid per method, and the choices."""
+    seeds = rec["seeds"]
+    lines = [f"Command: `{rec['command']}`. Selection seeds: {', '.join(map(str, seeds))}; every run evaluated on "
+             f"`validation` only. Cells: validation accuracy %, mean over seeds (range of the seeds).", "",
+             "Cold-Start SFT (early stopping over steps):", "",
+             "| SFT steps | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---" * (len(seeds) + 2) + "|"]
+    for steps in rec["sft_steps"]:
+        per = rec["sft"].get(str(steps), {})
+        cells = [f"{per[str(s)]:.2f}" if str(s) in per else "–" for s in seeds]
+        lines.append(f"| {steps} | " + " | ".join(cells) + f" | {_cell(list(per.values()))} |")
+    if rec.get("sft_choice") is not None:
+        lines += ["", f"Chosen: {rec['sft_choice']} Cold-Start steps."]
+    if rec.get("grpo"):
+        lrs = rec["lrs"]
+        lines += ["", f"Learning rate per method ({rec['grpo_steps']} GRPO steps from the chosen Cold-Start "
+                  "checkpoint of each seed):", "", "| method | " + " | ".join(f"lr {lr}" for lr in lrs)
+                  + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
+        for algo, per_lr in rec["grpo"].items():
+            cells = [_cell(list(per_lr.get(lr, {}).values())) for lr in lrs]
+            lines.append(f"| {algo} | " + " | ".join(cells) + f" | {rec['lr_choice'].get(algo, '–')} |")
+    return "\n".join(lines)
+
+
+def write_results_md(path: Path, text: str) -> None:
+    """Replace the selection block of RESULTS.md (between the markers), or append one."""
+    old = path.read_text() if path.is_file() else ""
+    block = f"{MARK_BEGIN}\n## selection: benchmarks/selection.py (its own output)\n\n{text}\n{MARK_END}"
+    if MARK_BEGIN in old and MARK_END in old:
+        head, rest = old.split(MARK_BEGIN, 1)
+        new = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="100,101,102", help="comma-separated selection seeds (not reporting seeds)")
+    ap.add_argument("--sft-steps", default="100,200,300,500,800", help="Cold-Start SFT step grid, ascending")
+    ap.add_argument("--lrs", default="1e-4,3e-4,5e-4", help="learning-rate grid, every method the same")
+    ap.add_argument("--methods", default="grpo,dapo,emo_r3", help="comma-separated --algo values")
+    ap.add_argument("--out", type=Path, default=Path("runs/selection"))
+    ap.add_argument("--results-md", default="", help="also write the record into this RESULTS.md (empty: nowhere)")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = ap.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    steps_grid = [int(s) for s in a.sft_steps.split(",") if s]
+    lrs = [lr for lr in a.lrs.split(",") if lr]
+    methods = [m for m in a.methods.split(",") if m]
+    grpo_steps = parse_args(a.extra, "selection", "").grpo.steps
+    rec: dict = {"command": "python benchmarks/selection.py " + " ".join(argv), "seeds": seeds,
+                 "sft_steps": steps_grid, "lrs": lrs, "grpo_steps": grpo_steps, "sft": {}, "sft_choice": None, "grpo": {}, "lr_choice": {},
+                 "started": time.time()}
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        rec["ended"] = time.time()
+        (a.out / "selection.json").write_text(json.dumps(rec, indent=2))
+        (a.out / "selection.md").write_text(report(rec) + "\n")
+
+    for steps in steps_grid:  # 1. Cold-Start SFT's curve on validation
+        for seed in seeds:
+            acc = sft_point(seed, steps, a.out / "sft" / f"steps{steps}" / f"seed{seed}", a.extra)
+            rec["sft"].setdefault(str(steps), {})[str(seed)] = acc
+            save()
+    rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
+    save()
+    for algo in methods:  # 2. each method's learning rate, from the chosen Cold-Start checkpoint
+        for lr in lrs:
+            for seed in seeds:
+                sft_dir = a.out / "sft" / f"steps{rec['sft_choice']}" / f"seed{seed}" / "sft"
+                acc = grpo_point(algo, lr, seed, sft_dir, a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)
+                rec["grpo"].setdefault(algo, {}).setdefault(lr, {})[str(seed)] = acc
+                save()
+        rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+        save()
+    text = report(rec)
+    if a.results_md:
+        write_results_md(Path(a.results_md), text)
+    print(text)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
