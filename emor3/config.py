@@ -24,9 +24,16 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from emor3.models.lora import DECODER_TARGETS, parse_targets
+
+
+# Choices with one source: the Literal names a flag accepts, which parsing checks (``_CHOICES``) and the code that
+# dispatches on them reads.
+CoherenceMatch = Literal["auto", "exact", "lenient"]  # --reward.coherence-match
+JudgePrompt = Literal["auto", "release", "clean"]  # --reward.judge-prompt
+Reference = Literal["sft", "init"]  # --grpo.reference
 
 
 def _f(default: Any, help: str, **kw):
@@ -196,7 +203,10 @@ class GRPOConfig(Algorithm):
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
     mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
-    micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch).")
+    micro_batch_rows: int = _f(64, "Rows per forward/backward (gradient accumulation inside a mini-batch): at least "
+                                   "--grpo.group-size, rows // G whole groups (a prompt's image encoded once for its "
+                                   "G rows); below it, a divisor of G, and each group is split into G / rows "
+                                   "micro-batches (the release: 4 rows per GPU).")
     shared_prefix: bool = _f(True, "Teacher-force each prompt once for its G completions in the update, the "
                                    "reference and the old log-probs (exact); false: N full prompt+completion rows.")
     epochs: int = _f(1, "Update epochs over each rollout batch, μ (the paper: 1).")
@@ -220,6 +230,9 @@ class GRPOConfig(Algorithm):
                                  "ranks: micro-batching does not change the gradient), micro-batch (the release: each "
                                  "micro-batch's own count, its loss divided by the micro-batches per rank and averaged "
                                  "over ranks), auto (micro-batch with a checkpoint, mini-batch with the tiny model).")
+    reference: Reference = _f("sft", "The KL term's frozen anchor: sft (the model after Cold-Start SFT, the model GRPO "
+                                     "starts from) or init (the model before it, as the release anchors to its initial "
+                                     "checkpoint). With LoRA, init keeps a frozen copy of that model.")
 
 
 @dataclass(frozen=True)
@@ -238,6 +251,15 @@ class RewardConfig:
     missing_step: str = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
                                    "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
                                    "(release with a checkpoint, neutral with the tiny model).")
+    coherence_match: CoherenceMatch = _f("auto", "How a sampled coherence reply is matched to the label: lenient "
+                                                 "(word level: 'Sadness.' and '**sadness**' count), exact (the "
+                                                 "release: 1 only when reply.lower() == label.lower(), 0.5 for an "
+                                                 "empty reply or 'none'), auto (exact with --reward.weights release, "
+                                                 "else lenient).")
+    judge_prompt: JudgePrompt = _f("auto", "RER judge prompt text: clean (steps without their tags, a newline after "
+                                           "each part), release (the release's text: tags kept, no separator after the "
+                                           "consistency question), auto (release with --reward.weights release, else "
+                                           "clean).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
     plugin_all_nan: str = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once per "
                                      "plug-in, counted in the metrics) or error (stop the run).")
@@ -317,12 +339,23 @@ class Config:
             raise ValueError(f"unknown --grpo.loss-scope {scope!r}; valid: mini-batch, micro-batch, auto")
         return scope if scope != "auto" else ("micro-batch" if self.model.path else "mini-batch")
 
+    def coherence_match_rule(self) -> str:
+        """``reward.coherence_match`` with auto resolved: exact with the release's weights, else lenient."""
+        rule = self.reward.coherence_match
+        return rule if rule != "auto" else ("exact" if self.reward.weights == "release" else "lenient")
+
+    def judge_prompt_rule(self) -> str:
+        """``reward.judge_prompt`` with auto resolved: release with the release's weights, else clean."""
+        rule = self.reward.judge_prompt
+        return rule if rule != "auto" else ("release" if self.reward.weights == "release" else "clean")
+
     def resolved(self) -> "Config":
         """This config with the preset's objective numbers written into ``grpo`` and every "auto" choice made
         (what a run records)."""
         grpo = dataclasses.replace(self.grpo, **dataclasses.asdict(self.algorithm()), loss_scope=self.loss_scope_rule())
         reward = dataclasses.replace(self.reward, judge_max_new_tokens=self.judge_reply_tokens(),
-                                     missing_step=self.missing_step_rule())
+                                     missing_step=self.missing_step_rule(),
+                                     coherence_match=self.coherence_match_rule(), judge_prompt=self.judge_prompt_rule())
         return dataclasses.replace(self, grpo=grpo, reward=reward)
 
 
@@ -351,6 +384,8 @@ ALIASES = {
 def _field_type(cls: type, name: str):
     hints = typing.get_type_hints(cls)
     t = hints[name]
+    if typing.get_origin(t) is Literal:  # a choice: parsed as the type of its names, checked against them
+        return type(typing.get_args(t)[0]), False
     args = [a for a in typing.get_args(t) if a is not type(None)]
     optional = typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
     return (args[0] if optional else t), optional
@@ -429,6 +464,9 @@ _CHOICES: dict[tuple[str, str], tuple] = {
     ("reward", "judge"): ("policy", "reference"),
     ("reward", "judge_mode"): ("sample", "logprob"),
     ("reward", "plugin_all_nan"): ("warn", "error"),
+    ("reward", "coherence_match"): typing.get_args(CoherenceMatch),
+    ("reward", "judge_prompt"): typing.get_args(JudgePrompt),
+    ("grpo", "reference"): typing.get_args(Reference),
     ("run", "logger"): ("jsonl", "tensorboard", "wandb"),
     ("run", "parallel"): ("fsdp", "ddp"),
     ("run", "reference"): ("shard", "offload", "replicate"),
@@ -537,6 +575,10 @@ def config_problems(cfg: Config) -> list[str]:
         bad("grpo", "prompts_per_step", g.prompts_per_step,
             f"must be a multiple of --grpo.mini-batch-prompts ({g.mini_batch_prompts}): every update takes whole "
             "mini-batches of the rollout batch")
+    if 1 <= g.micro_batch_rows < g.group_size and g.group_size % g.micro_batch_rows:
+        bad("grpo", "micro_batch_rows", g.micro_batch_rows,
+            f"must divide --grpo.group-size ({g.group_size}) when smaller than it: a micro-batch holds whole groups "
+            "or an equal slice of one")
     if not r.out:
         bad("run", "out", r.out, "must name a folder")
     if cfg.reward.weights not in ("paper", "release"):

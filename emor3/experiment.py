@@ -321,13 +321,20 @@ def attach_adapters(exp: Experiment) -> None:
 
 
 def attach_reference(exp: Experiment, out: Path) -> None:
-    """The frozen reference, when β > 0 or the reference judges RER: a copy of the model GRPO starts from (a
-    resumed run reloads it: the Cold-Start checkpoint, else the initial model). A LoRA run keeps none: its
-    reference is the policy with the adapters switched off (``emor3.models.lora.AdaptersOff``)."""
+    """The frozen reference, when β > 0 or the reference judges RER. ``--grpo.reference sft`` (the default): a copy
+    of the model GRPO starts from (a resumed run reloads it: the Cold-Start checkpoint, else the initial model); a
+    LoRA run keeps none: its reference is the policy with the adapters switched off
+    (``emor3.models.lora.AdaptersOff``). ``init`` (the release): the model before Cold-Start SFT, read again from
+    the folder the run started from (``exp.source_dir``: ``--model.path``, or the tiny model's instruct stage), also
+    with LoRA."""
     cfg, algo = exp.cfg, exp.algo
-    if not (algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")) or has_lora(exp.model):
+    init = cfg.grpo.reference == "init"
+    needed = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
+    if not needed or (has_lora(exp.model) and not init):
         return
-    if exp.resume_dir is None:
+    if init:
+        ref = load_pretrained(exp.source_dir, dtype=getattr(torch, cfg.model.dtype), device=exp.device)
+    elif exp.resume_dir is None:
         ref = copy.deepcopy(exp.model)
     else:  # the start model, whose content ``check_lineage`` compared with the run's record
         ref = load_pretrained(start_dir(out, exp.source_dir), dtype=getattr(torch, cfg.model.dtype), device=exp.device)

@@ -82,6 +82,7 @@ class RunPlan:
     shared_prefix: bool = False  # teacher forcing runs each prompt once for its G rows (--grpo.shared-prefix)
     lora_rank: int = 0  # > 0: only LoRA adapters train (fp32), the base is frozen and the reference is the base
     lora_targets: tuple[str, ...] = ()
+    init_reference: bool = False  # --grpo.reference init: the reference is its own frozen model, also with LoRA
 
 
 @dataclass
@@ -205,7 +206,7 @@ def estimate(cfg: QwenVLConfig, plan: RunPlan) -> MemoryEstimate:
         (" x 2 (DDP buckets)" if ddp else "")
     rows["optimizer"] = 2 * trained * gb // shard
     notes["optimizer"] = f"AdamW: 2 moments x {gb} B" + (f" / {W}" if fsdp else "")
-    if lora:
+    if lora and not (plan.init_reference and plan.reference is not None):
         rows["reference"] = 0
         notes["reference"] = "none: LoRA's reference is the base with its adapters off"
     elif plan.reference is None:
@@ -314,7 +315,8 @@ def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
                    world_size=world_size, parallel=cfg.run.parallel, param_dtype=m.dtype, compute_dtype=compute,
                    freeze_vision=m.freeze_vision, reference=cfg.run.reference if needs_ref else None,
                    sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing,
-                   shared_prefix=g.shared_prefix, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
+                   shared_prefix=g.shared_prefix, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets),
+                   init_reference=g.reference == "init")
 
 
 def run_table(cfg: Config, model_cfg, world_size: int) -> str:

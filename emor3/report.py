@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from emor3.data import open_image
 from emor3.data.emoscenes import cue_mentions
 from emor3.evaluate import format_table, load_results
 from emor3.plot import DPI, make_figure, pyplot, read_metrics
@@ -101,9 +102,10 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def image_data_uri(path: str | Path, thumb: int) -> str:
-    """The image at ``path`` shrunk to ``thumb`` px on its longer side, as a data URI: PNG when it is that small
-    already (drawn images stay exact), JPEG otherwise (photos stay small). OSError / ValueError when unreadable."""
-    with Image.open(path) as im:
+    """The image at ``path`` (a file, or a parquet dataset's ``<shard>.parquet#<row>``: ``emor3.data.open_image``)
+    shrunk to ``thumb`` px on its longer side, as a data URI: PNG when it is that small already (drawn images stay
+    exact), JPEG otherwise (photos stay small). OSError / ValueError when unreadable."""
+    with open_image(path) as im:
         im = im.convert("RGB")
         small = max(im.size) <= thumb
         if not small:
@@ -148,7 +150,7 @@ def card_html(row: dict, images: dict, thumb: int) -> tuple[str, str, bool]:
     if img not in images:
         try:
             images[img] = image_data_uri(img, thumb) if img else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, ImportError):  # ImportError: a parquet row without pyarrow installed
             images[img] = None
     uri = images[img]
     picture = (f'<img src="{uri}" alt="{_esc(row.get("id") or img)}">' if uri else

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from emor3 import distributed as dist
 from emor3.config import SFTConfig, parse_args, save_config
-from emor3.data import BUILTIN_NAMES, get_taxonomy, load_dataset, write_manifest
+from emor3.data import BUILTIN_NAMES, BytesImage, get_taxonomy, load_dataset, write_manifest
+from emor3.data.dataset import write_atomic
 from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, INSTRUCT_SCENES_VERSION,
                                   INSTRUCT_STYLES, cue_mentions, describe_scene,
                                   instruct_scenes)
@@ -53,7 +54,8 @@ from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.checkpoint import fault_point, read_config
 from emor3.models.lora import merge_adapters
 from emor3.rewards import accuracy_reward, format_reward, parse_set
-from emor3.rewards.reflection import coherence_request, consistency_request
+from emor3.rewards.reflection import (JudgeRequest, coherence_request, consistency_request, release_coherence_request,
+                                     release_consistency_request, release_spans)
 
 
 @dataclass
@@ -72,29 +74,37 @@ def set_examples(samples: Sequence, images: Sequence, responses: Sequence[str], 
 
 
 def judge_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict,
-                   seed: int = 0) -> list[SFTExample]:
+                   seed: int = 0, prompt: str = "clean") -> list[SFTExample]:
     """Teach RER's two questions from the same responses, for models that do not follow instructions.
 
     An instruct checkpoint answers "Can the following text describe the image?" and "Which emotion best describes
     the text above?" out of the box (the paper relies on it); a model trained from scratch (the tiny default) does
     not, and without this its judgements are constant and RER carries no signal. Per sample: the consistency
     prompt with its own step 1 -> "yes", with the step 1 of a sample with a different label -> "no", and the
-    coherence prompt (steps 1-2, the taxonomy's labels) -> the label. Prompts are exactly the judges' own.
+    coherence prompt (steps 1-2, the taxonomy's labels) -> the label. Prompts are exactly the judges' own, in the
+    run's ``prompt`` text (``--reward.judge-prompt``: clean, or the release's with the step tags kept).
     """
     rng = random.Random(f"sft-judge:{seed}")
     parsed = [parse_set(r) for r in responses]
+    release = prompt == "release"
+
+    def consistency(j: int, im) -> JudgeRequest:
+        return release_consistency_request(release_spans(responses[j])[0], im) if release else \
+            consistency_request(parsed[j].step1, im)
+
+    def coherence(j: int, labels) -> JudgeRequest:
+        return release_coherence_request(release_spans(responses[j])[1], labels) if release else \
+            coherence_request(parsed[j].step1, parsed[j].step2, labels)
+
     out = []
     for i, (s, im, p) in enumerate(zip(samples, images, parsed)):
         if not (p.step1 and p.step2):
             continue
-        req = consistency_request(p.step1, im)
-        out.append(SFTExample(req.messages, [im], "yes"))
+        out.append(SFTExample(consistency(i, im).messages, [im], "yes"))
         others = [j for j, q in enumerate(parsed) if samples[j].label != s.label and q.step1]
         if others:
-            req = consistency_request(parsed[rng.choice(others)].step1, im)
-            out.append(SFTExample(req.messages, [im], "no"))
-        req = coherence_request(p.step1, p.step2, taxonomies[s.taxonomy].labels)
-        out.append(SFTExample(req.messages, [], s.label))
+            out.append(SFTExample(consistency(rng.choice(others), im).messages, [im], "no"))
+        out.append(SFTExample(coherence(i, taxonomies[s.taxonomy].labels).messages, [], s.label))
     return out
 
 
@@ -374,7 +384,8 @@ def cold_start(exp: Experiment, out: Path) -> None:
     responses = [s.metadata["response"] for s in cold.samples]
     examples = set_examples(cold.samples, images, responses, exp.taxonomies)
     if cfg.sft.judge_examples:
-        examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed)
+        examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed,
+                                   prompt=cfg.judge_prompt_rule())
     print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
     if cfg.model.lora_rank:  # LoRA: SFT trains adapters, then folds them in, so RUN_DIR/sft is a whole model
         add_adapters(exp.model, cfg)
@@ -473,19 +484,35 @@ def make_traces(model, processor, dataset, *, n: int, per_image: int, taxonomies
     return kept, report
 
 
-def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False) -> list[dict]:
+def _image_file(s, image_dir: Path | None) -> Path:
+    """The file a manifest row points at for sample ``s``: its own path, or, for an image held as bytes (a parquet
+    dataset's), those bytes written once to ``image_dir`` under their digest."""
+    if isinstance(s.image, (str, Path)):
+        return Path(s.image).resolve()
+    if isinstance(s.image, BytesImage) and image_dir is not None:
+        suffix = Path(s.image.name).suffix if s.image.name else ""
+        suffix = suffix or "." + (s.image.open().format or "img").lower()  # PNG -> .png
+        path = (image_dir / (s.image.key.split(":", 1)[1] + suffix)).resolve()
+        if not path.is_file():
+            image_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f: f.write(s.image.data))
+        return path
+    raise ValueError(f"sample {s.id}: its image is not a file ({type(s.image).__name__}), so a manifest cannot point "
+                     "at it; write the dataset to disk first (python -m emor3.data emoscenes)")
+
+
+def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False,
+               image_dir: Path | None = None) -> list[dict]:
     """Manifest rows (``emor3.data.load_manifest``'s format) of ``dataset``: image (absolute path), label, taxonomy
     (a built-in one's name), id, the sample's question if any, its other metadata, and ``response`` where ``kept``
-    has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only."""
+    has one (an earlier ``response`` is dropped). ``only_traces``: the traced samples only. ``image_dir``: where
+    images held as bytes (a parquet dataset's) are written, so that the rows can point at them."""
     rows = []
     for i, s in enumerate(dataset.samples):
         if only_traces and i not in kept:
             continue
-        if not isinstance(s.image, (str, Path)):
-            raise ValueError(f"sample {s.id}: its image is not a file ({type(s.image).__name__}), so a manifest "
-                             "cannot point at it; write the dataset to disk first (python -m emor3.data emoscenes)")
         meta = {k: v for k, v in (s.metadata or {}).items() if k != "response"}
-        row = {**meta, "image": str(Path(s.image).resolve()), "label": s.label, "id": s.id}
+        row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
         if s.taxonomy in BUILTIN_NAMES:  # a user taxonomy (a file) is named again with --taxonomy when loading
             row["taxonomy"] = s.taxonomy
         if getattr(s, "question", None):
@@ -559,7 +586,8 @@ def traces_main(argv: list[str]) -> TraceReport:
     kept, report = make_traces(model, processor, dataset, n=a.n, per_image=a.per_image, taxonomies=taxonomies,
                                max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, seed=a.seed, progress=a.progress == "true")
-    out = write_manifest(a.out, trace_rows(dataset, kept, only_traces=a.only_traces))
+    image_dir = Path(a.out).with_name(Path(a.out).stem + "_images")  # a parquet dataset's images, written once
+    out = write_manifest(a.out, trace_rows(dataset, kept, only_traces=a.only_traces, image_dir=image_dir))
     print(f"[emor3] traces: {report.summary()}")
     if report.kept < a.n:
         print(f"[emor3] traces: {a.n} asked, {report.kept} found; raise --per-image, or use a stronger teacher")

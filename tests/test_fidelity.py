@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from emor3.config import Config, DataConfig, ModelConfig
+from emor3.config import Config, DataConfig, GRPOConfig, ModelConfig
 from emor3.data import get_taxonomy, load_dataset
 from emor3.engine.prompts import (DEFAULT_QUESTION, QUESTION_JOIN, SET_INSTRUCTION, build_set_messages,
                                   encode_samples, sample_prompt, set_prompt)
@@ -198,3 +198,176 @@ def test_micro_batch_scope_is_the_mean_of_each_micro_batchs_token_mean():
     total = loss_normalizer(mask)
     assert sum(float(aggregate(values[m], mask[m], normalizer=total)) for m in micro) == pytest.approx(want_ours, rel=1e-6)
     assert abs(want_release - want_ours) > 1e-3, "the two scopes differ when micro-batches hold different token counts"
+
+
+# ------------------------------------------------------------------------------------------------- release-exact options
+
+
+@pytest.mark.parametrize("reply, lenient, exact", [
+    ("sadness", 1.0, 1.0), ("Sadness", 1.0, 1.0),  # the release lower-cases both sides
+    ("Sadness.", 1.0, 0.0), (" sadness", 1.0, 0.0), ("**Sadness**", 1.0, 0.0), ("sadness\n", 1.0, 0.0),
+    ("None", 0.5, 0.5), ("none", 0.5, 0.5), ("", 0.5, 0.5),  # the release's `not response or == 'none'`
+    ("None.", 0.5, 0.0), (" none", 0.5, 0.0),
+    ("fear", 0.0, 0.0), ("sadness, fear", 0.0, 0.0),
+])
+def test_coherence_match_exact_is_the_releases_string_equality(reply, lenient, exact):
+    from emor3.rewards.reflection import score_coherence_reply
+
+    assert score_coherence_reply(reply, "sadness") == lenient, "lenient: word-level match (the default)"
+    assert score_coherence_reply(reply, "sadness", "exact") == exact, "exact: reply.lower() == label.lower()"
+
+
+def test_release_weights_switch_on_the_release_judge_and_explicit_choices_win():
+    from emor3.config import RewardConfig
+
+    assert (Config().coherence_match_rule(), Config().judge_prompt_rule()) == ("lenient", "clean")
+    release = Config(reward=RewardConfig(weights="release"))
+    assert (release.coherence_match_rule(), release.judge_prompt_rule()) == ("exact", "release")
+    mixed = Config(reward=RewardConfig(weights="release", coherence_match="lenient", judge_prompt="clean"))
+    assert (mixed.coherence_match_rule(), mixed.judge_prompt_rule()) == ("lenient", "clean")
+    r = release.resolved()
+    assert (r.reward.coherence_match, r.reward.judge_prompt) == ("exact", "release"), "config.toml records the choice"
+    assert Config().grpo.reference == "sft" and GRPOConfig(reference="init").reference == "init"
+
+
+class _RecordingJudge:
+    """Replies "None" to every consistency prompt and "Joy" to every coherence prompt; records the prompts' text."""
+
+    def __init__(self):
+        self.texts = []
+
+    def generate(self, requests):
+        texts = [_user_text(r.messages) for r in requests]
+        self.texts += texts
+        return ["Joy" if "Which emotion" in t else "None" for t in texts]
+
+
+def test_release_judge_prompts_keep_the_tags_and_join_without_separator():
+    from emor3.rewards.reflection import reflect
+
+    done = "<step1> A girl laughs. </step1>\n<step2>Happy.</step2><step3>positive</step3>\\boxed{joy}"
+    no_step2 = "<step1>A girl laughs.</step1><step3>positive</step3>\\boxed{joy}"
+    judge = _RecordingJudge()
+    out = reflect([done, no_step2], ["joy"] * 2, EMO6, ["im0", "im1"], judge, prompt="release", match="exact",
+                  missing="release")
+    labels = ", ".join(EMO6.labels)
+    assert judge.texts == [
+        "\nCan the following text describe the image?Please answer with yes or no.<step1> A girl laughs. </step1>",
+        "<step1> A girl laughs. </step1>\n<step2>Happy.</step2>\nWhich emotion best describes the text above?\n"
+        f"Answer the question using one emotional category (one word only): {labels}.",
+    ], "the release's text: tags kept, no space inside the question, nothing after it"
+    # "None" has no word "yes" or "no" (0.5); "Joy" lower-cases to the label (1); the completion without <step2>
+    # has no span for either judge: the release's missing-step scores (0, 0.5)
+    assert out.consistency.tolist() == [0.5, 0.0] and out.coherence.tolist() == [1.0, 0.5]
+    clean = _RecordingJudge()
+    reflect([done], ["joy"], EMO6, ["im0"], clean)
+    assert clean.texts[0] == "Can the following text describe the image? Please answer with yes or no.\nA girl laughs."
+
+
+def test_micro_batches_below_G_rows_split_each_group_into_equal_slices():
+    from emor3.grpo.step import micro_batches
+
+    split = micro_batches(torch.tensor([3, 5]), 8, 4)  # the release: 4 rows per GPU at G = 8
+    assert [(p.tolist(), r.tolist()) for p, r in split] == [([3], [24, 25, 26, 27]), ([3], [28, 29, 30, 31]),
+                                                            ([5], [40, 41, 42, 43]), ([5], [44, 45, 46, 47])]
+    whole = micro_batches(torch.tensor([0, 1, 2]), 4, 8)  # 8 rows at G = 4: two whole groups, then the last one
+    assert [(p.tolist(), r.tolist()) for p, r in whole] == [([0, 1], list(range(8))), ([2], list(range(8, 12)))]
+    from emor3.config import ConfigError, validate_config
+
+    validate_config(Config(grpo=GRPOConfig(group_size=8, micro_batch_rows=4)))
+    with pytest.raises(ConfigError, match="micro-batch-rows.*= 3: must divide --grpo.group-size"):
+        validate_config(Config(grpo=GRPOConfig(group_size=8, micro_batch_rows=3)))
+
+
+def test_release_normaliser_over_a_split_group_is_the_mean_of_micro_token_means():
+    from emor3.grpo.objective import aggregate
+    from emor3.grpo.step import micro_batches, micro_normalizer
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 8.0, 9.0]])  # one group, G = 4
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    micro = micro_batches(torch.tensor([0]), 4, 2)  # 2 micro-batches of 2 rows
+    got = sum(float(aggregate(values[r], mask[r], normalizer=micro_normalizer(mask[r], "token-mean", 3, len(micro))))
+              for _, r in micro)
+    # verl: (token-mean of rows 0-1 = 10 / 4, token-mean of rows 2-3 = 35 / 5) / 2 accumulation steps
+    assert got == pytest.approx((10 / 4 + 35 / 5) / 2)
+    assert got != pytest.approx(45 / 9), "the mini-batch token-mean (45 / 9) is a different normaliser"
+
+
+def test_split_groups_give_the_mini_batch_gradient_of_whole_groups(tmp_path, monkeypatch):
+    """--grpo.loss-scope mini-batch: 1 row per micro-batch at G = 2 (each group split) and 2 rows (whole groups)
+    make the same update, so the same logged loss and gradient norm. A length reward varies within every group, and
+    the second mini-batch's ratio and KL differ from 1 and 0 after the first update, so nothing compared is 0."""
+    from emor3.config import config_from_dict
+    from emor3.grpo.train import train
+
+    (tmp_path / "emor3_fidelity_plugin.py").write_text(
+        "def length_reward(prompts, completions, **kw):\n    return [len(c) / 100.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    logged = {}
+    for rows in (2, 1):
+        cfg = config_from_dict({
+            "data": {"emoscenes_train": 8, "emoscenes_test": 2, "emoscenes_ood": 1, "cold_start": 4,
+                     "cache_dir": str(tmp_path / "emoscenes")},
+            "sft": {"steps": 0, "instruct_steps": 0},
+            "grpo": {"steps": 1, "prompts_per_step": 4, "mini_batch_prompts": 2, "group_size": 2,
+                     "micro_batch_rows": rows, "max_new_tokens": 8, "loss_scope": "mini-batch", "kl_coef": 0.05},
+            "reward": {"judge_max_new_tokens": 2, "plugins": ["emor3_fidelity_plugin:length_reward=1.0"]},
+            "eval": {"max_new_tokens": 2, "batch_size": 8},
+            "run": {"out": str(tmp_path / f"rows{rows}"), "progress": False},
+        })
+        train(cfg)
+        logged[rows] = json.loads((tmp_path / f"rows{rows}" / "metrics.jsonl").read_text().splitlines()[0])
+    whole, split = logged[2], logged[1]
+    assert whole["reward/total"] == split["reward/total"], "the micro-batch size must not change the rollouts"
+    assert abs(whole["pg_loss"]) > 1e-4 and whole["kl"] > 0, "the comparison is vacuous when loss and KL are 0"
+    for k in ("loss", "pg_loss", "kl", "grad_norm"):
+        assert split[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-7), f"{k} depends on splitting the groups"
+
+
+def test_reference_init_is_the_model_before_cold_start_sft(tmp_path):
+    import types
+
+    from emor3.experiment import attach_reference, tokenizer_corpus
+    from emor3.models.lora import add_lora
+    from emor3.models.tiny import build_tiny_checkpoint
+
+    init = build_tiny_checkpoint(tmp_path / "init", tokenizer_corpus([MIKELS]), seed=0, vocab_size=512)
+    w = "model.embed_tokens.weight"
+    before = init.state_dict()[w].clone()
+
+    def reference(choice: str, lora: bool = False):
+        model = build_tiny_checkpoint(tmp_path / f"m{choice}{lora}", tokenizer_corpus([MIKELS]), seed=0, vocab_size=512)
+        with torch.no_grad():
+            model.state_dict()[w].add_(1.0)  # what Cold-Start SFT would have moved
+        if lora:
+            add_lora(model, rank=2, alpha=2.0)
+        cfg = Config(grpo=GRPOConfig(reference=choice))
+        exp = types.SimpleNamespace(cfg=cfg, algo=cfg.algorithm(), model=model, resume_dir=None,
+                                    source_dir=tmp_path / "init", device=torch.device("cpu"), reference=None)
+        attach_reference(exp, tmp_path)
+        return exp.reference
+
+    assert torch.equal(reference("sft").state_dict()[w], before + 1.0), "sft: the model GRPO starts from"
+    assert torch.equal(reference("init").state_dict()[w], before), "init: the checkpoint before Cold-Start SFT"
+    assert reference("sft", lora=True) is None, "LoRA + sft: the policy with its adapters off, no copy"
+    assert torch.equal(reference("init", lora=True).state_dict()[w], before), "LoRA + init keeps the initial model"
+
+
+def test_cold_start_judge_examples_follow_the_runs_judge_prompt():
+    from emor3.rewards.reflection import release_coherence_request, release_consistency_request, release_spans
+    from emor3.sft import judge_examples
+
+    responses = ["<step1>A girl laughs.</step1><step2>Happy.</step2><step3>positive</step3>\\boxed{amusement}",
+                 "<step1>A dark alley.</step1><step2>Uneasy.</step2><step3>negative</step3>\\boxed{fear}"]
+    samples = [type("S", (), {"label": lab, "taxonomy": "mikels8"})() for lab in ("amusement", "fear")]
+    taxes = {"mikels8": MIKELS}
+    out = judge_examples(samples, ["im0", "im1"], responses, taxes, prompt="release")
+    spans = [release_spans(r) for r in responses]
+    # per sample: its own step 1 -> yes, the other's -> no, its steps 1-2 -> the label, in the judge's own text
+    assert [(e.messages, e.response) for e in out[:3]] == [
+        (release_consistency_request(spans[0][0], "im0").messages, "yes"),
+        (release_consistency_request(spans[1][0], "im0").messages, "no"),
+        (release_coherence_request(spans[0][1], MIKELS.labels).messages, "amusement")]
+    clean = judge_examples(samples, ["im0", "im1"], responses, taxes)
+    assert "<step1>" not in _user_text(clean[0].messages), "the default keeps the clean text the judge reads"

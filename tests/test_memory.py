@@ -200,3 +200,6 @@ def test_lora_plan_trains_only_the_adapters():
     assert lora.rows["reference"] == 0, "LoRA's reference is the base with adapters off: no copy"
     assert lora.rows["parameters"] == full.rows["parameters"] + 4 * n
     assert lora.update_peak < full.update_peak - full.rows["optimizer"]
+    init = estimate(cfg, RunPlan(**base, lora_rank=64, lora_targets=tuple(DECODER_TARGETS), init_reference=True))
+    assert init.rows["reference"] == full.rows["reference"] > 0, \
+        "--grpo.reference init keeps the pre-SFT model as its own frozen copy, also with LoRA"

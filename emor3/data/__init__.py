@@ -1,7 +1,7 @@
 """Emotion data: taxonomies, dataset loaders with bad-input reporting, and the synthetic EmoScenes benchmark."""
 
 from emor3.data.dataset import (
-    REASONS, BadSampleError, EmotionDataset, ImageSource, LoadReport, Sample, smart_resize,
+    REASONS, BadSampleError, BytesImage, EmotionDataset, ImageSource, LoadReport, Sample, smart_resize,
 )
 from emor3.data.emoscenes import (
     SPLITS, CueMentions, coldstart_trace, corpus_texts, cue_mentions, label_for, load_emoscenes, make_emoscenes,
@@ -9,7 +9,7 @@ from emor3.data.emoscenes import (
 )
 from emor3.data.loaders import (
     build_emoset_subset, detect_layout, load_dataset, load_emoset, load_emotion6, load_image_folder, load_manifest,
-    load_webemo, write_manifest,
+    load_parquet, load_webemo, open_image, parquet_image_bytes, parquet_splits, split_suffix, write_manifest,
 )
 from emor3.data.taxonomy import (
     BINARY, BUILTIN_NAMES, EMOTION6, MIKELS8, WEBEMO2, WEBEMO7, WEBEMO25, Taxonomy, binary_correct, get_taxonomy,
@@ -18,9 +18,9 @@ from emor3.data.taxonomy import (
 
 __all__ = [
     "BINARY", "BUILTIN_NAMES", "EMOTION6", "MIKELS8", "REASONS", "WEBEMO2", "WEBEMO7", "WEBEMO25",
-    "BadSampleError", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
+    "BadSampleError", "BytesImage", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
     "build_emoset_subset", "load_emotion6", "load_webemo", "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
-    "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
+    "load_parquet", "open_image", "parquet_image_bytes", "parquet_splits", "split_suffix", "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
     "write_manifest", "SPLITS", "CueMentions", "coldstart_trace", "corpus_texts", "cue_mentions", "label_for",
     "load_emoscenes", "make_emoscenes", "rule_label", "write_emoscenes",
 ]

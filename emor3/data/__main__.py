@@ -1,6 +1,7 @@
 """Command line: `python -m emor3.data validate PATH`, `... emoscenes OUT_DIR` and `... emoset-subset ROOT OUT_DIR`.
 
-validate: loads a dataset in any supported layout (every split of an EmoSet root or of a folder of manifests),
+validate: loads a dataset in any supported layout (every split of an EmoSet root, of a folder of manifests or of a
+Hugging Face parquet dataset; `PATH@SPLIT` or `--split` picks one),
 prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
 all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one. Image shapes
 are checked against the image processor's pixel budget: `--min-pixels` / `--max-pixels` / `--factor` (the
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 
 from emor3.data.dataset import BadSampleError
-from emor3.data.loaders import EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset
+from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
+                                 parquet_splits, split_suffix)
 from emor3.data.emoscenes import VARIANTS
 
 
@@ -34,18 +36,25 @@ def _targets(path: Path, split: str | None) -> list[str | None]:
     webemo = [s for s in WEBEMO_SPLITS if (path / WEBEMO_LIST.format(split=s)).is_file()]
     if webemo:
         return webemo
+    parquet = parquet_splits(path)
+    if parquet:
+        return sorted(parquet)
     manifests = sorted(path.glob("*.jsonl"))
     return [m.stem for m in manifests] if len(manifests) > 1 else [None]
 
 
 def validate(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    try:
+        path, split = split_suffix(args.path, args.split)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
     problems = 0
     budget = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "factor") if getattr(args, k) is not None}
-    for split in _targets(path, args.split):
+    for split in _targets(path, split):
         name = f"{path}" + (f" [{split}]" if split else "")
         try:
             ds = load_dataset(path, args.taxonomy, args.on_bad_sample, split=split, verify=args.verify, **budget)
@@ -53,7 +62,7 @@ def validate(args: argparse.Namespace) -> int:
             print(f"{name}: PROBLEM: {e}")
             problems += 1
             continue
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as e:
             print(f"{name}: cannot load: {e}", file=sys.stderr)
             return 2
         rep = ds.report
@@ -90,6 +99,12 @@ def emoscenes(args: argparse.Namespace) -> int:
 
 def emoset_subset(args: argparse.Namespace) -> int:
     from emor3.data.loaders import build_emoset_subset
+    root, _ = split_suffix(args.root)
+    if root.suffix == ".parquet" or parquet_splits(root):
+        print(f"error: {args.root} is a Hugging Face parquet dataset, not a full EmoSet root: the release's EmoSet2k "
+              f"already is the {EMOSET_PAPER_SIZES['train']} / {EMOSET_PAPER_SIZES['test']} subset; pass it to "
+              f"--data {root}@train and validate as it is", file=sys.stderr)
+        return 2
     sizes = {"train": args.train, "test": args.test}
     try:
         paths = build_emoset_subset(args.root, args.out_dir, sizes={k: n for k, n in sizes.items() if n > 0},
@@ -112,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a dataset and print counts per label and problems",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    v.add_argument("path", help="JSONL manifest, folder of manifests, image-folder tree, EmoSet root or split file")
+    v.add_argument("path", help="JSONL manifest, folder of manifests, image-folder tree, EmoSet root or split file, "
+                                "Hugging Face parquet dataset folder or shard (PATH@SPLIT names a split)")
     v.add_argument("--taxonomy", default=None,
                    help="taxonomy name (mikels8, emotion6, binary, webemo2/7/25) or a TOML/JSON file; "
                         "default: per-row 'taxonomy' fields, else inferred from the labels")
-    v.add_argument("--split", default=None, help="only this split (EmoSet train/val/test, or a manifest's stem)")
+    v.add_argument("--split", default=None, help="only this split (EmoSet train/val/test, a manifest's stem or a "
+                                                  "parquet split)")
     v.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip",
                    help="skip: report every problem (default); error: stop at the first one")
     v.add_argument("--verify", choices=("full", "header", "exists"), default="full",

@@ -1,8 +1,8 @@
 """Samples, datasets, bad-input reporting and image loading with a pixel budget.
 
 A `Sample` is one (image, canonical label, taxonomy, stable id, metadata) record. Its image is a path or an
-`ImageSource` (anything with `.key` and `.open() -> PIL.Image`, e.g. an EmoScenes scene drawn on demand); nothing is
-decoded when a dataset is built.
+`ImageSource` (anything with `.key` and `.open() -> PIL.Image`, e.g. an EmoScenes scene drawn on demand, or a
+parquet dataset's encoded bytes, `BytesImage`); nothing is decoded when a dataset is built.
 
 `EmotionDataset.image(i)` decodes sample i lazily, converts to RGB and resizes it once to the processor's pixel
 budget with Qwen2-VL's `smart_resize` rule (sides multiples of `factor` = patch 14 x merge 2 = 28, area within
@@ -27,6 +27,7 @@ few messages), which the train loop prints at start. An empty dataset is always 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 from collections import Counter, OrderedDict
@@ -75,12 +76,15 @@ class BadSampleError(ValueError):
     """A bad sample: `file`, `line` (1-based, None if not line-based), `sample_id`, `reason` (one of REASONS)."""
 
     def __init__(self, reason: str, problem: str, *, file: str | Path | None = None, line: int | None = None,
-                 sample_id: str | None = None):
+                 sample_id: str | None = None, row: int | None = None):
         assert reason in REASONS, reason
         self.reason, self.problem, self.file, self.line, self.sample_id = reason, problem, file, line, sample_id
+        self.row = row  # a table's row (a parquet shard's, counted from 0 as pyarrow and pandas do), or None
         where = str(file) if file is not None else "<dataset>"
         if line is not None:
             where += f":{line}"
+        if row is not None:
+            where += f", row {row}"
         if sample_id is not None:
             where += f": sample {sample_id!r}"
         super().__init__(f"{where}: {problem} [{reason}]")
@@ -161,6 +165,30 @@ class ImageSource(Protocol):
     key: str
 
     def open(self) -> Image.Image: ...
+
+
+@dataclass(frozen=True, repr=False)
+class BytesImage:
+    """An encoded image held in memory (a parquet dataset's `images` column): `key` names it for the caches (a
+    digest of the bytes), `name` is the file name the dataset recorded, if any, and `origin` where the bytes are
+    stored (`<shard>.parquet#<row>`, what a run's samples.jsonl records; `emor3.data.open_image` reads it back)."""
+
+    data: bytes
+    key: str
+    name: str | None = None
+    origin: str | None = None
+
+    @classmethod
+    def of(cls, data: bytes, name: str | None = None, origin: str | None = None) -> "BytesImage":
+        return cls(data, "bytes:" + hashlib.sha1(data).hexdigest(), name, origin)
+
+    def open(self) -> Image.Image:
+        im = Image.open(io.BytesIO(self.data))
+        im.load()  # decoded now: the bytes object is the only source, nothing to keep open
+        return im
+
+    def __repr__(self) -> str:
+        return f"BytesImage({self.name or self.key}, {len(self.data)} bytes)"
 
 
 @dataclass

@@ -21,8 +21,13 @@ EmoSet, Emotion6 and WebEmo.
   `report.notes`, not errors (`load_webemo`).
 - any other folder: an image-folder tree `root/<label>/<file>` (FI, ArtPhoto ship this way); files in
   nested folders below a label folder count for that label.
-A folder holding several manifests (e.g. written by `python -m emor3.data emoscenes`), EmoSet or WebEmo needs
-`split=`. `build_emoset_subset` writes the paper's 2,100 / 2,000 EmoSet subset as manifests, seeded and stratified.
+- a Hugging Face dataset folder of parquet shards, as the hub writes them (`train-00000-of-00001.parquet`,
+  `test-*.parquet`, in the folder or its `data/` folder), or one shard: EasyR1's `problem` / `answer` / `images`
+  columns, images as bytes or paths, and the release's coarse answer column (`load_parquet`; needs pyarrow, the
+  `parquet` extra). The release's training data, `fuyyy74/EmoSet2k`, downloads this way.
+A folder holding several manifests (e.g. written by `python -m emor3.data emoscenes`), EmoSet, WebEmo or parquet
+splits needs `split=`, or EasyR1's `PATH@SPLIT` (`--data /data/EmoSet2k@train`). `build_emoset_subset` writes the
+paper's 2,100 / 2,000 EmoSet subset as manifests, seeded and stratified.
 
 Ids are stable across runs: the row's `id` if given, else the image path relative to the dataset root.
 Without a taxonomy (argument or per-row field) the built-in one that recognises the most labels is used; a tie
@@ -36,6 +41,7 @@ zero-size image, unknown label, malformed JSON line or row, duplicate id; and an
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -43,9 +49,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from PIL import Image, UnidentifiedImageError
+
 from emor3.data.dataset import (
-    DUPLICATE_ID, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL, UNREADABLE_IMAGE, BadSampleError,
-    BadSampleHandler, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file, write_atomic,
+    DUPLICATE_ID, IMAGE_SHAPE, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL, UNREADABLE_IMAGE, ZERO_SIZE_IMAGE,
+    BadSampleError, BadSampleHandler, BytesImage, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
+    write_atomic,
 )
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
@@ -59,11 +68,11 @@ _IMAGE_MARKER = re.compile(r"[ \t]*<image>[ \t]*")  # EasyR1's image placeholder
 class _Row:
     """A parsed row before its taxonomy and label are resolved."""
 
-    __slots__ = ("id", "image", "label", "taxonomy", "metadata", "line", "file", "question")
+    __slots__ = ("id", "image", "label", "taxonomy", "metadata", "line", "file", "question", "row")
 
-    def __init__(self, id, image, label, taxonomy, metadata, line, file, question=None):
+    def __init__(self, id, image, label, taxonomy, metadata, line, file, question=None, row=None):
         self.id, self.image, self.label, self.taxonomy = id, image, label, taxonomy
-        self.metadata, self.line, self.file, self.question = metadata, line, file, question
+        self.metadata, self.line, self.file, self.question, self.row = metadata, line, file, question, row
 
 
 def _infer_taxonomy(labels: list[str], source: Any) -> Taxonomy:
@@ -97,19 +106,19 @@ def _finish(rows: list[_Row], taxonomy: Taxonomy | str | None, report: LoadRepor
                 tax = get_taxonomy(r.taxonomy) if r.taxonomy is not None else default_tax
             except (KeyError, ValueError, FileNotFoundError) as e:
                 raise BadSampleError(UNKNOWN_LABEL, f"unknown taxonomy {r.taxonomy!r} ({e})", file=r.file,
-                                     line=r.line, sample_id=r.id) from None
+                                     line=r.line, sample_id=r.id, row=r.row) from None
             canon = tax.canonical(r.label)
             if canon is None:
                 raise BadSampleError(UNKNOWN_LABEL, f"label {r.label!r} is not in taxonomy {tax.name!r} "
-                                     f"{list(tax.labels)}", file=r.file, line=r.line, sample_id=r.id)
+                                     f"{list(tax.labels)}", file=r.file, line=r.line, sample_id=r.id, row=r.row)
             if r.id in seen:
                 raise BadSampleError(DUPLICATE_ID, f"id {r.id!r} was already used at {seen[r.id]}", file=r.file,
-                                     line=r.line, sample_id=r.id)
+                                     line=r.line, sample_id=r.id, row=r.row)
             check(r)
         except BadSampleError as err:
             handle(err)
             continue
-        seen[r.id] = f"line {r.line}" if r.line is not None else str(r.image)
+        seen[r.id] = f"line {r.line}" if r.line is not None else f"row {r.row}" if r.row is not None else str(r.image)
         used_taxonomies.add(tax.name)
         samples.append(Sample(r.id, r.image, canon, tax.name, r.metadata, r.question))
     one = get_taxonomy(next(iter(used_taxonomies))) if len(used_taxonomies) == 1 else None
@@ -125,8 +134,14 @@ def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
     budget = ImageBudget.from_kw(dataset_kw)
 
     def check(r: _Row) -> None:
-        if isinstance(r.image, Path):
+        if not isinstance(r.image, Path):
+            return
+        try:
             check_image_file(r.image, verify=verify, file=r.file, line=r.line, sample_id=r.id, budget=budget)
+        except BadSampleError as e:
+            if r.row is None:
+                raise
+            raise BadSampleError(e.reason, e.problem, file=r.file, sample_id=r.id, row=r.row) from None
     return check
 
 
@@ -536,6 +551,226 @@ def load_webemo(path: str | Path, split: str | None = None, on_bad_sample: str =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hugging Face parquet (EasyR1)
+
+
+PARQUET_EXTRA = "parquet"  # the pip extra that installs pyarrow: pip install 'emor3[parquet]'
+# the release's coarse answer column (its config's coarse_answer_key, spelled so), and the plain spelling
+COARSE_COLUMNS = ("course_grained", "coarse_grained")
+_SHARD = re.compile(r"^(?P<split>[\w.-]+?)(-\d+-of-\d+)?\.parquet$")  # train-00000-of-00001.parquet, test.parquet
+
+
+def _pyarrow_parquet():
+    """pyarrow.parquet, or a one-line error naming the extra that installs it."""
+    try:
+        import pyarrow.parquet as pq  # optional: only parquet datasets need it
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("reading a parquet dataset needs pyarrow: "
+                                  f"pip install 'emor3[{PARQUET_EXTRA}]'") from None
+    return pq
+
+
+def parquet_splits(path: str | Path) -> dict[str, list[Path]]:
+    """{split: shard files} of a Hugging Face dataset folder as the hub writes it: `<split>-NNNNN-of-NNNNN.parquet`
+    (or `<split>.parquet`) files, or `<split>/*.parquet` folders, in the folder itself or in its `data/` folder.
+    Empty for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        return {}
+    out: dict[str, list[Path]] = {}
+    for root in (path / "data", path):
+        if not root.is_dir():
+            continue
+        for f in sorted(root.glob("*.parquet")):
+            m = _SHARD.match(f.name)
+            out.setdefault(m.group("split") if m else f.stem, []).append(f)
+        for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".") and x != path / "data"):
+            shards = sorted(d.glob("*.parquet"))
+            if shards:
+                out.setdefault(d.name, []).extend(shards)
+        if out:
+            return out
+    return out
+
+
+def split_suffix(path: str | Path, split: str | None = None) -> tuple[Path, str | None]:
+    """EasyR1's `PATH@SPLIT` (as in the release's `fuyyy74/EmoSet2k@train`) -> (PATH, SPLIT) when PATH exists and
+    PATH@SPLIT does not; any other path is returned as it is, with ``split``."""
+    path = Path(path)
+    head, at, tail = str(path).rpartition("@")
+    if not at or path.exists() or not head or not Path(head).exists() or "/" in tail or "\\" in tail:
+        return path, split
+    if split is not None and split != tail:
+        raise ValueError(f"{path}: names split {tail!r}, but split={split!r} was passed too")
+    return Path(head), tail
+
+
+def _parquet_row(rec: dict, shard: Path, row: int, base: Path) -> _Row:
+    """One EasyR1 record (`problem`, `answer`, `images`, maybe the coarse answer) -> a row; BadSampleError names
+    the shard and row."""
+    def bad(problem: str, sid: Any = None) -> BadSampleError:
+        return BadSampleError(MALFORMED_LINE, problem, file=shard, row=row, sample_id=sid)
+
+    sid = rec.pop("id", None)
+    sid = f"{shard.name}#{row}" if sid is None else str(sid)
+    images = rec.pop("images", None)
+    if images is None:
+        images = rec.pop("image", None)
+    if isinstance(images, (dict, str, bytes)):
+        images = [images]
+    if not isinstance(images, list) or len(images) != 1:
+        n = len(images) if isinstance(images, list) else type(images).__name__
+        raise bad(f"'images' must hold exactly one image (emor3 uses one image per prompt), got {n}", sid)
+    data, name = (images[0].get("bytes"), images[0].get("path")) if isinstance(images[0], dict) else \
+        (images[0], None) if isinstance(images[0], bytes) else (None, images[0])
+    if data:
+        image: Any = BytesImage.of(data, name if isinstance(name, str) else None, f"{shard.resolve()}#{row}")
+    elif isinstance(name, str) and name:
+        image = Path(name) if Path(name).is_absolute() else base / name
+    else:
+        raise bad("the image has neither bytes nor a path", sid)
+    label = rec.pop("answer", None)
+    if label is None:
+        label = rec.pop("label", None)
+    if isinstance(label, str):
+        m = _BOXED.search(label)
+        label = m.group(1) if m else label
+    if not isinstance(label, str) or not label.strip():
+        raise bad("missing 'answer' (the label), or it is not a string", sid)
+    question = rec.pop("problem", None)
+    if question is not None and not isinstance(question, str):
+        raise bad(f"'problem' must be a string, got {type(question).__name__}", sid)
+    question = _IMAGE_MARKER.sub(" ", question).strip() or None if question is not None else None
+    metadata = {"source": f"{shard.name}#{row}"}
+    if isinstance(image, BytesImage) and image.name:
+        metadata["image_name"] = image.name
+    for col in COARSE_COLUMNS:
+        if rec.get(col) is not None:
+            metadata["coarse_answer"] = rec.pop(col)
+            break
+    metadata.update({k: v for k, v in rec.items() if not isinstance(v, (bytes, bytearray))})
+    return _Row(sid, image, label, metadata.pop("taxonomy", None), metadata, None, shard, question, row)
+
+
+_ROW_REF = re.compile(r"^(?P<shard>.+\.parquet)#(?P<row>\d+)$")
+
+
+def parquet_image_bytes(shard: str | Path, row: int) -> bytes:
+    """The encoded image of row ``row`` (counted from 0) of a parquet shard in EasyR1's columns."""
+    pq = _pyarrow_parquet()
+    pf = pq.ParquetFile(shard)
+    column = "images" if "images" in pf.schema_arrow.names else "image"
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < n:
+            value = pf.read_row_group(g, columns=[column]).column(column)[row].as_py()
+            value = value[0] if isinstance(value, list) and value else value
+            data = value.get("bytes") if isinstance(value, dict) else value
+            if not isinstance(data, bytes) or not data:
+                raise ValueError(f"{shard}, row {row}: the image is not stored as bytes")
+            return data
+        row -= n
+    raise ValueError(f"{shard}: no row {row}")
+
+
+def open_image(ref: str | Path) -> Image.Image:
+    """The image a run's records name: a file path, or `<shard>.parquet#<row>` for an image a parquet dataset
+    holds as bytes (`BytesImage.origin`). OSError / ValueError when it cannot be read."""
+    m = _ROW_REF.match(str(ref))
+    if m:
+        return Image.open(io.BytesIO(parquet_image_bytes(m["shard"], int(m["row"]))))
+    return Image.open(ref)
+
+
+def _bytes_check(verify: str, budget: ImageBudget) -> Callable[[_Row], None]:
+    """The per-row check of an image held as bytes: decoded (verify="full"), its header read ("header") or only
+    its size looked at ("exists"), and its shape checked at the pixel budget."""
+    def check(r: _Row) -> None:
+        if not isinstance(r.image, BytesImage):
+            return
+        ctx = dict(file=r.file, row=r.row, sample_id=r.id)
+        if verify == "exists":
+            return
+        try:
+            with Image.open(io.BytesIO(r.image.data)) as im:
+                if verify == "full":
+                    im.load()
+                w, h = im.size
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt bytes
+            unknown = isinstance(e, UnidentifiedImageError)
+            why = "not an image format PIL knows" if unknown else f"{type(e).__name__}: {e}"
+            raise BadSampleError(UNREADABLE_IMAGE, f"the image's {len(r.image.data)} bytes cannot be decoded ({why})",
+                                 **ctx) from None
+        if w == 0 or h == 0:
+            raise BadSampleError(ZERO_SIZE_IMAGE, f"image has size {w}x{h}", **ctx)
+        problem = budget.problem(w, h)
+        if problem is not None:
+            raise BadSampleError(IMAGE_SHAPE, problem, **ctx)
+    return check
+
+
+def load_parquet(path: str | Path, split: str | None = None, on_bad_sample: str = "error", *,
+                 taxonomy: Taxonomy | str | None = None, verify: str = "full", **dataset_kw) -> EmotionDataset:
+    """A Hugging Face dataset of parquet shards in EasyR1's columns, as the release's EmoSet2k downloads.
+
+    `path`: the dataset folder (`parquet_splits` finds the shards; `split` picks one when there are several, or
+    write `PATH@SPLIT`), or one shard file. Each row: `images`, one image as a {bytes, path} struct (the hub's
+    Image feature), raw bytes or a path (relative to the dataset folder); `answer`, the label (may be wrapped in
+    \\boxed{}); `problem`, the question (its `<image>` markers removed; `Sample.question`); optionally `id`,
+    `taxonomy` and the release's coarse answer column (`course_grained`, as its config spells it, or
+    `coarse_grained`), kept in metadata["coarse_answer"]: the release's reward never reads it. Every other column
+    goes into metadata. Images are kept as encoded bytes in memory (`BytesImage`) and decoded when used. Ids: the
+    `id` column, else `<shard file>#<row>`. Errors name the shard file and row. Needs pyarrow (the `parquet`
+    extra)."""
+    path = Path(path)
+    if path.is_file():
+        shards, root = [path], path.parent.parent if path.parent.name == "data" else path.parent
+    else:
+        splits = parquet_splits(path)
+        if not splits:
+            raise BadSampleError(MISSING_FILE, "no parquet shards (<split>-NNNNN-of-NNNNN.parquet) in it or in its "
+                                 "data/ folder", file=path)
+        if split is None and len(splits) == 1:
+            split = next(iter(splits))
+        if split not in splits:
+            first = "train" if "train" in splits else next(iter(splits))
+            raise ValueError(f"{path}: a Hugging Face dataset with splits {sorted(splits)}: "
+                             + (f"it has no split {split!r}" if split is not None else "pass split=")
+                             + f" (or write {path}@{first})")
+        shards, root = splits[split], path
+    pq = _pyarrow_parquet()
+    report = LoadReport(str(path) + (f"@{split}" if split and not path.is_file() else ""), "parquet")
+    handle = BadSampleHandler(on_bad_sample, report)
+    rows: list[_Row] = []
+    for shard in shards:
+        try:
+            pf = pq.ParquetFile(shard)
+            columns = pf.schema_arrow.names
+        except Exception as e:  # pyarrow's ArrowInvalid, OSError for a file that is not parquet
+            raise BadSampleError(MALFORMED_LINE, f"not a readable parquet file ({type(e).__name__}: {e})",
+                                 file=shard) from None
+        need = [c for c in (("images", "image"), ("answer", "label")) if not any(x in columns for x in c)]
+        if need:
+            raise BadSampleError(MALFORMED_LINE, f"no {' or '.join(need[0])} column: an EasyR1 dataset has problem, "
+                                 f"answer and images columns (this one has {columns})", file=shard)
+        row = 0
+        for batch in pf.iter_batches(batch_size=256):
+            for rec in batch.to_pylist():
+                try:
+                    rows.append(_parquet_row(rec, shard, row, root))
+                except BadSampleError as err:
+                    handle(err)
+                row += 1
+    budget = ImageBudget.from_kw(dataset_kw)
+    files, in_memory = _image_check(verify, dataset_kw), _bytes_check(verify, budget)
+
+    def check(r: _Row) -> None:
+        files(r)
+        in_memory(r)
+    return _finish(rows, taxonomy, report, handle, check, dataset_kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # EmoSet subset
 
 
@@ -615,9 +850,12 @@ def _is_webemo_list(path: Path) -> bool:
 
 
 def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path]:
-    """("jsonl" | "emoset" | "emotion6" | "webemo" | "image-folder", the path to load) for a dataset path."""
+    """("jsonl" | "emoset" | "emotion6" | "webemo" | "parquet" | "image-folder", the path to load) for a dataset
+    path."""
     path = Path(path)
     if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return "parquet", path
         if path.name == "ground_truth.txt":
             return "emotion6", path
         if path.suffix.lower() == ".txt" and _is_webemo_list(path):
@@ -638,6 +876,8 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
         return "emotion6", path
     if any((path / WEBEMO_LIST.format(split=s)).is_file() for s in WEBEMO_SPLITS):
         return "webemo", path
+    if parquet_splits(path):
+        return "parquet", path
     manifests = sorted(path.glob("*.jsonl"))
     if manifests:
         if split is not None:
@@ -654,8 +894,11 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
 def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
                  split: str | None = None, verify: str = "full", **dataset_kw) -> EmotionDataset:
     """Load any supported layout (see the module docstring). dataset_kw: min_pixels, max_pixels, factor,
-    cache_size, cache_dir for EmotionDataset's image budget and cache."""
+    cache_size, cache_dir for EmotionDataset's image budget and cache. `PATH@SPLIT` names a split (`split_suffix`)."""
+    path, split = split_suffix(path, split)
     layout, target = detect_layout(path, split)
+    if layout == "parquet":
+        return load_parquet(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
     if layout == "emoset":
         return load_emoset(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
     if layout == "emotion6":

@@ -154,13 +154,14 @@ class PromptStream:
 
 def row_records(samples: Sequence, rows: Sequence[int], reflection=None) -> list[dict]:
     """What samples.jsonl keeps of each completion row besides its text and rewards: its sample's id, image (an
-    absolute path, or an in-memory source's key), label and taxonomy, the true cues where the sample records them
+    absolute path, a parquet dataset's `<shard>.parquet#<row>`, or an in-memory source's key), label and taxonomy, the true cues where the sample records them
     (EmoScenes), and the RER judge's replies (None where the judge was not asked) when ``reflection`` (a
     ``ReflectionResult``) is given."""
     out = []
     for n, p in enumerate(rows):
         s = samples[p]
-        image = str(Path(s.image).resolve()) if isinstance(s.image, (str, Path)) else s.image.key
+        image = str(Path(s.image).resolve()) if isinstance(s.image, (str, Path)) else \
+            getattr(s.image, "origin", None) or s.image.key  # a parquet row's image: <shard>.parquet#<row>
         r = {"id": s.id, "image": image, "label": s.label, "taxonomy": s.taxonomy}
         if isinstance(s.metadata, dict) and s.metadata.get("cues"):
             r["cues"] = s.metadata["cues"]
@@ -195,7 +196,8 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
                            max_new_tokens=cfg.judge_reply_tokens(), seed=generator,
                            share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
-                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule())
+                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule(),
+                             prompt=cfg.judge_prompt_rule(), match=cfg.coherence_match_rule())
     rewards = compute_rewards(
         answers, labels, taxonomies=taxes, weights=exp.reward_weights,
         reflection=None if reflection is None else reflection.components(),

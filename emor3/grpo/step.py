@@ -7,10 +7,11 @@ choices it makes are listed, numbered, at the top of train.py; the math is in ``
 2. Advantages: group-relative, one per completion (``objective.group_advantages``), stored on the ScoredBatch.
 3. Reference and old log-probs: the frozen reference (β > 0) and, when the step makes several updates, the
    policy before its first update; once per rollout batch, no gradient.
-4. Update: μ epochs over mini-batches of whole groups; each mini-batch's token count (its loss normaliser) is
-   summed over ranks first, then its micro-batches' losses, each that share of the mini-batch loss, are
-   backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW stepped (skipped if
-   the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release; docs/method.md, "Where the
+4. Update: μ epochs over mini-batches of whole groups, each cut into micro-batches of whole groups or, with
+   ``--grpo.micro-batch-rows`` below G, of equal slices of one group (``micro_batches``); each mini-batch's token
+   count (its loss normaliser) is summed over ranks first, then its micro-batches' losses, each that share of the
+   mini-batch loss, are backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW
+   stepped (skipped if the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release; docs/method.md, "Where the
    paper is silent") each micro-batch is normalised by its own count instead (``micro_normalizer``).
 5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
    micro-batches and ranks), averaged over the step's updates, so they do not depend on
@@ -50,16 +51,27 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def micro_logprobs(handle, batch: ScoredBatch, prompts: torch.Tensor, completion_ids: torch.Tensor,
+def micro_batches(prompts: torch.Tensor, group_size: int, micro_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prompts, rows) of each micro-batch over the groups of ``prompts``: with ``micro_rows`` >= G, micro_rows // G
+    whole groups each (a prompt's image encoded once for its G rows); below G (a divisor of G, checked by the
+    config), G / micro_rows consecutive slices of each group, as the release's 4 rows per GPU at G = 8."""
+    G = group_size
+    if micro_rows >= G:
+        return [(p, group_rows(p, G)) for p in prompts.split(micro_rows // G)]
+    assert G % micro_rows == 0, f"--grpo.micro-batch-rows {micro_rows} must divide G = {G}"
+    return [(p[None], p * G + torch.arange(s, s + micro_rows, device=prompts.device))  # (micro_rows,) rows
+            for p in prompts for s in range(0, G, micro_rows)]
+
+
+def micro_logprobs(handle, batch: ScoredBatch, prompts: torch.Tensor, rows: torch.Tensor, completion_ids: torch.Tensor,
                    mask: torch.Tensor, temperature: float, **kw):
-    """Teacher-forced log-probs (n, T) (and entropy with ``return_entropy=True``) of the G completions of each
-    prompt in ``prompts`` under ``handle`` (a PolicyScorer, maybe FSDP/DDP: forward = log-probs); each prompt's
-    image is encoded once for its G rows."""
-    G = batch.group_size
-    rows = group_rows(prompts, G)  # (n,) with n = len(prompts)·G
-    prompt_index = torch.arange(len(prompts)).repeat_interleave(G).to(completion_ids.device)  # (n,)
-    return handle(prompt_slice(batch.prompts, prompts), prompt_index, completion_ids[rows], mask[rows],
-                  temperature=temperature, **kw)
+    """Teacher-forced log-probs (n, T) (and entropy with ``return_entropy=True``) of completion ``rows`` (n,), all
+    of them samples of ``prompts``, under ``handle`` (a PolicyScorer, maybe FSDP/DDP: forward = log-probs); each
+    prompt's image is encoded once for its rows."""
+    owner = rows.div(batch.group_size, rounding_mode="floor")  # (n,) the prompt each row samples
+    prompt_index = (owner[:, None] == prompts[None, :].to(owner.device)).int().argmax(1)  # (n,) position in prompts
+    return handle(prompt_slice(batch.prompts, prompts), prompt_index.to(completion_ids.device), completion_ids[rows],
+                  mask[rows], temperature=temperature, **kw)
 
 
 def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, algo: Algorithm, normalizer):
@@ -113,16 +125,15 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
 
     # ---- reference (and old) log-probs: frozen copy, no grad, once per rollout batch --------------------------
     t0 = time.perf_counter()
-    prompts_per_micro = max(1, g.micro_batch_rows // G)  # micro-batches hold whole groups, so images are shared
-    micro = [torch.arange(s, min(s + prompts_per_micro, B)) for s in range(0, B, prompts_per_micro)]
+    micro = micro_batches(torch.arange(B), G, g.micro_batch_rows)  # in row order: their log-probs concatenate to (N, T)
     ref_logp = old_logp = None
     with torch.no_grad():
         if algo.kl_coef > 0:
-            ref_logp = torch.cat([micro_logprobs(reference, batch, p, completion_ids, mask, g.temperature,
-                                                    shared_prefix=g.shared_prefix) for p in micro])
+            ref_logp = torch.cat([micro_logprobs(reference, batch, p, rows, completion_ids, mask, g.temperature,
+                                                    shared_prefix=g.shared_prefix) for p, rows in micro])
         if g.epochs * (g.prompts_per_step // g.mini_batch_prompts) > 1:  # several updates: the policy moves
-            old_logp = torch.cat([micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,
-                                                    shared_prefix=g.shared_prefix) for p in micro])
+            old_logp = torch.cat([micro_logprobs(policy, batch, p, rows, completion_ids, mask, g.temperature,
+                                                    shared_prefix=g.shared_prefix) for p, rows in micro])
     t_reference = time.perf_counter() - t0
 
     # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
@@ -140,16 +151,14 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
             # summed over ranks: each rank's loss is its share of the global mini-batch's loss
             normalizer = dist.all_reduce(loss_normalizer(mask[group_rows(mb_prompts, G)], mode=algo.loss_agg,
                                                          max_len=g.max_new_tokens))
-            n_micro_here = -(-len(mb_prompts) // prompts_per_micro)  # this rank's micro-batches in the mini-batch
+            mb_micro = micro_batches(mb_prompts, G, g.micro_batch_rows)  # this rank's micro-batches of the mini-batch
             optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(mb_prompts), prompts_per_micro):
-                p = mb_prompts[s : s + prompts_per_micro]
-                rows = group_rows(p, G)
+            for j, (p, rows) in enumerate(mb_micro):
                 if loss_scope == "micro-batch":
-                    normalizer = micro_normalizer(mask[rows], algo.loss_agg, g.max_new_tokens, n_micro_here)
-                last = s + prompts_per_micro >= len(mb_prompts)  # reduce gradients over ranks once, at the end
+                    normalizer = micro_normalizer(mask[rows], algo.loss_agg, g.max_new_tokens, len(mb_micro))
+                last = j + 1 == len(mb_micro)  # reduce gradients over ranks once, at the end
                 with dist.grad_sync(policy, last):
-                    logp, entropy = micro_logprobs(policy, batch, p, completion_ids, mask, g.temperature,
+                    logp, entropy = micro_logprobs(policy, batch, p, rows, completion_ids, mask, g.temperature,
                                                    return_entropy=True, shared_prefix=g.shared_prefix)  # (n, T) each
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 loss, pg_loss, kl, pm = micro_batch_loss(logp, old, None if ref_logp is None else ref_logp[rows],

@@ -17,9 +17,10 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
    0.8·acc + 0.1·(cons + coh)/2 + 0.1·format by default; the release's 0.8/0.1/0.1/0.1 is the "release" preset.
 3. Advantages: group mean and unbiased std (GRPO), computed in ``objective.group_advantages``; unscorable
    completions (NaN) get advantage 0.
-4. KL to the frozen reference (the model after Cold-Start SFT) is in the loss, k3 with β = 0.01 (the paper);
-   β = 0 (DAPO, Dr.GRPO, GSPO) never builds the reference model. With LoRA (``--model.lora-rank``) only adapters
-   train and the reference is the policy with its adapters switched off: no second copy of the weights.
+4. KL to the frozen reference (the model after Cold-Start SFT; ``--grpo.reference init``: the model before it,
+   the release's anchor) is in the loss, k3 with β = 0.01 (the paper); β = 0 (DAPO, Dr.GRPO, GSPO) never builds
+   the reference model. With LoRA (``--model.lora-rank``) only adapters train and the reference is the policy with
+   its adapters switched off: no second copy of the weights (``init`` keeps one: the pre-SFT model).
 5. Loss: clipped surrogate with clip 0.2 / 0.3 and dual clip 3 (the paper), token-mean over the mini-batch. The
    denominator is computed once per mini-batch (``objective.loss_normalizer``), so gradient accumulation over
    micro-batches gives exactly the mini-batch gradient (``--grpo.loss-scope mini-batch``, the tiny default's);
@@ -29,10 +30,11 @@ How one step departs from textbook GRPO (Shao et al. 2024), and the choices made
    has not moved since sampling, so old = current, detached, and the ratio is exactly 1 (the loss then is the
    policy-gradient surrogate). With several updates per batch the trainer recomputes old log-probs before the first
    update, as verl does; the sampler's own log-probs are only compared (metric ``logp_gap``), never trusted.
-7. A prompt's image is encoded once per micro-batch and shared by its G rows, and (``--grpo.shared-prefix``, on
-   by default) the prompt itself runs through the decoder once: the G completions attend to its keys and values
-   (``emor3.models.shared_prefix``; exact, the same log-probs and gradients up to float rounding). The vision tower
-   is trained (the paper) unless ``--model.freeze-vision``.
+7. A prompt's image is encoded once per micro-batch and shared by its G rows (its rows in the micro-batch when
+   ``--grpo.micro-batch-rows`` is below G and splits the group, as the release's 4 rows at G = 8), and
+   (``--grpo.shared-prefix``, on by default) the prompt itself runs through the decoder once: the completions
+   attend to its keys and values (``emor3.models.shared_prefix``; exact, the same log-probs and gradients up to
+   float rounding). The vision tower is trained (the paper) unless ``--model.freeze-vision``.
 8. A step whose gradient norm is not finite is skipped (no optimizer step) and reported in the metrics.
 9. DAPO (``--algo dapo``): groups whose rewards are all equal are dropped and replaced by fresh prompts, up to
    ``--grpo.max-refill`` extra rollout rounds; the soft overlong penalty is added to the reward.
@@ -283,7 +285,7 @@ def _train(cfg: Config, out) -> dict:
     policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     reference = None if exp.reference is None else dist.wrap_reference(
         exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    if has_lora(exp.model) and exp.algo.kl_coef > 0:  # LoRA: the reference is the policy with its adapters off
+    if has_lora(exp.model) and exp.algo.kl_coef > 0 and reference is None:  # LoRA: the policy, adapters off
         reference = AdaptersOff(policy, exp.model)
     if g.sample_chunk == 0 and exp.device.type == "cuda":  # the largest sampling chunk that fits this GPU
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, sample_chunk=auto_sample_chunk(cfg, exp, W)))

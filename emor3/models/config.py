@@ -85,7 +85,7 @@ class VisionConfig:
     hidden_act: str = "silu"  # Qwen2-VL: quick_gelu
     window_size: int = 112  # Qwen2.5-VL only: window side in pixels
     fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL only
-    tokens_per_second: int = 2  # video only; kept so configs round-trip
+    tokens_per_second: int = 2  # Qwen2.5-VL video: temporal M-RoPE ids per second of clip (published value)
     rope_theta: float = 10000.0
 
 
@@ -286,7 +286,8 @@ def _parse_vision(v: dict[str, Any], model_type: str, source: str) -> VisionConf
                   intermediate_size=v.get("intermediate_size", 3420), out_hidden_size=v.get("out_hidden_size", 3584),
                   hidden_act=v.get("hidden_act", "silu"), window_size=v.get("window_size", 112),
                   fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-                  tokens_per_second=v.get("tokens_per_second", 2))
+                  # a file without it means what transformers reads it as (4); the published files say 2
+                  tokens_per_second=v.get("tokens_per_second", 4))
     if kw["hidden_act"] not in ("silu", "quick_gelu", "gelu"):
         problems.append(f"vision hidden_act {kw['hidden_act']!r} is not supported")
     if problems:

@@ -18,8 +18,10 @@ tests/test_qwen3_vl.py):
     tokens.
 
 `encode_images` returns (M, 1 + K, D): slot 0 the merged image tokens that replace the image placeholders, slots
-1..K the DeepStack features of the same tokens. Everything downstream (the sampler, rollout row copies, the RER
-judge) only indexes image features along dim 0, so it handles both models unchanged.
+1..K the DeepStack features of the same tokens; `encode_videos` the same for clips, whose DeepStack features are
+added at the video tokens (transformers adds image and video ones at their joint positions). Everything downstream
+(the sampler, rollout row copies, the RER judge) only indexes image features along dim 0, so it handles both models
+unchanged.
 Choices that differ from transformers are those of `QwenVL` (no cached rope deltas, static KV cache, image features
 passed in, attention masks that never empty a row, vision attention batched by segment length, chunked log-probs),
 all inherited.
@@ -224,50 +226,52 @@ class Qwen3VL(QwenVL):
         DeepStack features of the same tokens."""
         return self.visual(pixel_values, image_grid_thw)
 
-    def _image_positions(self, input_ids: Tensor, image_embeds: Tensor) -> Tensor:
-        is_img = input_ids == self.config.image_token_id  # (N, L)
-        n_img = int(is_img.sum())
+    def encode_videos(self, pixel_values_videos: Tensor, video_grid_thw: Tensor) -> Tensor:
+        """Video features of all clips in order: (M, 1 + K, D), as `encode_images` (the same tower; each temporal
+        patch of two frames is one frame of the grid)."""
+        return self.visual(pixel_values_videos, video_grid_thw)
+
+    def _check_embeds(self, embeds: Tensor, name: str) -> None:
         K = len(self.config.vision.deepstack_visual_indexes)
-        if image_embeds.dim() != 3 or image_embeds.shape[1] != 1 + K:
-            raise ValueError(f"image_embeds {tuple(image_embeds.shape)} must be (M, 1 + {K}, D) as encode_images "
+        if embeds.dim() != 3 or embeds.shape[1] != 1 + K:
+            raise ValueError(f"{name}_embeds {tuple(embeds.shape)} must be (M, 1 + {K}, D) as encode_{name}s "
                              "returns them (DeepStack features included)")
-        if n_img != image_embeds.shape[0]:
-            raise ValueError(f"input_ids hold {n_img} image tokens but image_embeds has {image_embeds.shape[0]}"
-                             " rows (each of a prompt's G rows needs its own copy of the embeds)")
-        return is_img
 
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return interleaved_mrope_cos_sin(position_ids, self.config.text, dtype)
 
-    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None):
-        """(positions of input_ids' image tokens, row-major as `embed` fills them; DeepStack features (M, K, D)),
-        or None without images."""
-        if image_embeds is None:
+    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None, video_embeds: Tensor | None = None):
+        """(positions of input_ids' image and video tokens, row-major as `embed` fills them; their DeepStack
+        features (M, K, D)), or None without visual features. Clips get DeepStack features like images
+        (transformers adds both at the union of image and video positions)."""
+        vis = self.visual_tokens(input_ids, image_embeds, video_embeds)
+        if vis is None:
             return None
-        self._image_positions(input_ids, image_embeds)  # checks the shapes
-        return (input_ids == self.config.image_token_id).nonzero(as_tuple=True), image_embeds[:, 1:]
+        where, feats = vis
+        return where.nonzero(as_tuple=True), feats[:, 1:]
 
     def add_deepstack(self, x: Tensor, layer: int, deepstack) -> Tensor:
         if deepstack is None or layer >= deepstack[1].shape[1]:
             return x
         where, feats = deepstack
-        return x.index_put(where, feats[:, layer].to(x.dtype), accumulate=True)  # + feature `layer` at image tokens
+        return x.index_put(where, feats[:, layer].to(x.dtype), accumulate=True)  # + feature `layer` at vision tokens
 
-    def embed(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
+    def embed(self, input_ids: Tensor, image_embeds: Tensor | None, video_embeds: Tensor | None = None) -> Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, L, D)
-        if image_embeds is not None:
-            is_img = self._image_positions(input_ids, image_embeds)
-            x = x.masked_scatter(is_img.unsqueeze(-1), image_embeds[:, 0].to(x.dtype))
+        vis = self.visual_tokens(input_ids, image_embeds, video_embeds)
+        if vis is not None:
+            where, feats = vis
+            x = x.masked_scatter(where.unsqueeze(-1), feats[:, 0].to(x.dtype))
         return x
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None, *,
                 image_embeds: Tensor | None = None, cache: KVCache | None = None,
-                cache_position: Tensor | None = None) -> Tensor:
+                cache_position: Tensor | None = None, video_embeds: Tensor | None = None) -> Tensor:
         """Hidden states after the final norm: (N, L, D); masks and cache as `QwenVL.forward`."""
         N, L = input_ids.shape
         assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
-        x = self.embed(input_ids, image_embeds)  # (N, L, D)
-        ds = self.deepstack(input_ids, image_embeds)
+        x = self.embed(input_ids, image_embeds, video_embeds)  # (N, L, D)
+        ds = self.deepstack(input_ids, image_embeds, video_embeds)
         cos, sin = self.rope(position_ids, x.dtype)  # (N, L, hd)
         mask = attention_mask_4d(N, L, attention_mask, cache, cache_position, input_ids.device)
         use_ckpt = self.gradient_checkpointing and self.training and cache is None

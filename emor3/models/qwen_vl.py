@@ -13,12 +13,16 @@ parity is pinned by tests/test_models_parity.py):
   Vision (Qwen2.5-VL): RMSNorm blocks, SwiGLU MLP with bias, window attention: patches are reordered so that each
     `window_size` x `window_size` pixel window is contiguous, blocks listed in `fullatt_block_indexes` attend over
     the whole image, the others within windows; the merger uses RMSNorm; the window order is undone at the end.
+  Video (both): a clip is a (t, h, w) grid whose patches span two frames each (`temporal_patch_size`), so the same
+    tower encodes it (`encode_videos`); attention and windows stay within each temporal patch, as for a one-frame
+    image. Its features fill the video tokens (`video_embeds`), image features the image tokens, in one scatter.
 
 Choices that differ from transformers, on purpose:
   - No hidden state on the model: M-RoPE position ids are always passed in (computed statelessly by
     `emor3.models.positions`); transformers caches `rope_deltas` on the module, which goes stale between
     generate() and a training forward, a known source of wrong GRPO log-probs.
-  - `forward` takes precomputed `image_embeds`, so a prompt's image is encoded once and shared by its G rows.
+  - `forward` takes precomputed `image_embeds` (and `video_embeds`), so a prompt's image or clip is encoded once
+    and shared by its G rows.
   - A preallocated static `KVCache`, written by position (`index_copy_`), so shapes never change while decoding.
   - Attention padding: every query may attend to its own slot, so left-pad rows never have an all-masked softmax
     (which gives NaN in SDPA and poisons gradients through 0 * NaN); their outputs are never used.
@@ -495,6 +499,51 @@ class QwenVL(nn.Module):
         """Merged image tokens of all images in order: (M, D), M = sum(t*h*w) / merge^2."""
         return self.visual(pixel_values, image_grid_thw)
 
+    def encode_videos(self, pixel_values_videos: Tensor, video_grid_thw: Tensor) -> Tensor:
+        """Merged video tokens of all clips in order: (M, D), M = sum(t*h*w) / merge^2. The same tower as images:
+        a clip is t temporal patches of two frames each (the patch embedding spans them), and attention stays
+        within each temporal patch (transformers' cu_seqlens per frame)."""
+        return self.visual(pixel_values_videos, video_grid_thw)
+
+    def visual_tokens(self, input_ids: Tensor, image_embeds: Tensor | None,
+                      video_embeds: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(where (N, L) bool: the image and video tokens that features fill; features (M_i + M_v, ...) in
+        row-major order of those tokens), or None without features. Images fill the image tokens in order and clips
+        the video tokens in order (as transformers' separate masked_scatter calls do); a mixed batch interleaves
+        them here by position, so one scatter serves both."""
+        if video_embeds is None and input_ids.shape[1] > 1 and bool((input_ids == self.config.video_token_id).any()):
+            # a clip's tokens embedded as plain tokens would be a silently wrong input; decode steps (one token,
+            # never a banned vision token) skip the check and its device sync
+            raise ValueError("input_ids hold video tokens but no video_embeds were given (encode_videos them; the "
+                             "sampler, scoring and judge paths do not pass clips yet)")
+        parts = []
+        for embeds, tok, name in ((image_embeds, self.config.image_token_id, "image"),
+                                  (video_embeds, self.config.video_token_id, "video")):
+            if embeds is None:
+                continue
+            self._check_embeds(embeds, name)
+            is_tok = input_ids == tok  # (N, L)
+            n_tok = int(is_tok.sum())
+            if n_tok != embeds.shape[0]:
+                raise ValueError(f"input_ids hold {n_tok} {name} tokens but {name}_embeds has {embeds.shape[0]}"
+                                 " rows (each of a prompt's G rows needs its own copy of the embeds)")
+            parts.append((is_tok, embeds))
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        (is_img, img), (is_vid, vid) = parts
+        where = is_img | is_vid  # (N, L)
+        img_slot = is_img[where]  # (M_i + M_v,) True where the k-th visual token is an image token
+        feats = img.new_zeros((img_slot.shape[0],) + tuple(img.shape[1:]))  # (M_i + M_v, ...)
+        feats = feats.index_put((img_slot.nonzero(as_tuple=True)[0],), img)
+        feats = feats.index_put(((~img_slot).nonzero(as_tuple=True)[0],), vid.to(img.dtype))
+        return where, feats
+
+    def _check_embeds(self, embeds: Tensor, name: str) -> None:
+        if embeds.dim() != 2:
+            raise ValueError(f"{name}_embeds {tuple(embeds.shape)} must be (M, D) as encode_{name}s returns them")
+
     # --------------------------------------------------------------- text
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -510,7 +559,7 @@ class QwenVL(nn.Module):
         """The decoder's rotary cos, sin (N, L, hd) for position ids (3, N, L): M-RoPE."""
         return mrope_cos_sin(position_ids, self.config.text, dtype)
 
-    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None):
+    def deepstack(self, input_ids: Tensor, image_embeds: Tensor | None, video_embeds: Tensor | None = None):
         """Features the decoder adds to its hidden states after the first layers (Qwen3-VL's DeepStack, see
         `add_deepstack`); this model has none."""
         return None
@@ -519,21 +568,18 @@ class QwenVL(nn.Module):
         """x (N, L, D) after decoder layer `layer`, plus that layer's DeepStack features; unchanged here."""
         return x
 
-    def embed(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
+    def embed(self, input_ids: Tensor, image_embeds: Tensor | None, video_embeds: Tensor | None = None) -> Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, L, D)
-        if image_embeds is not None:
-            is_img = input_ids == self.config.image_token_id  # (N, L)
-            n_img = int(is_img.sum())
-            if n_img != image_embeds.shape[0]:
-                raise ValueError(f"input_ids hold {n_img} image tokens but image_embeds has {image_embeds.shape[0]}"
-                                 " rows (each of a prompt's G rows needs its own copy of the embeds)")
-            # row-major fill of image positions; differentiable w.r.t. both embeddings and image_embeds
-            x = x.masked_scatter(is_img.unsqueeze(-1), image_embeds.to(x.dtype))
+        vis = self.visual_tokens(input_ids, image_embeds, video_embeds)
+        if vis is not None:
+            where, feats = vis
+            # row-major fill of image / video positions; differentiable w.r.t. the embeddings and the features
+            x = x.masked_scatter(where.unsqueeze(-1), feats.to(x.dtype))
         return x
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None, *,
                 image_embeds: Tensor | None = None, cache: KVCache | None = None,
-                cache_position: Tensor | None = None) -> Tensor:
+                cache_position: Tensor | None = None, video_embeds: Tensor | None = None) -> Tensor:
         """Hidden states after the final norm: (N, L, D).
 
         Without a cache, attention is causal over the L tokens, masked by `attention_mask` (N, L). With a cache,
@@ -542,7 +588,7 @@ class QwenVL(nn.Module):
         """
         N, L = input_ids.shape
         assert position_ids.shape == (3, N, L), f"position_ids {tuple(position_ids.shape)} != (3, {N}, {L})"
-        x = self.embed(input_ids, image_embeds)  # (N, L, D)
+        x = self.embed(input_ids, image_embeds, video_embeds)  # (N, L, D)
         cos, sin = self.rope(position_ids, x.dtype)  # (N, L, hd)
         mask = attention_mask_4d(N, L, attention_mask, cache, cache_position, input_ids.device)
         use_ckpt = self.gradient_checkpointing and self.training
@@ -557,7 +603,7 @@ class QwenVL(nn.Module):
 
     def logprobs(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, num_targets: int, *,
                  image_embeds: Tensor | None = None, temperature: float = 1.0, chunk_size: int = 128,
-                 return_entropy: bool = False):
+                 return_entropy: bool = False, video_embeds: Tensor | None = None):
         """float32 log-probs (N, T) of the last T = num_targets tokens, each predicted from the position before.
 
         log p = log_softmax(lm_head(h) / temperature)[target], computed over chunks of `chunk_size` tokens; each
@@ -567,7 +613,8 @@ class QwenVL(nn.Module):
         N, L = input_ids.shape
         T = num_targets
         assert 0 < T < L, f"num_targets {T} must be in [1, {L - 1}]"
-        hidden = self.forward(input_ids, position_ids, attention_mask, image_embeds=image_embeds)  # (N, L, D)
+        hidden = self.forward(input_ids, position_ids, attention_mask, image_embeds=image_embeds,
+                              video_embeds=video_embeds)  # (N, L, D)
         # position l predicts token l+1: the T targets are read from positions L-T-1 .. L-2
         return self.logprobs_from_hidden(hidden[:, L - T - 1:L - 1], input_ids[:, L - T:], temperature=temperature,
                                          chunk_size=chunk_size, return_entropy=return_entropy)

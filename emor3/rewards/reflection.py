@@ -7,7 +7,12 @@ Two self-judgements per completion, each a new single-turn chat:
   coherence (emotional): steps 1 and 2 as text only (no image), then `Which emotion best describes the text above?`
       and `Answer the question using one emotional category (one word only): <labels>.`, where <labels> are the
       sample's taxonomy labels comma-separated in the taxonomy's order (the authors hard-coded Mikels' eight).
-Prompt layout (the paper gives the sentences, not how they are joined): parts joined by "\\n", in the order above.
+Prompt text (`JUDGE_PROMPTS`; the paper gives the sentences, not how they are joined):
+  "clean" (default): the steps' text without their tags, parts joined by "\\n", in the order above.
+  "release": the release's text, byte for byte. Consistency: the image, then "\\n", the question with no space
+      between its two sentences and no separator after it, then the span from `<step1>` up to `<step2>` (tags
+      kept, stripped; no `<step2>`, no span). Coherence: the span from `<step1>` to `</step2>` (tags kept,
+      stripped), "\\n", the question, "\\n", the instruction.
 
 Who judges: the current policy (the paper: same weights as the rollout) or the frozen reference model (option);
 the caller passes whichever model to `ModelJudge`. No gradient flows through a judgement (torch.inference_mode).
@@ -17,8 +22,10 @@ Scoring modes:
       rules with *word-level* matching (the reply split into lower-case words; the authors' substring test counts
       "none" and "I don't know" as "no"):
         consistency: a word "yes" → 1, else a word "no" → 0, else 0.5
-        coherence:   the reply's words equal the label's words (so "Joy." and "**joy**" count) → 1,
-                     empty or "none" → 0.5, anything else → 0
+        coherence:   `COHERENCE_MATCHES`: "lenient" (default): the reply's words equal the label's words (so
+                     "Joy." and "**joy**" count) → 1, empty or "none" → 0.5, anything else → 0;
+                     "exact" (the release's `rethink_reward`): reply.lower() == label.lower() → 1, an empty reply
+                     or reply.lower() == "none" → 0.5, anything else (" joy", "Joy.", "None.") → 0
   "logprob" (ours, no generation, lower variance): from the judge's next-token distribution after the prompt,
         consistency = P(yes) / (P(yes) + P(no)), with P(yes) = p("Yes") + p("yes"), P(no) = p("No") + p("no"),
                       each the probability of that string as the start of the reply (for Qwen's tokenizer each is
@@ -58,16 +65,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, get_args
 
 import torch
 
+from emor3.config import CoherenceMatch, JudgePrompt
 from emor3.engine.sampler import PromptSuffix, prefill, sample
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
 from emor3.rewards.set_parse import parse_set
 
 CONSISTENCY_QUESTION = "Can the following text describe the image? Please answer with yes or no."
+# the release's consistency question: its two sentences are joined without a space
+RELEASE_CONSISTENCY_QUESTION = "Can the following text describe the image?Please answer with yes or no."
 COHERENCE_QUESTION = "Which emotion best describes the text above?"
 COHERENCE_INSTRUCTION = "Answer the question using one emotional category (one word only): {labels}."
 # score of (consistency, coherence) where the steps that judge reads are missing; see the module docstring
@@ -75,6 +85,13 @@ MISSING_RULES = {"release": (0.0, 0.5), "neutral": (0.5, 0.5)}
 YES_STRINGS = ("Yes", "yes")
 NO_STRINGS = ("No", "no")
 MODES = ("sample", "logprob")
+# the choices of --reward.judge-prompt and --reward.coherence-match, read from their declaration (auto is resolved
+# by the config before it reaches here)
+JUDGE_PROMPTS = tuple(x for x in get_args(JudgePrompt) if x != "auto")
+COHERENCE_MATCHES = tuple(x for x in get_args(CoherenceMatch) if x != "auto")
+# the release's spans (its trainer's extract_step1_to_step2 and extract_steps): tags kept
+_RELEASE_STEP1 = re.compile(r"(<step1>.*?)(?=<step2>)", re.S)
+_RELEASE_STEPS12 = re.compile(r"(<step1>.*?</step2>)", re.S)
 
 
 # -------------------------------------------------------------------------------------------------------- prompts
@@ -103,6 +120,29 @@ def coherence_request(step1: str, step2: str, labels: Sequence[str]) -> JudgeReq
     return JudgeRequest([{"role": "user", "content": [{"type": "text", "text": text}]}], None)
 
 
+def release_spans(completion: str) -> tuple[str, str]:
+    """(consistency span, coherence span) of a completion as the release cuts them, tags kept: `<step1>` up to
+    `<step2>`, and `<step1>` through `</step2>`, each stripped; "" where the release finds none."""
+    one, both = _RELEASE_STEP1.search(completion), _RELEASE_STEPS12.search(completion)
+    return (one.group(1).strip() if one else "", both.group(1).strip() if both else "")
+
+
+def release_consistency_request(span: str, image: Any) -> JudgeRequest:
+    """The release's visual-text judge: the image, "\\n", its question and the step-1 span with no separator."""
+    if image is None:
+        raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image "
+                         "must reach it)")
+    text = f"\n{RELEASE_CONSISTENCY_QUESTION}{span}"
+    return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
+
+
+def release_coherence_request(span: str, labels: Sequence[str]) -> JudgeRequest:
+    """The release's emotional judge: the steps 1-2 span, then the question and the instruction, "\\n" between."""
+    instr = COHERENCE_INSTRUCTION.replace("{labels}", ", ".join(labels))
+    text = f"{span}\n{COHERENCE_QUESTION}\n{instr}"
+    return JudgeRequest([{"role": "user", "content": [{"type": "text", "text": text}]}], None)
+
+
 # -------------------------------------------------------------------------------------------------------- scoring
 
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits, Unicode-aware; "don't" -> "don", "t"
@@ -123,8 +163,16 @@ def score_consistency_reply(reply: str) -> float:
     return 0.5
 
 
-def score_coherence_reply(reply: str, label: str) -> float:
-    """The paper's rule with word matching: equal to the label → 1, empty or "none" → 0.5, else 0."""
+def score_coherence_reply(reply: str, label: str, match: str = "lenient") -> float:
+    """The paper's rule: equal to the label → 1, empty or "none" → 0.5, else 0; "equal" per ``match`` (a key of
+    `COHERENCE_MATCHES`): lenient compares words, exact the whole lower-cased reply as the release does."""
+    if match == "exact":
+        r = reply.lower()
+        if not reply or r == "none":
+            return 0.5
+        return 1.0 if r == label.lower() else 0.0
+    if match != "lenient":
+        raise ValueError(f"unknown coherence match {match!r}; valid: {COHERENCE_MATCHES}")
     w = words(reply)
     if w == words(label):
         return 1.0
@@ -192,33 +240,50 @@ def reflect(
     *,
     mode: str = "sample",
     missing: str = "release",
+    prompt: str = "clean",
+    match: str = "lenient",
 ) -> ReflectionResult:
     """Score N completions with the two RER judges; see the module docstring for prompts and rules.
 
     labels: N ground-truth labels. taxonomies: one taxonomy (anything with `.labels`, or a label list) for all rows,
     or N of them. images: N images, row n's being its prompt's image (for a rollout: images[prompt_index[n]]).
     missing: the rule for completions whose judged steps are missing, a key of `MISSING_RULES`.
+    prompt: the judge prompts' text, one of `JUDGE_PROMPTS` (release: which steps count as missing is the
+    release's too: no span). match: how a sampled coherence reply is compared, one of `COHERENCE_MATCHES`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown RER mode {mode!r}; valid: {MODES}")
     if missing not in MISSING_RULES:
         raise ValueError(f"unknown RER missing-step rule {missing!r}; valid: {tuple(MISSING_RULES)}")
+    if prompt not in JUDGE_PROMPTS:
+        raise ValueError(f"unknown RER judge prompt {prompt!r}; valid: {JUDGE_PROMPTS}")
+    if match not in COHERENCE_MATCHES:
+        raise ValueError(f"unknown coherence match {match!r}; valid: {COHERENCE_MATCHES}")
     missing_cons, missing_coh = MISSING_RULES[missing]
     n = len(completions)
     if len(labels) != n or len(images) != n:
         raise ValueError(f"reflect: {n} completions but {len(labels)} labels and {len(images)} images")
     label_sets = _label_lists(taxonomies, n)
-    parses = [parse_set(c) for c in completions]
 
     cons = torch.full((n,), missing_cons, dtype=torch.float32)  # (N,)
     coh = torch.full((n,), missing_coh, dtype=torch.float32)  # (N,)
-    cons_rows = [i for i, p in enumerate(parses) if p.step1]
-    coh_rows = [i for i, p in enumerate(parses) if p.step1 and p.step2]
+    if prompt == "release":
+        spans = [release_spans(c) for c in completions]
+        cons_rows = [i for i, (one, _) in enumerate(spans) if one]
+        coh_rows = [i for i, (_, both) in enumerate(spans) if both]
+    else:
+        parses = [parse_set(c) for c in completions]
+        cons_rows = [i for i, p in enumerate(parses) if p.step1]
+        coh_rows = [i for i, p in enumerate(parses) if p.step1 and p.step2]
     for i in coh_rows:
         if labels[i] not in label_sets[i]:
             raise ValueError(f"reflect: row {i} label {labels[i]!r} is not one of its taxonomy labels {label_sets[i]}")
-    cons_req = [consistency_request(parses[i].step1, images[i]) for i in cons_rows]
-    coh_req = [coherence_request(parses[i].step1, parses[i].step2, label_sets[i]) for i in coh_rows]
+    if prompt == "release":
+        cons_req = [release_consistency_request(spans[i][0], images[i]) for i in cons_rows]
+        coh_req = [release_coherence_request(spans[i][1], label_sets[i]) for i in coh_rows]
+    else:
+        cons_req = [consistency_request(parses[i].step1, images[i]) for i in cons_rows]
+        coh_req = [coherence_request(parses[i].step1, parses[i].step2, label_sets[i]) for i in coh_rows]
     cons_replies: list = [None] * n
     coh_replies: list = [None] * n
 
@@ -231,7 +296,7 @@ def reflect(
         if coh_req:
             for i, reply in zip(coh_rows, _checked(judge.generate(coh_req), len(coh_req), "coherence")):
                 coh_replies[i] = reply
-                coh[i] = score_coherence_reply(reply, labels[i])
+                coh[i] = score_coherence_reply(reply, labels[i], match)
     else:
         yes_no = list(YES_STRINGS + NO_STRINGS)
         if cons_req:
@@ -481,7 +546,9 @@ class ModelJudge:
 
 __all__ = [
     "CONSISTENCY_QUESTION", "COHERENCE_QUESTION", "COHERENCE_INSTRUCTION", "JudgeRequest", "Judge", "ModelJudge",
-    "ReflectionResult", "reflect", "MISSING_RULES", "consistency_request", "coherence_request", "score_consistency_reply",
+    "ReflectionResult", "reflect", "MISSING_RULES", "JUDGE_PROMPTS", "COHERENCE_MATCHES", "consistency_request",
+    "coherence_request", "release_spans", "release_consistency_request", "release_coherence_request",
+    "RELEASE_CONSISTENCY_QUESTION", "score_consistency_reply",
     "score_coherence_reply", "consistency_from_logprobs", "coherence_from_logprobs", "words", "split_shared_prefixes",
 ]
 
