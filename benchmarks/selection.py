@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import ablation  # benchmarks/ablation.py, beside this script
 from emor3.config import parse_args
 from emor3.evaluate import main as evaluate_main
 from emor3.grpo.train import train
@@ -108,15 +109,9 @@ def report(rec: dict) -> str:
 
 
 def write_results_md(path: Path, text: str) -> None:
-    """Replace the selection block of RESULTS.md (between the markers), or append one."""
-    old = path.read_text() if path.is_file() else ""
-    block = f"{MARK_BEGIN}\n## selection: benchmarks/selection.py (its own output)\n\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new)
+    """Replace the selection block of RESULTS.md (between its markers), or append one."""
+    ablation.write_results_md(path, text, MARK_BEGIN, MARK_END,
+                              title="## selection: benchmarks/selection.py (its own output)\n\n")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -140,7 +140,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = _f("", "Training set: JSONL manifest, image-folder tree or EmoSet folder. Empty: EmoScenes.")
-    eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out]. Empty: the EmoScenes splits.")
+    eval: list = _f([], "Evaluation sets as NAME=PATH[:TAXONOMY][@in|@out], or the name of an EmoScenes split "
+                        "(test, validation, ood_render, ...). Empty: --data.emoscenes-eval's splits. A PATH that "
+                        "exists is read whole, ':' and all; PATH:TAXONOMY adds a taxonomy only where PATH alone "
+                        "exists.")
     taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
     on_bad_sample: OnBadSample = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count "
                                              "it).")
@@ -338,7 +341,8 @@ class EvalConfig:
 class RunConfig:
     out: str = _f("runs/default", "Run folder: config, metrics.jsonl, samples, checkpoints, results.")
     seed: int = _f(0, "Seed for every random choice of the run.")
-    resume: str = _f("", "Run folder to resume from (its latest checkpoint); its config.toml is the base config.")
+    resume: str = _f("", "Run folder to resume (its newest checkpoint that loads), or RUN_DIR/checkpoint-<step> to "
+                         "resume from that one; its config.toml is the base config and the run's settings stay.")
     save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).")
     keep_checkpoints: int = _f(2, "Numbered checkpoints (RUN_DIR/checkpoint-<step>) kept; older ones are deleted.")
     overwrite: bool = _f(False, "Replace the run already in --run.out (without it a command refuses a non-empty "
@@ -645,9 +649,18 @@ def config_problems(cfg: Config) -> list[str]:
         if not (colon and module.strip() and func.strip() and finite):
             bad("reward", "plugins", spec, "each entry must be package.module:function or "
                 "package.module:function=WEIGHT with a finite weight")
+    names = []
     for spec in cfg.data.eval:
-        if "=" not in spec or not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
-            bad("data", "eval", spec, "each entry must be NAME=PATH[@in|@out]")
+        if "=" not in spec:  # the name of a built-in split, checked when the data is built
+            names.append(spec)
+        elif not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
+            bad("data", "eval", spec, "each entry must be NAME=PATH[:TAXONOMY][@in|@out] or an EmoScenes split")
+        else:
+            names.append(spec.split("=", 1)[0])
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        bad("data", "eval", ",".join(cfg.data.eval), f"each set needs its own name ({', '.join(dup)} given twice): "
+            "results.json keeps one row per name")
     return problems
 
 
@@ -718,6 +731,8 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
     p = argparse.ArgumentParser(prog=prog, description=description, usage="%(prog)s [--config FILE.toml] [--SECTION.FIELD VALUE ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.toml", help="Load settings from a TOML file; later flags override it.")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="Show the traceback of an OS error (a read-only folder, a full disk) instead of one line.")
     for alias, (sec, name) in ALIASES.items():
         if sec in sections:
             flag = _field_type(SECTIONS[sec], name)[0] is bool  # a bare --dry-run means true
@@ -740,6 +755,12 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...] = tuple(
     return p
 
 
+def resume_run_dir(resume: str | Path) -> Path:
+    """The run folder of ``--resume``: the folder itself, or the run a ``RUN_DIR/checkpoint-<step>`` belongs to."""
+    p = Path(resume)
+    return p.parent if re.fullmatch(r"checkpoint-\d+", p.name) and (p.parent / "config.toml").is_file() else p
+
+
 def parse_args(argv: list[str] | None, prog: str, description: str, default_out: str | None = None) -> Config:
     """Parse flags (and ``--config``) into a validated, resolved Config (``Config.resolved``). A bad setting is a
     usage error (exit 2) naming the flag or file and what is allowed, raised before anything is written.
@@ -749,17 +770,19 @@ def parse_args(argv: list[str] | None, prog: str, description: str, default_out:
     parser = build_parser(prog, description)
     ns = vars(parser.parse_args(argv))
     config_file = ns.pop("config", None)
+    ns.pop("debug", None)  # read by the entry point (emor3.folders.wants_debug), not a run setting
     resume = ns.get("run.resume")
     if resume:
         if not Path(resume).is_dir():
             parser.error(f"{setting_name('run', 'resume')} = {resume!r}: no such run folder")
+        run_dir = resume_run_dir(resume)
         out = ns.get("run.out")
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
+        if out is not None and Path(out).resolve() != Path(run_dir).resolve():
             parser.error(f"--resume {resume} continues the run in its own folder, but --run.out is {out}: drop "
-                         f"--out, or copy {resume} to {out} and resume that")
-        ns["run.out"] = resume
+                         f"--out, or copy {run_dir} to {out} and resume that")
+        ns["run.out"] = str(run_dir)
         if not config_file:  # --resume RUN_DIR continues with the run's own saved settings
-            config_file = str(Path(resume) / "config.toml")
+            config_file = str(Path(run_dir) / "config.toml")
     try:
         raw = load_toml(config_file) if config_file else {}
         base = config_from_dict(raw, config_file) if config_file else Config()

@@ -47,7 +47,9 @@ from emor3.config import Config, EvalConfig, parse_args
 from emor3.data.emoscenes import cue_mentions, scene_properties, step3_claims
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
-from emor3.experiment import EvalSet, Experiment, build_experiment, exit_on_run_folder_error, prepare_run_dir
+from emor3.experiment import EvalSet, Experiment, build_experiment, prepare_run_dir
+from emor3.folders import run_cli, wants_debug
+from emor3.models.checkpoint import fault_point
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 from emor3.rewards.set_parse import SetParse
 
@@ -238,6 +240,7 @@ def evaluate(model, processor, sets: Sequence[EvalSet], taxonomies: dict, cfg: E
                     if r is not None:
                         replies.append(r)
         results["sets"][s.name] = set_row(s.domain, correct, len(s.samples), formatted, replies=replies)
+        fault_point(f"evaluated set {s.name}")  # a crash-test hook (checkpoint.fault_point)
     results.update(summary_scores(results["sets"]))
     results.update(summary_intervals(results["sets"]))
     return results
@@ -387,6 +390,11 @@ def evaluate_baseline(exp: Experiment, out: Path) -> dict | None:
 def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict | None = None) -> dict:
     """Evaluate the trained policy of a run and print the table, the ``baseline`` row (if any) first."""
     rows = {}
+    names = [s.name for s in exp.eval_sets]
+    if baseline is not None and list(baseline.get("sets", {})) != names:  # the run's evaluation sets changed
+        print(f"[emor3] the baseline row was evaluated on {', '.join(baseline.get('sets', {})) or 'no set'}, not "
+              f"on {', '.join(names)}: it is left out of the table")
+        baseline = None
     if baseline is not None:
         rows[baseline.get("name", "baseline")] = baseline
     rows[cfg.grpo.algo] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval,
@@ -528,13 +536,18 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["table"]:
         table_main(argv[1:])
         return
+    run_cli(evaluate_main, argv, debug=wants_debug(argv))
+
+
+def evaluate_main(argv: list[str]) -> dict:
     cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip(), default_out="runs/eval")
-    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.evaluate")  # refuses a folder holding a run
+    out = prepare_run_dir(cfg, "python -m emor3.evaluate")  # refuses a folder holding a run; locks it
     exp = build_experiment(cfg, out)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
     rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
                            device=exp.device, progress=cfg.run.progress)}
     print(write_results(rows, out))
+    return rows
 
 
 if __name__ == "__main__":

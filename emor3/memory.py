@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -339,6 +340,40 @@ def run_table(cfg: Config, model_cfg, world_size: int) -> str:
             picks.append(f"{gpu_gib} GB GPU: {k} prompts at a time (peak {e.peak / GiB:.1f} GiB)")
         lines.append("--grpo.sample-chunk 0 on CUDA samples the largest chunk that fits: " + "; ".join(picks))
     return "\n".join(lines)
+
+
+def device_memory(cfg: Config) -> tuple[int | None, str]:
+    """(bytes, what) of the memory a run's device offers each process: the GPU's total memory on CUDA, the
+    machine's physical memory on CPU; None where the planned device is not here (a CUDA plan made on a CPU)."""
+    d = cfg.model.device
+    cuda = d.startswith("cuda") or (d == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            return None, "a CUDA device (none is visible here)"
+        index = int(d.split(":", 1)[1]) if ":" in d else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"the GPU {props.name} (cuda:{index})"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None, "this machine's memory (unknown)"
+    return total, "this machine's memory (the plan is for the CPU)"
+
+
+def fits_verdict(cfg: Config, model_cfg, world_size: int) -> tuple[bool | None, str]:
+    """Whether the plan's peak fits the memory of the device it plans for (``device_memory``), in one plain
+    sentence: (True / False / None where that memory is unknown, the sentence)."""
+    peak = estimate(model_cfg, plan_from_config(cfg, model_cfg, world_size)).peak
+    total, what = device_memory(cfg)
+    if total is None:
+        return None, (f"fits: unknown; the planned peak is {peak / GiB:.1f} GiB per process, and {what} has no "
+                      "memory to compare with")
+    if peak <= total:
+        return True, (f"fits: yes; the planned peak {peak / GiB:.1f} GiB per process is within the "
+                      f"{total / GiB:.1f} GiB of {what}")
+    return False, (f"fits: NO; the planned peak {peak / GiB:.3g} GiB per process exceeds the {total / GiB:.1f} GiB "
+                   f"of {what}: lower --grpo.sample-chunk, --grpo.micro-batch-rows, --model.max-pixels or "
+                   "--grpo.max-new-tokens, or add processes")
 
 
 def image_patches_for(max_pixels: int, patch_size: int = 14, merge: int = 2) -> int:

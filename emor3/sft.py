@@ -47,11 +47,11 @@ from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, 
 from emor3.engine.prompts import build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs
-from emor3.experiment import (Experiment, add_adapters, build_experiment, exit_on_run_folder_error, prepare_run_dir,
-                              resolve_device)
+from emor3.experiment import Experiment, add_adapters, build_experiment, prepare_run_dir, resolve_device
+from emor3.folders import RunFolderError, lock_folder, run_cli, unlock_folder, wants_debug
 from emor3.grpo.objective import aggregate
 from emor3.models import Processor, load_pretrained, save_pretrained
-from emor3.models.checkpoint import read_config
+from emor3.models.checkpoint import fault_point, read_config
 from emor3.models.lora import merge_adapters
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 from emor3.rewards.reflection import (JudgeRequest, coherence_request, consistency_request, release_coherence_request,
@@ -248,6 +248,16 @@ def find_instruct(exp: Experiment) -> tuple[Path, Path | None]:
     return cache, None
 
 
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder's files (a flat folder) into a new folder ``dst``. The copies are new files of this
+    run, so they get the mode any file it writes gets (0666 less the umask), not the source's (copytree would keep
+    the cache's or the package's modes)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+
+
 def instruct_stage(exp: Experiment, out: Path) -> None:
     """The tiny model's stand-in for an instruct checkpoint (the paper starts from Qwen2.5-VL-Instruct, which already
     sees and answers yes/no questions): SFT on ``instruct_examples`` of ``--sft.instruct-images`` scenes drawn for
@@ -261,17 +271,25 @@ def instruct_stage(exp: Experiment, out: Path) -> None:
         return
     run_dir = out / "instruct"
     cache, found = find_instruct(exp)
+    built = False
+    if found is None and dist.is_main():
+        # one builder per setting: a second run of the same setting waits for the first and reuses its checkpoint
+        lock_folder(cache.parent, "instruct stage", wait=True, name=f".{cache.name}.lock")
+        try:
+            cache, found = find_instruct(exp)
+            if found is None:
+                build_instruct(exp, cache)
+                found, built = cache, True
+        finally:
+            unlock_folder(cache.parent, name=f".{cache.name}.lock")
     if found is None:
-        if not dist.is_main():
-            raise RuntimeError(f"instruct stage: {cache} missing on rank {dist.rank()} (rank 0 builds it first)")
-        build_instruct(exp, cache)
-        found = cache
-    else:
+        raise RuntimeError(f"instruct stage: {cache} missing on rank {dist.rank()} (rank 0 builds it first)")
+    if not built:
         exp.model.load_state_dict(load_pretrained(found, dtype=getattr(torch, cfg.model.dtype)).state_dict())
         dist.print0(f"[emor3] instruct stage: reusing {found}")
     if dist.is_main():
         shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(found, run_dir)
+        copy_checkpoint(found, run_dir)
     exp.source_dir = run_dir
     meta = json.loads((run_dir / "instruct.json").read_text())
     for rendering, r in meta["caption_cue_recall"].items():
@@ -341,6 +359,7 @@ def sft(
         scheduler.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(nll=f"{losses[-1]:.3f}")
+        fault_point(f"{desc}: SFT step {len(losses)}")  # a crash-test hook (checkpoint.fault_point)
     model.eval()
     return losses
 
@@ -517,6 +536,20 @@ manifest of every sample of --data with a `response` column on the traced ones (
 counts: kept, surplus, wrong label, bad format."""
 
 
+def check_traces_out(out: Path, data: Path) -> Path:
+    """``--out`` of traces: refused (RunFolderError) when it is ``--data`` itself, inside the ``--data`` folder, or
+    a folder; the manifest it writes must never replace what it reads."""
+    out_r, data_r = out.resolve(), data.resolve()
+    if out_r == data_r or (data_r.is_dir() and out_r.is_relative_to(data_r)):
+        where = "is" if out_r == data_r else "is inside"
+        raise RunFolderError(f"python -m emor3.sft traces: --out {out} {where} --data {data}, which it reads; write "
+                             f"the manifest elsewhere, e.g. --out {data_r.parent / (data_r.stem + '_traces.jsonl')}")
+    if out.is_dir():
+        raise RunFolderError(f"python -m emor3.sft traces: --out {out} is a folder; --out names the JSONL manifest to "
+                             f"write, e.g. --out {out / 'traces.jsonl'}")
+    return out
+
+
 def traces_main(argv: list[str]) -> TraceReport:
     p = argparse.ArgumentParser(prog="python -m emor3.sft traces", description=TRACES_DESCRIPTION)
     p.add_argument("--teacher", required=True, help="checkpoint folder that samples the responses")
@@ -538,7 +571,11 @@ def traces_main(argv: list[str]) -> TraceReport:
     p.add_argument("--on-bad-sample", default="error", choices=choices(OnBadSample))
     p.add_argument("--only-traces", action="store_true", help="write the traced samples only")
     p.add_argument("--progress", default="true", choices=("true", "false"))
+    p.add_argument("--debug", action="store_true", help="show the traceback of an OS error instead of one line")
     a = p.parse_args(argv)
+    out_path = check_traces_out(Path(a.out), Path(a.data))
+    # one writer per manifest: a lock beside it, held until this command ends
+    lock_folder(out_path.parent, "python -m emor3.sft traces", name=f".{out_path.name}.lock")
     vision = read_config(a.teacher).vision
     dataset = load_dataset(a.data, a.taxonomy or None, a.on_bad_sample, split=a.split, min_pixels=a.min_pixels,
                            max_pixels=a.max_pixels, factor=vision.patch_size * vision.spatial_merge_size)
@@ -575,25 +612,27 @@ def instruct_main(argv: list[str]) -> None:
     if cfg.model.path or cfg.sft.instruct_steps <= 0:
         raise SystemExit("python -m emor3.sft instruct: the instruct stage is for the tiny model built from scratch "
                          "(no --model.path) with --sft.instruct-steps > 0")
-    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.sft instruct")
+    out = prepare_run_dir(cfg, "python -m emor3.sft instruct")
     save_config(cfg, out / "config.toml")
     instruct_stage(build_experiment(cfg, out), out)
     print(f"[emor3] instruct checkpoint: {out / 'instruct'}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["traces"]:
-        traces_main(argv[1:])
-        return
-    if argv[:1] == ["instruct"]:
-        instruct_main(argv[1:])
-        return
+def sft_main(argv: list[str]) -> None:
     cfg = parse_args(argv, "python -m emor3.sft", (__doc__ or "").strip(), default_out="runs/sft")
-    out = exit_on_run_folder_error(prepare_run_dir, cfg, "python -m emor3.sft")  # refuses a folder holding a run
+    out = prepare_run_dir(cfg, "python -m emor3.sft")  # refuses a folder holding a run; locks it
     save_config(cfg, out / "config.toml")
     cold_start(build_experiment(cfg, out), out)  # builds the model and data, runs SFT, writes RUN_DIR/sft
     print(f"[emor3] Cold-Start SFT checkpoint: {out / 'sft'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = {"traces": traces_main, "instruct": instruct_main}.get(argv[0] if argv else "")
+    if command is not None:
+        run_cli(command, argv[1:], debug=wants_debug(argv))
+        return
+    run_cli(sft_main, argv, debug=wants_debug(argv))
 
 
 if __name__ == "__main__":

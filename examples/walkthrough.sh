@@ -32,7 +32,7 @@ $PY -m emor3.sft --model "$OUT/base" --out "$OUT/teacher" --data.cache-dir "$OUT
 # 3. Cold-Start traces for each training set, by rejection sampling from the teacher (here the instruct model
 #    itself; a larger one in practice)
 $PY -m emor3.sft traces --teacher "$OUT/teacher/sft" --data "$D/emoset2k" --split train \
-    --n 16 --per-image 2 --temperature 0.5 --max-new-tokens 80 --progress false --out "$D/emoset2k/train_traces.jsonl"
+    --n 16 --per-image 2 --temperature 0.5 --max-new-tokens 80 --progress false --out "$D/emoset2k_train_traces.jsonl"
 $PY -m emor3.sft traces --teacher "$OUT/teacher/sft" --data "$D/Emotion6_train" \
     --n 16 --per-image 2 --temperature 0.5 --max-new-tokens 80 --progress false --out "$D/emotion6_train_traces.jsonl"
 
@@ -46,7 +46,7 @@ LORA=(--model.lora-rank 8 --model.lora-alpha 16
 SMALL=(--sft.steps 20 --sft.lr 1e-3 --grpo.steps 2 --grpo.lr 1e-3 --grpo.max-new-tokens 64 --eval.max-new-tokens 64
        --run.threads 1 --run.progress false)
 $PY -m emor3.grpo.train --config examples/quick.toml --model "$OUT/teacher/sft" "${LORA[@]}" "${SMALL[@]}" \
-    --data "$D/emoset2k/train_traces.jsonl" --data.eval "emoset=$EMOSET@in,emotion6=$E6@out,webemo=$WEBEMO@out" \
+    --data "$D/emoset2k_train_traces.jsonl" --data.eval "emoset=$EMOSET@in,emotion6=$E6@out,webemo=$WEBEMO@out" \
     --run.out "$OUT/runs/emoset"
 $PY -m emor3.grpo.train --config examples/quick.toml --model "$OUT/teacher/sft" "${LORA[@]}" "${SMALL[@]}" \
     --data "$D/emotion6_train_traces.jsonl" --data.eval "emotion6=$E6@in,emoset=$EMOSET@out,webemo=$WEBEMO@out" \

@@ -24,7 +24,7 @@ PATHS = {("model", "path"), ("data", "train"), ("data", "taxonomy")}
 TEXT = {
     ("model", "device"): "gpu",
     ("model", "lora_targets"): "q_proj,bogus_proj",
-    ("data", "eval"): "no-equals-sign",
+    ("data", "eval"): ["=nameless.jsonl", "a=x.jsonl,a=y.jsonl"],
     ("data", "cache_dir"): " ",
     ("sft", "instruct_cache"): " ",
     ("reward", "weights"): ["accuracy=heavy", "accuracy=inf", "accuracy=nan", "bogus"],

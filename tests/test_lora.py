@@ -231,6 +231,10 @@ def test_lora_grpo_run_trains_only_adapters_and_resumes_exactly(tmp_path, plugin
         "a LoRA checkpoint holds the adapter folder and the trainer state, not the whole model"
     cfg = json.loads((latest_checkpoint(out) / "adapter" / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == (out / "sft").resolve()
+    from emor3.models.checkpoint import content_hash
+
+    fingerprint = json.loads((latest_checkpoint(out) / "adapter" / "base_fingerprint.json").read_text())
+    assert fingerprint["sha256"] == content_hash(out / "sft"), "merge checks the base against this record"
 
     # Cold-Start SFT trained adapters and merged them: linear weights moved, everything else (embeddings) did not
     init, sft = load_pretrained(out / "init").state_dict(), load_pretrained(out / "sft").state_dict()

@@ -93,6 +93,8 @@ def _snapshot(folder: Path) -> dict:
 
 def _fake_run(folder: Path) -> dict:
     (folder / "checkpoint-1" / "model").mkdir(parents=True)
+    (folder / "checkpoint-1" / "model" / "config.json").write_text("{}")
+    (folder / "checkpoint-1" / "model" / "model.safetensors").write_bytes(b"weights")
     (folder / "checkpoint-1" / "trainer_state.pt").write_bytes(b"state")
     (folder / "config.toml").write_text("[run]\n")
     (folder / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -173,7 +175,7 @@ def test_numbered_checkpoints_a_pointer_and_the_last_k(three_steps):
     assert (out / POINTER).read_text() == "checkpoint-3\n"
     assert latest_checkpoint(out) == out / "checkpoint-3"
     assert torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=True)["step"] == 3
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file is left"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"], "no temporary file is left"
 
 
 def test_resume_ignores_and_cleans_what_an_interrupted_save_left(three_steps, tmp_path):
@@ -188,7 +190,7 @@ def test_resume_ignores_and_cleans_what_an_interrupted_save_left(three_steps, tm
     assert latest_checkpoint(out) == out / "checkpoint-3", "incomplete folders are never resumed from"
     train(_parse(["--resume", str(out), "--grpo.steps", "4"]))
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name or p.name.startswith(".")) == [
-        "checkpoint-3", "checkpoint-4"]
+        ".lock", "checkpoint-3", "checkpoint-4", "checkpoint-9.damaged"], "an incomplete checkpoint is set aside"
     assert (out / POINTER).read_text() == "checkpoint-4\n"
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -206,7 +208,7 @@ def test_a_resume_with_nothing_left_to_train_still_finishes_the_interrupted_save
     train(_parse(["--resume", str(out), "--grpo.steps", "3"]))
     assert (out / POINTER).read_text() == "checkpoint-3\n"
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path, monkeypatch):
@@ -358,6 +360,6 @@ def test_sigkill_at_any_point_of_a_save_resumes_bit_for_bit(tmp_path, monkeypatc
         assert r.returncode == -signal.SIGKILL, f"{where}: exit {r.returncode}\n{r.stderr[-2000:]}"
         resume(case)
         _assert_equal(_finished_state(case), reference, where)
-        assert not [p.name for p in case.iterdir() if p.name.startswith(".")], f"{where}: leftovers"
+        assert not [p.name for p in case.iterdir() if p.name.startswith(".") and p.name != ".lock"], f"{where}: leftovers"
         assert (case / POINTER).read_text() == "checkpoint-3\n", f"{where}: the pointer"
         assert [s for s, _ in list_checkpoints(case)] == [2, 3], f"{where}: the kept checkpoints"

@@ -139,7 +139,7 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     train(first)
     out = Path(first.run.out)
     assert calls == ["instruct stage", "Cold-Start SFT"]
-    (built,) = list(cache.iterdir())
+    (built,) = [p for p in cache.iterdir() if not p.name.startswith(".")]  # .KEY.lock: the builder's lock
     init, instruct = _params(out / "init"), _params(out / "instruct")
     assert _same(_params(built), instruct), "RUN_DIR/instruct is the cached checkpoint"
     assert any(not torch.equal(init[k], instruct[k]) for k in init), "the instruct stage trained nothing"
@@ -159,7 +159,7 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     assert resumed.source_dir == out / "instruct", "a resumed run starts from its instruct model, not the init"
 
     train(tiny_config(tmp_path / "c", sft={**stage, "instruct_steps": 4}, grpo={"steps": 1}))
-    assert len(list(cache.iterdir())) == 2, "another setting builds (and caches) another instruct checkpoint"
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2, "another setting builds (and caches) another instruct checkpoint"
 
     def found(name, sft=stage, **sections):
         cfg = tiny_config(tmp_path / name, sft=sft, grpo={"steps": 1}, **sections)

@@ -74,12 +74,13 @@ from tqdm import tqdm
 from emor3 import distributed as dist
 from emor3.config import Config, parse_args, save_config, validate_config
 from emor3.evaluate import evaluate_baseline, evaluate_experiment
-from emor3.experiment import (attach_adapters, attach_reference, build_experiment, exit_on_run_folder_error,
-                              latest_checkpoint, load_policy, load_trainer_state, prepare_run_dir, save_checkpoint,
-                              set_threads, start_dir)
+from emor3.experiment import (attach_adapters, attach_reference, build_experiment, latest_checkpoint, load_policy,
+                              load_trainer_state, prepare_run_dir, record_lineage, record_resume_changes,
+                              save_checkpoint, set_threads, start_dir)
+from emor3.folders import RunFolderError, run_cli, unlock_folder, wants_debug
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
-from emor3.memory import RunPlan, largest_sample_chunk, plan_from_config, run_table
+from emor3.memory import RunPlan, fits_verdict, largest_sample_chunk, plan_from_config, run_table
 from emor3.memory import estimate as estimate_memory
 from emor3.models import tiny_config
 from emor3.models.checkpoint import read_config
@@ -247,8 +248,19 @@ def train(cfg: Config) -> dict:
             tiny_config(cfg.model.tiny, vocab_size=cfg.model.tokenizer_vocab)
         world = cfg.run.dry_run_world or int(os.environ.get("WORLD_SIZE", 1))
         print(run_table(cfg, model_cfg, world))
-        return {"dry_run": True}
+        fits, verdict = fits_verdict(cfg, model_cfg, world)
+        print(verdict)
+        return {"dry_run": True, "fits": fits}
     out = prepare_run_dir(cfg, "python -m emor3.grpo.train", can_resume=True)  # before anything is written
+    try:
+        return _train(cfg, out)
+    finally:
+        unlock_folder(out)  # the process may go on (a test, an ablation): the folder is free once the run ends
+
+
+def _train(cfg: Config, out) -> dict:
+    """``train`` once the run folder is prepared and locked."""
+    resuming = bool(cfg.run.resume)
     # what a result depends on besides the config: same seed and thread count on the same machine repeat exactly
     dist.print0(f"[emor3] seed {cfg.run.seed}, torch threads {set_threads(cfg)}, device {cfg.model.device}")
     launched = dist.init(cfg.run.dist_timeout, cfg.run.dist_setup_timeout, cfg.model.device)  # torchrun: join the group
@@ -263,6 +275,8 @@ def train(cfg: Config) -> dict:
     # ---- setup: rank 0 first (it writes the shared files: data cache, tiny model, SFT checkpoint, baseline) ----
     with dist.rank0_first("setup (data, model, Cold-Start SFT, baseline evaluation)"):
         exp = build_experiment(cfg, out)  # model (or the resumed policy), processor, data, reward setup
+        if dist.is_main() and not resuming:  # the data is sound: the settings go on disk before Cold-Start SFT
+            save_config(cfg, out / "config.toml")
         cold_start(exp, out)  # Cold-Start SFT into RUN_DIR/sft, unless resuming
         baseline = evaluate_baseline(exp, out) if dist.is_main() else None  # the table's first row
     attach_adapters(exp)  # LoRA: fresh adapters on the model GRPO starts from (a resumed run has its own)
@@ -277,16 +291,24 @@ def train(cfg: Config) -> dict:
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, sample_chunk=auto_sample_chunk(cfg, exp, W)))
         exp, g = dataclasses.replace(exp, cfg=cfg), cfg.grpo  # one config from here on: the step reads exp.cfg too
     dist.print0(run_table(cfg, exp.model.config, W))
-    if dist.is_main():
-        save_config(cfg, out / "config.toml")
+    if not resuming:
+        if dist.is_main():
+            save_config(cfg, out / "config.toml")
+        record_lineage(exp, out)  # what the run starts from, by content hash: a resume checks it
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
     start_step = 0
     if exp.resume_dir is not None:
-        state = load_trainer_state(exp.resume_dir, optimizer, scheduler, model=exp.model)
+        state = load_trainer_state(exp.resume_state, optimizer, scheduler, model=exp.model)
         start_step = state["step"]
+        if g.steps < start_step:
+            raise RunFolderError(f"--resume {out}: --grpo.steps {g.steps} is before the checkpoint's step "
+                                 f"{start_step}: python -m emor3.grpo.train --resume {out} --grpo.steps {start_step} "
+                                 "(or more)")
+        if dist.is_main():
+            record_resume_changes(cfg, out, start_step)
         stream = PromptStream(len(exp.train_set), cfg.run.seed, **state["data"])
         dist.print0(f"[emor3] resumed from {exp.resume_dir} at step {start_step} (written by "
                     f"{state.get('world_size', 1)} process(es), now {W})")
@@ -338,7 +360,7 @@ def train(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, "python -m emor3.grpo.train", DESCRIPTION)
     with dist.guard("the GRPO run"):  # a failed collective (a crashed rank) ends with an error that says so
-        exit_on_run_folder_error(train, cfg)
+        run_cli(train, cfg, debug=wants_debug(argv))
 
 
 if __name__ == "__main__":

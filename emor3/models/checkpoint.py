@@ -24,6 +24,7 @@ the same errors for a missing, empty, truncated or non-weights-only file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -82,6 +83,36 @@ def _get_tensor(f, file: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
     except Exception as e:  # a file cut short after a valid header fails only when the tensor is read
         raise _damaged(file, f"tensor {key!r} cannot be read ({type(e).__name__}: {e})", _REMEDY_WEIGHTS) from None
+
+
+def check_finite(t: torch.Tensor, file: Path, key: str) -> None:
+    """A floating-point tensor read from ``file`` holds only finite numbers, else a CheckpointError naming it: a
+    NaN weight would otherwise surface steps later as an unrelated error (an index out of range in sampling)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise _damaged(file, f"tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}",
+                       "The weights were saved from a diverged run or damaged: use an earlier checkpoint")
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint folder's contents: config.json and every weight file (safetensors and index), names
+    and bytes, in name order. Tokenizer files are left out: the weights and their shapes are what a run depends on."""
+    path = Path(path)
+    names = ["config.json"] + sorted(p.name for p in path.iterdir()
+                                     if p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json")
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(path / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_safetensors(file: Path) -> None:
+    """The header of a safetensors file opens and names its tensors (a CheckpointError otherwise)."""
+    with _open_safetensors(Path(file)) as f:
+        list(f.keys())
 
 
 def canonical_key(key: str) -> str:
@@ -172,6 +203,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                     continue
                 t = _get_tensor(f, path / fn, k)
                 p = params[name]
+                check_finite(t, path / fn, k)
                 if t.shape != p.shape:
                     mismatched.append(f"{k}: stored {tuple(t.shape)} vs model {tuple(p.shape)}")
                     continue
@@ -206,13 +238,15 @@ def _umask() -> int:
 
 
 _fault_calls = 0
+_fault_matches: dict[str, int] = {}
 
 
 def fault_point(what: str) -> None:
     """A crash-test hook, called after each file write and rename of a save; it does nothing unless the
     environment asks. ``EMOR3_FAULT_LOG=FILE`` appends ``what`` to FILE (to count and name the points);
     ``EMOR3_FAULT_AT=N`` makes the process kill itself with SIGKILL (no cleanup, as a power cut or the OOM killer)
-    at its Nth call. ``make check-faults`` runs a save killed at a seeded sample of these points."""
+    at its Nth call; ``EMOR3_FAULT_AT=N:TEXT`` at the Nth call whose ``what`` contains TEXT (``SFT step``,
+    ``evaluated set``). ``make check-faults`` runs a save killed at a seeded sample of these points."""
     global _fault_calls
     at, log = os.environ.get("EMOR3_FAULT_AT"), os.environ.get("EMOR3_FAULT_LOG")
     if not (at or log):
@@ -221,7 +255,15 @@ def fault_point(what: str) -> None:
     if log:
         with open(log, "a") as fh:
             fh.write(f"{_fault_calls}\t{what}\n")
-    if at and _fault_calls == int(at):
+    if not at:
+        return
+    n, _, text = at.partition(":")
+    if text:
+        if text in what:
+            _fault_matches[text] = _fault_matches.get(text, 0) + 1
+            if _fault_matches[text] == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+    elif _fault_calls == int(n):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -260,6 +302,17 @@ def _atomic_write(target: Path, write) -> None:
 def save_torch_state(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj)` to `path` atomically (a crash leaves the old file or the new one, never half of one)."""
     _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def verify_torch_state(path: str | os.PathLike) -> Any:
+    """``load_torch_state`` memory-mapped: the file's structure is read and checked, its tensors are not copied
+    into memory (a check after a save that costs little for a large optimizer state)."""
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as e:  # any failure to read back is a damaged file
+        raise _damaged(path, f"the trainer state file does not read back ({type(e).__name__}: {e})",
+                       "The save was damaged (a full disk, a failing disk): free space and resume") from None
 
 
 def load_torch_state(path: str | os.PathLike, what: str = "trainer state") -> Any:

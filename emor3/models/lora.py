@@ -47,9 +47,12 @@ from torch import Tensor, nn
 
 from emor3.config import DECODER_TARGETS, GROUP_TARGETS, parse_targets
 
-from .checkpoint import canonical_key
+from .checkpoint import canonical_key, check_finite
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# what the adapter was trained over: the base folder's path and content hash (``checkpoint.content_hash``); read by
+# ``python -m emor3.models merge`` to refuse another base. Not a PEFT file: PEFT ignores it.
+BASE_FINGERPRINT = "base_fingerprint.json"
 PEFT_PREFIX = "base_model.model."
 _HF_CLASS = {"qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"),
              "qwen2_vl": ("Qwen2VLForConditionalGeneration", "transformers.models.qwen2_vl.modeling_qwen2_vl"),
@@ -292,14 +295,18 @@ def _atomic(target: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, Tensor] | None = None,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), each file atomically."""
+                 base_model_name_or_path: str | None = None, base_fingerprint: dict | None = None) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), each file atomically, and
+    ``base_fingerprint`` (the base's path and content hash) as ``BASE_FINGERPRINT`` where given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = peft_config(model, base_model_name_or_path)
     tensors = adapter_state_dict(model, state)
     _atomic(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    if base_fingerprint is not None:
+        text = json.dumps(base_fingerprint, indent=2) + "\n"
+        _atomic(path / BASE_FINGERPRINT, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -344,7 +351,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtyp
             if m is None:
                 raise ValueError(f"{wfile}: tensor {key!r} is not a LoRA weight (base_model.model.<module>."
                                  "lora_A/lora_B.weight)")
-            tensors.setdefault(canonical_key(m.group(1)), {})[m.group(2)] = f.get_tensor(key)
+            t = f.get_tensor(key)
+            check_finite(t, wfile, key)
+            tensors.setdefault(canonical_key(m.group(1)), {})[m.group(2)] = t
     linear = {n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     problems = []
