@@ -12,13 +12,21 @@ written once. The named presets (``ALGORITHMS``: emo_r3, grpo, dapo, dr_grpo, gs
 inherits them as ``--grpo.*`` flags defaulting to ``None``: "take the value from the ``--algo`` preset".
 ``Config.algorithm()`` resolves them, and the saved config records the resolved numbers, so a run is never
 mislabelled.
+
+Every setting with a closed set of values is typed by a ``Literal`` declared once below; parsing checks values
+against it, and the code that dispatches on the names (the objective, the launcher, the rewards) reads the same
+declaration. ``parse_args`` returns a resolved config (``Config.resolved``: the preset written in, every
+model-dependent ``auto`` made) or exits with a usage error (status 2) naming each bad flag, before any work. This
+module imports no torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import re
 import types
 import typing
@@ -26,14 +34,63 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from emor3.models.lora import DECODER_TARGETS, parse_targets
+# --------------------------------------------------------------------------------------------- choices
+# Every setting with a closed set of values has its Literal here, declared once: parsing checks a value against it
+# (typing.get_args), and the code that dispatches on the names reads the same declaration.
 
-
-# Choices with one source: the Literal names a flag accepts, which parsing checks (``_CHOICES``) and the code that
-# dispatches on them reads.
+Dtype = Literal["float32", "bfloat16", "float16"]
+ModelSize = Literal["tiny", "100m", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-2b", "3b", "7b", "2b",
+                    "tiny-qwen3-vl", "tiny-qwen3-vl-thinking", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"]
+DecoderTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GroupTarget = Literal["vision", "merger"]  # every linear layer of the vision blocks / of the patch merger(s)
+OnBadSample = Literal["error", "skip"]
+EmoScenesVariant = Literal["default", "shortcut"]
+EmoScenesEval = Literal["table", "validation"]
+AlgoName = Literal["emo_r3", "grpo", "dapo", "dr_grpo", "gspo"]
+KLKind = Literal["k1", "k2", "k3"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AdvScale = Literal["group", "batch", "none"]
+RatioLevel = Literal["token", "sequence"]
+Schedule = Literal["constant", "cosine"]
+Compile = Literal["off", "on", "inductor", "eager", "aot_eager", "cudagraphs"]  # on: inductor; else the backend
+LossScope = Literal["mini-batch", "micro-batch"]
+FormatRule = Literal["paper", "strict"]
+AccuracyRule = Literal["exact", "normalized"]
+Judge = Literal["policy", "reference"]
+JudgeMode = Literal["sample", "logprob"]
+MissingStep = Literal["release", "neutral"]
+PluginAllNaN = Literal["warn", "error"]
+WeightPreset = Literal["paper", "release"]  # --reward.weights: one of these, or NAME=W,NAME=W,...
 CoherenceMatch = Literal["auto", "exact", "lenient"]  # --reward.coherence-match
 JudgePrompt = Literal["auto", "release", "clean"]  # --reward.judge-prompt
-Reference = Literal["sft", "init"]  # --grpo.reference
+Reference = Literal["sft", "init"]  # --grpo.reference: the KL term's frozen anchor
+Logger = Literal["jsonl", "tensorboard", "wandb"]
+Parallel = Literal["fsdp", "ddp"]
+ReferenceMode = Literal["shard", "offload", "replicate"]
+MixedPrecision = Literal["auto", "bf16", "fp32"]
+Auto = Literal["auto"]  # a choice resolved when the config is parsed (``Config.resolved``)
+
+DECODER_TARGETS: tuple[str, ...] = typing.get_args(DecoderTarget)
+GROUP_TARGETS: tuple[str, ...] = typing.get_args(GroupTarget)
+SEED_LIMIT = 2**32  # run seeds are below this, so every derived seed (emor3.grpo.rollout.stream_seed) fits int64
+
+
+def choices(alias) -> tuple[str, ...]:
+    """The names a Literal alias declares, flattened (``Literal["auto", LossScope]`` included)."""
+    return typing.get_args(alias)
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """LoRA targets as a comma-separated string or a sequence of names -> a checked tuple (order kept, no
+    duplicates)."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out = tuple(dict.fromkeys(targets))
+    valid = DECODER_TARGETS + GROUP_TARGETS
+    bad = [t for t in out if t not in valid]
+    if bad or not out:
+        raise ValueError(f"LoRA targets {list(out)}: unknown {bad}; valid names: {', '.join(valid)}")
+    return out
 
 
 def _f(default: Any, help: str, **kw):
@@ -46,10 +103,10 @@ def _f(default: Any, help: str, **kw):
 class ModelConfig:
     path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Empty: build the "
                    "tiny model.")
-    tiny: str = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
+    tiny: ModelSize = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
                    "tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
     tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
-    dtype: str = _f("float32", "Dtype of the trained parameters and their AdamW state: float32 (fp32 master weights; "
+    dtype: Dtype = _f("float32", "Dtype of the trained parameters and their AdamW state: float32 (fp32 master weights; "
                                "compute in bf16 through --run.mixed-precision) or bfloat16 (no master copy: updates "
                                "smaller than bf16's rounding step are lost, so not for training at small lr).")
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
@@ -68,17 +125,16 @@ class ModelConfig:
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"--model.lora-rank {self.lora_rank}: must be >= 0 (0: full fine-tuning)")
-        if self.lora_rank:
-            if not self.lora_alpha > 0:
-                raise ValueError(f"--model.lora-alpha {self.lora_alpha}: must be > 0")
-            if not 0 <= self.lora_dropout < 1:
-                raise ValueError(f"--model.lora-dropout {self.lora_dropout}: must be in [0, 1)")
-            try:
-                targets = parse_targets(self.lora_targets)
-            except ValueError as e:
-                raise ValueError(f"--model.lora-targets: {e}") from None
-            if self.freeze_vision and "vision" in targets:
-                raise ValueError("--model.freeze-vision with the LoRA target 'vision': drop one of them")
+        if not self.lora_alpha > 0:  # NaN fails too
+            raise ValueError(f"--model.lora-alpha {self.lora_alpha}: must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--model.lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        try:
+            targets = parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--model.lora-targets: {e}") from None
+        if self.lora_rank and self.freeze_vision and "vision" in targets:
+            raise ValueError("--model.freeze-vision with the LoRA target 'vision': drop one of them")
 
 
 @dataclass(frozen=True)
@@ -89,7 +145,8 @@ class DataConfig:
                         "exists is read whole, ':' and all; PATH:TAXONOMY adds a taxonomy only where PATH alone "
                         "exists.")
     taxonomy: str = _f("", "Taxonomy of the training set (mikels8, emotion6, binary, ... or a TOML/JSON file).")
-    on_bad_sample: str = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count it).")
+    on_bad_sample: OnBadSample = _f("error", "What to do with a bad sample: error (stop, naming it) or skip (count "
+                                             "it).")
     max_prompt_length: int = _f(0, "Longest prompt in tokens, its image tokens included (the release: 2048). A longer "
                                    "one is a bad sample (prompt_too_long), found when the data is loaded: an error, or "
                                    "skipped and counted with --data.on-bad-sample skip; never cropped. 0: no limit.")
@@ -97,13 +154,13 @@ class DataConfig:
     emoscenes_train: int = _f(1200, "EmoScenes training prompts.")
     emoscenes_test: int = _f(400, "EmoScenes in-domain test images (and as many validation images).")
     emoscenes_ood: int = _f(400, "EmoScenes images per out-of-domain split (compositional, ood_render, ...).")
-    emoscenes_eval: str = _f("table", "Which EmoScenes splits a run evaluates: table (the final table: test, "
-                             "compositional, ood_render, ood_unseen) or validation (the validation split only, to "
-                             "choose settings without reading test).")
+    emoscenes_eval: EmoScenesEval = _f("table", "Which EmoScenes splits a run evaluates: table (the final table: "
+                                       "test, compositional, ood_render, ood_unseen) or validation (the validation "
+                                       "split only, to choose settings without reading test).")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
-    emoscenes_variant: str = _f("default", "EmoScenes variant: default, or shortcut (a badge whose colour gives the "
-                                "label in train/test only; emor3.data.emoscenes).")
+    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "
+                                             "colour gives the label in train/test only; emor3.data.emoscenes).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 
@@ -116,9 +173,10 @@ class SFTConfig:
     judge_examples: bool = _f(True, "Also teach RER's yes/no and one-label answers from the cold-start responses "
                               "(needed by models trained from scratch; instruct checkpoints, as in the paper, can "
                               "set false).")
-    instruct_steps: int = _f(3200, "The tiny model's instruct stage before Cold-Start SFT (emor3.sft, "
-                             "\"Instruct stage\"): optimizer steps of captioning and yes/no questions on EmoScenes "
-                             "images of every rendering, without emotion labels; built once per setting and cached "
+    instruct_steps: int = _f(3200, "The tiny model's instruct stage before Cold-Start SFT (docs/method.md, \"The "
+                             "tiny default's starting point: an instruct stage\"): optimizer steps of captioning and "
+                             "yes/no questions on EmoScenes images of every rendering, without emotion labels; built "
+                             "once per setting and cached "
                              "(the default setting's ships with the package: `make instruct` rebuilds it). Runs from "
                              "a checkpoint (--model.path) skip it; 0 skips it.")
     instruct_images: int = _f(8000, "Scenes the instruct stage trains on, half in each rendering (their own seeds: no "
@@ -141,10 +199,10 @@ class Algorithm:
     dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (None: from the preset).")
     kl_coef: float | None = _f(None, "β, the KL-to-reference weight in the loss; 0 builds no reference (None: from "
                                      "the preset).")
-    kl_kind: str | None = _f(None, "KL estimator k1, k2 or k3 (None: from the preset).")
-    loss_agg: str | None = _f(None, "Loss aggregation mode (None: from the preset).")
-    adv_scale: str | None = _f(None, "Advantage scaling group, batch or none (None: from the preset).")
-    ratio_level: str | None = _f(None, "Importance ratio per token or sequence (None: from the preset).")
+    kl_kind: KLKind | None = _f(None, "KL estimator k1, k2 or k3 (None: from the preset).")
+    loss_agg: LossAgg | None = _f(None, "Loss aggregation mode (None: from the preset).")
+    adv_scale: AdvScale | None = _f(None, "Advantage scaling group, batch or none (None: from the preset).")
+    ratio_level: RatioLevel | None = _f(None, "Importance ratio per token or sequence (None: from the preset).")
     dynamic_sampling: bool | None = _f(None, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
                                              "refill from fresh prompts (None: from the preset).")
     overlong_buffer: float | None = _f(None, "DAPO soft overlong penalty: buffer as a fraction of max_new_tokens; 0 "
@@ -185,6 +243,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 # EMO-R3 = the paper's GRPO plus the SET prompt (always used for emotion tasks) and the RER rewards.
 ALGORITHMS["emo_r3"] = dataclasses.replace(ALGORITHMS["grpo"], reflection=True)
+assert set(ALGORITHMS) == set(choices(AlgoName)), "AlgoName and ALGORITHMS name the same presets"
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -198,7 +257,7 @@ def get_algorithm(name: str) -> Algorithm:
 class GRPOConfig(Algorithm):
     """The GRPO stage's settings; the objective's (``Algorithm``'s fields) default to the ``algo`` preset."""
 
-    algo: str = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
+    algo: AlgoName = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
     steps: int = _f(150, "GRPO steps (one rollout batch each).")
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
@@ -218,18 +277,19 @@ class GRPOConfig(Algorithm):
                               "0: all of a rank's prompts in one batch (fastest); on CUDA the largest chunk whose "
                               "KV cache fits the free memory (emor3.memory). Any N that divides the prompts "
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
-    compile: str = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a torch.compile "
-                             "backend name (eager: trace only).")
+    compile: Compile = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a "
+                                 "torch.compile backend: inductor, eager (trace only), aot_eager, cudagraphs.")
     lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")
-    schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
+    schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up: constant or cosine.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (the paper: 1.0).")
     max_refill: int = _f(3, "Dynamic sampling: extra rollout rounds allowed to refill filtered-out groups.")
-    loss_scope: str = _f("auto", "Over what the loss normaliser counts: mini-batch (the whole mini-batch over all "
-                                 "ranks: micro-batching does not change the gradient), micro-batch (the release: each "
-                                 "micro-batch's own count, its loss divided by the micro-batches per rank and averaged "
-                                 "over ranks), auto (micro-batch with a checkpoint, mini-batch with the tiny model).")
+    loss_scope: Literal[Auto, LossScope] = _f(
+        "auto", "Over what the loss normaliser counts: mini-batch (the whole mini-batch over all ranks: "
+        "micro-batching does not change the gradient), micro-batch (the release: each micro-batch's own count, its "
+        "loss divided by the micro-batches per rank and averaged over ranks), auto (micro-batch with a checkpoint, "
+        "mini-batch with the tiny model; resolved when the config is parsed).")
     reference: Reference = _f("sft", "The KL term's frozen anchor: sft (the model after Cold-Start SFT, the model GRPO "
                                      "starts from) or init (the model before it, as the release anchors to its initial "
                                      "checkpoint). With LoRA, init keeps a frozen copy of that model.")
@@ -238,19 +298,23 @@ class GRPOConfig(Algorithm):
 @dataclass(frozen=True)
 class RewardConfig:
     weights: str = _f("paper", "Reward weights: paper, release, or NAME=W,NAME=W,... for any components.")
-    format: str = _f("paper", "Format rule: paper (the paper's regex) or strict (also rejects empty steps etc.).")
-    accuracy: str = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized (synonyms).")
-    judge: str = _f("policy", "Who answers the RER questions: policy (the paper) or reference (frozen copy).")
-    judge_mode: str = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no sampling).")
+    format: FormatRule = _f("paper", "Format rule: paper (the paper's regex) or strict (also rejects empty steps "
+                                     "etc.).")
+    accuracy: AccuracyRule = _f("exact", "Accuracy rule: exact (the paper's lower-case match) or normalized "
+                                         "(synonyms).")
+    judge: Judge = _f("policy", "Who answers the RER questions: policy (the paper) or reference (frozen copy).")
+    judge_mode: JudgeMode = _f("sample", "RER scoring: sample (the paper: one reply at T=0.6) or logprob (no "
+                                         "sampling).")
     judge_max_new_tokens: int = _f(0, "Longest judge reply in sample mode. 0: 32 with a checkpoint (--model.path; an "
                                       "instruct model may answer 'Based on the image, yes'), 8 with the tiny model, "
                                       "which answers in one word (docs/method.md, \"Where the paper is silent\").")
     judge_share_prefix: bool = _f(True, "Prefill each prompt's judge prefix (chat header, image, question) once for "
                                         "its G consistency questions, then only each step 1; same scores as "
                                         "prefilling every question whole (off).")
-    missing_step: str = _f("auto", "RER score where the steps a judge reads are missing: release (consistency 0, "
-                                   "coherence 0.5, as the release's 'None' answer scores), neutral (both 0.5), auto "
-                                   "(release with a checkpoint, neutral with the tiny model).")
+    missing_step: Literal[Auto, MissingStep] = _f(
+        "auto", "RER score where the steps a judge reads are missing: release (consistency 0, coherence 0.5, as the "
+        "release's 'None' answer scores), neutral (both 0.5), auto (release with a checkpoint, neutral with the tiny "
+        "model; resolved when the config is parsed).")
     coherence_match: CoherenceMatch = _f("auto", "How a sampled coherence reply is matched to the label: lenient "
                                                  "(word level: 'Sadness.' and '**sadness**' count), exact (the "
                                                  "release: 1 only when reply.lower() == label.lower(), 0.5 for an "
@@ -261,8 +325,8 @@ class RewardConfig:
                                            "consistency question), auto (release with --reward.weights release, else "
                                            "clean).")
     plugins: list = _f([], "Extra reward functions as module:function=WEIGHT (TRL signature).")
-    plugin_all_nan: str = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once per "
-                                     "plug-in, counted in the metrics) or error (stop the run).")
+    plugin_all_nan: PluginAllNaN = _f("warn", "A plug-in that scores no row of a batch (NaN everywhere): warn (once "
+                                              "per plug-in, counted in the metrics) or error (stop the run).")
 
 
 @dataclass(frozen=True)
@@ -285,14 +349,16 @@ class RunConfig:
                                 "run folder). Never saved in config.toml.")
     sample_every: int = _f(10, "Write the completions of a step's first two prompts to samples.jsonl (text, image, "
                                "label, every reward term, the judge's replies) every N steps and at the last step.")
-    logger: str = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
+    logger: Logger = _f("jsonl", "Extra metrics sink besides metrics.jsonl: jsonl (none), tensorboard or wandb.")
     threads: int = _f(0, "CPU threads for torch (0: torch's default).")
     progress: bool = _f(True, "Show tqdm progress bars.")
-    parallel: str = _f("fsdp", "Under torchrun: fsdp (FSDP2, one unit per decoder layer / vision block) or ddp.")
-    reference: str = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or replicate.")
-    mixed_precision: str = _f("auto", "Compute dtype of policy, reference and sampler: auto (bf16 on GPU, fp32 on CPU), "
-                                      "bf16, fp32. Parameters stay in --model.dtype: FSDP2 casts its fp32 shards "
-                                      "(MixedPrecisionPolicy, fp32 gradient reduce), one process and DDP autocast.")
+    parallel: Parallel = _f("fsdp", "Under torchrun: fsdp (FSDP2, one unit per decoder layer / vision block) or ddp.")
+    reference: ReferenceMode = _f("shard", "Frozen reference under FSDP: shard, offload (shards in CPU memory) or "
+                                           "replicate.")
+    mixed_precision: MixedPrecision = _f(
+        "auto", "Compute dtype of policy, reference and sampler: auto (bf16 on GPU, fp32 on CPU), bf16, fp32. "
+        "Parameters stay in --model.dtype: FSDP2 casts its fp32 shards (MixedPrecisionPolicy, fp32 gradient "
+        "reduce), one process and DDP autocast.")
     dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a crashed rank).")
     dist_setup_timeout: float = _f(7200.0, "Seconds ranks wait for rank 0's setup (data cache, tiny model, SFT, baseline eval).")
     dry_run: bool = _f(False, "Print the per-process memory plan of this config (emor3.memory) and exit: nothing is "
@@ -320,42 +386,26 @@ class Config:
         overrides = {f.name: getattr(self.grpo, f.name) for f in fields(Algorithm) if getattr(self.grpo, f.name) is not None}
         return dataclasses.replace(get_algorithm(self.grpo.algo), **overrides)
 
-    # Where the paper is silent, a checkpoint run (--model.path) follows the authors' release and the tiny default
-    # keeps the choices its recorded results were made with (docs/method.md, "Where the paper is silent").
-    def judge_reply_tokens(self) -> int:
-        """``reward.judge_max_new_tokens`` with 0 resolved: 32 with a checkpoint, 8 with the tiny model."""
-        n = self.reward.judge_max_new_tokens
-        return n if n > 0 else (32 if self.model.path else 8)
-
-    def missing_step_rule(self) -> str:
-        """``reward.missing_step`` with auto resolved: release with a checkpoint, neutral with the tiny model."""
-        rule = self.reward.missing_step
-        return rule if rule != "auto" else ("release" if self.model.path else "neutral")
-
-    def loss_scope_rule(self) -> str:
-        """``grpo.loss_scope`` with auto resolved: micro-batch with a checkpoint, mini-batch with the tiny model."""
-        scope = self.grpo.loss_scope
-        if scope not in ("auto", "mini-batch", "micro-batch"):
-            raise ValueError(f"unknown --grpo.loss-scope {scope!r}; valid: mini-batch, micro-batch, auto")
-        return scope if scope != "auto" else ("micro-batch" if self.model.path else "mini-batch")
-
-    def coherence_match_rule(self) -> str:
-        """``reward.coherence_match`` with auto resolved: exact with the release's weights, else lenient."""
-        rule = self.reward.coherence_match
-        return rule if rule != "auto" else ("exact" if self.reward.weights == "release" else "lenient")
-
-    def judge_prompt_rule(self) -> str:
-        """``reward.judge_prompt`` with auto resolved: release with the release's weights, else clean."""
-        rule = self.reward.judge_prompt
-        return rule if rule != "auto" else ("release" if self.reward.weights == "release" else "clean")
-
     def resolved(self) -> "Config":
-        """This config with the preset's objective numbers written into ``grpo`` and every "auto" choice made
-        (what a run records)."""
-        grpo = dataclasses.replace(self.grpo, **dataclasses.asdict(self.algorithm()), loss_scope=self.loss_scope_rule())
-        reward = dataclasses.replace(self.reward, judge_max_new_tokens=self.judge_reply_tokens(),
-                                     missing_step=self.missing_step_rule(),
-                                     coherence_match=self.coherence_match_rule(), judge_prompt=self.judge_prompt_rule())
+        """This config with the preset's objective numbers written into ``grpo`` and every "auto" that depends on
+        the model made: what a run records and every stage reads. Where the paper is silent, a checkpoint run
+        (--model.path) follows the authors' release and the tiny default keeps the choices its recorded results
+        were made with (docs/method.md, "Where the paper is silent"):
+        judge_max_new_tokens 0 -> 32 with a checkpoint, 8 with the tiny model; missing_step auto -> release / neutral;
+        loss_scope auto -> micro-batch / mini-batch. With the release's reward weights the judge follows the release
+        too: coherence_match auto -> exact, else lenient; judge_prompt auto -> release, else clean. Resolving a
+        resolved config changes nothing."""
+        ckpt = bool(self.model.path)
+        r, g = self.reward, self.grpo
+        grpo = dataclasses.replace(g, **dataclasses.asdict(self.algorithm()), loss_scope=g.loss_scope if
+                                   g.loss_scope != "auto" else ("micro-batch" if ckpt else "mini-batch"))
+        reward = dataclasses.replace(
+            r, judge_max_new_tokens=r.judge_max_new_tokens or (32 if ckpt else 8),
+            missing_step=r.missing_step if r.missing_step != "auto" else ("release" if ckpt else "neutral"),
+            coherence_match=r.coherence_match if r.coherence_match != "auto" else (
+                "exact" if r.weights == "release" else "lenient"),
+            judge_prompt=r.judge_prompt if r.judge_prompt != "auto" else (
+                "release" if r.weights == "release" else "clean"))
         return dataclasses.replace(self, grpo=grpo, reward=reward)
 
 
@@ -381,23 +431,31 @@ ALIASES = {
 # --------------------------------------------------------------------------------------------- conversion
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _field_type(cls: type, name: str):
-    hints = typing.get_type_hints(cls)
-    t = hints[name]
-    if typing.get_origin(t) is Literal:  # a choice: parsed as the type of its names, checked against them
-        return type(typing.get_args(t)[0]), False
+    """A field's type without its Optional, and whether None is allowed."""
+    t = _hints(cls)[name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     optional = typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
     return (args[0] if optional else t), optional
 
 
-def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    t, optional = _field_type(cls, name)
+def _coerce(sec: str, name: str, value: Any, where: str) -> Any:
+    """``value`` (a flag's text or a TOML value) as field ``sec.name``'s type; the error names the setting."""
+    t, optional = _field_type(SECTIONS[sec], name)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ValueError(f"{where}: {name} cannot be None")
+        raise ValueError(f"{where}: {setting_name(sec, name)} cannot be None")
     try:
+        if typing.get_origin(t) is Literal:
+            if not isinstance(value, str) or value not in choices(t):
+                raise ValueError(f"{value!r}: must be one of {', '.join(choices(t))}")
+            return value
         if t is bool:
             if isinstance(value, bool):
                 return value
@@ -410,11 +468,14 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 return [v for v in value.split(",") if v] if value else []
             return list(value)
-        if t is int and isinstance(value, float) and not value.is_integer():
+        if t is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"not an integer: {value!r}")
-        return t(value)
+        v = t(value)
+        if t is float and not math.isfinite(v):
+            raise ValueError(f"{value!r}: must be a finite number")
+        return v
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: bad value for {name}: {e}") from None
+        raise ValueError(f"{where}: {setting_name(sec, name)}: bad value: {e}") from None
 
 
 def config_from_dict(d: dict, where: str = "config") -> Config:
@@ -431,7 +492,7 @@ def config_from_dict(d: dict, where: str = "config") -> Config:
         bad = sorted(set(values) - names)
         if bad:
             raise ValueError(f"{where}: unknown settings in [{sec}]: {bad}; valid: {sorted(names)}")
-        sections[sec] = cls(**{k: _coerce(cls, k, v, f"{where} [{sec}]") for k, v in values.items()})
+        sections[sec] = cls(**{k: _coerce(sec, k, v, where) for k, v in values.items()})
     return Config(**sections)
 
 
@@ -446,32 +507,8 @@ class ConfigError(ValueError):
     """Settings that cannot run; the message names each bad flag (and TOML key), its value and what is allowed."""
 
 
-# The allowed values of each setting that has a closed set of choices or a range. ``Config.algorithm()``'s resolved
-# objective is checked with the same table (its keys are in ``grpo``).
-_CHOICES: dict[tuple[str, str], tuple] = {
-    ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("data", "on_bad_sample"): ("error", "skip"),
-    ("data", "emoscenes_variant"): ("default", "shortcut"),
-    ("data", "emoscenes_eval"): ("table", "validation"),
-    ("grpo", "algo"): tuple(sorted(ALGORITHMS)),
-    ("grpo", "schedule"): ("constant", "cosine"),
-    ("grpo", "kl_kind"): ("k1", "k2", "k3"),
-    ("grpo", "loss_agg"): ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    ("grpo", "adv_scale"): ("group", "batch", "none"),
-    ("grpo", "ratio_level"): ("token", "sequence"),
-    ("reward", "format"): ("paper", "strict"),
-    ("reward", "accuracy"): ("exact", "normalized"),
-    ("reward", "judge"): ("policy", "reference"),
-    ("reward", "judge_mode"): ("sample", "logprob"),
-    ("reward", "plugin_all_nan"): ("warn", "error"),
-    ("reward", "coherence_match"): typing.get_args(CoherenceMatch),
-    ("reward", "judge_prompt"): typing.get_args(JudgePrompt),
-    ("grpo", "reference"): typing.get_args(Reference),
-    ("run", "logger"): ("jsonl", "tensorboard", "wandb"),
-    ("run", "parallel"): ("fsdp", "ddp"),
-    ("run", "reference"): ("shard", "offload", "replicate"),
-    ("run", "mixed_precision"): ("auto", "bf16", "fp32"),
-}
+# The allowed range of each numeric setting (a choice's allowed names are its field's Literal). ``Config.algorithm()``'s
+# resolved objective is checked with the same rules (its keys are in ``grpo``).
 # (low, low_inclusive, high, high_inclusive, why); None: unbounded on that side
 _RANGES: dict[tuple[str, str], tuple] = {
     ("model", "tokenizer_vocab"): (1, True, None, False, ""),
@@ -483,6 +520,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("data", "image_size"): (1, True, None, False, ""),
     ("data", "label_noise"): (0, True, 1, True, ""),
     ("data", "cold_start"): (0, True, None, False, ""),
+    ("data", "max_prompt_length"): (0, True, None, False, "0: no limit"),
     ("sft", "steps"): (0, True, None, False, "0 skips Cold-Start SFT"),
     ("sft", "batch_size"): (1, True, None, False, ""),
     ("sft", "lr"): (0, False, None, False, ""),
@@ -492,6 +530,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("sft", "instruct_batch_size"): (1, True, None, False, ""),
     ("sft", "instruct_lr"): (0, False, None, False, ""),
     ("sft", "instruct_seed"): (0, True, None, False, ""),
+    ("run", "seed"): (0, True, SEED_LIMIT, False, "every seed derived from it fits a 64-bit generator seed"),
     ("grpo", "clip_low"): (0, True, 1, False, "the ratio is clipped below at 1 - clip_low"),
     ("grpo", "clip_high"): (0, True, None, False, ""),
     ("grpo", "dual_clip"): (1, False, None, False, "the dual clip bounds the loss of negative advantages at c > 1"),
@@ -524,6 +563,7 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("run", "sample_every"): (0, True, None, False, "0 writes no samples"),
     ("run", "keep_checkpoints"): (1, True, None, False, ""),
     ("run", "threads"): (0, True, None, False, "0: torch's default"),
+    ("run", "dry_run_world"): (0, True, None, False, "0: this launch's number of processes"),
     ("run", "dist_timeout"): (0, False, None, False, ""),
     ("run", "dist_setup_timeout"): (0, False, None, False, ""),
 }
@@ -554,10 +594,16 @@ def config_problems(cfg: Config) -> list[str]:
     resolved = {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
     if cfg.grpo.algo in ALGORITHMS:  # the objective as it will run: the preset with the overrides applied
         resolved["grpo"].update(dataclasses.asdict(cfg.algorithm()))
-    for (sec, name), valid in _CHOICES.items():
-        value = resolved[sec].get(name)
-        if value is not None and value not in valid:
-            bad(sec, name, value, f"must be one of {', '.join(map(str, valid))}")
+    for sec, cls in SECTIONS.items():  # types: every choice one of its Literal's names, every float finite
+        for f in fields(cls):
+            t, _ = _field_type(cls, f.name)
+            value = resolved[sec][f.name]
+            if value is None:
+                continue
+            if typing.get_origin(t) is Literal and value not in choices(t):
+                bad(sec, f.name, value, f"must be one of {', '.join(choices(t))}")
+            elif t is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                bad(sec, f.name, value, "must be a finite number")
     for (sec, name), (lo, lo_inc, hi, hi_inc, why) in _RANGES.items():
         value = resolved[sec].get(name)
         if value is None or isinstance(value, bool):
@@ -579,24 +625,30 @@ def config_problems(cfg: Config) -> list[str]:
         bad("grpo", "micro_batch_rows", g.micro_batch_rows,
             f"must divide --grpo.group-size ({g.group_size}) when smaller than it: a micro-batch holds whole groups "
             "or an equal slice of one")
-    if not r.out:
-        bad("run", "out", r.out, "must name a folder")
-    if cfg.reward.weights not in ("paper", "release"):
+    for sec, name in (("run", "out"), ("data", "cache_dir"), ("sft", "instruct_cache")):
+        if not getattr(getattr(cfg, sec), name).strip():
+            bad(sec, name, getattr(getattr(cfg, sec), name), "must name a folder")
+    if cfg.reward.weights not in choices(WeightPreset):
         for part in cfg.reward.weights.split(","):
             name, sep, w = part.partition("=")
             try:
-                ok = bool(sep and name.strip()) and float(w) == float(w)
+                ok = bool(sep and name.strip()) and math.isfinite(float(w))
             except ValueError:
                 ok = False
             if not ok:
-                bad("reward", "weights", cfg.reward.weights, "must be paper, release or NAME=W,NAME=W,... "
-                    f"(bad entry {part!r})")
+                bad("reward", "weights", cfg.reward.weights, f"must be {' or '.join(choices(WeightPreset))} or "
+                    f"NAME=W,NAME=W,... with finite weights (bad entry {part!r})")
                 break
     for spec in cfg.reward.plugins:
-        target = spec.partition("=")[0]
+        target, eq, weight = spec.partition("=")
         module, colon, func = target.partition(":")
-        if not (colon and module.strip() and func.strip()):
-            bad("reward", "plugins", spec, "each entry must be package.module:function or package.module:function=WEIGHT")
+        try:
+            finite = not eq or math.isfinite(float(weight))
+        except ValueError:
+            finite = False
+        if not (colon and module.strip() and func.strip() and finite):
+            bad("reward", "plugins", spec, "each entry must be package.module:function or "
+                "package.module:function=WEIGHT with a finite weight")
     names = []
     for spec in cfg.data.eval:
         if "=" not in spec:  # the name of a built-in split, checked when the data is built
@@ -710,8 +762,8 @@ def resume_run_dir(resume: str | Path) -> Path:
 
 
 def parse_args(argv: list[str] | None, prog: str, description: str, default_out: str | None = None) -> Config:
-    """Parse flags (and ``--config``) into a validated Config. A bad setting is a usage error (exit 2) naming the
-    flag or file and what is allowed, raised before anything is written.
+    """Parse flags (and ``--config``) into a validated, resolved Config (``Config.resolved``). A bad setting is a
+    usage error (exit 2) naming the flag or file and what is allowed, raised before anything is written.
 
     ``default_out``: the entry point's own run folder when neither a flag nor the config file names one.
     ``--resume RUN_DIR`` continues the run in its own folder, with its saved config.toml as the base settings."""
@@ -721,6 +773,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str, default_out:
     ns.pop("debug", None)  # read by the entry point (emor3.folders.wants_debug), not a run setting
     resume = ns.get("run.resume")
     if resume:
+        if not Path(resume).is_dir():
+            parser.error(f"{setting_name('run', 'resume')} = {resume!r}: no such run folder")
         run_dir = resume_run_dir(resume)
         out = ns.get("run.out")
         if out is not None and Path(out).resolve() != Path(run_dir).resolve():
@@ -741,6 +795,6 @@ def parse_args(argv: list[str] | None, prog: str, description: str, default_out:
         sec, name = key.split(".", 1)
         d[sec][name] = value
     try:
-        return validate_config(config_from_dict(d, "command line"))
+        return validate_config(config_from_dict(d, "command line")).resolved()
     except ValueError as e:
         parser.error(str(e))

@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from emor3.config import MixedPrecision, Parallel, ReferenceMode, choices
 from emor3.engine.scoring import completion_logprobs
 
 __all__ = [
@@ -71,8 +72,9 @@ __all__ = [
     "full_model_state", "full_optimizer_state", "load_optimizer_state", "guard",
 ]
 
-PARALLEL = ("fsdp", "ddp")
-REFERENCE = ("shard", "offload", "replicate")
+PARALLEL = choices(Parallel)
+REFERENCE = choices(ReferenceMode)
+MIXED_PRECISION = choices(MixedPrecision)
 
 _setup_group = None  # gloo group with the long timeout, for rank-0-only setup phases
 _timeout_s: float = 0.0
@@ -304,8 +306,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """The policy's compute dtype for ``--run.mixed-precision``: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32."""
-    if mixed_precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown --run.mixed-precision {mixed_precision!r}; valid: auto, bf16, fp32")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"unknown --run.mixed-precision {mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
     if mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32

@@ -7,8 +7,8 @@ nothing (no training, no evaluation): the entry points run the stages on what it
    validation`` the validation split alone; ood_emotion6 and ood_binary are drawn but not evaluated:
    emor3.data.emoscenes says why; cold-start traces). Bad samples stop the run or are counted
    (``--on-bad-sample skip``) and the counts are printed before anything trains.
-2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL folder), else a tiny model built offline into
-   ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
+2. Model: ``--model.path`` (a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder), else a tiny model built offline
+   into ``RUN_DIR/init`` with a tokenizer trained on the EmoScenes corpus and the prompts the run will use.
 3. The frozen reference (``attach_reference``: the model GRPO starts from, i.e. after Cold-Start SFT) when β > 0 or
    the reference judges RER.
 4. The run folder (``prepare_run_dir``): a command refuses a folder that is not empty unless it resumes the run in it
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from emor3 import distributed as dist
-from emor3.config import Algorithm, Config, config_from_dict, config_to_dict, load_toml, save_config, setting_name
+from emor3.config import Config, config_from_dict, config_to_dict, load_toml, save_config, setting_name
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import (CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names,
@@ -76,7 +76,6 @@ class Experiment:
     model: torch.nn.Module
     processor: Processor
     source_dir: Path  # folder the tokenizer and processor files come from (copied into every checkpoint)
-    algo: Algorithm
     train_set: object = None
     cold_start: object = None  # the samples with SET responses for Cold-Start SFT (an EmotionDataset), or None
     eval_sets: list = field(default_factory=list)
@@ -239,11 +238,12 @@ def set_threads(cfg: Config) -> int:
 
 def build_experiment(cfg: Config, out: Path) -> Experiment:
     """The model (with ``--resume``: the run's checkpoint that ``load_resume_point`` picks, over the start model
-    ``check_lineage`` verified), processor, data and reward setup of a run, under ``--run.threads``. The reference is attached later (``attach_reference``), once
-    Cold-Start SFT has run."""
+    ``check_lineage`` verified), processor, data and reward setup of a run, under ``--run.threads``. The reference is
+    attached later (``attach_reference``), once Cold-Start SFT has run. The run holds ``cfg`` resolved
+    (``Config.resolved``), what every stage reads."""
+    cfg = cfg.resolved()
     set_threads(cfg)
     device = resolve_device(cfg.model.device)
-    algo = cfg.algorithm()
     resume_dir = state = lineage = None
     candidates = resume_candidates(cfg.run.resume, out) if cfg.run.resume else []
     train, cold, evals = build_data(cfg)
@@ -280,9 +280,9 @@ def build_experiment(cfg: Config, out: Path) -> Experiment:
         model.freeze_vision(cfg.model.freeze_vision)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     weights = resolve_weights(cfg.reward.weights)
-    if not algo.reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
+    if not cfg.algorithm().reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
         weights = {k: v for k, v in weights.items() if k not in ("consistency", "coherence")}
-    return Experiment(cfg, device, model, processor, source, algo, train, cold, evals, taxonomies,
+    return Experiment(cfg, device, model, processor, source, train, cold, evals, taxonomies,
                       reward_weights=weights, plugins=[load_reward_plugin(spec) for spec in cfg.reward.plugins],
                       resume_dir=resume_dir, resume_state=state, lineage=lineage)
 
@@ -327,7 +327,7 @@ def attach_reference(exp: Experiment, out: Path) -> None:
     (``emor3.models.lora.AdaptersOff``). ``init`` (the release): the model before Cold-Start SFT, read again from
     the folder the run started from (``exp.source_dir``: ``--model.path``, or the tiny model's instruct stage), also
     with LoRA."""
-    cfg, algo = exp.cfg, exp.algo
+    cfg, algo = exp.cfg, exp.cfg.algorithm()
     init = cfg.grpo.reference == "init"
     needed = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
     if not needed or (has_lora(exp.model) and not init):
@@ -492,7 +492,8 @@ def record_lineage(exp: Experiment, out: Path) -> dict:
     reference (the same model, where the run uses one), each by path and ``content_hash``."""
     start = start_dir(out, exp.source_dir)
     entry = {"path": _rel(start, out), "sha256": content_hash(start)}
-    uses_ref = exp.algo.kl_coef > 0 or (exp.algo.reflection and exp.cfg.reward.judge == "reference")
+    algo = exp.cfg.algorithm()
+    uses_ref = algo.kl_coef > 0 or (algo.reflection and exp.cfg.reward.judge == "reference")
     lineage = {"start_model": entry, "reference": dict(entry) if uses_ref else None}
     if dist.is_main():
         tmp = out / f".{LINEAGE}.tmp"
@@ -737,7 +738,7 @@ def _write_pointer(out: Path, name: str) -> None:
     _fsync(out)
 
 
-def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, generator, data_state: dict) -> Path:
+def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler, data_state: dict) -> Path:
     """Write RUN_DIR/checkpoint-<step> (module docstring, 5), point RUN_DIR/latest at it, keep the newest
     ``--run.keep-checkpoints``; returns the folder.
 
@@ -763,7 +764,7 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
                 save_pretrained(_FullState(exp.model.config, model_state), tmp / "model", tokenizer_dir=exp.source_dir)
             save_torch_state({
                 "step": step, "data": data_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
+                "torch_rng": torch.get_rng_state(), "world_size": dist.world_size(),
             }, tmp / "trainer_state.pt")
             _fsync_tree(tmp)
             fault_point("synced the temporary folder")
@@ -780,13 +781,13 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
     return final
 
 
-def load_trainer_state(state: dict | Path, optimizer, scheduler, generator, model) -> dict:
+def load_trainer_state(state: dict | Path, optimizer, scheduler, model) -> dict:
     """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state from a
-    trainer state (or the checkpoint folder holding it)."""
+    trainer state (or the checkpoint folder holding it). A "generator" entry (written by earlier versions; nothing
+    samples from it) is ignored."""
     if not isinstance(state, dict):
         state = load_torch_state(Path(state) / "trainer_state.pt")
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state

@@ -45,13 +45,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from emor3.config import Config
+from emor3.config import Config, Dtype, choices
 from emor3.models.checkpoint import build_model
 from emor3.models.config import QwenVLConfig
 from emor3.models.lora import add_lora
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+assert set(DTYPE_BYTES) == set(choices(Dtype)), "a byte size for every dtype --model.dtype accepts"
 
 # Saved bytes per token (text) / per patch (vision) and layer: (width coef, kv/I coef, MLP coef), per compute mode.
 # "fp32": fp32 weights and compute; "autocast": fp32 weights under bf16 autocast; "bf16": bf16 weights (FSDP's

@@ -104,11 +104,11 @@ def resolve_model(model: str | Path, adapter: str | Path | None = None) -> Model
 
 
 def run_config(source: ModelSource) -> Config | None:
-    """The settings of the run a checkpoint comes from (its config.toml), or None outside a run."""
+    """The settings of the run a checkpoint comes from (its config.toml, resolved), or None outside a run."""
     if source.run_dir is None:
         return None
     f = source.run_dir / "config.toml"
-    return config_from_dict(load_toml(f), str(f))
+    return config_from_dict(load_toml(f), str(f)).resolved()
 
 
 def load_model(source: ModelSource, *, dtype: str = "auto", device: str = "auto", min_pixels: int | None = None,
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(a.seed)  # on the CPU: a seed draws the same numbers on any device
     judge = None
     if a.reflect:
-        judge_kw = {"max_new_tokens": run.judge_reply_tokens()} if run is not None else {}
+        judge_kw = {"max_new_tokens": run.reward.judge_max_new_tokens} if run is not None else {}
         if temperature == 0:
             judge_kw["temperature"] = 0.0
         judge = ModelJudge(model, processor, seed=generator, **judge_kw)

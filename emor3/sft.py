@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from emor3 import distributed as dist
-from emor3.config import SFTConfig, parse_args, save_config
+from emor3.config import OnBadSample, SFTConfig, choices, parse_args, save_config
 from emor3.data import BUILTIN_NAMES, BytesImage, get_taxonomy, load_dataset, write_manifest
 from emor3.data.dataset import write_atomic
 from emor3.data.emoscenes import (CUE_QUESTIONS, CUE_VALUES, DESCRIBE_QUESTION, INSTRUCT_SCENES_VERSION,
@@ -154,15 +154,20 @@ SHIPPED_INSTRUCT = Path(__file__).resolve().parent / "assets" / "instruct"  # th
 
 
 def instruct_key(model, init_dir: Path, cfg) -> str:
-    """The cache key of an instruct checkpoint: a hash of the initial model (config, tokenizer, the weights of
-    ``model`` as initialised from ``--sft.instruct-seed``) and every setting the stage reads, so a change to any of
-    them builds a new one. The run's own seed is not among them: every run seed starts from the same instruct
-    checkpoint, as the paper's runs all start from one released instruct model."""
+    """The cache key of an instruct checkpoint: a hash of the stage's starting point and every setting the stage
+    reads, all of it content the project writes: the versions of the instruct examples and scenes, the model's
+    architecture (its config), its weights as initialised from ``--sft.instruct-seed``, the tokenizer's vocabulary
+    and merges (read as data: a tokenizers release that serialises tokenizer.json differently keeps the key, one
+    that trains another vocabulary changes it) and the stage's settings. The run's own seed is not among them: every
+    run seed starts from the same instruct checkpoint, as the paper's runs all start from one released model."""
     # the instruct scenes' own version, not EmoScenes' VERSION: a change to the benchmark splits that leaves the
     # instruct scenes unchanged does not change what this stage trains on
     h = hashlib.sha256(f"v{INSTRUCT_VERSION}:emoscenes-v{INSTRUCT_SCENES_VERSION}".encode())
-    for name in ("config.json", "tokenizer.json"):
-        h.update((init_dir / name).read_bytes())
+    h.update(json.dumps(json.loads((init_dir / "config.json").read_text()), sort_keys=True).encode())
+    tok = json.loads((init_dir / "tokenizer.json").read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]  # "a b" or [a, b]
+    h.update(json.dumps([sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), merges]).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -385,7 +390,7 @@ def cold_start(exp: Experiment, out: Path) -> None:
     examples = set_examples(cold.samples, images, responses, exp.taxonomies)
     if cfg.sft.judge_examples:
         examples += judge_examples(cold.samples, images, responses, exp.taxonomies, seed=cfg.run.seed,
-                                   prompt=cfg.judge_prompt_rule())
+                                   prompt=cfg.reward.judge_prompt)
     print(f"[emor3] Cold-Start SFT: {len(cold)} samples, {len(examples)} examples, {cfg.sft.steps} steps")
     if cfg.model.lora_rank:  # LoRA: SFT trains adapters, then folds them in, so RUN_DIR/sft is a whole model
         add_adapters(exp.model, cfg)
@@ -563,7 +568,7 @@ def traces_main(argv: list[str]) -> TraceReport:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-bad-sample", default="error", choices=("error", "skip"))
+    p.add_argument("--on-bad-sample", default="error", choices=choices(OnBadSample))
     p.add_argument("--only-traces", action="store_true", help="write the traced samples only")
     p.add_argument("--progress", default="true", choices=("true", "false"))
     p.add_argument("--debug", action="store_true", help="show the traceback of an OS error instead of one line")

@@ -186,9 +186,10 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, plugin_dir):
 
 def test_hung_rank_ends_the_job_with_a_clear_error(tmp_path, plugin_dir):
     cfg = _config(tmp_path, "hang", steps=2, plugin="hang_on_rank1", dist_timeout=4.0)
-    proc, seconds = _torchrun(cfg, plugin_dir, timeout=240, env={"EMOR3_TEST_HANG_S": "15"})
+    # rank 1 hangs 15 s, longer than the 4 s timeout: a job that ended without the timeout's error would have
+    # waited for it and finished cleanly
+    proc, _ = _torchrun(cfg, plugin_dir, timeout=240, env={"EMOR3_TEST_HANG_S": "15"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, "a rank that stops answering must fail the job"
     assert "DistributedError" in output and "rank 0/2" in output and "--run.dist-timeout=4s" in output, \
         f"the error must say which rank gave up, why and which setting controls it:\n{output[-4000:]}"
-    assert seconds < 120, f"the job took {seconds:.0f}s to end: the collective timeout did not fire"

@@ -72,7 +72,7 @@ def test_easyr1_problem_reaches_every_prompt_the_run_sends(tmp_path):
     messages, images = encode_samples(_EchoProcessor(), ds.samples, ["im0", "im1"], taxes)
     assert [_user_text(m) for m in messages] == expected and images == [["im0"], ["im1"]]
     # the text reward plug-ins see
-    exp = Experiment(Config(), torch.device("cpu"), None, None, tmp_path, None, taxonomies=taxes)
+    exp = Experiment(Config(), torch.device("cpu"), None, None, tmp_path, taxonomies=taxes)
     assert [exp.prompt_text(s) for s in ds.samples] == expected == [sample_prompt(s, taxes) for s in ds.samples]
     # Cold-Start SFT's SET examples
     sft = set_examples(ds.samples, ["im0", "im1"], ["r0", "r1"], taxes)
@@ -142,37 +142,37 @@ def test_missing_steps_score_as_the_release_does_by_default(rule, cons, coh):
         assert default.consistency.tolist() == cons, "the release's rule is reflect's default"
 
 
-def test_unknown_missing_rule_is_an_error():
-    from emor3.rewards.reflection import reflect
+def _parse(argv):
+    from emor3.config import parse_args
 
-    with pytest.raises(ValueError, match="missing-step rule 'zero'"):
-        reflect([FULL], ["joy"], EMO6, ["a"], _ScriptedJudge(), missing="zero")
-
-
-def test_model_judge_caps_replies_for_instruct_models():
-    import inspect
-
-    from emor3.rewards.reflection import ModelJudge
-
-    assert inspect.signature(ModelJudge).parameters["max_new_tokens"].default == 32
+    return parse_args(argv, "python -m emor3.grpo.train", "")
 
 
-def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run():
-    from emor3.config import GRPOConfig, RewardConfig, config_from_dict, config_to_dict
+@pytest.mark.parametrize("flag, value", [("--reward.missing-step", "zero"), ("--grpo.loss-scope", "sequence"),
+                                         ("--grpo.compile", "bogus")])
+def test_an_unknown_run_time_choice_is_a_usage_error_naming_its_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:  # refused at parse time, before SFT and the baseline evaluation
+        _parse([flag, value])
+    assert e.value.code == 2, "a bad choice must be an argparse usage error"
+    assert flag in capsys.readouterr().err, "the error must name the flag"
 
-    tiny = Config()
-    assert (tiny.judge_reply_tokens(), tiny.missing_step_rule(), tiny.loss_scope_rule()) == (8, "neutral", "mini-batch")
-    ckpt = Config(model=ModelConfig(path="/models/Qwen2.5-VL-3B-Instruct"))
-    assert (ckpt.judge_reply_tokens(), ckpt.missing_step_rule(), ckpt.loss_scope_rule()) == (32, "release", "micro-batch")
-    chosen = Config(model=ModelConfig(path="/m"), reward=RewardConfig(judge_max_new_tokens=8, missing_step="neutral"),
-                    grpo=GRPOConfig(loss_scope="mini-batch"))
-    assert (chosen.judge_reply_tokens(), chosen.missing_step_rule(), chosen.loss_scope_rule()) == (8, "neutral", "mini-batch")
-    # what a run records: the choices made, reading back to the same config
-    r = ckpt.resolved()
-    assert (r.reward.judge_max_new_tokens, r.reward.missing_step, r.grpo.loss_scope) == (32, "release", "micro-batch")
-    assert config_from_dict(config_to_dict(r)) == r and r.resolved() == r
-    with pytest.raises(ValueError, match="loss-scope"):
-        Config(grpo=GRPOConfig(loss_scope="sequence")).loss_scope_rule()
+
+def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run(tmp_path):
+    from emor3.config import config_from_dict, load_toml, save_config
+
+    picked = lambda c: (c.reward.judge_max_new_tokens, c.reward.missing_step, c.grpo.loss_scope)  # noqa: E731
+    # parsing resolves every model-dependent auto: a checkpoint follows the release (an instruct model's judge
+    # replies get 32 tokens: "Based on the image, yes"), the tiny model keeps the choices its results were made with
+    assert picked(_parse([])) == (8, "neutral", "mini-batch")
+    ckpt = _parse(["--model", "/models/Qwen2.5-VL-3B-Instruct"])
+    assert picked(ckpt) == (32, "release", "micro-batch")
+    chosen = _parse(["--model", "/m", "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
+                     "--grpo.loss-scope", "mini-batch"])
+    assert picked(chosen) == (8, "neutral", "mini-batch"), "a choice given explicitly is kept"
+    # what a run records (config.toml): the choices made, reading back to the same config
+    save_config(ckpt, tmp_path / "config.toml")
+    back = config_from_dict(load_toml(tmp_path / "config.toml"))
+    assert picked(back) == (32, "release", "micro-batch") and back.resolved() == back
 
 
 # ------------------------------------------------------------------------------------------------- loss normaliser
@@ -220,13 +220,12 @@ def test_coherence_match_exact_is_the_releases_string_equality(reply, lenient, e
 def test_release_weights_switch_on_the_release_judge_and_explicit_choices_win():
     from emor3.config import RewardConfig
 
-    assert (Config().coherence_match_rule(), Config().judge_prompt_rule()) == ("lenient", "clean")
-    release = Config(reward=RewardConfig(weights="release"))
-    assert (release.coherence_match_rule(), release.judge_prompt_rule()) == ("exact", "release")
-    mixed = Config(reward=RewardConfig(weights="release", coherence_match="lenient", judge_prompt="clean"))
-    assert (mixed.coherence_match_rule(), mixed.judge_prompt_rule()) == ("lenient", "clean")
-    r = release.resolved()
-    assert (r.reward.coherence_match, r.reward.judge_prompt) == ("exact", "release"), "config.toml records the choice"
+    picked = lambda c: (c.reward.coherence_match, c.reward.judge_prompt)  # noqa: E731
+    assert picked(_parse([])) == ("lenient", "clean")
+    assert picked(_parse(["--reward.weights", "release"])) == ("exact", "release"), "config.toml records the choice"
+    mixed = _parse(["--reward.weights", "release", "--reward.coherence-match", "lenient",
+                    "--reward.judge-prompt", "clean"])
+    assert picked(mixed) == ("lenient", "clean")
     assert Config().grpo.reference == "sft" and GRPOConfig(reference="init").reference == "init"
 
 

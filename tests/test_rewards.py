@@ -1,7 +1,6 @@
 """SET prompt, parse_set, format and accuracy rewards: an adversarial table checked under both options."""
 
 import random
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -83,13 +82,22 @@ def test_adversarial_table(cid, text, fmt, fmt_strict, acc, acc_norm):
     assert paper_regex == bool(fmt), f"{cid}: the table disagrees with the paper's own regex"
 
 
-def test_ten_k_response_with_many_tags_is_fast():
-    # a response that repeats tags thousands of times and never boxes: backtracking regexes blow up here
+def test_a_ten_k_tag_flood_is_judged_without_the_backtracking_regex(monkeypatch):
+    # a response that repeats tags thousands of times and never boxes: the paper's regex backtracks here (its .*
+    # groups try every split), the linear chain of finds does not; the check must never fall back to the regex
+    from emor3.rewards import rules
+
+    class Refuse:
+        def fullmatch(self, *a, **kw):
+            raise AssertionError("format_reward ran the backtracking regex")
+
+        match = search = fullmatch
+
+    monkeypatch.setattr(rules, "PAPER_FORMAT_PATTERN", Refuse())
     text = "<step1>" + "</step1><step2></step2><step3>" * 400 + "</step3>" + " x" * 3000
     assert len(text) > 10_000
-    t0 = time.perf_counter()
     assert format_reward(text) == 0.0 and format_reward(text, strict=True) == 0.0
-    assert time.perf_counter() - t0 < 1.0, "format check is not linear time"  # loose guard, not a benchmark
+    assert format_reward(text + "\\boxed{joy}") == 1.0, "the same flood, boxed, follows the paper's format"
 
 
 def test_linear_format_check_equals_paper_regex_on_random_strings():

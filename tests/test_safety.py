@@ -237,7 +237,7 @@ def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path,
     stop = StopFlag()
     try:
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C still stops the process, after the save
-            save_checkpoint(exp, tmp_path, 7, opt, sched, torch.Generator(), {"epoch": 0, "position": 0})
+            save_checkpoint(exp, tmp_path, 7, opt, sched, {"epoch": 0, "position": 0})
     finally:
         stop.restore()
     assert stop.signal == signal.SIGINT

@@ -268,7 +268,6 @@ def test_compacting_finished_rows_keeps_tokens_and_logprobs(models, batch, monke
     assert torch.equal(comp.completion_mask, full.completion_mask) and torch.equal(comp.truncated, full.truncated)
     gap = (comp.logprobs - full.logprobs).abs().max()
     assert gap <= 1e-5, f"compaction changed the recorded log-probs by {gap:.1e}"
-    assert (comp.truncation_logmass - full.truncation_logmass).abs().max() <= 1e-5
 
 def test_image_encoded_once_and_prefill_once_per_prompt(models, batch, monkeypatch):
     ours, _ = models
@@ -346,13 +345,10 @@ def test_banned_never_sampled_and_top_k_top_p_stay_in_kept_set(models, batch):
         logits = ours.logits(ours(ids, pos, am, image_embeds=emb))[:, -T - 1:-1].float()  # (N, T, V)
     banned_mask = torch.zeros(VOCAB, dtype=torch.bool)
     banned_mask[list(banned)] = True
-    scaled, filtered = filter_logits(logits.reshape(N * T, VOCAB), temperature=1.3, top_k=7, top_p=0.8,
+    _, filtered = filter_logits(logits.reshape(N * T, VOCAB), temperature=1.3, top_k=7, top_p=0.8,
                                      banned_mask=banned_mask)
     kept = torch.isfinite(filtered).view(N, T, VOCAB).gather(-1, r.completion_ids[..., None]).squeeze(-1)
     assert kept.all(), "sample emitted a token outside the top-k / top-p kept set"
-    logmass = (filtered.logsumexp(-1) - scaled.logsumexp(-1)).view(N, T)
-    assert (logmass < -1e-3).any(), "test setup: truncation should cut some mass"
-    assert torch.allclose(r.truncation_logmass, logmass, atol=1e-5), "truncation_logmass != log kept mass"
 
 
 def test_compiled_decode_step_traces_once_and_matches_eager(models, batch):

@@ -199,3 +199,46 @@ def _params(folder: Path) -> dict:
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_instruct_key_reads_what_the_project_controls_not_library_bytes(tmp_path):
+    """The shipped checkpoint's key must survive a tokenizers release that writes tokenizer.json differently (key
+    order, indentation, merges as "a b" strings or [a, b] pairs), and change with the tokenizer's vocabulary, the
+    initial weights and the stage's settings."""
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    from emor3.config import Config
+    from emor3.sft import SHIPPED_INSTRUCT, instruct_key
+
+    (shipped,) = [p for p in SHIPPED_INSTRUCT.iterdir() if p.is_dir()]
+    weights = {"w": torch.arange(6, dtype=torch.float32)}
+    model = SimpleNamespace(state_dict=lambda: weights)
+    cfg = Config()
+
+    def folder(name: str, edit=None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(shipped / "config.json", d / "config.json")
+        tok = json.loads((shipped / "tokenizer.json").read_text())
+        if edit:
+            edit(tok)
+        (d / "tokenizer.json").write_text(json.dumps(tok, indent=None if edit else 2, sort_keys=bool(edit)))
+        return d
+
+    def rewritten(tok):  # the same tokenizer as another release might write it
+        tok["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+
+    def renumbered(tok):  # another vocabulary: two tokens swap ids
+        vocab = tok["model"]["vocab"]
+        a, b = sorted(vocab)[:2]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    key = instruct_key(model, folder("a"), cfg)
+    assert instruct_key(model, folder("b", rewritten), cfg) == key, "the key hashed library-written bytes"
+    assert instruct_key(model, folder("c", renumbered), cfg) != key, "another vocabulary must be another key"
+    other = SimpleNamespace(state_dict=lambda: {"w": weights["w"] + 1})
+    assert instruct_key(other, folder("d"), cfg) != key, "other initial weights must be another key"
+    steps = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, instruct_steps=7))
+    assert instruct_key(model, folder("e"), steps) != key, "another setting must be another key"

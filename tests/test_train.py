@@ -2,6 +2,7 @@
 config round trip, evaluation arithmetic, and the batch plumbing the loop relies on."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -257,7 +258,8 @@ def test_examples_parse():
     assert len(paths) >= 4
     for path in paths:
         cfg = parse_args(["--config", str(path)], "test", "")
-        assert cfg == config_from_dict(load_toml(path)), f"{path.name}: the flags parser reads the file differently"
+        assert cfg == config_from_dict(load_toml(path)).resolved(), \
+            f"{path.name}: the flags parser reads the file differently"
         a = cfg.algorithm()  # the preset and overrides resolve to complete settings
         assert all(getattr(a, f) is not None for f in ("clip_low", "clip_high", "kl_coef", "loss_agg", "reflection"))
         assert cfg.resolved().grpo.kl_coef == a.kl_coef
@@ -336,20 +338,28 @@ def test_shared_prefix_step_equals_the_unshared_step(tmp_path, plugin):
     assert abs(m_u["pg_loss"]) > 1e-4 and m_u["kl"] > 0, "the comparison is vacuous when loss and KL are 0"
     for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "ratio_mean", "ratio_min", "ratio_max", "logp_gap"):
         assert m_s[k] == pytest.approx(m_u[k], rel=1e-5, abs=1e-6), f"{k}: shared {m_s[k]} vs unshared {m_u[k]}"
-    # AdamW divides each gradient element by its own running magnitude, so an element whose gradient is near zero
-    # moves by an amount its rounding decides (measured: at most 0.08 lr in one element, 1e-5 lr on average); the
-    # gradients themselves are pinned by grad_norm above and per parameter in tests/test_shared_prefix.py
+    # The parameters: AdamW divides each element by its own gradient magnitude, so an element whose gradient is ~0
+    # moves by an amount its rounding decides, in either direction. Elementwise, two runs equal up to rounding can
+    # therefore differ by both runs' largest moves, 2·lr·Σ_t B_t, where B_t bounds Adam's bias-corrected
+    # |m̂_t| / √v̂_t at update t (Cauchy-Schwarz over the t gradients so far); the decoupled weight decay moves both
+    # runs alike. The gradients themselves are pinned by grad_norm above and per parameter in
+    # tests/test_shared_prefix.py; on average the parameter gap is far smaller (the mean is pinned at 1e-4·lr).
+    lr, (b1, b2) = cfg.grpo.lr, (0.9, 0.999)  # torch.optim.AdamW's default betas, which the trainer uses
+    updates = cfg.grpo.epochs * cfg.grpo.prompts_per_step // cfg.grpo.mini_batch_prompts
+    bound = 2 * lr * sum((1 - b1) / (1 - b1**t) / math.sqrt((1 - b2) / (1 - b2**t))
+                         * math.sqrt(sum(b1 ** (2 * (t - i)) / b2 ** (t - i) for i in range(1, t + 1)))
+                         for t in range(1, updates + 1))
     init = _params(Path(cfg.run.out) / "init")
-    lr = cfg.grpo.lr
     for name, p in p_u.items():
         assert not torch.equal(p, init[name]), f"{name} never moved: the comparison would not cover its gradient"
         gap = (p_s[name] - p).abs()
-        assert float(gap.max()) <= 0.25 * lr and float(gap.mean()) <= 1e-4 * lr, \
-            f"{name}: shared and unshared parameters differ by up to {float(gap.max()):.1e} (lr {lr})"
+        assert float(gap.max()) <= bound and float(gap.mean()) <= 1e-4 * lr, \
+            f"{name}: shared and unshared parameters differ by up to {float(gap.max()):.1e} (bound {bound:.1e})"
+
 
 def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
     """DAPO keeps groups (select) from several rollout rounds (cat): every row must stay with its prompt, its
-    rewards, its advantage and every Rollout field, including truncation_logmass."""
+    rewards, its advantage and every Rollout field."""
     from emor3.data import get_taxonomy
     from emor3.data.emoscenes import make_emoscenes
     from emor3.engine.prompts import encode_samples
@@ -374,8 +384,7 @@ def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
         mask = torch.ones(B * G, T)
         rollout = Rollout(prompt_index=torch.arange(B).repeat_interleave(G), completion_ids=ids, completion_mask=mask,
                           logprobs=-n[:, None].float().repeat(1, T), truncated=n % 2 == 0,
-                          texts=[f"row{i}" for i in n.tolist()], group_size=G,
-                          truncation_logmass=-0.5 * n[:, None].float().repeat(1, T))
+                          texts=[f"row{i}" for i in n.tolist()], group_size=G)
         rewards = RewardBreakdown(n.float(), {"accuracy": 2 * n.float()}, {"accuracy": 1.0}, {"format_paper": 3 * n.float()})
         return ScoredBatch(prompts, rollout, rewards, advantages=10 * n.float())
 
@@ -392,7 +401,6 @@ def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
                 r, n = b * G + j, p * G + j + off
                 assert batch.rollout.completion_ids[r, 0] == n and batch.rollout.texts[r] == f"row{n}"
                 assert batch.rollout.logprobs[r, 0] == -n and batch.rollout.truncated[r] == (n % 2 == 0)
-                assert batch.rollout.truncation_logmass[r, 0] == -0.5 * n, "truncation_logmass lost or misaligned"
                 assert batch.rewards.total[r] == n and batch.rewards.components["accuracy"][r] == 2 * n
                 assert batch.rewards.extras["format_paper"][r] == 3 * n and batch.advantages[r] == 10 * n
         assert batch.prompts.pixel_values.shape[0] == sum(

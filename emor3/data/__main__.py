@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from emor3.data.dataset import BadSampleError
+from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
                                  parquet_splits, split_suffix)
 from emor3.data.emoscenes import VARIANTS
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: per-row 'taxonomy' fields, else inferred from the labels")
     v.add_argument("--split", default=None, help="only this split (EmoSet train/val/test, a manifest's stem or a "
                                                   "parquet split)")
-    v.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip",
+    v.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="skip",
                    help="skip: report every problem (default); error: stop at the first one")
     v.add_argument("--verify", choices=("full", "header", "exists"), default="full",
                    help="how much of each image to check: full decode (catches truncation), header, or existence")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the draw")
     s.add_argument("--train", type=int, default=EMOSET_PAPER_SIZES["train"], help="training samples (0: none)")
     s.add_argument("--test", type=int, default=EMOSET_PAPER_SIZES["test"], help="test samples (0: none)")
-    s.add_argument("--on-bad-sample", choices=("skip", "error"), default="error",
+    s.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="error",
                    help="a bad row of the split files: stop (error) or leave it out of the draw (skip)")
     s.set_defaults(func=emoset_subset)
     return p

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from emor3.config import OnBadSample, choices
 from emor3.data.taxonomy import Taxonomy, get_taxonomy
 
 # reasons a sample is bad; the keys of LoadReport.skipped
@@ -52,7 +53,7 @@ IMAGE_SHAPE = "bad_image_shape"
 PROMPT_TOO_LONG = "prompt_too_long"  # over --data.max-prompt-length with its image tokens (found when prompts are built)
 REASONS = (MISSING_FILE, UNREADABLE_IMAGE, ZERO_SIZE_IMAGE, UNKNOWN_LABEL, MALFORMED_LINE, DUPLICATE_ID,
            EMPTY_DATASET, IMAGE_SHAPE, PROMPT_TOO_LONG)
-ON_BAD_SAMPLE = ("error", "skip")
+ON_BAD_SAMPLE = choices(OnBadSample)
 
 # Qwen2-VL / Qwen2.5-VL image processor defaults (transformers' qwen2_vl `smart_resize`): patch 14 x merge 2
 QWEN_FACTOR = 28

@@ -94,6 +94,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from emor3.config import EmoScenesEval, EmoScenesVariant, choices
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.taxonomy import MIKELS8, get_taxonomy
 
@@ -430,9 +431,9 @@ SPLITS = {
     "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
     "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
 }
-VARIANTS = ("default", "shortcut")
+VARIANTS = choices(EmoScenesVariant)
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
-EVAL_SPLITS = ("table", "validation")  # what a run evaluates (`eval_split_names`)
+EVAL_SPLITS = choices(EmoScenesEval)  # what a run evaluates (`eval_split_names`)
 
 
 def eval_split_names(which: str = "table", variant: str = "default") -> list[str]:

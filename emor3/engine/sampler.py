@@ -55,9 +55,8 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    (modelscope/ms-swift#8442). The choice here: record the full-vocabulary log p, the same semantics the trainer
    and the reference model use, so old, new and reference log-probs are three views of one distribution and the
    ratio is exactly 1 on-policy; the defaults (``top_p=1``, ``top_k=0``) make q = p up to the banned tokens, whose
-   mass under a trained policy is ~0. ``Rollout.truncation_logmass`` additionally records log S at every step
-   (0 when nothing is cut), so a trainer that wants the behaviour log-prob ``log q = logprobs - truncation_logmass``
-   for an importance-sampling correction has it without replaying the truncation.
+   mass under a trained policy is ~0. A trainer that wants the behaviour log-prob log q for an importance-sampling
+   correction replays the truncation (``filter_logits``; ``draw_tokens`` returns log S).
 7. **Stops and masks.** Several stop ids may be given (Qwen: ``<|im_end|>`` and ``<|endoftext|>``). The mask is
    1 up to and including the first stop token and 0 after; rows that never stop within ``max_new_tokens`` are
    flagged ``truncated``. The returned length T is the longest row's length (trailing all-pad columns dropped).
@@ -102,9 +101,6 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: the row hit max_new_tokens without emitting a stop token
     texts: list[str]  # N decoded completions (special tokens skipped); empty strings when no tokenizer was given
     group_size: int  # G
-    # (N, T) float32: log of the probability mass kept by banning / top-k / top-p at each step (0 if nothing was
-    # cut, 0 where masked); logprobs - truncation_logmass is the log-prob under the distribution actually sampled.
-    truncation_logmass: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -132,7 +128,7 @@ class Rollout:
     @staticmethod
     def cat(rollouts: Sequence["Rollout"], pad_token_id: int) -> "Rollout":
         """Stack rollouts of consecutive prompt batches: prompt indices shifted, completions right-padded to the
-        longest (ids with ``pad_token_id``, masks, log-probs and log masses with 0, all masked)."""
+        longest (ids with ``pad_token_id``, masks and log-probs with 0, all masked)."""
         G = rollouts[0].group_size
         assert all(r.group_size == G for r in rollouts), "rollouts of different group sizes"
         T = max(r.completion_ids.shape[1] for r in rollouts)
@@ -146,8 +142,6 @@ class Rollout:
                 out[f.name] = torch.cat([v + o for v, o in zip(vs, offsets)])  # (ΣN,)
             elif f.name == "group_size":
                 out[f.name] = G
-            elif all(v is None for v in vs):
-                out[f.name] = None
             elif isinstance(vs[0], list):
                 out[f.name] = [x for v in vs for x in v]
             elif vs[0].dim() == 2:
@@ -240,17 +234,17 @@ def draw_tokens(filtered: torch.Tensor, uniform: torch.Tensor | None) -> tuple[t
 
 def _choose(
     logits: torch.Tensor, uniform: torch.Tensor | None, *, temperature: float, top_k: int, top_p: float, banned_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) -> token (N,) long, its recorded log-prob (N,) float32, log kept mass (N,) float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) -> token (N,) long, its recorded log-prob (N,) float32.
 
     ``filter_logits`` then ``draw_tokens``; filtering never changes a kept logit and the drawn token is always kept,
     so its full-vocabulary log-prob is read from the filtered tensor minus the full normaliser."""
     scaled, filtered = filter_logits(logits.float(), temperature=temperature, top_k=top_k, top_p=top_p,
                                      banned_mask=banned_mask)  # (N, V) each
     log_z = torch.logsumexp(scaled, dim=-1)  # (N,) normaliser of the recorded (full-vocabulary) distribution
-    token, log_kept = draw_tokens(filtered, uniform)  # (N,), (N,)
+    token, _ = draw_tokens(filtered, uniform)  # (N,)
     logprob = filtered.gather(-1, token[:, None]).squeeze(-1) - log_z  # (N,) = log_softmax(scaled)[token]
-    return token, logprob, log_kept - log_z  # log S <= 0 (0 when nothing is cut)
+    return token, logprob
 
 
 def _decode_step(
@@ -265,9 +259,9 @@ def _decode_step(
     top_k: int,
     top_p: float,
     banned_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step, every input of fixed shape: feed tokens (N, 1) at cache slot cache_position (1,), return the
-    next token, its log-prob and log kept mass, each (N,). This is the function ``compile=True`` hands to
+    next token and its log-prob, each (N,). This is the function ``compile=True`` hands to
     torch.compile; the Python int step counter never enters it (cache_position is a tensor), so it compiles once."""
     hidden = model(tokens, position_ids, attention_mask, cache=cache, cache_position=cache_position)  # (N, 1, D)
     logits = model.logits(hidden)[:, -1]  # (N, V)
@@ -518,7 +512,6 @@ def sample(
     # --- decode: fixed shapes, no host sync except the rare all-finished check ---------------------------------------
     out_ids = torch.full((N, T_max), pad, dtype=torch.long, device=device)  # (N, T_max)
     out_lp = torch.zeros(N, T_max, dtype=torch.float32, device=device)  # (N, T_max)
-    out_mass = torch.zeros(N, T_max, dtype=torch.float32, device=device)  # (N, T_max)
     out_mask = torch.zeros(N, T_max, dtype=torch.float32, device=device)  # (N, T_max)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     greedy = temperature == 0
@@ -543,14 +536,13 @@ def sample(
     rows = torch.arange(N, device=device)  # (R,)
     compacted = False
     # the first token comes from the prefill logits
-    token, logprob, logmass = _choose(logits, None if greedy else draws[0], **choose)  # (R,) each
+    token, logprob = _choose(logits, None if greedy else draws[0], **choose)  # (R,) each
     for t in range(T_max):
         # record token t; rows finished before it emit pad with mask 0 and log-prob 0
         alive = ~finished  # (R,)
         fed = torch.where(alive, token, pad)  # (R,)
         out_ids[:, t].index_copy_(0, rows, fed)
         out_lp[:, t].index_copy_(0, rows, torch.where(alive, logprob, 0.0))
-        out_mass[:, t].index_copy_(0, rows, torch.where(alive, logmass, 0.0))
         out_mask[:, t].index_copy_(0, rows, alive.float())
         if stops:
             finished = finished | torch.isin(token, stop_tensor)
@@ -564,8 +556,7 @@ def sample(
             if compact_finished and running <= R // 2:
                 R_new = 1 << (running - 1).bit_length()  # the next power of two >= running
                 keep = torch.argsort(finished.to(torch.int8), stable=True)[:R_new]  # (R_new,) running ones first
-                rows, finished, token, logprob, logmass = (x.index_select(0, keep) for x in
-                                                           (rows, finished, token, logprob, logmass))
+                rows, finished, token, logprob = (x.index_select(0, keep) for x in (rows, finished, token, logprob))
                 fed = fed.index_select(0, keep)
                 cache = cache_rows(cache, keep)
                 attn, pos = attn.index_select(0, keep), pos.index_select(1, keep)  # (R_new, S), (3, R_new, 1)
@@ -577,8 +568,7 @@ def sample(
             window = min(S, window + _EAGER_WINDOW)
             step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (R, window)
         u = None if greedy else (draws[t + 1].index_select(0, rows) if compacted else draws[t + 1])  # (R,)
-        token, logprob, logmass = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u,
-                                          **choose)
+        token, logprob = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u, **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)
 
@@ -598,7 +588,6 @@ def sample(
         truncated=truncated,
         texts=_decode_texts(tokenizer, ids, lengths),
         group_size=G,
-        truncation_logmass=out_mass[:, :T],
     )
 
 

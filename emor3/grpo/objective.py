@@ -51,15 +51,18 @@ from __future__ import annotations
 
 import torch
 
+from emor3.config import AdvScale, KLKind, LossAgg, RatioLevel, choices
+
 # log π − log π_old is clamped to this range before exp (verl: core_algos.compute_policy_loss).
 _MAX_LOG_RATIO = 20.0
 # k3 is clamped to this range (verl: core_algos.kl_penalty, "low_var_kl").
 _K3_CLAMP = 10.0
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-KL_KINDS = ("k1", "k2", "k3")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-RATIO_LEVELS = ("token", "sequence")
+# the names each choice accepts, declared once in emor3.config
+ADVANTAGE_SCALES = choices(AdvScale)
+KL_KINDS = choices(KLKind)
+AGG_MODES = choices(LossAgg)
+RATIO_LEVELS = choices(RatioLevel)
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -122,6 +122,21 @@ class ScoredBatch:
 # --------------------------------------------------------------------------------------------- sampling + scoring
 
 
+# stride of each random stream of a run (``stream_seed``)
+_SEED_STRIDE = {"prompt_order": 100_003, "sampling": 1_000_003, "update_order": 1}
+
+
+def stream_seed(seed: int, stream: str, position: int) -> int:
+    """The seed of one random stream of a run: (run seed · stride + position) mod 2^63, one stride per stream.
+
+    - ``prompt_order`` (stride 100 003): the prompt permutation of epoch ``position`` (``PromptStream``);
+    - ``sampling`` (stride 1 000 003): rollouts (and their RER judge replies) of the prompt chunk that starts at
+      absolute stream position ``position``, so a prompt's completions do not depend on the number of ranks;
+    - ``update_order`` (stride 1): the mini-batch order of update epoch e of step s, ``position`` = 131·s + e.
+    Run seeds are below 2^32 (``emor3.config.SEED_LIMIT``), so the modulus never wraps a valid run's seed."""
+    return (seed * _SEED_STRIDE[stream] + position) % 2**63
+
+
 class PromptStream:
     """Training prompts in a fresh seeded permutation each epoch. Its position is part of the trainer state, so a
     resumed run sees exactly the prompts it would have seen."""
@@ -133,7 +148,7 @@ class PromptStream:
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "prompt_order", self.epoch))
         return torch.randperm(self.n, generator=g).tolist()
 
     def take(self, k: int) -> list[int]:
@@ -191,13 +206,14 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
     # what the rewards read: a Thinking model's completions minus their reasoning block (Processor.answer)
     answers = [exp.processor.answer(t) for t in rollout.texts]
     reflection = None
-    if exp.algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
+    algo = cfg.algorithm()
+    if algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
         judge = ModelJudge(exp.reference if cfg.reward.judge == "reference" else exp.model, exp.processor,
-                           max_new_tokens=cfg.judge_reply_tokens(), seed=generator,
+                           max_new_tokens=cfg.reward.judge_max_new_tokens, seed=generator,
                            share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
-                             mode=cfg.reward.judge_mode, missing=cfg.missing_step_rule(),
-                             prompt=cfg.judge_prompt_rule(), match=cfg.coherence_match_rule())
+                             mode=cfg.reward.judge_mode, missing=cfg.reward.missing_step,
+                             prompt=cfg.reward.judge_prompt, match=cfg.reward.coherence_match)
     rewards = compute_rewards(
         answers, labels, taxonomies=taxes, weights=exp.reward_weights,
         reflection=None if reflection is None else reflection.components(),
@@ -206,19 +222,14 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
         strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",
         on_all_nan=cfg.reward.plugin_all_nan,
     )
-    if exp.algo.overlong_buffer > 0:  # DAPO's soft overlong punishment: a term of weight 1 added to the total
+    if algo.overlong_buffer > 0:  # DAPO's soft overlong punishment: a term of weight 1 added to the total
         max_len = g.max_new_tokens
-        penalty = overlong_penalty(rollout.lengths, max_len=max_len, buffer=max(1, int(exp.algo.overlong_buffer * max_len)))
+        penalty = overlong_penalty(rollout.lengths, max_len=max_len, buffer=max(1, int(algo.overlong_buffer * max_len)))
         rewards = dataclasses.replace(rewards, total=rewards.total + penalty,
                                       components={**rewards.components, "overlong_penalty": penalty},
                                       weights={**rewards.weights, "overlong_penalty": 1.0})
     batch = ScoredBatch(prompts, rollout, rewards, records=row_records(samples, rows, reflection))
     return batch, time.perf_counter() - t0
-
-
-def chunk_seed(seed: int, position: int) -> int:
-    """Seed of the sampling generator of the prompt chunk starting at absolute stream ``position``."""
-    return (seed * 1_000_003 + position) % 2**63
 
 
 def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch, float]:
@@ -232,7 +243,8 @@ def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[Sc
         raise ValueError(f"--grpo.sample-chunk {chunk} must divide the prompts per rank ({len(mine)})")
     parts, t_judge = [], 0.0
     for s in range(0, len(mine), chunk):
-        generator = torch.Generator(device=exp.device).manual_seed(chunk_seed(cfg.run.seed, first + offset + s))
+        seed = stream_seed(cfg.run.seed, "sampling", first + offset + s)
+        generator = torch.Generator(device=exp.device).manual_seed(seed)
         part, dt = score_prompts(exp, cfg, mine[s : s + chunk], generator)
         parts.append(part)
         t_judge += dt
@@ -242,7 +254,7 @@ def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[Sc
 def collect(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch | None, float, dict]:
     """The step's scored batch (None when DAPO kept no group), judge seconds, and DAPO's counts."""
     batch, t_judge = collect_step(exp, cfg, stream)
-    if not exp.algo.dynamic_sampling:
+    if not cfg.algorithm().dynamic_sampling:
         return batch, t_judge, {}
     g = cfg.grpo
     kept, n_kept, filtered, refills = [], 0, 0, 0

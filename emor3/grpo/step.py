@@ -24,6 +24,7 @@ Shape legend: B prompts, G samples per prompt, N = B·G rows, n rows of a micro-
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,11 +34,57 @@ from emor3.engine.sampler import group_rows
 from emor3.engine.scoring import prompt_slice
 from emor3.experiment import Experiment
 from emor3.grpo.objective import aggregate, dynamic_sampling_keep, group_advantages, kl_penalty, loss_normalizer, policy_loss
-from emor3.grpo.rollout import PromptStream, ScoredBatch, collect
+from emor3.grpo.rollout import PromptStream, ScoredBatch, collect, stream_seed
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)  # () on x's device
+
+
+@dataclass
+class UpdateMetrics:
+    """The update's metrics, accumulated on the device as float64 scalars in micro-batch order, so the step reads
+    them on the host once (``floats``) instead of once per micro-batch. ``loss``, ``pg_loss``: sums of the
+    micro-batches' shares of their mini-batch loss; ``kl`` ... ``approx_kl_old``: sums of per-micro-batch means;
+    ``ratio_min`` / ``ratio_max``: extremes over micro-batches; ``grad_norm``: sum over updates."""
+
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    logp_gap: torch.Tensor
+    clip_frac_low: torch.Tensor
+    clip_frac_high: torch.Tensor
+    clip_frac_dual: torch.Tensor
+    ratio_mean: torch.Tensor
+    approx_kl_old: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    grad_norm: torch.Tensor
+
+    SUMMED = ("loss", "pg_loss", "kl", "entropy", "logp_gap", "clip_frac_low", "clip_frac_high", "clip_frac_dual",
+              "ratio_mean", "approx_kl_old")
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "UpdateMetrics":
+        z = lambda v: torch.tensor(v, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(**{k: z(0.0) for k in cls.SUMMED}, ratio_min=z(float("inf")), ratio_max=z(float("-inf")),
+                   grad_norm=z(0.0))
+
+    def add_micro(self, loss, pg_loss, kl, entropy, logp_gap, pm: dict) -> None:
+        """One micro-batch's scalars (0-dim tensors; ``kl`` None without a KL term)."""
+        new = {"loss": loss, "pg_loss": pg_loss, "kl": kl, "entropy": entropy, "logp_gap": logp_gap,
+               **{k: pm[k] for k in self.SUMMED[5:]}}
+        for k, v in new.items():
+            if v is not None:
+                setattr(self, k, getattr(self, k) + v.detach().to(torch.float64))
+        self.ratio_min = torch.minimum(self.ratio_min, pm["ratio_min"].detach().to(torch.float64))
+        self.ratio_max = torch.maximum(self.ratio_max, pm["ratio_max"].detach().to(torch.float64))
+
+    def floats(self) -> dict[str, float]:
+        """Every field as a float, in one device-to-host copy."""
+        names = [f.name for f in fields(self)]
+        return dict(zip(names, torch.stack([getattr(self, k) for k in names]).tolist()))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -102,8 +149,9 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
 
     ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
     when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
-    g, algo, G = cfg.grpo, exp.algo, cfg.grpo.group_size
-    loss_scope = cfg.loss_scope_rule()
+    assert exp.cfg == cfg, "grpo_step: exp.cfg and cfg differ; the run must hold one config"
+    assert cfg.resolved() == cfg, "grpo_step: the config must be resolved (Config.resolved: no 'auto' left)"
+    g, algo, G = cfg.grpo, cfg.algorithm(), cfg.grpo.group_size
     t_step = time.perf_counter()
     exp.model.eval()
 
@@ -140,12 +188,12 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     t0 = time.perf_counter()
     exp.model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    acc = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "logp_gap", "clip_frac_low", "clip_frac_high",
-                         "clip_frac_dual", "ratio_mean", "approx_kl_old"), 0.0)
-    ratio_min, ratio_max, n_micro, n_updates, skipped, grad_norms = float("inf"), float("-inf"), 0, 0, 0, []
+    um = UpdateMetrics.zeros(mask.device)
+    n_micro, n_updates, skipped = 0, 0, 0
     mini = g.mini_batch_prompts * B // g.prompts_per_step or B  # dynamic sampling may leave fewer prompts
     for epoch in range(g.epochs):
-        order = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.run.seed + step * 131 + epoch))
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(
+            stream_seed(cfg.run.seed, "update_order", 131 * step + epoch)))
         for start in range(0, B, mini):
             mb_prompts = order[start : start + mini].sort().values
             # summed over ranks: each rank's loss is its share of the global mini-batch's loss
@@ -154,7 +202,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
             mb_micro = micro_batches(mb_prompts, G, g.micro_batch_rows)  # this rank's micro-batches of the mini-batch
             optimizer.zero_grad(set_to_none=True)
             for j, (p, rows) in enumerate(mb_micro):
-                if loss_scope == "micro-batch":
+                if g.loss_scope == "micro-batch":
                     normalizer = micro_normalizer(mask[rows], algo.loss_agg, g.max_new_tokens, len(mb_micro))
                 last = j + 1 == len(mb_micro)  # reduce gradients over ranks once, at the end
                 with dist.grad_sync(policy, last):
@@ -166,29 +214,26 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
                 with dist.grad_sync(policy, last):  # FSDP/DDP average over W ranks: scale by W to sum
                     (loss * dist.loss_scale()).backward()
                 n_micro += 1
-                acc["loss"] += float(loss.detach())  # shares of the mini-batch loss: summed, not averaged
-                acc["pg_loss"] += float(pg_loss.detach())
-                acc["kl"] += 0.0 if kl is None else _masked_mean(kl.detach(), mask[rows])
-                acc["entropy"] += _masked_mean(entropy.detach(), mask[rows])
-                acc["logp_gap"] += _masked_mean((logp.detach() - rollout.logprobs[rows, :T]).abs(), mask[rows])
-                for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "approx_kl_old"):
-                    acc[k] += float(pm[k])
-                ratio_min, ratio_max = min(ratio_min, float(pm["ratio_min"])), max(ratio_max, float(pm["ratio_max"]))
+                um.add_micro(loss, pg_loss,  # shares of the mini-batch loss: summed, not averaged
+                             None if kl is None else _masked_mean(kl.detach(), mask[rows]),
+                             _masked_mean(entropy.detach(), mask[rows]),
+                             _masked_mean((logp.detach() - rollout.logprobs[rows, :T]).abs(), mask[rows]), pm)
             grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, g.grad_clip))  # global norm
-            if torch.isfinite(grad_norm):
+            um.grad_norm = um.grad_norm + grad_norm.detach().to(torch.float64)
+            if torch.isfinite(grad_norm):  # the one host sync of an update: whether AdamW may step
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
             else:  # a non-finite gradient would poison AdamW's moments: skip the step and say so
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-            grad_norms.append(float(grad_norm))
             n_updates += 1
     scheduler.step()
     t_update = time.perf_counter() - t0
 
     # ---- metrics: over the global batch (sums and counts over ranks, rows gathered in global prompt order) -----
     dt = time.perf_counter() - t_step
-    acc = dist.reduce_metrics({**acc, "n_micro": n_micro})
+    local = um.floats()  # the update's one device-to-host copy
+    acc = dist.reduce_metrics({**{k: local[k] for k in UpdateMetrics.SUMMED}, "n_micro": n_micro})
     n_micro = acc.pop("n_micro")
     # loss, pg_loss: the mini-batch loss (the sum of its shares over micro-batches and ranks), mean over updates;
     # the rest: means over micro-batches
@@ -197,8 +242,9 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
     m.update(rewards.metrics(prefix="reward/"))
     lengths = dist.gather_rows(rollout.lengths).float()
     m.update({
-        "ratio_min": dist.all_reduce(ratio_min, "min"), "ratio_max": dist.all_reduce(ratio_max, "max"),
-        "grad_norm": sum(grad_norms) / len(grad_norms), "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
+        "ratio_min": dist.all_reduce(local["ratio_min"], "min"),
+        "ratio_max": dist.all_reduce(local["ratio_max"], "max"),
+        "grad_norm": local["grad_norm"] / n_updates, "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
         "accuracy": float(rewards.components["accuracy"].nanmean()),
         "format_rate": float(rewards.components["format"].nanmean()),
         "advantage_abs_mean": float(advantages.abs().mean()),

@@ -2,9 +2,9 @@
 
 With no arguments it runs the embedded default on a CPU in minutes: a tiny Qwen2.5-VL-architecture model with a
 tokenizer trained offline, the synthetic EmoScenes benchmark, Cold-Start SFT on ~100 SET traces, GRPO with the
-``emo_r3`` preset, then the paper-style accuracy table. ``--model PATH`` starts from a Qwen2-VL / Qwen2.5-VL
-checkpoint folder instead, ``--data`` / ``--eval-data`` take datasets in the loaders' formats, ``--config FILE`` a
-TOML recipe (examples/). Every flag: ``--help``.
+``emo_r3`` preset, then the paper-style accuracy table. ``--model PATH`` starts from a Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL checkpoint folder instead, ``--data`` / ``--eval-data`` take datasets in the loaders' formats,
+``--config FILE`` a TOML recipe (examples/). Every flag: ``--help``.
 
 How one step departs from textbook GRPO (Shao et al. 2024), and the choices made here:
 1. Prompts use SET (EMO-R3 sec. 3.1): the question lists the sample's taxonomy labels, the model reasons in
@@ -285,11 +285,11 @@ def _train(cfg: Config, out) -> dict:
     policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
     reference = None if exp.reference is None else dist.wrap_reference(
         exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    if has_lora(exp.model) and exp.algo.kl_coef > 0 and reference is None:  # LoRA: the policy, adapters off
+    if has_lora(exp.model) and cfg.algorithm().kl_coef > 0 and reference is None:  # LoRA: the policy, adapters off
         reference = AdaptersOff(policy, exp.model)
     if g.sample_chunk == 0 and exp.device.type == "cuda":  # the largest sampling chunk that fits this GPU
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, sample_chunk=auto_sample_chunk(cfg, exp, W)))
-        g = cfg.grpo
+        exp, g = dataclasses.replace(exp, cfg=cfg), cfg.grpo  # one config from here on: the step reads exp.cfg too
     dist.print0(run_table(cfg, exp.model.config, W))
     if not resuming:
         if dist.is_main():
@@ -298,11 +298,10 @@ def _train(cfg: Config, out) -> dict:
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
-    generator = torch.Generator(device=exp.device).manual_seed(cfg.run.seed)
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
     start_step = 0
     if exp.resume_dir is not None:
-        state = load_trainer_state(exp.resume_state, optimizer, scheduler, generator, model=exp.model)
+        state = load_trainer_state(exp.resume_state, optimizer, scheduler, model=exp.model)
         start_step = state["step"]
         if g.steps < start_step:
             raise RunFolderError(f"--resume {out}: --grpo.steps {g.steps} is before the checkpoint's step "
@@ -333,7 +332,7 @@ def _train(cfg: Config, out) -> dict:
         if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank got the signal: stop together
             stop.signal = signal.SIGTERM
         if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-            save_checkpoint(exp, out, step + 1, optimizer, scheduler, generator, stream.state())
+            save_checkpoint(exp, out, step + 1, optimizer, scheduler, stream.state())
         if stop.signal is not None:
             break
     bar.close()

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from emor3.config import Dtype, choices
 from emor3.folders import LOCK_NAME, RunFolderError, lock_folder, run_cli, wants_debug
 
 from .checkpoint import TOKENIZER_FILES, content_hash, load_pretrained, read_config, save_pretrained
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="base model folder (default: base_model_name_or_path of adapter_config.json)")
     m.add_argument("--out", type=Path, required=True, help="folder to write the merged model to (new or empty)")
     m.add_argument("--overwrite", action="store_true", help="replace the model files of a folder holding some")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    m.add_argument("--dtype", choices=choices(Dtype), default=None,
                    help="dtype of the merged weights (default: the base checkpoint's)")
     m.add_argument("--debug", action="store_true", help="show the traceback of an OS error instead of one line")
     a = p.parse_args(argv)

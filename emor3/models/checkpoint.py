@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from emor3.config import Dtype, choices
+
 from .config import QwenVLConfig
 from .config_qwen3_vl import Qwen3VLConfig, parse_config
 from .qwen3_vl import Qwen3VL
@@ -46,7 +48,7 @@ from .qwen_vl import QwenVL
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                    "processor_config.json", "generation_config.json")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in choices(Dtype)}  # the names --model.dtype accepts
 
 
 class CheckpointError(ValueError):

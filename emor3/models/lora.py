@@ -45,10 +45,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from emor3.config import DECODER_TARGETS, GROUP_TARGETS, parse_targets
+
 from .checkpoint import canonical_key, check_finite
 
-DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUP_TARGETS = ("vision", "merger")  # every linear layer of the vision blocks / of the patch merger(s)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # what the adapter was trained over: the base folder's path and content hash (``checkpoint.content_hash``); read by
 # ``python -m emor3.models merge`` to refuse another base. Not a PEFT file: PEFT ignores it.
@@ -107,18 +107,6 @@ class LoRALinear(nn.Linear):
 
 
 # ----------------------------------------------------------------------------------------------- targets
-def parse_targets(targets) -> tuple[str, ...]:
-    """A comma-separated string or a sequence of target names -> a checked tuple (order kept, no duplicates)."""
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    out = tuple(dict.fromkeys(targets))
-    valid = DECODER_TARGETS + GROUP_TARGETS
-    bad = [t for t in out if t not in valid]
-    if bad or not out:
-        raise ValueError(f"LoRA targets {list(out)}: unknown {bad}; valid names: {', '.join(valid)}")
-    return out
-
-
 def target_module_names(model: nn.Module, targets) -> list[str]:
     """Our names of the linear layers that `targets` select, in module order."""
     targets = parse_targets(targets)

@@ -25,6 +25,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from emor3.config import ModelSize, choices
+
 from .config import QwenVLConfig, TextConfig, VisionConfig
 from .config_qwen3_vl import Qwen3TextConfig, Qwen3VisionConfig, Qwen3VLConfig
 
@@ -190,6 +192,7 @@ NAMED_QWEN3 = {
 }
 # the same tiny model with the Thinking chat template (build_tiny_checkpoint reads the suffix)
 NAMED_QWEN3["tiny-qwen3-vl-thinking"] = NAMED_QWEN3["tiny-qwen3-vl"]
+assert set(NAMED) | set(NAMED_QWEN3) == set(choices(ModelSize)), "ModelSize (emor3.config) names every size"
 
 
 def tiny_config(name: str = "tiny", **overrides) -> QwenVLConfig | Qwen3VLConfig:

@@ -17,14 +17,11 @@ logged when its inputs are there, it just does not enter the total.
 Extras (logged only, never weighted): format_paper, format_strict, accuracy_exact, accuracy_normalized, so a run that
 trains on one variant still reports the other beside it.
 
-NaN in the total (`nan_policy`):
-  "skip" (default, TRL's rule: `(rewards * weights).nansum(dim=1)`): a NaN component drops out of that row's sum;
-      the total is NaN only when every weighted component of the row is NaN. Use it when None means "this reward does
-      not apply to this sample" (the usual TRL meaning), which is normally the same for all G rows of a group, so
-      rows within a group stay comparable. Where TRL then gives such a row 0, we keep NaN, so that
-      `group_advantages` leaves it out of its group's baseline and gives it advantage 0 instead of a fake low reward.
-  "propagate": the total is NaN as soon as one weighted component is NaN (the row is unscorable as a whole). Use it
-      when None means "this completion could not be judged" and losing a term would bias the row against its group.
+NaN in the total follows TRL's rule (`(rewards * weights).nansum(dim=1)`): a NaN component drops out of that row's
+sum, and the total is NaN only when every weighted component of the row is NaN. None means "this reward does not
+apply to this sample" (the usual TRL meaning), which is normally the same for all G rows of a group, so rows within
+a group stay comparable. Where TRL then gives such a row 0, we keep NaN, so that `group_advantages` leaves it out of
+its group's baseline and gives it advantage 0 instead of a fake low reward.
 
 Plug-ins, TRL-style: `f(prompts, completions, **columns) -> list[float | None]`, called with keywords
 `prompts=` (N user-turn texts, each prompt repeated for its G rows), `completions=` (N completion texts) and every
@@ -34,7 +31,7 @@ e.g. `id`). Functions should accept `**kwargs` for columns they do not use, as i
 the function. None → NaN, handled as described above.
 
 A plug-in that scores no row of a batch (every value None or NaN) is almost always broken (a renamed column, an
-exception swallowed inside it), and under "skip" it would silently drop out of every total. `on_all_nan` says what
+exception swallowed inside it), and it would silently drop out of every total. `on_all_nan` says what
 then happens: "warn" (default) warns once per plug-in and process, naming it; "error" raises. Either way the count
 of unscorable rows of every component is in `RewardBreakdown.metrics()` as `reward/<name>_nan_rows`.
 """
@@ -49,16 +46,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from emor3.config import PluginAllNaN, WeightPreset, choices
 from emor3.rewards.rules import accuracy_reward, format_reward
 
 WEIGHT_PRESETS: dict[str, dict[str, float]] = {
     "paper": {"accuracy": 0.8, "consistency": 0.05, "coherence": 0.05, "format": 0.1},
     "release": {"accuracy": 0.8, "consistency": 0.1, "coherence": 0.1, "format": 0.1},
 }
+assert tuple(WEIGHT_PRESETS) == choices(WeightPreset), "WeightPreset (emor3.config) names every preset"
 BUILTIN_COMPONENTS = ("accuracy", "format", "consistency", "coherence")
 REFLECTION_COMPONENTS = ("consistency", "coherence")
-NAN_POLICIES = ("skip", "propagate")
-ALL_NAN_POLICIES = ("warn", "error")
+ALL_NAN_POLICIES = choices(PluginAllNaN)
 _warned_all_nan: set[str] = set()  # plug-ins already warned about in this process
 
 
@@ -185,7 +183,7 @@ def _call_plugin(p: RewardPlugin, prompts: list, completions: list[str], columns
     out = []
     for i, v in enumerate(values):
         if v is None:
-            out.append(float("nan"))  # cannot score: NaN, see nan_policy
+            out.append(float("nan"))  # cannot score: NaN (module docstring: NaN in the total)
             continue
         if isinstance(v, (bool, int, float)) or (hasattr(v, "__float__") and not isinstance(v, str)):
             f = float(v)
@@ -221,11 +219,9 @@ def _per_row(x: Any, n: int, what: str) -> list:
     return [x] * n
 
 
-def combine(components: Mapping[str, torch.Tensor], weights: Mapping[str, float], *,
-            nan_policy: str = "skip") -> torch.Tensor:
-    """total (N,) = Σ_k weights[k]·components[k] over weights that are non-zero; NaN handling per `nan_policy`."""
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"unknown nan_policy {nan_policy!r}; valid: {NAN_POLICIES}")
+def combine(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """total (N,) = Σ_k weights[k]·components[k] over weights that are non-zero, NaN components left out; NaN where
+    every weighted component is NaN."""
     used = [k for k, w in weights.items() if w != 0.0]
     missing = [k for k in used if k not in components]
     if missing:
@@ -238,7 +234,7 @@ def combine(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]
     w = torch.tensor([float(weights[k]) for k in used], dtype=torch.float32)  # (K,)
     nan = torch.isnan(vals)  # (N, K)
     total = torch.where(nan, torch.zeros_like(vals), vals * w).sum(dim=1)  # (N,)
-    unscorable = nan.all(dim=1) if nan_policy == "skip" else nan.any(dim=1)  # (N,)
+    unscorable = nan.all(dim=1)  # (N,)
     return torch.where(unscorable, torch.full_like(total, float("nan")), total)  # (N,)
 
 
@@ -254,7 +250,6 @@ def compute_rewards(
     columns: Mapping[str, Sequence[Any]] | None = None,
     strict_format: bool = False,
     normalized_accuracy: bool = False,
-    nan_policy: str = "skip",
     on_all_nan: str = "warn",
 ) -> RewardBreakdown:
     """Score N completions and combine them into a `RewardBreakdown`.
@@ -311,5 +306,5 @@ def compute_rewards(
             comps[p.name] = _call_plugin(p, prompt_list, completions, cols)
             if n and bool(torch.isnan(comps[p.name]).all()):
                 _report_all_nan(p, n, on_all_nan)
-    total = combine(comps, w, nan_policy=nan_policy)
+    total = combine(comps, w)
     return RewardBreakdown(total=total, components=comps, weights=w, extras=extras)

@@ -65,11 +65,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, get_args
+from typing import Any, Protocol, Sequence
 
 import torch
 
-from emor3.config import CoherenceMatch, JudgePrompt
+from emor3.config import CoherenceMatch, JudgeMode, JudgePrompt, MissingStep, choices
 from emor3.engine.sampler import PromptSuffix, prefill, sample
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
@@ -82,13 +82,14 @@ COHERENCE_QUESTION = "Which emotion best describes the text above?"
 COHERENCE_INSTRUCTION = "Answer the question using one emotional category (one word only): {labels}."
 # score of (consistency, coherence) where the steps that judge reads are missing; see the module docstring
 MISSING_RULES = {"release": (0.0, 0.5), "neutral": (0.5, 0.5)}
+assert tuple(MISSING_RULES) == choices(MissingStep), "MissingStep (emor3.config) names every rule"
 YES_STRINGS = ("Yes", "yes")
 NO_STRINGS = ("No", "no")
-MODES = ("sample", "logprob")
+MODES = choices(JudgeMode)
 # the choices of --reward.judge-prompt and --reward.coherence-match, read from their declaration (auto is resolved
 # by the config before it reaches here)
-JUDGE_PROMPTS = tuple(x for x in get_args(JudgePrompt) if x != "auto")
-COHERENCE_MATCHES = tuple(x for x in get_args(CoherenceMatch) if x != "auto")
+JUDGE_PROMPTS = tuple(x for x in choices(JudgePrompt) if x != "auto")
+COHERENCE_MATCHES = tuple(x for x in choices(CoherenceMatch) if x != "auto")
 # the release's spans (its trainer's extract_step1_to_step2 and extract_steps): tags kept
 _RELEASE_STEP1 = re.compile(r"(<step1>.*?)(?=<step2>)", re.S)
 _RELEASE_STEPS12 = re.compile(r"(<step1>.*?</step2>)", re.S)
