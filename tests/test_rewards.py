@@ -100,6 +100,31 @@ def test_a_ten_k_tag_flood_is_judged_without_the_backtracking_regex(monkeypatch)
     assert format_reward(text + "\\boxed{joy}") == 1.0, "the same flood, boxed, follows the paper's format"
 
 
+def test_tag_whitespace_normaliser_equals_the_papers_regex():
+    from emor3.rewards.rules import _WS_AROUND_TAG_CHARS
+
+    pieces = [" ", "  ", "\n", "\t", "\u3000", "<", ">", "/", "a", "step1", "\\boxed{", "}"]
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 16)))
+        assert normalize_tag_whitespace(text) == _WS_AROUND_TAG_CHARS.sub(r"\1", text), repr(text)
+
+
+def test_tag_whitespace_normaliser_does_not_rescan_long_whitespace(monkeypatch):
+    # a whitespace run that touches no tag character makes the paper's regex retry `\s*` at every position
+    # (quadratic); the normaliser splits the text once and must never run that regex
+    from emor3.rewards import rules
+
+    class Refuse:
+        def sub(self, *a, **kw):
+            raise AssertionError("normalize_tag_whitespace ran the quadratic regex")
+
+    monkeypatch.setattr(rules, "_WS_AROUND_TAG_CHARS", Refuse())
+    text = "<step1>x" + " " * 20_000 + "y</step1>"
+    assert normalize_tag_whitespace(text) == text
+    assert normalize_tag_whitespace("a " * 3 + "/ b") == "a a a/b"
+
+
 def test_linear_format_check_equals_paper_regex_on_random_strings():
     pieces = ["<step1>", "</step1>", "<step2>", "</step2>", "<step3>", "</step3>", "\\boxed{", "}", "{", "x", "<", "/"]
     rng = random.Random(0)
