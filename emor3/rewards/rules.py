@@ -49,7 +49,7 @@ _BOX = "\\boxed{"
 
 
 def normalize_tag_whitespace(text: str) -> str:
-    """The paper's pre-processing, `_WS_AROUND_TAG_CHARS.sub(r"\1", text)`: drop whitespace around `<`, `>` and `/`.
+    r"""The paper's pre-processing, `_WS_AROUND_TAG_CHARS.sub(r"\1", text)`: drop whitespace around `<`, `>` and `/`.
 
     The regex retries its leading `\s*` at every position of a whitespace run that no tag character follows, so a
     long run costs quadratic time. Its result is the same as dropping each maximal whitespace run that touches a tag
