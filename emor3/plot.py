@@ -179,8 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.smooth < 1:
         p.error(f"--smooth {a.smooth}: must be at least 1")
-    panels = tuple(Panel(k, (k,)) for k in a.metrics.split(",") if k) or PANELS
+    named = [k for k in a.metrics.split(",") if k]
+    panels = tuple(Panel(k, (k,)) for k in named) or PANELS
     try:
+        if named:  # a key the user names is drawn or refused, never dropped like a default panel's missing key
+            path = a.run_dir / "metrics.jsonl"
+            rows = read_metrics(path)
+            unknown = [k for k in named if not series(rows, k)[0]]
+            if unknown:
+                known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+                raise ValueError(f"{path}: --metrics {','.join(unknown)}: no record has "
+                                 f"{'this key' if len(unknown) == 1 else 'these keys'}; its keys: {', '.join(known)}")
         path = plot_run(a.run_dir, panels, a.smooth, a.out, a.title)
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)

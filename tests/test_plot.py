@@ -113,3 +113,13 @@ def test_missing_matplotlib_names_the_extra(tmp_path):
     assert res.returncode == 1
     assert "needs matplotlib" in res.stderr and "emor3[plot]" in res.stderr, res.stderr
     assert not (run / "curves.png").exists()
+
+
+def test_an_unknown_metrics_key_is_refused_with_the_keys_there(tmp_path, capsys):
+    run = write_run(tmp_path, [record(s) for s in range(1, 4)])
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run), "--metrics", "kl,klx"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--metrics klx: no record has this key" in err and "entropy" in err, "the error lists the keys there"
+    assert not (run / "curves.png").exists(), "nothing is drawn when a named key is unknown"
