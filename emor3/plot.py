@@ -6,7 +6,8 @@ exits. One panel per group of related metrics, each line one metric key of the t
   reference, policy entropy, PPO clip fractions (low, high, dual), completion lengths (mean, max), gradient norm,
   and seconds per phase of a step (rollout, judge, reference, update, stacked; the step total as a line).
 A panel whose keys are all missing (e.g. KL in a β = 0 run) is left out. ``--metrics a,b,c`` draws one panel per
-named key instead; ``--smooth K`` draws a K-step moving average over the faded raw curve.
+named key instead (a named key that no record has is an error); ``--smooth K`` draws a K-step moving average
+over the faded raw curve.
 
 A run that crashed mid-write leaves a truncated last line in metrics.jsonl: it is skipped with a warning. A bad line
 anywhere else is an error naming the line.
