@@ -386,10 +386,18 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
-    opt_timer = []  # AdamW's step, timed by the optimizer's own hooks (its step method stays the scheduler's)
-    optimizer.register_step_pre_hook(lambda *_: opt_timer.append(PH.timed("update/optimizer")) or
-                                     opt_timer[-1].__enter__())
-    optimizer.register_step_post_hook(lambda *_: opt_timer.pop().__exit__(None, None, None))
+    # AdamW's step, timed by the optimizer's own hooks (its step method stays the one the scheduler wrapped)
+    opt_timer = []
+
+    def opt_start(*_):
+        opt_timer.append(PH.timed("update/optimizer"))
+        opt_timer[-1].__enter__()
+
+    def opt_end(*_):
+        opt_timer.pop().__exit__(None, None, None)
+
+    optimizer.register_step_pre_hook(opt_start)
+    optimizer.register_step_post_hook(opt_end)
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
     load_before = os.getloadavg()
     print(f"[profile_step] start: {start}; setup {setup_s:.1f} s; torch threads {torch.get_num_threads()}; "
