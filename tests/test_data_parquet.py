@@ -179,7 +179,7 @@ def test_a_parquet_dataset_trains_and_evaluates(tmp_path):
 
 
 def test_trace_manifests_write_parquet_images_to_files(tmp_path):
-    from emor3.sft import trace_rows
+    from emor3.traces import trace_rows
 
     root = _write_dataset(tmp_path / "ds")
     train = load_dataset(root, split="train")

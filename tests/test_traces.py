@@ -7,14 +7,15 @@ from collections import Counter
 import torch
 from PIL import Image
 
-import emor3.sft as sft_module
+import emor3.traces as traces_module
 from emor3.config import Config, DataConfig, SFTConfig
 from emor3.data import get_taxonomy, load_dataset
 from emor3.experiment import build_data, tokenizer_corpus
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.models.tiny import build_tiny_checkpoint
 from emor3.rewards import accuracy_reward, format_reward
-from emor3.sft import SFTExample, TraceReport, cold_start, make_traces, sft, trace_order, traces_main
+from emor3.sft import SFTExample, cold_start, sft
+from emor3.traces import TraceReport, make_traces, trace_order, traces_main
 from emor3.engine.prompts import build_set_messages
 
 MIKELS = get_taxonomy("mikels8")
@@ -79,14 +80,14 @@ def test_rejection_sampling_keeps_one_passing_response_per_image(tmp_path, monke
         assert batch.n == len(ids) and group_size == 3
         return Roll(ids, group_size)
 
-    real_encode = sft_module.encode_samples
+    real_encode = traces_module.encode_samples
 
     def spy_encode(processor, samples, images, taxonomies):
         seen.append([s.id for s in samples])
         return real_encode(processor, samples, images, taxonomies)
 
-    monkeypatch.setattr(sft_module, "sample", fake_sample)
-    monkeypatch.setattr(sft_module, "encode_samples", spy_encode)
+    monkeypatch.setattr(traces_module, "sample", fake_sample)
+    monkeypatch.setattr(traces_module, "encode_samples", spy_encode)
     kept, rep = make_traces(torch.nn.Linear(1, 1), _FakeProcessor(), ds, n=2, per_image=3,
                             taxonomies={"mikels8": MIKELS}, max_new_tokens=8, batch_size=2, progress=False)
     batches = [[ds.samples[i].id for i in order[:2]], [ds.samples[i].id for i in order[2:4]]]
@@ -104,10 +105,10 @@ def test_rejection_sampling_keeps_one_passing_response_per_image(tmp_path, monke
                               kept_per_label=Counter({"awe": 1, "fear": 1}))
     assert kept == {0: _trace("awe"), 1: _trace("fear")}, "each image keeps its first passing response"
     # the manifest: every sample, its own question and metadata kept, a response where one was kept
-    rows = sft_module.trace_rows(ds, kept)
+    rows = traces_module.trace_rows(ds, kept)
     assert [r.get("response") for r in rows] == [_trace("awe"), _trace("fear"), None, None]
     assert rows[0]["question"] == "Which feeling? {labels}" and "question" not in rows[1] and rows[2]["source"] == "test"
-    assert [r["id"] for r in sft_module.trace_rows(ds, kept, only_traces=True)] == ["s0", "s1"]
+    assert [r["id"] for r in traces_module.trace_rows(ds, kept, only_traces=True)] == ["s0", "s1"]
 
 
 def test_traces_command_end_to_end_with_a_fine_tuned_tiny_teacher(tmp_path, capsys):
