@@ -1,4 +1,4 @@
-"""Where one default-size GRPO step spends its time: a per-phase breakdown and a torch.profiler table (issue 25, item 1).
+"""Where one default-size GRPO step spends its time: a per-phase breakdown and a torch.profiler table.
 
 The step is the default run's (``python -m emor3.grpo.train`` with no flags): the tiny model from the shipped instruct
 checkpoint, EmoScenes, ``emo_r3`` (16 prompts x 8 samples, at most 80 new tokens, the RER judge sampling 8-token

@@ -783,8 +783,8 @@ def save_checkpoint(exp: Experiment, out: Path, step: int, optimizer, scheduler,
 
 def load_trainer_state(state: dict | Path, optimizer, scheduler, model) -> dict:
     """Restore optimizer (keyed by parameter name, so any world size loads it), scheduler and RNG state from a
-    trainer state (or the checkpoint folder holding it). A "generator" entry (written by earlier versions; nothing
-    samples from it) is ignored."""
+    trainer state (or the checkpoint folder holding it). A "generator" entry (a sampling generator
+    that checkpoints once carried and nothing reads) is ignored."""
     if not isinstance(state, dict):
         state = load_torch_state(Path(state) / "trainer_state.pt")
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
