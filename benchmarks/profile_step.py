@@ -128,21 +128,15 @@ def install_timers() -> list[tuple[object, str, object]]:
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, wrapper(getattr(obj, name)))
 
-    def rollout_sample(fn):  # the rollout's sampler call (emor3.grpo.rollout imported `sample`)
-        def w(*a, **kw):
-            with PH.phase("rollout"), PH.timed("rollout/sample"):
-                r = fn(*a, **kw)
-            PH.masks.append(("rollout", r.completion_mask))
-            return r
-        return w
-
-    def judge_sample(fn):  # the judge's sampler calls (emor3.rewards.reflection imported `sample`)
-        def w(*a, **kw):
-            with PH.phase("judge"), PH.timed("judge/sample"):
-                r = fn(*a, **kw)
-            PH.masks.append(("judge", r.completion_mask))
-            return r
-        return w
+    def sampled(phase):  # a sampler call of the rollout or of the judge (each module imported `sample`)
+        def wrap(fn):
+            def w(*a, **kw):
+                with PH.phase(phase), PH.timed(f"{phase}/sample"):
+                    r = fn(*a, **kw)
+                PH.masks.append((phase, r.completion_mask))
+                return r
+            return w
+        return wrap
 
     def prefill(fn):  # emor3.engine.sampler.prefill, called by sample()
         def w(model, batch, *a, **kw):
@@ -191,8 +185,8 @@ def install_timers() -> list[tuple[object, str, object]]:
                 return fn(*a, **kw)
         return w
 
-    patch(rollout_mod, "sample", rollout_sample)
-    patch(reflection_mod, "sample", judge_sample)
+    patch(rollout_mod, "sample", sampled("rollout"))
+    patch(reflection_mod, "sample", sampled("judge"))
     patch(sampler_mod, "prefill", prefill)
     patch(sampler_mod, "_get_step", get_step)
     patch(sampler_mod, "_decode_texts", detok)
