@@ -58,6 +58,17 @@ def make_pair(model_type: str, tie: bool, seed: int = 0):
     return ours, hf
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with 0 to the longest: input ids (N, L) and attention mask (N, L)."""
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
+    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        am[i, L - len(r):] = 1
+    return ids, am
+
+
 def mixed_batch(patch_dim: int = 3 * 2 * 14 * 14):
     """Rows: [img 8x12 patches] text; text only (left-padded most); [img 4x4] text [img 6x4] text. ``patch_dim``:
     C * t * p * p of the model's patches (14-px for Qwen2/2.5-VL, 16-px for Qwen3-VL)."""
@@ -67,12 +78,7 @@ def mixed_batch(patch_dim: int = 3 * 2 * 14 * 14):
         return [VSTART] + [IMG] * k + [VEND]
 
     rows = [[5, 6] + img(24) + [7, 8, 9], [10, 11, 12, 13], [14] + img(4) + [15] + img(6) + [16, 17]]
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        am[i, L - len(r):] = 1
+    ids, am = left_pad(rows)
     g = torch.Generator().manual_seed(1)
     pix = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=g)  # (patches, C*t*p*p)
     return ids, am, grids, pix

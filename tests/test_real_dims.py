@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from emor3.models import QwenVL, QwenVLConfig, mrope_position_ids, tiny_config
-from test_models_parity import hf_key
+from test_models_parity import hf_key, left_pad
 
 pytestmark = pytest.mark.real
 
@@ -71,12 +71,7 @@ def real_batch(cfg: QwenVLConfig):
         return [VS] + [IMG] * k + [VE]
 
     rows = [text(3) + img(48) + text(6), text(5), text(2) + img(16) + text(2) + img(12) + text(4)]
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        am[i, L - len(r):] = 1
+    ids, am = left_pad(rows)
     pix = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)  # (patches, C*t*p*p)
     return ids, am, grids, pix
 

@@ -14,7 +14,7 @@ from hf_reference import internals
 
 from emor3.models import QwenVL, QwenVLConfig, parse_config, Qwen3VL
 from emor3.models.positions import decode_position_ids, mrope_position_ids, video_rope_grids
-from test_models_parity import hf_key, tiny_hf_config as qwen2_hf_config
+from test_models_parity import hf_key, left_pad, tiny_hf_config as qwen2_hf_config
 from test_qwen3_vl import tiny_hf_config as qwen3_hf_config
 
 IMG, VID, VSTART, VEND = 90, 91, 92, 93
@@ -68,12 +68,7 @@ def batch(model_type: str, mixed: bool):
     rows.append([10] + (img + [11] if mixed else []) + clip_tokens(model_type, VIDEO_GRIDS[1], 40) + [12, 13])
     if mixed:
         rows.append([14, 15, 16, 17, 18])
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    am = torch.zeros(len(rows), L, dtype=torch.long)  # (N, L)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        am[i, L - len(r):] = 1
+    ids, am = left_pad(rows)
     g = torch.Generator().manual_seed(1)
     vid_grids = torch.tensor(VIDEO_GRIDS)
     pix_v = torch.randn(int(vid_grids.prod(-1).sum()), patch_dim, generator=g)  # (video patches, C*t*p*p)
