@@ -356,8 +356,8 @@ def device_memory(cfg: Config) -> tuple[int | None, str]:
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return None, "this machine's memory (unknown)"
-    return total, "this machine's memory (the plan is for the CPU)"
+        return None, "the host's memory (unknown)"
+    return total, "the host's memory (the plan is for the CPU)"
 
 
 def fits_verdict(cfg: Config, model_cfg, world_size: int) -> tuple[bool | None, str]:
