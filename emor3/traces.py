@@ -80,7 +80,8 @@ def make_traces(model, processor, dataset, *, n: int, per_image: int, taxonomies
     (``format_reward`` and ``accuracy_reward``, read after a Thinking model's reasoning block); each image keeps
     its first such response. -> ({dataset index: response}, TraceReport)."""
     if n <= 0 or per_image <= 0 or batch_size <= 0:
-        raise ValueError(f"traces: --n ({n}), --per-image ({per_image}) and --batch-size ({batch_size}) must be positive")
+        raise ValueError(f"traces: --n ({n}), --per-image ({per_image}) and --batch-size ({batch_size}) must be "
+                         "positive")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     order, kept, report = trace_order(dataset.samples, seed), {}, TraceReport()

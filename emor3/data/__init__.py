@@ -18,9 +18,11 @@ from emor3.data.taxonomy import (
 
 __all__ = [
     "BINARY", "BUILTIN_NAMES", "EMOTION6", "MIKELS8", "REASONS", "WEBEMO2", "WEBEMO7", "WEBEMO25",
-    "BadSampleError", "BytesImage", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy", "binary_correct",
-    "build_emoset_subset", "load_emotion6", "load_webemo", "detect_layout", "get_taxonomy", "load_dataset", "load_emoset", "load_image_folder", "load_manifest",
-    "load_parquet", "open_image", "parquet_image_bytes", "parquet_splits", "split_suffix", "load_taxonomy", "map_label", "normalize_label", "smart_resize", "taxonomy_from_dict", "to_binary",
+    "BadSampleError", "BytesImage", "EmotionDataset", "ImageSource", "LoadReport", "Sample", "Taxonomy",
+    "binary_correct", "build_emoset_subset", "load_emotion6", "load_webemo", "detect_layout", "get_taxonomy",
+    "load_dataset", "load_emoset", "load_image_folder", "load_manifest", "load_parquet", "open_image",
+    "parquet_image_bytes", "parquet_splits", "split_suffix", "load_taxonomy", "map_label", "normalize_label",
+    "smart_resize", "taxonomy_from_dict", "to_binary",
     "write_manifest", "SPLITS", "CueMentions", "coldstart_trace", "corpus_texts", "cue_mentions", "label_for",
     "load_emoscenes", "make_emoscenes", "rule_label", "write_emoscenes",
 ]

@@ -169,9 +169,9 @@ class PromptStream:
 
 def row_records(samples: Sequence, rows: Sequence[int], reflection=None) -> list[dict]:
     """What samples.jsonl keeps of each completion row besides its text and rewards: its sample's id, image (an
-    absolute path, a parquet dataset's `<shard>.parquet#<row>`, or an in-memory source's key), label and taxonomy, the true cues where the sample records them
-    (EmoScenes), and the RER judge's replies (None where the judge was not asked) when ``reflection`` (a
-    ``ReflectionResult``) is given."""
+    absolute path, a parquet dataset's `<shard>.parquet#<row>`, or an in-memory source's key), label and
+    taxonomy, the true cues where the sample records them (EmoScenes), and the RER judge's replies (None where the
+    judge was not asked) when ``reflection`` (a ``ReflectionResult``) is given."""
     out = []
     for n, p in enumerate(rows):
         s = samples[p]

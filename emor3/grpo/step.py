@@ -11,8 +11,9 @@ choices it makes are listed, numbered, at the top of train.py; the math is in ``
    ``--grpo.micro-batch-rows`` below G, of equal slices of one group (``micro_batches``); each mini-batch's token
    count (its loss normaliser) is summed over ranks first, then its micro-batches' losses, each that share of the
    mini-batch loss, are backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW
-   stepped (skipped if the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release; docs/method.md, "Where the
-   paper is silent") each micro-batch is normalised by its own count instead (``micro_normalizer``).
+   stepped (skipped if the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release;
+   docs/method.md, "Where the paper is silent") each micro-batch is normalised by its own count instead
+   (``micro_normalizer``).
 5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
    micro-batches and ranks), averaged over the step's updates, so they do not depend on
    ``--grpo.micro-batch-rows`` or on the number of processes; the per-token statistics are means over
