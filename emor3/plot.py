@@ -63,10 +63,10 @@ def pyplot():
     return plt
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A truncated last line (a crash mid-write) is skipped with a warning."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {path.parent} a run folder?)")
+def read_records(path: Path, valid, what: str) -> list[dict]:
+    """The JSON objects of a run's JSONL log (metrics.jsonl, samples.jsonl), one a line. A truncated last line (a
+    crash mid-write) is skipped with a warning; a bad line elsewhere, or a record for which ``valid`` is false, is
+    an error naming the line (``what`` says what a record must be)."""
     lines = path.read_text(errors="replace").split("\n")
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     rows = []
@@ -76,13 +76,21 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             if i == len(numbered) - 1:
                 warnings.warn(f"{path}:{n}: skipping the last line, which is not complete JSON (a run stopped while "
-                              f"writing it?): {e}", stacklevel=2)
+                              f"writing it?): {e}", stacklevel=3)
                 break
             raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-            raise ValueError(f"{path}:{n}: a metrics record is a JSON object with a numeric 'step'")
+        if not isinstance(row, dict) or not valid(row):
+            raise ValueError(f"{path}:{n}: {what}")
         rows.append(row)
     return rows
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (``read_records``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {path.parent} a run folder?)")
+    return read_records(path, lambda r: isinstance(r.get("step"), (int, float)),
+                        "a metrics record is a JSON object with a numeric 'step'")
 
 
 def smooth(ys: list[float], k: int) -> list[float]:

@@ -21,8 +21,6 @@ import argparse
 import base64
 import html
 import io
-import json
-import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -30,7 +28,7 @@ from PIL import Image
 from emor3.data import open_image
 from emor3.data.emoscenes import cue_mentions
 from emor3.evaluate import format_table, load_results
-from emor3.plot import DPI, make_figure, pyplot, read_metrics
+from emor3.plot import DPI, make_figure, pyplot, read_metrics, read_records
 from emor3.rewards import parse_set
 
 OUTCOMES = {"correct": "correct", "wrong": "wrong", "format": "format failure"}
@@ -83,22 +81,9 @@ def _esc(x) -> str:
 
 
 def read_samples(path: Path) -> list[dict]:
-    """The records of a samples.jsonl; a truncated last line (a crash mid-write) is skipped with a warning, a bad
-    line elsewhere is an error naming it."""
-    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").split("\n"), 1) if line.strip()]
-    rows = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}:{n}: skipping the last line, which is not complete JSON: {e}", stacklevel=2)
-                break
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-            raise ValueError(f"{path}:{n}: a sample record is a JSON object with a 'completion' text")
-        rows.append(row)
-    return rows
+    """The records of a samples.jsonl (``plot.read_records``: a truncated last line is skipped with a warning)."""
+    return read_records(path, lambda r: isinstance(r.get("completion"), str),
+                        "a sample record is a JSON object with a 'completion' text")
 
 
 def image_data_uri(path: str | Path, thumb: int) -> str:
