@@ -8,8 +8,8 @@ alternating which side goes first, so the two sides see the same machine load an
 It reports, per side, the median over steps 3..N of every phase of ``profile_step`` (coarse phases from the step's
 own metrics, finer ones from its timers), and the ratio baseline / current per phase.
 
-Exactness: each worker returns a digest of every step (the rollout's tokens and log-probs, the judge's replies
-and the rewards, the loss and the model's weights after the update, all as bytes). Equal digests mean the two
+Exactness: each worker returns a digest of every step (the rollout's tokens, its log-probs, the judge's reply
+tokens, the rewards, the loss and the model's weights after the update, all as bytes). Equal digests mean the two
 trees computed the same step bit for bit; the report says, per step, which parts agree. A change that is not
 exact (an opt-in setting passed with ``--new-args``) is expected to differ and is reported as such.
 
@@ -86,7 +86,7 @@ def worker(args) -> None:
     stream = PromptStream(len(exp.train_set), cfg.run.seed)
 
     # what each step computed, for the exactness check: the rollout's sample() results and the rewards
-    seen: dict[str, list] = {"rollout": [], "judge": [], "rewards": []}
+    seen: dict[str, list] = {"rollout_tokens": [], "rollout_logprobs": [], "judge": [], "rewards": []}
     rollout_mod, reflection_mod = ps.rollout_mod, ps.reflection_mod
 
     def capture(mod, name, key, pick):
@@ -98,7 +98,8 @@ def worker(args) -> None:
             return r
         setattr(mod, name, w)
 
-    capture(rollout_mod, "sample", "rollout", lambda r: _digest(r.completion_ids, r.logprobs, r.completion_mask))
+    capture(rollout_mod, "sample", "rollout_tokens", lambda r: _digest(r.completion_ids, r.completion_mask))
+    capture(rollout_mod, "sample", "rollout_logprobs", lambda r: _digest(r.logprobs))
     capture(reflection_mod, "sample", "judge", lambda r: _digest(r.completion_ids, r.completion_mask))
     capture(rollout_mod, "compute_rewards", "rewards", lambda r: _digest(r.total))
     saved = ps.install_timers()  # after capture: the timers wrap the capturing functions
@@ -118,8 +119,7 @@ def worker(args) -> None:
             assert "time/update" in m, f"step {i + 1} was skipped (no informative group): {m}"
             params = [p for p in exp.model.parameters()]
             rec = {"step": i + 1, "wall_s": wall, "phases_s": ps.breakdown(m, ps.PH.s), "tokens": ps.token_counts(),
-                   "digest": {"rollout": "".join(seen["rollout"]), "judge": "".join(seen["judge"]),
-                              "rewards": "".join(seen["rewards"]),
+                   "digest": {**{k: "".join(v) for k, v in seen.items()},
                               "loss": _digest(torch.tensor([m["loss"], m["grad_norm"]], dtype=torch.float64)),
                               "weights": _digest(*params)},
                    "reward_total": m["reward/total"], "completion_len_mean": m["completion_len_mean"]}
