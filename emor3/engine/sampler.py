@@ -86,6 +86,7 @@ import numpy as np
 import torch
 
 from emor3.models.positions import decode_position_ids
+from emor3.models.qwen_vl import GroupedKVCache
 
 __all__ = ["Rollout", "PromptSuffix", "Prefill", "group_rows", "sample", "prefill", "cache_rows", "apply_banned",
            "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
@@ -316,6 +317,9 @@ _COMPILE_BUCKET = 64  # with compile, cache slots are rounded up to a multiple o
 # reuse a few graphs instead of recompiling for every new P (the extra slots are never attended: causality)
 
 
+# the models whose attention takes a GroupedKVCache (emor3.models.qwen_vl.Attention and its Qwen3 subclass)
+GROUPED_DECODE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
 _EAGER_WINDOW = 64  # eager decoding attends over the cache prefix written so far, rounded up to this many slots
 
 
@@ -499,6 +503,7 @@ def sample(
     check_every: int = 16,
     compact_finished: bool = True,
     suffix: PromptSuffix | None = None,
+    shared_prefix_decode: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt of ``batch`` (a ``PromptBatch``); returns a ``Rollout``.
 
@@ -514,6 +519,11 @@ def sample(
     ``suffix``: prompts that share a prefix (a ``PromptSuffix``, point 8 of the module docstring): ``batch`` then
     holds the prefixes, the prompts are the suffix's rows (prefix ``suffix.prefix_index[r]`` + row r's own tokens),
     and row n of the rollout samples suffix row ``n // group_size``.
+    ``shared_prefix_decode``: keep each prompt's cache once and let its G rows read it as one matrix product per
+    kv head (``emor3.models.qwen_vl.GroupedKVCache``) instead of copying it to the G rows; eager decoding of a
+    Qwen-VL model with G > 1 only, until the first compaction (which copies it out). Not bit-exact: the attention
+    sums run in another order than SDPA's, so a token whose sampling boundary lies within float rounding of u can
+    differ (off by default).
     """
     # --- validate -------------------------------------------------------------------------------------------------
     if group_size < 1 or max_new_tokens < 1 or check_every < 1:
@@ -544,8 +554,15 @@ def sample(
     assert pre.last_logits.shape == (R0, V), f"logits {tuple(pre.last_logits.shape)} != {(R0, V)} (config vocab_size)"
     G, N = group_size, R0 * group_size
 
-    # --- copy each prompt's cache to its G rows --------------------------------------------------------------------
-    cache = pre.cache.repeat_interleave(G) if G > 1 else pre.cache
+    # --- copy each prompt's cache to its G rows (or keep it once: shared_prefix_decode) ------------------------------
+    grouped = shared_prefix_decode and G > 1 and not compile and suffix is None
+    if grouped and getattr(getattr(model, "config", None), "model_type", None) not in GROUPED_DECODE_MODEL_TYPES:
+        raise ValueError(f"sampler: shared_prefix_decode supports model types {GROUPED_DECODE_MODEL_TYPES}")
+    if grouped:  # the rows' own slots live in the grouped cache until a compaction copies the whole cache out
+        cache = None
+        gcache = GroupedKVCache.from_prefill(pre.cache, pre.attention_mask[:, :P], P, G, S - P)
+    else:
+        cache = pre.cache.repeat_interleave(G) if G > 1 else pre.cache
     logits = pre.last_logits.repeat_interleave(G, dim=0)  # (N, V)
     attn = pre.attention_mask.repeat_interleave(G, dim=0)  # (N, S)
     next_pos = pre.next_position.repeat_interleave(G)  # (N,)
@@ -566,7 +583,13 @@ def sample(
     # step attends over the written prefix only, in views of the same storage grown _EAGER_WINDOW slots at a time;
     # this halves the attention work of a long rollout on average (slots past the prefix are causally masked anyway).
     window = S if compile else min(S, -(-(P + 1) // _EAGER_WINDOW) * _EAGER_WINDOW)
-    step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
+
+    def step_inputs():  # the cache and mask a decode step reads: the first `window` slots (views)
+        if grouped:  # the grouped cache holds its own masks
+            return gcache.window(window - P), None
+        return (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
+
+    step_cache, step_mask = step_inputs()
     pos = decode_position_ids(next_pos)  # (3, N, 1): generated token 0's position; advanced in place every step
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
     # The decode batch holds R <= N rows: `rows` (R,) are their output rows. Once at most half of them are still
@@ -599,15 +622,16 @@ def sample(
                 keep = torch.argsort(finished.to(torch.int8), stable=True)[:R_new]  # (R_new,) running ones first
                 rows, finished, token, logprob = (x.index_select(0, keep) for x in (rows, finished, token, logprob))
                 fed = fed.index_select(0, keep)
+                if grouped:  # rows of a group no longer sit together: go on with a per-row cache
+                    cache, grouped = gcache.materialize(S), False
                 cache = cache_rows(cache, keep)
                 attn, pos = attn.index_select(0, keep), pos.index_select(1, keep)  # (R_new, S), (3, R_new, 1)
-                step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window),
-                                                                           attn[:, :window])
+                step_cache, step_mask = step_inputs()
                 compacted = True
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
         if not compile and P + t + 1 > window:  # eager: grow the attended prefix of the static cache (a view)
             window = min(S, window + _EAGER_WINDOW)
-            step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (R, window)
+            step_cache, step_mask = step_inputs()  # views, (R, window)
         u = None if greedy else (draws[t + 1].index_select(0, rows) if compacted else draws[t + 1])  # (R,)
         token, logprob = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u, **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step

@@ -197,7 +197,7 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
         exp.model, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, stop_token_ids=exp.processor.stop_token_ids,
         banned_token_ids=exp.processor.banned_token_ids, generator=generator, tokenizer=exp.processor,
-        compile={"off": False, "on": True}.get(g.compile, g.compile),
+        compile={"off": False, "on": True}.get(g.compile, g.compile), shared_prefix_decode=g.shared_prefix_decode,
     )
     t0 = time.perf_counter()
     rows = rollout.prompt_index.tolist()

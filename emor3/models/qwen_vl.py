@@ -119,6 +119,93 @@ class KVCache:
         return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1))
 
 
+@dataclass
+class GroupedKVCache:
+    """Decode cache of N = B·G rows whose G consecutive rows continue one of B prompts, the prompt's keys and
+    values kept once: attention at one query per row reads each prompt's keys with one (G·H/K, hd) x (hd, P)
+    product per kv head (the "cascade" / shared-prefix decode of FlashInfer and Hydragen) instead of G copies of
+    them, then the row's own generated keys. The scores of both parts go through one softmax, so every row sees
+    the keys, values and mask of the full-cache decode; only the order of float sums differs from SDPA over the
+    copied cache (a non-exact, opt-in path: the sampler's ``shared_prefix_decode``).
+
+    Generated token t (0-based) is written at ``slot`` P + t of the full-cache numbering, i.e. row slot t here."""
+
+    prefix_k: Tensor  # (layers, B, K, P, hd): the prompts' keys, written by the prefill
+    prefix_v: Tensor  # (layers, B, K, P, hd)
+    prefix_mask: Tensor  # (N, 1, 1, P) bool: row n's prompt slots that are real tokens (left padding hidden)
+    k: Tensor  # (layers, N, K, W, hd): the rows' generated keys (W slots, a prefix view of the full storage)
+    v: Tensor  # (layers, N, K, W, hd)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_k.shape[3]
+
+    @property
+    def max_len(self) -> int:
+        return self.prefix_len + self.k.shape[3]
+
+    @staticmethod
+    def from_prefill(cache: "KVCache", prompt_mask: Tensor, length: int, group_size: int,
+                     new_tokens: int) -> "GroupedKVCache":
+        """The B-row prefill ``cache`` (its first ``length`` slots hold the prompts, ``prompt_mask`` (B, length)
+        marks their real tokens) as the prefix of B·G rows with room for ``new_tokens`` generated tokens each."""
+        L, B, K, _, hd = cache.k.shape
+        N = B * group_size
+        own = (L, N, K, new_tokens, hd)
+        mask = prompt_mask.bool().repeat_interleave(group_size, dim=0)[:, None, None, :]  # (N, 1, 1, P)
+        return GroupedKVCache(cache.k[:, :, :, :length], cache.v[:, :, :, :length], mask,
+                              cache.k.new_zeros(own), cache.v.new_zeros(own))
+
+    def window(self, slots: int) -> "GroupedKVCache":
+        """The same cache attending over its first ``slots`` generated slots (views of the same storage)."""
+        return GroupedKVCache(self.prefix_k, self.prefix_v, self.prefix_mask, self.k.narrow(3, 0, slots),
+                              self.v.narrow(3, 0, slots))
+
+    def materialize(self, slots: int) -> "KVCache":
+        """The equivalent per-row ``KVCache`` of ``slots`` slots (layers, N, K, slots, hd): the prompt's slots
+        copied to each of its rows, the generated ones after them (to go on decoding with the plain cache, e.g.
+        once finished rows are dropped)."""
+        L, N, K, W, hd = self.k.shape
+        P, G = self.prefix_len, N // self.prefix_k.shape[1]
+        assert P + W <= slots, f"{P} prompt + {W} generated slots do not fit in {slots}"
+        out = []
+        for pre, own in ((self.prefix_k, self.k), (self.prefix_v, self.v)):
+            full = own.new_zeros(L, N, K, slots, hd)
+            full[:, :, :, :P] = pre.repeat_interleave(G, dim=1)
+            full[:, :, :, P:P + W] = own
+            out.append(full)
+        return KVCache(*out)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_position: Tensor) -> Tensor:
+        """Write one generated token's k, v (N, K, 1, hd) at full-cache slot ``cache_position`` (1,) and return the
+        attention output (N, H, 1, hd) of queries q (N, H, 1, hd) over the prompt's slots and the written ones."""
+        N, H, L, hd = q.shape
+        B, K, P = self.prefix_k.shape[1], self.prefix_k.shape[2], self.prefix_len
+        assert L == 1 and N % B == 0, f"grouped decode takes one query per row of B = {B} groups, got {tuple(q.shape)}"
+        G, r, W = N // B, H // K, self.k.shape[3]
+        slot = cache_position - P  # (1,) the row slot of this token
+        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
+        # query head h reads kv head h // r (transformers' repeat_kv grouping), as SDPA's enable_gqa does
+        q = q.reshape(N, K, r, hd) * hd ** -0.5  # (N, K, r, hd), SDPA's default scale
+        qg = q.view(B, G, K, r, hd).transpose(1, 2).reshape(B, K, G * r, hd)  # (B, K, G·r, hd): a prompt's rows
+        s_pre = torch.matmul(qg, self.prefix_k[layer].to(q.dtype).transpose(-1, -2))  # (B, K, G·r, P)
+        s_pre = s_pre.view(B, K, G, r, P).transpose(1, 2).reshape(N, K, r, P)  # (N, K, r, P)
+        s_own = torch.matmul(q, self.k[layer].to(q.dtype).transpose(-1, -2))  # (N, K, r, W)
+        seen = torch.arange(W, device=q.device) <= slot  # (W,): written slots, this token's included
+        scores = torch.cat([s_pre.masked_fill(~self.prefix_mask, float("-inf")),
+                            s_own.masked_fill(~seen, float("-inf"))], dim=-1)  # (N, K, r, P + W)
+        probs = scores.softmax(dim=-1)
+        p_pre = probs[..., :P].reshape(B, G, K, r, P).transpose(1, 2).reshape(B, K, G * r, P)  # (B, K, G·r, P)
+        o_pre = torch.matmul(p_pre, self.prefix_v[layer].to(q.dtype)).view(B, K, G, r, hd).transpose(1, 2)  # (B, G, K, r, hd)
+        o = o_pre.reshape(N, K, r, hd) + torch.matmul(probs[..., P:], self.v[layer].to(q.dtype))  # (N, K, r, hd)
+        return o.reshape(N, H, 1, hd)
+
+
 # ----------------------------------------------------------------------------------------------- text decoder
 def mrope_cos_sin(position_ids: Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin (N, L, hd) for M-RoPE from position ids (3, N, L).
@@ -169,6 +256,9 @@ class Attention(nn.Module):
         N, L, _ = x.shape
         q, k, v = self.project(x, cos, sin)  # (N, H, L, hd), (N, K, L, hd) x 2
         own = (k, v)
+        if isinstance(cache, GroupedKVCache):  # one decode step of G rows per prompt, the prompt's keys kept once
+            o = cache.attend(layer, q, k, v.to(q.dtype), cache_position)  # (N, H, 1, hd)
+            return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
         if prefix_kv is not None:
