@@ -19,7 +19,8 @@ from emor3.models.qwen_vl import GroupedKVCache, KVCache
 STOPS = tuple(range(3, 13))
 
 
-def test_grouped_attention_matches_sdpa_over_copied_cache():
+@pytest.mark.parametrize("flash", [True, False])  # the CPU's two flash calls merged by lse; one softmax elsewhere
+def test_grouped_attention_matches_sdpa_over_copied_cache(flash):
     gen = torch.Generator().manual_seed(0)
     layers, B, G, K, H, P, W, hd = 2, 3, 4, 2, 4, 17, 9, 8
     N = B * G
@@ -33,7 +34,8 @@ def test_grouped_attention_matches_sdpa_over_copied_cache():
     cache.v[:, :, :, :t] = torch.randn(layers, N, K, t, hd, generator=gen)
     q = torch.randn(N, H, 1, hd, generator=gen)
     k, v = torch.randn(N, K, 1, hd, generator=gen), torch.randn(N, K, 1, hd, generator=gen)
-    out = cache.attend(1, q, k, v, torch.tensor([P + t]))  # (N, H, 1, hd)
+    # a step attends over the own slots written so far, this token's included: 0..t
+    out = cache.window(t + 1).attend(1, q, k, v, torch.tensor([P + t]), flash=flash)  # (N, H, 1, hd)
 
     full = cache.materialize(P + W)  # the rows' own copies, this token's k, v included (written by attend)
     assert torch.equal(full.k[1, :, :, P + t], k[:, :, 0]), "attend must write the token's keys at its slot"

@@ -585,8 +585,8 @@ def sample(
     window = S if compile else min(S, -(-(P + 1) // _EAGER_WINDOW) * _EAGER_WINDOW)
 
     def step_inputs():  # the cache and mask a decode step reads: the first `window` slots (views)
-        if grouped:  # the grouped cache holds its own masks
-            return gcache.window(window - P), None
+        if grouped:  # set per step below: the grouped cache's masks are its own
+            return None, None
         return (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
 
     step_cache, step_mask = step_inputs()
@@ -633,6 +633,8 @@ def sample(
             window = min(S, window + _EAGER_WINDOW)
             step_cache, step_mask = step_inputs()  # views, (R, window)
         u = None if greedy else (draws[t + 1].index_select(0, rows) if compacted else draws[t + 1])  # (R,)
+        if grouped:  # exactly the own slots written once token t is: 0..t (views), so no mask is needed
+            step_cache = gcache.window(t + 1)
         token, logprob = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u, **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)

@@ -122,17 +122,19 @@ class KVCache:
 @dataclass
 class GroupedKVCache:
     """Decode cache of N = B·G rows whose G consecutive rows continue one of B prompts, the prompt's keys and
-    values kept once: attention at one query per row reads each prompt's keys with one (G·H/K, hd) x (hd, P)
-    product per kv head (the "cascade" / shared-prefix decode of FlashInfer and Hydragen) instead of G copies of
-    them, then the row's own generated keys. The scores of both parts go through one softmax, so every row sees
-    the keys, values and mask of the full-cache decode; only the order of float sums differs from SDPA over the
-    copied cache (a non-exact, opt-in path: the sampler's ``shared_prefix_decode``).
+    values kept once (the "cascade" / shared-prefix decode of FlashInfer and Hydragen): at one query per row, the
+    G·H/K queries of a prompt's rows on one kv head attend over the prompt's keys together, then each row over its
+    own generated keys, and the two partial attentions are merged by their log-sum-exps (on the CPU: SDPA's flash
+    kernel, which returns them; elsewhere both parts' scores go through one softmax). Every row sees the keys,
+    values and mask of the full-cache decode; only the order of float sums differs from SDPA over the copied cache
+    (a non-exact, opt-in path: the sampler's ``shared_prefix_decode``).
 
-    Generated token t (0-based) is written at ``slot`` P + t of the full-cache numbering, i.e. row slot t here."""
+    Generated token t (0-based) is written at ``slot`` P + t of the full-cache numbering, i.e. own slot t here;
+    a step attends over the first W own slots, all of them written (the sampler narrows to W = t + 1)."""
 
     prefix_k: Tensor  # (layers, B, K, P, hd): the prompts' keys, written by the prefill
     prefix_v: Tensor  # (layers, B, K, P, hd)
-    prefix_mask: Tensor  # (N, 1, 1, P) bool: row n's prompt slots that are real tokens (left padding hidden)
+    prefix_mask: Tensor  # (B, 1, 1, P) float: 0 on the prompts' real tokens, -inf on left padding
     k: Tensor  # (layers, N, K, W, hd): the rows' generated keys (W slots, a prefix view of the full storage)
     v: Tensor  # (layers, N, K, W, hd)
 
@@ -154,10 +156,11 @@ class GroupedKVCache:
         """The B-row prefill ``cache`` (its first ``length`` slots hold the prompts, ``prompt_mask`` (B, length)
         marks their real tokens) as the prefix of B·G rows with room for ``new_tokens`` generated tokens each."""
         L, B, K, _, hd = cache.k.shape
-        N = B * group_size
-        own = (L, N, K, new_tokens, hd)
-        mask = prompt_mask.bool().repeat_interleave(group_size, dim=0)[:, None, None, :]  # (N, 1, 1, P)
-        return GroupedKVCache(cache.k[:, :, :, :length], cache.v[:, :, :, :length], mask,
+        own = (L, B * group_size, K, new_tokens, hd)
+        mask = torch.zeros(B, 1, 1, length, dtype=cache.k.dtype, device=cache.k.device)
+        mask = mask.masked_fill(~prompt_mask.bool()[:, None, None, :], float("-inf"))  # (B, 1, 1, P)
+        # the prompt slots copied out of the longer prefill cache once (B rows), contiguous for the kernels
+        return GroupedKVCache(cache.k[:, :, :, :length].contiguous(), cache.v[:, :, :, :length].contiguous(), mask,
                               cache.k.new_zeros(own), cache.v.new_zeros(own))
 
     def window(self, slots: int) -> "GroupedKVCache":
@@ -180,29 +183,41 @@ class GroupedKVCache:
             out.append(full)
         return KVCache(*out)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_position: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_position: Tensor, *,
+               flash: bool | None = None) -> Tensor:
         """Write one generated token's k, v (N, K, 1, hd) at full-cache slot ``cache_position`` (1,) and return the
-        attention output (N, H, 1, hd) of queries q (N, H, 1, hd) over the prompt's slots and the written ones."""
+        attention output (N, H, 1, hd) of queries q (N, H, 1, hd) over the prompt's slots and the W own ones.
+        ``flash``: merge two flash-kernel calls by log-sum-exp (CPU only; the default there) or one softmax over
+        matrix-product scores (the default elsewhere)."""
         N, H, L, hd = q.shape
         B, K, P = self.prefix_k.shape[1], self.prefix_k.shape[2], self.prefix_len
         assert L == 1 and N % B == 0, f"grouped decode takes one query per row of B = {B} groups, got {tuple(q.shape)}"
         G, r, W = N // B, H // K, self.k.shape[3]
-        slot = cache_position - P  # (1,) the row slot of this token
-        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
+        self.k[layer].index_copy_(2, cache_position - P, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, cache_position - P, v.to(self.v.dtype))
         # query head h reads kv head h // r (transformers' repeat_kv grouping), as SDPA's enable_gqa does
-        q = q.reshape(N, K, r, hd) * hd ** -0.5  # (N, K, r, hd), SDPA's default scale
+        q = q.reshape(N, K, r, hd)  # (N, K, r, hd)
         qg = q.view(B, G, K, r, hd).transpose(1, 2).reshape(B, K, G * r, hd)  # (B, K, G·r, hd): a prompt's rows
-        s_pre = torch.matmul(qg, self.prefix_k[layer].to(q.dtype).transpose(-1, -2))  # (B, K, G·r, P)
+        pk, pv = self.prefix_k[layer].to(q.dtype), self.prefix_v[layer].to(q.dtype)  # (B, K, P, hd)
+        ok, ov = self.k[layer].to(q.dtype), self.v[layer].to(q.dtype)  # (N, K, W, hd)
+        if flash if flash is not None else q.device.type == "cpu":
+            kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # what SDPA runs here, plus the lse
+            o_pre, lse_pre = kernel(qg, pk, pv, attn_mask=self.prefix_mask.to(q.dtype))  # (B,K,G·r,hd), (B,K,G·r)
+            o_own, lse_own = kernel(q, ok, ov)  # (N, K, r, hd), (N, K, r): every own slot is written
+            o_pre = o_pre.view(B, K, G, r, hd).transpose(1, 2).reshape(N, K, r, hd)
+            lse_pre = lse_pre.view(B, K, G, r).transpose(1, 2).reshape(N, K, r)
+            top = torch.maximum(lse_pre, lse_own)  # (N, K, r), finite: the own slot is always seen
+            w_pre, w_own = (lse_pre - top).exp(), (lse_own - top).exp()  # each part's share of the normaliser
+            o = (o_pre * w_pre[..., None] + o_own * w_own[..., None]) / (w_pre + w_own)[..., None]
+            return o.to(q.dtype).reshape(N, H, 1, hd)
+        scale = hd ** -0.5  # SDPA's default
+        s_pre = torch.matmul(qg * scale, pk.transpose(-1, -2)) + self.prefix_mask.to(q.dtype)  # (B, K, G·r, P)
         s_pre = s_pre.view(B, K, G, r, P).transpose(1, 2).reshape(N, K, r, P)  # (N, K, r, P)
-        s_own = torch.matmul(q, self.k[layer].to(q.dtype).transpose(-1, -2))  # (N, K, r, W)
-        seen = torch.arange(W, device=q.device) <= slot  # (W,): written slots, this token's included
-        scores = torch.cat([s_pre.masked_fill(~self.prefix_mask, float("-inf")),
-                            s_own.masked_fill(~seen, float("-inf"))], dim=-1)  # (N, K, r, P + W)
+        scores = torch.cat([s_pre, torch.matmul(q * scale, ok.transpose(-1, -2))], dim=-1)  # (N, K, r, P + W)
         probs = scores.softmax(dim=-1)
         p_pre = probs[..., :P].reshape(B, G, K, r, P).transpose(1, 2).reshape(B, K, G * r, P)  # (B, K, G·r, P)
-        o_pre = torch.matmul(p_pre, self.prefix_v[layer].to(q.dtype)).view(B, K, G, r, hd).transpose(1, 2)  # (B, G, K, r, hd)
-        o = o_pre.reshape(N, K, r, hd) + torch.matmul(probs[..., P:], self.v[layer].to(q.dtype))  # (N, K, r, hd)
+        o_pre = torch.matmul(p_pre, pv).view(B, K, G, r, hd).transpose(1, 2)  # (B, G, K, r, hd)
+        o = o_pre.reshape(N, K, r, hd) + torch.matmul(probs[..., P:], ov)  # (N, K, r, hd)
         return o.reshape(N, H, 1, hd)
 
 
