@@ -147,3 +147,26 @@ def test_top_p_values_path_runs_and_steps_aside_on_a_tie_at_the_cut():
     tie[0, 3] = tie[0, 6] = 5.0
     assert sampler._top_p_by_values(tie, 0.3) is None, "a tie across the cut must go to the index sort"
     assert torch.equal(apply_top_p(tie, 0.3), sampler._top_p_by_sort(tie, 0.3))
+
+
+@pytest.mark.parametrize("layout", ["grouped", "shuffled", "uneven"])
+def test_prompt_rows_backward_equals_index_select_backward(layout):
+    """The prompt-to-rows gather of shared-prefix scoring: the same forward and the same gradient bits as
+    index_select's autograd (zeros.index_add_), for the GRPO layout (running sums) and any other (fallback)."""
+    from emor3.models.qwen_vl import _PromptRows
+
+    B, G = 4, 8
+    index = {"grouped": torch.arange(B).repeat_interleave(G), "shuffled": torch.randperm(B * G) % B,
+             "uneven": torch.tensor([0, 0, 1, 2, 2, 2, 3])}[layout]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 2, 5, 3, generator=gen).transpose(2, 3)  # strided, as the projected keys are
+    grad = torch.randn(index.shape[0], 2, 3, 5, generator=gen) * 1e3
+    grad[0, 0, 0, :2] = -0.0  # a negative zero must come back as +0.0, as index_add_ into zeros gives
+    grads = []
+    for fn in (lambda t: t.index_select(0, index), lambda t: _PromptRows.apply(t, index)):
+        xi = x.detach().clone().requires_grad_(True)
+        y = fn(xi)
+        y.backward(grad)
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]), "forward differs from index_select"
+    assert torch.equal(grads[0][1], grads[1][1]), f"{layout}: gradient bits differ from index_select's backward"

@@ -332,8 +332,8 @@ class DecoderLayer(nn.Module):
             return self._block(x, cos, sin, mask, layer, cache, cache_position)
         xp, cos_p, sin_p, mask_p, index = prefix
         xp, (k, v) = self._block(xp, cos_p, sin_p, mask_p, layer, None, None, return_kv=True)  # k, v (B, K, P, hd)
-        # each prompt's keys go to all of its rows; autograd sums their gradients back onto the prompt
-        kv = (k.index_select(0, index), v.index_select(0, index))  # (N, K, P, hd) each
+        # each prompt's keys go to all of its rows; the backward sums their gradients back onto the prompt
+        kv = (_PromptRows.apply(k, index), _PromptRows.apply(v, index))  # (N, K, P, hd) each
         return self._block(x, cos, sin, mask, layer, None, None, prefix_kv=kv), xp
 
     def _block(self, x, cos, sin, mask, layer, cache, cache_position, *, prefix_kv=None, return_kv=False):
@@ -343,6 +343,34 @@ class DecoderLayer(nn.Module):
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return (x, kv) if return_kv else x
+
+
+class _PromptRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` (row n of the result is prompt ``index[n]``'s row of x (B, ...)), whose backward
+    is ``index_select``'s, ``zeros.index_add_(0, index, grad)``, computed as running sums when the rows are the
+    usual GRPO layout (G consecutive rows per prompt, prompts in order): the same additions in the same order
+    (0 + g_0 + g_1 + ... + g_{G-1}), hence the same bits, without the scatter kernel, which is slow on the CPU for
+    these strided gradients."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        B, N = ctx.rows, grad.shape[0]
+        G = N // B if B else 0
+        grouped = G * B == N and G > 0 and torch.equal(index, torch.arange(B, device=index.device).repeat_interleave(G))
+        if not grouped:
+            return grad.new_zeros((B, *grad.shape[1:])).index_add_(0, index, grad), None
+        g = grad.view(B, G, *grad.shape[1:])  # (B, G, ...): prompt b's rows
+        out = g[:, 0] + 0.0  # 0 + g_0, as index_add_ into zeros (-0.0 becomes +0.0 there too)
+        for j in range(1, G):
+            out += g[:, j]
+        return out, None
 
 
 class TextModel(nn.Module):
