@@ -15,7 +15,7 @@ exact (an opt-in setting passed with ``--new-args``) is expected to differ and i
 
     .venv/bin/python benchmarks/bench_step_ab.py --baseline-commit 3806520 --steps 12 --threads 1 \\
         --model /tmp/emor3_profile_step/run/sft --json benchmarks/profile_runs/ab-1thread.json
-    ... --new-args "--model.decode-attention bmm"   # config flags for the current tree's side only
+    ... --new-args "--grpo.shared-prefix-decode true"   # config flags for the current tree's side only
 
 Shape legend: B prompts (16), G samples per prompt (8), N = B·G rows (128), T completion length (<= 80).
 """
