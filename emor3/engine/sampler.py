@@ -519,11 +519,11 @@ def sample(
     ``suffix``: prompts that share a prefix (a ``PromptSuffix``, point 8 of the module docstring): ``batch`` then
     holds the prefixes, the prompts are the suffix's rows (prefix ``suffix.prefix_index[r]`` + row r's own tokens),
     and row n of the rollout samples suffix row ``n // group_size``.
-    ``shared_prefix_decode``: keep each prompt's cache once and let its G rows read it as one matrix product per
-    kv head (``emor3.models.qwen_vl.GroupedKVCache``) instead of copying it to the G rows; eager decoding of a
-    Qwen-VL model with G > 1 only, until the first compaction (which copies it out). Not bit-exact: the attention
-    sums run in another order than SDPA's, so a token whose sampling boundary lies within float rounding of u can
-    differ (off by default).
+    ``shared_prefix_decode``: keep each prompt's cache once and let its G rows attend over it together, merged
+    with each row's own keys by log-sum-exp (``emor3.models.qwen_vl.GroupedKVCache``), instead of copying it to
+    the G rows; eager decoding of a Qwen-VL model with G > 1 only, until the first compaction (which copies it
+    out). Not bit-exact: the attention sums run in another order than SDPA's, so a token whose sampling boundary
+    lies within float rounding of u can differ (off by default).
     """
     # --- validate -------------------------------------------------------------------------------------------------
     if group_size < 1 or max_new_tokens < 1 or check_every < 1:
