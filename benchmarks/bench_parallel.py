@@ -79,6 +79,8 @@ def run(kind: str, args, work: Path) -> dict:
         cmd = [torchrun, "--standalone", "--nproc-per-node", "2", *me, "--threads", "1"]
         threads = 1
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    if args.omp_wait_policy:  # OpenMP threads that spin (ACTIVE) or sleep (PASSIVE) between parallel regions
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     wall = time.perf_counter() - t0
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--model", default="/tmp/emor3_profile_step/run/sft")
     ap.add_argument("--data-cache", default="", help="EmoScenes cache (default: beside --model's run folder)")
     ap.add_argument("--work", default="/tmp/emor3_bench_parallel")
+    ap.add_argument("--omp-wait-policy", default="", choices=["", "ACTIVE", "PASSIVE"],
+                    help="OMP_WAIT_POLICY for both configurations (default: the OpenMP runtime's own)")
     ap.add_argument("--json", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -135,6 +139,7 @@ def main() -> None:
            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip(),
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "load_before": load_before,
+           "omp_wait_policy": args.omp_wait_policy or "runtime default",
            "load_after": os.getloadavg(), "summary": summary, "step_ratio_1x2_over_2x1": ratio, "runs": res}
     print(json.dumps({k: out[k] for k in ("summary", "step_ratio_1x2_over_2x1", "load_before", "load_after")},
                      indent=1))
