@@ -88,6 +88,15 @@ def validate(args: argparse.Namespace) -> int:
 
 def emoscenes(args: argparse.Namespace) -> int:
     from emor3.data.emoscenes import write_emoscenes
+    from emor3.data.emoscenes_clips import write_emoscenes_clips
+    if args.variant == "clips":
+        paths = write_emoscenes_clips(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
+                                      n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
+                                      n_coldstart=args.n_coldstart, overwrite=args.overwrite)
+        for split, p in paths.items():
+            print(f"{split}: {p}")
+        print(f"check with: python -m emor3.data validate {args.out_dir}")
+        return 0
     paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                             n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
                             n_coldstart=args.n_coldstart, overwrite=args.overwrite, variant=args.variant)
@@ -168,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--variant", choices=VARIANTS, default="default",
-                   help="default, or shortcut: a badge whose colour gives the label in train/test only, drawn "
-                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes)")
+                   help="default; shortcut: a badge whose colour gives the label in train/test only, drawn "
+                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes); "
+                        "clips: 4-8 frame clips whose label needs the change over time, plus the single-frame "
+                        "controls test_first and test_last (emor3.data.emoscenes_clips)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 

@@ -384,6 +384,26 @@ def _draw_object(d: ImageDraw.ImageDraw, obj: str, x: float, y: float, r: float,
         raise ValueError(f"unknown object {obj!r}; known: {OBJECTS}")
 
 
+def jittered_palette(style: RenderStyle, rng: random.Random) -> dict:
+    """The colours of one scene in ``style``, each jittered by rng as `render_scene` jitters them (for renderers
+    that compose their own frames from the cue drawings: `emor3.data.emoscenes_clips`)."""
+    return {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
+
+
+def draw_cue(d: ImageDraw.ImageDraw, kind: str, value: str, x: float, y: float, r: float, S: int, pal: dict,
+             rng: random.Random) -> None:
+    """Draw one cue's element as `render_scene` does: kind "sky" (the sun, storm, dusk sun or moon at x, y; rng
+    places the stars), "face" or "object" (centred at x, y, radius r)."""
+    if kind == "sky":
+        _draw_sky(d, value, x, y, S, pal, rng)
+    elif kind == "face":
+        _draw_face(d, value, x, y, r, S, pal)
+    elif kind == "object":
+        _draw_object(d, value, x, y, r, S, pal)
+    else:
+        raise ValueError(f"unknown cue kind {kind!r}; known: {tuple(CUE_VALUES)}")
+
+
 @dataclass(frozen=True)
 class SceneImage:
     """An EmoScenes image drawn on demand (an `ImageSource`): the same fields always give the same pixels."""

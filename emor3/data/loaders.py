@@ -9,6 +9,10 @@ EmoSet, Emotion6 and WebEmo.
   there). EasyR1-style rows are accepted too: {"images": ["a.jpg"], "problem": "...", "answer": "awe"} (one image
   per row; `answer` may be wrapped in \\boxed{}; `problem`, its `<image>` markers removed, becomes the
   sample's `question`, as does a `question` key in our rows: the user's own question wording).
+  A clip row names its clip instead of an image: {"frames": ["f/0.png", "f/1.png", ...], "fps": 2, "label": ...}
+  or {"video": "clips/0001.gif", ...} (a folder of frames, an animated GIF / WebP, or a video file read through
+  PyAV); its sample's `image` is then a `ClipFiles` (`emor3.data.clip_source`). Its files must exist; verify="full"
+  decodes it.
 - a folder with `train.json` / `val.json` / `test.json` next to `image/` and `annotation/` folders, or one of those
   split files itself: EmoSet (Yang et al., ICCV 2023, github.com/JingyuanYY/EmoSet README): each split file is a
   JSON list of `[emotion, image_id, image_path, annotation_path]` (paths relative to the root); the 3-element
@@ -56,6 +60,7 @@ from emor3.data.dataset import (
     BadSampleError, BadSampleHandler, BytesImage, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
     write_atomic,
 )
+from emor3.data.clip_source import ClipFiles
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -134,6 +139,9 @@ def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
     budget = ImageBudget.from_kw(dataset_kw)
 
     def check(r: _Row) -> None:
+        if isinstance(r.image, ClipFiles):
+            _check_clip(r, verify)
+            return
         if not isinstance(r.image, Path):
             return
         try:
@@ -143,6 +151,20 @@ def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
                 raise
             raise BadSampleError(e.reason, e.problem, file=r.file, sample_id=r.id, row=r.row) from None
     return check
+
+
+def _check_clip(r: _Row, verify: str) -> None:
+    """A clip row's files exist (every frame, or the clip path); with verify="full" the clip also decodes."""
+    missing = r.image.missing()
+    if missing:
+        raise BadSampleError(MISSING_FILE, f"clip file {missing[0]} does not exist ({len(missing)} missing)",
+                             file=r.file, line=r.line, sample_id=r.id)
+    if verify == "full":
+        try:
+            r.image.open_clip()
+        except (ValueError, OSError, ImportError) as e:
+            raise BadSampleError(UNREADABLE_IMAGE, f"the clip does not decode ({e})", file=r.file, line=r.line,
+                                 sample_id=r.id) from None
 
 
 def decode_text(data: bytes, file: Path, line: int | None = None) -> str:
@@ -207,6 +229,10 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
             m = _BOXED.search(label)
             label = m.group(1) if m else label
         question = obj.pop("problem", obj.pop("question", None))
+    elif ("frames" in obj or "video" in obj) and "image" not in obj:  # a clip: frame files, or one clip path
+        image = _clip_files(obj.pop("frames", None), obj.pop("video", None), obj.pop("fps", None), base, bad, sid)
+        label = obj.pop("label", None)
+        question = obj.pop("question", None)
     else:
         image = obj.pop("image", None)
         label = obj.pop("label", None)
@@ -215,6 +241,12 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
         if not isinstance(question, str):
             raise bad(f"'question' / 'problem' must be a string, got {type(question).__name__}", sid)
         question = _IMAGE_MARKER.sub(" ", question).strip() or None
+    if isinstance(image, ClipFiles):
+        if not isinstance(label, str) or not label.strip():
+            raise bad("missing 'label', or it is not a string", sid)
+        if sid is None:
+            sid = Path(obj.get("video") or (image.path or image.frames[0].parent)).as_posix()
+        return _Row(sid, image, label, obj.pop("taxonomy", None), obj, line, file, question)
     if isinstance(image, dict):
         image = image.get("path")
     if not isinstance(image, str) or not image:
@@ -227,6 +259,23 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
     if sid is None:
         sid = Path(image).as_posix()
     return _Row(sid, path, label, tax, obj, line, file, question)
+
+
+def _clip_files(frames: Any, video: Any, fps: Any, base: Path, bad, sid) -> ClipFiles:
+    """A manifest row's clip: `frames` (a list of frame files) or `video` (a folder of frames, a GIF / WebP or a
+    video file), paths relative to the manifest's folder, and an optional `fps` (required in practice for frames)."""
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise bad(f"'fps' must be a positive number, got {fps!r}", sid)
+    at = lambda p: Path(p) if Path(p).is_absolute() else base / p  # noqa: E731
+    if frames is not None:
+        if video is not None:
+            raise bad("a clip row has either 'frames' or 'video', not both", sid)
+        if not isinstance(frames, list) or not frames or not all(isinstance(f, str) and f for f in frames):
+            raise bad("'frames' must be a non-empty list of frame file paths", sid)
+        return ClipFiles(tuple(at(f) for f in frames), None, None if fps is None else float(fps))
+    if not isinstance(video, str) or not video:
+        raise bad("'video' must be a path (a folder of frames, a GIF / WebP or a video file)", sid)
+    return ClipFiles((), at(video), None if fps is None else float(fps))
 
 
 def load_manifest(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
