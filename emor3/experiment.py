@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -51,6 +52,8 @@ from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG
 from emor3.data.emoscenes import (CUE_QUESTIONS, DESCRIBE_QUESTION, SPLITS, corpus_texts, eval_split_names,
                                   load_emoscenes)
+from emor3.data.emoscenes_clips import eval_split_names as clip_eval_split_names
+from emor3.data.emoscenes_clips import load_emoscenes_clips, split_domain as clip_split_domain
 from emor3.engine.prompts import drop_overlong_prompts, sample_prompt, set_prompt
 from emor3.models import Processor, load_pretrained, save_pretrained
 from emor3.folders import LOCK_NAME, RunFolderError, UsageError, folder_holder, lock_folder, not_a_folder
@@ -175,20 +178,23 @@ def build_data(cfg: Config):
         cold = train.subset(with_response[: d.cold_start]) if with_response and d.cold_start > 0 else None
         evals = []
     else:
-        splits = load_emoscenes(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
-                                n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
-                                n_coldstart=d.cold_start, variant=d.emoscenes_variant, on_bad_sample=d.on_bad_sample)
+        clips = d.emoscenes_variant == "clips"  # the clip benchmark (emor3.data.emoscenes_clips)
+        load = load_emoscenes_clips if clips else functools.partial(load_emoscenes, variant=d.emoscenes_variant)
+        splits = load(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
+                      n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
+                      n_coldstart=d.cold_start, on_bad_sample=d.on_bad_sample)
         train = splits["train"]
         cold = splits.get("coldstart")
         # the sets asked for: EmoScenes' splits by name, else --data.emoscenes-eval's unless sets of the user's
         # are given
-        names = asked_splits or ([] if asked_files else eval_split_names(d.emoscenes_eval, d.emoscenes_variant))
+        names = asked_splits or ([] if asked_files else clip_eval_split_names(d.emoscenes_eval) if clips else
+                                 eval_split_names(d.emoscenes_eval, d.emoscenes_variant))
         missing = [n for n in asked_splits if n not in splits]
         if missing:
             raise UsageError(f"--data.eval {','.join(missing)}: not built in this run (a size of 0, or a split of "
                              "another --data.emoscenes-variant)")
-        evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS
-                 if name in names and name in splits]
+        evals = [EvalSet(name, splits[name], clip_split_domain(name) if clips else SPLITS[name].domain)
+                 for name in SPLITS if name in names and name in splits]
     for spec in asked_files:
         name, path, taxonomy, domain = _parse_eval_spec(spec)
         evals.append(EvalSet(name, load_dataset(path, taxonomy, d.on_bad_sample, **budget), domain))
@@ -259,6 +265,9 @@ def build_experiment(cfg: Config, out: Path) -> Experiment:
                  if getattr(s, "question", None)]
     model, source = build_model(cfg, out, device, list(taxonomies.values()), questions)
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    m = cfg.model
+    processor.set_clip_budget(fps=m.video_fps or None, max_frames=m.video_max_frames, min_pixels=m.min_pixels,
+                              max_pixels=m.video_max_pixels or m.max_pixels)
     if cfg.data.max_prompt_length:  # overlong prompts are bad samples, found now, before anything trains
         limit = lambda ds: drop_overlong_prompts(ds, processor, taxonomies, cfg.data.max_prompt_length,  # noqa: E731
                                                  cfg.data.on_bad_sample)

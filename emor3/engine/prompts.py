@@ -17,7 +17,8 @@ Choices made here (the paper is silent on them; docs/method.md, "Where the paper
    `\\boxed{}` of the instruction needs no brace escaping. `load_template(path)` reads one from a file.
 
 `encode_samples` turns dataset samples (each naming its taxonomy) and their images into the SET prompts'
-``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it.
+``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it. A clip sample (its
+visual a `Clip`) gets a video part and the same question about the video (`DEFAULT_VIDEO_QUESTION`).
 `drop_overlong_prompts` finds, when the data is loaded, the samples whose SET prompt would exceed
 ``--data.max-prompt-length`` (the authors' release filters overlong prompts the same way, at load time): a bad
 sample each, never a cropped prompt. The parser of
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from emor3.data.dataset import PROMPT_TOO_LONG, BadSampleError, BadSampleHandler, EmotionDataset
+from emor3.models.clips import Clip
 from emor3.models.processing import PromptBatch
 
 SET_INSTRUCTION = (
@@ -50,6 +52,10 @@ DEFAULT_QUESTION = "Which emotion does this image evoke? Choose one of the follo
 QUESTION_JOIN = "\n\n"  # between the question and the SET instruction, as the release's template
 
 DEFAULT_TEMPLATE = DEFAULT_QUESTION + QUESTION_JOIN + SET_INSTRUCTION
+
+# a clip's prompt: the same question about the video (the SET instruction already speaks of "the scene")
+DEFAULT_VIDEO_QUESTION = "Which emotion does this video evoke? Choose one of the following emotions: {labels}."
+DEFAULT_VIDEO_TEMPLATE = DEFAULT_VIDEO_QUESTION + QUESTION_JOIN + SET_INSTRUCTION
 
 LABELS_PLACEHOLDER = "{labels}"
 
@@ -85,10 +91,14 @@ def set_prompt(labels: Any, template: str | None = None, question: str | None = 
     return template.replace(LABELS_PLACEHOLDER, ", ".join(_label_list(labels)))
 
 
-def build_set_messages(labels: Any, template: str | None = None, question: str | None = None) -> list[dict]:
-    """Chat messages for one sample, as `Processor.encode_prompts` takes them: the image first, then the text."""
+def build_set_messages(labels: Any, template: str | None = None, question: str | None = None, *,
+                       video: bool = False) -> list[dict]:
+    """Chat messages for one sample, as `Processor.encode_prompts` takes them: the image (with ``video``, the clip)
+    first, then the text. A clip without a template of the caller's asks `DEFAULT_VIDEO_QUESTION`."""
+    if video and template is None:
+        template = DEFAULT_VIDEO_TEMPLATE
     text = set_prompt(labels, template, question)
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [{"type": "video" if video else "image"}, {"type": "text", "text": text}]}]
 
 
 def sample_prompt(sample, taxonomies: dict, template: str | None = None) -> str:
@@ -111,8 +121,10 @@ def load_template(path: str | Path) -> str:
 
 def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: dict, template: str | None = None) -> PromptBatch:
     """SET prompts for ``samples`` (each with ``.taxonomy`` naming an entry of ``taxonomies``) and their images (one
-    PIL image per sample) as a PromptBatch; a sample's own question (``Sample.question``) is honoured."""
-    messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None)) for s in samples]
+    PIL image or `Clip` per sample, as ``EmotionDataset.image`` returns them; a batch may mix both) as a
+    PromptBatch; a sample's own question (``Sample.question``) is honoured."""
+    messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None),
+                                   video=isinstance(im, Clip)) for s, im in zip(samples, images)]
     return processor.encode_prompts(messages, [[im] for im in images])
 
 
@@ -138,7 +150,18 @@ def drop_overlong_prompts(dataset: EmotionDataset, processor, taxonomies: dict, 
     handle = BadSampleHandler(on_bad_sample, dataset.report)
     messages = {}  # the SET messages depend on the taxonomy and the sample's own question only
     keep = []
-    for s in dataset.samples:
+    for i, s in enumerate(dataset.samples):
+        if getattr(s, "is_clip", False):  # a clip's token count depends on its frames: encode its prompt
+            clip = dataset.image(i)
+            msgs = build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None), video=True)
+            n = int(processor.encode_prompts([msgs], [[clip]]).attention_mask.sum())
+            if n <= max_prompt_length:
+                keep.append(s)
+            else:
+                handle(BadSampleError(PROMPT_TOO_LONG, f"its prompt has {n} tokens with the clip's "
+                                      f"{clip.num_frames} frames, over --data.max-prompt-length {max_prompt_length}",
+                                      file=dataset.report.source, sample_id=s.id))
+            continue
         key = (s.taxonomy, getattr(s, "question", None))
         if key not in messages:
             messages[key] = build_set_messages(taxonomies[s.taxonomy], template, key[1])

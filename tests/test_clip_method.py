@@ -1,0 +1,124 @@
+"""The method over clips: SET prompts with a video part, prompt batches that keep clips with their prompts, the
+sampler, scoring and the RER judge's shared prefixes over clips, and a tiny GRPO run on EmoScenes clips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from emor3.data.emoscenes_clips import make_clip_split
+from emor3.data.taxonomy import MIKELS8
+from emor3.engine.prompts import DEFAULT_VIDEO_QUESTION, build_set_messages, encode_samples
+from emor3.engine.sampler import sample
+from emor3.engine.scoring import completion_logprobs, concat_prompt_batches, prompt_slice
+from emor3.models import Processor, load_pretrained
+from emor3.models.tiny import build_tiny_checkpoint
+from emor3.rewards.reflection import ModelJudge, consistency_request, split_shared_prefixes
+from tests.test_train import plugin, tiny_config  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_tiny_checkpoint(path, ["a smiling face under a sunny sky", "awe, fear, sadness"] * 20, name="tiny", seed=0)
+    proc = Processor.from_pretrained(path, min_pixels=112 * 112, max_pixels=112 * 112)
+    proc.set_clip_budget(fps=2.0, max_frames=8, min_pixels=112 * 112, max_pixels=112 * 112)
+    return load_pretrained(path).eval(), proc
+
+
+def _mixed(proc, n_clips=2):
+    """Prompts of 2 clips (4 and 6 frames... as drawn) and 1 image, in that order."""
+    clips = make_clip_split("test", n_clips, seed=0)
+    image = Image.new("RGB", (112, 112), (200, 40, 40))
+    visuals = [s.image.open_clip() for s in clips] + [image]
+    samples = clips + [clips[0]]
+    return samples, visuals, encode_samples(proc, samples, visuals, {"mikels8": MIKELS8})
+
+
+def test_set_prompt_of_a_clip_has_a_video_part_and_asks_about_the_video(tiny):
+    _, proc = tiny
+    msgs = build_set_messages(MIKELS8, video=True)
+    assert msgs[0]["content"][0] == {"type": "video"}
+    assert msgs[0]["content"][1]["text"].startswith(DEFAULT_VIDEO_QUESTION.replace("{labels}", ", ".join(MIKELS8.labels)))
+    samples, visuals, batch = _mixed(proc)
+    assert batch.num_videos == [1, 1, 0] and batch.num_images == [0, 0, 1]
+    per_clip = [v.num_frames // 2 * 16 for v in visuals[:2]]  # 112 px frames: 4x4 merged tokens per temporal patch
+    assert (batch.input_ids == proc.video_token_id).sum(1).tolist() == per_clip + [0]
+    assert (batch.input_ids == proc.image_token_id).sum(1).tolist() == [0, 0, 16]
+    assert batch.video_grid_thw.tolist() == [[v.num_frames // 2, 8, 8] for v in visuals[:2]]
+
+
+def test_prompt_slice_and_concat_keep_each_clip_with_its_prompt(tiny):
+    _, proc = tiny
+    _, _, batch = _mixed(proc, n_clips=3)  # clips 0-2, image 3
+    part = prompt_slice(batch, torch.tensor([2, 0]))
+    one = [prompt_slice(batch, torch.tensor([i])) for i in (2, 0)]
+    assert part.num_videos == [1, 1] and part.pixel_values is None, "no image among the kept prompts"
+    assert torch.equal(part.pixel_values_videos, torch.cat([o.pixel_values_videos for o in one]))
+    assert torch.equal(part.video_grid_thw, torch.cat([o.video_grid_thw for o in one]))
+    back = concat_prompt_batches([prompt_slice(batch, torch.tensor([i])) for i in range(4)], proc.pad_token_id)
+    for name in ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                 "video_grid_thw", "second_per_grid_ts"):
+        assert torch.equal(getattr(back, name), getattr(batch, name)), f"{name} changed by slice + concat"
+    assert back.num_videos == batch.num_videos and back.num_images == batch.num_images
+
+
+def test_sampler_and_teacher_forcing_agree_on_clip_prompts(tiny):
+    # the sampler's log-probs of its own completions equal teacher-forced scoring, shared prefix or not: the clip
+    # reaches the prefill and both scoring paths the same way
+    model, proc = tiny
+    _, _, batch = _mixed(proc)
+    roll = sample(model, batch, group_size=2, max_new_tokens=6, temperature=1.0, stop_token_ids=proc.stop_token_ids,
+                  banned_token_ids=proc.banned_token_ids, generator=0, tokenizer=proc)
+    with torch.no_grad():
+        for shared in (False, True):
+            lp = completion_logprobs(model, batch, roll.prompt_index, roll.completion_ids, roll.completion_mask,
+                                     shared_prefix=shared)
+            m = roll.completion_mask.bool()
+            torch.testing.assert_close(lp[m], roll.logprobs[m], atol=1e-4, rtol=0,
+                                       msg=f"sampler vs teacher forcing (shared_prefix={shared})")
+    # a clip's pixels matter: scoring the same completions after another clip changes the log-probs
+    other = batch.pixel_values_videos.flip(0)
+    swapped = prompt_slice(batch, torch.arange(3))
+    swapped.pixel_values_videos = other
+    with torch.no_grad():
+        lp2 = completion_logprobs(model, swapped, roll.prompt_index, roll.completion_ids, roll.completion_mask)
+    assert not torch.allclose(lp2[roll.prompt_index < 2], lp[roll.prompt_index < 2])
+
+
+def test_judge_shares_each_clip_once_per_group_and_matches_the_unshared_path(tiny):
+    model, proc = tiny
+    clips = [s.image.open_clip() for s in make_clip_split("test", 2, seed=0)]
+    reqs = [consistency_request(t, clips[i]) for i in (0, 1) for t in ("A smiling face.", "A spider at night.")]
+    assert reqs[0].messages[0]["content"][0] == {"type": "video"}
+    assert "describe the video" in reqs[0].messages[0]["content"][1]["text"]
+    batch = proc.encode_prompts([r.messages for r in reqs], [[r.image] for r in reqs])
+    prefixes, suffix = split_shared_prefixes(batch, [r.image for r in reqs], proc.image_token_id,
+                                             proc.video_token_id)
+    assert prefixes.num_videos == [1, 1] and prefixes.video_grid_thw.shape[0] == 2, "one clip per group"
+    assert suffix.prefix_index.tolist() == [0, 0, 1, 1]
+    shared = ModelJudge(model, proc, share_prefix=True).choice_logprobs(reqs, [["Yes", "No"]] * 4)
+    whole = ModelJudge(model, proc, share_prefix=False).choice_logprobs(reqs, [["Yes", "No"]] * 4)
+    for a, b in zip(shared, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_grpo_trains_on_emoscenes_clips_end_to_end(tmp_path, plugin):  # noqa: F811
+    from emor3.grpo.train import train
+    cfg = tiny_config(tmp_path, data={"emoscenes_variant": "clips"}, reward={"plugins": [plugin]},
+                      model={"video_max_frames": 8})
+    train(cfg)
+    out = Path(cfg.run.out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["grad_norm"] > 0 and r["logp_gap"] < 1e-4 for r in rows), rows
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["id"].startswith("emoscenes-clips-train-") for s in samples)
+    assert all("[" in s["image"] and "frames]" in s["image"] for s in samples), "records name the clip's frames"
+    # RER is on (a tiny model after 2 SFT steps writes no step 1 yet, so the missing-step rule scores it; the judge
+    # over clips is pinned by the test above)
+    assert all("reward/consistency" in r and "reward/coherence" in r for r in rows)
+    table = (out / "results.md").read_text()
+    assert all(name in table for name in ("test^I", "compositional", "ood_render", "ood_unseen")), table
