@@ -122,3 +122,19 @@ def test_grpo_trains_on_emoscenes_clips_end_to_end(tmp_path, plugin):  # noqa: F
     assert all("reward/consistency" in r and "reward/coherence" in r for r in rows)
     table = (out / "results.md").read_text()
     assert all(name in table for name in ("test^I", "compositional", "ood_render", "ood_unseen")), table
+
+
+def test_predict_over_clips(tmp_path, tiny, capsys):
+    from emor3.predict import main
+    path = tmp_path / "model"
+    build_tiny_checkpoint(path, ["a smiling face under a sunny sky", "awe, fear, sadness"] * 20, name="tiny", seed=0)
+    frames = make_clip_split("test", 1, seed=0)[0].image.frames()
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    (tmp_path / "frames").mkdir()
+    for k, f in enumerate(frames):
+        f.save(tmp_path / "frames" / f"{k}.png")
+    rc = main(["--model", str(path), "--clips", "--fps", "2", "--json", "--max-new-tokens", "4", "--reflect",
+               str(tmp_path / "clip.gif"), str(tmp_path / "frames"), str(tmp_path / "gone.gif")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rc == 1 and [r["image"] for r in rows] == [str(tmp_path / n) for n in ("clip.gif", "frames", "gone.gif")]
+    assert all("completion" in r and "consistency" in r for r in rows[:2]) and "error" in rows[2]
