@@ -138,3 +138,37 @@ def test_predict_over_clips(tmp_path, tiny, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rc == 1 and [r["image"] for r in rows] == [str(tmp_path / n) for n in ("clip.gif", "frames", "gone.gif")]
     assert all("completion" in r and "consistency" in r for r in rows[:2]) and "error" in rows[2]
+
+
+def test_dfew_and_mafw_load_as_clip_samples_through_load_dataset(tmp_path):
+    from emor3.data.loaders import holds_clips, load_dataset
+    from tests.test_video_loaders import build_dfew, build_mafw
+    root = build_dfew(tmp_path / "DFEW")
+    test = load_dataset(f"{root}@test1")
+    assert [s.id for s in test] == ["00005", "00010"] and test.taxonomy.name == "dfew7"
+    assert all(s.is_clip for s in test) and [s.label for s in test] == ["surprise", "neutral"]
+    assert test.taxonomy.canonical("Happiness") == "happy" and test.taxonomy.valence["fear"] == "negative"
+    assert load_dataset(root, split="train3").report.loaded == 11  # fold 3 tests on clips 2, 7, 12
+    with pytest.raises(ValueError, match=r"DFEW root needs a split and fold, @train1"):
+        load_dataset(root)
+    mafw = load_dataset(f"{build_mafw(tmp_path / 'MAFW')}@train2", verify="exists")
+    assert mafw.taxonomy.name == "mafw11" and len(mafw) == 11 and mafw[0].image.path.suffix == ".mp4"
+    assert holds_clips(f"{root}@train1") is True and holds_clips(tmp_path / "nowhere") is None
+
+
+def test_memory_plan_counts_the_clip_tokens():
+    # 3B shapes: a 16-frame clip at 448x448 per frame is 8 temporal patches of 32x32 patches = 8192 patches, 2048
+    # merged tokens; 8 frames half that
+    from emor3.config import config_from_dict
+    from emor3.memory import PROMPT_TEXT_TOKENS, plan_from_config
+    from emor3.models.tiny import tiny_config
+    model_cfg = tiny_config("qwen2.5-vl-3b")
+    for frames, patches in ((16, 8192), (8, 4096)):
+        cfg = config_from_dict({"data": {"emoscenes_variant": "clips"},
+                                "model": {"video_max_frames": frames, "video_max_pixels": 448 * 448,
+                                          "max_pixels": 112 * 112}})
+        plan = plan_from_config(cfg, model_cfg, 1)
+        assert (plan.image_patches, plan.prompt_tokens, plan.clip_frames) == \
+            (patches, patches // 4 + PROMPT_TEXT_TOKENS, frames)
+    image = plan_from_config(config_from_dict({"model": {"max_pixels": 448 * 448}}), model_cfg, 1)
+    assert (image.image_patches, image.clip_frames) == (1024, 0), "an image run plans one image"

@@ -13,6 +13,8 @@ EmoSet, Emotion6 and WebEmo.
   or {"video": "clips/0001.gif", ...} (a folder of frames, an animated GIF / WebP, or a video file read through
   PyAV); its sample's `image` is then a `ClipFiles` (`emor3.data.clip_source`). Its files must exist; verify="full"
   decodes it.
+- a DFEW or MAFW root as their authors distribute them, with the split and fold as `PATH@train1` ... `@test5`:
+  clip samples in the `dfew7` / `mafw11` taxonomy (`emor3.data.video_loaders`, `load_video_dataset`).
 - a folder with `train.json` / `val.json` / `test.json` next to `image/` and `annotation/` folders, or one of those
   split files itself: EmoSet (Yang et al., ICCV 2023, github.com/JingyuanYY/EmoSet README): each split file is a
   JSON list of `[emotion, image_id, image_path, annotation_path]` (paths relative to the root); the 3-element
@@ -60,6 +62,7 @@ from emor3.data.dataset import (
     BadSampleError, BadSampleHandler, BytesImage, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
     write_atomic,
 )
+from emor3.data import video_loaders
 from emor3.data.clip_source import ClipFiles
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
@@ -940,11 +943,35 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
     return "image-folder", path
 
 
+def video_layout(root: Path) -> str | None:
+    """"dfew" or "mafw" for a DFEW or MAFW root as distributed (`emor3.data.video_loaders`), else None."""
+    try:
+        return video_loaders.detect(root)
+    except ValueError:
+        return None
+
+
+def load_video_dataset(root: Path, layout: str, split: str | None, on_bad_sample: str = "error", *,
+                       verify: str = "full", **dataset_kw) -> EmotionDataset:
+    """A DFEW or MAFW fold as clip samples: `split` is the split and the fold, `train1` ... `train5`, `test1` ...
+    `test5` (`/data/DFEW@train1`). verify "full" decodes every clip once; otherwise the clips must exist."""
+    m = re.fullmatch(r"(train|test)([1-5])", split or "")
+    if m is None:
+        raise ValueError(f"{root}: a {layout.upper()} root needs a split and fold, @train1 ... @train5 or @test1 ... "
+                         f"@test5, got {split!r}")
+    load, _ = video_loaders.LOADERS[layout]
+    ds = load(root, int(m.group(2)), m.group(1), on_bad_sample=on_bad_sample,
+              verify="full" if verify == "full" else "exists")
+    return video_loaders.as_emotion_dataset(ds, **dataset_kw)
+
+
 def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
                  split: str | None = None, verify: str = "full", **dataset_kw) -> EmotionDataset:
     """Load any supported layout (see the module docstring). dataset_kw: min_pixels, max_pixels, factor,
     cache_size, cache_dir for EmotionDataset's image budget and cache. `PATH@SPLIT` names a split (`split_suffix`)."""
     path, split = split_suffix(path, split)
+    if path.is_dir() and (video := video_layout(path)) is not None:
+        return load_video_dataset(path, video, split, on_bad_sample, verify=verify, **dataset_kw)
     layout, target = detect_layout(path, split)
     if layout == "parquet":
         return load_parquet(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
@@ -957,6 +984,31 @@ def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_ba
     if layout == "jsonl":
         return load_manifest(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
     return load_image_folder(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
+
+
+def holds_clips(path: str | Path) -> bool | None:
+    """Whether the dataset at `path` (`PATH@SPLIT` as `load_dataset` takes it) is made of clips: a DFEW or MAFW
+    root, or a manifest whose first row names a clip (`frames` / `video`); None when it does not exist here."""
+    path, split = split_suffix(path)
+    if not path.exists():
+        return None
+    if path.is_dir() and video_layout(path) is not None:
+        return True
+    try:
+        layout, target = detect_layout(path, split)
+    except (ValueError, FileNotFoundError):
+        return False
+    if layout != "jsonl" or target.suffix.lower() != ".jsonl" or not target.is_file():
+        return False
+    with open(target, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and ("frames" in row or "video" in row) and "image" not in row
+    return False
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:

@@ -36,14 +36,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from emor3.data.clip_source import ClipFiles
 from emor3.data.dataset import (DUPLICATE_ID, EMPTY_DATASET, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL,
-                                UNREADABLE_IMAGE, BadSampleError, BadSampleHandler, LoadReport)
+                                UNREADABLE_IMAGE, BadSampleError, BadSampleHandler, EmotionDataset, LoadReport, Sample)
+from emor3.data.taxonomy import Taxonomy
 from emor3.models.clips import FRAME_SUFFIXES, VIDEO_SUFFIXES, Clip, read_clip
 
 DFEW_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")  # split-file labels 1..7
 MAFW_LABELS = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
                "helplessness", "disappointment")
 TAXONOMIES = {"dfew7": DFEW_LABELS, "mafw11": MAFW_LABELS}
+# the two label sets as taxonomies for training and evaluation: valence as the datasets' papers group them (neutral
+# for neutral and surprise), arousal left unset (neither dataset rates it)
+DFEW7 = Taxonomy("dfew7", DFEW_LABELS, synonyms={"happy": ("happiness",), "sad": ("sadness",), "angry": ("anger",),
+                                                  "surprise": ("surprised",), "disgust": ("disgusted",),
+                                                  "fear": ("fearful", "afraid")},
+                 valence={"happy": "positive", "sad": "negative", "neutral": "neutral", "angry": "negative",
+                          "surprise": "neutral", "disgust": "negative", "fear": "negative"}, source="DFEW")
+MAFW11 = Taxonomy("mafw11", MAFW_LABELS, synonyms={"anger": ("angry",), "happiness": ("happy",),
+                                                    "sadness": ("sad",), "surprise": ("surprised",)},
+                  valence={"anger": "negative", "disgust": "negative", "fear": "negative", "happiness": "positive",
+                           "neutral": "neutral", "sadness": "negative", "surprise": "neutral",
+                           "contempt": "negative", "anxiety": "negative", "helplessness": "negative",
+                           "disappointment": "negative"}, source="MAFW")
+TAXONOMY_OF = {"dfew7": DFEW7, "mafw11": MAFW11}
 FOLDS = (1, 2, 3, 4, 5)
 SPLITS = ("train", "test")
 DFEW_SPLIT_DIR = "EmoLabel_DataSplit"
@@ -89,6 +105,13 @@ class ClipDataset:
         """Samples per label, in the taxonomy's order (labels without samples included, as 0)."""
         c = Counter(s.label for s in self.samples)
         return {lab: c.get(lab, 0) for lab in TAXONOMIES[self.taxonomy]}
+
+
+def as_emotion_dataset(ds: ClipDataset, **dataset_kw) -> EmotionDataset:
+    """The clips as an `EmotionDataset` of clip samples (`ClipFiles`), what training and evaluation read."""
+    samples = [Sample(s.id, ClipFiles(path=s.clip, fps=s.fps), s.label, s.taxonomy, dict(s.metadata))
+               for s in ds.samples]
+    return EmotionDataset(samples, TAXONOMY_OF[ds.taxonomy], ds.report, **dataset_kw)
 
 
 # ----------------------------------------------------------------------------------------------- shared checks
