@@ -172,3 +172,25 @@ def test_memory_plan_counts_the_clip_tokens():
             (patches, patches // 4 + PROMPT_TEXT_TOKENS, frames)
     image = plan_from_config(config_from_dict({"model": {"max_pixels": 448 * 448}}), model_cfg, 1)
     assert (image.image_patches, image.clip_frames) == (1024, 0), "an image run plans one image"
+
+
+def test_frames_without_a_rate_are_capped_at_max_frames_evenly():
+    from emor3.models.video import VideoSettings, sample_indices
+    s = VideoSettings.for_model("qwen2_5_vl", fps=None, max_frames=8)
+    assert sample_indices(6, None, s) == list(range(6)), "up to max_frames: every frame"
+    assert sample_indices(16, None, s) == [0, 2, 4, 6, 9, 11, 13, 15], "linspace(0, 15, 8) rounded"
+
+
+def test_dfew_recipe_plans_the_numbers_its_comment_gives():
+    # the comment's table comes from this plan: 8 frames of 532x532 (DFEW's 224 px frames at the 512*512 floor)
+    from emor3.config import parse_args
+    from emor3.memory import estimate, plan_from_config
+    from emor3.models.tiny import tiny_config
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "dfew_qwen2_5_vl_3b.toml"
+    model_cfg = tiny_config("qwen2.5-vl-3b", vocab_size=151936)
+    for frames, tokens, update in ((8, 1700, 76.3), (16, 3144, 79.7)):
+        cfg = parse_args(["--config", str(recipe), "--data.train", "", "--data.emoscenes-variant", "clips",
+                          "--model.video-max-frames", str(frames)], "test", "").resolved()
+        plan = plan_from_config(cfg, model_cfg, 1)
+        assert plan.prompt_tokens == tokens and plan.clip_frames == frames
+        assert round(estimate(model_cfg, plan).update_peak / 2**30, 1) == update
