@@ -194,3 +194,15 @@ def test_dfew_recipe_plans_the_numbers_its_comment_gives():
         plan = plan_from_config(cfg, model_cfg, 1)
         assert plan.prompt_tokens == tokens and plan.clip_frames == frames
         assert round(estimate(model_cfg, plan).update_peak / 2**30, 1) == update
+
+
+def test_trace_rows_of_clip_samples_load_back_as_the_same_clips(tmp_path):
+    from emor3.data.loaders import load_dataset, write_manifest
+    from emor3.traces import trace_rows
+    from tests.test_video_loaders import build_dfew
+    ds = load_dataset(f"{build_dfew(tmp_path / 'DFEW')}@test1", verify="exists")
+    rows = trace_rows(ds, {0: "<step1>a</step1><step2>b</step2><step3>c</step3>\\boxed{surprise}"})
+    assert rows[0]["video"].endswith("00005") and rows[0]["taxonomy"] == "dfew7" and "image" not in rows[0]
+    back = load_dataset(write_manifest(tmp_path / "traces.jsonl", rows), verify="full")
+    assert [s.image.path for s in back] == [s.image.path for s in ds] and back.taxonomy.name == "dfew7"
+    assert back[0].metadata["response"].endswith("\\boxed{surprise}") and back.image(1).num_frames == 3
