@@ -206,3 +206,28 @@ def test_trace_rows_of_clip_samples_load_back_as_the_same_clips(tmp_path):
     back = load_dataset(write_manifest(tmp_path / "traces.jsonl", rows), verify="full")
     assert [s.image.path for s in back] == [s.image.path for s in ds] and back.taxonomy.name == "dfew7"
     assert back[0].metadata["response"].endswith("\\boxed{surprise}") and back.image(1).num_frames == 3
+
+
+def test_clip_prompt_length_without_decoding_equals_the_encoded_prompt(tiny, tmp_path):
+    from emor3.data.clip_source import ClipFiles
+    from emor3.data.dataset import EmotionDataset, LoadReport, Sample
+    from emor3.engine.prompts import drop_overlong_prompts
+    _, proc = tiny
+    clips = make_clip_split("test", 3, seed=0)
+    msgs = build_set_messages(MIKELS8, video=True)
+    for s in clips:
+        encoded = proc.encode_prompts([msgs], [[s.image.open_clip()]]).input_ids.shape[1]
+        assert proc.clip_prompt_length(msgs, *s.image.probe()) == encoded
+    # and on files: frames of 96x72 at 4 fps, sampled at 2 fps -> every other frame
+    frames = []
+    for k in range(12):
+        frames.append(tmp_path / f"{k}.png")
+        Image.new("RGB", (96, 72), (20 * k, 0, 0)).save(frames[-1])
+    files = ClipFiles(tuple(frames), fps=4.0)
+    encoded = proc.encode_prompts([msgs], [[files.open_clip()]]).input_ids.shape[1]
+    assert files.probe() == (12, 4.0, 72, 96) and proc.clip_prompt_length(msgs, *files.probe()) == encoded
+    n0 = proc.clip_prompt_length(msgs, *clips[0].image.probe())
+    assert n0 < encoded, "the file clip (6 frames kept) must be the longer prompt here"
+    ds = EmotionDataset([Sample("a", files, "awe", "mikels8"), clips[0]], MIKELS8, LoadReport("m", "jsonl"))
+    kept = drop_overlong_prompts(ds, proc, {"mikels8": MIKELS8}, encoded - 1, on_bad_sample="skip")
+    assert [s.id for s in kept] == [clips[0].id] and kept.report.skipped["prompt_too_long"] == 1

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from emor3.models.clips import Clip, read_clip
+from PIL import Image
+
+from emor3.models.clips import FRAME_SUFFIXES, Clip, read_clip
 
 
 @runtime_checkable
@@ -62,3 +64,15 @@ class ClipFiles:
 
     def open_clip(self) -> Clip:
         return read_clip(list(self.frames) if self.frames else self.path, fps=self.fps)
+
+    def probe(self) -> tuple[int, float | None, int, int] | None:
+        """(frames, fps, height, width) read from file names and the first frame's header, without decoding; None
+        for a GIF / WebP or video file (decode it to know)."""
+        frames = list(self.frames)
+        if self.path is not None and self.path.is_dir():
+            frames = [p for p in self.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES]
+        if not frames:
+            return None
+        with Image.open(frames[0]) as im:
+            w, h = im.size
+        return len(frames), self.fps, h, w

@@ -375,7 +375,8 @@ class EmotionDataset(Sequence[Sample]):
     def image(self, i: int) -> Image.Image:
         """Sample i's image, RGB, resized to the pixel budget; decoded and resized once, then cached. A clip
         sample's is its `Clip` (every frame at full size: the processor samples and resizes clips at the run's
-        video settings), decoded once and cached the same way (in memory only)."""
+        video settings), decoded on every call and not cached: a dataset of clips held decoded would not fit in
+        memory (DFEW's 16k clips of ~100 frames), and one decode per use is small beside a rollout."""
         s = self.samples[i]
         key = self._cache_key(s)
         if key in self._cache:
@@ -387,7 +388,6 @@ class EmotionDataset(Sequence[Sample]):
             except (ValueError, OSError) as e:
                 raise BadSampleError(UNREADABLE_IMAGE, f"the clip does not decode ({e})", file=self.report.source,
                                      sample_id=s.id) from None
-            self._remember(key, clip)
             return clip
         disk = None
         if self.cache_dir is not None:

@@ -45,6 +45,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
@@ -178,9 +180,11 @@ class SceneClip:
             states = [states[0 if self.hold == "first" else -1]] * self.n_frames
         return [render_frame(s, layout, self.size) for s in states]
 
+    def probe(self) -> tuple[int, float, int, int]:
+        """(frames, fps, height, width), without drawing."""
+        return self.n_frames, self.fps, self.size, self.size
+
     def open_clip(self) -> Clip:
-        import numpy as np
-        import torch
         frames = torch.stack([torch.from_numpy(np.asarray(f, dtype=np.uint8).copy()).permute(2, 0, 1)
                               for f in self.frames()])  # (F, 3, H, W)
         return Clip(frames, self.fps, f"<{self.key}>")

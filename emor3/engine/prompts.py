@@ -144,22 +144,27 @@ def drop_overlong_prompts(dataset: EmotionDataset, processor, taxonomies: dict, 
     tokens at the processor's pixel budget, as ``encode_samples`` makes it) is longer than ``max_prompt_length``
     tokens. Each is a bad sample (``prompt_too_long``): an error naming it, or with ``on_bad_sample="skip"``
     dropped and counted in the dataset's report. The image tokens are counted from the image's size (its file
-    header), no pixel is decoded. ``max_prompt_length`` 0 keeps everything."""
+    header), no pixel is decoded; a clip's from its frame count, rate and frame size (file names and the first
+    frame's header; a GIF or video file is decoded). ``max_prompt_length`` 0 keeps everything."""
     if not max_prompt_length:
         return dataset
     handle = BadSampleHandler(on_bad_sample, dataset.report)
     messages = {}  # the SET messages depend on the taxonomy and the sample's own question only
     keep = []
     for i, s in enumerate(dataset.samples):
-        if getattr(s, "is_clip", False):  # a clip's token count depends on its frames: encode its prompt
-            clip = dataset.image(i)
+        if getattr(s, "is_clip", False):  # a clip's tokens follow its frame count, rate and frame size
+            probe = s.image.probe() if callable(getattr(s.image, "probe", None)) else None
+            if probe is None:  # a GIF or video file: decoded to know
+                clip = dataset.image(i)
+                probe = (clip.num_frames, clip.fps, *clip.frames.shape[-2:])
             msgs = build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None), video=True)
-            n = int(processor.encode_prompts([msgs], [[clip]]).attention_mask.sum())
+            n = processor.clip_prompt_length(msgs, *probe)
             if n <= max_prompt_length:
                 keep.append(s)
             else:
-                handle(BadSampleError(PROMPT_TOO_LONG, f"its prompt has {n} tokens with the clip's "
-                                      f"{clip.num_frames} frames, over --data.max-prompt-length {max_prompt_length}",
+                handle(BadSampleError(PROMPT_TOO_LONG, f"its prompt has {n} tokens with the clip's {probe[0]} "
+                                      f"frames, over --data.max-prompt-length {max_prompt_length}; lower "
+                                      "--model.video-max-frames or --model.video-max-pixels, or raise the limit",
                                       file=dataset.report.source, sample_id=s.id))
             continue
         key = (s.taxonomy, getattr(s, "question", None))

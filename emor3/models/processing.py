@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from .positions import mrope_position_ids, video_rope_grids
-from .video import Clip, ProcessedClips, VideoSettings, preprocess_clips, read_clip
+from .video import (Clip, ProcessedClips, VideoSettings, patch_timestamps, preprocess_clips, read_clip, resized_hw,
+                    sample_indices)
 
 
 @dataclass
@@ -351,6 +352,22 @@ class Processor:
             text = text.replace(self.video_token, vt, 1)
         text = text.replace(VIDEO_PLACEHOLDER, self.video_token)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def clip_prompt_length(self, messages: list[dict], num_frames: int, fps: float | None, height: int, width: int,
+                           *, close_thinking: bool = False) -> int:
+        """Tokens of a one-clip prompt, clip tokens included, as `encode_prompts` would make it, from the clip's
+        frame count, rate and frame size alone: no pixel is decoded."""
+        s = self.video_settings
+        if s is None:
+            raise ValueError("Processor: clips need the model type (build the processor with from_pretrained)")
+        idx = sample_indices(num_frames, fps, s)
+        h, w = resized_hw(len(idx), height, width, s)
+        tp = s.temporal_patch_size
+        t = -(-len(idx) // tp)
+        stamps = patch_timestamps(idx, fps or s.default_source_fps or 24.0, tp)
+        grid = torch.tensor([[t, h // s.patch_size, w // s.patch_size]])
+        text = self._video_text(ProcessedClips(torch.empty(0), grid, [0.0], [stamps]), 0)
+        return len(self._prompt_ids(messages, [], 0, close_thinking, [text]))
 
     def image_tokens(self, height: int, width: int) -> int:
         """Merged image tokens this processor makes for an image of height x width pixels: the image processor's
