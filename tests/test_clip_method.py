@@ -231,3 +231,39 @@ def test_clip_prompt_length_without_decoding_equals_the_encoded_prompt(tiny, tmp
     ds = EmotionDataset([Sample("a", files, "awe", "mikels8"), clips[0]], MIKELS8, LoadReport("m", "jsonl"))
     kept = drop_overlong_prompts(ds, proc, {"mikels8": MIKELS8}, encoded - 1, on_bad_sample="skip")
     assert [s.id for s in kept] == [clips[0].id] and kept.report.skipped["prompt_too_long"] == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl"])
+def test_qwen3_vl_clips_mixed_with_images_through_sampler_scoring_and_judge(tmp_path, name):
+    # Qwen3-VL: timestamps between temporal patches and DeepStack features on clip tokens, in every path
+    build_tiny_checkpoint(tmp_path, ["a smiling face under a sunny sky", "awe, fear, sadness"] * 20, name=name, seed=0)
+    proc = Processor.from_pretrained(tmp_path, min_pixels=128 * 128, max_pixels=128 * 128)
+    proc.set_clip_budget(fps=2.0, max_frames=8, min_pixels=128 * 128, max_pixels=128 * 128)
+    model = load_pretrained(tmp_path).eval()
+    samples, visuals, batch = _mixed(proc)
+    assert "seconds>" in proc.decode(batch.input_ids[0], skip_special_tokens=False)
+    roll = sample(model, batch, group_size=2, max_new_tokens=5, temperature=1.0, stop_token_ids=proc.stop_token_ids,
+                  banned_token_ids=proc.banned_token_ids, generator=1, tokenizer=proc)
+    with torch.no_grad():
+        for shared in (False, True):
+            lp = completion_logprobs(model, batch, roll.prompt_index, roll.completion_ids, roll.completion_mask,
+                                     shared_prefix=shared)
+            m = roll.completion_mask.bool()
+            torch.testing.assert_close(lp[m], roll.logprobs[m], atol=1e-4, rtol=0)
+    reqs = [consistency_request("A smiling face.", v) for v in visuals for _ in range(2)]  # clip, clip, image
+    shared = ModelJudge(model, proc, share_prefix=True).choice_logprobs(reqs, [["Yes", "No"]] * len(reqs))
+    whole = ModelJudge(model, proc, share_prefix=False).choice_logprobs(reqs, [["Yes", "No"]] * len(reqs))
+    for a, b in zip(shared, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_validate_lists_every_fold_of_a_dfew_root(tmp_path, capsys):
+    from emor3.data.__main__ import main
+    from tests.test_video_loaders import build_dfew
+    root = build_dfew(tmp_path / "DFEW")
+    assert main(["validate", str(root), "--verify", "exists"]) == 0
+    out = capsys.readouterr().out
+    # fold k tests on the clips i (1..14) with i % 5 == k - 1: 2 of them in fold 1, 3 in the others
+    want = {f"{s}{k}": (n if k > 1 else 14 - 2 if s == "train" else 2) for k in range(1, 6)
+            for s, n in (("train", 11), ("test", 3))}
+    assert all(f"[{split}]: {n} samples" in out for split, n in want.items()), out

@@ -1,7 +1,7 @@
 """Command line: `python -m emor3.data validate PATH`, `... emoscenes OUT_DIR` and `... emoset-subset ROOT OUT_DIR`.
 
 validate: loads a dataset in any supported layout (every split of an EmoSet root, of a folder of manifests or of a
-Hugging Face parquet dataset; `PATH@SPLIT` or `--split` picks one),
+Hugging Face parquet dataset, every split and fold of a DFEW or MAFW root; `PATH@SPLIT` or `--split` picks one),
 prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
 all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one. Image shapes
 are checked against the image processor's pixel budget: `--min-pixels` / `--max-pixels` / `--factor` (the
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
-                                 parquet_splits, split_suffix)
+                                 parquet_splits, split_suffix, video_layout)
+from emor3.data.video_loaders import FOLDS, LOADERS, SPLITS
 from emor3.data.emoscenes import VARIANTS
 
 
@@ -29,6 +30,10 @@ def _targets(path: Path, split: str | None) -> list[str | None]:
     """Which splits validate should check under `path`: all of them unless one is named."""
     if split is not None or not path.is_dir():
         return [split]
+    video = video_layout(path)
+    if video is not None:  # DFEW / MAFW: every split and fold whose split file is there
+        split_file = LOADERS[video][1]
+        return [f"{s}{k}" for k in FOLDS for s in SPLITS if split_file(path, k, s).is_file()] or [None]
     if any((path / f"{s}.json").is_file() for s in EMOSET_SPLITS) and (path / "image").is_dir():
         return [s for s in EMOSET_SPLITS if (path / f"{s}.json").is_file()]
     if (path / "ground_truth.txt").is_file():
