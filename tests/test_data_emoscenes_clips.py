@@ -162,3 +162,26 @@ def test_manifest_clip_rows_are_checked(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
     with pytest.raises(Exception, match=r"m.jsonl:2: sample 'gone': clip file .*9.png does not exist"):
         load_manifest(tmp_path / "m.jsonl", verify="exists")
+
+
+def test_changed_cue_right_reads_the_changed_property_of_the_label():
+    from emor3.data.emoscenes_clips import changed_cue_right
+    cues = {"face": "smile", "sky": "sunny", "object": "gift"}  # amusement: positive, high, personal
+    assert changed_cue_right("amusement", cues, "face")
+    assert changed_cue_right("excitement", cues, "face"), "wrong family, but the face's valence is right"
+    assert not changed_cue_right("anger", cues, "face"), "negative: the face's valence is wrong"
+    assert changed_cue_right("anger", cues, "sky") and not changed_cue_right("contentment", cues, "sky")
+    assert changed_cue_right("contentment", cues, "object") and not changed_cue_right("awe", cues, "object")
+    assert not changed_cue_right(None, cues, "face") and not changed_cue_right("joy", cues, "face")
+
+
+def test_clip_control_scores_accuracy_and_the_changed_cue_per_kind():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from clip_control import score
+    ds = make_clip_split("test", 6, seed=0)
+    labels = [s.label for s in ds[:3]] + [None, None, None]
+    r = score(ds, labels)
+    assert r["all"] == {"n": 6, "accuracy": 50.0, "changed_cue": 50.0}, "three right answers, three without a label"
+    assert sum(v["n"] for k, v in r.items() if k != "all") == 6

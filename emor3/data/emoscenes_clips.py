@@ -50,9 +50,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
-from emor3.data.emoscenes import (FACE_WORDS, FEELINGS, LAYOUTS, SKY_WORDS, SPLITS as IMAGE_SPLITS, STEP2, STEP3,
-                                  AROUSAL_OF_SKY, RenderStyle, VALENCE_OF_FACE, cue_rounds, draw_cue,
-                                  jittered_palette, label_for)
+from emor3.data.emoscenes import (AROUSAL_OF_SKY, FACE_WORDS, FEELINGS, LAYOUTS, RULE_TABLE, SKY_WORDS, STEP2,
+                                  STEP3, VALENCE_OF_FACE, RenderStyle, cue_rounds, draw_cue, jittered_palette,
+                                  label_for, rule_label)
+from emor3.data.emoscenes import SPLITS as IMAGE_SPLITS
 from emor3.data.taxonomy import get_taxonomy
 from emor3.models.clips import Clip
 
@@ -294,6 +295,23 @@ def coldstart_clips(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
     return [Sample(s.id, s.image, s.label, s.taxonomy,
                    dict(s.metadata, response=clip_trace(s.metadata["cues"], s.metadata["changed"], s.taxonomy, rng)))
             for s in chosen]
+
+
+# ---------------------------------------------------------------------------------------------------- control
+
+# the property each cue gives the label, and a Mikels label's three properties (the inverse of the rule's table)
+PROPERTY_OF = {"face": 0, "sky": 1, "object": 2}
+LABEL_PROPERTIES = {label: props for props, label in RULE_TABLE.items()}
+
+
+def changed_cue_right(label: str | None, cues: dict[str, str], changed: str) -> bool:
+    """Whether a predicted Mikels label has the property the changed cue gives the truth (valence for the face,
+    arousal for the sky, family for the object); False without a label. Over clips whose other two cues are read
+    right, chance is 50 %: an end frame leaves two labels that differ in exactly this property."""
+    if label not in LABEL_PROPERTIES:
+        return False
+    k = PROPERTY_OF[changed]
+    return LABEL_PROPERTIES[label][k] == LABEL_PROPERTIES[rule_label(cues)][k]
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
