@@ -41,7 +41,8 @@ def test_set_prompt_of_a_clip_has_a_video_part_and_asks_about_the_video(tiny):
     _, proc = tiny
     msgs = build_set_messages(MIKELS8, video=True)
     assert msgs[0]["content"][0] == {"type": "video"}
-    assert msgs[0]["content"][1]["text"].startswith(DEFAULT_VIDEO_QUESTION.replace("{labels}", ", ".join(MIKELS8.labels)))
+    question = DEFAULT_VIDEO_QUESTION.replace("{labels}", ", ".join(MIKELS8.labels))
+    assert msgs[0]["content"][1]["text"].startswith(question)
     samples, visuals, batch = _mixed(proc)
     assert batch.num_videos == [1, 1, 0] and batch.num_images == [0, 0, 1]
     per_clip = [v.num_frames // 2 * 16 for v in visuals[:2]]  # 112 px frames: 4x4 merged tokens per temporal patch
