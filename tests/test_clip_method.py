@@ -268,3 +268,15 @@ def test_validate_lists_every_fold_of_a_dfew_root(tmp_path, capsys):
     want = {f"{s}{k}": (n if k > 1 else 14 - 2 if s == "train" else 2) for k in range(1, 6)
             for s, n in (("train", 11), ("test", 3))}
     assert all(f"[{split}]: {n} samples" in out for split, n in want.items()), out
+
+
+def test_the_prompt_text_plugins_see_matches_the_clip_prompt(tiny):
+    from emor3.data.emoscenes import write_emoscenes
+    from emor3.engine.prompts import sample_prompt
+    _, proc = tiny
+    s = make_clip_split("test", 1, seed=0)[0]
+    text = sample_prompt(s, {"mikels8": MIKELS8})
+    batch = encode_samples(proc, [s], [s.image.open_clip()], {"mikels8": MIKELS8})
+    assert text.startswith("Which emotion does this video evoke?") and text in proc.decode(batch.input_ids[0])
+    with pytest.raises(ValueError, match="emor3.data.emoscenes_clips"):
+        write_emoscenes("/nonexistent", seed=0, n_train=1, n_test=1, n_ood=1, variant="clips")

@@ -471,6 +471,8 @@ def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default")
     out-of-domain split (the compositional hold-out included) n_ood."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant == "clips":  # not images: a module of its own
+        raise ValueError("the EmoScenes clip variant is drawn by emor3.data.emoscenes_clips, not as images")
     n = {"train": n_train, "validation": n_test, "test": n_test}
     return {name: n.get(name, n_ood) for name, spec in SPLITS.items() if spec.variant in (None, variant)}
 

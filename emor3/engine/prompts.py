@@ -102,7 +102,10 @@ def build_set_messages(labels: Any, template: str | None = None, question: str |
 
 
 def sample_prompt(sample, taxonomies: dict, template: str | None = None) -> str:
-    """The SET user-turn text of a dataset sample: its taxonomy's labels and its own question, if it has one."""
+    """The SET user-turn text of a dataset sample: its taxonomy's labels and its own question, if it has one (a
+    clip sample's asks about the video)."""
+    if template is None and getattr(sample, "is_clip", False):
+        template = DEFAULT_VIDEO_TEMPLATE
     return set_prompt(taxonomies[sample.taxonomy], template, getattr(sample, "question", None))
 
 
