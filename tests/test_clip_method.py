@@ -280,3 +280,14 @@ def test_the_prompt_text_plugins_see_matches_the_clip_prompt(tiny):
     assert text.startswith("Which emotion does this video evoke?") and text in proc.decode(batch.input_ids[0])
     with pytest.raises(ValueError, match="emor3.data.emoscenes_clips"):
         write_emoscenes("/nonexistent", seed=0, n_train=1, n_test=1, n_ood=1, variant="clips")
+
+
+def test_emoscenes_clips_example_config():
+    from emor3.config import parse_args
+    from emor3.memory import plan_from_config
+    from emor3.models.tiny import tiny_config
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "emoscenes_clips.toml"
+    cfg = parse_args(["--config", str(recipe)], "test", "").resolved()
+    assert cfg.data.emoscenes_variant == "clips" and cfg.model.video_max_frames == 8
+    plan = plan_from_config(cfg, tiny_config(cfg.model.tiny), 1)
+    assert plan.clip_frames == 8 and plan.image_patches == 4 * 64, "4 temporal patches of 8x8 patches at 112 px"
