@@ -185,3 +185,9 @@ def test_clip_control_scores_accuracy_and_the_changed_cue_per_kind():
     r = score(ds, labels)
     assert r["all"] == {"n": 6, "accuracy": 50.0, "changed_cue": 50.0}, "three right answers, three without a label"
     assert sum(v["n"] for k, v in r.items() if k != "all") == 6
+
+
+def test_a_longer_split_starts_with_the_shorter_one():
+    short, long_ = make_clip_split("test", 10, seed=4), make_clip_split("test", 50, seed=4)
+    assert [(s.id, s.label, s.metadata["changed"], s.image.key) for s in short] == \
+        [(s.id, s.label, s.metadata["changed"], s.image.key) for s in long_[:10]]

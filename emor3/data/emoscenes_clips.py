@@ -57,7 +57,7 @@ from emor3.data.emoscenes import SPLITS as IMAGE_SPLITS
 from emor3.data.taxonomy import get_taxonomy
 from emor3.models.clips import Clip
 
-VERSION = 1  # bump when drawing, splits or rule change, so cached folders are regenerated
+VERSION = 2  # bump when drawing, splits or rule change, so cached folders are regenerated
 FPS = 2.0  # frames per second the clips are written at
 FRAME_COUNTS = (4, 6, 8)
 CHANGING = ("face", "sky", "object")
@@ -219,8 +219,10 @@ def make_clip_split(split: str, n: int, *, seed: int, image_size: int = 112, lab
     tax = get_taxonomy(spec.taxonomy)
     order = random.Random(f"emoscenes-clips:{seed}:{split}:order")
     cue_list = cue_rounds(n, order, spec.combos)
-    kinds = [CHANGING[i % len(CHANGING)] for i in range(n)]  # balanced over the changed cue ...
-    order.shuffle(kinds)  # ... and independent of the combination
+    # the changed cue in shuffled rounds of the three kinds, from its own stream: balanced, independent of the
+    # combination, and a longer split starts with the shorter one
+    krng = random.Random(f"emoscenes-clips:{seed}:{split}:changed")
+    kinds = [k for _ in range(-(-n // len(CHANGING))) for k in krng.sample(CHANGING, len(CHANGING))][:n]
     samples = []
     for i, (cues, changed) in enumerate(zip(cue_list, kinds)):
         crng = random.Random(f"emoscenes-clips:{seed}:{split}:{i}:clip")
