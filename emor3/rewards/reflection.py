@@ -401,8 +401,8 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
     steps = s_mask.cumsum(-1) - 1  # (R, L): index among the suffix's real tokens
     want = (p_next.index_select(0, index)[:, None] + steps) * keep  # (R, L)
     assert bool((s_pos == want[None]).all()), "suffix positions must count on from the prefix's (text tokens)"
-    # prefix q holds the images and clips of its representative request (the processor laid them out per request)
-    # (a request refers to one visual or none)
+    # prefix q holds the image or clip of its representative request (one visual or none per request, laid out by
+    # the processor request by request)
     visuals = select_visuals(batch, [r for r, _ in prefixes],
                              num_images=[int(v is not None and not is_clip(v)) for v in images],
                              num_videos=[int(is_clip(v)) for v in images])
