@@ -103,7 +103,7 @@ def _f(default: Any, help: str, **kw):
 class ModelConfig:
     path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Empty: build the "
                    "tiny model.")
-    tiny: ModelSize = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
+    tiny: ModelSize = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.sizes: tiny, "
                    "tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
     tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
     dtype: Dtype = _f("float32", "Dtype of the trained parameters and their AdamW state: float32 (fp32 master weights; "
@@ -160,7 +160,7 @@ class DataConfig:
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
     emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "
-                                             "colour gives the label in train/test only; emor3.data.emoscenes).")
+                                             "colour gives the label in train/test only; emor3.toy.emoscenes).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 

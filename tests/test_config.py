@@ -102,9 +102,9 @@ def test_dispatchers_read_the_config_declarations():
 
     from emor3 import distributed
     from emor3.data.dataset import ON_BAD_SAMPLE
-    from emor3.data.emoscenes import EVAL_SPLITS, VARIANTS
+    from emor3.toy.emoscenes import EVAL_SPLITS, VARIANTS
     from emor3.grpo import objective
-    from emor3.models.tiny import NAMED, NAMED_QWEN3
+    from emor3.models.sizes import NAMED, NAMED_QWEN3
     from emor3.rewards.combine import ALL_NAN_POLICIES, WEIGHT_PRESETS
     from emor3.rewards.reflection import MISSING_RULES, MODES
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from emor3.config import parse_args, save_config
-from emor3.experiment import latest_checkpoint
+from emor3.checkpoints import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 

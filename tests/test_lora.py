@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 
 from emor3.config import parse_args
-from emor3.experiment import latest_checkpoint, load_policy
+from emor3.checkpoints import latest_checkpoint, load_policy
 from emor3.grpo.train import train
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.__main__ import main as models_main

@@ -33,9 +33,8 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.engine.sampler import group_rows
 from emor3.engine.scoring import prompt_slice
-from emor3.experiment import Experiment
 from emor3.grpo.objective import aggregate, dynamic_sampling_keep, group_advantages, kl_penalty, loss_normalizer, policy_loss
-from emor3.grpo.rollout import PromptStream, ScoredBatch, collect, stream_seed
+from emor3.grpo.rollout import PromptStream, RolloutSetup, ScoredBatch, collect, stream_seed
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,22 +143,22 @@ def micro_normalizer(mask: torch.Tensor, mode: str, max_len: int, n_micro: int) 
     return loss_normalizer(mask, mode=mode, max_len=max_len) * n_micro * dist.world_size()
 
 
-def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, reference, optimizer, scheduler,
+def grpo_step(cfg: Config, setup: RolloutSetup, stream: PromptStream, policy, reference, optimizer, scheduler,
               step: int) -> tuple[dict, list[dict]]:
     """One GRPO step: collect -> advantages -> reference log-probs -> update -> metrics.
 
-    ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
-    when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
-    assert exp.cfg == cfg, "grpo_step: exp.cfg and cfg differ; the run must hold one config"
+    ``setup``: the models, prompts and reward setup the rollout reads; ``policy`` / ``reference``: the scoring
+    handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None when β = 0 and the policy judges).
+    Returns the step's metrics (over the global batch) and a few sample rows."""
     assert cfg.resolved() == cfg, "grpo_step: the config must be resolved (Config.resolved: no 'auto' left)"
     g, algo, G = cfg.grpo, cfg.algorithm(), cfg.grpo.group_size
     t_step = time.perf_counter()
-    exp.model.eval()
+    setup.model.eval()
 
     # ---- collect: G completions per prompt, scored (RER judges inside); FSDP gathers the shards for sampling ----
     judges = [policy, reference if cfg.reward.judge == "reference" else None]
     with torch.no_grad():
-        batch, t_judge, m = dist.run_gathered(judges, collect, exp, cfg, stream)
+        batch, t_judge, m = dist.run_gathered(judges, collect, setup, cfg, stream)
     if batch is None:  # every group was uninformative even after refilling: nothing to learn this step
         scheduler.step()
         return {**m, "skipped_updates": 1}, []
@@ -187,7 +186,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
 
     # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
     t0 = time.perf_counter()
-    exp.model.train()
+    setup.model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     um = UpdateMetrics.zeros(mask.device)
     n_micro, n_updates, skipped = 0, 0, 0
@@ -254,7 +253,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
         "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
         "time/rollout": t_rollout, "time/judge": t_judge, "time/reference": t_reference, "time/update": t_update,
         "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
-        "peak_memory_mb": dist.all_reduce(peak_memory_mb(exp.device), "max"),
+        "peak_memory_mb": dist.all_reduce(peak_memory_mb(setup.device), "max"),
     })
     samples = [{"prompt": int(rollout.prompt_index[i]), **(batch.records[i] if batch.records else {}),
                 "completion": rollout.texts[i], **{k: float(v[i]) for k, v in rewards.components.items()},
