@@ -32,7 +32,8 @@ from emor3.grpo import train as grpo_train
 from emor3.grpo.train import train
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.checkpoint import CheckpointError, content_hash
-from emor3.stages.build import build_data, eval_requests, parse_eval_spec
+from emor3.config import parse_eval_spec
+from emor3.stages.build import build_data, eval_requests
 from emor3.toy.world import WORLD
 from test_safety import REPO, _parse, _run, _tiny
 
@@ -369,7 +370,9 @@ def test_a_shadowing_eval_name_is_refused_before_overwrite_touches_anything(tmp_
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("{}")
-    err = _refused(evaluate.main, ["--out", str(run), "--overwrite", "--eval-data", "test=mine.jsonl"], capsys)
+    (tmp_path / "mine.jsonl").write_text("")
+    err = _refused(evaluate.main, ["--out", str(run), "--overwrite", "--eval-data", f"test={tmp_path / 'mine.jsonl'}"],
+                   capsys)
     assert "EmoScenes' built-in split" in err and (run / "results.json").read_text() == "{}"
 
 

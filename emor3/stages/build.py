@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from emor3 import distributed as dist
-from emor3.config import Config
+from emor3.config import Config, parse_eval_spec
 from emor3.data import get_taxonomy, load_dataset
 from emor3.data.dataset import PROMPT_TOO_LONG, EmotionDataset
 from emor3.engine.prompts import drop_overlong_prompts
@@ -87,23 +87,6 @@ def set_threads(cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def parse_eval_spec(spec: str) -> tuple[str, str, str | None, str]:
-    """NAME=PATH[:TAXONOMY][@in|@out] -> (name, path, taxonomy or None, domain); domain defaults to out.
-    A PATH that exists is taken whole, ':' included; otherwise TAXONOMY is what follows the last ':' when it holds
-    no path separator (a name such as binary, or a TOML/JSON file in the working folder)."""
-    if "=" not in spec:
-        raise ValueError(f"--data.eval entry {spec!r}: expected NAME=PATH[:TAXONOMY][@in|@out]")
-    name, rest = spec.split("=", 1)
-    domain = "out"
-    if (rest.endswith("@in") or rest.endswith("@out")) and not Path(rest).exists():
-        rest, domain = rest.rsplit("@", 1)
-    taxonomy = None
-    head, sep, tail = rest.rpartition(":")
-    if sep and head and tail and "/" not in tail and "\\" not in tail and not Path(rest).exists():
-        rest, taxonomy = head, tail
-    return name, rest, taxonomy, domain
 
 
 def eval_requests(specs, train: str = "", world: World | None = None) -> tuple[list[str], list[str]]:
