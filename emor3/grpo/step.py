@@ -1,23 +1,8 @@
 """One GRPO step, top to bottom: collect -> advantages -> reference log-probs -> update -> metrics.
 
-``grpo_step`` is the whole step; ``emor3/grpo/train.py`` runs it in a loop and logs and checkpoints around it. The
-choices it makes are listed, numbered, at the top of train.py; the math is in ``emor3/grpo/objective.py``.
-1. Collect (``emor3.grpo.rollout.collect``): this rank's prompts, G completions each, scored (RER judges
-   inside), DAPO's dynamic sampling; under FSDP the policy is gathered whole for it. No gradient.
-2. Advantages: group-relative, one per completion (``objective.group_advantages``), stored on the ScoredBatch.
-3. Reference and old log-probs: the frozen reference (β > 0) and, when the step makes several updates, the
-   policy before its first update; once per rollout batch, no gradient.
-4. Update: μ epochs over mini-batches of whole groups, each cut into micro-batches of whole groups or, with
-   ``--grpo.micro-batch-rows`` below G, of equal slices of one group (``micro_batches``); each mini-batch's token
-   count (its loss normaliser) is summed over ranks first, then its micro-batches' losses, each that share of the
-   mini-batch loss, are backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW
-   stepped (skipped if the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release;
-   docs/method.md, "Where the paper is silent") each micro-batch is normalised by its own count instead
-   (``micro_normalizer``).
-5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
-   micro-batches and ranks), averaged over the step's updates, so they do not depend on
-   ``--grpo.micro-batch-rows`` or on the number of processes; the per-token statistics are means over
-   micro-batches.
+``grpo_step`` is the whole step over one resolved config and the objects it reads (``RolloutSetup``, the scoring
+handles, the optimizer); ``emor3.stages.grpo`` runs it in a loop. What each phase does and why is docs/method.md's
+"One GRPO step"; the math is ``emor3.grpo.objective``'s.
 
 Shape legend: B prompts, G samples per prompt, N = B·G rows, n rows of a micro-batch, T completion length.
 """

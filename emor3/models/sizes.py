@@ -22,7 +22,7 @@ from emor3.config import ModelSize, choices
 from .config import QwenVLConfig, TextConfig, VisionConfig
 from .config_qwen3_vl import Qwen3TextConfig, Qwen3VisionConfig, Qwen3VLConfig
 
-# Qwen2/2.5-VL special tokens, in the order of their ids in the released vocabulary (151643 ...)
+# Qwen2-VL / Qwen2.5-VL special tokens, in the order of their ids in the released vocabulary (151643 ...)
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",

@@ -633,8 +633,8 @@ STEP3 = (
 )
 
 
-# the instruct stage's questions (emor3.toy.instruct.instruct_examples): a description, and one question per cue kind with
-# its answer per cue value
+# the instruct stage's questions (emor3.toy.instruct.instruct_examples): a description, and one question per cue
+# kind with its answer per cue value
 DESCRIBE_QUESTION = "Describe the image."
 CUE_QUESTIONS = {
     "face": ("Is the face smiling or frowning?", {"smile": "smiling", "frown": "frowning"}),

@@ -77,7 +77,8 @@ def instruct_examples(samples: Sequence, images: Sequence, seed: int = 0) -> lis
     return out
 
 
-SHIPPED_INSTRUCT = Path(__file__).resolve().parents[1] / "assets" / "instruct"  # the default's, built by `make instruct`
+# the default setting's checkpoint, built by `make instruct`
+SHIPPED_INSTRUCT = Path(__file__).resolve().parents[1] / "assets" / "instruct"
 
 
 def instruct_key(model, init_dir: Path, cfg: Config) -> str:
