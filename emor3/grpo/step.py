@@ -29,7 +29,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @dataclass
 class UpdateMetrics:
     """The update's metrics, accumulated on the device as float64 scalars in micro-batch order, so the step reads
-    them on the host once (``floats``) instead of once per micro-batch. ``loss``, ``pg_loss``: sums of the
+    them on the host once per step (``to_floats``) instead of once per micro-batch. ``loss``, ``pg_loss``: sums of the
     micro-batches' shares of their mini-batch loss; ``kl`` ... ``approx_kl_old``: sums of per-micro-batch means;
     ``ratio_min`` / ``ratio_max``: extremes over micro-batches; ``grad_norm``: sum over updates."""
 
@@ -66,10 +66,19 @@ class UpdateMetrics:
         self.ratio_min = torch.minimum(self.ratio_min, pm["ratio_min"].detach().to(torch.float64))
         self.ratio_max = torch.maximum(self.ratio_max, pm["ratio_max"].detach().to(torch.float64))
 
-    def floats(self) -> dict[str, float]:
-        """Every field as a float, in one device-to-host copy."""
-        names = [f.name for f in fields(self)]
-        return dict(zip(names, torch.stack([getattr(self, k) for k in names]).tolist()))
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def to_floats(named: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors as floats, in one device-to-host copy per device they live on (float64: exact for float32)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in named.items():
+        by_device.setdefault(v.device, []).append(k)
+    out = {}
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([named[k].detach().to(torch.float64) for k in keys]).tolist()))
+    return {k: out[k] for k in named}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -217,27 +226,30 @@ def grpo_step(cfg: Config, setup: RolloutSetup, stream: PromptStream, policy, re
 
     # ---- metrics: over the global batch (sums and counts over ranks, rows gathered in global prompt order) -----
     dt = time.perf_counter() - t_step
-    local = um.floats()  # the update's one device-to-host copy
+    rewards, advantages = batch.gathered_rewards(), dist.gather_rows(batch.advantages)
+    lengths = dist.gather_rows(rollout.lengths).float()  # (N_global,)
+    rollout_stats = {
+        "accuracy": rewards.components["accuracy"].nanmean(),
+        "format_rate": rewards.components["format"].nanmean(),
+        "advantage_abs_mean": advantages.abs().mean(),
+        "zero_std_group_frac": (~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean(),
+        "truncation_rate": dist.gather_rows(rollout.truncated).float().mean(),
+        "completion_len_mean": lengths.mean(), "completion_len_max": lengths.max(), "tokens": lengths.sum(),
+    }
+    local = to_floats({**um.tensors(), **rollout_stats})  # the step's metrics read on the host once
     acc = dist.reduce_metrics({**{k: local[k] for k in UpdateMetrics.SUMMED}, "n_micro": n_micro})
     n_micro = acc.pop("n_micro")
     # loss, pg_loss: the mini-batch loss (the sum of its shares over micro-batches and ranks), mean over updates;
     # the rest: means over micro-batches
     m.update({k: v / max(1, n_updates if k in ("loss", "pg_loss") else n_micro) for k, v in acc.items()})
-    rewards, advantages = batch.gathered_rewards(), dist.gather_rows(batch.advantages)
     m.update(rewards.metrics(prefix="reward/"))
-    lengths = dist.gather_rows(rollout.lengths).float()
     m.update({
         "ratio_min": dist.all_reduce(local["ratio_min"], "min"),
         "ratio_max": dist.all_reduce(local["ratio_max"], "max"),
         "grad_norm": local["grad_norm"] / n_updates, "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
-        "accuracy": float(rewards.components["accuracy"].nanmean()),
-        "format_rate": float(rewards.components["format"].nanmean()),
-        "advantage_abs_mean": float(advantages.abs().mean()),
-        "zero_std_group_frac": float((~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean()),
-        "truncation_rate": float(dist.gather_rows(rollout.truncated).float().mean()),
-        "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+        **{k: local[k] for k in rollout_stats if k != "tokens"},
         "time/rollout": t_rollout, "time/judge": t_judge, "time/reference": t_reference, "time/update": t_update,
-        "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
+        "time/step": dt, "tokens_per_s": local["tokens"] / max(dt, 1e-9),
         "peak_memory_mb": dist.all_reduce(peak_memory_mb(setup.device), "max"),
     })
     samples = [{"prompt": int(rollout.prompt_index[i]), **(batch.records[i] if batch.records else {}),
