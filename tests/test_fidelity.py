@@ -164,9 +164,11 @@ def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run
     # parsing resolves every model-dependent auto: a checkpoint follows the release (an instruct model's judge
     # replies get 32 tokens: "Based on the image, yes"), the tiny model keeps the choices its results were made with
     assert picked(_parse([])) == (8, "neutral", "mini-batch")
-    ckpt = _parse(["--model", "/models/Qwen2.5-VL-3B-Instruct"])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")  # parsing checks the folder is a checkpoint's
+    ckpt = _parse(["--model", str(tmp_path / "ckpt")])
     assert picked(ckpt) == (32, "release", "micro-batch")
-    chosen = _parse(["--model", "/m", "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
+    chosen = _parse(["--model", str(tmp_path / "ckpt"), "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
                      "--grpo.loss-scope", "mini-batch"])
     assert picked(chosen) == (8, "neutral", "mini-batch"), "a choice given explicitly is kept"
     # what a run records (config.toml): the choices made, reading back to the same config
