@@ -168,7 +168,7 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
         cfg = tiny_config(tmp_path / name, sft=sft, grpo={"steps": 1}, **sections)
         run = build(cfg, Path(cfg.run.out), WORLD)
         before = {k: v.clone() for k, v in run.model.state_dict().items()}
-        where = find_instruct(run.cfg, run.source_dir)
+        where = find_instruct(cfg, run.source_dir)
         assert _same(run.model.state_dict(), before), "a lookup must not touch the run's model"
         return where
 
@@ -189,7 +189,7 @@ def test_the_default_run_finds_the_shipped_instruct_checkpoint(tmp_path):
     cfg = Config(data=DataConfig(cache_dir=str(tmp_path / "emoscenes")),
                  run=RunConfig(out=str(tmp_path / "run"), progress=False))
     run = build(cfg, tmp_path / "run", WORLD)
-    cache, found = find_instruct(run.cfg, run.source_dir)
+    cache, found = find_instruct(cfg.resolved(), run.source_dir)
     shipped = sorted(p.name for p in SHIPPED_INSTRUCT.iterdir() if p.is_dir())
     assert found == SHIPPED_INSTRUCT / cache.name, f"default key {cache.name}, shipped {shipped}: run `make instruct`"
     assert shipped == [cache.name], "one shipped checkpoint, the default's"

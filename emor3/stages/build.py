@@ -58,7 +58,8 @@ class World:
 
 @dataclass(frozen=True)
 class Run:
-    cfg: Config
+    """What ``build`` made; the stages read it with the one resolved config they are given."""
+
     device: torch.device
     model: torch.nn.Module
     processor: Processor
@@ -173,8 +174,8 @@ def load_model(cfg: Config, source: Path, device: torch.device) -> torch.nn.Modu
 
 
 def build(cfg: Config, out: Path, world: World | None = None) -> Run:
-    """The model the run starts from, its processor, the data and the reward setup (module docstring). The run
-    holds ``cfg`` resolved (``Config.resolved``, which parsing has done already): what every stage reads."""
+    """The model the run starts from, its processor, the data and the reward setup (module docstring), from ``cfg``
+    resolved (``Config.resolved``, which parsing has done already)."""
     cfg = cfg.resolved()
     set_threads(cfg)
     device = resolve_device(cfg.model.device)
@@ -213,7 +214,7 @@ def build(cfg: Config, out: Path, world: World | None = None) -> Run:
     weights = resolve_weights(cfg.reward.weights)
     if not cfg.algorithm().reflection:  # GRPO / DAPO / ... baselines: the same rule rewards, no RER terms
         weights = {k: v for k, v in weights.items() if k not in ("consistency", "coherence")}
-    return Run(cfg, device, model, processor, source, train, cold, tuple(evals), taxonomies, weights,
+    return Run(device, model, processor, source, train, cold, tuple(evals), taxonomies, weights,
                tuple(load_reward_plugin(spec) for spec in cfg.reward.plugins))
 
 
