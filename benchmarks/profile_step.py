@@ -331,7 +331,7 @@ def profile_summary(prof, wall: float) -> dict:
 
 
 def build(args, work: Path):
-    """The default run's experiment at --threads, started from --model or from the run's own pipeline."""
+    """The default run's stages up to GRPO at --threads, started from --model or from the run's own pipeline."""
     out = work / "run"
     out.mkdir(parents=True, exist_ok=True)
     sft_steps = 0 if args.model else args.sft_steps

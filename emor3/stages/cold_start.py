@@ -1,4 +1,4 @@
-"""Cold-Start SFT on SET-formatted responses (EMO-R3's Cold-Start-Emo, ~100 samples; docs/method.md, "Cold-Start SFT").
+"""Cold-Start SFT on SET-formatted responses (EMO-R3's Cold-Start-Emo, ~100 samples; docs/method.md, "Training setup").
 
 Before RL the model is fine-tuned with teacher forcing on a few reference responses in the SET format, so that GRPO
 starts from a policy that already follows it and the format and accuracy rewards are not all zero. The loss is the
