@@ -608,12 +608,15 @@ def _dataset_path_exists(path: str) -> bool:
 
 
 def path_problems(cfg: Config) -> list[str]:
-    """The files and folders the settings name that must exist before the run starts, one line each."""
+    """The files and folders the settings name that must exist before the run starts, one line each. A dry run
+    reads only the model's config.json."""
     problems = []
     m, d = cfg.model, cfg.data
     if m.path and not (Path(m.path) / "config.json").is_file():
         what = "no config.json in that folder" if Path(m.path).is_dir() else "no such folder"
         problems.append(f"{setting_name('model', 'path')} = {m.path!r}: {what} (a Hugging Face checkpoint folder)")
+    if cfg.run.dry_run:
+        return problems
     if d.train and not _dataset_path_exists(d.train):
         problems.append(f"{setting_name('data', 'train')} = {d.train!r}: no such file or folder")
     if d.taxonomy.endswith((".toml", ".json")) and not Path(d.taxonomy).is_file():

@@ -156,3 +156,14 @@ def test_inputs_that_exist_parse(tmp_path):
                         "--data.taxonomy", str(tmp_path / "tax.toml"),
                         "--data.eval", f"mine={tmp_path / 'set'}:binary@in"], "test", "")
     assert cfg.model.path == str(tmp_path / "model") and cfg.data.train == f"{tmp_path / 'set'}@train"
+
+
+def test_a_dry_run_needs_only_the_models_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cfg = C.parse_args(["--dry-run", "--model.path", str(tmp_path / "model"), "--data.train", "/not/here.jsonl"],
+                       "test", "")
+    assert cfg.run.dry_run and cfg.data.train == "/not/here.jsonl", "the plan reads no data"
+    with pytest.raises(SystemExit):
+        C.parse_args(["--dry-run", "--model.path", str(tmp_path / "nowhere")], "test", "")
+    assert "--model.path" in capsys.readouterr().err

@@ -156,12 +156,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "emor3.grpo.train", "--config", str(cfg_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = Path(cfg.run.out) / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):  # the first step logged
         time.sleep(0.5)
     assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate()
     assert proc.returncode == 0, f"SIGTERM must end the run cleanly, got {proc.returncode}:\n{output}"
     assert "SIGTERM" in output and "--resume" in output
     state = torch.load(latest_checkpoint(Path(cfg.run.out)) / "trainer_state.pt", weights_only=True)
@@ -257,7 +256,7 @@ def test_examples_parse():
     paths = sorted((REPO / "examples").glob("*.toml"))
     assert len(paths) >= 4
     for path in paths:
-        cfg = parse_args(["--config", str(path)], "test", "")
+        cfg = parse_args(["--config", str(path)], "test", "", check_paths=False)  # paths of the user's machine
         assert cfg == config_from_dict(load_toml(path)).resolved(), \
             f"{path.name}: the flags parser reads the file differently"
         a = cfg.algorithm()  # the preset and overrides resolve to complete settings
