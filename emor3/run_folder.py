@@ -86,7 +86,7 @@ def prepare_run_dir(cfg: Config, command: str, *, can_resume: bool = False) -> P
             holder = folder_holder(out)
             ways = ([f"it is in use by process {holder}: wait for it to end"] if holder else []) + (
                 [f"`--resume {out}` continues it"] if can_resume and list_checkpoints(out) else []) + [
-                f"`--overwrite` replaces it", "`--out NEW_DIR` writes elsewhere"]
+                "`--overwrite` replaces it", "`--out NEW_DIR` writes elsewhere"]
             raise RunFolderError(f"{command}: the run folder {out} is not empty ({shown}); it is left as it is. "
                                  + "; ".join(ways) + ".")
         lock_folder(out, command)

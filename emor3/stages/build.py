@@ -44,10 +44,10 @@ class EvalSet:
 @dataclass(frozen=True)
 class World:
     """What a run builds where no flag names its data or model: the default run's synthetic world (``emor3.toy``).
-    ``data(cfg, splits, budget)`` -> (train set, cold-start set or None, the eval sets named ``splits``, or the
-    world's own choice when ``splits`` is None); ``model(cfg, out, taxonomies, questions)`` -> the model folder.
-    ``splits``: the evaluation sets ``--data.eval`` may ask for by name, ``reserved``: names a user's set may not
-    take, ``name``: what error messages call the world."""
+    ``data(cfg, asked)`` -> (train set, cold-start set or None, eval sets: those ``asked`` for by name, or the
+    world's own choice when ``asked`` is None); ``model(cfg, out, taxonomies, questions)`` -> the folder the run's
+    model loads from. ``splits``: the sets ``--data.eval`` may ask for by name; ``reserved``: names a user's set may
+    not take; ``name``: what error messages call the world."""
 
     name: str
     splits: tuple[str, ...]
