@@ -56,7 +56,9 @@ import torch
 
 from emor3.config import parse_args
 from emor3.evaluate import CUE_KINDS, RUN_AVERAGES, evaluate, paired_bootstrap, paired_t_interval, sign_test
-from emor3.experiment import build_experiment, prepare_run_dir
+from emor3.run_folder import prepare_run_dir
+from emor3.stages.build import build
+from emor3.toy.world import WORLD
 from emor3.grpo.train import train
 
 COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
@@ -85,9 +87,9 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
         start = emo / "instruct" if (emo / "instruct" / "config.json").is_file() else emo / "init"
         cfg = parse_args(["--seed", str(seed), "--out", str(base / "zero_shot"), "--model.path", str(start),
                           "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
-        exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
-        rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
-                                     device=exp.device, progress=False)
+        run = build(cfg, prepare_run_dir(cfg, "ablation"), WORLD)
+        rows["Zero-shot"] = evaluate(run.model, run.processor, run.eval_sets, run.taxonomies, cfg.eval, seed=seed,
+                                     device=run.device, progress=False)
     rows["Cold-Start SFT"] = res["Cold-Start SFT"]
     for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
         rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]

@@ -42,7 +42,8 @@ from emor3.data import Taxonomy, get_taxonomy
 from emor3.data.dataset import IMAGE_SHAPE, BadSampleError, decode_image, image_shape_problem, smart_resize
 from emor3.engine.prompts import build_set_messages
 from emor3.engine.sampler import sample
-from emor3.experiment import latest_checkpoint, resolve_device
+from emor3.checkpoints import latest_checkpoint
+from emor3.stages.build import resolve_device
 from emor3.models import Processor, load_pretrained
 from emor3.models.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from emor3.rewards import extract_answer, format_reward, parse_set

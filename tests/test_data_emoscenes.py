@@ -11,7 +11,7 @@ import pytest
 
 from emor3.data import MIKELS8, get_taxonomy, load_dataset
 from emor3.data.__main__ import main as cli
-from emor3.data.emoscenes import (
+from emor3.toy.emoscenes import (
     BADGE_COLOURS, BASE_STYLE, CUE_VALUES, HELD_OUT_COMBINATIONS, INSTRUCT_STYLES, SHIFTED_STYLE,
     SHORTCUT_AGREEMENT, SPLITS, UNSEEN_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
     cue_mentions, eval_split_names, instruct_scenes, label_for, make_emoscenes, make_split, render_scene, rule_label,
@@ -240,7 +240,7 @@ def test_two_processes_writing_the_same_folder_both_get_whole_files(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from emor3.data.emoscenes import load_emoscenes; "
+    code = ("import sys; from emor3.toy.emoscenes import load_emoscenes; "
             "d = load_emoscenes(sys.argv[1], seed=0, n_train=96, n_test=32, n_ood=32, n_coldstart=8); "
             "[ds.image(i) for ds in d.values() for i in range(len(ds))]")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)

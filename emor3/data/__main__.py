@@ -22,7 +22,7 @@ from pathlib import Path
 from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
                                  parquet_splits, split_suffix)
-from emor3.data.emoscenes import VARIANTS
+from emor3.toy.emoscenes import VARIANTS, write_emoscenes
 
 
 def _targets(path: Path, split: str | None) -> list[str | None]:
@@ -87,7 +87,6 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def emoscenes(args: argparse.Namespace) -> int:
-    from emor3.data.emoscenes import write_emoscenes
     paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                             n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
                             n_coldstart=args.n_coldstart, overwrite=args.overwrite, variant=args.variant)
@@ -169,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--variant", choices=VARIANTS, default="default",
                    help="default, or shortcut: a badge whose colour gives the label in train/test only, drawn "
-                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes)")
+                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.toy.emoscenes)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 

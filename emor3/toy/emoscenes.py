@@ -96,7 +96,8 @@ from PIL import Image, ImageDraw
 
 from emor3.config import EmoScenesEval, EmoScenesVariant, choices
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
-from emor3.data.taxonomy import MIKELS8, get_taxonomy
+from emor3.data.loaders import load_manifest, write_manifest
+from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 
 VERSION = 4  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
@@ -566,7 +567,6 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
         stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
     datasets = make_emoscenes(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
                               label_noise=label_noise, n_coldstart=n_coldstart, variant=variant)
-    from emor3.data.loaders import write_manifest
     written: dict[str, str] = {}
     for split, ds in datasets.items():
         rows = []
@@ -588,7 +588,6 @@ def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: in
                    image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0, variant: str = "default",
                    **dataset_kw) -> dict[str, EmotionDataset]:
     """Generate (or reuse) EmoScenes under `cache_dir/seed<seed>-<size>px...` and load every split from disk."""
-    from emor3.data.loaders import load_manifest
     sub = Path(cache_dir) / f"seed{seed}-{image_size}px-n{n_train}-{n_test}-{n_ood}-{n_coldstart}-noise{label_noise}"
     if variant != "default":
         sub = sub.with_name(sub.name + f"-{variant}")
@@ -634,8 +633,8 @@ STEP3 = (
 )
 
 
-# the instruct stage's questions (emor3.sft.instruct_examples): a description, and one question per cue kind with
-# its answer per cue value
+# the instruct stage's questions (emor3.toy.instruct.instruct_examples): a description, and one question per cue
+# kind with its answer per cue value
 DESCRIBE_QUESTION = "Describe the image."
 CUE_QUESTIONS = {
     "face": ("Is the face smiling or frowning?", {"smile": "smiling", "frown": "frowning"}),
@@ -791,7 +790,6 @@ def scene_properties(cues: dict[str, str]) -> tuple[str, str]:
 def corpus_texts(seed: int = 0, repeats: int = 2) -> list[str]:
     """Representative texts for training the tiny tokenizer: traces of every cue combination in every taxonomy,
     label lists of the built-in taxonomies, and cue words."""
-    from emor3.data.taxonomy import BUILTIN_NAMES
     rng = random.Random(f"emoscenes:{seed}:corpus")
     texts = []
     for _ in range(repeats):
