@@ -9,6 +9,8 @@ Two benchmarks, the same seeds (default 0-4):
    independent of the scene out of domain): per seed, EMO-R3 as above, then ``--algo grpo`` from its Cold-Start
    checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
    RER's consistency reward keeps step 1 naming the true cues and the policy answering from them.
+   ``conflict`` runs the same two methods on the conflict variant (the training label follows the badge, which
+   disagrees with the cues on a share of training images): the mechanism study (benchmarks/precondition.py first).
 
 For each benchmark: every method's columns (each evaluated split's accuracy, the run averages, the grounding and
 reasoning rates of ``emor3.evaluate``) as the mean over seeds, with a bootstrap 95 % interval over seeds from 5 seeds
@@ -383,7 +385,7 @@ def run_parts(a: argparse.Namespace, seeds: list[int], results_md: Path | None, 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
-    ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut")
+    ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut, conflict")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
     # a str, not a Path: Path("") is "." and would not read as "nowhere"
     ap.add_argument("--results-md", default=str(Path(__file__).with_name("RESULTS.md")),

@@ -44,7 +44,7 @@ ModelSize = Literal["tiny", "100m", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-
 DecoderTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GroupTarget = Literal["vision", "merger"]  # every linear layer of the vision blocks / of the patch merger(s)
 OnBadSample = Literal["error", "skip"]
-EmoScenesVariant = Literal["default", "shortcut"]
+EmoScenesVariant = Literal["default", "shortcut", "conflict"]
 EmoScenesEval = Literal["table", "validation"]
 AlgoName = Literal["emo_r3", "grpo", "dapo", "dr_grpo", "gspo"]
 KLKind = Literal["k1", "k2", "k3"]
@@ -159,8 +159,10 @@ class DataConfig:
                                        "split only, to choose settings without reading test).")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
-    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "
-                                             "colour gives the label in train/test only; emor3.toy.emoscenes).")
+    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default; shortcut (a badge whose colour "
+                                             "shows the label on 90 % of train/test images); conflict (the training "
+                                             "label follows the badge, which disagrees with the cues on 30 % of "
+                                             "training images); emor3.toy.emoscenes.")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 

@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--variant", choices=VARIANTS, default="default",
-                   help="default, or shortcut: a badge whose colour gives the label in train/test only, drawn "
-                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.toy.emoscenes)")
+                   help="default; shortcut: a badge whose colour shows the label on 90%% of train/test images, "
+                        "drawn independently of the scene out of domain, plus the ood_shortcut split; conflict: the "
+                        "training label follows the badge, which disagrees with the cues on 30%% of training images "
+                        "(emor3.toy.emoscenes)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 
