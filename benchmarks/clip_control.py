@@ -1,7 +1,7 @@
 """The single-frame control on EmoScenes clips: does a policy need the change over time?
 
 A checkpoint answers the test clips and the same clips holding their first or last frame (`test_first`,
-`test_last`: `emor3.data.emoscenes_clips`), one sampled SET reply each at the evaluation protocol (temperature 0.6,
+`test_last`: `emor3.toy.emoscenes_clips`), one sampled SET reply each at the evaluation protocol (temperature 0.6,
 top-p 0.95, one seeded generator). Per set and per changed cue (face, sky, object) it reports the accuracy and how
 often the boxed label has the right property for the changed cue (valence for the face, arousal for the sky, family
 for the object; `changed_cue_right`). An end frame shows the changed cue neutral, so there that rate sits near
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from emor3.config import config_from_dict, load_toml
-from emor3.data.emoscenes_clips import CHANGING, changed_cue_right
+from emor3.toy.emoscenes_clips import CHANGING, changed_cue_right
 from emor3.data.loaders import load_manifest
 from emor3.data.taxonomy import MIKELS8
 from emor3.engine.prompts import encode_samples

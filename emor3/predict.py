@@ -47,7 +47,8 @@ from emor3.data.dataset import (IMAGE_SHAPE, UNREADABLE_IMAGE, BadSampleError, d
                                 smart_resize)
 from emor3.engine.prompts import build_set_messages
 from emor3.engine.sampler import sample
-from emor3.experiment import latest_checkpoint, resolve_device
+from emor3.checkpoints import latest_checkpoint
+from emor3.stages.build import resolve_device
 from emor3.models import Processor, load_pretrained
 from emor3.models.clips import Clip, read_clip
 from emor3.models.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config

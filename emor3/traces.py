@@ -1,7 +1,8 @@
 """python -m emor3.sft traces: Cold-Start traces for real data, by rejection sampling from a teacher checkpoint.
 
-Published datasets carry no SET responses, so Cold-Start SFT (``emor3.sft``) has nothing to learn from. ``make_traces``
-samples ``per_image`` SET responses per image from any Qwen-VL checkpoint with emor3's sampler and keeps, per image,
+Published datasets carry no SET responses, so Cold-Start SFT (``emor3.stages.cold_start``) has nothing to learn
+from. ``make_traces`` samples ``per_image`` SET responses per image from any Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+checkpoint with emor3's sampler and keeps, per image,
 the first that passes the paper's format rule and boxes the image's label; ``traces_main`` writes them as a JSONL
 manifest (a ``response`` column) that ``--data`` then trains on.
 """
@@ -26,7 +27,7 @@ from emor3.data.dataset import write_atomic
 from emor3.data.taxonomy import VIDEO_NAMES
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
-from emor3.experiment import resolve_device
+from emor3.stages.build import resolve_device
 from emor3.folders import RunFolderError, lock_folder
 from emor3.models import Processor, load_pretrained
 from emor3.models.checkpoint import read_config

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from emor3.data.emoscenes_clips import make_clip_split
+from emor3.toy.emoscenes_clips import make_clip_split
 from emor3.data.taxonomy import MIKELS8
 from emor3.engine.prompts import DEFAULT_VIDEO_QUESTION, build_set_messages, encode_samples
 from emor3.engine.sampler import sample
 from emor3.engine.scoring import completion_logprobs, concat_prompt_batches, prompt_slice
 from emor3.models import Processor, load_pretrained
-from emor3.models.tiny import build_tiny_checkpoint
+from emor3.toy.model import build_tiny_checkpoint
 from emor3.rewards.reflection import ModelJudge, consistency_request, split_shared_prefixes
 from tests.test_train import plugin, tiny_config  # noqa: F401 (a fixture)
 
@@ -271,14 +271,14 @@ def test_validate_lists_every_fold_of_a_dfew_root(tmp_path, capsys):
 
 
 def test_the_prompt_text_plugins_see_matches_the_clip_prompt(tiny):
-    from emor3.data.emoscenes import write_emoscenes
+    from emor3.toy.emoscenes import write_emoscenes
     from emor3.engine.prompts import sample_prompt
     _, proc = tiny
     s = make_clip_split("test", 1, seed=0)[0]
     text = sample_prompt(s, {"mikels8": MIKELS8})
     batch = encode_samples(proc, [s], [s.image.open_clip()], {"mikels8": MIKELS8})
     assert text.startswith("Which emotion does this video evoke?") and text in proc.decode(batch.input_ids[0])
-    with pytest.raises(ValueError, match="emor3.data.emoscenes_clips"):
+    with pytest.raises(ValueError, match="emor3.toy.emoscenes_clips"):
         write_emoscenes("/nonexistent", seed=0, n_train=1, n_test=1, n_ood=1, variant="clips")
 
 

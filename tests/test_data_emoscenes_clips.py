@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from emor3.data.clip_source import ClipFiles
-from emor3.data.emoscenes import (AROUSAL_OF_SKY, FAMILY_OF_OBJECT, HELD_OUT_COMBINATIONS, VALENCE_OF_FACE,
+from emor3.toy.emoscenes import (AROUSAL_OF_SKY, FAMILY_OF_OBJECT, HELD_OUT_COMBINATIONS, VALENCE_OF_FACE,
                                   all_cue_combinations, cue_mentions, rule_label)
-from emor3.data.emoscenes_clips import (CHANGING, CONTROLS, FRAME_COUNTS, NEUTRAL, SPLITS, SceneClip, clip_trace,
+from emor3.toy.emoscenes_clips import (CHANGING, CONTROLS, FRAME_COUNTS, NEUTRAL, SPLITS, SceneClip, clip_trace,
                                         eval_split_names, frame_states, make_clip_split, make_emoscenes_clips,
                                         write_emoscenes_clips)
 from emor3.data.loaders import load_manifest
@@ -165,7 +165,7 @@ def test_manifest_clip_rows_are_checked(tmp_path):
 
 
 def test_changed_cue_right_reads_the_changed_property_of_the_label():
-    from emor3.data.emoscenes_clips import changed_cue_right
+    from emor3.toy.emoscenes_clips import changed_cue_right
     cues = {"face": "smile", "sky": "sunny", "object": "gift"}  # amusement: positive, high, personal
     assert changed_cue_right("amusement", cues, "face")
     assert changed_cue_right("excitement", cues, "face"), "wrong family, but the face's valence is right"

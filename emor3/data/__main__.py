@@ -23,7 +23,8 @@ from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
                                  parquet_splits, split_suffix, video_layout)
 from emor3.data.video_loaders import FOLDS, LOADERS, SPLITS
-from emor3.data.emoscenes import VARIANTS
+from emor3.toy.emoscenes import VARIANTS, write_emoscenes
+from emor3.toy.emoscenes_clips import write_emoscenes_clips
 
 
 def _targets(path: Path, split: str | None) -> list[str | None]:
@@ -92,8 +93,6 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def emoscenes(args: argparse.Namespace) -> int:
-    from emor3.data.emoscenes import write_emoscenes
-    from emor3.data.emoscenes_clips import write_emoscenes_clips
     if args.variant == "clips":
         paths = write_emoscenes_clips(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                                       n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
@@ -182,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--variant", choices=VARIANTS, default="default",
-                   help="default; shortcut: a badge whose colour gives the label in train/test only, drawn "
-                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes); "
-                        "clips: 4-8 frame clips whose label needs the change over time, plus the single-frame "
-                        "controls test_first and test_last (emor3.data.emoscenes_clips)")
+                   help="default; shortcut: a badge whose colour shows the label on 90%% of train/test images, "
+                        "drawn independently of the scene out of domain, plus the ood_shortcut split; conflict: the "
+                        "training label follows the badge, which disagrees with the cues on 30%% of training images "
+                        "(emor3.toy.emoscenes); clips: 4-8 frame clips whose label needs the change over time, plus "
+                        "the single-frame controls test_first and test_last (emor3.toy.emoscenes_clips)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 

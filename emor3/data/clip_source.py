@@ -2,7 +2,7 @@
 
 A clip source is anything with `key` (what caches and records name it by) and `open_clip() -> Clip` (all frames,
 decoded now): `ClipFiles`, a manifest row's clip (a list of frame files, a folder of frames, an animated GIF / WebP or
-a video file, with its frame rate), or a clip drawn on demand (`emor3.data.emoscenes_clips.SceneClip`).
+a video file, with its frame rate), or a clip drawn on demand (`emor3.toy.emoscenes_clips.SceneClip`).
 `EmotionDataset.image(i)` returns a clip sample's `Clip` (the processor samples, resizes and patches it at the
 run's video settings), and `emor3.engine.prompts` puts a video part in its SET prompt.
 """

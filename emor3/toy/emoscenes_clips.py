@@ -2,7 +2,7 @@
 no single frame gives the label.
 
 Every clip has 4, 6 or 8 frames (`FRAME_COUNTS`, at `FPS` frames per second) of one EmoScenes scene (the same face,
-sky and object cues, rule and label as `emor3.data.emoscenes`). Two cues are drawn in every frame. The third, the
+sky and object cues, rule and label as `emor3.toy.emoscenes`). Two cues are drawn in every frame. The third, the
 clip's *changed* cue (face, sky or object, balanced), is in a neutral state in the first and the last frame and
 shows its value only during an event in the middle (`event` = [start, stop) frames, 1 <= start < stop <= F - 1,
 at least half the clip):
@@ -50,10 +50,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
-from emor3.data.emoscenes import (AROUSAL_OF_SKY, FACE_WORDS, FEELINGS, LAYOUTS, RULE_TABLE, SKY_WORDS, STEP2,
+from emor3.toy.emoscenes import (AROUSAL_OF_SKY, FACE_WORDS, FEELINGS, LAYOUTS, RULE_TABLE, SKY_WORDS, STEP2,
                                   STEP3, VALENCE_OF_FACE, RenderStyle, cue_rounds, draw_cue, jittered_palette,
                                   label_for, rule_label)
-from emor3.data.emoscenes import SPLITS as IMAGE_SPLITS
+from emor3.toy.emoscenes import SPLITS as IMAGE_SPLITS
 from emor3.data.taxonomy import get_taxonomy
 from emor3.models.clips import Clip
 
@@ -269,7 +269,7 @@ CHANGE_STEP1 = {
 
 def clip_trace(cues: dict[str, str], changed: str, taxonomy: str = "mikels8", rng: random.Random | None = None) -> str:
     """A SET reference response for a clip: step 1 names the three cues and the change, steps 2-3 as the image
-    traces (`emor3.data.emoscenes.coldstart_trace`)."""
+    traces (`emor3.toy.emoscenes.coldstart_trace`)."""
     rng = rng or random.Random(0)
     label = label_for(cues, taxonomy)
     valence, arousal = VALENCE_OF_FACE[cues["face"]], AROUSAL_OF_SKY[cues["sky"]]
