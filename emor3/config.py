@@ -44,7 +44,7 @@ ModelSize = Literal["tiny", "100m", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-
 DecoderTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GroupTarget = Literal["vision", "merger"]  # every linear layer of the vision blocks / of the patch merger(s)
 OnBadSample = Literal["error", "skip"]
-EmoScenesVariant = Literal["default", "shortcut", "conflict"]
+EmoScenesVariant = Literal["default", "shortcut", "conflict", "clips"]
 EmoScenesEval = Literal["table", "validation"]
 AlgoName = Literal["emo_r3", "grpo", "dapo", "dr_grpo", "gspo"]
 KLKind = Literal["k1", "k2", "k3"]
@@ -114,6 +114,10 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward pass to save memory.")
     min_pixels: int = _f(112 * 112, "Smallest image size in pixels after resizing (the paper: 512*512).")
     max_pixels: int = _f(112 * 112, "Largest image size in pixels after resizing (the paper: 2048*2048).")
+    video_fps: float = _f(2.0, "Frames per second sampled from a clip (0: every frame).")
+    video_max_frames: int = _f(16, "Most frames sampled from a clip.")
+    video_max_pixels: int = _f(0, "Largest clip frame in pixels after resizing (0: --model.max-pixels); the "
+                                  "smallest is --model.min-pixels.")
     lora_rank: int = _f(0, "LoRA rank r: train low-rank adapters on --model.lora-targets and freeze every other "
                            "weight; the KL reference is the model with its adapters off (0: full fine-tuning).")
     lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r.")
@@ -162,7 +166,8 @@ class DataConfig:
     emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default; shortcut (a badge whose colour "
                                              "shows the label on 90 % of train/test images); conflict (the training "
                                              "label follows the badge, which disagrees with the cues on 30 % of "
-                                             "training images); emor3.toy.emoscenes.")
+                                             "training images); emor3.toy.emoscenes; or clips (4-8 frame clips "
+                                             "whose label needs the change over time; emor3.toy.emoscenes_clips).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 
@@ -516,6 +521,9 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("model", "tokenizer_vocab"): (1, True, None, False, ""),
     ("model", "min_pixels"): (1, True, None, False, ""),
     ("model", "max_pixels"): (1, True, None, False, ""),
+    ("model", "video_fps"): (0, True, None, False, "0: every frame"),
+    ("model", "video_max_frames"): (2, True, None, False, "a temporal patch spans two frames"),
+    ("model", "video_max_pixels"): (0, True, None, False, "0: --model.max-pixels"),
     ("data", "emoscenes_train"): (1, True, None, False, ""),
     ("data", "emoscenes_test"): (0, True, None, False, ""),
     ("data", "emoscenes_ood"): (0, True, None, False, ""),

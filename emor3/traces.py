@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from emor3.config import OnBadSample, choices
 from emor3.data import BUILTIN_NAMES, BytesImage, get_taxonomy, load_dataset, write_manifest
+from emor3.data.clip_source import ClipFiles
 from emor3.data.dataset import write_atomic
+from emor3.data.taxonomy import VIDEO_NAMES
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
 from emor3.stages.build import resolve_device
@@ -147,8 +149,13 @@ def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False,
         if only_traces and i not in kept:
             continue
         meta = {k: v for k, v in (s.metadata or {}).items() if k != "response"}
-        row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
-        if s.taxonomy in BUILTIN_NAMES:  # a user taxonomy (a file) is named again with --taxonomy when loading
+        if isinstance(s.image, ClipFiles):  # a clip: its frame files or clip path, and its rate
+            where = {"frames": [str(p.resolve()) for p in s.image.frames]} if s.image.frames else \
+                {"video": str(s.image.path.resolve())}
+            row = {**meta, **where, "fps": s.image.fps, "label": s.label, "id": s.id}
+        else:
+            row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
+        if s.taxonomy in BUILTIN_NAMES + VIDEO_NAMES:  # a user taxonomy (a file) is named again with --taxonomy
             row["taxonomy"] = s.taxonomy
         if getattr(s, "question", None):
             row["question"] = s.question

@@ -197,6 +197,9 @@ def build(cfg: Config, out: Path, world: World | None = None) -> Run:
         source = world.model(cfg, out, list(taxonomies.values()), questions)
     model = load_model(cfg, source, device)
     processor = Processor.from_pretrained(source, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    m = cfg.model
+    processor.set_clip_budget(fps=m.video_fps or None, max_frames=m.video_max_frames, min_pixels=m.min_pixels,
+                              max_pixels=m.video_max_pixels or m.max_pixels)
     if cfg.data.max_prompt_length:  # overlong prompts are bad samples, found now, before anything trains
         limit = lambda ds: drop_overlong_prompts(ds, processor, taxonomies, cfg.data.max_prompt_length,  # noqa: E731
                                                  cfg.data.on_bad_sample)

@@ -28,6 +28,7 @@ from emor3.engine.scoring import completion_logprobs
 from emor3.grpo.objective import aggregate
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.checkpoint import fault_point
+from emor3.models.clips import Clip
 from emor3.models.lora import merge_adapters
 from emor3.rewards import parse_set
 from emor3.rewards.reflection import (JudgeRequest, coherence_request, consistency_request, release_coherence_request,
@@ -46,7 +47,8 @@ class SFTExample:
 
 def set_examples(samples: Sequence, images: Sequence, responses: Sequence[str], taxonomies: dict) -> list[SFTExample]:
     """The Cold-Start-Emo examples: the SET prompt of each sample (its taxonomy's labels) and its SET response."""
-    return [SFTExample(build_set_messages(taxonomies[s.taxonomy], question=getattr(s, "question", None)), [im], r)
+    return [SFTExample(build_set_messages(taxonomies[s.taxonomy], question=getattr(s, "question", None),
+                                          video=isinstance(im, Clip)), [im], r)
             for s, im, r in zip(samples, images, responses)]
 
 

@@ -396,6 +396,26 @@ def _draw_object(d: ImageDraw.ImageDraw, obj: str, x: float, y: float, r: float,
         raise ValueError(f"unknown object {obj!r}; known: {OBJECTS}")
 
 
+def jittered_palette(style: RenderStyle, rng: random.Random) -> dict:
+    """The colours of one scene in ``style``, each jittered by rng as `render_scene` jitters them (for renderers
+    that compose their own frames from the cue drawings: `emor3.toy.emoscenes_clips`)."""
+    return {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
+
+
+def draw_cue(d: ImageDraw.ImageDraw, kind: str, value: str, x: float, y: float, r: float, S: int, pal: dict,
+             rng: random.Random) -> None:
+    """Draw one cue's element as `render_scene` does: kind "sky" (the sun, storm, dusk sun or moon at x, y; rng
+    places the stars), "face" or "object" (centred at x, y, radius r)."""
+    if kind == "sky":
+        _draw_sky(d, value, x, y, S, pal, rng)
+    elif kind == "face":
+        _draw_face(d, value, x, y, r, S, pal)
+    elif kind == "object":
+        _draw_object(d, value, x, y, r, S, pal)
+    else:
+        raise ValueError(f"unknown cue kind {kind!r}; known: {tuple(CUE_VALUES)}")
+
+
 @dataclass(frozen=True)
 class SceneImage:
     """An EmoScenes image drawn on demand (an `ImageSource`): the same fields always give the same pixels."""
@@ -465,6 +485,8 @@ def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default")
     out-of-domain split (the compositional hold-out included) n_ood."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant == "clips":  # not images: a module of its own
+        raise ValueError("the EmoScenes clip variant is drawn by emor3.toy.emoscenes_clips, not as images")
     n = {"train": n_train, "validation": n_test, "test": n_test}
     return {name: n.get(name, n_ood) for name, spec in SPLITS.items()
             if spec.variants is None or variant in spec.variants}

@@ -7,27 +7,34 @@ the prompts the run will use (``RUN_DIR/instruct`` once the instruct stage has m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from emor3.config import Config
 from emor3.folders import UsageError
 from emor3.stages.build import EvalSet, World
 from emor3.toy.emoscenes import SPLITS, eval_split_names, load_emoscenes
+from emor3.toy.emoscenes_clips import eval_split_names as clip_eval_split_names
+from emor3.toy.emoscenes_clips import load_emoscenes_clips, split_domain as clip_split_domain
 from emor3.toy.model import build_tiny_checkpoint, tokenizer_corpus
 
 
 def emoscenes_data(cfg: Config, asked: list[str] | None):
     """(train, cold-start traces, the eval sets ``asked`` by name or, when None, ``--data.emoscenes-eval``'s)."""
     d = cfg.data
-    splits = load_emoscenes(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
-                            n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
-                            n_coldstart=d.cold_start, variant=d.emoscenes_variant, on_bad_sample=d.on_bad_sample)
-    names = asked if asked is not None else eval_split_names(d.emoscenes_eval, d.emoscenes_variant)
+    clips = d.emoscenes_variant == "clips"  # the clip benchmark (emor3.toy.emoscenes_clips)
+    load = load_emoscenes_clips if clips else functools.partial(load_emoscenes, variant=d.emoscenes_variant)
+    splits = load(d.cache_dir, seed=cfg.run.seed, n_train=d.emoscenes_train, n_test=d.emoscenes_test,
+                  n_ood=d.emoscenes_ood, image_size=d.image_size, label_noise=d.label_noise,
+                  n_coldstart=d.cold_start, on_bad_sample=d.on_bad_sample)
+    names = asked if asked is not None else (clip_eval_split_names(d.emoscenes_eval) if clips else
+                                             eval_split_names(d.emoscenes_eval, d.emoscenes_variant))
     missing = [n for n in names if n not in splits]
     if asked and missing:
         raise UsageError(f"--data.eval {','.join(missing)}: not built in this run (a size of 0, or a split of "
                          "another --data.emoscenes-variant)")
-    evals = [EvalSet(name, splits[name], SPLITS[name].domain) for name in SPLITS if name in names and name in splits]
+    evals = [EvalSet(name, splits[name], clip_split_domain(name) if clips else SPLITS[name].domain)
+             for name in SPLITS if name in names and name in splits]
     return splits["train"], splits.get("coldstart"), evals
 
 
