@@ -9,6 +9,8 @@ Two benchmarks, the same seeds (default 0-4):
    independent of the scene out of domain): per seed, EMO-R3 as above, then ``--algo grpo`` from its Cold-Start
    checkpoint. Outcome-only GRPO can reach ~90 % training accuracy from the badge alone; the question is whether
    RER's consistency reward keeps step 1 naming the true cues and the policy answering from them.
+   ``conflict`` runs the same two methods on the conflict variant (the training label follows the badge, which
+   disagrees with the cues on a share of training images): the mechanism study (benchmarks/precondition.py first).
 
 For each benchmark: every method's columns (each evaluated split's accuracy, the run averages, the grounding and
 reasoning rates of ``emor3.evaluate``) as the mean over seeds, with a bootstrap 95 % interval over seeds from 5 seeds
@@ -56,7 +58,9 @@ import torch
 
 from emor3.config import parse_args
 from emor3.evaluate import CUE_KINDS, RUN_AVERAGES, evaluate, paired_bootstrap, paired_t_interval, sign_test
-from emor3.experiment import build_experiment, prepare_run_dir
+from emor3.run_folder import prepare_run_dir
+from emor3.stages.build import build
+from emor3.toy.world import WORLD
 from emor3.grpo.train import train
 
 COLUMNS = RUN_AVERAGES  # each seed's run averages (one training setting; not the paper's two-setting A^I / A^O / A)
@@ -85,9 +89,9 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
         start = emo / "instruct" if (emo / "instruct" / "config.json").is_file() else emo / "init"
         cfg = parse_args(["--seed", str(seed), "--out", str(base / "zero_shot"), "--model.path", str(start),
                           "--run.progress", "false", "--overwrite", *variant, *extra], "ablation", "")
-        exp = build_experiment(cfg, prepare_run_dir(cfg, "ablation"))
-        rows["Zero-shot"] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=seed,
-                                     device=exp.device, progress=False)
+        run = build(cfg, prepare_run_dir(cfg, "ablation"), WORLD)
+        rows["Zero-shot"] = evaluate(run.model, run.processor, run.eval_sets, run.taxonomies, cfg.eval, seed=seed,
+                                     device=run.device, progress=False)
     rows["Cold-Start SFT"] = res["Cold-Start SFT"]
     for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
         rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]
@@ -381,7 +385,7 @@ def run_parts(a: argparse.Namespace, seeds: list[int], results_md: Path | None, 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
-    ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut")
+    ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut, conflict")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
     # a str, not a Path: Path("") is "." and would not read as "nowhere"
     ap.add_argument("--results-md", default=str(Path(__file__).with_name("RESULTS.md")),

@@ -46,7 +46,8 @@ from bench_update import peak_mb, sync  # noqa: E402
 
 from emor3.models.processing import Processor  # noqa: E402
 from emor3.models.qwen_vl import QwenVL  # noqa: E402
-from emor3.models.tiny import NAMED, build_tiny_tokenizer, tiny_config, write_preprocessor_config  # noqa: E402
+from emor3.models.sizes import NAMED, tiny_config  # noqa: E402
+from emor3.toy.model import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
 from emor3.rewards.reflection import CONSISTENCY_QUESTION, ModelJudge, consistency_request  # noqa: E402
 
 WORDS = ("a girl laughs at small puppy in the park on sunny day dark alley night rain window crowd cheers while "
@@ -78,7 +79,7 @@ def build(config: str, image_px: int, out_dir: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="100m", help="a name from emor3.models.tiny.NAMED")
+    ap.add_argument("--config", default="100m", help="a name from emor3.models.sizes.NAMED")
     ap.add_argument("--prompts", type=int, default=2, help="B")
     ap.add_argument("--group", type=int, default=8, help="G (requests = B·G)")
     ap.add_argument("--image-px", type=int, default=448, help="image side in pixels")

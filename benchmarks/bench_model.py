@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emor3.models import Qwen3VL, QwenVL  # noqa: E402
 from emor3.models.positions import mrope_position_ids  # noqa: E402
-from emor3.models.tiny import make_config, make_qwen3_config  # noqa: E402
+from emor3.models.sizes import make_config, make_qwen3_config  # noqa: E402
 
 ARCH = "qwen2_5_vl"  # set from --arch in main()
 

@@ -38,7 +38,7 @@ def worker(args) -> None:
     from emor3 import distributed as dist  # noqa: E402
     from emor3.grpo.rollout import PromptStream  # noqa: E402
     from emor3.grpo.step import grpo_step  # noqa: E402
-    from emor3.grpo.train import lr_lambda  # noqa: E402
+    from emor3.stages.grpo import lr_lambda, rollout_setup  # noqa: E402
 
     dist.init()  # torchrun: join the group (gloo on the CPU); a no-op for one process
     work = Path(args.work)
@@ -48,18 +48,19 @@ def worker(args) -> None:
             work.mkdir(parents=True, exist_ok=True)
             if not (work / "emoscenes").exists():
                 (work / "emoscenes").symlink_to(Path(args.data_cache))
-        cfg, exp, _, setup_s = ps.build(ns, work)
+        cfg, run, model, ref_model, _, setup_s = ps.build(ns, work)
     g = cfg.grpo
-    policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    reference = None if exp.reference is None else dist.wrap_reference(
-        exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
+    policy = dist.wrap_policy(model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    reference = None if ref_model is None else dist.wrap_reference(
+        ref_model, cfg.run.reference, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    setup = rollout_setup(cfg, run, model, ref_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
-    stream = PromptStream(len(exp.train_set), cfg.run.seed)
+    stream = PromptStream(len(run.train_set), cfg.run.seed)
     steps = []
     for i in range(args.steps):
-        m, _ = grpo_step(exp, cfg, stream, policy, reference, optimizer, scheduler, i)
+        m, _ = grpo_step(cfg, setup, stream, policy, reference, optimizer, scheduler, i)
         steps.append({"step_s": m["time/step"], "completion_len_mean": m["completion_len_mean"],
                       **{k: m[k] for k in ("time/rollout", "time/judge", "time/reference", "time/update")}})
     if dist.is_main():

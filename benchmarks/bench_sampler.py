@@ -47,7 +47,7 @@ from emor3.models.checkpoint import save_pretrained
 from emor3.models.positions import mrope_position_ids
 from emor3.models.processing import PromptBatch
 from emor3.models.qwen_vl import QwenVL
-from emor3.models.tiny import tiny_config
+from emor3.models.sizes import tiny_config
 
 # the EmoSet-shaped workload (bench_update.py's default): model size, B, G, new tokens, image side in patches, P
 EMOSET = dict(size="100m", prompts=2, group=8, new_tokens=96, image_grid=32, prompt_len=425)
@@ -173,7 +173,7 @@ def bench_config(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="tiny,100m", help="comma-separated names from emor3.models.tiny.NAMED, or "
+    ap.add_argument("--configs", default="tiny,100m", help="comma-separated names from emor3.models.sizes.NAMED, or "
                     "emoset (the EmoSet-shaped workload, see the docstring)")
     ap.add_argument("--prompts", type=int, default=8, help="B")
     ap.add_argument("--group", type=int, default=8, help="G (rows = B·G)")

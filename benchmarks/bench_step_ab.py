@@ -67,7 +67,6 @@ def worker(args) -> None:
     from emor3 import distributed as dist  # noqa: E402
     from emor3.grpo.rollout import PromptStream  # noqa: E402
     from emor3.grpo.step import grpo_step  # noqa: E402
-    from emor3.grpo.train import lr_lambda  # noqa: E402
 
     extra = shlex.split(args.cfg_args)
     if extra:  # config flags for this side: appended to the ones profile_step.build passes
@@ -75,15 +74,30 @@ def worker(args) -> None:
         ps.parse_args = lambda argv, *a, **kw: orig(list(argv) + extra, *a, **kw)
     ns = argparse.Namespace(model=args.model, sft_steps=0, threads=args.threads, seed=args.seed)
     work = Path(args.work)
-    cfg, exp, start, setup_s = ps.build(ns, work)
+    built = ps.build(ns, work)
+    if len(built) == 4:  # a tree whose stages share one Experiment (emor3.experiment; commits before emor3.stages)
+        from emor3.grpo.train import lr_lambda  # noqa: E402
+        cfg, exp, start, setup_s = built
+        model, ref_model, device, n_train = exp.model, exp.reference, exp.device, len(exp.train_set)
+
+        def one_step(*a):
+            return grpo_step(exp, cfg, *a)
+    else:  # the stages as functions (emor3.stages)
+        from emor3.stages.grpo import lr_lambda, rollout_setup  # noqa: E402
+        cfg, run, model, ref_model, start, setup_s = built
+        device, n_train = run.device, len(run.train_set)
+        setup = rollout_setup(cfg, run, model, ref_model)
+
+        def one_step(*a):
+            return grpo_step(cfg, setup, *a)
     g = cfg.grpo
-    policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    reference = None if exp.reference is None else dist.wrap_reference(
-        exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
+    policy = dist.wrap_policy(model, cfg.run.parallel, device, cfg.run.mixed_precision)
+    reference = None if ref_model is None else dist.wrap_reference(
+        ref_model, cfg.run.reference, cfg.run.parallel, device, cfg.run.mixed_precision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
-    stream = PromptStream(len(exp.train_set), cfg.run.seed)
+    stream = PromptStream(n_train, cfg.run.seed)
 
     # what each step computed, for the exactness check: the rollout's sample() results and the rewards
     seen: dict[str, list] = {"rollout_tokens": [], "rollout_logprobs": [], "judge": [], "rewards": []}
@@ -114,10 +128,10 @@ def worker(args) -> None:
                 v.clear()
             ps.PH.reset()
             t0 = time.perf_counter()
-            m, _ = grpo_step(exp, cfg, stream, policy, reference, optimizer, scheduler, i)
+            m, _ = one_step(stream, policy, reference, optimizer, scheduler, i)
             wall = time.perf_counter() - t0
             assert "time/update" in m, f"step {i + 1} was skipped (no informative group): {m}"
-            params = [p for p in exp.model.parameters()]
+            params = [p for p in model.parameters()]
             rec = {"step": i + 1, "wall_s": wall, "phases_s": ps.breakdown(m, ps.PH.s), "tokens": ps.token_counts(),
                    "digest": {**{k: "".join(v) for k, v in seen.items()},
                               "loss": _digest(torch.tensor([m["loss"], m["grad_norm"]], dtype=torch.float64)),

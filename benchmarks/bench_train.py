@@ -3,7 +3,7 @@
 The workload: 8 prompts x 8 samples, at most 64 new tokens, β = 0.01, temperature 1, fp32, CPU; by default the tiny
 model with one 112x112 image per prompt, ``--model 100m --image-size 448`` the EmoSet-shaped one (100.4M parameters,
 a 32k vocabulary, 256 image tokens per prompt). Both sides start from the SAME saved folder
-(``emor3.models.tiny.build_tiny_checkpoint``, written once here and loaded by emor3's ``load_pretrained`` and by
+(``emor3.toy.model.build_tiny_checkpoint``, written once here and loaded by emor3's ``load_pretrained`` and by
 transformers' ``Qwen2_5_VLForConditionalGeneration``; its processor keeps a ``--image-size`` square image at its size
 on both sides), train on the same EmoScenes training split (SET prompts with the mikels8 labels, one
 ``--image-size`` square image each), and score completions
@@ -57,14 +57,14 @@ REPO = Path(__file__).resolve().parents[1]
 B, G, BETA = 8, 8, 0.01
 SEED = 0
 TAXONOMY = "mikels8"
-# emor3's "paper" weights with the RER terms dropped, as ``--algo grpo`` does (emor3.experiment.build_experiment)
+# emor3's "paper" weights with the RER terms dropped, as ``--algo grpo`` does (emor3.stages.build.build)
 W_ACCURACY, W_FORMAT = 0.8, 0.1
 LR, WEIGHT_DECAY, GRAD_CLIP, CLIP_LOW, CLIP_HIGH = 1e-4, 0.01, 1.0, 0.2, 0.3
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What both sides run: the model size (a name from emor3.models.tiny.NAMED), the square image side in pixels,
+    """What both sides run: the model size (a name from emor3.models.sizes.NAMED), the square image side in pixels,
     the completion cap T and the rows per forward/backward."""
 
     model: str = "tiny"
@@ -122,15 +122,16 @@ def prepare(work: Path, steps: int, w: Workload) -> None:
     import torch
 
     from emor3.data import get_taxonomy
-    from emor3.data.emoscenes import load_emoscenes
-    from emor3.experiment import tokenizer_corpus
-    from emor3.models.tiny import NAMED, build_tiny_checkpoint
+    from emor3.toy.emoscenes import load_emoscenes
+    from emor3.toy.model import tokenizer_corpus
+    from emor3.models.sizes import NAMED
+    from emor3.toy.model import build_tiny_checkpoint
 
     model_dir = w.model_dir(work)
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(SEED)
         corpus = tokenizer_corpus([get_taxonomy(TAXONOMY)])
-        # tiny: the same call emor3.experiment.build_model makes for a run without --model.path (vocab 1024);
+        # tiny: the same call emor3.toy.world.tiny_model makes for a run without --model.path (vocab 1024);
         # larger sizes: their own vocabulary, filled with seeded filler words
         vocab = 1024 if w.model == "tiny" else NAMED[w.model]["vocab_size"]
         if w.model != "tiny":
@@ -246,7 +247,7 @@ def run_trl(work: Path, steps: int, w: Workload) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from emor3.data import get_taxonomy
-    from emor3.data.emoscenes import load_emoscenes
+    from emor3.toy.emoscenes import load_emoscenes
     from emor3.rewards import accuracy_reward, build_set_messages, format_reward
 
     model_dir = w.model_dir(work)
@@ -401,7 +402,7 @@ def main() -> None:
     p.add_argument("--sample-chunk", type=int, default=B,
                    help="emor3 --grpo.sample-chunk: prompts per sampler call (8: all of them in one call, as TRL's "
                         "single generate; 1: emor3's default, one prompt per call so rollouts do not depend on ranks)")
-    p.add_argument("--model", default="tiny", help="model size, a name from emor3.models.tiny.NAMED (tiny, 100m)")
+    p.add_argument("--model", default="tiny", help="model size, a name from emor3.models.sizes.NAMED (tiny, 100m)")
     p.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels (both sides' "
                    "processors keep it: min = max pixels = its square; 448: 256 image tokens)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap T")

@@ -43,7 +43,7 @@ from emor3.models.positions import mrope_position_ids  # noqa: E402
 from emor3.models.processing import PromptBatch  # noqa: E402
 from emor3.models.qwen_vl import QwenVL  # noqa: E402
 from emor3.models.shared_prefix import shared_prefix_logprobs  # noqa: E402
-from emor3.models.tiny import tiny_config  # noqa: E402
+from emor3.models.sizes import tiny_config  # noqa: E402
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -112,7 +112,7 @@ def peak_mb(fn, device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="100m", help="a name from emor3.models.tiny.NAMED")
+    ap.add_argument("--config", default="100m", help="a name from emor3.models.sizes.NAMED")
     ap.add_argument("--prompts", type=int, default=2, help="B")
     ap.add_argument("--group", type=int, default=8, help="G (rows = B·G)")
     ap.add_argument("--completion", type=int, default=96, help="T, completion tokens per row")

@@ -49,7 +49,7 @@ from emor3.memory import GiB, estimate, param_counts, plan_from_config, run_tabl
 from emor3.models import QwenVL, mrope_position_ids, save_pretrained, tiny_config  # noqa: E402
 from emor3.models.checkpoint import read_config  # noqa: E402
 from emor3.models.qwen_vl import RMSNorm  # noqa: E402
-from emor3.models.tiny import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
+from emor3.toy.model import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
 
 RECIPE = REPO / "examples" / "emoset_qwen2_5_vl_3b.toml"
 
@@ -209,7 +209,7 @@ def write_checkpoint(s: dict, out: Path) -> Path:
     """A random-init checkpoint folder of the part's model: published config (real vocabulary), a small offline
     tokenizer whose special tokens sit at Qwen's ids, the 448-px preprocessor budget."""
     from emor3.data.taxonomy import get_taxonomy
-    from emor3.experiment import tokenizer_corpus
+    from emor3.toy.model import tokenizer_corpus
 
     folder = out / "init"
     if (folder / "config.json").is_file():

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from emor3.config import parse_args
-from emor3.data.emoscenes import make_split
-from emor3.experiment import build_experiment
-from emor3.sft import SHIPPED_INSTRUCT, caption_recall
+from emor3.stages.build import build
+from emor3.toy.emoscenes import make_split
+from emor3.toy.instruct import SHIPPED_INSTRUCT, caption_recall
+from emor3.toy.world import WORLD
 
 SPLITS = ("test", "ood_render", "ood_unseen")
 REPO = Path(__file__).resolve().parents[1]
@@ -48,13 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse_args(["--model.path", str(model), "--out", tmp, "--run.progress", "false", "--run.threads", "1",
                           "--data.emoscenes-train", "8", "--data.emoscenes-test", "0", "--data.emoscenes-ood", "0",
                           "--data.cold-start", "0", "--data.cache-dir", str(Path(tmp) / "cache")], "perception", "")
-        exp = build_experiment(cfg, Path(tmp))
+        run = build(cfg, Path(tmp), WORLD)
         result = {"model": name, "seed": a.seed, "n": a.n, "torch": torch.__version__, "threads": 1,
                   "command": "python benchmarks/perception.py " + " ".join(argv or []), "recall": {}}
         for split in SPLITS:
             samples = make_split(split, a.n, seed=a.seed, image_size=cfg.data.image_size)
-            result["recall"][split] = caption_recall(exp.model, exp.processor, samples,
-                                                     [s.open_image() for s in samples], exp.device)
+            result["recall"][split] = caption_recall(run.model, run.processor, samples,
+                                                     [s.open_image() for s in samples], run.device)
     lines = ["| split | face | sky | object | all |", "|---|---|---|---|---|"]
     for split, r in result["recall"].items():
         lines.append(f"| {split} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("face", "sky", "object", "all"))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_update import make_prompts  # noqa: E402
 from emor3.engine.sampler import sample  # noqa: E402
 from emor3.models.qwen_vl import QwenVL  # noqa: E402
-from emor3.models.tiny import tiny_config  # noqa: E402
+from emor3.models.sizes import tiny_config  # noqa: E402
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",

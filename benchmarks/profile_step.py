@@ -11,7 +11,7 @@ micro-batches). The model GRPO starts from is, in order of preference:
     differently). The output says which one ran.
 The step's cost depends on completion lengths, so the tokens decoded per step are reported with the times.
 
-It builds the run as ``emor3.grpo.train`` does (``build_experiment``, ``cold_start``, ``attach_reference``), then
+It builds the run as ``emor3.grpo.train`` does (``build``, the instruct stage, ``cold_start``, ``reference_model``), then
 calls ``grpo_step`` ``--steps`` times at ``--threads`` torch threads and reports:
   (a) per phase, the median over steps 3..N (1-based) of: the rollout (prompt encoding; the sampler's prefill, decode
       steps = model forward + token choice, the decode loop's bookkeeping, detokenising), the RER judge (request
@@ -64,12 +64,16 @@ import emor3.grpo.step as step_mod  # noqa: E402
 import emor3.rewards.reflection as reflection_mod  # noqa: E402
 from emor3 import distributed as dist  # noqa: E402
 from emor3.config import parse_args  # noqa: E402
-from emor3.experiment import attach_adapters, attach_reference, build_experiment  # noqa: E402
+from emor3.stages.build import build as build_run, reference_model, with_adapters  # noqa: E402
+from emor3.run_folder import start_dir  # noqa: E402
+from emor3.stages.grpo import rollout_setup  # noqa: E402
 from emor3.grpo.rollout import PromptStream  # noqa: E402
 from emor3.grpo.step import grpo_step  # noqa: E402
-from emor3.grpo.train import lr_lambda  # noqa: E402
+from emor3.stages.grpo import lr_lambda  # noqa: E402
 from emor3.models import load_pretrained  # noqa: E402
-from emor3.sft import cold_start  # noqa: E402
+from emor3.stages.cold_start import cold_start  # noqa: E402
+from emor3.toy import instruct  # noqa: E402
+from emor3.toy.world import WORLD  # noqa: E402
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
 # the ops that do the arithmetic of a linear layer or attention (forward and backward)
@@ -327,7 +331,7 @@ def profile_summary(prof, wall: float) -> dict:
 
 
 def build(args, work: Path):
-    """The default run's experiment at --threads, started from --model or from the run's own pipeline."""
+    """The default run's stages up to GRPO at --threads, started from --model or from the run's own pipeline."""
     out = work / "run"
     out.mkdir(parents=True, exist_ok=True)
     sft_steps = 0 if args.model else args.sft_steps
@@ -338,20 +342,22 @@ def build(args, work: Path):
     if not args.model:  # a fresh Cold-Start checkpoint (or none) for this run
         shutil.rmtree(out / "sft", ignore_errors=True)
     t0 = time.perf_counter()
-    exp = build_experiment(cfg, out)
-    cold_start(exp, out)  # the instruct stage (shipped checkpoint), then Cold-Start SFT unless --sft-steps 0
+    run = build_run(cfg, out, WORLD)
+    if instruct.applies(cfg):  # the shipped instruct checkpoint
+        run = instruct.instruct_stage(cfg, run, out)
+    model = cold_start(cfg, run, out)  # Cold-Start SFT unless --sft-steps 0
     if args.model:  # a Cold-Start checkpoint: its weights, the run's own (default) settings
-        saved = load_pretrained(Path(args.model), dtype=getattr(torch, cfg.model.dtype), device=exp.device)
-        exp.model.load_state_dict(saved.state_dict())
+        saved = load_pretrained(Path(args.model), dtype=getattr(torch, cfg.model.dtype), device=run.device)
+        model.load_state_dict(saved.state_dict())
         start = f"Cold-Start checkpoint {args.model}"
     elif sft_steps:
         start = f"the run's own pipeline: shipped instruct checkpoint + Cold-Start SFT {sft_steps} steps (seed {args.seed})"
     else:
         start = "the shipped instruct checkpoint, no Cold-Start SFT (--sft-steps 0)"
-    attach_adapters(exp)
-    attach_reference(exp, out)
+    model = with_adapters(model, cfg)
+    ref_model = reference_model(cfg, model, run.source_dir, start_dir(out, run.source_dir), False, run.device)
     setup_s = time.perf_counter() - t0
-    return cfg, exp, start, setup_s
+    return cfg, run, model, ref_model, start, setup_s
 
 
 def main() -> None:
@@ -372,12 +378,13 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / "emor3_profile_step"
     work.mkdir(parents=True, exist_ok=True)
 
-    cfg, exp, start, setup_s = build(args, work)
+    cfg, run, model, ref_model, start, setup_s = build(args, work)
     g = cfg.grpo
-    policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    reference = None if exp.reference is None else dist.wrap_reference(
-        exp.reference, cfg.run.reference, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    optimizer = torch.optim.AdamW([p for p in exp.model.parameters() if p.requires_grad], lr=g.lr,
+    policy = dist.wrap_policy(model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    reference = None if ref_model is None else dist.wrap_reference(
+        ref_model, cfg.run.reference, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    setup = rollout_setup(cfg, run, model, ref_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
                                   weight_decay=g.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
     # AdamW's step, timed by the optimizer's own hooks (its step method stays the one the scheduler wrapped)
@@ -392,7 +399,7 @@ def main() -> None:
 
     optimizer.register_step_pre_hook(opt_start)
     optimizer.register_step_post_hook(opt_end)
-    stream = PromptStream(len(exp.train_set), cfg.run.seed)
+    stream = PromptStream(len(run.train_set), cfg.run.seed)
     load_before = os.getloadavg()
     print(f"[profile_step] start: {start}; setup {setup_s:.1f} s; torch threads {torch.get_num_threads()}; "
           f"{g.prompts_per_step} prompts x {g.group_size} samples, <= {g.max_new_tokens} tokens, algo {g.algo}, "
@@ -405,7 +412,7 @@ def main() -> None:
         for i in range(args.steps):
             PH.reset()
             t0 = time.perf_counter()
-            m, _ = grpo_step(exp, cfg, stream, policy, reference, optimizer, scheduler, i)
+            m, _ = grpo_step(cfg, setup, stream, policy, reference, optimizer, scheduler, i)
             wall = time.perf_counter() - t0
             assert "time/update" in m, f"step {i + 1} was skipped (no informative group): {m}"
             rec = {"step": i + 1, "wall_s": wall, "phases_s": breakdown(m, PH.s), "tokens": token_counts(),
@@ -423,7 +430,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
                 with record_function(LABEL + "step"):
-                    m, _ = grpo_step(exp, cfg, stream, policy, reference, optimizer, scheduler, args.steps)
+                    m, _ = grpo_step(cfg, setup, stream, policy, reference, optimizer, scheduler, args.steps)
                 wall = time.perf_counter() - t0
             PH.label = False
             prof_res = profile_summary(prof, wall)

@@ -14,8 +14,14 @@ Use selection seeds that are not the reporting seeds. The record (every score an
 OUT/selection.json and OUT/selection.md after every run, and with ``--results-md`` into benchmarks/RESULTS.md
 between the ``<!-- selection:begin -->`` / ``<!-- selection:end -->`` markers.
 
+Runs in parts. A grid point whose evaluation (``.../eval/results.json``) is already in OUT is read, not run again,
+so a stopped selection goes on where it stopped. Several processes started with the same arguments share the work:
+each claims a point before running it (a file under OUT/claims naming its process; a claim whose process is gone
+is taken over) and waits for the others' points before choosing. ``--stage sft`` stops after the Cold-Start curve.
+
     python benchmarks/selection.py --seeds 100,101,102 --sft-steps 100,200,300,500,800 --lrs 1e-4,3e-4,5e-4
     python benchmarks/selection.py --seeds 100 --sft-steps 4,8 --lrs 1e-4,3e-4 --extra --config examples/quick.toml
+    python benchmarks/selection.py --stage sft & python benchmarks/selection.py --stage sft; wait   # two processes
 
 Cost at the default sizes: stage 1 trains sum(--sft-steps) SFT steps per seed, stage 2 runs
 len(methods) x len(lrs) GRPO runs per seed (each about a default run without its instruct stage).
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,6 +82,53 @@ def grpo_point(algo: str, lr: str, seed: int, sft_dir: Path, out: Path, extra: l
     return validation_accuracy(res, algo)
 
 
+def finished(result: Path, name: str) -> float | None:
+    """The validation accuracy a finished point left in ``result`` (a results.json), or None."""
+    return validation_accuracy(json.loads(result.read_text()), name) if result.is_file() else None
+
+
+def claim(claims: Path, point: str) -> bool:
+    """Take grid point ``point`` for this process: True when no live process holds it (a claim names its pid;
+    the claim of a process that is gone is taken over)."""
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / point
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or "0")
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_points(points: list, claims: Path, poll_s: float = 20.0) -> None:
+    """Run each ``(name, result_path, run)`` point not yet finished that no other live process holds, then wait
+    until every point has its result (points other processes run)."""
+    waiting = True
+    while waiting:
+        waiting = False
+        for name, result, run in points:
+            if result.is_file():
+                continue
+            if claim(claims, name):
+                run()
+                (claims / name).unlink(missing_ok=True)
+            else:
+                waiting = True
+        if waiting:
+            time.sleep(poll_s)
+
+
 def _cell(xs: list[float]) -> str:
     if not xs:
         return "–"
@@ -121,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lrs", default="1e-4,3e-4,5e-4", help="learning-rate grid, every method the same")
     ap.add_argument("--methods", default="grpo,dapo,emo_r3", help="comma-separated --algo values")
     ap.add_argument("--out", type=Path, default=Path("runs/selection"))
+    ap.add_argument("--stage", choices=["sft", "all"], default="all",
+                    help="sft: only Cold-Start SFT's curve and its choice; all: then each method's learning rate")
     ap.add_argument("--results-md", default="", help="also write the record into this RESULTS.md (empty: nowhere)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -140,21 +196,47 @@ def main(argv: list[str] | None = None) -> dict:
         (a.out / "selection.json").write_text(json.dumps(rec, indent=2))
         (a.out / "selection.md").write_text(report(rec) + "\n")
 
-    for steps in steps_grid:  # 1. Cold-Start SFT's curve on validation
-        for seed in seeds:
-            acc = sft_point(seed, steps, a.out / "sft" / f"steps{steps}" / f"seed{seed}", a.extra)
-            rec["sft"].setdefault(str(steps), {})[str(seed)] = acc
+    claims = a.out / "claims"
+
+    def sft_dir(steps: int, seed: int) -> Path:
+        return a.out / "sft" / f"steps{steps}" / f"seed{seed}"
+
+    def collect() -> None:  # the record from the points on disk, whichever process ran them
+        for steps in steps_grid:
+            for seed in seeds:
+                acc = finished(sft_dir(steps, seed) / "eval" / "results.json", "sft")
+                if acc is not None:
+                    rec["sft"].setdefault(str(steps), {})[str(seed)] = acc
+        for algo in methods:
+            for lr in lrs:
+                for seed in seeds:
+                    acc = finished(a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json", algo)
+                    if acc is not None:
+                        rec["grpo"].setdefault(algo, {}).setdefault(lr, {})[str(seed)] = acc
+
+    def point(run):  # run one point, then record every finished point
+        def go() -> None:
+            run()
+            collect()
             save()
+        return go
+
+    # 1. Cold-Start SFT's curve on validation
+    run_points([(f"sft-{steps}-{seed}", sft_dir(steps, seed) / "eval" / "results.json",
+                 point(lambda steps=steps, seed=seed: sft_point(seed, steps, sft_dir(steps, seed), a.extra)))
+                for steps in steps_grid for seed in seeds], claims)
+    collect()
     rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
     save()
-    for algo in methods:  # 2. each method's learning rate, from the chosen Cold-Start checkpoint
-        for lr in lrs:
-            for seed in seeds:
-                sft_dir = a.out / "sft" / f"steps{rec['sft_choice']}" / f"seed{seed}" / "sft"
-                acc = grpo_point(algo, lr, seed, sft_dir, a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)
-                rec["grpo"].setdefault(algo, {}).setdefault(lr, {})[str(seed)] = acc
-                save()
-        rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+    if a.stage == "all":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
+        run_points([(f"{algo}-{lr}-{seed}", a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json",
+                     point(lambda algo=algo, lr=lr, seed=seed: grpo_point(
+                         algo, lr, seed, sft_dir(rec["sft_choice"], seed) / "sft",
+                         a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)))
+                    for algo in methods for lr in lrs for seed in seeds], claims)
+        collect()
+        for algo in methods:
+            rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
         save()
     text = report(rec)
     if a.results_md:

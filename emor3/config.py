@@ -44,7 +44,7 @@ ModelSize = Literal["tiny", "100m", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-
 DecoderTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GroupTarget = Literal["vision", "merger"]  # every linear layer of the vision blocks / of the patch merger(s)
 OnBadSample = Literal["error", "skip"]
-EmoScenesVariant = Literal["default", "shortcut"]
+EmoScenesVariant = Literal["default", "shortcut", "conflict", "clips"]
 EmoScenesEval = Literal["table", "validation"]
 AlgoName = Literal["emo_r3", "grpo", "dapo", "dr_grpo", "gspo"]
 KLKind = Literal["k1", "k2", "k3"]
@@ -103,7 +103,7 @@ def _f(default: Any, help: str, **kw):
 class ModelConfig:
     path: str = _f("", "Hugging Face checkpoint folder (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Empty: build the "
                    "tiny model.")
-    tiny: ModelSize = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.tiny: tiny, "
+    tiny: ModelSize = _f("tiny", "Named tiny configuration used when no path is given (emor3.models.sizes: tiny, "
                    "tiny-qwen3-vl, tiny-qwen3-vl-thinking, ...).")
     tokenizer_vocab: int = _f(1024, "Vocabulary size of the tokenizer trained offline for the tiny model.")
     dtype: Dtype = _f("float32", "Dtype of the trained parameters and their AdamW state: float32 (fp32 master weights; "
@@ -114,6 +114,10 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward pass to save memory.")
     min_pixels: int = _f(112 * 112, "Smallest image size in pixels after resizing (the paper: 512*512).")
     max_pixels: int = _f(112 * 112, "Largest image size in pixels after resizing (the paper: 2048*2048).")
+    video_fps: float = _f(2.0, "Frames per second sampled from a clip (0: every frame).")
+    video_max_frames: int = _f(16, "Most frames sampled from a clip.")
+    video_max_pixels: int = _f(0, "Largest clip frame in pixels after resizing (0: --model.max-pixels); the "
+                                  "smallest is --model.min-pixels.")
     lora_rank: int = _f(0, "LoRA rank r: train low-rank adapters on --model.lora-targets and freeze every other "
                            "weight; the KL reference is the model with its adapters off (0: full fine-tuning).")
     lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r.")
@@ -159,8 +163,11 @@ class DataConfig:
                                        "split only, to choose settings without reading test).")
     image_size: int = _f(112, "EmoScenes image side in pixels.")
     label_noise: float = _f(0.0, "EmoScenes label-noise rate.")
-    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default, or shortcut (a badge whose "
-                                             "colour gives the label in train/test only; emor3.data.emoscenes).")
+    emoscenes_variant: EmoScenesVariant = _f("default", "EmoScenes variant: default; shortcut (a badge whose colour "
+                                             "shows the label on 90 % of train/test images); conflict (the training "
+                                             "label follows the badge, which disagrees with the cues on 30 % of "
+                                             "training images); emor3.toy.emoscenes; or clips (4-8 frame clips "
+                                             "whose label needs the change over time; emor3.toy.emoscenes_clips).")
     cold_start: int = _f(100, "Samples with SET reference responses used for Cold-Start SFT (the paper: ~100).")
 
 
@@ -517,6 +524,9 @@ _RANGES: dict[tuple[str, str], tuple] = {
     ("model", "tokenizer_vocab"): (1, True, None, False, ""),
     ("model", "min_pixels"): (1, True, None, False, ""),
     ("model", "max_pixels"): (1, True, None, False, ""),
+    ("model", "video_fps"): (0, True, None, False, "0: every frame"),
+    ("model", "video_max_frames"): (2, True, None, False, "a temporal patch spans two frames"),
+    ("model", "video_max_pixels"): (0, True, None, False, "0: --model.max-pixels"),
     ("data", "emoscenes_train"): (1, True, None, False, ""),
     ("data", "emoscenes_test"): (0, True, None, False, ""),
     ("data", "emoscenes_ood"): (0, True, None, False, ""),
@@ -585,6 +595,53 @@ def _range_text(lo, lo_inc, hi, hi_inc) -> str:
     if hi is not None:
         parts.append(f"{'<=' if hi_inc else '<'} {hi}")
     return " and ".join(parts)
+
+
+def parse_eval_spec(spec: str) -> tuple[str, str, str | None, str]:
+    """NAME=PATH[:TAXONOMY][@in|@out] -> (name, path, taxonomy or None, domain); domain defaults to out.
+    A PATH that exists is taken whole, ':' included; otherwise TAXONOMY is what follows the last ':' when it holds
+    no path separator (a name such as binary, or a TOML/JSON file in the working folder)."""
+    if "=" not in spec:
+        raise ValueError(f"--data.eval entry {spec!r}: expected NAME=PATH[:TAXONOMY][@in|@out]")
+    name, rest = spec.split("=", 1)
+    domain = "out"
+    if (rest.endswith("@in") or rest.endswith("@out")) and not Path(rest).exists():
+        rest, domain = rest.rsplit("@", 1)
+    taxonomy = None
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and tail and "/" not in tail and "\\" not in tail and not Path(rest).exists():
+        rest, taxonomy = head, tail
+    return name, rest, taxonomy, domain
+
+
+def _dataset_path_exists(path: str) -> bool:
+    """A dataset path exists as written, or as PATH@SPLIT where PATH exists (a split of a published layout)."""
+    head, at, tail = path.rpartition("@")
+    return Path(path).exists() or bool(at and head and tail and Path(head).exists())
+
+
+def path_problems(cfg: Config) -> list[str]:
+    """The files and folders the settings name that must exist before the run starts, one line each. A dry run
+    reads only the model's config.json."""
+    problems = []
+    m, d = cfg.model, cfg.data
+    if m.path and not (Path(m.path) / "config.json").is_file():
+        what = "no config.json in that folder" if Path(m.path).is_dir() else "no such folder"
+        problems.append(f"{setting_name('model', 'path')} = {m.path!r}: {what} (a Hugging Face checkpoint folder)")
+    if cfg.run.dry_run:
+        return problems
+    if d.train and not _dataset_path_exists(d.train):
+        problems.append(f"{setting_name('data', 'train')} = {d.train!r}: no such file or folder")
+    if d.taxonomy.endswith((".toml", ".json")) and not Path(d.taxonomy).is_file():
+        problems.append(f"{setting_name('data', 'taxonomy')} = {d.taxonomy!r}: no such file")
+    for spec in d.eval:
+        if "=" in spec and spec.split("=", 1)[0] and spec.split("=", 1)[1]:
+            _, path, taxonomy, _ = parse_eval_spec(spec)
+            if not _dataset_path_exists(path):
+                problems.append(f"{setting_name('data', 'eval')} entry {spec!r}: no such file or folder {path!r}")
+            elif taxonomy and taxonomy.endswith((".toml", ".json")) and not Path(taxonomy).is_file():
+                problems.append(f"{setting_name('data', 'eval')} entry {spec!r}: no such taxonomy file {taxonomy!r}")
+    return problems
 
 
 def config_problems(cfg: Config) -> list[str]:
@@ -764,9 +821,12 @@ def resume_run_dir(resume: str | Path) -> Path:
     return p.parent if re.fullmatch(r"checkpoint-\d+", p.name) and (p.parent / "config.toml").is_file() else p
 
 
-def parse_args(argv: list[str] | None, prog: str, description: str, default_out: str | None = None) -> Config:
+def parse_args(argv: list[str] | None, prog: str, description: str, default_out: str | None = None, *,
+               check_paths: bool = True) -> Config:
     """Parse flags (and ``--config``) into a validated, resolved Config (``Config.resolved``). A bad setting is a
-    usage error (exit 2) naming the flag or file and what is allowed, raised before anything is written.
+    usage error (exit 2) naming the flag or file and what is allowed, raised before anything is written; so is a
+    file or folder a setting names that does not exist (``path_problems``; ``check_paths=False``: a command read
+    before the steps that make its inputs have run).
 
     ``default_out``: the entry point's own run folder when neither a flag nor the config file names one.
     ``--resume RUN_DIR`` continues the run in its own folder, with its saved config.toml as the base settings."""
@@ -798,6 +858,10 @@ def parse_args(argv: list[str] | None, prog: str, description: str, default_out:
         sec, name = key.split(".", 1)
         d[sec][name] = value
     try:
-        return validate_config(config_from_dict(d, "command line")).resolved()
+        cfg = validate_config(config_from_dict(d, "command line")).resolved()
     except ValueError as e:
         parser.error(str(e))
+    missing = path_problems(cfg) if check_paths else []
+    if missing:
+        parser.error("missing inputs:\n  " + "\n  ".join(missing))
+    return cfg

@@ -1,52 +1,10 @@
 """torchrun / FSDP2 helpers: who am I, talk to the others, shard the work, wrap the policy, save what is whole.
 
-emor3 scales on PyTorch's own engine: ``torchrun`` starts one process per device and sets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR/PORT; ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) carries the collectives; FSDP2
-``fully_shard`` shards the policy. Without torchrun every helper here degrades to the single-process answer (rank 0
-of 1, reductions are the identity), so the train loop has one code path. The choices:
-
-1. **Data parallel over prompt groups.** Every rank draws the step's prompts from the same seeded stream and keeps
-   a contiguous block of them (``shard``): rank r owns global prompts [r·B/W, (r+1)·B/W). A group's G samples stay
-   on the rank that owns its prompt, so group advantages are exactly the single-process ones (verl and TRL shard
-   the same way: by prompt, repeat_interleave inside the rank). Sampling is seeded per chunk of prompts from
-   (run seed, global position in the prompt stream) by the train loop, so a prompt's G completions do not depend
-   on how many ranks there are.
-2. **One gradient for the global batch.** The loss normaliser (``objective.loss_normalizer``, e.g. the number of
-   unmasked tokens of the mini-batch) is summed over ranks, so each rank's loss is its share of the global
-   token-mean. FSDP/DDP *average* gradients over the W ranks, so the backward loss is multiplied by W
-   (``loss_scale``): the reduced gradient is then exactly the single-process gradient of the same global batch
-   (tests/test_distributed.py compares the global gradient on 1 and 2 processes).
-3. **FSDP2** (``--run.parallel fsdp``, the default): ``fully_shard`` on every decoder layer and vision block, then
-   on a root ``PolicyScorer`` holding the rest (embeddings, final norm, lm_head, patch embed, merger). The root's
-   forward is "teacher-forced log-probs of completions", one call per micro-batch, so FSDP's hooks see every
-   parameter use (QwenVL's ``encode_images`` / ``logprobs`` are methods, not ``forward``).
-   **Mixed precision** (``--run.mixed-precision``, ``compute_dtype``): the parameters, gradients and AdamW moments
-   stay in ``--model.dtype``; training runs keep it float32, so the trained copy is the fp32 master (the authors'
-   release does the same: fp32 actor, bf16 compute). bf16 compute is, under FSDP2,
-   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` over the fp32 shards (bf16 all-gather and
-   compute, fp32 gradient reduction: the torchtitan recipe) and, under DDP and on one process, ``torch.autocast``
-   inside ``PolicyScorer`` (its forward and the gathered rollout), with fp32 gradients.
-   **DDP** (``--run.parallel ddp``): ``DistributedDataParallel`` over the same ``PolicyScorer``; the whole model
-   on every rank, gradients all-reduced in buckets. Gradient accumulation skips the reduction on all but a
-   mini-batch's last micro-batch (``no_sync`` / ``set_requires_gradient_sync``).
-4. **Sampling gathers the shards** (``run_gathered``): before a rollout every FSDP unit is unsharded (all-gathered)
-   and kept whole until the rollout and RER judging end, then resharded. Memory cost: each rank holds the full
-   policy in the compute dtype (bf16 on GPU: 2 bytes × parameters, 7.5 GB for a 3B model) on top of its 1/W fp32
-   shard, its optimizer shard and the KV cache, for the duration of the rollout (``emor3.memory`` plans it); the training phase holds one
-   block at a time. One all-gather per rollout instead of one per decode step. Faster paths (a vLLM-style engine,
-   resharding to tensor parallel for generation) are not built.
-5. **The frozen reference** (``--run.reference``): ``shard`` (FSDP2 like the policy, resharded after each block:
-   1/W of it per rank plus one block), ``offload`` (the same with ``CPUOffloadPolicy``: its shards live in pinned
-   CPU memory and are copied to the GPU block by block; on a CPU run this equals ``shard``), or ``replicate`` (a
-   whole copy per rank, what DDP runs use).
-6. **Checkpoints are whole.** ``full_model_state`` / ``full_optimizer_state`` gather the full state dicts
-   (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True, cpu_offload=True``) and rank 0 writes
-   the Hugging Face folder and a trainer state whose optimizer state is keyed by parameter name, so N ranks write
-   what M ranks (M = 1 included) load: resume across a change of world size.
-7. **A dead rank ends the job.** The process group has a collective timeout (``--run.dist-timeout`` seconds): a rank
-   waiting on a crashed or hung peer raises ``DistributedError`` naming its rank, the phase and the timeout, exits
-   non-zero, and torchrun then stops the others. Rank-0-only setup (data cache, tiny model, SFT, baseline
-   evaluation) waits on a separate group with the longer ``--run.dist-setup-timeout``.
+``torchrun`` starts one process per device; ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) carries the
+collectives; FSDP2 ``fully_shard`` (or DDP) wraps the policy in a ``PolicyScorer`` whose forward is teacher-forced
+log-probs. Without torchrun every helper degrades to the single-process answer (rank 0 of 1, reductions are the
+identity). The choices (prompt-group sharding, one global gradient, mixed precision, gathered sampling, the
+reference's placement, whole checkpoints, timeouts) are docs/method.md's "Distributed training".
 
 Shape legend: B prompts per step (global), W ranks, B/W prompts per rank, G samples per prompt.
 """

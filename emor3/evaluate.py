@@ -44,14 +44,16 @@ import torch
 from tqdm import tqdm
 
 from emor3.config import Config, EvalConfig, parse_args
-from emor3.data.emoscenes import cue_mentions, scene_properties, step3_claims
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
-from emor3.experiment import EvalSet, Experiment, build_experiment, prepare_run_dir
+from emor3.run_folder import prepare_run_dir
+from emor3.stages.build import EvalSet, Run, build, eval_requests
 from emor3.folders import run_cli, wants_debug
 from emor3.models.checkpoint import fault_point
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 from emor3.rewards.set_parse import SetParse
+from emor3.toy.emoscenes import cue_mentions, scene_properties, step3_claims
+from emor3.toy.world import WORLD
 
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -167,7 +169,7 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, float]:
 def cue_scores(step1: str, sample) -> tuple[float, float] | None:
     """(cue recall, hallucinated-cue rate) of step 1 against the sample's true cues (EmoScenes only; None where no
     cues are recorded): the share of cue kinds whose true value is named, and the share for which an absent value
-    is claimed (``emor3.data.emoscenes.CueMentions``)."""
+    is claimed (``emor3.toy.emoscenes.CueMentions``)."""
     cues = _cues(sample)
     if not cues:
         return None
@@ -372,33 +374,34 @@ def write_results(rows: dict[str, dict], out: Path) -> str:
     return table
 
 
-def evaluate_baseline(exp: Experiment, out: Path) -> dict | None:
-    """The starting point's row of the final table (the Cold-Start checkpoint, or the initial model), evaluated
-    once per run into ``RUN_DIR/baseline_results.json``; a resumed run reads it back. None without eval sets."""
-    cfg, path = exp.cfg, out / "baseline_results.json"
-    if exp.resume_dir is not None and path.is_file():  # evaluated when the run started
+def evaluate_baseline(cfg: Config, run: Run, model, out: Path, *, resumed: bool = False) -> dict | None:
+    """The row of ``model``, the point GRPO starts from (the Cold-Start checkpoint, or the initial model), in the
+    final table, evaluated once per run into ``RUN_DIR/baseline_results.json``; a resumed run reads it back. None
+    without eval sets."""
+    path = out / "baseline_results.json"
+    if resumed and path.is_file():  # evaluated when the run started
         return json.loads(path.read_text())
-    if not exp.eval_sets:
+    if not run.eval_sets:
         return None
-    results = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                       device=exp.device, progress=cfg.run.progress)
+    results = evaluate(model, run.processor, run.eval_sets, run.taxonomies, cfg.eval, seed=cfg.run.seed,
+                       device=run.device, progress=cfg.run.progress)
     results["name"] = "Cold-Start SFT" if (out / "sft").is_dir() else "initial"
     path.write_text(json.dumps(results, indent=2))
     return results
 
 
-def evaluate_experiment(exp: Experiment, cfg: Config, out: Path, baseline: dict | None = None) -> dict:
-    """Evaluate the trained policy of a run and print the table, the ``baseline`` row (if any) first."""
+def evaluate_run(cfg: Config, run: Run, model, out: Path, baseline: dict | None = None) -> dict:
+    """Evaluate ``model``, a run's trained policy, and print the table, the ``baseline`` row (if any) first."""
     rows = {}
-    names = [s.name for s in exp.eval_sets]
+    names = [s.name for s in run.eval_sets]
     if baseline is not None and list(baseline.get("sets", {})) != names:  # the run's evaluation sets changed
         print(f"[emor3] the baseline row was evaluated on {', '.join(baseline.get('sets', {})) or 'no set'}, not "
               f"on {', '.join(names)}: it is left out of the table")
         baseline = None
     if baseline is not None:
         rows[baseline.get("name", "baseline")] = baseline
-    rows[cfg.grpo.algo] = evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval,
-                                   seed=cfg.run.seed, device=exp.device, progress=cfg.run.progress)
+    rows[cfg.grpo.algo] = evaluate(model, run.processor, run.eval_sets, run.taxonomies, cfg.eval,
+                                   seed=cfg.run.seed, device=run.device, progress=cfg.run.progress)
     table = write_results(rows, out)
     print("\n" + table + "\n")
     return rows
@@ -541,11 +544,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def evaluate_main(argv: list[str]) -> dict:
     cfg = parse_args(argv, "python -m emor3.evaluate", (__doc__ or "").strip(), default_out="runs/eval")
+    eval_requests(cfg.data.eval, cfg.data.train, WORLD)  # refused settings are refused before a file is touched
     out = prepare_run_dir(cfg, "python -m emor3.evaluate")  # refuses a folder holding a run; locks it
-    exp = build_experiment(cfg, out)
+    run = build(cfg.resolved(), out, WORLD)
     name = Path(cfg.model.path).name if cfg.model.path else "model"
-    rows = {name: evaluate(exp.model, exp.processor, exp.eval_sets, exp.taxonomies, cfg.eval, seed=cfg.run.seed,
-                           device=exp.device, progress=cfg.run.progress)}
+    rows = {name: evaluate(run.model, run.processor, run.eval_sets, run.taxonomies, cfg.eval, seed=cfg.run.seed,
+                           device=run.device, progress=cfg.run.progress)}
     print(write_results(rows, out))
     return rows
 

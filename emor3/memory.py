@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from emor3.config import Config, Dtype, choices
+from emor3.data.loaders import holds_clips
 from emor3.models.checkpoint import build_model
 from emor3.models.config import QwenVLConfig
 from emor3.models.lora import add_lora
@@ -84,6 +85,7 @@ class RunPlan:
     lora_rank: int = 0  # > 0: only LoRA adapters train (fp32), the base is frozen and the reference is the base
     lora_targets: tuple[str, ...] = ()
     init_reference: bool = False  # --grpo.reference init: the reference is its own frozen model, also with LoRA
+    clip_frames: int = 0  # > 0: the prompts hold clips of this many frames (image_patches are the clip's patches)
 
 
 @dataclass
@@ -294,18 +296,36 @@ def largest_sample_chunk(cfg: QwenVLConfig, plan: RunPlan, budget_bytes: int) ->
 # the SET prompt's text around the image: system turn, question with the label list, instruction (about 170 Qwen
 # tokens for Mikels' eight); a plan assumes this much text besides the image tokens
 PROMPT_TEXT_TOKENS = 256
+QWEN3_TIMESTAMP_TOKENS = 8  # Qwen3-VL's "<t.t seconds><|vision_start|>...<|vision_end|>" around each temporal patch
+
+
+def trains_on_clips(cfg: Config) -> bool | None:
+    """Whether a run's prompts hold clips: the EmoScenes clip variant, or a training set of clips
+    (`emor3.data.loaders.holds_clips`); None when --data.train does not exist here (the plan then assumes images)."""
+    if not cfg.data.train:
+        return cfg.data.emoscenes_variant == "clips"
+    return holds_clips(cfg.data.train)
 
 
 def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
     """The RunPlan of a run's Config on ``world_size`` processes: the longest prompt is the largest image the pixel
-    budget allows plus the SET text, capped at --data.max-prompt-length (longer prompts are dropped)."""
+    budget allows plus the SET text, capped at --data.max-prompt-length (longer prompts are dropped). A run on clips
+    (`trains_on_clips`) plans for the largest clip instead: --model.video-max-frames frames (rounded up to whole
+    temporal patches) at --model.video-max-pixels each, plus Qwen3-VL's timestamp text per temporal patch."""
     g, m, v = cfg.grpo, cfg.model, model_cfg.vision
     patches = image_patches_for(m.max_pixels, v.patch_size, v.spatial_merge_size)
     merge2 = v.spatial_merge_size ** 2
-    prompt = patches // merge2 + PROMPT_TEXT_TOKENS
+    text = PROMPT_TEXT_TOKENS
+    frames = m.video_max_frames if trains_on_clips(cfg) else 0
+    if frames:
+        t = -(-frames // v.temporal_patch_size)  # temporal patches
+        patches = t * image_patches_for(m.video_max_pixels or m.max_pixels, v.patch_size, v.spatial_merge_size)
+        if getattr(model_cfg, "model_type", "") == "qwen3_vl":
+            text += QWEN3_TIMESTAMP_TOKENS * t
+    prompt = patches // merge2 + text
     if cfg.data.max_prompt_length:
         prompt = min(prompt, cfg.data.max_prompt_length)
-        patches = min(patches, max(0, cfg.data.max_prompt_length - PROMPT_TEXT_TOKENS) * merge2)
+        patches = min(patches, max(0, cfg.data.max_prompt_length - text) * merge2)
     algo = cfg.algorithm()
     needs_ref = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
     device = "cuda" if (m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available())) else "cpu"
@@ -317,7 +337,7 @@ def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
                    freeze_vision=m.freeze_vision, reference=cfg.run.reference if needs_ref else None,
                    sample_chunk=g.sample_chunk, gradient_checkpointing=m.gradient_checkpointing,
                    shared_prefix=g.shared_prefix, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets),
-                   init_reference=g.reference == "init")
+                   init_reference=g.reference == "init", clip_frames=frames)
 
 
 def run_table(cfg: Config, model_cfg, world_size: int) -> str:
@@ -329,8 +349,8 @@ def run_table(cfg: Config, model_cfg, world_size: int) -> str:
              f"{'FSDP2' if world_size > 1 and plan.parallel == 'fsdp' else 'DDP' if world_size > 1 else 'one device'}"
              f", {plan.param_dtype} parameters, {plan.compute_dtype} compute, gradient checkpointing "
              f"{'on' if plan.gradient_checkpointing else 'off'}; {plan.prompts_per_rank} prompts x G "
-             f"{plan.group_size} per process sampled {chunk} at a time, prompts up to {plan.prompt_tokens} tokens, "
-             f"{plan.max_new_tokens} new):")
+             f"{plan.group_size} per process sampled {chunk} at a time, prompts up to {plan.prompt_tokens} tokens"
+             f"{f' (clips of {plan.clip_frames} frames)' if plan.clip_frames else ''}, {plan.max_new_tokens} new):")
     lines = [est.table(title), f"peak: {est.peak / GiB:.1f} GiB per process"]
     if plan.sample_chunk == 0:  # what --grpo.sample-chunk 0 picks on a GPU (90 % of its memory usable)
         picks = []

@@ -1,5 +1,6 @@
 """python -m emor3.predict --model DIR [--adapter DIR] INPUT...: a trained policy's SET reasoning and boxed label
-for each image of INPUT (image files, or folders searched recursively for image files).
+for each image of INPUT (image files, or folders searched recursively for image files); with ``--clips`` for each
+clip (a video file, an animated GIF / WebP, or a folder of frames, whose rate ``--fps`` gives).
 
 1. The model: ``--model`` is a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder, a PEFT adapter folder (its
    ``adapter_config.json`` names the base), a run's ``checkpoint-<step>/`` (``model/``, or ``adapter/`` over the
@@ -17,7 +18,10 @@ for each image of INPUT (image files, or folders searched recursively for image 
    (``emor3.rewards.reflection.reflect`` and ``ModelJudge``): does step 1 describe the image (consistency), and
    which emotion do steps 1-2 express (coherence), with their replies and scores. Coherence is scored against the
    predicted label, as there is no ground truth; without a predicted label its reply is shown unscored.
-4. An image that cannot be read (missing, empty, corrupt, a shape the processor cannot take) gets one error line
+4. Clips (``--clips``) get the SET prompt with a video part, sampled and resized at the run's ``--model.video-*``
+   settings (a run's config.toml; else the model folder's video processor settings); ``--reflect`` shows the judge
+   the clip.
+5. An image that cannot be read (missing, empty, corrupt, a shape the processor cannot take) gets one error line
    naming it, and the others go on; the exit status is 1 when any failed.
 
 Text output is one block per image; ``--json`` writes one JSON object per image instead (JSONL), an unreadable
@@ -39,11 +43,14 @@ from tqdm import tqdm
 
 from emor3.config import Config, EvalConfig, config_from_dict, load_toml
 from emor3.data import Taxonomy, get_taxonomy
-from emor3.data.dataset import IMAGE_SHAPE, BadSampleError, decode_image, image_shape_problem, smart_resize
+from emor3.data.dataset import (IMAGE_SHAPE, UNREADABLE_IMAGE, BadSampleError, decode_image, image_shape_problem,
+                                smart_resize)
 from emor3.engine.prompts import build_set_messages
 from emor3.engine.sampler import sample
-from emor3.experiment import latest_checkpoint, resolve_device
+from emor3.checkpoints import latest_checkpoint
+from emor3.stages.build import resolve_device
 from emor3.models import Processor, load_pretrained
+from emor3.models.clips import Clip, read_clip
 from emor3.models.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from emor3.rewards import extract_answer, format_reward, parse_set
 from emor3.rewards.reflection import ModelJudge, reflect
@@ -112,9 +119,10 @@ def run_config(source: ModelSource) -> Config | None:
 
 
 def load_model(source: ModelSource, *, dtype: str = "auto", device: str = "auto", min_pixels: int | None = None,
-               max_pixels: int | None = None) -> tuple[torch.nn.Module, Processor]:
+               max_pixels: int | None = None, clip_budget: dict | None = None) -> tuple[torch.nn.Module, Processor]:
     """The policy (weights, then the adapter if any) in eval mode, and its processor at the given pixel budget
-    (None: the folder's preprocessor_config.json). dtype "auto": bfloat16 on CUDA, float32 elsewhere."""
+    (None: the folder's preprocessor_config.json) and clip budget (`Processor.set_clip_budget`'s keywords; None: the
+    folder's). dtype "auto": bfloat16 on CUDA, float32 elsewhere."""
     dev = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
@@ -122,6 +130,8 @@ def load_model(source: ModelSource, *, dtype: str = "auto", device: str = "auto"
     if source.adapter is not None:
         load_adapter(model, source.adapter)  # adapters are made on the weights' device
     processor = Processor.from_pretrained(source.weights, min_pixels=min_pixels, max_pixels=max_pixels)
+    if clip_budget is not None:
+        processor.set_clip_budget(**clip_budget)
     return model.eval(), processor
 
 
@@ -143,6 +153,20 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str | None]
         else:
             entries.append((item, "no such file or folder"))
     return entries
+
+
+def collect_clips(inputs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """[(clip, None)] in input order, each input one clip (a file, or a folder of frames), with (input, problem)
+    for one that does not exist."""
+    return [(p, None if p.exists() else "no such file or folder") for p in map(Path, inputs)]
+
+
+def load_clip(path: Path, fps: float | None) -> Clip:
+    """Every frame of a clip, decoded now; a BadSampleError naming it when it cannot be read."""
+    try:
+        return read_clip(path, fps=fps)
+    except (ValueError, OSError, ImportError) as e:
+        raise BadSampleError(UNREADABLE_IMAGE, f"the clip cannot be read ({e})", file=path) from None
 
 
 def load_image(path: Path, processor: Processor) -> Image.Image:
@@ -174,7 +198,7 @@ def predict_batch(model, processor: Processor, paths: Sequence[Path], images: Se
                   max_new_tokens: int, judge: ModelJudge | None = None) -> list[dict]:
     """One record per image: its SET completion, the parsed steps, the boxed answer and label, and with ``judge``
     RER's consistency and coherence replies and scores (None where the judge was not asked or there is no label)."""
-    messages = [build_set_messages(taxonomy) for _ in images]
+    messages = [build_set_messages(taxonomy, video=isinstance(im, Clip)) for im in images]
     batch = processor.encode_prompts(messages, [[im] for im in images]).to(next(model.parameters()).device)
     with torch.no_grad():
         rollout = sample(model, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -243,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emor3.predict", description=(__doc__ or "").strip(),
                                 usage="%(prog)s --model DIR [--adapter DIR] [options] INPUT [INPUT ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files or folders (searched recursively).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files or folders (searched recursively); with "
+                   "--clips, clips.")
+    p.add_argument("--clips", action="store_true", help="Each INPUT is one clip: a video file (PyAV), an animated "
+                   "GIF / WebP, or a folder of frames.")
+    p.add_argument("--fps", type=float, default=None, help="Frame rate of the clips (needed for folders of frames; "
+                   "overrides a file's own).")
     p.add_argument("--model", required=True, help="A Hugging Face model folder, a PEFT adapter folder, a run's "
                                                   "checkpoint-<step>/ or a run folder (its newest checkpoint).")
     p.add_argument("--adapter", default=None, help="A PEFT adapter folder to put over --model.")
@@ -305,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_model(
         source, dtype=a.dtype, device=a.device,
         min_pixels=_pick(a.min_pixels, run.model.min_pixels if run is not None else None),
-        max_pixels=_pick(a.max_pixels, run.model.max_pixels if run is not None else None))
+        max_pixels=_pick(a.max_pixels, run.model.max_pixels if run is not None else None),
+        clip_budget=None if run is None else dict(
+            fps=run.model.video_fps or None, max_frames=run.model.video_max_frames,
+            min_pixels=_pick(a.min_pixels, run.model.min_pixels),
+            max_pixels=run.model.video_max_pixels or _pick(a.max_pixels, run.model.max_pixels)))
     generator = torch.Generator().manual_seed(a.seed)  # on the CPU: a seed draws the same numbers on any device
     judge = None
     if a.reflect:
@@ -314,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             judge_kw["temperature"] = 0.0
         judge = ModelJudge(model, processor, seed=generator, **judge_kw)
 
-    entries = collect_inputs(a.inputs)
+    entries = collect_clips(a.inputs) if a.clips else collect_inputs(a.inputs)
     out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
     show_bar = a.progress == "on" or (a.progress == "auto" and any(Path(i).is_dir() for i in a.inputs))
     bar = tqdm(total=len(entries), desc="predict", unit="image", disable=not show_bar, dynamic_ncols=True,
@@ -337,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for start in range(0, len(entries), batch_size):
             chunk = [f for f, _ in entries[start:start + batch_size]]
-            loaded: dict[int, Image.Image] = {}
+            loaded: dict[int, Image.Image | Clip] = {}
             errors = {i: problem for i, (_, problem) in enumerate(entries[start:start + batch_size]) if problem}
             for i, f in enumerate(chunk):
                 if i in errors:
                     continue
                 try:
-                    loaded[i] = load_image(f, processor)
+                    loaded[i] = load_clip(f, a.fps) if a.clips else load_image(f, processor)
                 except BadSampleError as e:
                     errors[i] = f"{e.problem} [{e.reason}]"
             done = iter(predict_batch(model, processor, [chunk[i] for i in loaded], list(loaded.values()), taxonomy,

@@ -10,7 +10,7 @@ the few lines of script are in the page. It shows, from the run folder:
 4. sample cards (``samples.jsonl``, grouped by step): the image, the three SET steps, the boxed answer against the
    label, every reward term, and the RER judge's replies. A filter shows all cards, the correct, the wrong or the
    format failures (format reward 0), and, where the samples carry their true cues (EmoScenes), the cards whose
-   step 1 claims a cue value that is not in the image (``emor3.data.emoscenes.cue_mentions``).
+   step 1 claims a cue value that is not in the image (``emor3.toy.emoscenes.cue_mentions``).
 Images are shrunk to ``--thumb`` pixels on their longer side. A part whose file is missing is replaced by a line
 saying so; a sample whose image cannot be read gets a placeholder naming the file.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from emor3.data import open_image
-from emor3.data.emoscenes import cue_mentions
+from emor3.toy.emoscenes import cue_mentions
 from emor3.evaluate import format_table, load_results
 from emor3.plot import DPI, make_figure, pyplot, read_metrics, read_records
 from emor3.rewards import parse_set

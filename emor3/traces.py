@@ -1,7 +1,8 @@
 """python -m emor3.sft traces: Cold-Start traces for real data, by rejection sampling from a teacher checkpoint.
 
-Published datasets carry no SET responses, so Cold-Start SFT (``emor3.sft``) has nothing to learn from. ``make_traces``
-samples ``per_image`` SET responses per image from any Qwen-VL checkpoint with emor3's sampler and keeps, per image,
+Published datasets carry no SET responses, so Cold-Start SFT (``emor3.stages.cold_start``) has nothing to learn
+from. ``make_traces`` samples ``per_image`` SET responses per image from any Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+checkpoint with emor3's sampler and keeps, per image,
 the first that passes the paper's format rule and boxes the image's label; ``traces_main`` writes them as a JSONL
 manifest (a ``response`` column) that ``--data`` then trains on.
 """
@@ -21,10 +22,12 @@ from tqdm import tqdm
 
 from emor3.config import OnBadSample, choices
 from emor3.data import BUILTIN_NAMES, BytesImage, get_taxonomy, load_dataset, write_manifest
+from emor3.data.clip_source import ClipFiles
 from emor3.data.dataset import write_atomic
+from emor3.data.taxonomy import VIDEO_NAMES
 from emor3.engine.prompts import encode_samples
 from emor3.engine.sampler import sample
-from emor3.experiment import resolve_device
+from emor3.stages.build import resolve_device
 from emor3.folders import RunFolderError, lock_folder
 from emor3.models import Processor, load_pretrained
 from emor3.models.checkpoint import read_config
@@ -146,8 +149,13 @@ def trace_rows(dataset, kept: dict[int, str], *, only_traces: bool = False,
         if only_traces and i not in kept:
             continue
         meta = {k: v for k, v in (s.metadata or {}).items() if k != "response"}
-        row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
-        if s.taxonomy in BUILTIN_NAMES:  # a user taxonomy (a file) is named again with --taxonomy when loading
+        if isinstance(s.image, ClipFiles):  # a clip: its frame files or clip path, and its rate
+            where = {"frames": [str(p.resolve()) for p in s.image.frames]} if s.image.frames else \
+                {"video": str(s.image.path.resolve())}
+            row = {**meta, **where, "fps": s.image.fps, "label": s.label, "id": s.id}
+        else:
+            row = {**meta, "image": str(_image_file(s, image_dir)), "label": s.label, "id": s.id}
+        if s.taxonomy in BUILTIN_NAMES + VIDEO_NAMES:  # a user taxonomy (a file) is named again with --taxonomy
             row["taxonomy"] = s.taxonomy
         if getattr(s, "question", None):
             row["question"] = s.question

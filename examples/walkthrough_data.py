@@ -3,7 +3,7 @@
     python examples/walkthrough_data.py layouts OUT [--seed N] [--per-label K]
     python examples/walkthrough_data.py tiny-model OUT [--seed N]
 
-`layouts` draws EmoScenes images (emor3.data.emoscenes: the label follows a rule over visible cues, so a tiny model
+`layouts` draws EmoScenes images (emor3.toy.emoscenes: the label follows a rule over visible cues, so a tiny model
 can learn it) and writes them the way each dataset is distributed:
 - OUT/EmoSet: `train.json` / `val.json` / `test.json` (rows `[emotion, image_id, image_path, annotation_path]`),
   `image/<emotion>/<id>.jpg`, `annotation/<emotion>/<id>.json`; Mikels' 8, base rendering. The paper's subset is
@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from emor3.data.emoscenes import make_split
+from emor3.toy.emoscenes import make_split
 from emor3.data.taxonomy import get_taxonomy
 
 E6_COLUMNS = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         write_webemo(a.out / "WebEmo", 4 * k, a.seed + 12)
         print(f"wrote {a.out}/EmoSet, Emotion6_train, Emotion6_test, WebEmo")
     else:
-        from emor3.experiment import tokenizer_corpus
-        from emor3.models.tiny import build_tiny_checkpoint
+        from emor3.toy.model import tokenizer_corpus
+        from emor3.toy.model import build_tiny_checkpoint
         taxonomies = [get_taxonomy(t) for t in ("mikels8", "emotion6", "binary")]
         build_tiny_checkpoint(a.out, tokenizer_corpus(taxonomies), seed=a.seed, vocab_size=1024)
         print(f"wrote {a.out}")

@@ -17,8 +17,8 @@ from emor3 import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Settings whose value is a path: read when a stage needs it, with an error naming the file; the example scripts are
-# parsed before the files they name exist, so parsing does not look at the disk for them.
+# Settings whose value is a path that must exist: their bad value is a missing file
+# (test_a_missing_input_is_a_usage_error_naming_its_flag).
 PATHS = {("model", "path"), ("data", "train"), ("data", "taxonomy")}
 # A bad value for each setting that is neither a choice, a bool nor a number.
 TEXT = {
@@ -90,7 +90,8 @@ def test_a_bad_value_in_a_config_file_names_the_flag_and_the_file(tmp_path, caps
 def test_the_default_and_the_examples_parse_to_resolved_configs():
     for argv in ([], ["--config", str(ROOT / "examples" / "quick.toml")],
                  ["--config", str(ROOT / "examples" / "emoset_qwen2_5_vl_3b.toml")]):
-        cfg = C.parse_args(argv, "python -m emor3.grpo.train", "")
+        # the 3B recipe names a checkpoint and datasets of the user's machine: its values are checked, not its paths
+        cfg = C.parse_args(argv, "python -m emor3.grpo.train", "", check_paths=False)
         assert cfg.resolved() == cfg, f"{argv}: parsing must resolve every auto"
         assert "auto" not in (cfg.grpo.loss_scope, cfg.reward.missing_step) and cfg.reward.judge_max_new_tokens > 0
         assert all(getattr(cfg.grpo, f.name) is not None for f in fields(C.Algorithm)), "the preset is written in"
@@ -102,9 +103,9 @@ def test_dispatchers_read_the_config_declarations():
 
     from emor3 import distributed
     from emor3.data.dataset import ON_BAD_SAMPLE
-    from emor3.data.emoscenes import EVAL_SPLITS, VARIANTS
+    from emor3.toy.emoscenes import EVAL_SPLITS, VARIANTS
     from emor3.grpo import objective
-    from emor3.models.tiny import NAMED, NAMED_QWEN3
+    from emor3.models.sizes import NAMED, NAMED_QWEN3
     from emor3.rewards.combine import ALL_NAN_POLICIES, WEIGHT_PRESETS
     from emor3.rewards.reflection import MISSING_RULES, MODES
 
@@ -126,3 +127,43 @@ def test_dispatchers_read_the_config_declarations():
 def test_importing_the_config_does_not_import_torch():
     code = "import emor3.config, sys; assert 'torch' not in sys.modules, 'emor3.config imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=None)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--model.path", "{tmp}/nowhere"], "--model.path"),
+    (["--model.path", "{tmp}"], "--model.path"),  # a folder without config.json
+    (["--data.train", "{tmp}/missing.jsonl"], "--data.train"),
+    (["--data.train", "{tmp}/missing@train"], "--data.train"),
+    (["--data.taxonomy", "{tmp}/missing.toml"], "--data.taxonomy"),
+    (["--data.eval", "mine={tmp}/missing.jsonl@in"], "--data.eval"),
+    (["--data.eval", "mine={tmp}/there.jsonl:{tmp}/missing.toml"], "--data.eval"),
+])
+def test_a_missing_input_is_a_usage_error_naming_its_flag(flags, named, tmp_path, capsys):
+    (tmp_path / "there.jsonl").write_text("")
+    argv = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        C.parse_args(argv, "test", "")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and named in err and str(tmp_path) in err, err
+
+
+def test_inputs_that_exist_parse(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "tax.toml").write_text("")
+    cfg = C.parse_args(["--model.path", str(tmp_path / "model"), "--data.train", f"{tmp_path / 'set'}@train",
+                        "--data.taxonomy", str(tmp_path / "tax.toml"),
+                        "--data.eval", f"mine={tmp_path / 'set'}:binary@in"], "test", "")
+    assert cfg.model.path == str(tmp_path / "model") and cfg.data.train == f"{tmp_path / 'set'}@train"
+
+
+def test_a_dry_run_needs_only_the_models_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cfg = C.parse_args(["--dry-run", "--model.path", str(tmp_path / "model"), "--data.train", "/not/here.jsonl"],
+                       "test", "")
+    assert cfg.run.dry_run and cfg.data.train == "/not/here.jsonl", "the plan reads no data"
+    with pytest.raises(SystemExit):
+        C.parse_args(["--dry-run", "--model.path", str(tmp_path / "nowhere")], "test", "")
+    assert "--model.path" in capsys.readouterr().err

@@ -11,9 +11,10 @@ import pytest
 
 from emor3.data import MIKELS8, get_taxonomy, load_dataset
 from emor3.data.__main__ import main as cli
-from emor3.data.emoscenes import (
-    BADGE_COLOURS, BASE_STYLE, CUE_VALUES, HELD_OUT_COMBINATIONS, INSTRUCT_STYLES, SHIFTED_STYLE,
-    SHORTCUT_AGREEMENT, SPLITS, UNSEEN_STYLE, all_cue_combinations, coldstart_subset, coldstart_trace, corpus_texts,
+from emor3.toy.emoscenes import (
+    BADGE_COLOURS, BASE_STYLE, CONFLICT_EVAL_AGREEMENT, CONFLICT_SHARE, CUE_VALUES, HELD_OUT_COMBINATIONS,
+    INSTRUCT_STYLES, SHIFTED_STYLE, SHORTCUT_AGREEMENT, SPLITS, UNSEEN_STYLE, all_cue_combinations, coldstart_subset,
+    coldstart_trace, corpus_texts,
     cue_mentions, eval_split_names, instruct_scenes, label_for, make_emoscenes, make_split, render_scene, rule_label,
     seen_combinations, write_emoscenes,
 )
@@ -105,6 +106,34 @@ def test_shortcut_present_in_train_and_broken_out_of_domain():
         make_emoscenes(seed=1, n_train=8, n_test=0, n_ood=0, variant="shortcuts")
     with pytest.raises(KeyError, match="shortcut"):
         make_split("ood_shortcut", 4, seed=1)
+
+
+def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhere():
+    """conflict: the training label is the badge's, which differs from the cues' rule label on ~CONFLICT_SHARE of
+    training images; validation and test are scored by the rule label with a badge that agrees on ~half; the
+    Cold-Start traces come from images without a conflict; out of domain the badge is drawn uniformly."""
+    ds = make_emoscenes(seed=2, n_train=800, n_test=400, n_ood=320, n_coldstart=100, variant="conflict")
+    assert "ood_shortcut" in ds and eval_split_names("table", "conflict")[-1] == "ood_shortcut"
+    train = list(ds["train"])
+    assert all(s.label == s.metadata["shortcut"] for s in train), "the training label follows the badge"
+    conflicts = [s for s in train if s.metadata["conflict"]]
+    assert all(s.label != rule_label(s.metadata["cues"]) for s in conflicts)
+    assert all(s.label == rule_label(s.metadata["cues"]) for s in train if not s.metadata["conflict"])
+    # binomial sd at n=800, p=0.3 is 0.016; at n=400, p=0.5 it is 0.025: the bounds are > 3 sd wide
+    assert abs(len(conflicts) / len(train) - CONFLICT_SHARE) < 0.05
+    assert len(Counter(s.label for s in conflicts)) == 8, "conflicting badges are drawn over the other labels"
+    for split in ("validation", "test"):
+        rows = list(ds[split])
+        assert all(s.label == rule_label(s.metadata["cues"]) and "conflict" not in s.metadata for s in rows)
+        agree = sum(s.metadata["shortcut"] == s.label for s in rows) / len(rows)
+        assert abs(agree - CONFLICT_EVAL_AGREEMENT) < 0.08, (split, agree)
+    cs = list(ds["coldstart"])
+    assert len(cs) == 100 and not any(s.metadata["conflict"] for s in cs), "traces reason from the cues to the label"
+    agree_ood = sum(s.metadata["shortcut"] == s.label for s in ds["ood_shortcut"]) / len(ds["ood_shortcut"])
+    assert agree_ood < 0.125 + 0.07
+    shortcut = make_split("train", 64, seed=2, variant="shortcut")
+    assert all(s.label == rule_label(s.metadata["cues"]) and "conflict" not in s.metadata for s in shortcut), \
+        "the shortcut variant is unchanged: its labels are the rule's"
 
 
 def test_shortcut_badge_is_drawn_in_the_corner_only():
@@ -240,7 +269,7 @@ def test_two_processes_writing_the_same_folder_both_get_whole_files(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from emor3.data.emoscenes import load_emoscenes; "
+    code = ("import sys; from emor3.toy.emoscenes import load_emoscenes; "
             "d = load_emoscenes(sys.argv[1], seed=0, n_train=96, n_test=32, n_ood=32, n_coldstart=8); "
             "[ds.image(i) for ds in d.values() for i in range(len(ds))]")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)

@@ -169,7 +169,7 @@ def test_a_parquet_dataset_trains_and_evaluates(tmp_path):
     assert "emoset2k" in json.dumps(results), "the parquet test split is in the evaluation table"
     # the evaluation entry point on the trained checkpoint reads the same split
     from emor3 import evaluate
-    from emor3.experiment import latest_checkpoint
+    from emor3.checkpoints import latest_checkpoint
 
     evaluate.main(["--model", str(latest_checkpoint(out) / "model"), "--data", f"{root}@train",
                    "--eval-data", f"emoset2k={root}@test@in", "--eval.max-new-tokens", "4",

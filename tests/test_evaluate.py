@@ -6,7 +6,7 @@ import math
 import pytest
 
 from emor3.data import Sample
-from emor3.data.emoscenes import cue_mentions, step3_claims
+from emor3.toy.emoscenes import cue_mentions, step3_claims
 from emor3.data.taxonomy import get_taxonomy
 from emor3.evaluate import cue_scores, format_table, mean_interval, reply_scores, set_row, summary_intervals, \
     summary_scores, wilson_interval
@@ -207,7 +207,7 @@ def test_every_cold_start_trace_is_correct_and_coherent():
     states the scene's valence and arousal, the boxed label agrees with it (every combination, several phrasings)."""
     import random
 
-    from emor3.data.emoscenes import all_cue_combinations, coldstart_trace, rule_label
+    from emor3.toy.emoscenes import all_cue_combinations, coldstart_trace, rule_label
     rng = random.Random(0)
     for cues in all_cue_combinations():
         for _ in range(4):

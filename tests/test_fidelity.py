@@ -12,8 +12,9 @@ from emor3.config import Config, DataConfig, GRPOConfig, ModelConfig
 from emor3.data import get_taxonomy, load_dataset
 from emor3.engine.prompts import (DEFAULT_QUESTION, QUESTION_JOIN, SET_INSTRUCTION, build_set_messages,
                                   encode_samples, sample_prompt, set_prompt)
-from emor3.experiment import Experiment, build_data, image_factor, tokenizer_corpus
-from emor3.sft import set_examples
+from emor3.stages.build import build_data, image_factor
+from emor3.stages.cold_start import set_examples
+from emor3.toy.model import tokenizer_corpus
 
 MIKELS = get_taxonomy("mikels8")
 
@@ -71,9 +72,8 @@ def test_easyr1_problem_reaches_every_prompt_the_run_sends(tmp_path):
     # rollout, evaluation and the trainer's prompt encoding
     messages, images = encode_samples(_EchoProcessor(), ds.samples, ["im0", "im1"], taxes)
     assert [_user_text(m) for m in messages] == expected and images == [["im0"], ["im1"]]
-    # the text reward plug-ins see
-    exp = Experiment(Config(), torch.device("cpu"), None, None, tmp_path, taxonomies=taxes)
-    assert [exp.prompt_text(s) for s in ds.samples] == expected == [sample_prompt(s, taxes) for s in ds.samples]
+    # the text reward plug-ins see (emor3.grpo.rollout.score_prompts)
+    assert [sample_prompt(s, taxes) for s in ds.samples] == expected
     # Cold-Start SFT's SET examples
     sft = set_examples(ds.samples, ["im0", "im1"], ["r0", "r1"], taxes)
     assert [_user_text(e.messages) for e in sft] == expected
@@ -164,9 +164,11 @@ def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run
     # parsing resolves every model-dependent auto: a checkpoint follows the release (an instruct model's judge
     # replies get 32 tokens: "Based on the image, yes"), the tiny model keeps the choices its results were made with
     assert picked(_parse([])) == (8, "neutral", "mini-batch")
-    ckpt = _parse(["--model", "/models/Qwen2.5-VL-3B-Instruct"])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")  # parsing checks the folder is a checkpoint's
+    ckpt = _parse(["--model", str(tmp_path / "ckpt")])
     assert picked(ckpt) == (32, "release", "micro-batch")
-    chosen = _parse(["--model", "/m", "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
+    chosen = _parse(["--model", str(tmp_path / "ckpt"), "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
                      "--grpo.loss-scope", "mini-batch"])
     assert picked(chosen) == (8, "neutral", "mini-batch"), "a choice given explicitly is kept"
     # what a run records (config.toml): the choices made, reading back to the same config
@@ -325,11 +327,10 @@ def test_split_groups_give_the_mini_batch_gradient_of_whole_groups(tmp_path, mon
 
 
 def test_reference_init_is_the_model_before_cold_start_sft(tmp_path):
-    import types
 
-    from emor3.experiment import attach_reference, tokenizer_corpus
     from emor3.models.lora import add_lora
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.stages.build import reference_model
+    from emor3.toy.model import build_tiny_checkpoint
 
     init = build_tiny_checkpoint(tmp_path / "init", tokenizer_corpus([MIKELS]), seed=0, vocab_size=512)
     w = "model.embed_tokens.weight"
@@ -341,11 +342,8 @@ def test_reference_init_is_the_model_before_cold_start_sft(tmp_path):
             model.state_dict()[w].add_(1.0)  # what Cold-Start SFT would have moved
         if lora:
             add_lora(model, rank=2, alpha=2.0)
-        cfg = Config(grpo=GRPOConfig(reference=choice))
-        exp = types.SimpleNamespace(cfg=cfg, algo=cfg.algorithm(), model=model, resume_dir=None,
-                                    source_dir=tmp_path / "init", device=torch.device("cpu"), reference=None)
-        attach_reference(exp, tmp_path)
-        return exp.reference
+        cfg = Config(grpo=GRPOConfig(reference=choice)).resolved()
+        return reference_model(cfg, model, tmp_path / "init", tmp_path / "init", False, torch.device("cpu"))
 
     assert torch.equal(reference("sft").state_dict()[w], before + 1.0), "sft: the model GRPO starts from"
     assert torch.equal(reference("init").state_dict()[w], before), "init: the checkpoint before Cold-Start SFT"
@@ -355,7 +353,7 @@ def test_reference_init_is_the_model_before_cold_start_sft(tmp_path):
 
 def test_cold_start_judge_examples_follow_the_runs_judge_prompt():
     from emor3.rewards.reflection import release_coherence_request, release_consistency_request, release_spans
-    from emor3.sft import judge_examples
+    from emor3.stages.cold_start import judge_examples
 
     responses = ["<step1>A girl laughs.</step1><step2>Happy.</step2><step3>positive</step3>\\boxed{amusement}",
                  "<step1>A dark alley.</step1><step2>Uneasy.</step2><step3>negative</step3>\\boxed{fear}"]

@@ -36,7 +36,7 @@ def judge_model(request, tmp_path_factory):
     empty reasoning block) in fp32, and the real Processor."""
     from emor3.models.checkpoint import load_pretrained
     from emor3.models.processing import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     d = tmp_path_factory.mktemp(f"judge_share_{request.param}")
     build_tiny_checkpoint(d, CORPUS, name=request.param, image_pixels=128 * 128)

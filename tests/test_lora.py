@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 
 from emor3.config import parse_args
-from emor3.experiment import latest_checkpoint, load_policy
+from emor3.checkpoints import latest_checkpoint, load_policy
 from emor3.grpo.train import train
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.__main__ import main as models_main
@@ -288,7 +288,7 @@ def test_lora_on_two_ranks_equals_one(tmp_path, plugin_dir):
     single = config("single")
     train(single)
     two = config("two", model=str(Path(single.run.out) / "init"))
-    proc, _ = dist_tests._torchrun(two, plugin_dir)
+    proc = dist_tests._torchrun(two, plugin_dir)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     a, b = Path(single.run.out), Path(two.run.out)
     assert sorted(dist_tests._adam_moment(b)) == sorted(dist_tests._adam_moment(a))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from emor3.config import config_from_dict, load_toml
-from emor3.experiment import latest_checkpoint
+from emor3.checkpoints import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 from emor3.models.checkpoint import load_torch_state

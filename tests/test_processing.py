@@ -1,4 +1,4 @@
-"""emor3.models.processing and emor3.models.tiny: prompts, images and the tiny checkpoint builder (offline).
+"""emor3.models.processing and emor3.toy.model: prompts, images and the tiny checkpoint builder (offline).
 
 The reference is transformers' own Qwen2VLProcessor (without a video processor, which needs torchvision) and
 `get_rope_index` (tests/hf_reference.py); the tiny checkpoint must load in both our loader and transformers with
@@ -13,7 +13,8 @@ from hf_reference import image_only_processor, internals
 
 from emor3.models import QwenVL, load_pretrained
 from emor3.models.processing import Processor
-from emor3.models.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, tiny_config
+from emor3.models.sizes import QWEN_SPECIAL_TOKENS, tiny_config
+from emor3.toy.model import build_tiny_checkpoint
 
 CORPUS = ["The person looks happy and excited at the party.", "A sad, gloomy rainy day; the man is crying.",
           "Step 1: look at the face. Step 2: the scene. \\boxed{joy}"] * 30

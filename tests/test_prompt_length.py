@@ -11,7 +11,7 @@ from emor3.data.dataset import PROMPT_TOO_LONG, BadSampleError, EmotionDataset, 
 from emor3.data.taxonomy import get_taxonomy
 from emor3.engine.prompts import build_set_messages, drop_overlong_prompts, encode_samples
 from emor3.models.processing import Processor
-from emor3.models.tiny import build_tiny_checkpoint
+from emor3.toy.model import build_tiny_checkpoint
 
 CORPUS = ["Which emotion does this image evoke? amusement, anger, awe, contentment", "step by step"] * 20
 

@@ -324,7 +324,7 @@ CORPUS = ["<step1>The person looks happy and excited at the party.</step1> <step
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_qwen3_vl")
     build_tiny_checkpoint(d, CORPUS, name="tiny-qwen3-vl", seed=0, vocab_size=400)
@@ -402,7 +402,7 @@ def test_sampler_greedy_equals_generate_and_logprobs_equal_teacher_forcing(tiny_
 
 def test_thinking_template_answer_and_closed_block(tmp_path):
     from emor3.models import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path, CORPUS, name="tiny-qwen3-vl-thinking", seed=0, vocab_size=400)
     proc = Processor.from_pretrained(tmp_path)
@@ -429,7 +429,7 @@ def test_one_grpo_step_on_a_tiny_thinking_qwen3_vl(tmp_path):
     import json
     from pathlib import Path
 
-    from emor3.experiment import latest_checkpoint
+    from emor3.checkpoints import latest_checkpoint
     from emor3.grpo.train import train
     from emor3.models import load_pretrained
     from test_train import tiny_config as train_config
@@ -460,13 +460,14 @@ def test_experiment_resizes_images_on_the_qwen3_vl_grid(tmp_path):
     grid its image processor uses, not Qwen2.5-VL's 28."""
     from pathlib import Path
 
-    from emor3.experiment import build_experiment
+    from emor3.stages.build import build
+    from emor3.toy.world import WORLD
     from test_train import tiny_config as train_config
 
     cfg = train_config(tmp_path, model={"tiny": "tiny-qwen3-vl", "min_pixels": 64 * 64, "max_pixels": 150 * 150})
-    exp = build_experiment(cfg, Path(cfg.run.out))
-    assert isinstance(exp.model, Qwen3VL) and exp.train_set.factor == 32
-    w, h = exp.train_set.image(0).size
+    run = build(cfg, Path(cfg.run.out), WORLD)
+    assert isinstance(run.model, Qwen3VL) and run.train_set.factor == 32
+    w, h = run.train_set.image(0).size
     assert w % 32 == 0 and h % 32 == 0, (w, h)
 
 

@@ -319,7 +319,7 @@ def real_tiny(tmp_path_factory):
     pytest.importorskip("emor3.models.processing")
     from emor3.models.checkpoint import load_pretrained
     from emor3.models.processing import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_judge")
     corpus = ["Can the following text describe the image? Please answer with yes or no. Yes No yes no. "

@@ -26,12 +26,15 @@ import torch
 
 from emor3 import evaluate, sft
 from emor3.config import save_config
-from emor3.experiment import (RunFolderError, _parse_eval_spec, eval_requests, latest_checkpoint, list_checkpoints)
-from emor3.folders import UsageError, folder_holder, lock_folder, unlock_folder
+from emor3.checkpoints import latest_checkpoint, list_checkpoints
+from emor3.folders import RunFolderError, UsageError, folder_holder, lock_folder, unlock_folder
 from emor3.grpo import train as grpo_train
 from emor3.grpo.train import train
 from emor3.models import load_pretrained, save_pretrained
 from emor3.models.checkpoint import CheckpointError, content_hash
+from emor3.config import parse_eval_spec
+from emor3.stages.build import build_data, eval_requests
+from emor3.toy.world import WORLD
 from test_safety import REPO, _parse, _run, _tiny
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -263,7 +266,7 @@ def test_a_crash_in_sft_then_the_named_command_works(tmp_path, capsys):
 def test_a_crash_in_the_final_evaluation_resumes(tmp_path):
     run = tmp_path / "run"
     save_config(_tiny(tmp_path, run, grpo={"steps": 1}), tmp_path / "cfg.toml")
-    from emor3.data.emoscenes import eval_split_names
+    from emor3.toy.emoscenes import eval_split_names
 
     # the baseline evaluates the table's sets before training; the next set evaluated is the final evaluation's first
     first_final = len(eval_split_names()) + 1
@@ -291,7 +294,7 @@ def test_traces_refuses_to_write_into_its_data(tmp_path, capsys):
 
 
 def _tiny_model(seed: int):
-    from emor3.models.tiny import tiny_config
+    from emor3.models.sizes import tiny_config
     from emor3.models import QwenVL
 
     return QwenVL(tiny_config("tiny")).init_weights(seed)
@@ -351,14 +354,14 @@ def test_merge_waits_for_no_one_and_refuses_a_locked_out(tmp_path, capsys):
 
 
 def test_evaluation_sets_are_the_ones_asked_for():
-    assert eval_requests([]) == ([], [])
-    assert eval_requests(["test", "mine=a.jsonl@in"]) == (["test"], ["mine=a.jsonl@in"])
+    assert eval_requests([], "", WORLD) == ([], [])
+    assert eval_requests(["test", "mine=a.jsonl@in"], "", WORLD) == (["test"], ["mine=a.jsonl@in"])
     for bad, match in ((["test=mine.jsonl"], "EmoScenes' built-in split"), (["a=x.jsonl", "a=y.jsonl"], "named twice"),
                        (["ood_binary"], "not an EmoScenes split")):
         with pytest.raises(UsageError, match=match):
-            eval_requests(bad)
+            eval_requests(bad, "", WORLD)
     with pytest.raises(UsageError, match="only when EmoScenes is the training data"):
-        eval_requests(["test"], "train.jsonl")
+        eval_requests(["test"], "train.jsonl", WORLD)
     with pytest.raises(SystemExit):
         _parse(["--data.eval", "a=x.jsonl,a=y.jsonl"])  # caught when the flags are read
 
@@ -367,32 +370,33 @@ def test_a_shadowing_eval_name_is_refused_before_overwrite_touches_anything(tmp_
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("{}")
-    err = _refused(evaluate.main, ["--out", str(run), "--overwrite", "--eval-data", "test=mine.jsonl"], capsys)
+    (tmp_path / "mine.jsonl").write_text("")
+    err = _refused(evaluate.main, ["--out", str(run), "--overwrite", "--eval-data", f"test={tmp_path / 'mine.jsonl'}"],
+                   capsys)
     assert "EmoScenes' built-in split" in err and (run / "results.json").read_text() == "{}"
 
 
 def test_only_the_asked_sets_are_evaluated(tmp_path):
-    from emor3.data.emoscenes import write_emoscenes
-    from emor3.experiment import build_data
+    from emor3.toy.emoscenes import write_emoscenes
 
     paths = write_emoscenes(tmp_path / "es", seed=0, n_train=4, n_test=4, n_ood=2)
     d = {"cache_dir": str(tmp_path / "cache"), "emoscenes_train": 4, "emoscenes_test": 4, "emoscenes_ood": 2}
     mine = _tiny(tmp_path, tmp_path / "r", data={**d, "eval": [f"mine={paths['test']}@in"]})
-    assert [e.name for e in build_data(mine)[2]] == ["mine"], "EmoScenes only when asked"
+    assert [e.name for e in build_data(mine, WORLD)[2]] == ["mine"], "EmoScenes only when asked"
     both = _tiny(tmp_path, tmp_path / "r", data={**d, "eval": [f"mine={paths['test']}@in", "ood_render"]})
-    assert [e.name for e in build_data(both)[2]] == ["ood_render", "mine"]
+    assert [e.name for e in build_data(both, WORLD)[2]] == ["ood_render", "mine"]
     default = _tiny(tmp_path, tmp_path / "r", data=d)
-    from emor3.data.emoscenes import eval_split_names
+    from emor3.toy.emoscenes import eval_split_names
 
-    assert [e.name for e in build_data(default)[2]] == eval_split_names(), "no set given: EmoScenes' table splits"
+    assert [e.name for e in build_data(default, WORLD)[2]] == eval_split_names(), "no set given: EmoScenes' table splits"
 
 
 def test_a_colon_in_an_eval_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a:b.jsonl").write_text("")
-    assert _parse_eval_spec("x=a:b.jsonl") == ("x", "a:b.jsonl", None, "out"), "an existing path is taken whole"
-    assert _parse_eval_spec("x=a:b.jsonl:binary@in") == ("x", "a:b.jsonl", "binary", "in")
-    assert _parse_eval_spec("x=set.jsonl:my_tax.toml") == ("x", "set.jsonl", "my_tax.toml", "out")
+    assert parse_eval_spec("x=a:b.jsonl") == ("x", "a:b.jsonl", None, "out"), "an existing path is taken whole"
+    assert parse_eval_spec("x=a:b.jsonl:binary@in") == ("x", "a:b.jsonl", "binary", "in")
+    assert parse_eval_spec("x=set.jsonl:my_tax.toml") == ("x", "set.jsonl", "my_tax.toml", "out")
     from emor3.config import DataConfig
     from dataclasses import fields
 
@@ -401,7 +405,7 @@ def test_a_colon_in_an_eval_path(tmp_path, monkeypatch):
 
 
 def test_the_instruct_copy_follows_the_umask(tmp_path):
-    from emor3.sft import copy_checkpoint
+    from emor3.toy.instruct import copy_checkpoint
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "config.json").write_text("{}")
@@ -443,12 +447,12 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert str(tmp_path / "afile") in err and "not a folder" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(NotADirectoryError):
         grpo_train.main(["--out", str(tmp_path / "afile"), "--debug"])
-    import emor3.experiment as experiment
+    import emor3.run_folder as run_folder
 
     for code, words in ((errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")):
         def refuse(folder, command, code=code):  # the first write of a run: its folder's lock file
             raise OSError(code, os.strerror(code), str(Path(folder) / ".lock"))
-        monkeypatch.setattr(experiment, "lock_folder", refuse)
+        monkeypatch.setattr(run_folder, "lock_folder", refuse)
         err = _refused(grpo_train.main, ["--out", str(tmp_path / f"r{code}")] + _tiny_flags(tmp_path), capsys, code=1)
         assert str(tmp_path / f"r{code}" / ".lock") in err and words in err, err
         assert len(err.strip().splitlines()) == 1, err

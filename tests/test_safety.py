@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from emor3.config import config_from_dict, parse_args
-from emor3.experiment import POINTER, latest_checkpoint, list_checkpoints, save_checkpoint
-from emor3.grpo.train import MetricsSink, StopFlag, rollback_jsonl, train
+from emor3.checkpoints import POINTER, latest_checkpoint, list_checkpoints, save_checkpoint
+from emor3.grpo.train import train
+from emor3.stages.grpo import MetricsSink, StopFlag, rollback_jsonl
 from test_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +75,8 @@ def test_every_bad_setting_is_reported_at_once_and_toml_keys_are_named(tmp_path,
 
 def test_the_defaults_and_the_examples_are_valid():
     _parse([])
-    for toml in sorted((REPO / "examples").glob("*.toml")):
-        _parse(["--config", str(toml)])
+    for toml in sorted((REPO / "examples").glob("*.toml")):  # recipes naming the user's checkpoints and datasets
+        parse_args(["--config", str(toml)], "emor3-test", "", check_paths=False)
     assert _parse(["--eval.temperature", "0"]).eval.temperature == 0, "evaluation at T = 0 is greedy: allowed"
 
 
@@ -212,16 +213,13 @@ def test_a_resume_with_nothing_left_to_train_still_finishes_the_interrupted_save
 
 
 def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import emor3.experiment as experiment
+    import emor3.checkpoints as checkpoints
     import emor3.models.checkpoint as checkpoint
     from emor3.models import load_pretrained
 
     root, cfg = three_steps
     src = latest_checkpoint(Path(cfg.run.out))
     model = load_pretrained(src / "model")
-    exp = SimpleNamespace(model=model, cfg=cfg, source_dir=src / "model")
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     calls = []
@@ -233,11 +231,12 @@ def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path,
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(checkpoint, "fault_point", two_interrupts)
-    monkeypatch.setattr(experiment, "fault_point", two_interrupts)
+    monkeypatch.setattr(checkpoints, "fault_point", two_interrupts)
     stop = StopFlag()
     try:
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C still stops the process, after the save
-            save_checkpoint(exp, tmp_path, 7, opt, sched, {"epoch": 0, "position": 0})
+            save_checkpoint(model, tmp_path, 7, opt, sched, {"epoch": 0, "position": 0}, keep=cfg.run.keep_checkpoints,
+                            tokenizer_dir=src / "model", base=src / "model", base_sha256=None)
     finally:
         stop.restore()
     assert stop.signal == signal.SIGINT

@@ -391,7 +391,7 @@ def test_tiny_checkpoint_with_processor_texts_and_transformers_from_pretrained(t
     from emor3.engine.sampler import _decode_texts
     from emor3.models.checkpoint import load_pretrained
     from emor3.models.processing import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     corpus = ["Step 1: the scene is bright. Step 2: she smiles. Step 3: joy. \\boxed{joy}",
               "sadness anger fear surprise disgust contentment amusement awe excitement"] * 20

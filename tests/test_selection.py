@@ -1,6 +1,9 @@
-"""benchmarks/selection.py: the choice rules, the validation-only guard and the record's tables (no training here;
-the whole script runs in about a minute with `--extra --config examples/quick.toml`)."""
+"""benchmarks/selection.py and benchmarks/precondition.py: the choice rules, the validation-only guards, running in
+parts, the preregistered thresholds and the records' tables (no training here; each script runs in about a minute
+with `--extra --config examples/quick.toml`)."""
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import precondition  # noqa: E402
 import selection  # noqa: E402
 
 
@@ -43,3 +47,50 @@ def test_the_record_reports_the_curve_the_grid_and_the_choices(tmp_path):
     selection.write_results_md(md, text)
     selection.write_results_md(md, text)
     assert md.read_text().count(selection.MARK_BEGIN) == 1 and md.read_text().startswith("head\n")
+
+
+def test_points_finished_on_disk_are_read_and_claims_of_gone_processes_are_taken_over(tmp_path):
+    """A selection in parts: a point with its result is not run again; a point claimed by a live process is left
+    to it; a claim whose process is gone is taken over and run."""
+    claims = tmp_path / "claims"
+    done = tmp_path / "a.json"
+    done.write_text("{}")
+    ran = []
+    dead = tmp_path / "b.json"
+    claims.mkdir()
+    (claims / "b").write_text("999999999")  # no such process
+    selection.run_points([("a", done, lambda: ran.append("a")),
+                          ("b", dead, lambda: (ran.append("b"), dead.write_text("{}")))], claims, poll_s=0)
+    assert ran == ["b"] and not (claims / "b").exists()
+    assert selection.claim(claims, "c") and selection.claim(claims, "c"), "a process holds its own claim"
+    (claims / "d").write_text(str(os.getppid()))  # a live process that is not this one
+    assert not selection.claim(claims, "d")
+
+
+def test_the_precondition_reads_both_ends_of_validation_and_applies_the_preregistered_thresholds(tmp_path):
+    def row(acc, hal, agree, a_ok, a_bad):
+        return {"sets": {"validation": {"accuracy": acc, "hallucinated": hal, "agreement": agree, "no_step1": 0.0,
+                                        "accuracy_badge_agrees": a_ok, "accuracy_badge_disagrees": a_bad}}}
+
+    per = {}
+    for seed, (hal_end, gap_end) in enumerate([(30.0, 10.0), (26.0, 12.0), (28.0, 20.0)]):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"Cold-Start SFT": row(40, 15.0, 80.0, 45, 40),
+                                                      "grpo": row(50, hal_end, 78.0, 60, 60 - gap_end)}))
+        per[str(seed)] = precondition.ends(run)
+    v = precondition.verdict(per)
+    assert v["hallucinated_rise"] == pytest.approx(13.0) and v["disagreement_rise"] == pytest.approx(2.0)
+    assert v["badge_gap"] == pytest.approx(14.0) and v["holds"], "a 13-point hallucination rise meets the 10"
+    per_low = {k: dict(r, hallucinated=[15.0, 20.0]) for k, r in per.items()}
+    assert not precondition.verdict(per_low)["holds"], "5-point rise, 2-point disagreement, 14-point gap: none"
+    assert not precondition.verdict(dict(list(per.items())[:2]))["holds"], "fewer than 3 seeds never holds"
+    leaked = tmp_path / "leak"
+    leaked.mkdir()
+    r = row(1, 1, 1, 1, 1)
+    r["sets"]["test"] = r["sets"]["validation"]
+    (leaked / "results.json").write_text(json.dumps({"Cold-Start SFT": r, "grpo": r}))
+    with pytest.raises(RuntimeError, match="validation only"):
+        precondition.ends(leaked)
+    assert "Precondition holds" in precondition.report({"command": "c", "variant": "conflict", "per_seed": per,
+                                                       "verdict": v})

@@ -9,13 +9,13 @@ import torch
 
 from emor3.config import SFTConfig
 from emor3.data import get_taxonomy
-from emor3.data.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, cue_mentions, instruct_scenes, make_emoscenes
-from emor3.experiment import tokenizer_corpus
 from emor3.models import Processor, load_pretrained
-from emor3.models.tiny import build_tiny_checkpoint
 from emor3.rewards import SET_INSTRUCTION, parse_set
 from emor3.rewards.reflection import COHERENCE_QUESTION, CONSISTENCY_QUESTION, words
-from emor3.sft import instruct_examples, judge_examples, set_examples, sft
+from emor3.stages.cold_start import judge_examples, set_examples, sft
+from emor3.toy.emoscenes import CUE_QUESTIONS, DESCRIBE_QUESTION, cue_mentions, instruct_scenes, make_emoscenes
+from emor3.toy.instruct import instruct_examples
+from emor3.toy.model import build_tiny_checkpoint, tokenizer_corpus
 
 
 def _text(example) -> str:
@@ -96,7 +96,7 @@ def test_instruct_examples_describe_and_check_the_scene_without_labels():
 
 
 def test_instruct_scenes_cover_every_rendering_with_balanced_cues():
-    from emor3.data.emoscenes import INSTRUCT_STYLES, SHIFTED_STYLE, SceneImage, all_cue_combinations
+    from emor3.toy.emoscenes import INSTRUCT_STYLES, SHIFTED_STYLE, SceneImage, all_cue_combinations
 
     assert SHIFTED_STYLE in INSTRUCT_STYLES, "the instruct model must see the rendering of ood_render"
     scenes = instruct_scenes(128, seed=0, image_size=56)
@@ -112,15 +112,17 @@ def test_instruct_scenes_cover_every_rendering_with_balanced_cues():
 
 
 def _count_sft_calls(monkeypatch) -> list[str]:
-    import emor3.sft as sft_module
+    import emor3.stages.cold_start as cold_start_module
+    import emor3.toy.instruct as instruct_module
 
-    calls, real = [], sft_module.sft
+    calls, real = [], cold_start_module.sft
 
     def counted(*a, desc="Cold-Start SFT", **kw):
         calls.append(desc)
         return real(*a, desc=desc, **kw)
 
-    monkeypatch.setattr(sft_module, "sft", counted)
+    monkeypatch.setattr(cold_start_module, "sft", counted)
+    monkeypatch.setattr(instruct_module, "sft", counted)
     return calls
 
 
@@ -128,9 +130,10 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     from test_train import tiny_config
 
     from emor3.config import parse_args
-    from emor3.experiment import build_experiment
     from emor3.grpo.train import train
-    from emor3.sft import find_instruct
+    from emor3.stages.build import build
+    from emor3.toy.instruct import find_instruct
+    from emor3.toy.world import WORLD
 
     cache = tmp_path / "instruct-cache"
     stage = {"instruct_steps": 3, "instruct_images": 8, "instruct_batch_size": 4, "instruct_cache": str(cache)}
@@ -155,7 +158,7 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
     assert _same(_params(Path(second.run.out) / "instruct"), instruct)
     assert _same(_params(Path(second.run.out) / "sft"), _params(out / "sft")), "a run from the cache is the same run"
 
-    resumed = build_experiment(parse_args(["--resume", str(out)], "test", ""), out)
+    resumed = build(parse_args(["--resume", str(out)], "test", ""), out, WORLD)
     assert resumed.source_dir == out / "instruct", "a resumed run starts from its instruct model, not the init"
 
     train(tiny_config(tmp_path / "c", sft={**stage, "instruct_steps": 4}, grpo={"steps": 1}))
@@ -163,7 +166,11 @@ def test_instruct_stage_is_cached_and_the_run_starts_from_it(tmp_path, monkeypat
 
     def found(name, sft=stage, **sections):
         cfg = tiny_config(tmp_path / name, sft=sft, grpo={"steps": 1}, **sections)
-        return find_instruct(build_experiment(cfg, Path(cfg.run.out)))
+        run = build(cfg, Path(cfg.run.out), WORLD)
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        where = find_instruct(cfg, run.source_dir)
+        assert _same(run.model.state_dict(), before), "a lookup must not touch the run's model"
+        return where
 
     assert found("f", run={"seed": 1}) == (built, built), "every run seed starts from the same instruct checkpoint"
     cache_other, none = found("g", {**stage, "instruct_seed": 1})
@@ -175,13 +182,14 @@ def test_the_default_run_finds_the_shipped_instruct_checkpoint(tmp_path):
     computes must name it (else a fresh clone's `make train` silently spends the stage's time building its own),
     and the checkpoint must load and say how well it sees."""
     from emor3.config import Config, DataConfig, RunConfig
-    from emor3.experiment import build_experiment
-    from emor3.sft import SHIPPED_INSTRUCT, find_instruct
+    from emor3.stages.build import build
+    from emor3.toy.instruct import SHIPPED_INSTRUCT, find_instruct
+    from emor3.toy.world import WORLD
 
     cfg = Config(data=DataConfig(cache_dir=str(tmp_path / "emoscenes")),
                  run=RunConfig(out=str(tmp_path / "run"), progress=False))
-    exp = build_experiment(cfg, tmp_path / "run")
-    cache, found = find_instruct(exp)
+    run = build(cfg, tmp_path / "run", WORLD)
+    cache, found = find_instruct(cfg.resolved(), run.source_dir)
     shipped = sorted(p.name for p in SHIPPED_INSTRUCT.iterdir() if p.is_dir())
     assert found == SHIPPED_INSTRUCT / cache.name, f"default key {cache.name}, shipped {shipped}: run `make instruct`"
     assert shipped == [cache.name], "one shipped checkpoint, the default's"
@@ -189,7 +197,7 @@ def test_the_default_run_finds_the_shipped_instruct_checkpoint(tmp_path):
     assert (meta["steps"], meta["scenes"], meta["seed"]) == (cfg.sft.instruct_steps, cfg.sft.instruct_images,
                                                               cfg.sft.instruct_seed)
     model = load_pretrained(found)
-    assert model.config == exp.model.config, "the shipped checkpoint is the default's architecture"
+    assert model.config == run.model.config, "the shipped checkpoint is the default's architecture"
     assert all(r["all"] > 0.9 for r in meta["caption_cue_recall"].values()), meta["caption_cue_recall"]
 
 
@@ -210,7 +218,7 @@ def test_the_instruct_key_reads_what_the_project_controls_not_library_bytes(tmp_
     from types import SimpleNamespace
 
     from emor3.config import Config
-    from emor3.sft import SHIPPED_INSTRUCT, instruct_key
+    from emor3.toy.instruct import SHIPPED_INSTRUCT, instruct_key
 
     (shipped,) = [p for p in SHIPPED_INSTRUCT.iterdir() if p.is_dir()]
     weights = {"w": torch.arange(6, dtype=torch.float32)}

@@ -16,7 +16,7 @@ from emor3.models.positions import mrope_position_ids
 from emor3.models.processing import PromptBatch
 from emor3.models.qwen3_vl import Qwen3VL
 from emor3.models.shared_prefix import shared_prefix_logprobs
-from emor3.models.tiny import tiny_config
+from emor3.models.sizes import tiny_config
 from test_models_parity import IMG, mixed_batch, tiny_hf_config
 
 G = 3

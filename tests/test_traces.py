@@ -3,6 +3,7 @@ manifest it writes, with a scripted sampler and end to end with a tiny teacher f
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -10,11 +11,12 @@ from PIL import Image
 import emor3.traces as traces_module
 from emor3.config import Config, DataConfig, SFTConfig
 from emor3.data import get_taxonomy, load_dataset
-from emor3.experiment import build_data, tokenizer_corpus
+from emor3.stages.build import build_data
 from emor3.models import Processor, load_pretrained, save_pretrained
-from emor3.models.tiny import build_tiny_checkpoint
+from emor3.toy.model import build_tiny_checkpoint
 from emor3.rewards import accuracy_reward, format_reward
-from emor3.sft import SFTExample, cold_start, sft
+from emor3.stages.cold_start import SFTExample, cold_start, sft
+from emor3.toy.model import tokenizer_corpus
 from emor3.traces import TraceReport, make_traces, trace_order, traces_main
 from emor3.engine.prompts import build_set_messages
 
@@ -146,11 +148,9 @@ def test_traces_command_end_to_end_with_a_fine_tuned_tiny_teacher(tmp_path, caps
 def test_sft_skipped_message_says_how_to_make_traces(tmp_path, capsys):
     data, _ = _dataset(tmp_path, ["awe", "fear"])
 
-    class Exp:  # what cold_start reads of an Experiment
-        cfg = Config(data=DataConfig(train=str(data)), sft=SFTConfig(instruct_steps=0))
-        resume_dir, cold_start = None, None
-
-    cold_start(Exp(), tmp_path / "run")
+    cfg = Config(data=DataConfig(train=str(data)), sft=SFTConfig(instruct_steps=0))
+    run = SimpleNamespace(model=None, cold_start=None)  # what cold_start reads of a Run: no cold-start set
+    cold_start(cfg, run, tmp_path / "run")
     msg = capsys.readouterr().out
     assert "skipping Cold-Start SFT" in msg
     assert f"python -m emor3.sft traces --teacher CHECKPOINT --data {data} --n 100 --per-image 4" in msg

@@ -15,7 +15,7 @@ import torch
 from emor3.config import Config, config_from_dict, load_toml, parse_args, save_config
 from emor3.data.dataset import BadSampleError
 from emor3.grpo.step import grpo_step
-from emor3.experiment import latest_checkpoint
+from emor3.checkpoints import latest_checkpoint
 from emor3.grpo.train import train
 from emor3.models import load_pretrained
 
@@ -107,7 +107,7 @@ def test_two_grpo_steps_move_every_parameter(tmp_path, plugin):
 
 
 def test_a_new_run_in_an_old_folder_is_refused_unless_overwrite(tmp_path, capsys):
-    from emor3.experiment import RunFolderError
+    from emor3.folders import RunFolderError
 
     cfg = tiny_config(tmp_path, grpo={"steps": 1}, sft={"steps": 0})
     train(cfg)
@@ -156,12 +156,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "emor3.grpo.train", "--config", str(cfg_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = Path(cfg.run.out) / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):  # the first step logged
         time.sleep(0.5)
     assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate()
     assert proc.returncode == 0, f"SIGTERM must end the run cleanly, got {proc.returncode}:\n{output}"
     assert "SIGTERM" in output and "--resume" in output
     state = torch.load(latest_checkpoint(Path(cfg.run.out)) / "trainer_state.pt", weights_only=True)
@@ -181,11 +180,11 @@ def test_dapo_keeps_only_informative_groups(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     references = []
 
-    def spy(exp, cfg, stream, policy, reference, *args):  # what grpo_step is given
+    def spy(cfg, setup, stream, policy, reference, *args):  # what grpo_step is given
         references.append(reference)
-        return grpo_step(exp, cfg, stream, policy, reference, *args)
+        return grpo_step(cfg, setup, stream, policy, reference, *args)
 
-    monkeypatch.setattr("emor3.grpo.train.grpo_step", spy)
+    monkeypatch.setattr("emor3.stages.grpo.grpo_step", spy)
     # no RER and a zero-weight accuracy/format: the plug-in alone decides whether a group is constant
     cfg = tiny_config(tmp_path, reward={"plugins": ["emor3_half_plugin:half_constant=1.0"],
                                         "weights": "accuracy=0,format=0"},
@@ -257,7 +256,7 @@ def test_examples_parse():
     paths = sorted((REPO / "examples").glob("*.toml"))
     assert len(paths) >= 4
     for path in paths:
-        cfg = parse_args(["--config", str(path)], "test", "")
+        cfg = parse_args(["--config", str(path)], "test", "", check_paths=False)  # paths of the user's machine
         assert cfg == config_from_dict(load_toml(path)).resolved(), \
             f"{path.name}: the flags parser reads the file differently"
         a = cfg.algorithm()  # the preset and overrides resolve to complete settings
@@ -267,13 +266,13 @@ def test_examples_parse():
 
 def test_prompt_slice_and_concat_keep_logprobs(tmp_path):
     """Sub-batches (micro-batches, DAPO's kept groups) must score exactly as the rows of the full batch."""
-    from emor3.data.emoscenes import make_emoscenes
-    from emor3.experiment import tokenizer_corpus
+    from emor3.toy.emoscenes import make_emoscenes
+    from emor3.toy.model import tokenizer_corpus
     from emor3.data import get_taxonomy
     from emor3.engine.prompts import encode_samples
     from emor3.engine.scoring import completion_logprobs, concat_prompt_batches, prompt_slice
     from emor3.models import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
 
     tax = {n: get_taxonomy(n) for n in ("mikels8", "binary")}
     build_tiny_checkpoint(tmp_path / "m", tokenizer_corpus(tax.values()), seed=0, vocab_size=512)
@@ -361,13 +360,13 @@ def test_scored_batch_select_and_cat_keep_rows_and_prompts_aligned(tmp_path):
     """DAPO keeps groups (select) from several rollout rounds (cat): every row must stay with its prompt, its
     rewards, its advantage and every Rollout field."""
     from emor3.data import get_taxonomy
-    from emor3.data.emoscenes import make_emoscenes
+    from emor3.toy.emoscenes import make_emoscenes
     from emor3.engine.prompts import encode_samples
     from emor3.engine.sampler import Rollout
-    from emor3.experiment import tokenizer_corpus
+    from emor3.toy.model import tokenizer_corpus
     from emor3.grpo.rollout import ScoredBatch
     from emor3.models import Processor
-    from emor3.models.tiny import build_tiny_checkpoint
+    from emor3.toy.model import build_tiny_checkpoint
     from emor3.rewards import RewardBreakdown
 
     tax = {n: get_taxonomy(n) for n in ("mikels8", "binary")}

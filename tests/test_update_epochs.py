@@ -23,7 +23,9 @@ from emor3 import distributed as dist
 from emor3.config import config_from_dict
 from emor3.engine.sampler import group_rows
 from emor3.engine.scoring import completion_logprobs, prompt_slice
-from emor3.experiment import build_experiment
+from emor3.stages.build import build
+from emor3.stages.grpo import rollout_setup
+from emor3.toy.world import WORLD
 from emor3.grpo.rollout import PromptStream
 from emor3.grpo.step import grpo_step
 
@@ -65,11 +67,11 @@ def test_two_epochs_of_two_mini_batches_match_a_hand_computation(tmp_path, plugi
         "reward": {"plugins": [plugin]},
         "run": {"out": str(tmp_path / "run"), "progress": False, "seed": SEED},
     }).resolved()
-    exp = build_experiment(cfg, tmp_path / "run")
-    policy = dist.wrap_policy(exp.model, cfg.run.parallel, exp.device, cfg.run.mixed_precision)
-    optimizer = torch.optim.AdamW(exp.model.parameters(), lr=LR, weight_decay=0.01)
+    run = build(cfg, tmp_path / "run", WORLD)
+    policy = dist.wrap_policy(run.model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=LR, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    hand = copy.deepcopy(exp.model)  # the policy before the step
+    hand = copy.deepcopy(run.model)  # the policy before the step
     kept = {}
 
     real_collect = step_module.collect
@@ -80,7 +82,8 @@ def test_two_epochs_of_two_mini_batches_match_a_hand_computation(tmp_path, plugi
         return out
 
     monkeypatch.setattr(step_module, "collect", collect_and_keep)
-    m, _ = grpo_step(exp, cfg, PromptStream(len(exp.train_set), SEED), policy, None, optimizer, scheduler, step=0)
+    m, _ = grpo_step(cfg, rollout_setup(cfg, run, run.model, None), PromptStream(len(run.train_set), SEED), policy,
+                     None, optimizer, scheduler, step=0)
     batch = kept["batch"]
     assert batch.advantages.abs().sum() > 0, "no advantage: the step would learn nothing"
 
@@ -127,7 +130,7 @@ def test_two_epochs_of_two_mini_batches_match_a_hand_computation(tmp_path, plugi
     for k in clips:
         assert m[k] == pytest.approx(sum(clips[k]) / len(clips[k]), abs=1e-6), f"{k}: loop vs hand"
     assert m["ratio_max"] == pytest.approx(max(max(u) for u in ratios), rel=1e-4)
-    after = dict(exp.model.named_parameters())
+    after = dict(run.model.named_parameters())
     worst = max(float((after[n] - p).abs().max()) for n, p in hand.named_parameters())
     assert worst < 1e-5, f"parameters after μ = {EPOCHS} epochs x {B // MINI} mini-batches differ from the hand " \
                          f"computation by {worst:.2e}"

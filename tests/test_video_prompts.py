@@ -22,7 +22,7 @@ from transformers.video_utils import VideoMetadata
 
 from emor3.models import load_pretrained
 from emor3.models.processing import Processor
-from emor3.models.tiny import build_tiny_checkpoint
+from emor3.toy.model import build_tiny_checkpoint
 from emor3.models.video import Clip, VideoSettings, preprocess_clips, read_clip
 
 CORPUS = ["The person looks happy and excited at the party.", "A sad, gloomy rainy day; the man is crying.",

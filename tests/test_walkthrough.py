@@ -31,7 +31,8 @@ def dry_parse(args: list[str], monkeypatch) -> str:
     else:
         module, rest = args[0], args[1:]
     if module in ("emor3.grpo.train", "emor3.sft", "emor3.evaluate") and rest[:1] not in (["traces"], ["table"]):
-        emor3.config.parse_args(rest, f"python -m {module}", "")  # the config CLIs: values and the TOML checked too
+        # the config CLIs: values and the TOML checked too; the inputs are made by the script's earlier steps
+        emor3.config.parse_args(rest, f"python -m {module}", "", check_paths=False)
         return module
     original = argparse.ArgumentParser.parse_args
 
@@ -139,9 +140,9 @@ def test_a_bad_flag_or_value_fails(monkeypatch):
 def test_eval_spec_taxonomy_suffix():
     """--data.eval NAME=PATH[:TAXONOMY][@in|@out]: the taxonomy suffix reaches the loader (the walkthrough's WebEmo
     set is evaluated at the binary level); a path's own separators are not mistaken for it."""
-    from emor3.experiment import _parse_eval_spec
+    from emor3.config import parse_eval_spec
 
-    assert _parse_eval_spec("webemo=/d/WebEmo/test25.txt:binary@out") == ("webemo", "/d/WebEmo/test25.txt", "binary", "out")
-    assert _parse_eval_spec("e6=/d/Emotion6@in") == ("e6", "/d/Emotion6", None, "in")
-    assert _parse_eval_spec("x=rel/a:b/c.jsonl") == ("x", "rel/a:b/c.jsonl", None, "out")
-    assert _parse_eval_spec("x=set.jsonl:my_tax.toml") == ("x", "set.jsonl", "my_tax.toml", "out")
+    assert parse_eval_spec("webemo=/d/WebEmo/test25.txt:binary@out") == ("webemo", "/d/WebEmo/test25.txt", "binary", "out")
+    assert parse_eval_spec("e6=/d/Emotion6@in") == ("e6", "/d/Emotion6", None, "in")
+    assert parse_eval_spec("x=rel/a:b/c.jsonl") == ("x", "rel/a:b/c.jsonl", None, "out")
+    assert parse_eval_spec("x=set.jsonl:my_tax.toml") == ("x", "set.jsonl", "my_tax.toml", "out")

@@ -1,11 +1,8 @@
-"""Emotion data: taxonomies, dataset loaders with bad-input reporting, and the synthetic EmoScenes benchmark."""
+"""Emotion data: taxonomies, dataset loaders with bad-input reporting (the synthetic
+EmoScenes benchmark is the default run's, in ``emor3.toy.emoscenes``)."""
 
 from emor3.data.dataset import (
     REASONS, BadSampleError, BytesImage, EmotionDataset, ImageSource, LoadReport, Sample, smart_resize,
-)
-from emor3.data.emoscenes import (
-    SPLITS, CueMentions, coldstart_trace, corpus_texts, cue_mentions, label_for, load_emoscenes, make_emoscenes,
-    rule_label, write_emoscenes,
 )
 from emor3.data.loaders import (
     build_emoset_subset, detect_layout, load_dataset, load_emoset, load_emotion6, load_image_folder, load_manifest,
@@ -23,6 +20,5 @@ __all__ = [
     "load_dataset", "load_emoset", "load_image_folder", "load_manifest", "load_parquet", "open_image",
     "parquet_image_bytes", "parquet_splits", "split_suffix", "load_taxonomy", "map_label", "normalize_label",
     "smart_resize", "taxonomy_from_dict", "to_binary",
-    "write_manifest", "SPLITS", "CueMentions", "coldstart_trace", "corpus_texts", "cue_mentions", "label_for",
-    "load_emoscenes", "make_emoscenes", "rule_label", "write_emoscenes",
+    "write_manifest",
 ]

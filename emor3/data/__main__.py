@@ -1,7 +1,7 @@
 """Command line: `python -m emor3.data validate PATH`, `... emoscenes OUT_DIR` and `... emoset-subset ROOT OUT_DIR`.
 
 validate: loads a dataset in any supported layout (every split of an EmoSet root, of a folder of manifests or of a
-Hugging Face parquet dataset; `PATH@SPLIT` or `--split` picks one),
+Hugging Face parquet dataset, every split and fold of a DFEW or MAFW root; `PATH@SPLIT` or `--split` picks one),
 prints counts per label and every problem found, and exits 1 when there are problems (2 when it cannot load at
 all). By default it reports all problems (skip mode); `--on-bad-sample error` stops at the first one. Image shapes
 are checked against the image processor's pixel budget: `--min-pixels` / `--max-pixels` / `--factor` (the
@@ -21,14 +21,20 @@ from pathlib import Path
 
 from emor3.data.dataset import ON_BAD_SAMPLE, BadSampleError
 from emor3.data.loaders import (EMOSET_PAPER_SIZES, EMOSET_SPLITS, WEBEMO_LIST, WEBEMO_SPLITS, load_dataset,
-                                 parquet_splits, split_suffix)
-from emor3.data.emoscenes import VARIANTS
+                                 parquet_splits, split_suffix, video_layout)
+from emor3.data.video_loaders import FOLDS, LOADERS, SPLITS
+from emor3.toy.emoscenes import VARIANTS, write_emoscenes
+from emor3.toy.emoscenes_clips import write_emoscenes_clips
 
 
 def _targets(path: Path, split: str | None) -> list[str | None]:
     """Which splits validate should check under `path`: all of them unless one is named."""
     if split is not None or not path.is_dir():
         return [split]
+    video = video_layout(path)
+    if video is not None:  # DFEW / MAFW: every split and fold whose split file is there
+        split_file = LOADERS[video][1]
+        return [f"{s}{k}" for k in FOLDS for s in SPLITS if split_file(path, k, s).is_file()] or [None]
     if any((path / f"{s}.json").is_file() for s in EMOSET_SPLITS) and (path / "image").is_dir():
         return [s for s in EMOSET_SPLITS if (path / f"{s}.json").is_file()]
     if (path / "ground_truth.txt").is_file():
@@ -87,7 +93,14 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def emoscenes(args: argparse.Namespace) -> int:
-    from emor3.data.emoscenes import write_emoscenes
+    if args.variant == "clips":
+        paths = write_emoscenes_clips(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
+                                      n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
+                                      n_coldstart=args.n_coldstart, overwrite=args.overwrite)
+        for split, p in paths.items():
+            print(f"{split}: {p}")
+        print(f"check with: python -m emor3.data validate {args.out_dir}")
+        return 0
     paths = write_emoscenes(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                             n_ood=args.n_ood, image_size=args.image_size, label_noise=args.label_noise,
                             n_coldstart=args.n_coldstart, overwrite=args.overwrite, variant=args.variant)
@@ -168,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="probability that a training label is replaced by a random other label")
     e.add_argument("--variant", choices=VARIANTS, default="default",
-                   help="default, or shortcut: a badge whose colour gives the label in train/test only, drawn "
-                        "independently of the scene out of domain, plus the ood_shortcut split (emor3.data.emoscenes)")
+                   help="default; shortcut: a badge whose colour shows the label on 90%% of train/test images, "
+                        "drawn independently of the scene out of domain, plus the ood_shortcut split; conflict: the "
+                        "training label follows the badge, which disagrees with the cues on 30%% of training images "
+                        "(emor3.toy.emoscenes); clips: 4-8 frame clips whose label needs the change over time, plus "
+                        "the single-frame controls test_first and test_last (emor3.toy.emoscenes_clips)")
     e.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds the same settings")
     e.set_defaults(func=emoscenes)
 

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from emor3.config import OnBadSample, choices
+from emor3.data.clip_source import is_clip_source
 from emor3.data.taxonomy import Taxonomy, get_taxonomy
 
 # reasons a sample is bad; the keys of LoadReport.skipped
@@ -208,8 +209,16 @@ class Sample:
     metadata: dict = field(default_factory=dict)
     question: str | None = None
 
+    @property
+    def is_clip(self) -> bool:
+        """Whether the sample is a clip (its `image` a clip source, `emor3.data.clip_source`)."""
+        return is_clip_source(self.image)
+
     def open_image(self) -> Image.Image:
         """The full-size image, decoded now, RGB. Errors name the file and sample id."""
+        if self.is_clip:
+            raise TypeError(f"sample {self.id!r} is a clip: read it with EmotionDataset.image or "
+                            "sample.image.open_clip()")
         if isinstance(self.image, (str, Path)):
             return decode_image(Path(self.image), sample_id=self.id)
         return to_rgb(self.image.open())
@@ -364,12 +373,22 @@ class EmotionDataset(Sequence[Sample]):
         return f"{src}|{self.min_pixels}|{self.max_pixels}|{self.factor}"
 
     def image(self, i: int) -> Image.Image:
-        """Sample i's image, RGB, resized to the pixel budget; decoded and resized once, then cached."""
+        """Sample i's image, RGB, resized to the pixel budget; decoded and resized once, then cached. A clip
+        sample's is its `Clip` (every frame at full size: the processor samples and resizes clips at the run's
+        video settings), decoded on every call and not cached: a dataset of clips held decoded would not fit in
+        memory (DFEW's 16k clips of ~100 frames), and one decode per use is small beside a rollout."""
         s = self.samples[i]
         key = self._cache_key(s)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        if s.is_clip:
+            try:
+                clip = s.image.open_clip()
+            except (ValueError, OSError) as e:
+                raise BadSampleError(UNREADABLE_IMAGE, f"the clip does not decode ({e})", file=self.report.source,
+                                     sample_id=s.id) from None
+            return clip
         disk = None
         if self.cache_dir is not None:
             disk = self.cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".png")

@@ -9,6 +9,12 @@ EmoSet, Emotion6 and WebEmo.
   there). EasyR1-style rows are accepted too: {"images": ["a.jpg"], "problem": "...", "answer": "awe"} (one image
   per row; `answer` may be wrapped in \\boxed{}; `problem`, its `<image>` markers removed, becomes the
   sample's `question`, as does a `question` key in our rows: the user's own question wording).
+  A clip row names its clip instead of an image: {"frames": ["f/0.png", "f/1.png", ...], "fps": 2, "label": ...}
+  or {"video": "clips/0001.gif", ...} (a folder of frames, an animated GIF / WebP, or a video file read through
+  PyAV); its sample's `image` is then a `ClipFiles` (`emor3.data.clip_source`). Its files must exist; verify="full"
+  decodes it.
+- a DFEW or MAFW root as their authors distribute them, with the split and fold as `PATH@train1` ... `@test5`:
+  clip samples in the `dfew7` / `mafw11` taxonomy (`emor3.data.video_loaders`, `load_video_dataset`).
 - a folder with `train.json` / `val.json` / `test.json` next to `image/` and `annotation/` folders, or one of those
   split files itself: EmoSet (Yang et al., ICCV 2023, github.com/JingyuanYY/EmoSet README): each split file is a
   JSON list of `[emotion, image_id, image_path, annotation_path]` (paths relative to the root); the 3-element
@@ -56,6 +62,8 @@ from emor3.data.dataset import (
     BadSampleError, BadSampleHandler, BytesImage, EmotionDataset, ImageBudget, LoadReport, Sample, check_image_file,
     write_atomic,
 )
+from emor3.data import video_loaders
+from emor3.data.clip_source import ClipFiles
 from emor3.data.taxonomy import BUILTIN_NAMES, Taxonomy, get_taxonomy
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -134,6 +142,9 @@ def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
     budget = ImageBudget.from_kw(dataset_kw)
 
     def check(r: _Row) -> None:
+        if isinstance(r.image, ClipFiles):
+            _check_clip(r, verify)
+            return
         if not isinstance(r.image, Path):
             return
         try:
@@ -143,6 +154,20 @@ def _image_check(verify: str, dataset_kw: dict) -> Callable[[_Row], None]:
                 raise
             raise BadSampleError(e.reason, e.problem, file=r.file, sample_id=r.id, row=r.row) from None
     return check
+
+
+def _check_clip(r: _Row, verify: str) -> None:
+    """A clip row's files exist (every frame, or the clip path); with verify="full" the clip also decodes."""
+    missing = r.image.missing()
+    if missing:
+        raise BadSampleError(MISSING_FILE, f"clip file {missing[0]} does not exist ({len(missing)} missing)",
+                             file=r.file, line=r.line, sample_id=r.id)
+    if verify == "full":
+        try:
+            r.image.open_clip()
+        except (ValueError, OSError, ImportError) as e:
+            raise BadSampleError(UNREADABLE_IMAGE, f"the clip does not decode ({e})", file=r.file, line=r.line,
+                                 sample_id=r.id) from None
 
 
 def decode_text(data: bytes, file: Path, line: int | None = None) -> str:
@@ -207,6 +232,10 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
             m = _BOXED.search(label)
             label = m.group(1) if m else label
         question = obj.pop("problem", obj.pop("question", None))
+    elif ("frames" in obj or "video" in obj) and "image" not in obj:  # a clip: frame files, or one clip path
+        image = _clip_files(obj.pop("frames", None), obj.pop("video", None), obj.pop("fps", None), base, bad, sid)
+        label = obj.pop("label", None)
+        question = obj.pop("question", None)
     else:
         image = obj.pop("image", None)
         label = obj.pop("label", None)
@@ -215,6 +244,12 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
         if not isinstance(question, str):
             raise bad(f"'question' / 'problem' must be a string, got {type(question).__name__}", sid)
         question = _IMAGE_MARKER.sub(" ", question).strip() or None
+    if isinstance(image, ClipFiles):
+        if not isinstance(label, str) or not label.strip():
+            raise bad("missing 'label', or it is not a string", sid)
+        if sid is None:
+            sid = Path(obj.get("video") or (image.path or image.frames[0].parent)).as_posix()
+        return _Row(sid, image, label, obj.pop("taxonomy", None), obj, line, file, question)
     if isinstance(image, dict):
         image = image.get("path")
     if not isinstance(image, str) or not image:
@@ -227,6 +262,23 @@ def _manifest_row(obj: Any, base: Path, file: Path, line: int) -> _Row:
     if sid is None:
         sid = Path(image).as_posix()
     return _Row(sid, path, label, tax, obj, line, file, question)
+
+
+def _clip_files(frames: Any, video: Any, fps: Any, base: Path, bad, sid) -> ClipFiles:
+    """A manifest row's clip: `frames` (a list of frame files) or `video` (a folder of frames, a GIF / WebP or a
+    video file), paths relative to the manifest's folder, and an optional `fps` (required in practice for frames)."""
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise bad(f"'fps' must be a positive number, got {fps!r}", sid)
+    at = lambda p: Path(p) if Path(p).is_absolute() else base / p  # noqa: E731
+    if frames is not None:
+        if video is not None:
+            raise bad("a clip row has either 'frames' or 'video', not both", sid)
+        if not isinstance(frames, list) or not frames or not all(isinstance(f, str) and f for f in frames):
+            raise bad("'frames' must be a non-empty list of frame file paths", sid)
+        return ClipFiles(tuple(at(f) for f in frames), None, None if fps is None else float(fps))
+    if not isinstance(video, str) or not video:
+        raise bad("'video' must be a path (a folder of frames, a GIF / WebP or a video file)", sid)
+    return ClipFiles((), at(video), None if fps is None else float(fps))
 
 
 def load_manifest(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
@@ -891,11 +943,35 @@ def detect_layout(path: str | Path, split: str | None = None) -> tuple[str, Path
     return "image-folder", path
 
 
+def video_layout(root: Path) -> str | None:
+    """"dfew" or "mafw" for a DFEW or MAFW root as distributed (`emor3.data.video_loaders`), else None."""
+    try:
+        return video_loaders.detect(root)
+    except ValueError:
+        return None
+
+
+def load_video_dataset(root: Path, layout: str, split: str | None, on_bad_sample: str = "error", *,
+                       verify: str = "full", **dataset_kw) -> EmotionDataset:
+    """A DFEW or MAFW fold as clip samples: `split` is the split and the fold, `train1` ... `train5`, `test1` ...
+    `test5` (`/data/DFEW@train1`). verify "full" decodes every clip once; otherwise the clips must exist."""
+    m = re.fullmatch(r"(train|test)([1-5])", split or "")
+    if m is None:
+        raise ValueError(f"{root}: a {layout.upper()} root needs a split and fold, @train1 ... @train5 or @test1 ... "
+                         f"@test5, got {split!r}")
+    load, _ = video_loaders.LOADERS[layout]
+    ds = load(root, int(m.group(2)), m.group(1), on_bad_sample=on_bad_sample,
+              verify="full" if verify == "full" else "exists")
+    return video_loaders.as_emotion_dataset(ds, **dataset_kw)
+
+
 def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_bad_sample: str = "error", *,
                  split: str | None = None, verify: str = "full", **dataset_kw) -> EmotionDataset:
     """Load any supported layout (see the module docstring). dataset_kw: min_pixels, max_pixels, factor,
     cache_size, cache_dir for EmotionDataset's image budget and cache. `PATH@SPLIT` names a split (`split_suffix`)."""
     path, split = split_suffix(path, split)
+    if path.is_dir() and (video := video_layout(path)) is not None:
+        return load_video_dataset(path, video, split, on_bad_sample, verify=verify, **dataset_kw)
     layout, target = detect_layout(path, split)
     if layout == "parquet":
         return load_parquet(target, split, on_bad_sample, taxonomy=taxonomy, verify=verify, **dataset_kw)
@@ -908,6 +984,31 @@ def load_dataset(path: str | Path, taxonomy: Taxonomy | str | None = None, on_ba
     if layout == "jsonl":
         return load_manifest(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
     return load_image_folder(target, taxonomy, on_bad_sample, verify=verify, **dataset_kw)
+
+
+def holds_clips(path: str | Path) -> bool | None:
+    """Whether the dataset at `path` (`PATH@SPLIT` as `load_dataset` takes it) is made of clips: a DFEW or MAFW
+    root, or a manifest whose first row names a clip (`frames` / `video`); None when it does not exist here."""
+    path, split = split_suffix(path)
+    if not path.exists():
+        return None
+    if path.is_dir() and video_layout(path) is not None:
+        return True
+    try:
+        layout, target = detect_layout(path, split)
+    except (ValueError, FileNotFoundError):
+        return False
+    if layout != "jsonl" or target.suffix.lower() != ".jsonl" or not target.is_file():
+        return False
+    with open(target, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and ("frames" in row or "video" in row) and "image" not in row
+    return False
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:

@@ -215,10 +215,27 @@ WEBEMO25 = _make(
     parents=dict(_WEBEMO25),
 )
 
+# the label sets of the video emotion datasets (emor3.data.video_loaders), in their split files' order: valence as the
+# datasets' papers group them (neutral for neutral and surprise), arousal unset (neither dataset rates it). Named by
+# get_taxonomy, but not among BUILTIN_NAMES (the image taxonomies a manifest's labels are matched against).
+DFEW7 = _make("dfew7", [
+    ("happy", "positive", None, "happiness"), ("sad", "negative", None, "sadness"),
+    ("neutral", "neutral", None), ("angry", "negative", None, "anger"), ("surprise", "neutral", None, "surprised"),
+    ("disgust", "negative", None, "disgusted"), ("fear", "negative", None, "fearful", "afraid"),
+])
+MAFW11 = _make("mafw11", [
+    ("anger", "negative", None, "angry"), ("disgust", "negative", None), ("fear", "negative", None),
+    ("happiness", "positive", None, "happy"), ("neutral", "neutral", None), ("sadness", "negative", None, "sad"),
+    ("surprise", "neutral", None, "surprised"), ("contempt", "negative", None), ("anxiety", "negative", None),
+    ("helplessness", "negative", None), ("disappointment", "negative", None),
+])
+VIDEO_NAMES = ("dfew7", "mafw11")
+
 _BUILTIN = {t.name: t for t in (MIKELS8, EMOTION6, BINARY, WEBEMO2, WEBEMO7, WEBEMO25)}
 _ALIASES = {"mikels": "mikels8", "emoset": "mikels8", "fi": "mikels8", "artphoto": "mikels8",
             "abstract": "mikels8", "webemo": "webemo25", "emotion 6": "emotion6"}
 BUILTIN_NAMES = tuple(_BUILTIN)
+_BUILTIN.update({t.name: t for t in (DFEW7, MAFW11)})
 
 
 def get_taxonomy(name: str | Taxonomy) -> Taxonomy:

@@ -22,8 +22,9 @@ an empty result. `on_bad_sample="skip"` counts them instead of raising. Nothing 
 (`verify="exists"`); `verify="full"` decodes every clip once (`emor3.models.clips.read_clip`; video files need the
 `video` extra). `python -m emor3.data.video_loaders validate ROOT` prints the counts per fold, split and label.
 
-The labels stay the datasets' own words; the two taxonomies are `DFEW_LABELS` (`dfew7`) and `MAFW_LABELS`
-(`mafw11`); mapping them into the prompt's taxonomy is the training stage's job.
+The labels stay the datasets' own words: the taxonomies `dfew7` and `mafw11` (`emor3.data.taxonomy`, valence as the
+datasets group them). `as_emotion_dataset` turns a loaded fold into clip samples (`ClipFiles`) for training and
+evaluation, which is what `emor3.data.load_dataset("/data/DFEW@train1")` returns.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from emor3.data.clip_source import ClipFiles
 from emor3.data.dataset import (DUPLICATE_ID, EMPTY_DATASET, MALFORMED_LINE, MISSING_FILE, UNKNOWN_LABEL,
-                                UNREADABLE_IMAGE, BadSampleError, BadSampleHandler, LoadReport)
+                                UNREADABLE_IMAGE, BadSampleError, BadSampleHandler, EmotionDataset, LoadReport, Sample)
+from emor3.data.taxonomy import DFEW7, MAFW11
 from emor3.models.clips import FRAME_SUFFIXES, VIDEO_SUFFIXES, Clip, read_clip
 
-DFEW_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")  # split-file labels 1..7
-MAFW_LABELS = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
-               "helplessness", "disappointment")
+DFEW_LABELS = DFEW7.labels  # split-file labels 1..7: happy, sad, neutral, angry, surprise, disgust, fear
+MAFW_LABELS = MAFW11.labels
 TAXONOMIES = {"dfew7": DFEW_LABELS, "mafw11": MAFW_LABELS}
+TAXONOMY_OF = {"dfew7": DFEW7, "mafw11": MAFW11}
 FOLDS = (1, 2, 3, 4, 5)
 SPLITS = ("train", "test")
 DFEW_SPLIT_DIR = "EmoLabel_DataSplit"
@@ -89,6 +92,13 @@ class ClipDataset:
         """Samples per label, in the taxonomy's order (labels without samples included, as 0)."""
         c = Counter(s.label for s in self.samples)
         return {lab: c.get(lab, 0) for lab in TAXONOMIES[self.taxonomy]}
+
+
+def as_emotion_dataset(ds: ClipDataset, **dataset_kw) -> EmotionDataset:
+    """The clips as an `EmotionDataset` of clip samples (`ClipFiles`), what training and evaluation read."""
+    samples = [Sample(s.id, ClipFiles(path=s.clip, fps=s.fps), s.label, s.taxonomy, dict(s.metadata))
+               for s in ds.samples]
+    return EmotionDataset(samples, TAXONOMY_OF[ds.taxonomy], ds.report, **dataset_kw)
 
 
 # ----------------------------------------------------------------------------------------------- shared checks

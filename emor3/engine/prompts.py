@@ -17,7 +17,8 @@ Choices made here (the paper is silent on them; docs/method.md, "Where the paper
    `\\boxed{}` of the instruction needs no brace escaping. `load_template(path)` reads one from a file.
 
 `encode_samples` turns dataset samples (each naming its taxonomy) and their images into the SET prompts'
-``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it.
+``PromptBatch``; the trainer, Cold-Start SFT and evaluation all build their prompts through it. A clip sample (its
+visual a `Clip`) gets a video part and the same question about the video (`DEFAULT_VIDEO_QUESTION`).
 `drop_overlong_prompts` finds, when the data is loaded, the samples whose SET prompt would exceed
 ``--data.max-prompt-length`` (the authors' release filters overlong prompts the same way, at load time): a bad
 sample each, never a cropped prompt. The parser of
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from emor3.data.dataset import PROMPT_TOO_LONG, BadSampleError, BadSampleHandler, EmotionDataset
+from emor3.models.clips import Clip
 from emor3.models.processing import PromptBatch
 
 SET_INSTRUCTION = (
@@ -50,6 +52,10 @@ DEFAULT_QUESTION = "Which emotion does this image evoke? Choose one of the follo
 QUESTION_JOIN = "\n\n"  # between the question and the SET instruction, as the release's template
 
 DEFAULT_TEMPLATE = DEFAULT_QUESTION + QUESTION_JOIN + SET_INSTRUCTION
+
+# a clip's prompt: the same question about the video (the SET instruction already speaks of "the scene")
+DEFAULT_VIDEO_QUESTION = "Which emotion does this video evoke? Choose one of the following emotions: {labels}."
+DEFAULT_VIDEO_TEMPLATE = DEFAULT_VIDEO_QUESTION + QUESTION_JOIN + SET_INSTRUCTION
 
 LABELS_PLACEHOLDER = "{labels}"
 
@@ -85,14 +91,21 @@ def set_prompt(labels: Any, template: str | None = None, question: str | None = 
     return template.replace(LABELS_PLACEHOLDER, ", ".join(_label_list(labels)))
 
 
-def build_set_messages(labels: Any, template: str | None = None, question: str | None = None) -> list[dict]:
-    """Chat messages for one sample, as `Processor.encode_prompts` takes them: the image first, then the text."""
+def build_set_messages(labels: Any, template: str | None = None, question: str | None = None, *,
+                       video: bool = False) -> list[dict]:
+    """Chat messages for one sample, as `Processor.encode_prompts` takes them: the image (with ``video``, the clip)
+    first, then the text. A clip without a template of the caller's asks `DEFAULT_VIDEO_QUESTION`."""
+    if video and template is None:
+        template = DEFAULT_VIDEO_TEMPLATE
     text = set_prompt(labels, template, question)
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [{"type": "video" if video else "image"}, {"type": "text", "text": text}]}]
 
 
 def sample_prompt(sample, taxonomies: dict, template: str | None = None) -> str:
-    """The SET user-turn text of a dataset sample: its taxonomy's labels and its own question, if it has one."""
+    """The SET user-turn text of a dataset sample: its taxonomy's labels and its own question, if it has one (a
+    clip sample's asks about the video)."""
+    if template is None and getattr(sample, "is_clip", False):
+        template = DEFAULT_VIDEO_TEMPLATE
     return set_prompt(taxonomies[sample.taxonomy], template, getattr(sample, "question", None))
 
 
@@ -111,8 +124,10 @@ def load_template(path: str | Path) -> str:
 
 def encode_samples(processor, samples: Sequence, images: Sequence, taxonomies: dict, template: str | None = None) -> PromptBatch:
     """SET prompts for ``samples`` (each with ``.taxonomy`` naming an entry of ``taxonomies``) and their images (one
-    PIL image per sample) as a PromptBatch; a sample's own question (``Sample.question``) is honoured."""
-    messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None)) for s in samples]
+    PIL image or `Clip` per sample, as ``EmotionDataset.image`` returns them; a batch may mix both) as a
+    PromptBatch; a sample's own question (``Sample.question``) is honoured."""
+    messages = [build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None),
+                                   video=isinstance(im, Clip)) for s, im in zip(samples, images)]
     return processor.encode_prompts(messages, [[im] for im in images])
 
 
@@ -132,13 +147,29 @@ def drop_overlong_prompts(dataset: EmotionDataset, processor, taxonomies: dict, 
     tokens at the processor's pixel budget, as ``encode_samples`` makes it) is longer than ``max_prompt_length``
     tokens. Each is a bad sample (``prompt_too_long``): an error naming it, or with ``on_bad_sample="skip"``
     dropped and counted in the dataset's report. The image tokens are counted from the image's size (its file
-    header), no pixel is decoded. ``max_prompt_length`` 0 keeps everything."""
+    header), no pixel is decoded; a clip's from its frame count, rate and frame size (file names and the first
+    frame's header; a GIF or video file is decoded). ``max_prompt_length`` 0 keeps everything."""
     if not max_prompt_length:
         return dataset
     handle = BadSampleHandler(on_bad_sample, dataset.report)
     messages = {}  # the SET messages depend on the taxonomy and the sample's own question only
     keep = []
-    for s in dataset.samples:
+    for i, s in enumerate(dataset.samples):
+        if getattr(s, "is_clip", False):  # a clip's tokens follow its frame count, rate and frame size
+            probe = s.image.probe() if callable(getattr(s.image, "probe", None)) else None
+            if probe is None:  # a GIF or video file: decoded to know
+                clip = dataset.image(i)
+                probe = (clip.num_frames, clip.fps, *clip.frames.shape[-2:])
+            msgs = build_set_messages(taxonomies[s.taxonomy], template, getattr(s, "question", None), video=True)
+            n = processor.clip_prompt_length(msgs, *probe)
+            if n <= max_prompt_length:
+                keep.append(s)
+            else:
+                handle(BadSampleError(PROMPT_TOO_LONG, f"its prompt has {n} tokens with the clip's {probe[0]} "
+                                      f"frames, over --data.max-prompt-length {max_prompt_length}; lower "
+                                      "--model.video-max-frames or --model.video-max-pixels, or raise the limit",
+                                      file=dataset.report.source, sample_id=s.id))
+            continue
         key = (s.taxonomy, getattr(s, "question", None))
         if key not in messages:
             messages[key] = build_set_messages(taxonomies[s.taxonomy], template, key[1])

@@ -85,6 +85,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from emor3.engine.visuals import encode_visuals
 from emor3.models.positions import decode_position_ids
 from emor3.models.qwen_vl import GroupedKVCache
 
@@ -429,14 +430,12 @@ def prefill(model: Any, batch: Any, new_tokens: int, *, suffix: PromptSuffix | N
     P = P0 + L
     S = -(-(P + new_tokens) // bucket) * bucket
 
-    image_embeds = None
-    if getattr(batch, "pixel_values", None) is not None:
-        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
+    image_embeds, video_embeds = encode_visuals(model, batch)  # (M_i, D), (M_v, D): each image and clip once
     cache = model.new_cache(B, S, dtype=None, device=device)
     # The mask covers all S slots from the start: slots after the prompt are 1 (causality hides the not-yet-written
     # ones), so the mask never changes value (and, compiled, never changes shape).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, S - P0)], dim=1)  # (B, S)
-    hidden = model(input_ids, positions, full_mask, image_embeds=image_embeds, cache=cache,
+    hidden = model(input_ids, positions, full_mask, image_embeds=image_embeds, video_embeds=video_embeds, cache=cache,
                    cache_position=torch.arange(P0, device=device))  # (B, P0, D)
     if suffix is None:
         last_logits = model.logits(hidden[:, -1:])[:, -1]  # (B, V): only the last position is needed

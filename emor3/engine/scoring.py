@@ -5,7 +5,8 @@ The trainer (policy, old and reference log-probs), Cold-Start SFT and the distri
    ``prompt_index[n]``) -> the (N, P + T) sequences, attention mask and M-RoPE positions the model scores.
    Completion positions come from ``emor3.models.positions.decode_position_ids``, the rule the sampler decodes
    with, so trainer and sampler see identical inputs.
-2. ``row_image_embeds``: each prompt's image tokens are encoded once and repeated for its rows, never once per row.
+2. ``row_image_embeds`` (and ``emor3.engine.visuals.row_embeds`` for clips too): each prompt's image and clip tokens
+   are encoded once and repeated for its rows, never once per row.
 3. ``completion_logprobs``: per-token log-probs (and entropy) of the completions under a temperature, with or
    without gradient; with ``shared_prefix`` each prompt runs once for its G rows (``emor3.models.shared_prefix``).
 4. ``prompt_slice`` / ``concat_prompt_batches``: sub-batches of whole prompts (micro-batches, DAPO's kept groups)
@@ -23,6 +24,7 @@ import torch
 
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
+from emor3.engine.visuals import concat_visuals, row_embeds, select_visuals
 from emor3.models.shared_prefix import shared_prefix_logprobs
 
 
@@ -62,39 +64,18 @@ def row_image_embeds(embeds: torch.Tensor, tokens_per_prompt: torch.Tensor, prom
     return embeds[torch.repeat_interleave(starts[prompt_index], counts) + offsets]
 
 
-def _image_ranges(batch: PromptBatch) -> tuple[list[range], list[range]]:
-    """Per prompt: the range of its images (rows of image_grid_thw) and of its patches (rows of pixel_values)."""
-    images, patches, i, p = [], [], 0, 0
-    per_image = batch.image_grid_thw.prod(dim=1).tolist() if batch.image_grid_thw is not None else []
-    for k in batch.num_images:
-        n_patches = sum(per_image[i : i + k])
-        images.append(range(i, i + k))
-        patches.append(range(p, p + n_patches))
-        i, p = i + k, p + n_patches
-    return images, patches
-
-
 def prompt_slice(batch: PromptBatch, prompts: torch.Tensor) -> PromptBatch:
-    """The prompts ``prompts`` (indices, in order) of a batch, with their images; shared left padding is trimmed."""
+    """The prompts ``prompts`` (indices, in order) of a batch, with their images and clips; shared left padding is
+    trimmed."""
     prompts = prompts.to(batch.input_ids.device)
     used = batch.attention_mask[prompts].sum(0) > 0  # (P,) columns some kept row uses
     first = int(used.nonzero()[0]) if bool(used.any()) else 0
-    pixel_values, grid = batch.pixel_values, batch.image_grid_thw
-    if grid is not None:
-        images, patches = _image_ranges(batch)
-        keep = prompts.tolist()
-        image_ids = [i for b in keep for i in images[b]]
-        patch_ids = [i for b in keep for i in patches[b]]
-        pixel_values = pixel_values[torch.tensor(patch_ids, dtype=torch.long, device=pixel_values.device)]
-        grid = grid[torch.tensor(image_ids, dtype=torch.long, device=grid.device)]
     return PromptBatch(
         input_ids=batch.input_ids[prompts, first:],
         attention_mask=batch.attention_mask[prompts, first:],
         position_ids=batch.position_ids[:, prompts, first:],
-        pixel_values=pixel_values,
-        image_grid_thw=grid,
         next_position=batch.next_position[prompts],
-        num_images=[batch.num_images[b] for b in prompts.tolist()],
+        **select_visuals(batch, prompts.tolist()),
     )
 
 
@@ -105,15 +86,12 @@ def concat_prompt_batches(batches: Sequence[PromptBatch], pad_token_id: int) -> 
     def left(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (P - t.shape[-1], 0), value=value)
 
-    grids = [b.image_grid_thw for b in batches if b.image_grid_thw is not None]
     return PromptBatch(
         input_ids=torch.cat([left(b.input_ids, pad_token_id) for b in batches]),
         attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
         position_ids=torch.cat([left(b.position_ids, 0) for b in batches], dim=1),
-        pixel_values=torch.cat([b.pixel_values for b in batches if b.pixel_values is not None]) if grids else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
         next_position=torch.cat([b.next_position for b in batches]),
-        num_images=[k for b in batches for k in b.num_images],
+        **concat_visuals(batches),
     )
 
 
@@ -128,24 +106,26 @@ def completion_logprobs(
     image_embeds: torch.Tensor | None = None,
     return_entropy: bool = False,
     shared_prefix: bool = False,
+    video_embeds: torch.Tensor | None = None,
 ):
     """Teacher-forced log-probs (N, T) of the completions (optionally with entropy (N, T)).
 
-    ``image_embeds``: the prompts' image features (M, D) if already computed (the caller decides whether they carry
-    gradient); otherwise they are encoded here once per prompt. ``shared_prefix``: run each prompt through the
-    decoder once for all of its rows (``emor3.models.shared_prefix``, the same numbers up to float rounding)
-    instead of N sequences of P + T tokens.
+    ``image_embeds`` / ``video_embeds``: the prompts' image / clip features (M, D) if already computed (the caller
+    decides whether they carry gradient); otherwise they are encoded here once per prompt. ``shared_prefix``: run
+    each prompt through the decoder once for all of its rows (``emor3.models.shared_prefix``, the same numbers up to
+    float rounding) instead of N sequences of P + T tokens.
     """
     if shared_prefix:
         return shared_prefix_logprobs(model, batch, prompt_index, completion_ids, completion_mask,
-                                      image_embeds=image_embeds, temperature=temperature,
+                                      image_embeds=image_embeds, video_embeds=video_embeds, temperature=temperature,
                                       return_entropy=return_entropy)
-    image_token_id = model.config.image_token_id
     if image_embeds is None and batch.pixel_values is not None:
-        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
-    rows_embeds = None
-    if image_embeds is not None:
-        rows_embeds = row_image_embeds(image_embeds, image_tokens_per_prompt(batch, image_token_id), prompt_index)
+        image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M_i, D)
+    if video_embeds is None and batch.pixel_values_videos is not None:
+        video_embeds = model.encode_videos(batch.pixel_values_videos, batch.video_grid_thw)  # (M_v, D)
+    index = prompt_index.to(batch.input_ids.device)
+    rows_embeds = row_embeds(image_embeds, batch, model.config.image_token_id, index)
+    rows_video = row_embeds(video_embeds, batch, model.config.video_token_id, index)
     input_ids, attention_mask, position_ids = teacher_forcing_inputs(batch, prompt_index, completion_ids, completion_mask)
     return model.logprobs(
         input_ids,
@@ -153,6 +133,7 @@ def completion_logprobs(
         attention_mask,
         completion_ids.shape[1],
         image_embeds=rows_embeds,
+        video_embeds=rows_video,
         temperature=temperature,
         return_entropy=return_entropy,
     )

@@ -1,48 +1,9 @@
 """The GRPO objective as pure tensor functions: advantages, KL estimators, the clipped surrogate, aggregation.
 
-Everything here is stateless math over tensors: keyword scalars in, ``(value, metrics)`` out where metrics are
-useful, no config or trainer objects. The train loop (``emor3/grpo/train.py``) wires these together; other
-projects may import them directly in their own tests.
-
-The algorithm (EMO-R3 trains with GRPO as configured in its paper, docs/method.md "Training setup"), and every choice:
-
-1. Advantages are group-relative (GRPO, Shao et al. 2024, eq. 3): for each prompt, the G rewards are centred on
-   their mean and divided by the group's *unbiased* standard deviation plus ``eps`` (verl
-   ``compute_grpo_outcome_advantage``; torch.std is unbiased). ``scale="batch"`` divides by the standard deviation
-   of all rewards in the batch instead (Liu et al. 2025, "Tricks or Traps", "LitePPO": group mean, batch std);
-   ``scale="none"`` only centres (Dr.GRPO, Liu et al. 2025, "Understanding R1-Zero-like training", sec. 3.1).
-   The advantage is one number per completion, broadcast to all of its tokens (outcome reward).
-2. Unscorable completions (NaN reward, e.g. a user reward function returned None) are left out of their group's
-   mean and std and get advantage 0, so they neither push nor pull. A group whose valid rewards are all equal gets
-   exactly 0 (tested for by value, not by a small std, so float noise in the mean cannot blow up into ±1).
-3. The policy term is PPO's clipped surrogate (Schulman et al. 2017) with an asymmetric range
-   [1 − clip_low, 1 + clip_high] ("clip-higher", DAPO, Yu et al. 2025, sec. 3.1) and optional dual clip
-   (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): for negative advantages the loss is capped
-   at −c·A, so a very large ratio on a bad sample cannot produce an unbounded gradient step. EMO-R3's paper uses
-   clip 0.2 / 0.3 and c = 3.0.
-4. The ratio is per token (GRPO, DAPO) or per sequence (GSPO, Zheng et al. 2025, eq. 7: the geometric mean of the
-   token ratios, i.e. exp of the length-normalised log-ratio). GSPO is written in its stop-gradient token form
-   (GSPO sec. 4.3, GSPO-token; verl ``compute_policy_loss_gspo``): s_{i,t} = sg[s_i] · π_t / sg[π_t], whose value
-   is s_i for every token and whose gradient reaches every token. With "seq-mean-token-mean" aggregation this is
-   exactly the gradient of the sequence-level objective.
-5. The log-ratio is clamped to [−20, 20] before ``exp`` (verl does the same) so a stale or corrupted sample cannot
-   overflow to inf and turn the loss into NaN.
-6. KL to the frozen reference is a per-token estimate added to the loss with weight β (GRPO puts it in the loss,
-   not in the reward). Estimators from Schulman, "Approximating KL divergence" (2020): k1 = log π − log π_ref,
-   k2 = ½(log π − log π_ref)², k3 = exp(log π_ref − log π) − (log π_ref − log π) − 1 (unbiased, always ≥ 0; GRPO
-   eq. 4 and verl's "low_var_kl", which clamps it to [−10, 10], as we do). EMO-R3 uses k3 with β = 0.01.
-7. Aggregation over tokens and sequences is a named mode (verl ``agg_loss``): "token-mean" (DAPO sec. 3.3; the
-   paper's choice), "seq-mean-token-mean" (the original GRPO: mean over each sequence, then over sequences),
-   "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr.GRPO: token sum divided by a constant length, so neither
-   long nor short answers are favoured). The denominator is explicit (``normalizer``), so a batch split into
-   micro-batches, or across ranks, sums to exactly the gradient of the whole batch: the caller computes the
-   denominator once for the whole batch with ``loss_normalizer`` and passes it to every piece.
-8. DAPO's data-side pieces are pure functions here too: ``dynamic_sampling_keep`` (keep only groups whose rewards
-   are not all equal, DAPO sec. 3.2) and ``overlong_penalty`` (soft overlong punishment, DAPO eq. 13).
-
-Where EMO-R3's paper and its authors' release differ, the difference is in the rewards (emor3/rewards), not here.
-The named algorithms (emo_r3, grpo, dapo, dr_grpo, gspo) are sets of these choices: ``ALGORITHMS`` in
-``emor3/config.py``, one flag per choice.
+Stateless math over tensors: keyword scalars in, ``(value, metrics)`` out where metrics are useful, no config or
+trainer objects, no host sync; other projects may import these in their own tests. Every choice and its source is
+docs/method.md's "The objective"; the differences between EMO-R3's paper and its release are in the rewards
+(emor3/rewards), not here.
 
 Shape legend: B prompts, G samples per prompt, N = B·G rows, T completion length.
 """

@@ -32,12 +32,12 @@ import torch
 
 from emor3 import distributed as dist
 from emor3.config import Config
-from emor3.engine.prompts import encode_samples
+from emor3.data.dataset import EmotionDataset
+from emor3.engine.prompts import encode_samples, sample_prompt
 from emor3.engine.sampler import Rollout, group_rows, sample
 from emor3.engine.scoring import concat_prompt_batches, prompt_slice
-from emor3.experiment import Experiment
 from emor3.grpo.objective import dynamic_sampling_keep, overlong_penalty
-from emor3.models.processing import PromptBatch
+from emor3.models.processing import Processor, PromptBatch
 from emor3.rewards import RewardBreakdown, compute_rewards
 from emor3.rewards.reflection import ModelJudge, reflect
 
@@ -187,37 +187,53 @@ def row_records(samples: Sequence, rows: Sequence[int], reflection=None) -> list
     return out
 
 
-def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: torch.Generator) -> tuple[ScoredBatch, float]:
+@dataclass(frozen=True)
+class RolloutSetup:
+    """What a rollout reads besides the config: the policy that samples, the model that answers RER's questions
+    (the policy, or with ``--reward.judge reference`` the frozen reference), the training prompts and their
+    taxonomies, the processor and the reward setup."""
+
+    model: torch.nn.Module
+    judge: torch.nn.Module | None
+    processor: Processor
+    train_set: EmotionDataset
+    taxonomies: dict  # name -> Taxonomy
+    reward_weights: dict
+    plugins: tuple
+    device: torch.device
+
+
+def score_prompts(setup: RolloutSetup, cfg: Config, indices: list[int], generator: torch.Generator) -> tuple[ScoredBatch, float]:
     """Dataset rows ``indices`` -> (their ScoredBatch, seconds spent judging and scoring)."""
     g = cfg.grpo
-    samples = [exp.train_set[i] for i in indices]
-    images = [exp.train_set.image(i) for i in indices]
-    prompts = encode_samples(exp.processor, samples, images, exp.taxonomies).to(exp.device)
+    samples = [setup.train_set[i] for i in indices]
+    images = [setup.train_set.image(i) for i in indices]
+    prompts = encode_samples(setup.processor, samples, images, setup.taxonomies).to(setup.device)
     rollout = sample(
-        exp.model, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-        top_p=g.top_p, top_k=g.top_k, stop_token_ids=exp.processor.stop_token_ids,
-        banned_token_ids=exp.processor.banned_token_ids, generator=generator, tokenizer=exp.processor,
+        setup.model, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        top_p=g.top_p, top_k=g.top_k, stop_token_ids=setup.processor.stop_token_ids,
+        banned_token_ids=setup.processor.banned_token_ids, generator=generator, tokenizer=setup.processor,
         compile={"off": False, "on": True}.get(g.compile, g.compile), shared_prefix_decode=g.shared_prefix_decode,
     )
     t0 = time.perf_counter()
     rows = rollout.prompt_index.tolist()
     labels = [samples[i].label for i in rows]
-    taxes = [exp.taxonomies[samples[i].taxonomy] for i in rows]
+    taxes = [setup.taxonomies[samples[i].taxonomy] for i in rows]
     # what the rewards read: a Thinking model's completions minus their reasoning block (Processor.answer)
-    answers = [exp.processor.answer(t) for t in rollout.texts]
+    answers = [setup.processor.answer(t) for t in rollout.texts]
     reflection = None
     algo = cfg.algorithm()
     if algo.reflection:  # RER: the judge answers about every completion, one batch per question, no grad
-        judge = ModelJudge(exp.reference if cfg.reward.judge == "reference" else exp.model, exp.processor,
+        judge = ModelJudge(setup.judge, setup.processor,
                            max_new_tokens=cfg.reward.judge_max_new_tokens, seed=generator,
                            share_prefix=cfg.reward.judge_share_prefix)
         reflection = reflect(answers, labels, taxes, [images[i] for i in rows], judge,
                              mode=cfg.reward.judge_mode, missing=cfg.reward.missing_step,
                              prompt=cfg.reward.judge_prompt, match=cfg.reward.coherence_match)
     rewards = compute_rewards(
-        answers, labels, taxonomies=taxes, weights=exp.reward_weights,
+        answers, labels, taxonomies=taxes, weights=setup.reward_weights,
         reflection=None if reflection is None else reflection.components(),
-        plugins=exp.plugins, prompts=[exp.prompt_text(samples[i]) for i in rows],
+        plugins=setup.plugins, prompts=[sample_prompt(samples[i], setup.taxonomies) for i in rows],
         columns={"id": [samples[i].id for i in rows]},
         strict_format=cfg.reward.format == "strict", normalized_accuracy=cfg.reward.accuracy == "normalized",
         on_all_nan=cfg.reward.plugin_all_nan,
@@ -232,7 +248,7 @@ def score_prompts(exp: Experiment, cfg: Config, indices: list[int], generator: t
     return batch, time.perf_counter() - t0
 
 
-def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch, float]:
+def collect_step(setup: RolloutSetup, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch, float]:
     """This rank's share of the step's prompts from ``stream``, sampled and scored chunk by chunk
     -> (ScoredBatch, judge seconds)."""
     g = cfg.grpo
@@ -244,16 +260,16 @@ def collect_step(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[Sc
     parts, t_judge = [], 0.0
     for s in range(0, len(mine), chunk):
         seed = stream_seed(cfg.run.seed, "sampling", first + offset + s)
-        generator = torch.Generator(device=exp.device).manual_seed(seed)
-        part, dt = score_prompts(exp, cfg, mine[s : s + chunk], generator)
+        generator = torch.Generator(device=setup.device).manual_seed(seed)
+        part, dt = score_prompts(setup, cfg, mine[s : s + chunk], generator)
         parts.append(part)
         t_judge += dt
-    return ScoredBatch.cat(parts, exp.processor.stop_token_ids[0]), t_judge
+    return ScoredBatch.cat(parts, setup.processor.stop_token_ids[0]), t_judge
 
 
-def collect(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch | None, float, dict]:
+def collect(setup: RolloutSetup, cfg: Config, stream: PromptStream) -> tuple[ScoredBatch | None, float, dict]:
     """The step's scored batch (None when DAPO kept no group), judge seconds, and DAPO's counts."""
-    batch, t_judge = collect_step(exp, cfg, stream)
+    batch, t_judge = collect_step(setup, cfg, stream)
     if not cfg.algorithm().dynamic_sampling:
         return batch, t_judge, {}
     g = cfg.grpo
@@ -267,12 +283,12 @@ def collect(exp: Experiment, cfg: Config, stream: PromptStream) -> tuple[ScoredB
         if n_kept >= g.prompts_per_step or refills >= g.max_refill:
             break
         refills += 1
-        batch, dt = collect_step(exp, cfg, stream)
+        batch, dt = collect_step(setup, cfg, stream)
         t_judge += dt
     stats = {"dapo/filtered_groups": filtered, "dapo/refill_rounds": refills, "dapo/kept_groups": n_kept}
     if not kept:
         return None, t_judge, stats
-    batch = ScoredBatch.cat(kept, exp.processor.stop_token_ids[0])
+    batch = ScoredBatch.cat(kept, setup.processor.stop_token_ids[0])
     if n_kept > g.prompts_per_step:  # keep exactly one rollout batch
         batch = batch.select(torch.arange(g.prompts_per_step))
     return batch, t_judge, stats

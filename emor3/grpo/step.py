@@ -1,23 +1,8 @@
 """One GRPO step, top to bottom: collect -> advantages -> reference log-probs -> update -> metrics.
 
-``grpo_step`` is the whole step; ``emor3/grpo/train.py`` runs it in a loop and logs and checkpoints around it. The
-choices it makes are listed, numbered, at the top of train.py; the math is in ``emor3/grpo/objective.py``.
-1. Collect (``emor3.grpo.rollout.collect``): this rank's prompts, G completions each, scored (RER judges
-   inside), DAPO's dynamic sampling; under FSDP the policy is gathered whole for it. No gradient.
-2. Advantages: group-relative, one per completion (``objective.group_advantages``), stored on the ScoredBatch.
-3. Reference and old log-probs: the frozen reference (β > 0) and, when the step makes several updates, the
-   policy before its first update; once per rollout batch, no gradient.
-4. Update: μ epochs over mini-batches of whole groups, each cut into micro-batches of whole groups or, with
-   ``--grpo.micro-batch-rows`` below G, of equal slices of one group (``micro_batches``); each mini-batch's token
-   count (its loss normaliser) is summed over ranks first, then its micro-batches' losses, each that share of the
-   mini-batch loss, are backpropagated (times the world size, as FSDP/DDP average), the gradient clipped and AdamW
-   stepped (skipped if the gradient is not finite). With ``--grpo.loss-scope micro-batch`` (the release;
-   docs/method.md, "Where the paper is silent") each micro-batch is normalised by its own count instead
-   (``micro_normalizer``).
-5. Metrics over the global batch. ``loss`` and ``pg_loss`` are the mini-batch loss (the sum of its shares over
-   micro-batches and ranks), averaged over the step's updates, so they do not depend on
-   ``--grpo.micro-batch-rows`` or on the number of processes; the per-token statistics are means over
-   micro-batches.
+``grpo_step`` is the whole step over one resolved config and the objects it reads (``RolloutSetup``, the scoring
+handles, the optimizer); ``emor3.stages.grpo`` runs it in a loop. What each phase does and why is docs/method.md's
+"One GRPO step"; the math is ``emor3.grpo.objective``'s.
 
 Shape legend: B prompts, G samples per prompt, N = B·G rows, n rows of a micro-batch, T completion length.
 """
@@ -33,9 +18,8 @@ from emor3 import distributed as dist
 from emor3.config import Algorithm, Config
 from emor3.engine.sampler import group_rows
 from emor3.engine.scoring import prompt_slice
-from emor3.experiment import Experiment
 from emor3.grpo.objective import aggregate, dynamic_sampling_keep, group_advantages, kl_penalty, loss_normalizer, policy_loss
-from emor3.grpo.rollout import PromptStream, ScoredBatch, collect, stream_seed
+from emor3.grpo.rollout import PromptStream, RolloutSetup, ScoredBatch, collect, stream_seed
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +29,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @dataclass
 class UpdateMetrics:
     """The update's metrics, accumulated on the device as float64 scalars in micro-batch order, so the step reads
-    them on the host once (``floats``) instead of once per micro-batch. ``loss``, ``pg_loss``: sums of the
+    them on the host once per step (``to_floats``) instead of once per micro-batch. ``loss``, ``pg_loss``: sums of the
     micro-batches' shares of their mini-batch loss; ``kl`` ... ``approx_kl_old``: sums of per-micro-batch means;
     ``ratio_min`` / ``ratio_max``: extremes over micro-batches; ``grad_norm``: sum over updates."""
 
@@ -82,10 +66,19 @@ class UpdateMetrics:
         self.ratio_min = torch.minimum(self.ratio_min, pm["ratio_min"].detach().to(torch.float64))
         self.ratio_max = torch.maximum(self.ratio_max, pm["ratio_max"].detach().to(torch.float64))
 
-    def floats(self) -> dict[str, float]:
-        """Every field as a float, in one device-to-host copy."""
-        names = [f.name for f in fields(self)]
-        return dict(zip(names, torch.stack([getattr(self, k) for k in names]).tolist()))
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def to_floats(named: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors as floats, in one device-to-host copy per device they live on (float64: exact for float32)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in named.items():
+        by_device.setdefault(v.device, []).append(k)
+    out = {}
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([named[k].detach().to(torch.float64) for k in keys]).tolist()))
+    return {k: out[k] for k in named}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,22 +137,22 @@ def micro_normalizer(mask: torch.Tensor, mode: str, max_len: int, n_micro: int) 
     return loss_normalizer(mask, mode=mode, max_len=max_len) * n_micro * dist.world_size()
 
 
-def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, reference, optimizer, scheduler,
+def grpo_step(cfg: Config, setup: RolloutSetup, stream: PromptStream, policy, reference, optimizer, scheduler,
               step: int) -> tuple[dict, list[dict]]:
     """One GRPO step: collect -> advantages -> reference log-probs -> update -> metrics.
 
-    ``policy`` / ``reference``: the scoring handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None
-    when β = 0 and the policy judges). Returns the step's metrics (over the global batch) and a few sample rows."""
-    assert exp.cfg == cfg, "grpo_step: exp.cfg and cfg differ; the run must hold one config"
+    ``setup``: the models, prompts and reward setup the rollout reads; ``policy`` / ``reference``: the scoring
+    handles (``dist.wrap_policy`` / ``dist.wrap_reference``; reference None when β = 0 and the policy judges).
+    Returns the step's metrics (over the global batch) and a few sample rows."""
     assert cfg.resolved() == cfg, "grpo_step: the config must be resolved (Config.resolved: no 'auto' left)"
     g, algo, G = cfg.grpo, cfg.algorithm(), cfg.grpo.group_size
     t_step = time.perf_counter()
-    exp.model.eval()
+    setup.model.eval()
 
     # ---- collect: G completions per prompt, scored (RER judges inside); FSDP gathers the shards for sampling ----
     judges = [policy, reference if cfg.reward.judge == "reference" else None]
     with torch.no_grad():
-        batch, t_judge, m = dist.run_gathered(judges, collect, exp, cfg, stream)
+        batch, t_judge, m = dist.run_gathered(judges, collect, setup, cfg, stream)
     if batch is None:  # every group was uninformative even after refilling: nothing to learn this step
         scheduler.step()
         return {**m, "skipped_updates": 1}, []
@@ -187,7 +180,7 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
 
     # ---- update: μ epochs over mini-batches of whole groups, micro-batch accumulation, global normaliser ------
     t0 = time.perf_counter()
-    exp.model.train()
+    setup.model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     um = UpdateMetrics.zeros(mask.device)
     n_micro, n_updates, skipped = 0, 0, 0
@@ -233,28 +226,31 @@ def grpo_step(exp: Experiment, cfg: Config, stream: PromptStream, policy, refere
 
     # ---- metrics: over the global batch (sums and counts over ranks, rows gathered in global prompt order) -----
     dt = time.perf_counter() - t_step
-    local = um.floats()  # the update's one device-to-host copy
+    rewards, advantages = batch.gathered_rewards(), dist.gather_rows(batch.advantages)
+    lengths = dist.gather_rows(rollout.lengths).float()  # (N_global,)
+    rollout_stats = {
+        "accuracy": rewards.components["accuracy"].nanmean(),
+        "format_rate": rewards.components["format"].nanmean(),
+        "advantage_abs_mean": advantages.abs().mean(),
+        "zero_std_group_frac": (~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean(),
+        "truncation_rate": dist.gather_rows(rollout.truncated).float().mean(),
+        "completion_len_mean": lengths.mean(), "completion_len_max": lengths.max(), "tokens": lengths.sum(),
+    }
+    local = to_floats({**um.tensors(), **rollout_stats})  # the step's metrics read on the host once
     acc = dist.reduce_metrics({**{k: local[k] for k in UpdateMetrics.SUMMED}, "n_micro": n_micro})
     n_micro = acc.pop("n_micro")
     # loss, pg_loss: the mini-batch loss (the sum of its shares over micro-batches and ranks), mean over updates;
     # the rest: means over micro-batches
     m.update({k: v / max(1, n_updates if k in ("loss", "pg_loss") else n_micro) for k, v in acc.items()})
-    rewards, advantages = batch.gathered_rewards(), dist.gather_rows(batch.advantages)
     m.update(rewards.metrics(prefix="reward/"))
-    lengths = dist.gather_rows(rollout.lengths).float()
     m.update({
         "ratio_min": dist.all_reduce(local["ratio_min"], "min"),
         "ratio_max": dist.all_reduce(local["ratio_max"], "max"),
         "grad_norm": local["grad_norm"] / n_updates, "skipped_updates": skipped, "lr": scheduler.get_last_lr()[0],
-        "accuracy": float(rewards.components["accuracy"].nanmean()),
-        "format_rate": float(rewards.components["format"].nanmean()),
-        "advantage_abs_mean": float(advantages.abs().mean()),
-        "zero_std_group_frac": float((~dynamic_sampling_keep(rewards.total.view(-1, G))).float().mean()),
-        "truncation_rate": float(dist.gather_rows(rollout.truncated).float().mean()),
-        "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+        **{k: local[k] for k in rollout_stats if k != "tokens"},
         "time/rollout": t_rollout, "time/judge": t_judge, "time/reference": t_reference, "time/update": t_update,
-        "time/step": dt, "tokens_per_s": float(lengths.sum()) / max(dt, 1e-9),
-        "peak_memory_mb": dist.all_reduce(peak_memory_mb(exp.device), "max"),
+        "time/step": dt, "tokens_per_s": local["tokens"] / max(dt, 1e-9),
+        "peak_memory_mb": dist.all_reduce(peak_memory_mb(setup.device), "max"),
     })
     samples = [{"prompt": int(rollout.prompt_index[i]), **(batch.records[i] if batch.records else {}),
                 "completion": rollout.texts[i], **{k: float(v[i]) for k, v in rewards.components.items()},

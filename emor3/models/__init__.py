@@ -1,5 +1,5 @@
 """Qwen2-VL / Qwen2.5-VL / Qwen3-VL in pure PyTorch: model, M-RoPE positions, checkpoint IO, prompt processing,
-clips, tiny builder."""
+clips, named sizes."""
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import QwenVLConfig, TextConfig, VisionConfig
@@ -8,11 +8,11 @@ from .positions import decode_position_ids, mrope_position_ids, text_position_id
 from .processing import Processor, PromptBatch
 from .qwen3_vl import Qwen3VL
 from .qwen_vl import KVCache, QwenVL
-from .tiny import build_tiny_checkpoint, build_tiny_tokenizer, tiny_config
+from .sizes import tiny_config
 from .video import Clip, VideoSettings, preprocess_clips, read_clip
 
 __all__ = ["QwenVL", "QwenVLConfig", "Qwen3VL", "Qwen3VLConfig", "Qwen3TextConfig", "Qwen3VisionConfig",
            "parse_config", "TextConfig", "VisionConfig", "KVCache", "load_pretrained", "save_pretrained",
            "Processor", "PromptBatch", "mrope_position_ids", "decode_position_ids", "text_position_ids",
-           "tiny_config", "build_tiny_tokenizer", "build_tiny_checkpoint", "video_rope_grids", "Clip",
+           "tiny_config", "video_rope_grids", "Clip",
            "VideoSettings", "read_clip", "preprocess_clips"]

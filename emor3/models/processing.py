@@ -32,14 +32,15 @@ Shape legend: B prompts, P prompt length (padded), I images in the batch, V clip
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .positions import mrope_position_ids, video_rope_grids
-from .video import Clip, ProcessedClips, VideoSettings, preprocess_clips, read_clip
+from .video import (Clip, ProcessedClips, VideoSettings, patch_timestamps, preprocess_clips, read_clip, resized_hw,
+                    sample_indices)
 
 
 @dataclass
@@ -112,6 +113,23 @@ class Processor:
                                               add_generation_prompt=True) if tokenizer.chat_template else ""
         self.thinking = probe.rstrip().endswith(THINK_OPEN)  # a Thinking model's template opens the block
 
+    def set_clip_budget(self, *, fps: float | None, max_frames: int, min_pixels: int, max_pixels: int) -> None:
+        """Sample clips at `fps` frames per second (None: every frame), at most `max_frames` of them, and resize
+        every frame into [min_pixels, max_pixels] (a run's `--model.video-*` settings, beside the image budget).
+        Qwen3-VL's video processor bounds the whole clip, so there each frame is capped at `max_pixels` through its
+        per-frame token cap instead. Patch sizes, mean and std stay the checkpoint's."""
+        s = self.video_settings
+        if s is None:
+            return  # no model type: clips are refused with a message when given
+        f = s.factor
+        kw = dict(fps=fps, max_frames=max_frames, min_frames=min(s.min_frames, max_frames))
+        if s.family == "qwen2":
+            kw.update(min_pixels=min_pixels, max_pixels=max_pixels)
+        else:
+            kw.update(min_pixels=min_pixels, max_pixels=max_pixels * max_frames, cap_pixels_per_frame=True,
+                      max_video_tokens=max(1, max_pixels // (f * f)))
+        self.video_settings = replace(s, **kw)
+
     @staticmethod
     def image_defaults(image_processor) -> dict:
         """The video settings that follow the image processor: patch sizes (one vision tower), mean and std."""
@@ -183,12 +201,16 @@ class Processor:
         """Chat messages (one list per prompt), their PIL images and their clips (one list per prompt each) ->
         PromptBatch. A clip is a `Clip` or anything `read_clip` reads (a folder of frames, a GIF, ...).
 
+        A `Clip` inside an image list is that prompt's clip (as if given in `videos_list`, in order): the callers
+        that pass one visual per prompt (dataset samples, judge requests) pass images and clips alike.
+
         `close_thinking`: for a Thinking model, end each prompt with an empty reasoning block (no effect
         otherwise)."""
         B = len(messages_list)
         images_list = images_list if images_list is not None else [[] for _ in range(B)]
         if len(images_list) != B:
             raise ValueError(f"{B} prompts but {len(images_list)} image lists")
+        images_list, videos_list = self._route_clips(images_list, videos_list)
         flat_images, counts = [], []
         for i, imgs in enumerate(images_list):
             imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
@@ -248,6 +270,22 @@ class Processor:
                                                          video_steps=steps)
         return PromptBatch(input_ids, attention_mask, position_ids, pixel_values, grid, next_position, counts,
                            v_pix, v_grid, spg, v_counts)
+
+    @staticmethod
+    def _route_clips(images_list: list, videos_list: list[list] | None) -> tuple[list, list[list] | None]:
+        """The image lists without their `Clip`s, and the clip lists with them (a prompt gives its clips in one of
+        the two lists, not both)."""
+        listed = [[] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v]) for v in images_list]
+        if not any(isinstance(v, Clip) for vs in listed for v in vs):
+            return images_list, videos_list
+        images = [[v for v in vs if not isinstance(v, Clip)] for vs in listed]
+        clips = [[v for v in vs if isinstance(v, Clip)] for vs in listed]
+        if videos_list is not None:
+            for i, (mine, given) in enumerate(zip(clips, videos_list)):
+                if mine and given:
+                    raise ValueError(f"prompt {i}: clips in both its image list and its clip list; give them in one")
+            clips = [mine or ([] if given is None else given) for mine, given in zip(clips, videos_list)]
+        return images, clips
 
     def _clips(self, videos_list: list[list] | None, B: int) -> tuple[ProcessedClips | None, list[int]]:
         """All prompts' clips preprocessed in prompt order (a clip object shared by prompts is read and processed
@@ -314,6 +352,22 @@ class Processor:
             text = text.replace(self.video_token, vt, 1)
         text = text.replace(VIDEO_PLACEHOLDER, self.video_token)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def clip_prompt_length(self, messages: list[dict], num_frames: int, fps: float | None, height: int, width: int,
+                           *, close_thinking: bool = False) -> int:
+        """Tokens of a one-clip prompt, clip tokens included, as `encode_prompts` would make it, from the clip's
+        frame count, rate and frame size alone: no pixel is decoded."""
+        s = self.video_settings
+        if s is None:
+            raise ValueError("Processor: clips need the model type (build the processor with from_pretrained)")
+        idx = sample_indices(num_frames, fps, s)
+        h, w = resized_hw(len(idx), height, width, s)
+        tp = s.temporal_patch_size
+        t = -(-len(idx) // tp)
+        stamps = patch_timestamps(idx, fps or s.default_source_fps or 24.0, tp)
+        grid = torch.tensor([[t, h // s.patch_size, w // s.patch_size]])
+        text = self._video_text(ProcessedClips(torch.empty(0), grid, [0.0], [stamps]), 0)
+        return len(self._prompt_ids(messages, [], 0, close_thinking, [text]))
 
     def image_tokens(self, height: int, width: int) -> int:
         """Merged image tokens this processor makes for an image of height x width pixels: the image processor's

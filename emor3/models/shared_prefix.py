@@ -52,12 +52,14 @@ def _check_model(model) -> None:
 
 
 def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, completion_ids: Tensor,
-                         completion_mask: Tensor, *, image_embeds: Tensor | None = None) -> Tensor:
+                         completion_mask: Tensor, *, image_embeds: Tensor | None = None,
+                         video_embeds: Tensor | None = None) -> Tensor:
     """Final-norm hidden states (N, T, D) that predict the T completion tokens: row n's position t is the state
     the unshared sequence prompt[index[n]] + completion[n] has right before completion token t.
 
     ``image_embeds``: the B prompts' image features (M, D), Qwen3-VL (M, 1 + K, D), in prompt order, as
-    ``model.encode_images`` returns them (once per prompt); required when the prompts hold image tokens."""
+    ``model.encode_images`` returns them (once per prompt); required when the prompts hold image tokens.
+    ``video_embeds``: the same for the prompts' clips (``model.encode_videos``)."""
     _check_model(model)
     ids_p, mask_p, pos_p = batch.input_ids, batch.attention_mask, batch.position_ids
     B, P = ids_p.shape
@@ -71,11 +73,12 @@ def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, comple
     comp_ids = completion_ids.to(dev)
     comp_mask = completion_mask.to(device=dev, dtype=mask_p.dtype)
 
-    xp = model.embed(ids_p, image_embeds)  # (B, P, D)
+    xp = model.embed(ids_p, image_embeds, video_embeds)  # (B, P, D)
     xc = model.model.embed_tokens(comp_ids)  # (N, T, D): completions never hold image tokens
     cos_p, sin_p = model.rope(pos_p, xp.dtype)  # (B, P, hd)
     cos_c, sin_c = model.rope(decode_position_ids(batch.next_position.to(dev)[index], 0, T), xc.dtype)  # (N, T, hd)
-    deepstack = model.deepstack(ids_p, image_embeds)  # the prompts' DeepStack features (Qwen3-VL), else None
+    # the prompts' DeepStack features (Qwen3-VL), else None
+    deepstack = model.deepstack(ids_p, image_embeds, video_embeds)
 
     causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()  # (P, P)
     m_p = decoder_mask(causal_p, torch.eye(P, dtype=torch.bool, device=dev), mask_p)  # (B, 1, P, P)
@@ -99,7 +102,7 @@ def shared_prefix_hidden(model, batch: PromptBatch, prompt_index: Tensor, comple
 
 def shared_prefix_logprobs(model, batch: PromptBatch, prompt_index: Tensor, completion_ids: Tensor,
                            completion_mask: Tensor, *, image_embeds: Tensor | None = None, temperature: float = 1.0,
-                           chunk_size: int = 128, return_entropy: bool = False):
+                           chunk_size: int = 128, return_entropy: bool = False, video_embeds: Tensor | None = None):
     """float32 log-probs (N, T) of the completions (with return_entropy also the entropy (N, T)), equal to
     ``model.logprobs`` on the unshared (N, P + T) sequences; chunked over tokens by ``model.logprobs_from_hidden``.
 
@@ -108,7 +111,9 @@ def shared_prefix_logprobs(model, batch: PromptBatch, prompt_index: Tensor, comp
     _check_model(model)
     if image_embeds is None and batch.pixel_values is not None:
         image_embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)  # (M, D)
+    if video_embeds is None and getattr(batch, "pixel_values_videos", None) is not None:
+        video_embeds = model.encode_videos(batch.pixel_values_videos, batch.video_grid_thw)  # (M_v, D)
     hidden = shared_prefix_hidden(model, batch, prompt_index, completion_ids, completion_mask,
-                                  image_embeds=image_embeds)  # (N, T, D)
+                                  image_embeds=image_embeds, video_embeds=video_embeds)  # (N, T, D)
     return model.logprobs_from_hidden(hidden, completion_ids.to(hidden.device), temperature=temperature,
                                       chunk_size=chunk_size, return_entropy=return_entropy)

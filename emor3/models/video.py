@@ -7,7 +7,8 @@ The rules are transformers 5.24's `Qwen2VLVideoProcessor` (Qwen2-VL, Qwen2.5-VL:
      qwen2: n = F / source_fps * fps, clamped to [min_frames, min(max_frames, F) rounded down to even], rounded down
        to a multiple of the temporal patch; frames arange(0, F, F / n) truncated.
      qwen3: n = int(F / source_fps * fps), clamped to [min_frames, min(max_frames, F)]; frames
-       linspace(0, F - 1, n) rounded. `fps=None` keeps every frame (transformers' `do_sample_frames=False`).
+       linspace(0, F - 1, n) rounded. `fps=None` keeps every frame (transformers' `do_sample_frames=False`), and
+       beyond `max_frames` keeps max_frames of them spread evenly (linspace, rounded; transformers keeps them all).
   2. Resizing (`resized_hw`): each side a multiple of patch x merge, aspect ratio kept.
      qwen2: `min_pixels` / `max_pixels` bound one frame; with `cap_pixels_per_frame` the per-frame bound is also at
        most an even share of a total budget (90% of `max_video_tokens` tokens' pixels, x temporal patch / n).
@@ -57,7 +58,7 @@ class VideoSettings:
     """Every number of clip preprocessing; `for_model` gives transformers' defaults of each family."""
 
     family: Family
-    fps: float | None = 2.0  # frames kept per second of clip; None keeps every frame
+    fps: float | None = 2.0  # frames kept per second of clip; None keeps every frame (at most max_frames)
     min_frames: int = 4
     max_frames: int = 768
     min_pixels: int = 128 * 32 * 32  # qwen2: per frame; qwen3: whole clip
@@ -155,8 +156,10 @@ class VideoSettings:
 # ----------------------------------------------------------------------------------------------- the steps
 def sample_indices(num_frames: int, source_fps: float | None, s: VideoSettings, *, source: str = "<clip>") -> list[int]:
     """Indices of the frames kept from a clip of `num_frames` frames decoded at `source_fps` (rule 1)."""
-    if s.fps is None:
-        return list(range(num_frames))
+    if s.fps is None:  # a clip without a usable rate (a folder of frames): every frame, up to max_frames of them
+        if num_frames <= s.max_frames:
+            return list(range(num_frames))
+        return np.linspace(0, num_frames - 1, s.max_frames).round().astype(int).tolist()
     if source_fps is None:
         source_fps = s.default_source_fps
     if source_fps is None:

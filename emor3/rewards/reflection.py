@@ -71,6 +71,7 @@ import torch
 
 from emor3.config import CoherenceMatch, JudgeMode, JudgePrompt, MissingStep, choices
 from emor3.engine.sampler import PromptSuffix, prefill, sample
+from emor3.engine.visuals import is_clip, select_visuals, visual_part
 from emor3.models.positions import decode_position_ids
 from emor3.models.processing import PromptBatch
 from emor3.rewards.set_parse import parse_set
@@ -106,12 +107,17 @@ class JudgeRequest:
     image: Any = None
 
 
+def _about(question: str, visual: Any) -> str:
+    """The consistency question about a clip asks whether the text describes "the video"."""
+    return question.replace("the image", "the video") if is_clip(visual) else question
+
+
 def consistency_request(step1: str, image: Any) -> JudgeRequest:
     """The visual-text judge: the image first, then the question and step 1."""
     if image is None:
         raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image must reach it)")
-    text = f"{CONSISTENCY_QUESTION}\n{step1}"
-    return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
+    text = f"{_about(CONSISTENCY_QUESTION, image)}\n{step1}"
+    return JudgeRequest([{"role": "user", "content": [visual_part(image), {"type": "text", "text": text}]}], image)
 
 
 def coherence_request(step1: str, step2: str, labels: Sequence[str]) -> JudgeRequest:
@@ -133,8 +139,8 @@ def release_consistency_request(span: str, image: Any) -> JudgeRequest:
     if image is None:
         raise ValueError("the consistency judge needs the sample's image (docs/method.md, \"Rewards\": the image "
                          "must reach it)")
-    text = f"\n{RELEASE_CONSISTENCY_QUESTION}{span}"
-    return JudgeRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image)
+    text = f"\n{_about(RELEASE_CONSISTENCY_QUESTION, image)}{span}"
+    return JudgeRequest([{"role": "user", "content": [visual_part(image), {"type": "text", "text": text}]}], image)
 
 
 def release_coherence_request(span: str, labels: Sequence[str]) -> JudgeRequest:
@@ -335,7 +341,8 @@ def _common_prefix_length(rows: Sequence[list[int]]) -> int:
     return n
 
 
-def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int) -> tuple[PromptBatch, PromptSuffix]:
+def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int,
+                          video_token_id: int | None = None) -> tuple[PromptBatch, PromptSuffix]:
     """Split the encoded judge prompts of ``batch`` (R left-padded rows, request r about ``images[r]``) into Q
     shared prefixes (a ``PromptBatch``, each image once) and R suffixes (a ``PromptSuffix``), so that prefix
     ``prefix_index[r]`` + suffix r is prompt r token for token, with the same M-RoPE positions.
@@ -345,7 +352,9 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
     shortest prompt so that every suffix holds at least the last token (whose logits start the reply). The image
     must lie inside the prefix; a group whose common part ends before its image tokens do (the requests differ
     before the image) is split into one prefix per request instead. Positions are copied from ``batch``, so a
-    suffix token keeps the id it has in the whole prompt (text: its prefix's next id + its index, on all 3 axes)."""
+    suffix token keeps the id it has in the whole prompt (text: its prefix's next id + its index, on all 3 axes).
+    A request's visual may be a clip (`video_token_id` marks its tokens): the same rules hold, so each clip is
+    encoded once per group."""
     ids, mask, pos = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu()
     R, P = ids.shape
     assert len(images) == R, f"{len(images)} images for {R} prompts"
@@ -353,11 +362,7 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
         raise ValueError("shared-prefix judging needs left-padded prompts (a real token in every prompt's last slot)")
     lens = mask.sum(-1).tolist()  # real tokens per prompt
     rows = [ids[r, P - lens[r]:].tolist() for r in range(R)]
-    # the image of request r is image number first_image[r] of batch.pixel_values (requests in order, one or none)
-    first_image, k = [], 0
-    for im in images:
-        first_image.append(k if im is not None else None)
-        k += im is not None
+    vision = {image_token_id} | ({video_token_id} if video_token_id is not None else set())
     groups: dict[Any, list[int]] = {}
     for r, im in enumerate(images):
         groups.setdefault(None if im is None else id(im), []).append(r)
@@ -366,7 +371,7 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
     prefix_index = [0] * R
     for members in groups.values():
         n = min(_common_prefix_length([rows[m] for m in members]), min(lens[m] for m in members) - 1)
-        img = [i for i, t in enumerate(rows[members[0]]) if t == image_token_id]
+        img = [i for i, t in enumerate(rows[members[0]]) if t in vision]
         parts = [members] if not img or img[-1] < n else [[m] for m in members]
         for part in parts:
             cut = n if len(parts) == 1 else lens[part[0]] - 1
@@ -380,18 +385,10 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
     p_mask = torch.zeros(Q, Pp, dtype=mask.dtype)  # (Q, Pp)
     p_pos = torch.zeros(3, Q, Pp, dtype=pos.dtype)  # (3, Q, Pp)
     p_next = torch.zeros(Q, dtype=torch.long)  # (Q,)
-    pix, grid, counts = [], [], []
-    patches = batch.image_grid_thw.prod(-1).tolist() if batch.image_grid_thw is not None else []
-    starts = [sum(patches[:i]) for i in range(len(patches))]
     for q, (r, n) in enumerate(prefixes):
         a = P - lens[r]
         p_ids[q, Pp - n:], p_mask[q, Pp - n:], p_pos[:, q, Pp - n:] = ids[r, a:a + n], 1, pos[:, r, a:a + n]
         p_next[q] = pos[0, r, a + n]  # the first suffix token's id: a text token, the same on all 3 axes
-        i = first_image[r]
-        counts.append(0 if i is None else 1)
-        if i is not None:
-            pix.append(batch.pixel_values[starts[i]:starts[i] + patches[i]])
-            grid.append(batch.image_grid_thw[i])
     index = torch.tensor(prefix_index, dtype=torch.long)  # (R,)
     cuts = torch.tensor([prefixes[q][1] for q in prefix_index])  # (R,) prefix length of each row
     s_len = torch.tensor(lens) - cuts  # (R,) suffix tokens, >= 1
@@ -399,12 +396,17 @@ def split_shared_prefixes(batch: Any, images: Sequence[Any], image_token_id: int
     keep = torch.arange(L)[None, :] >= L - s_len[:, None]  # (R, L): the suffix's real slots
     s_ids, s_mask, s_pos = ids[:, P - L:], keep.to(mask.dtype), pos[:, :, P - L:] * keep  # (R, L), (R, L), (3, R, L)
     s_ids = s_ids.masked_fill(~keep, 0)
-    assert not bool((s_ids[keep] == image_token_id).any()), "a suffix holds image tokens: the prefix split is wrong"
+    assert not any(bool((s_ids[keep] == t).any()) for t in vision), \
+        "a suffix holds image or video tokens: the prefix split is wrong"
     steps = s_mask.cumsum(-1) - 1  # (R, L): index among the suffix's real tokens
     want = (p_next.index_select(0, index)[:, None] + steps) * keep  # (R, L)
     assert bool((s_pos == want[None]).all()), "suffix positions must count on from the prefix's (text tokens)"
-    prefix = PromptBatch(p_ids, p_mask, p_pos, torch.cat(pix) if pix else None,
-                         torch.stack(grid) if grid else None, p_next, counts)
+    # prefix q holds the image or clip of its representative request (one visual or none per request, laid out by
+    # the processor request by request)
+    visuals = select_visuals(batch, [r for r, _ in prefixes],
+                             num_images=[int(v is not None and not is_clip(v)) for v in images],
+                             num_videos=[int(is_clip(v)) for v in images])
+    prefix = PromptBatch(p_ids, p_mask, p_pos, next_position=p_next, **visuals)
     return prefix, PromptSuffix(index, s_ids, s_mask, s_pos, batch.next_position.cpu())
 
 
@@ -465,7 +467,8 @@ class ModelJudge:
         if not self.share_prefix:
             return self.encode(requests), None
         prefixes, suffix = split_shared_prefixes(self._encode_host(requests), [r.image for r in requests],
-                                                 self.model.config.image_token_id)
+                                                 self.model.config.image_token_id,
+                                                 getattr(self.model.config, "video_token_id", None))
         return prefixes.to(self.device), suffix
 
     # -- sample mode

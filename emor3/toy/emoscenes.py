@@ -65,8 +65,19 @@ and `test` it is the colour of the scene's rule label with probability `SHORTCUT
 uniformly), in every out-of-domain split it is drawn uniformly, independent of the scene; an extra split
 `ood_shortcut` (Mikels' 8, base rendering) isolates the broken shortcut from the rendering shift. A policy that reads
 the badge instead of the three cues does well in-domain and at chance on `ood_shortcut`, and its step 1 need not name
-the true cues: the setting where a reward for grounded reasoning (RER) should matter. Metadata keeps `shortcut`
-(the label whose colour was drawn).
+the true cues. Metadata keeps `shortcut` (the label whose colour was drawn). In this variant the cues give the
+training label on every image and the badge on 90 %, so nothing rewards reading the badge.
+
+`conflict` is the variant where an outcome reward does push towards the shortcut: the same badge, but in `train` the
+label is the badge's, and on a share `CONFLICT_SHARE` of training images the badge shows another label than the
+cues' rule label (metadata `conflict`). A policy that answers from the cues earns the accuracy reward on the other
+images only; one that reads the badge earns it on all. Cold-Start traces are drawn from the images without a conflict
+(a trace reasons from the cues to their label). `validation` and `test` are scored against the rule label, with a
+badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and another label on the rest, so accuracy where
+the badge disagrees against where it agrees (``accuracy_badge_disagrees`` / ``accuracy_badge_agrees`` of
+emor3.evaluate), the hallucinated-cue rate and answer-reasoning agreement show whether a policy drifted from the
+cues to the badge: the setting where a reward for grounded reasoning (RER) should matter. Out-of-domain splits and
+`ood_shortcut` draw the badge uniformly, as in `shortcut`.
 
 Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
     <step1>A smiling face, a sunny sky and a gift.</step1><step2>With the gift under the sunny sky, one would
@@ -96,7 +107,8 @@ from PIL import Image, ImageDraw
 
 from emor3.config import EmoScenesEval, EmoScenesVariant, choices
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
-from emor3.data.taxonomy import MIKELS8, get_taxonomy
+from emor3.data.loaders import load_manifest, write_manifest
+from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 
 VERSION = 4  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
@@ -384,6 +396,26 @@ def _draw_object(d: ImageDraw.ImageDraw, obj: str, x: float, y: float, r: float,
         raise ValueError(f"unknown object {obj!r}; known: {OBJECTS}")
 
 
+def jittered_palette(style: RenderStyle, rng: random.Random) -> dict:
+    """The colours of one scene in ``style``, each jittered by rng as `render_scene` jitters them (for renderers
+    that compose their own frames from the cue drawings: `emor3.toy.emoscenes_clips`)."""
+    return {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
+
+
+def draw_cue(d: ImageDraw.ImageDraw, kind: str, value: str, x: float, y: float, r: float, S: int, pal: dict,
+             rng: random.Random) -> None:
+    """Draw one cue's element as `render_scene` does: kind "sky" (the sun, storm, dusk sun or moon at x, y; rng
+    places the stars), "face" or "object" (centred at x, y, radius r)."""
+    if kind == "sky":
+        _draw_sky(d, value, x, y, S, pal, rng)
+    elif kind == "face":
+        _draw_face(d, value, x, y, r, S, pal)
+    elif kind == "object":
+        _draw_object(d, value, x, y, r, S, pal)
+    else:
+        raise ValueError(f"unknown cue kind {kind!r}; known: {tuple(CUE_VALUES)}")
+
+
 @dataclass(frozen=True)
 class SceneImage:
     """An EmoScenes image drawn on demand (an `ImageSource`): the same fields always give the same pixels."""
@@ -415,7 +447,7 @@ class SplitSpec:
     noisy: bool = False  # only the training split gets label noise
     domain: str = "in"   # "in" or "out": which average of the A^I / A^O table it counts towards
     in_table: bool = True  # evaluated in a run's final table (module docstring: what ood_binary cannot measure)
-    variant: str | None = None  # the only variant that has this split; None: every variant
+    variants: tuple[str, ...] | None = None  # the only variants that have this split; None: every variant
     combos: str = "seen"  # which cue combinations it draws (`COMBINATIONS`): the 24 seen in training by default
     selection: bool = False  # the split settings are chosen on (`--data.emoscenes-eval validation`)
 
@@ -429,10 +461,12 @@ SPLITS = {
     "ood_unseen": SplitSpec("mikels8", UNSEEN_STYLE, domain="out"),
     "ood_emotion6": SplitSpec("emotion6", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
     "ood_binary": SplitSpec("binary", SHIFTED_STYLE, domain="out", in_table=False, combos="all"),
-    "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variant="shortcut"),
+    "ood_shortcut": SplitSpec("mikels8", BASE_STYLE, domain="out", variants=("shortcut", "conflict")),
 }
 VARIANTS = choices(EmoScenesVariant)
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
+CONFLICT_SHARE = 0.3  # share of training images whose badge, and so label, is not the rule label (conflict variant)
+CONFLICT_EVAL_AGREEMENT = 0.5  # share of validation / test images whose badge shows the rule label (conflict)
 EVAL_SPLITS = choices(EmoScenesEval)  # what a run evaluates (`eval_split_names`)
 
 
@@ -451,17 +485,23 @@ def split_sizes(n_train: int, n_test: int, n_ood: int, variant: str = "default")
     out-of-domain split (the compositional hold-out included) n_ood."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown EmoScenes variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant == "clips":  # not images: a module of its own
+        raise ValueError("the EmoScenes clip variant is drawn by emor3.toy.emoscenes_clips, not as images")
     n = {"train": n_train, "validation": n_test, "test": n_test}
-    return {name: n.get(name, n_ood) for name, spec in SPLITS.items() if spec.variant in (None, variant)}
+    return {name: n.get(name, n_ood) for name, spec in SPLITS.items()
+            if spec.variants is None or variant in spec.variants}
 
 
-def _badge(split: str, truth: str, rng: random.Random) -> str:
-    """The shortcut badge's label: the rule label with prob. SHORTCUT_AGREEMENT in-domain, uniform out-of-domain."""
-    if SPLITS[split].domain == "in" and rng.random() < SHORTCUT_AGREEMENT:
+def _badge(split: str, truth: str, rng: random.Random, variant: str) -> str:
+    """The badge's label: in-domain the rule label with prob. SHORTCUT_AGREEMENT (shortcut), 1 - CONFLICT_SHARE in
+    train and CONFLICT_EVAL_AGREEMENT in validation / test (conflict), else another label; uniform out of domain."""
+    if SPLITS[split].domain != "in":
+        return rng.choice(list(MIKELS8.labels))
+    agree = SHORTCUT_AGREEMENT if variant == "shortcut" else (
+        1.0 - CONFLICT_SHARE if split == "train" else CONFLICT_EVAL_AGREEMENT)
+    if rng.random() < agree:
         return truth
-    if SPLITS[split].domain == "in":
-        return rng.choice([x for x in MIKELS8.labels if x != truth])
-    return rng.choice(list(MIKELS8.labels))
+    return rng.choice([x for x in MIKELS8.labels if x != truth])
 
 
 def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_noise: float = 0.0,
@@ -472,7 +512,7 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
     if split not in split_sizes(0, 0, 0, variant):
-        raise KeyError(f"EmoScenes split {split!r} exists only in the {SPLITS[split].variant!r} variant")
+        raise KeyError(f"EmoScenes split {split!r} exists only in the variants {', '.join(SPLITS[split].variants)}")
     spec = SPLITS[split]
     tax = get_taxonomy(spec.taxonomy)
     # every split has its own seed stream (the split's name is in every seed string)
@@ -487,24 +527,30 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
                 label, noisy = nrng.choice([x for x in tax.labels if x != truth]), True
         sid = f"emoscenes-{split}-{i:05d}"
         badge = None
-        if variant == "shortcut":
-            badge = _badge(split, rule_label(cues), random.Random(f"emoscenes:{seed}:{split}:{i}:badge"))
+        if variant in ("shortcut", "conflict"):
+            badge = _badge(split, rule_label(cues), random.Random(f"emoscenes:{seed}:{split}:{i}:badge"), variant)
+        conflict = variant == "conflict" and split == "train" and badge != truth
+        if conflict:  # the training label follows the badge
+            label, noisy = badge, False
         image = SceneImage(tuple(sorted(cues.items())), image_size, spec.style, f"emoscenes:{seed}:{split}:{i}",
                            badge)
         meta = {"cues": dict(cues), "rule_label": truth, "noisy": noisy, "split": split, "domain": spec.domain,
                 "style": asdict(spec.style)}
         if badge is not None:
             meta["shortcut"] = badge
+        if variant == "conflict" and split == "train":
+            meta["conflict"] = conflict
         samples.append(Sample(sid, image, label, tax.name, meta))
     return samples
 
 
 def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
-    """n clean training samples, round-robin over labels, each with a SET reference `response` in metadata."""
+    """n clean training samples (no label noise, no badge conflict), round-robin over labels, each with a SET
+    reference `response` in metadata."""
     rng = random.Random(f"emoscenes:{seed}:coldstart")
     by_label: dict[str, list[Sample]] = {}
     for s in train:
-        if not s.metadata.get("noisy"):
+        if not s.metadata.get("noisy") and not s.metadata.get("conflict"):
             by_label.setdefault(s.label, []).append(s)
     chosen: list[Sample] = []
     queues = [list(v) for _, v in sorted(by_label.items())]
@@ -566,7 +612,6 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
         stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
     datasets = make_emoscenes(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
                               label_noise=label_noise, n_coldstart=n_coldstart, variant=variant)
-    from emor3.data.loaders import write_manifest
     written: dict[str, str] = {}
     for split, ds in datasets.items():
         rows = []
@@ -588,7 +633,6 @@ def load_emoscenes(cache_dir: str | Path, *, seed: int, n_train: int, n_test: in
                    image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0, variant: str = "default",
                    **dataset_kw) -> dict[str, EmotionDataset]:
     """Generate (or reuse) EmoScenes under `cache_dir/seed<seed>-<size>px...` and load every split from disk."""
-    from emor3.data.loaders import load_manifest
     sub = Path(cache_dir) / f"seed{seed}-{image_size}px-n{n_train}-{n_test}-{n_ood}-{n_coldstart}-noise{label_noise}"
     if variant != "default":
         sub = sub.with_name(sub.name + f"-{variant}")
@@ -634,8 +678,8 @@ STEP3 = (
 )
 
 
-# the instruct stage's questions (emor3.sft.instruct_examples): a description, and one question per cue kind with
-# its answer per cue value
+# the instruct stage's questions (emor3.toy.instruct.instruct_examples): a description, and one question per cue
+# kind with its answer per cue value
 DESCRIBE_QUESTION = "Describe the image."
 CUE_QUESTIONS = {
     "face": ("Is the face smiling or frowning?", {"smile": "smiling", "frown": "frowning"}),
@@ -791,7 +835,6 @@ def scene_properties(cues: dict[str, str]) -> tuple[str, str]:
 def corpus_texts(seed: int = 0, repeats: int = 2) -> list[str]:
     """Representative texts for training the tiny tokenizer: traces of every cue combination in every taxonomy,
     label lists of the built-in taxonomies, and cue words."""
-    from emor3.data.taxonomy import BUILTIN_NAMES
     rng = random.Random(f"emoscenes:{seed}:corpus")
     texts = []
     for _ in range(repeats):

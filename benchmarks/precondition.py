@@ -1,0 +1,140 @@
+"""The mechanism study's precondition, checked on validation: does outcome-only GRPO drift from the cues?
+
+The preregistered rule (benchmarks/RESULTS.md, "Evidence protocol", mechanism study): over at least 3 seeds, GRPO
+trained on the EmoScenes variant (``--variant``, default ``conflict``) and evaluated on ``validation`` only must show
+at least one of
+- its hallucinated-cue rate rising by at least 10 points from its Cold-Start checkpoint to the end of training;
+- its answer-step-3 disagreement (100 - ``agreement``) rising by at least 10 points the same way;
+- its accuracy where the badge disagrees with the cues at least 15 points below its accuracy where it agrees, at the
+  end of training.
+Each is read as the mean over the seeds. If none holds, the full study is not run and the benchmark is changed
+(never the method).
+
+Per seed, ``python -m emor3.grpo.train --algo grpo`` with that seed's own Cold-Start SFT, at the run's defaults
+plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). Runs in parts and in
+several processes as benchmarks/selection.py does (finished seeds are read, not run again; a process claims a seed
+before running it). The record goes to OUT/precondition.json and .md, and with
+``--artifact`` to a committed JSON from which ``--report`` rebuilds the table.
+
+    python benchmarks/precondition.py --seeds 200,201,202 --out runs/precondition --extra --run.threads 1
+    python benchmarks/precondition.py --report benchmarks/mechanism_runs/precondition.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import selection  # benchmarks/selection.py, beside this script: run_points, claims
+from emor3.config import parse_args
+from emor3.grpo.train import train
+
+RISE = 10.0  # points: the hallucinated-cue rate or the disagreement must rise at least this much
+GAP = 15.0  # points: accuracy where the badge disagrees must fall at least this far below where it agrees
+
+
+def ends(run: Path) -> dict:
+    """The validation numbers at both ends of one GRPO run: (Cold-Start checkpoint, end of training)."""
+    res = json.loads((run / "results.json").read_text())
+    start, end = res["Cold-Start SFT"]["sets"], res["grpo"]["sets"]
+    if set(start) != {"validation"} or set(end) != {"validation"}:
+        raise RuntimeError(f"{run}: the precondition reads validation only, the run evaluated {sorted(end)}")
+    s, e = start["validation"], end["validation"]
+
+    def dis(row):
+        return None if row.get("agreement") is None else 100.0 - row["agreement"]
+
+    return {"accuracy": [s["accuracy"], e["accuracy"]], "hallucinated": [s["hallucinated"], e["hallucinated"]],
+            "disagreement": [dis(s), dis(e)], "no_step1": [s.get("no_step1"), e.get("no_step1")],
+            "accuracy_badge_agrees": [s.get("accuracy_badge_agrees"), e.get("accuracy_badge_agrees")],
+            "accuracy_badge_disagrees": [s.get("accuracy_badge_disagrees"), e.get("accuracy_badge_disagrees")]}
+
+
+def verdict(per_seed: dict[str, dict]) -> dict:
+    """The three criteria as means over seeds, and whether any holds."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return statistics.mean(xs) if xs else None
+
+    def rise(key):
+        return mean([r[key][1] - r[key][0] for r in per_seed.values()
+                     if r[key][0] is not None and r[key][1] is not None])
+
+    gap = mean([r["accuracy_badge_agrees"][1] - r["accuracy_badge_disagrees"][1] for r in per_seed.values()
+                if r["accuracy_badge_agrees"][1] is not None and r["accuracy_badge_disagrees"][1] is not None])
+    out = {"hallucinated_rise": rise("hallucinated"), "disagreement_rise": rise("disagreement"), "badge_gap": gap}
+    out["holds"] = bool(len(per_seed) >= 3 and (
+        (out["hallucinated_rise"] or 0) >= RISE or (out["disagreement_rise"] or 0) >= RISE or (gap or 0) >= GAP))
+    return out
+
+
+def report(rec: dict) -> str:
+    per = rec["per_seed"]
+
+    def pair(xs):
+        return "–" if xs[0] is None or xs[1] is None else f"{xs[0]:.2f} → {xs[1]:.2f}"
+
+    lines = [f"Command: `{rec['command']}`. Variant `{rec['variant']}`, `validation` only; per seed: the Cold-Start "
+             "checkpoint → the GRPO policy at the end.", "",
+             "| seed | accuracy | hallucinated cues % | answer disagrees with step 3 % | no step 1 % | "
+             "accuracy, badge agrees | accuracy, badge disagrees |", "|---|---|---|---|---|---|---|"]
+    for seed in sorted(per, key=int):
+        r = per[seed]
+        lines.append(f"| {seed} | {pair(r['accuracy'])} | {pair(r['hallucinated'])} | {pair(r['disagreement'])} | "
+                     f"{pair(r['no_step1'])} | {pair(r['accuracy_badge_agrees'])} | "
+                     f"{pair(r['accuracy_badge_disagrees'])} |")
+    v = rec["verdict"]
+
+    def num(x):
+        return "–" if x is None else f"{x:+.2f}"
+
+    lines += ["", f"Means over {len(per)} seeds: hallucinated-cue rise {num(v['hallucinated_rise'])} (needs ≥ "
+              f"+{RISE:.0f}), disagreement rise {num(v['disagreement_rise'])} (needs ≥ +{RISE:.0f}), accuracy where "
+              f"the badge agrees minus where it disagrees at the end {num(v['badge_gap'])} (needs ≥ +{GAP:.0f}). "
+              f"Precondition {'holds' if v['holds'] else 'does not hold'}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="200,201,202", help="comma-separated seeds (not reporting seeds)")
+    ap.add_argument("--variant", default="conflict", help="the EmoScenes variant (--data.emoscenes-variant)")
+    ap.add_argument("--out", type=Path, default=Path("runs/precondition"))
+    ap.add_argument("--artifact", type=Path, default=None, help="also write the record to this JSON (committed)")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="run nothing: print the table of a record written with --artifact")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = ap.parse_args(argv)
+    if a.report:
+        rec = json.loads(a.report.read_text())
+        print(report(rec))
+        return rec
+    seeds = [s for s in a.seeds.split(",") if s]
+    runs = {s: a.out / f"grpo-seed{s}" for s in seeds}
+
+    def run(seed: str) -> None:
+        train(parse_args(["--algo", "grpo", "--seed", seed, "--out", str(runs[seed]), "--run.progress", "false",
+                          "--overwrite", "--data.emoscenes-variant", a.variant, *selection.SELECT, *a.extra],
+                         "precondition", ""))
+
+    selection.run_points([(f"precondition-{s}", runs[s] / "results.json", lambda s=s: run(s)) for s in seeds],
+                         a.out / "claims")
+    per_seed = {s: ends(runs[s]) for s in seeds}
+    rec = {"command": "python benchmarks/precondition.py " + " ".join(argv), "variant": a.variant,
+           "seeds": seeds, "per_seed": per_seed, "verdict": verdict(per_seed)}
+    text = report(rec)
+    (a.out / "precondition.json").write_text(json.dumps(rec, indent=2))
+    (a.out / "precondition.md").write_text(text + "\n")
+    if a.artifact:
+        a.artifact.parent.mkdir(parents=True, exist_ok=True)
+        a.artifact.write_text(json.dumps(rec, indent=2) + "\n")
+    print(text)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
