@@ -286,6 +286,9 @@ class GRPOConfig(Algorithm):
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
     compile: Compile = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a "
                                  "torch.compile backend: inductor, eager (trace only), aot_eager, cudagraphs.")
+    shared_prefix_decode: bool = _f(False, "Rollout decode reads each prompt's KV cache once for its G samples "
+                                           "(emor3.models.qwen_vl.GroupedKVCache) instead of copying it to G rows; "
+                                           "eager decoding only. Not bit-exact (attention sums in another order).")
     lr: float = _f(3e-4, "AdamW learning rate (the paper: 2e-6 for the 3B model).")
     weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01).")
     warmup_steps: int = _f(0, "Linear warm-up steps (the paper: 0).")

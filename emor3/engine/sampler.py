@@ -82,10 +82,12 @@ import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from emor3.engine.visuals import encode_visuals
 from emor3.models.positions import decode_position_ids
+from emor3.models.qwen_vl import GroupedKVCache
 
 __all__ = ["Rollout", "PromptSuffix", "Prefill", "group_rows", "sample", "prefill", "cache_rows", "apply_banned",
            "apply_top_k", "apply_top_p", "filter_logits", "draw_tokens"]
@@ -188,15 +190,55 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     Token i of the descending order is kept iff the mass strictly before it is < top_p, so the most likely token is
     always kept. Equal to transformers' ``TopPLogitsWarper`` (which phrases it from the ascending side) up to float
     rounding exactly at the boundary. logits (N, V) are already temperature-scaled; returns (N, V).
+
+    On the CPU the kept set is found from the sorted values alone (numpy's vectorised sort, several times faster
+    than ``torch.sort``, which sorts value-index pairs): the kept tokens are then those at least as large as the
+    last kept value. That is the same tensor as the index-sorting path (``_top_p_by_sort``) whenever the kept
+    positions form a prefix of the sorted order and no tie straddles the cut; otherwise the index-sorting path runs.
     """
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V), (N, V)
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
+        out = _top_p_by_values(logits, top_p)
+        if out is not None:
+            return out
+    return _top_p_by_sort(logits, top_p)
+
+
+def _nucleus_cut(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(N, V) bool, True where a token of the descending order is cut: the mass strictly before it is >= top_p."""
     probs = sorted_logits.softmax(dim=-1)  # (N, V)
     mass_before = probs.cumsum(dim=-1) - probs  # (N, V): mass of the strictly more likely tokens
-    remove_sorted = mass_before >= top_p  # (N, V); position 0 has mass_before 0 < top_p: always kept
+    return mass_before >= top_p  # (N, V); position 0 has mass_before 0 < top_p: always kept
+
+
+def _top_p_by_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``apply_top_p`` by sorting with indices and scattering the cut back to vocabulary order (any device)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V), (N, V)
+    remove_sorted = _nucleus_cut(sorted_logits, top_p)  # (N, V)
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)  # back to vocabulary order
     return logits.masked_fill(remove, float("-inf"))
+
+
+def _top_p_by_values(logits: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """``apply_top_p`` on the CPU from the sorted values only; None where that could differ from ``_top_p_by_sort``.
+
+    The descending values are the same numbers, in the same order, as ``torch.sort``'s (equal values are equal
+    bits, and -0.0 and 0.0 give the same exponentials), so the softmax, its cumulative sum and the cut are the same
+    bits too. The kept tokens in vocabulary order are then those >= the last kept value, provided the cut is a
+    prefix (mass_before non-decreasing) and the first cut value is strictly smaller (else which of two equal
+    tokens is kept depends on torch.sort's order of ties)."""
+    V = logits.shape[-1]
+    values = np.sort(logits.detach().numpy(), axis=-1)[..., ::-1]  # (N, V) ascending, reversed: descending
+    sorted_logits = torch.from_numpy(np.ascontiguousarray(values))  # (N, V)
+    remove_sorted = _nucleus_cut(sorted_logits, top_p)  # (N, V)
+    kept = (~remove_sorted).sum(dim=-1, keepdim=True)  # (N, 1) >= 1
+    last_kept = sorted_logits.gather(-1, kept - 1)  # (N, 1)
+    first_cut = sorted_logits.gather(-1, kept.clamp(max=V - 1))  # (N, 1): the last value when nothing is cut
+    prefix = torch.equal(remove_sorted, torch.arange(V) >= kept)  # the cut is a suffix of the descending order
+    if not prefix or bool(((kept < V) & (first_cut == last_kept)).any()):
+        return None
+    return logits.masked_fill(logits < last_kept, float("-inf"))
 
 
 def filter_logits(
@@ -275,6 +317,9 @@ _COMPILED_STEP: dict[str, Any] = {}
 _COMPILE_BUCKET = 64  # with compile, cache slots are rounded up to a multiple of this so varying prompt lengths
 # reuse a few graphs instead of recompiling for every new P (the extra slots are never attended: causality)
 
+
+# the models whose attention takes a GroupedKVCache (emor3.models.qwen_vl.Attention and its Qwen3 subclass)
+GROUPED_DECODE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 _EAGER_WINDOW = 64  # eager decoding attends over the cache prefix written so far, rounded up to this many slots
 
@@ -457,6 +502,7 @@ def sample(
     check_every: int = 16,
     compact_finished: bool = True,
     suffix: PromptSuffix | None = None,
+    shared_prefix_decode: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt of ``batch`` (a ``PromptBatch``); returns a ``Rollout``.
 
@@ -472,6 +518,11 @@ def sample(
     ``suffix``: prompts that share a prefix (a ``PromptSuffix``, point 8 of the module docstring): ``batch`` then
     holds the prefixes, the prompts are the suffix's rows (prefix ``suffix.prefix_index[r]`` + row r's own tokens),
     and row n of the rollout samples suffix row ``n // group_size``.
+    ``shared_prefix_decode``: keep each prompt's cache once and let its G rows attend over it together, merged
+    with each row's own keys by log-sum-exp (``emor3.models.qwen_vl.GroupedKVCache``), instead of copying it to
+    the G rows; eager decoding of a Qwen-VL model with G > 1 only, until the first compaction (which copies it
+    out). Not bit-exact: the attention sums run in another order than SDPA's, so a token whose sampling boundary
+    lies within float rounding of u can differ (off by default).
     """
     # --- validate -------------------------------------------------------------------------------------------------
     if group_size < 1 or max_new_tokens < 1 or check_every < 1:
@@ -502,8 +553,15 @@ def sample(
     assert pre.last_logits.shape == (R0, V), f"logits {tuple(pre.last_logits.shape)} != {(R0, V)} (config vocab_size)"
     G, N = group_size, R0 * group_size
 
-    # --- copy each prompt's cache to its G rows --------------------------------------------------------------------
-    cache = pre.cache.repeat_interleave(G) if G > 1 else pre.cache
+    # --- copy each prompt's cache to its G rows (or keep it once: shared_prefix_decode) ------------------------------
+    grouped = shared_prefix_decode and G > 1 and not compile and suffix is None
+    if grouped and getattr(getattr(model, "config", None), "model_type", None) not in GROUPED_DECODE_MODEL_TYPES:
+        raise ValueError(f"sampler: shared_prefix_decode supports model types {GROUPED_DECODE_MODEL_TYPES}")
+    if grouped:  # the rows' own slots live in the grouped cache until a compaction copies the whole cache out
+        cache = None
+        gcache = GroupedKVCache.from_prefill(pre.cache, pre.attention_mask[:, :P], P, G, S - P)
+    else:
+        cache = pre.cache.repeat_interleave(G) if G > 1 else pre.cache
     logits = pre.last_logits.repeat_interleave(G, dim=0)  # (N, V)
     attn = pre.attention_mask.repeat_interleave(G, dim=0)  # (N, S)
     next_pos = pre.next_position.repeat_interleave(G)  # (N,)
@@ -524,7 +582,13 @@ def sample(
     # step attends over the written prefix only, in views of the same storage grown _EAGER_WINDOW slots at a time;
     # this halves the attention work of a long rollout on average (slots past the prefix are causally masked anyway).
     window = S if compile else min(S, -(-(P + 1) // _EAGER_WINDOW) * _EAGER_WINDOW)
-    step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
+
+    def step_inputs():  # the cache and mask a decode step reads: the first `window` slots (views)
+        if grouped:  # set per step below: the grouped cache's masks are its own
+            return None, None
+        return (cache, attn) if window == S else (_cache_prefix(cache, window), attn[:, :window])
+
+    step_cache, step_mask = step_inputs()
     pos = decode_position_ids(next_pos)  # (3, N, 1): generated token 0's position; advanced in place every step
     cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # (1,): the slot decode step t writes
     # The decode batch holds R <= N rows: `rows` (R,) are their output rows. Once at most half of them are still
@@ -557,16 +621,19 @@ def sample(
                 keep = torch.argsort(finished.to(torch.int8), stable=True)[:R_new]  # (R_new,) running ones first
                 rows, finished, token, logprob = (x.index_select(0, keep) for x in (rows, finished, token, logprob))
                 fed = fed.index_select(0, keep)
+                if grouped:  # rows of a group no longer sit together: go on with a per-row cache
+                    cache, grouped = gcache.materialize(S), False
                 cache = cache_rows(cache, keep)
                 attn, pos = attn.index_select(0, keep), pos.index_select(1, keep)  # (R_new, S), (3, R_new, 1)
-                step_cache, step_mask = (cache, attn) if window == S else (_cache_prefix(cache, window),
-                                                                           attn[:, :window])
+                step_cache, step_mask = step_inputs()
                 compacted = True
         # feed token t (pad for finished rows: computed, ignored) at position next_position + t, cache slot P + t
         if not compile and P + t + 1 > window:  # eager: grow the attended prefix of the static cache (a view)
             window = min(S, window + _EAGER_WINDOW)
-            step_cache, step_mask = _cache_prefix(cache, window), attn[:, :window]  # views, (R, window)
+            step_cache, step_mask = step_inputs()  # views, (R, window)
         u = None if greedy else (draws[t + 1].index_select(0, rows) if compacted else draws[t + 1])  # (R,)
+        if grouped:  # exactly the own slots written once token t is: 0..t (views), so no mask is needed
+            step_cache = gcache.window(t + 1)
         token, logprob = step_fn(model, step_cache, fed[:, None], pos, step_mask, cache_position, u, **choose)
         pos.add_(1)  # device-side counters: no host-to-device copy per step, same tensors every step
         cache_position.add_(1)

@@ -213,7 +213,7 @@ def score_prompts(setup: RolloutSetup, cfg: Config, indices: list[int], generato
         setup.model, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, stop_token_ids=setup.processor.stop_token_ids,
         banned_token_ids=setup.processor.banned_token_ids, generator=generator, tokenizer=setup.processor,
-        compile={"off": False, "on": True}.get(g.compile, g.compile),
+        compile={"off": False, "on": True}.get(g.compile, g.compile), shared_prefix_decode=g.shared_prefix_decode,
     )
     t0 = time.perf_counter()
     rows = rollout.prompt_index.tolist()

@@ -85,15 +85,18 @@ def mrope_position_ids(input_ids: Tensor, attention_mask: Tensor | None, image_g
     used = {1: 0, 2: 0}  # next image / video in grids
     for b in range(B):
         valid = mask_cpu[b].nonzero().squeeze(-1)  # (P_b,) indices of real tokens
-        kind = kind_all[b, valid]
-        row = torch.zeros(3, len(valid), dtype=torch.long)
+        # the row's token kinds as a Python list: the run scan below reads them one by one, and a tensor element
+        # read per token would be a host sync per token (thousands per judge batch)
+        kind = kind_all[b, valid].tolist()  # P_b ints
+        n_valid = len(kind)
+        row = torch.zeros(3, n_valid, dtype=torch.long)
         p, i = 0, 0
-        while i < len(valid):
-            k = int(kind[i])
+        while i < n_valid:
+            k = kind[i]
             if k == 0:
                 # a run of text tokens: (p, p+1, ...) on all three axes
                 j = i
-                while j < len(valid) and kind[j] == 0:
+                while j < n_valid and kind[j] == 0:
                     j += 1
                 row[:, i:j] = torch.arange(p, p + j - i)
                 p += j - i
@@ -106,7 +109,7 @@ def mrope_position_ids(input_ids: Tensor, attention_mask: Tensor | None, image_g
             t, h, w = grids[k][g]
             gh, gw = h // m, w // m
             n = t * gh * gw
-            if i + n > len(valid) or not bool((kind[i:i + n] == k).all()):
+            if i + n > n_valid or any(x != k for x in kind[i:i + n]):
                 raise ValueError(f"row {b}: {names[k]} {g} (grid {t}x{h}x{w}) needs {n} consecutive {names[k]} "
                                  "tokens")
             # temporal ids floor(ti * step), computed in float32 as transformers does
@@ -118,7 +121,7 @@ def mrope_position_ids(input_ids: Tensor, attention_mask: Tensor | None, image_g
             i += n
             used[k] += 1
         pos[:, b, valid] = row
-        nxt[b] = row.max() + 1 if len(valid) else 0
+        nxt[b] = row.max() + 1 if n_valid else 0
     for k in (1, 2):
         if used[k] != len(grids[k]):
             raise ValueError(f"{names[k]}_grid_thw has {len(grids[k])} {names[k]}s but the batch holds "

@@ -119,6 +119,108 @@ class KVCache:
         return KVCache(self.k.repeat_interleave(repeats, dim=1), self.v.repeat_interleave(repeats, dim=1))
 
 
+@dataclass
+class GroupedKVCache:
+    """Decode cache of N = B·G rows whose G consecutive rows continue one of B prompts, the prompt's keys and
+    values kept once (the "cascade" / shared-prefix decode of FlashInfer and Hydragen): at one query per row, the
+    G·H/K queries of a prompt's rows on one kv head attend over the prompt's keys together, then each row over its
+    own generated keys, and the two partial attentions are merged by their log-sum-exps (on the CPU: SDPA's flash
+    kernel, which returns them; elsewhere both parts' scores go through one softmax). Every row sees the keys,
+    values and mask of the full-cache decode; only the order of float sums differs from SDPA over the copied cache
+    (a non-exact, opt-in path: the sampler's ``shared_prefix_decode``).
+
+    Generated token t (0-based) is written at ``slot`` P + t of the full-cache numbering, i.e. own slot t here;
+    a step attends over the first W own slots, all of them written (the sampler narrows to W = t + 1)."""
+
+    prefix_k: Tensor  # (layers, B, K, P, hd): the prompts' keys, written by the prefill
+    prefix_v: Tensor  # (layers, B, K, P, hd)
+    prefix_mask: Tensor  # (B, 1, 1, P) float: 0 on the prompts' real tokens, -inf on left padding
+    k: Tensor  # (layers, N, K, W, hd): the rows' generated keys (W slots, a prefix view of the full storage)
+    v: Tensor  # (layers, N, K, W, hd)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_k.shape[3]
+
+    @property
+    def max_len(self) -> int:
+        return self.prefix_len + self.k.shape[3]
+
+    @staticmethod
+    def from_prefill(cache: "KVCache", prompt_mask: Tensor, length: int, group_size: int,
+                     new_tokens: int) -> "GroupedKVCache":
+        """The B-row prefill ``cache`` (its first ``length`` slots hold the prompts, ``prompt_mask`` (B, length)
+        marks their real tokens) as the prefix of B·G rows with room for ``new_tokens`` generated tokens each."""
+        L, B, K, _, hd = cache.k.shape
+        own = (L, B * group_size, K, new_tokens, hd)
+        mask = torch.zeros(B, 1, 1, length, dtype=cache.k.dtype, device=cache.k.device)
+        mask = mask.masked_fill(~prompt_mask.bool()[:, None, None, :], float("-inf"))  # (B, 1, 1, P)
+        # the prompt slots copied out of the longer prefill cache once (B rows), contiguous for the kernels
+        return GroupedKVCache(cache.k[:, :, :, :length].contiguous(), cache.v[:, :, :, :length].contiguous(), mask,
+                              cache.k.new_zeros(own), cache.v.new_zeros(own))
+
+    def window(self, slots: int) -> "GroupedKVCache":
+        """The same cache attending over its first ``slots`` generated slots (views of the same storage)."""
+        return GroupedKVCache(self.prefix_k, self.prefix_v, self.prefix_mask, self.k.narrow(3, 0, slots),
+                              self.v.narrow(3, 0, slots))
+
+    def materialize(self, slots: int) -> "KVCache":
+        """The equivalent per-row ``KVCache`` of ``slots`` slots (layers, N, K, slots, hd): the prompt's slots
+        copied to each of its rows, the generated ones after them (to go on decoding with the plain cache, e.g.
+        once finished rows are dropped)."""
+        L, N, K, W, hd = self.k.shape
+        P, G = self.prefix_len, N // self.prefix_k.shape[1]
+        assert P + W <= slots, f"{P} prompt + {W} generated slots do not fit in {slots}"
+        out = []
+        for pre, own in ((self.prefix_k, self.k), (self.prefix_v, self.v)):
+            full = own.new_zeros(L, N, K, slots, hd)
+            full[:, :, :, :P] = pre.repeat_interleave(G, dim=1)
+            full[:, :, :, P:P + W] = own
+            out.append(full)
+        return KVCache(*out)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_position: Tensor, *,
+               flash: bool | None = None) -> Tensor:
+        """Write one generated token's k, v (N, K, 1, hd) at full-cache slot ``cache_position`` (1,) and return the
+        attention output (N, H, 1, hd) of queries q (N, H, 1, hd) over the prompt's slots and the W own ones.
+        ``flash``: merge two flash-kernel calls by log-sum-exp (CPU only; the default there) or one softmax over
+        matrix-product scores (the default elsewhere)."""
+        N, H, L, hd = q.shape
+        B, K, P = self.prefix_k.shape[1], self.prefix_k.shape[2], self.prefix_len
+        assert L == 1 and N % B == 0, f"grouped decode takes one query per row of B = {B} groups, got {tuple(q.shape)}"
+        G, r, W = N // B, H // K, self.k.shape[3]
+        self.k[layer].index_copy_(2, cache_position - P, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, cache_position - P, v.to(self.v.dtype))
+        # query head h reads kv head h // r (transformers' repeat_kv grouping), as SDPA's enable_gqa does
+        q = q.reshape(N, K, r, hd)  # (N, K, r, hd)
+        qg = q.view(B, G, K, r, hd).transpose(1, 2).reshape(B, K, G * r, hd)  # (B, K, G·r, hd): a prompt's rows
+        pk, pv = self.prefix_k[layer].to(q.dtype), self.prefix_v[layer].to(q.dtype)  # (B, K, P, hd)
+        ok, ov = self.k[layer].to(q.dtype), self.v[layer].to(q.dtype)  # (N, K, W, hd)
+        if flash if flash is not None else q.device.type == "cpu":
+            kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # what SDPA runs here, plus the lse
+            o_pre, lse_pre = kernel(qg, pk, pv, attn_mask=self.prefix_mask.to(q.dtype))  # (B,K,G·r,hd), (B,K,G·r)
+            o_own, lse_own = kernel(q, ok, ov)  # (N, K, r, hd), (N, K, r): every own slot is written
+            o_pre = o_pre.view(B, K, G, r, hd).transpose(1, 2).reshape(N, K, r, hd)
+            lse_pre = lse_pre.view(B, K, G, r).transpose(1, 2).reshape(N, K, r)
+            top = torch.maximum(lse_pre, lse_own)  # (N, K, r), finite: the own slot is always seen
+            w_pre, w_own = (lse_pre - top).exp(), (lse_own - top).exp()  # each part's share of the normaliser
+            o = (o_pre * w_pre[..., None] + o_own * w_own[..., None]) / (w_pre + w_own)[..., None]
+            return o.to(q.dtype).reshape(N, H, 1, hd)
+        scale = hd ** -0.5  # SDPA's default
+        s_pre = torch.matmul(qg * scale, pk.transpose(-1, -2)) + self.prefix_mask.to(q.dtype)  # (B, K, G·r, P)
+        s_pre = s_pre.view(B, K, G, r, P).transpose(1, 2).reshape(N, K, r, P)  # (N, K, r, P)
+        scores = torch.cat([s_pre, torch.matmul(q * scale, ok.transpose(-1, -2))], dim=-1)  # (N, K, r, P + W)
+        probs = scores.softmax(dim=-1)
+        p_pre = probs[..., :P].reshape(B, G, K, r, P).transpose(1, 2).reshape(B, K, G * r, P)  # (B, K, G·r, P)
+        o_pre = torch.matmul(p_pre, pv).view(B, K, G, r, hd).transpose(1, 2)  # (B, G, K, r, hd)
+        o = o_pre.reshape(N, K, r, hd) + torch.matmul(probs[..., P:], ov)  # (N, K, r, hd)
+        return o.reshape(N, H, 1, hd)
+
+
 # ----------------------------------------------------------------------------------------------- text decoder
 def mrope_cos_sin(position_ids: Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin (N, L, hd) for M-RoPE from position ids (3, N, L).
@@ -169,6 +271,9 @@ class Attention(nn.Module):
         N, L, _ = x.shape
         q, k, v = self.project(x, cos, sin)  # (N, H, L, hd), (N, K, L, hd) x 2
         own = (k, v)
+        if isinstance(cache, GroupedKVCache):  # one decode step of G rows per prompt, the prompt's keys kept once
+            o = cache.attend(layer, q, k, v.to(q.dtype), cache_position)  # (N, H, 1, hd)
+            return self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position)  # (N, K, S, hd)
         if prefix_kv is not None:
@@ -227,8 +332,8 @@ class DecoderLayer(nn.Module):
             return self._block(x, cos, sin, mask, layer, cache, cache_position)
         xp, cos_p, sin_p, mask_p, index = prefix
         xp, (k, v) = self._block(xp, cos_p, sin_p, mask_p, layer, None, None, return_kv=True)  # k, v (B, K, P, hd)
-        # each prompt's keys go to all of its rows; autograd sums their gradients back onto the prompt
-        kv = (k.index_select(0, index), v.index_select(0, index))  # (N, K, P, hd) each
+        # each prompt's keys go to all of its rows; the backward sums their gradients back onto the prompt
+        kv = (_PromptRows.apply(k, index), _PromptRows.apply(v, index))  # (N, K, P, hd) each
         return self._block(x, cos, sin, mask, layer, None, None, prefix_kv=kv), xp
 
     def _block(self, x, cos, sin, mask, layer, cache, cache_position, *, prefix_kv=None, return_kv=False):
@@ -238,6 +343,34 @@ class DecoderLayer(nn.Module):
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return (x, kv) if return_kv else x
+
+
+class _PromptRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` (row n of the result is prompt ``index[n]``'s row of x (B, ...)), whose backward
+    is ``index_select``'s, ``zeros.index_add_(0, index, grad)``, computed as running sums when the rows are the
+    usual GRPO layout (G consecutive rows per prompt, prompts in order): the same additions in the same order
+    (0 + g_0 + g_1 + ... + g_{G-1}), hence the same bits, without the scatter kernel, which is slow on the CPU for
+    these strided gradients."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        B, N = ctx.rows, grad.shape[0]
+        G = N // B if B else 0
+        grouped = G * B == N and G > 0 and torch.equal(index, torch.arange(B, device=index.device).repeat_interleave(G))
+        if not grouped:
+            return grad.new_zeros((B, *grad.shape[1:])).index_add_(0, index, grad), None
+        g = grad.view(B, G, *grad.shape[1:])  # (B, G, ...): prompt b's rows
+        out = g[:, 0] + 0.0  # 0 + g_0, as index_add_ into zeros (-0.0 becomes +0.0 there too)
+        for j in range(1, G):
+            out += g[:, j]
+        return out, None
 
 
 class TextModel(nn.Module):
