@@ -17,7 +17,9 @@ between the ``<!-- selection:begin -->`` / ``<!-- selection:end -->`` markers.
 Runs in parts. A grid point whose evaluation (``.../eval/results.json``) is already in OUT is read, not run again,
 so a stopped selection goes on where it stopped. Several processes started with the same arguments share the work:
 each claims a point before running it (a file under OUT/claims naming its process; a claim whose process is gone
-is taken over) and waits for the others' points before choosing. ``--stage sft`` stops after the Cold-Start curve.
+is taken over) and waits for the others' points before choosing. ``--stage sft`` stops after the Cold-Start curve;
+``--collect`` runs nothing and rebuilds the record from the points in OUT (benchmarks/selection_runs holds the
+reported ones: ``python benchmarks/selection.py --collect --out benchmarks/selection_runs --stage sft ...``).
 
     python benchmarks/selection.py --seeds 100,101,102 --sft-steps 100,200,300,500,800 --lrs 1e-4,3e-4,5e-4
     python benchmarks/selection.py --seeds 100 --sft-steps 4,8 --lrs 1e-4,3e-4 --extra --config examples/quick.toml
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lrs", default="1e-4,3e-4,5e-4", help="learning-rate grid, every method the same")
     ap.add_argument("--methods", default="grpo,dapo,emo_r3", help="comma-separated --algo values")
     ap.add_argument("--out", type=Path, default=Path("runs/selection"))
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: the record and tables of the points already in --out (e.g. committed ones)")
     ap.add_argument("--stage", choices=["sft", "all"], default="all",
                     help="sft: only Cold-Start SFT's curve and its choice; all: then each method's learning rate")
     ap.add_argument("--results-md", default="", help="also write the record into this RESULTS.md (empty: nowhere)")
@@ -221,23 +225,35 @@ def main(argv: list[str] | None = None) -> dict:
             save()
         return go
 
-    # 1. Cold-Start SFT's curve on validation
-    run_points([(f"sft-{steps}-{seed}", sft_dir(steps, seed) / "eval" / "results.json",
-                 point(lambda steps=steps, seed=seed: sft_point(seed, steps, sft_dir(steps, seed), a.extra)))
-                for steps in steps_grid for seed in seeds], claims)
-    collect()
-    rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
-    save()
-    if a.stage == "all":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
-        run_points([(f"{algo}-{lr}-{seed}", a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json",
-                     point(lambda algo=algo, lr=lr, seed=seed: grpo_point(
-                         algo, lr, seed, sft_dir(rec["sft_choice"], seed) / "sft",
-                         a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)))
-                    for algo in methods for lr in lrs for seed in seeds], claims)
+    def run_grid() -> None:
+        # 1. Cold-Start SFT's curve on validation
+        run_points([(f"sft-{steps}-{seed}", sft_dir(steps, seed) / "eval" / "results.json",
+                     point(lambda steps=steps, seed=seed: sft_point(seed, steps, sft_dir(steps, seed), a.extra)))
+                    for steps in steps_grid for seed in seeds], claims)
         collect()
-        for algo in methods:
-            rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+        rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
         save()
+        if a.stage == "all":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
+            run_points([(f"{algo}-{lr}-{seed}", a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json",
+                         point(lambda algo=algo, lr=lr, seed=seed: grpo_point(
+                             algo, lr, seed, sft_dir(rec["sft_choice"], seed) / "sft",
+                             a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)))
+                        for algo in methods for lr in lrs for seed in seeds], claims)
+            collect()
+            for algo in methods:
+                rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+            save()
+
+    if a.collect:  # run nothing: the record of the points on disk, and a choice only where a grid is complete
+        collect()
+        if all(len(rec["sft"].get(str(s), {})) == len(seeds) for s in steps_grid):
+            rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
+        for algo in methods:
+            if all(len(rec["grpo"].get(algo, {}).get(lr, {})) == len(seeds) for lr in lrs):
+                rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+        save()
+    else:
+        run_grid()
     text = report(rec)
     if a.results_md:
         write_results_md(Path(a.results_md), text)

@@ -4,6 +4,7 @@ with `--extra --config examples/quick.toml`)."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,3 +95,16 @@ def test_the_precondition_reads_both_ends_of_validation_and_applies_the_preregis
         precondition.ends(leaked)
     assert "Precondition holds" in precondition.report({"command": "c", "variant": "conflict", "per_seed": per,
                                                        "verdict": v})
+
+
+def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_committed_points(tmp_path):
+    """`--collect` runs nothing: it rebuilds the record from the per-point results in --out. On a copy of
+    benchmarks/selection_runs its means over seeds are the README's two Cold-Start numbers."""
+    shutil.copytree(REPO / "benchmarks" / "selection_runs", tmp_path / "runs")
+    rec = selection.main(["--collect", "--stage", "sft", "--seeds", "100,101,102", "--sft-steps",
+                          "100,200,300,500,800,1200", "--out", str(tmp_path / "runs")])
+    means = {steps: sum(per.values()) / len(per) for steps, per in rec["sft"].items()}
+    assert set(means) >= {"300", "800"} and all(len(rec["sft"][s]) == 3 for s in ("300", "800"))
+    assert not (tmp_path / "runs" / "claims").exists() or not any((tmp_path / "runs" / "claims").iterdir())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"Cold-Start SFT scores {means['300']:.2f} % at 300 steps and {means['800']:.2f} % at 800" in readme
