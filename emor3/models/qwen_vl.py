@@ -192,7 +192,7 @@ class GroupedKVCache:
         N, H, L, hd = q.shape
         B, K, P = self.prefix_k.shape[1], self.prefix_k.shape[2], self.prefix_len
         assert L == 1 and N % B == 0, f"grouped decode takes one query per row of B = {B} groups, got {tuple(q.shape)}"
-        G, r, W = N // B, H // K, self.k.shape[3]
+        G, r = N // B, H // K
         self.k[layer].index_copy_(2, cache_position - P, k.to(self.k.dtype))
         self.v[layer].index_copy_(2, cache_position - P, v.to(self.v.dtype))
         # query head h reads kv head h // r (transformers' repeat_kv grouping), as SDPA's enable_gqa does
