@@ -7,7 +7,8 @@ median per call of each side and the ratio. Pairs:
   mrope        M-RoPE ids of 123 consistency-judge-shaped prompts (an 8x8-patch image, ~60 text tokens, left
                padded): ``mrope_position_ids`` vs the per-element tensor scan (tests/test_fast_paths.py);
   prompt_rows  backward of the shared-prefix update's prompt-to-rows gather, 8 prompts x 8 rows of (2, 193, 32)
-               strided keys, the gradient a slice of the [prompt, own 80] keys' gradient: ``_PromptRows`` vs ``index_select``'s autograd backward, bit-identical;
+               strided keys, the gradient a slice of the [prompt, own 80] keys' gradient: ``_PromptRows`` vs
+               ``index_select``'s autograd backward, bit-identical;
   decode_attn  one decode step's attention, 16 prompts x 8 rows, 4 heads / 2 kv heads of 32, a 193-token prompt
                and 40 generated tokens: ``GroupedKVCache.attend`` (opt-in, not bit-exact) vs SDPA over the prompt
                copied to every row (the default: the cache repeat and the written-prefix window of the sampler).

@@ -11,8 +11,8 @@ micro-batches). The model GRPO starts from is, in order of preference:
     differently). The output says which one ran.
 The step's cost depends on completion lengths, so the tokens decoded per step are reported with the times.
 
-It builds the run as ``emor3.grpo.train`` does (``build``, the instruct stage, ``cold_start``, ``reference_model``), then
-calls ``grpo_step`` ``--steps`` times at ``--threads`` torch threads and reports:
+It builds the run as ``emor3.grpo.train`` does (``build``, the instruct stage, ``cold_start``,
+``reference_model``), then calls ``grpo_step`` ``--steps`` times at ``--threads`` torch threads and reports:
   (a) per phase, the median over steps 3..N (1-based) of: the rollout (prompt encoding; the sampler's prefill, decode
       steps = model forward + token choice, the decode loop's bookkeeping, detokenising), the RER judge (request
       building and encoding; its prefill, decode steps, loop bookkeeping, detokenising), the rule rewards, the

@@ -29,8 +29,8 @@ def start_dir(out: Path, source: Path) -> Path:
 
 
 # what a run writes into its folder: the names ``--overwrite`` removes (nothing else in the folder is touched)
-RUN_FILES = ("config.toml", "init", "instruct", "sft", "latest", "metrics.jsonl", "samples.jsonl", "baseline_results.json",
-             "results.json", "results.md", "curves.png", "report.html", "tensorboard", "wandb",
+RUN_FILES = ("config.toml", "init", "instruct", "sft", "latest", "metrics.jsonl", "samples.jsonl",
+             "baseline_results.json", "results.json", "results.md", "curves.png", "report.html", "tensorboard", "wandb",
              "lineage.json", "changes.jsonl")
 _RUN_PATTERNS = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|trash)|\.latest\.tmp|"
                            r"checkpoint-\d+\.(damaged|abandoned)(-\d+)?")

@@ -168,8 +168,8 @@ def test_auto_choices_follow_the_release_with_a_checkpoint_and_keep_the_tiny_run
     (tmp_path / "ckpt" / "config.json").write_text("{}")  # parsing checks the folder is a checkpoint's
     ckpt = _parse(["--model", str(tmp_path / "ckpt")])
     assert picked(ckpt) == (32, "release", "micro-batch")
-    chosen = _parse(["--model", str(tmp_path / "ckpt"), "--reward.judge-max-new-tokens", "8", "--reward.missing-step", "neutral",
-                     "--grpo.loss-scope", "mini-batch"])
+    chosen = _parse(["--model", str(tmp_path / "ckpt"), "--reward.judge-max-new-tokens", "8",
+                     "--reward.missing-step", "neutral", "--grpo.loss-scope", "mini-batch"])
     assert picked(chosen) == (8, "neutral", "mini-batch"), "a choice given explicitly is kept"
     # what a run records (config.toml): the choices made, reading back to the same config
     save_config(ckpt, tmp_path / "config.toml")

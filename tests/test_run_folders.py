@@ -388,7 +388,8 @@ def test_only_the_asked_sets_are_evaluated(tmp_path):
     default = _tiny(tmp_path, tmp_path / "r", data=d)
     from emor3.toy.emoscenes import eval_split_names
 
-    assert [e.name for e in build_data(default, WORLD)[2]] == eval_split_names(), "no set given: EmoScenes' table splits"
+    assert [e.name for e in build_data(default, WORLD)[2]] == eval_split_names(), \
+        "no set given: EmoScenes' table splits"
 
 
 def test_a_colon_in_an_eval_path(tmp_path, monkeypatch):

@@ -142,7 +142,8 @@ def test_eval_spec_taxonomy_suffix():
     set is evaluated at the binary level); a path's own separators are not mistaken for it."""
     from emor3.config import parse_eval_spec
 
-    assert parse_eval_spec("webemo=/d/WebEmo/test25.txt:binary@out") == ("webemo", "/d/WebEmo/test25.txt", "binary", "out")
+    assert parse_eval_spec("webemo=/d/WebEmo/test25.txt:binary@out") == \
+        ("webemo", "/d/WebEmo/test25.txt", "binary", "out")
     assert parse_eval_spec("e6=/d/Emotion6@in") == ("e6", "/d/Emotion6", None, "in")
     assert parse_eval_spec("x=rel/a:b/c.jsonl") == ("x", "rel/a:b/c.jsonl", None, "out")
     assert parse_eval_spec("x=set.jsonl:my_tax.toml") == ("x", "set.jsonl", "my_tax.toml", "out")

@@ -203,7 +203,8 @@ class RolloutSetup:
     device: torch.device
 
 
-def score_prompts(setup: RolloutSetup, cfg: Config, indices: list[int], generator: torch.Generator) -> tuple[ScoredBatch, float]:
+def score_prompts(setup: RolloutSetup, cfg: Config, indices: list[int],
+                  generator: torch.Generator) -> tuple[ScoredBatch, float]:
     """Dataset rows ``indices`` -> (their ScoredBatch, seconds spent judging and scoring)."""
     g = cfg.grpo
     samples = [setup.train_set[i] for i in indices]

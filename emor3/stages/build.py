@@ -139,7 +139,8 @@ def build_data(cfg: Config, world: World | None = None):
     asked_splits, asked_files = eval_requests(d.eval, d.train, world)
     if d.train:
         train = load_dataset(d.train, d.taxonomy or None, d.on_bad_sample, **budget)
-        with_response = [i for i, s in enumerate(train.samples) if isinstance(s.metadata, dict) and s.metadata.get("response")]
+        with_response = [i for i, s in enumerate(train.samples)
+                         if isinstance(s.metadata, dict) and s.metadata.get("response")]
         cold = train.subset(with_response[: d.cold_start]) if with_response and d.cold_start > 0 else None
         evals = []
     elif world is None:
