@@ -13,7 +13,7 @@ Each is read as the mean over the seeds. If none holds, the full study is not ru
 Per seed, ``python -m emor3.grpo.train --algo grpo`` with that seed's own Cold-Start SFT, at the run's defaults
 plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). Runs in parts and in
 several processes as benchmarks/selection.py does (finished seeds are read, not run again; a process claims a seed
-before running it). The record goes to OUT/precondition.json and .md, and with
+before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed). The record goes to OUT/precondition.json and .md, and with
 ``--artifact`` to a committed JSON from which ``--report`` rebuilds the table.
 
     python benchmarks/precondition.py --seeds 200,201,202 --out runs/precondition --extra --run.threads 1
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {s: a.out / f"grpo-seed{s}" for s in seeds}
 
     def run(seed: str) -> None:
+        if (runs[seed] / "latest").is_file():  # stopped by SIGINT / SIGTERM, which checkpoints: go on from there
+            # with the run's own settings (its config.toml); of --extra only the thread count carries over
+            threads = a.extra[a.extra.index("--run.threads"):][:2] if "--run.threads" in a.extra else []
+            train(parse_args(["--resume", str(runs[seed]), "--run.progress", "false", *threads], "precondition", ""))
+            return
         train(parse_args(["--algo", "grpo", "--seed", seed, "--out", str(runs[seed]), "--run.progress", "false",
                           "--overwrite", "--data.emoscenes-variant", a.variant, *selection.SELECT, *a.extra],
                          "precondition", ""))
