@@ -110,3 +110,16 @@ def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_c
     assert f"Cold-Start SFT scores {means['300']:.2f} % at 300 steps and {means['800']:.2f} % at 800, and " \
            f"{means['1200']:.2f} % at 1200" in readme
     assert rec["sft_choice"] == 1200
+
+
+def test_results_md_shows_the_committed_precondition_record():
+    """RESULTS.md's precondition table is `precondition.py --report` of the committed record, whose per-seed
+    numbers are those of the committed results.json files."""
+    rec = json.loads((REPO / "benchmarks" / "mechanism_runs" / "precondition.json").read_text())
+    for seed in rec["seeds"]:
+        assert precondition.ends(REPO / "benchmarks" / "mechanism_runs" / "precondition" / f"seed{seed}") == \
+            rec["per_seed"][seed]
+    assert precondition.verdict(rec["per_seed"]) == rec["verdict"] and not rec["verdict"]["holds"]
+    md = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    block = md.split("<!-- precondition:begin -->\n", 1)[1].split("<!-- precondition:end -->", 1)[0]
+    assert block.strip() == precondition.report(rec).strip()
