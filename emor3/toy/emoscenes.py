@@ -585,6 +585,20 @@ def make_emoscenes(*, seed: int, n_train: int, n_test: int, n_ood: int, image_si
     return out
 
 
+def written_before(stamp: Path, config: dict, paths: dict[str, Path], overwrite: bool) -> bool:
+    """Whether a folder already holds ``paths`` written with ``config`` (its ``stamp`` file records it), so a writer
+    can reuse it; otherwise the stamp is removed first, so a crash mid-write cannot leave a folder that looks
+    complete."""
+    if not overwrite and stamp.is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(stamp.read_text()) == config:
+                return True
+        except json.JSONDecodeError:
+            pass
+    stamp.unlink(missing_ok=True)
+    return False
+
+
 def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int, n_ood: int,
                     image_size: int = 112, label_noise: float = 0.0, n_coldstart: int = 0,
                     overwrite: bool = False, variant: str = "default") -> dict[str, Path]:
@@ -598,18 +612,11 @@ def write_emoscenes(out_dir: str | Path, *, seed: int, n_train: int, n_test: int
     if variant != "default":
         config["variant"] = variant
     stamp = out_dir / "emoscenes.json"
-    datasets = None
     sizes = dict(split_sizes(n_train, n_test, n_ood, variant), coldstart=n_coldstart)
     names = [s for s, n in sizes.items() if n > 0]
     paths = {s: out_dir / f"{s}.jsonl" for s in names}
-    if not overwrite and stamp.is_file() and all(p.is_file() for p in paths.values()):
-        try:
-            if json.loads(stamp.read_text()) == config:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    if stamp.is_file():
-        stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
+    if written_before(stamp, config, paths, overwrite):
+        return paths
     datasets = make_emoscenes(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
                               label_noise=label_noise, n_coldstart=n_coldstart, variant=variant)
     written: dict[str, str] = {}

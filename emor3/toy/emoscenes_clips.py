@@ -50,9 +50,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
+from emor3.data.loaders import write_manifest
 from emor3.toy.emoscenes import (AROUSAL_OF_SKY, FACE_WORDS, FEELINGS, LAYOUTS, RULE_TABLE, SKY_WORDS, STEP2,
                                   STEP3, VALENCE_OF_FACE, RenderStyle, cue_rounds, draw_cue, jittered_palette,
-                                  label_for, rule_label)
+                                  label_for, rule_label, written_before)
 from emor3.toy.emoscenes import SPLITS as IMAGE_SPLITS
 from emor3.data.taxonomy import get_taxonomy
 from emor3.models.clips import Clip
@@ -355,17 +356,10 @@ def write_emoscenes_clips(out_dir: str | Path, *, seed: int, n_train: int, n_tes
     stamp = out_dir / "emoscenes_clips.json"
     names = [s for s, n in dict(split_sizes(n_train, n_test, n_ood), coldstart=n_coldstart).items() if n > 0]
     paths = {s: out_dir / f"{s}.jsonl" for s in names}
-    if not overwrite and stamp.is_file() and all(p.is_file() for p in paths.values()):
-        try:
-            if json.loads(stamp.read_text()) == config:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    if stamp.is_file():
-        stamp.unlink()  # invalidate first: a crash mid-write must not leave a folder that looks complete
+    if written_before(stamp, config, paths, overwrite):
+        return paths
     datasets = make_emoscenes_clips(seed=seed, n_train=n_train, n_test=n_test, n_ood=n_ood, image_size=image_size,
                                     label_noise=label_noise, n_coldstart=n_coldstart)
-    from emor3.data.loaders import write_manifest
     written: dict[str, list[str]] = {}  # clip id -> its frame files
     for split in ("train", "validation", "test", "compositional", "ood_render", "ood_unseen"):
         for s in datasets[split].samples if split in datasets else []:
