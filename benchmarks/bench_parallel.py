@@ -38,7 +38,7 @@ def worker(args) -> None:
     from emor3 import distributed as dist  # noqa: E402
     from emor3.grpo.rollout import PromptStream  # noqa: E402
     from emor3.grpo.step import grpo_step  # noqa: E402
-    from emor3.stages.grpo import lr_lambda, rollout_setup  # noqa: E402
+    from emor3.stages.grpo import optimizer_for, rollout_setup, training_handles  # noqa: E402
 
     dist.init()  # torchrun: join the group (gloo on the CPU); a no-op for one process
     work = Path(args.work)
@@ -49,14 +49,9 @@ def worker(args) -> None:
             if not (work / "emoscenes").exists():
                 (work / "emoscenes").symlink_to(Path(args.data_cache))
         cfg, run, model, ref_model, _, setup_s = ps.build(ns, work)
-    g = cfg.grpo
-    policy = dist.wrap_policy(model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
-    reference = None if ref_model is None else dist.wrap_reference(
-        ref_model, cfg.run.reference, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    policy, reference = training_handles(cfg, model, ref_model, run.device)
     setup = rollout_setup(cfg, run, model, ref_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
-                                  weight_decay=g.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
+    optimizer, scheduler = optimizer_for(cfg, model)
     stream = PromptStream(len(run.train_set), cfg.run.seed)
     steps = []
     for i in range(args.steps):

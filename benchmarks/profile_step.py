@@ -62,14 +62,12 @@ import emor3.engine.sampler as sampler_mod  # noqa: E402
 import emor3.grpo.rollout as rollout_mod  # noqa: E402
 import emor3.grpo.step as step_mod  # noqa: E402
 import emor3.rewards.reflection as reflection_mod  # noqa: E402
-from emor3 import distributed as dist  # noqa: E402
 from emor3.config import parse_args  # noqa: E402
 from emor3.stages.build import build as build_run, reference_model, with_adapters  # noqa: E402
 from emor3.run_folder import start_dir  # noqa: E402
-from emor3.stages.grpo import rollout_setup  # noqa: E402
+from emor3.stages.grpo import optimizer_for, rollout_setup, training_handles  # noqa: E402
 from emor3.grpo.rollout import PromptStream  # noqa: E402
 from emor3.grpo.step import grpo_step  # noqa: E402
-from emor3.stages.grpo import lr_lambda  # noqa: E402
 from emor3.models import load_pretrained  # noqa: E402
 from emor3.stages.cold_start import cold_start  # noqa: E402
 from emor3.toy import instruct  # noqa: E402
@@ -380,13 +378,9 @@ def main() -> None:
 
     cfg, run, model, ref_model, start, setup_s = build(args, work)
     g = cfg.grpo
-    policy = dist.wrap_policy(model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
-    reference = None if ref_model is None else dist.wrap_reference(
-        ref_model, cfg.run.reference, cfg.run.parallel, run.device, cfg.run.mixed_precision)
+    policy, reference = training_handles(cfg, model, ref_model, run.device)
     setup = rollout_setup(cfg, run, model, ref_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
-                                  weight_decay=g.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
+    optimizer, scheduler = optimizer_for(cfg, model)
     # AdamW's step, timed by the optimizer's own hooks (its step method stays the one the scheduler wrapped)
     opt_timer = []
 

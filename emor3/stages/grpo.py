@@ -220,6 +220,25 @@ class GrpoResult:
     stopped_at: int | None  # the step a signal stopped the run at, else None
 
 
+def training_handles(cfg: Config, model: torch.nn.Module, ref_model: torch.nn.Module | None, device: torch.device):
+    """(policy, reference): the scoring handles ``grpo_step`` takes (forward = teacher-forced log-probs; FSDP2-sharded
+    or DDP-wrapped under torchrun). With LoRA and no reference model, the reference is the policy, adapters off."""
+    policy = dist.wrap_policy(model, cfg.run.parallel, device, cfg.run.mixed_precision)
+    reference = None if ref_model is None else dist.wrap_reference(
+        ref_model, cfg.run.reference, cfg.run.parallel, device, cfg.run.mixed_precision)
+    if has_lora(model) and cfg.algorithm().kl_coef > 0 and reference is None:
+        reference = AdaptersOff(policy, model)
+    return policy, reference
+
+
+def optimizer_for(cfg: Config, model: torch.nn.Module):
+    """(AdamW over the trained parameters, its learning-rate schedule) at the run's GRPO settings."""
+    g = cfg.grpo
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
+                                  weight_decay=g.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
+
+
 def grpo(cfg: Config, run: Run, model: torch.nn.Module, out: Path, point: ResumePoint | None,
          launched: bool) -> GrpoResult:
     """GRPO from ``model`` (the policy after Cold-Start SFT, or the resumed ``point``'s) for ``--grpo.steps``
@@ -229,18 +248,11 @@ def grpo(cfg: Config, run: Run, model: torch.nn.Module, out: Path, point: Resume
     start = start_dir(out, run.source_dir)
     model = with_adapters(model, cfg)  # LoRA: fresh adapters on the model GRPO starts from (a resumed run has its own)
     ref_model = reference_model(cfg, model, run.source_dir, start, resumed, run.device)  # none with LoRA
-    # training handles: forward = teacher-forced log-probs; FSDP2-sharded or DDP-wrapped under torchrun
-    policy = dist.wrap_policy(model, cfg.run.parallel, run.device, cfg.run.mixed_precision)
-    reference = None if ref_model is None else dist.wrap_reference(
-        ref_model, cfg.run.reference, cfg.run.parallel, run.device, cfg.run.mixed_precision)
-    if has_lora(model) and cfg.algorithm().kl_coef > 0 and reference is None:  # LoRA: the policy, adapters off
-        reference = AdaptersOff(policy, model)
+    policy, reference = training_handles(cfg, model, ref_model, run.device)
     dist.print0(run_table(cfg, model.config, W))
     lineage = point.lineage if resumed else record_lineage(cfg, out, start)  # a resume checks it
     setup = rollout_setup(cfg, run, model, ref_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
-                                  weight_decay=g.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(g.warmup_steps, g.steps, g.schedule))
+    optimizer, scheduler = optimizer_for(cfg, model)
     stream = PromptStream(len(run.train_set), cfg.run.seed)
     start_step = 0
     if resumed:
