@@ -52,7 +52,8 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 AdvScale = Literal["group", "batch", "none"]
 RatioLevel = Literal["token", "sequence"]
 Schedule = Literal["constant", "cosine"]
-Compile = Literal["off", "on", "inductor", "eager", "aot_eager", "cudagraphs"]  # on: inductor; else the backend
+Compile = Literal["off", "on", "graph", "inductor", "eager", "aot_eager", "cudagraphs"]  # on: inductor; graph: a
+# CUDA graph of the eager step; else the torch.compile backend
 LossScope = Literal["mini-batch", "micro-batch"]
 FormatRule = Literal["paper", "strict"]
 AccuracyRule = Literal["exact", "normalized"]
@@ -284,8 +285,10 @@ class GRPOConfig(Algorithm):
                               "0: all of a rank's prompts in one batch (fastest); on CUDA the largest chunk whose "
                               "KV cache fits the free memory (emor3.memory). Any N that divides the prompts "
                               "per rank (1 always does) makes rollouts identical for any number of ranks.")
-    compile: Compile = _f("off", "torch.compile the rollout sampler's decode step: off, on (inductor) or a "
-                                 "torch.compile backend: inductor, eager (trace only), aot_eager, cudagraphs.")
+    compile: Compile = _f("off", "Speed up the rollout sampler's decode step: off; graph (CUDA only: the eager "
+                                 "step captured as a CUDA graph and replayed, no compiler); on (torch.compile of the "
+                                 "model's part with inductor) or another torch.compile backend: inductor, eager "
+                                 "(trace only), aot_eager, cudagraphs.")
     shared_prefix_decode: bool = _f(False, "Rollout decode reads each prompt's KV cache once for its G samples "
                                            "(emor3.models.qwen_vl.GroupedKVCache) instead of copying it to G rows; "
                                            "eager decoding only. Not bit-exact (attention sums in another order).")

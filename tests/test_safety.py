@@ -246,6 +246,22 @@ def test_a_second_ctrl_c_during_a_save_waits_for_the_save(three_steps, tmp_path,
     assert all(torch.equal(v, back[k]) for k, v in model.state_dict().items())
 
 
+def test_a_failed_save_gives_the_signal_handlers_back(tmp_path, monkeypatch):
+    """A save that raises (a full disk) ends the run with its error, and SIGINT / SIGTERM are handled as before the
+    run again: a later Ctrl-C or kill in the same process is not swallowed by a loop that is gone."""
+    import emor3.stages.grpo as grpo_stage
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(grpo_stage, "save_checkpoint", disk_full)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(OSError, match="No space left"):
+        train(_tiny(tmp_path, tmp_path / "run", grpo={"steps": 1}))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_metrics_are_rolled_back_and_a_cut_line_is_dropped(tmp_path, capsys):
     lines = [json.dumps({"step": s, "loss": s / 10}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')  # a crash mid-write

@@ -351,6 +351,31 @@ def test_banned_never_sampled_and_top_k_top_p_stay_in_kept_set(models, batch):
     assert kept.all(), "sample emitted a token outside the top-k / top-p kept set"
 
 
+def test_graph_decode_needs_cuda(models, batch):
+    with pytest.raises(ValueError, match="compile='graph' captures CUDA graphs; the batch is on cpu"):
+        sample(models[0], batch, group_size=1, max_new_tokens=2, compile="graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
+def test_graph_decode_matches_eager_on_cuda(models, batch):
+    """The CUDA-graph step replays eager's own kernels: the same tokens, and log-probs to rounding (it attends over
+    the whole static cache, eager over the written prefix). Stop tokens finish rows at different steps, so the
+    batch is compacted and captured again mid-rollout; top-p runs inside the graph (a sort on the device)."""
+    ours = models[0].to("cuda")
+    try:
+        cuda_batch = batch.to("cuda")
+        kw = dict(group_size=4, max_new_tokens=48, temperature=1.0, top_p=0.9, banned_token_ids=BANNED, generator=5,
+                  stop_token_ids=(7, 11, 13), check_every=4)
+        eager = sample(ours, cuda_batch, **kw)
+        graph = sample(ours, cuda_batch, compile="graph", **kw)
+        assert eager.completion_mask.sum(-1).unique().numel() > 2, "test setup: rows must finish at different steps"
+        assert torch.equal(eager.completion_ids, graph.completion_ids), "the CUDA graph changed the tokens"
+        assert torch.equal(eager.completion_mask, graph.completion_mask)
+        assert torch.allclose(eager.logprobs, graph.logprobs, atol=1e-5, rtol=0)
+    finally:
+        models[0].to("cpu")
+
+
 def test_compiled_decode_step_traces_once_and_matches_eager(models, batch):
     from torch._dynamo.utils import counters
 

@@ -9,10 +9,11 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    dimension, the same layout TRL and verl use: ``repeat_interleave``, not ``repeat``). transformers' ``generate``
    with ``num_return_sequences=G`` instead expands the inputs first and prefills, and encodes every image, G times.
 2. **A static cache written by position** (gpt-fast ``generate.py``, nanochat ``engine.py``): the cache holds
-   ``P + max_new_tokens`` slots from the start; decode step t writes slot ``P + t``. With ``compile=True`` every
+   ``P + max_new_tokens`` slots from the start; decode step t writes slot ``P + t``. With ``compile`` set every
    tensor the decode step sees has the same shape at every step (the attention mask covers all slots from the
    start; unwritten slots are excluded by causality, each query seeing only slots up to its own
-   ``cache_position``), so the step is traced once and can be captured by CUDA graphs; slots are rounded up to a
+   ``cache_position``), so the step is traced once (``compile=True``) or captured once as a CUDA graph
+   (``compile="graph"``) per decode batch; slots are rounded up to a
    multiple of 64 so that prompts of varying length reuse a few graphs. Eager decoding, where fixed shapes buy
    nothing, attends over the written prefix only (views of the same storage, grown 64 slots at a time): a long
    rollout then does about half the attention work. Finished rows keep decoding (they emit the pad token, masked
@@ -35,8 +36,8 @@ Generation is most of a GRPO step's time, so this replaces transformers' ``gener
    ``torch.Generator``, and the token is the first whose cumulative (unnormalised) probability exceeds u times the
    total. This costs one random number per row instead of the V per row of the exponential race / Gumbel-max trick
    (gpt-fast ``sample``), whose noise alone costs as much as a tiny model's matmuls per step on a CPU; filtered
-   tokens have zero-width intervals and are never drawn. The uniforms are drawn outside the compiled step, so
-   seeded runs repeat exactly, compiled or not. A chi-square test pins the frequencies to softmax.
+   tokens have zero-width intervals and are never drawn. The uniforms are drawn outside the compiled or captured
+   step, so seeded runs repeat exactly, compiled or not. A chi-square test pins the frequencies to softmax.
    At ``temperature == 0`` decoding is greedy (argmax after banning; top-k/top-p cannot change an argmax).
 6. **Recorded log-probs** are ``log_softmax(logits / temperature)`` over the *full* vocabulary at the sampled
    token, in float32: exactly what the trainer's ``model.logprobs`` computes by teacher forcing, so the PPO ratio
@@ -79,6 +80,7 @@ S = P + max_new_tokens cache slots, V vocabulary, D hidden size; with shared pre
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
@@ -290,6 +292,19 @@ def _choose(
     return token, logprob
 
 
+def _decode_logits(
+    model: Any, cache: Any, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """The model's part of a decode step, every input of fixed shape: feed tokens (N, 1) at cache slot
+    cache_position (1,), return the next-token logits (N, V). This is what ``compile=True`` hands to torch.compile;
+    the Python int step counter never enters it (cache_position is a tensor), so it compiles once per batch shape.
+    Sampling stays outside: a few (N, V) operations that compilation does not speed up, among them a cumulative
+    sum over the vocabulary that inductor's scan code generation fails on for a 151k vocabulary on CUDA."""
+    hidden = model(tokens, position_ids, attention_mask, cache=cache, cache_position=cache_position)  # (N, 1, D)
+    return model.logits(hidden)[:, -1]  # (N, V)
+
+
 def _decode_step(
     model: Any,
     cache: Any,
@@ -302,18 +317,18 @@ def _decode_step(
     top_k: int,
     top_p: float,
     banned_mask: torch.Tensor | None,
+    logits_fn: Any = _decode_logits,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step, every input of fixed shape: feed tokens (N, 1) at cache slot cache_position (1,), return the
-    next token and its log-prob, each (N,). This is the function ``compile=True`` hands to
-    torch.compile; the Python int step counter never enters it (cache_position is a tensor), so it compiles once."""
-    hidden = model(tokens, position_ids, attention_mask, cache=cache, cache_position=cache_position)  # (N, 1, D)
-    logits = model.logits(hidden)[:, -1]  # (N, V)
+    """One decode step: the logits of tokens (N, 1) fed at cache slot cache_position (1,), then the next token
+    and its log-prob, each (N,)."""
+    logits = logits_fn(model, cache, tokens, position_ids, attention_mask, cache_position)  # (N, V)
     return _choose(logits, uniform, temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=banned_mask)
 
 
-# Compiled decode steps, one per torch.compile backend, created on first use. dynamo then keeps one graph per set of
-# guarded inputs (model, N, S, greedy or not): the Python step counter never enters, so a whole rollout runs one graph.
-_COMPILED_STEP: dict[str, Any] = {}
+# Compiled model parts of the decode step, one per torch.compile backend, created on first use. dynamo then keeps
+# one graph per set of guarded inputs (model, N, S): the Python step counter never enters, so a whole rollout runs
+# one graph per batch size.
+_COMPILED_LOGITS: dict[str, Any] = {}
 _COMPILE_BUCKET = 64  # with compile, cache slots are rounded up to a multiple of this so varying prompt lengths
 # reuse a few graphs instead of recompiling for every new P (the extra slots are never attended: causality)
 
@@ -334,40 +349,84 @@ def _cache_prefix(cache: Any, slots: int) -> Any:
 _RECOMPILE_LIMIT = 64
 
 
-class _CompiledStep:
-    """torch.compile of ``_decode_step``, fullgraph first (one graph per rollout, which CUDA graphs need), falling
-    back to graph breaks with a warning if the model has an op dynamo cannot trace as one graph. dynamo traces
-    before it runs anything, so a failed fullgraph attempt has written nothing to the cache."""
+class _CompiledLogits:
+    """torch.compile of ``_decode_logits``, fullgraph first, falling back to graph breaks with a warning if the model
+    has an op dynamo cannot trace as one graph. dynamo traces before it runs anything, so a failed fullgraph attempt
+    has written nothing to the cache."""
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.fn = torch.compile(_decode_step, dynamic=False, fullgraph=True, backend=backend)
+        self.fn = torch.compile(_decode_logits, dynamic=False, fullgraph=True, backend=backend)
         self.fullgraph = True
 
-    def __call__(self, *args, **kwargs):
-        # one graph per (batch size, cache slots, greedy or not): compaction alone gives log2(N) + 1 batch sizes,
-        # more than dynamo's default of 8 graphs per function over a run's prompt lengths
+    def __call__(self, *args):
+        # one graph per (batch size, cache slots): compaction alone gives log2(N) + 1 batch sizes, more than
+        # dynamo's default of 8 graphs per function over a run's prompt lengths
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             try:
-                return self.fn(*args, **kwargs)
+                return self.fn(*args)
             except torch._dynamo.exc.Unsupported as e:
                 if not self.fullgraph:
                     raise
                 warnings.warn(f"sampler: the decode step does not compile as one graph ({str(e).splitlines()[0]}); "
                               "compiling with graph breaks instead", stacklevel=3)
-                self.fn = torch.compile(_decode_step, dynamic=False, backend=self.backend)
+                self.fn = torch.compile(_decode_logits, dynamic=False, backend=self.backend)
                 self.fullgraph = False
-                return self.fn(*args, **kwargs)
+                return self.fn(*args)
+
+
+class _GraphedStep:
+    """The eager decode step (model and sampling) captured once as a CUDA graph per decode batch and replayed at
+    every step: one launch per token instead of a few per layer, which is what bounds decoding a 3B model at a few
+    dozen rows. No compiler is involved, so the kernels are eager's own.
+
+    A graph replays fixed addresses. Within a decode batch the cache, the mask, the positions and cache_position
+    are the same tensors every step (the counters advance in place); the fed tokens and the uniforms are copied
+    into the graph's own inputs before each replay. A new decode batch (a compaction, or a new rollout) has new
+    tensors and is captured again: at most log2(N) + 1 captures per rollout. Capturing needs the step to run
+    first, outside the graph (CUDA's warm-up); that run writes the current cache slot with exactly the values the
+    replay writes, so it changes nothing."""
+
+    def __init__(self):
+        self.key = None
+
+    def __call__(self, model, cache, tokens, position_ids, attention_mask, cache_position, uniform, **choose):
+        key = (id(model), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), position_ids.data_ptr(),
+               attention_mask.data_ptr(), cache_position.data_ptr(), uniform is None)
+        if key != self.key:
+            self.key = None
+            self.graph = None  # the previous batch's graph and its memory pool go first
+            self.tokens = tokens.clone()
+            self.uniform = None if uniform is None else uniform.clone()
+            args = (model, cache, self.tokens, position_ids, attention_mask, cache_position, self.uniform)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                _decode_step(*args, **choose)  # warm-up, outside the graph
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = _decode_step(*args, **choose)
+            self.key = key
+        self.tokens.copy_(tokens)
+        if uniform is not None:
+            self.uniform.copy_(uniform)
+        self.graph.replay()
+        return self.out[0].clone(), self.out[1].clone()
 
 
 def _get_step(compile: bool | str):
+    """The decode step for ``compile``: eager (False), a CUDA graph of the eager step ("graph"), or the model's part
+    under torch.compile (True: inductor; a string names another backend)."""
     if not compile:
         return _decode_step
+    if compile == "graph":
+        return _GraphedStep()
     backend = "inductor" if compile is True else str(compile)
-    if backend not in _COMPILED_STEP:
+    if backend not in _COMPILED_LOGITS:
         # dynamic=False: every shape is static by construction; a new (N, S) compiles once more.
-        _COMPILED_STEP[backend] = _CompiledStep(backend)
-    return _COMPILED_STEP[backend]
+        _COMPILED_LOGITS[backend] = _CompiledLogits(backend)
+    return partial(_decode_step, logits_fn=_COMPILED_LOGITS[backend])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,8 +569,9 @@ def sample(
     filters. ``stop_token_ids``: one or more ids that end a completion (included in its mask); none means every row
     runs to ``max_new_tokens``. ``banned_token_ids`` are never sampled. ``generator``: a ``torch.Generator`` on the
     model's device or an int seed; the same seed gives the same rollout. ``tokenizer`` (a transformers tokenizer or
-    an emor3 ``Processor``) decodes ``texts``. ``compile`` wraps the decode step in ``torch.compile`` (True: the
-    default inductor backend; a string names another backend, e.g. "eager" to check tracing without codegen).
+    an emor3 ``Processor``) decodes ``texts``. ``compile`` speeds up the decode step: "graph" (CUDA) captures the
+    eager step as a CUDA graph and replays it; True compiles the model's part with torch.compile's inductor; another
+    string names another torch.compile backend, e.g. "eager" to check tracing without codegen.
     ``pad_token_id`` (default: the first stop id, else 0) fills finished rows; it is always masked.
     ``compact_finished``: drop finished rows from the decode batch at the periodic check (power-of-two sizes); the
     tokens and log-probs are those of the uncompacted batch.
@@ -536,6 +596,8 @@ def sample(
     if set(stops) & set(banned):
         raise ValueError(f"sampler: stop ids {sorted(set(stops) & set(banned))} are also banned, so no row could stop")
     device = batch.input_ids.device
+    if compile == "graph" and device.type != "cuda":
+        raise ValueError(f"sampler: compile='graph' captures CUDA graphs; the batch is on {device}")
     T_max = max_new_tokens
     gen = _make_generator(generator)
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)

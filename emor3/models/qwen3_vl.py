@@ -51,9 +51,8 @@ def interleaved_mrope_cos_sin(position_ids: Tensor, cfg: Qwen3TextConfig, dtype:
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=dev) / hd))  # (hd/2,)
     j = torch.arange(hd // 2, device=dev)
     _, s_h, s_w = cfg.mrope_section
-    axis = torch.zeros(hd // 2, dtype=torch.long, device=dev)  # (hd/2,)
-    axis[(j % 3 == 1) & (j < 3 * s_h)] = 1
-    axis[(j % 3 == 2) & (j < 3 * s_w)] = 2
+    # torch.where rather than boolean-mask assignment, which syncs with the device (no CUDA-graph capture then)
+    axis = torch.where((j % 3 == 1) & (j < 3 * s_h), 1, torch.where((j % 3 == 2) & (j < 3 * s_w), 2, 0))  # (hd/2,)
     freqs = position_ids.float().permute(1, 2, 0)[..., axis] * inv_freq  # (N, L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (N, L, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)

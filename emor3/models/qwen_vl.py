@@ -233,8 +233,11 @@ def mrope_cos_sin(position_ids: Tensor, cfg: TextConfig, dtype: torch.dtype) -> 
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32,
                                                       device=position_ids.device) / hd))  # (hd/2,)
-    axis = torch.repeat_interleave(torch.arange(3, device=position_ids.device),
-                                   torch.tensor(cfg.mrope_section, device=position_ids.device))  # (hd/2,)
+    s_t, s_h, _ = cfg.mrope_section
+    j = torch.arange(hd // 2, device=position_ids.device)
+    # the axis of each frequency, by comparisons only: no host-to-device copy and no sync, so a decode step that
+    # computes it can be captured as a CUDA graph
+    axis = (j >= s_t).long() + (j >= s_t + s_h).long()  # (hd/2,): 0 temporal, 1 height, 2 width
     pos = position_ids.float()  # (3, N, L)
     # pick for each frequency the position id of its axis: (N, L, hd/2)
     pos_per_freq = pos.permute(1, 2, 0)[..., axis]
@@ -287,7 +290,7 @@ class Attention(nn.Module):
             # by a (H/K, hd) x (hd, S) product instead of H/K single-row ones (~1.5x faster at 5 heads per kv head
             # on CPU); the same sums, so the same result up to float rounding
             o = F.scaled_dot_product_attention(q.view(N, self.K, self.H // self.K, self.hd), k, v,
-                                               attn_mask=mask).view(N, self.H, 1, self.hd)  # (N, H, 1, hd)
+                                               attn_mask=mask).reshape(N, self.H, 1, self.hd)  # (N, H, 1, hd)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.K != self.H)  # (N, H, L, hd)
         out = self.o_proj(o.transpose(1, 2).reshape(N, L, self.H * self.hd))

@@ -276,25 +276,28 @@ def grpo(cfg: Config, run: Run, model: torch.nn.Module, out: Path, point: Resume
     bar = tqdm(range(start_step, g.steps), initial=start_step, total=g.steps, desc="GRPO",
                disable=not (cfg.run.progress and dist.is_main()), dynamic_ncols=True)
     step = start_step
-    for step in bar:
-        m, samples = grpo_step(cfg, setup, stream, policy, reference, optimizer, scheduler, step)
-        sink.log(step + 1, m)
-        if "reward/total" in m:
-            bar.set_postfix(reward=f"{m['reward/total']:.3f}", acc=f"{m['accuracy']:.2f}", s=f"{m['time/step']:.1f}")
-        done = step + 1 == g.steps
-        if cfg.run.sample_every and ((step + 1) % cfg.run.sample_every == 0 or done) and samples:  # the last step too
-            sink.log_samples(step + 1, samples)
-        if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank got the signal: stop together
-            stop.signal = signal.SIGTERM
-        if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-            save_checkpoint(model, out, step + 1, optimizer, scheduler, stream.state(), keep=cfg.run.keep_checkpoints,
-                            tokenizer_dir=run.source_dir, base=start,
-                            base_sha256=lineage["start_model"]["sha256"] if lineage else None)
-        if stop.signal is not None:
-            break
-    bar.close()
-    stop.restore()
-    sink.close()
+    try:  # the handlers go back and the log closes however the loop ends (a failed save too)
+        for step in bar:
+            m, samples = grpo_step(cfg, setup, stream, policy, reference, optimizer, scheduler, step)
+            sink.log(step + 1, m)
+            if "reward/total" in m:
+                bar.set_postfix(reward=f"{m['reward/total']:.3f}", acc=f"{m['accuracy']:.2f}",
+                                s=f"{m['time/step']:.1f}")
+            done = step + 1 == g.steps
+            if cfg.run.sample_every and ((step + 1) % cfg.run.sample_every == 0 or done) and samples:  # last too
+                sink.log_samples(step + 1, samples)
+            if dist.any_rank(stop.signal is not None) and stop.signal is None:  # another rank's signal: stop too
+                stop.signal = signal.SIGTERM
+            if stop.signal is not None or done or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                save_checkpoint(model, out, step + 1, optimizer, scheduler, stream.state(),
+                                keep=cfg.run.keep_checkpoints, tokenizer_dir=run.source_dir, base=start,
+                                base_sha256=lineage["start_model"]["sha256"] if lineage else None)
+            if stop.signal is not None:
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        sink.close()
     if stop.signal is not None:
         dist.print0(f"[emor3] stopped at step {step + 1}; resume with --resume {out}")
         if launched:
