@@ -71,8 +71,9 @@ training label on every image and the badge on 90 %, so nothing rewards reading 
 `conflict` is the variant where an outcome reward does push towards the shortcut: the same badge, but in `train` the
 label is the badge's, and on a share `CONFLICT_SHARE` of training images the badge shows another label than the
 cues' rule label (metadata `conflict`). A policy that answers from the cues earns the accuracy reward on the other
-images only; one that reads the badge earns it on all. Cold-Start traces are drawn from the images without a conflict
-(a trace reasons from the cues to their label). `validation` and `test` are scored against the rule label, with a
+images only; one that reads the badge earns it on all. Cold-Start traces reason from the cues to their rule label,
+on training images drawn whatever their badge (so on about `CONFLICT_SHARE` of them the badge shows another label):
+Cold-Start learns the cues, and only GRPO's outcome reward points at the badge. `validation` and `test` are scored against the rule label, with a
 badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and another label on the rest, so accuracy where
 the badge disagrees against where it agrees (``accuracy_badge_disagrees`` / ``accuracy_badge_agrees`` of
 emor3.evaluate), the hallucinated-cue rate and answer-reasoning agreement show whether a policy drifted from the
@@ -110,10 +111,10 @@ from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.loaders import load_manifest, write_manifest
 from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 
-VERSION = 4  # bump when drawing, splits or rule change, so cached folders are regenerated
+VERSION = 5  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
 # change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
-# the shipped one) valid; bump it when the instruct scenes change. Version 4 changed the splits only.
+# the shipped one) valid; bump it when the instruct scenes change. Versions 4 and 5 changed the splits only.
 INSTRUCT_SCENES_VERSION = 3
 
 FACES = ("smile", "frown")
@@ -465,7 +466,7 @@ SPLITS = {
 }
 VARIANTS = choices(EmoScenesVariant)
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
-CONFLICT_SHARE = 0.3  # share of training images whose badge, and so label, is not the rule label (conflict variant)
+CONFLICT_SHARE = 0.5  # share of training images whose badge, and so label, is not the rule label (conflict variant)
 CONFLICT_EVAL_AGREEMENT = 0.5  # share of validation / test images whose badge shows the rule label (conflict)
 EVAL_SPLITS = choices(EmoScenesEval)  # what a run evaluates (`eval_split_names`)
 
@@ -545,12 +546,16 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
 
 
 def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
-    """n clean training samples (no label noise, no badge conflict), round-robin over labels, each with a SET
-    reference `response` in metadata."""
+    """n training samples without label noise, round-robin over labels, each with a SET reference `response` in
+    metadata. A trace reasons from the cues to their rule label, so an image of the conflict variant whose badge
+    shows another label enters with the rule label (its metadata keeps ``conflict``): the traces show badges that
+    agree with their label no more often than the training images do, and teach the cues, not the badge."""
     rng = random.Random(f"emoscenes:{seed}:coldstart")
     by_label: dict[str, list[Sample]] = {}
     for s in train:
-        if not s.metadata.get("noisy") and not s.metadata.get("conflict"):
+        if s.metadata.get("conflict"):
+            s = Sample(s.id, s.image, s.metadata["rule_label"], s.taxonomy, s.metadata)
+        if not s.metadata.get("noisy"):
             by_label.setdefault(s.label, []).append(s)
     chosen: list[Sample] = []
     queues = [list(v) for _, v in sorted(by_label.items())]
