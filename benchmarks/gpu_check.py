@@ -1,14 +1,17 @@
 """One-shot GPU check of the paper's scale: parity, rollout speed and GRPO steps on the full-depth Qwen2.5-VL-3B.
 
-Three parts, each run eager, with the sampler's CUDA-graph decode step (``compile="graph"``; parity has no such
-variant) and with ``torch.compile``, on one 80-140 GB GPU in a few minutes (random weights: nothing is
-downloaded; the model has the published 3B config, 151k vocabulary included, and a small offline tokenizer):
+Three parts, each in up to three variants: eager, with the sampler's CUDA-graph decode step (``compile="graph"``;
+parity has no such variant) and with ``torch.compile``. By default on a GPU (``GPU_DEFAULT_PARTS``, about 8
+minutes on one 80-140 GB GPU): parity eager, the sampler with the graph (timed against eager sampling and
+``generate``), GRPO eager and with the graph. Random weights: nothing is downloaded; the model has the published
+3B config, 151k vocabulary included, and a small offline tokenizer.
   1. parity: our model and transformers' ``Qwen2_5_VLForConditionalGeneration`` holding the same bf16 tensors,
      logits and teacher-forced log-probs on a batch with a 448-px image, each side's distance from the float32
      computation of the same weights beside (compiled: our forward under ``torch.compile``);
   2. sampler: ``emor3.engine.sampler.sample`` against transformers' ``generate`` at B 8 x G 8 rows x 512 new tokens
-     (no stop token, so every row runs the full length), a 448-px image per prompt, tokens/s of each (compiled:
-     our decode step under ``torch.compile``, and ``generate`` with its static cache, which it compiles itself);
+     (no stop token, so every row runs the full length), a 448-px image per prompt: the medians of 3 rounds, each
+     timing every contender once in turn (graph and compiled: eager sampling timed beside; compiled: ``generate``
+     with its static cache, which it compiles itself);
   3. GRPO: three steps of ``python -m emor3.grpo.train``'s loop (``train(cfg)``) with the EmoSet recipe's
      settings (fp32 master weights, bf16 compute, gradient checkpointing, the RER judge, two updates per rollout
      batch) at 8 prompts x G 8 x 512 new tokens on 448-px EmoScenes images: seconds per step, tokens/s, peak memory,
@@ -16,7 +19,7 @@ downloaded; the model has the published 3B config, 151k vocabulary included, and
 Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` after every part (eager parts first), so a check stopped by
 its time limit keeps what it measured. A part that fails records its error and the rest still run.
 
-    benchmarks/gpu_check.sh                                # on the GPU machine (< 8 minutes)
+    benchmarks/gpu_check.sh                                # on the GPU machine (about 8 minutes)
     .venv/bin/python benchmarks/gpu_check.py --cpu-smoke   # the same code on the tiny model, CPU, ~1 minute
 
 ``--cpu-smoke`` runs every part on the tiny model in fp32 on the CPU with tiny sizes, ``compile`` through
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -55,14 +59,18 @@ from emor3.models.qwen_vl import RMSNorm  # noqa: E402
 from emor3.toy.model import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402
 
 RECIPE = REPO / "examples" / "emoset_qwen2_5_vl_3b.toml"
+# about 8 minutes on one H200: bf16 parity at the float32 floor, the CUDA-graph sampler against eager sampling and
+# generate (which covers the eager sampler too), three GRPO steps eager and with the graph. torch.compile variants
+# (inductor compiles for minutes at 3B) run when asked: --variants compiled, or e.g. --parts sampler:compiled.
+GPU_DEFAULT_PARTS = "parity:eager,grpo:eager,sampler:graph,grpo:graph"
 
 # sizes of each part: the GPU check, and the CPU smoke test that keeps the code running
 SIZES = {
     "gpu": dict(model="qwen2.5-vl-3b", dtype="bfloat16", device="cuda", prompts=8, group=8, new_tokens=512,
-                image_px=448, grpo_steps=3, grpo_prompts=8, grpo_mini=4, micro_rows=16, compile=True,
+                image_px=448, grpo_steps=3, grpo_prompts=8, grpo_mini=4, micro_rows=16, compile=True, repeats=3,
                 parity_logits_tol=3e-2, parity_logprob_tol=5e-2),
     "cpu-smoke": dict(model="tiny", dtype="float32", device="cpu", prompts=2, group=2, new_tokens=8, image_px=56,
-                      grpo_steps=2, grpo_prompts=2, grpo_mini=1, micro_rows=2, compile="eager",
+                      grpo_steps=2, grpo_prompts=2, grpo_mini=1, micro_rows=2, compile="eager", repeats=2,
                       parity_logits_tol=1e-4, parity_logprob_tol=1e-4),
 }
 
@@ -186,50 +194,71 @@ def part_parity(s: dict, model: QwenVL, hf, compile) -> dict:
 
 
 def part_sampler(s: dict, model: QwenVL, hf, compile) -> dict:
+    """Rollout time of ``sample`` (in the variant, and eager beside a graph or compiled variant) and of transformers'
+    ``generate`` on the same batch: each called once to warm up (and compile), then ``repeats`` rounds, each timing
+    every contender once in turn, so slow spells of the machine fall on all of them. Medians, with each ratio's
+    range over the rounds."""
     cfg = model.config
     batch = make_batch(cfg, s["prompts"], seed=1, device=s["device"], grid_side=s["image_px"] // cfg.vision.patch_size)
     rows, T = s["prompts"] * s["group"], s["new_tokens"]
 
-    def ours():
-        sync(s["device"])
-        t0 = time.perf_counter()
-        r = sample(model, batch, group_size=s["group"], max_new_tokens=T, temperature=1.0, stop_token_ids=(),
-                   banned_token_ids=banned_ids(cfg), generator=0, compile=compile)
-        sync(s["device"])
-        assert r.completion_ids.shape == (rows, T)
-        return time.perf_counter() - t0
+    def ours(c):
+        def run():
+            r = sample(model, batch, group_size=s["group"], max_new_tokens=T, temperature=1.0, stop_token_ids=(),
+                       banned_token_ids=banned_ids(cfg), generator=0, compile=c)
+            assert r.completion_ids.shape == (rows, T)
+        return run
 
     def generate():
-        if compile and compile != "graph":
-            hf.generation_config.cache_implementation = "static"  # transformers compiles the static-cache step
-        sync(s["device"])
-        t0 = time.perf_counter()
         out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                           mm_token_type_ids=(batch.input_ids == cfg.image_token_id).int(), do_sample=True,
                           temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=s["group"], max_new_tokens=T,
                           min_new_tokens=T, suppress_tokens=banned_ids(cfg), eos_token_id=None, pad_token_id=0)
-        sync(s["device"])
         assert out.shape == (rows, batch.input_ids.shape[1] + T), out.shape
+
+    def timed(fn) -> float:
+        sync(s["device"])
+        t0 = time.perf_counter()
+        fn()
+        sync(s["device"])
         return time.perf_counter() - t0
 
-    res = {"rows": rows, "new_tokens": T, "prompt_len": batch.input_ids.shape[1]}
-    reset_peak(s["device"])
-    res["ours_first_call_s"] = round(ours(), 2)  # warm-up (compiles when asked)
-    res["ours_s"] = round(ours(), 2)
-    res["ours_tok_s"] = round(rows * T / res["ours_s"], 1)
-    res["ours_peak_gib"] = peak_gib(s["device"])
+    contenders = {"ours": ours(compile)}
+    if compile:
+        contenders["ours_eager"] = ours(False)
+    contenders["generate"] = generate
+    if compile and compile != "graph":
+        hf.generation_config.cache_implementation = "static"  # transformers compiles the static-cache step
+    res = {"rows": rows, "new_tokens": T, "prompt_len": batch.input_ids.shape[1], "repeats": s["repeats"]}
+    times: dict[str, list[float]] = {}
     try:
-        reset_peak(s["device"])
-        res["generate_first_call_s"] = round(generate(), 2)
-        res["generate_s"] = round(generate(), 2)
-        res["generate_tok_s"] = round(rows * T / res["generate_s"], 1)
-        res["generate_peak_gib"] = peak_gib(s["device"])
-        res["ratio"] = round(res["generate_s"] / res["ours_s"], 2)
-    except Exception as e:  # transformers' compiled generate is the baseline's business; ours still counts
-        res["generate_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        for name, fn in contenders.items():  # warm-up (compiles or captures when asked), with its peak memory
+            reset_peak(s["device"])
+            try:
+                res[f"{name}_first_call_s"] = round(timed(fn), 2)
+            except Exception as e:  # transformers' compiled generate is the baseline's business; ours still counts
+                if name != "generate":
+                    raise
+                res["generate_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                continue
+            res[f"{name}_peak_gib"] = peak_gib(s["device"])
+            times[name] = []
+        for _ in range(s["repeats"]):
+            for name in times:
+                times[name].append(timed(contenders[name]))
     finally:
         hf.generation_config.cache_implementation = None
+    for name, ts in times.items():
+        res[f"{name}_s"] = round(statistics.median(ts), 2)
+        res[f"{name}_runs_s"] = [round(t, 2) for t in ts]
+        res[f"{name}_tok_s"] = round(rows * T / statistics.median(ts), 1)
+    for base in ("generate", "ours_eager"):
+        if base in times:
+            per_round = [b / o for b, o in zip(times[base], times["ours"])]
+            key = "ratio" if base == "generate" else "ratio_to_eager"
+            res[key] = round(statistics.median(per_round), 2)
+            res[f"{key}_range"] = [round(min(per_round), 2), round(max(per_round), 2)]
     return res
 
 
@@ -329,10 +358,13 @@ def summary_markdown(res: dict) -> str:
                        f"transformers' bf16 {r['transformers_vs_fp32'][0]:.2e} / {r['transformers_vs_fp32'][1]:.2e}"
                        if "ours_vs_fp32" in r else "") + f" ({'ok' if r['ok'] else 'OVER'})")
         elif part == "sampler":
-            text = (f"{r['rows']} rows x {r['new_tokens']} tokens: sample {r['ours_tok_s']} tok/s "
-                    f"({r['ours_s']} s), generate " + (f"{r['generate_tok_s']} tok/s ({r['generate_s']} s), "
-                                                      f"ratio {r['ratio']}x" if "ratio" in r else
-                                                      f"failed: {r.get('generate_error', '')[:120]}"))
+            text = (f"{r['rows']} rows x {r['new_tokens']} tokens, medians of {r.get('repeats', 1)}: sample "
+                    f"{r['ours_tok_s']} tok/s ({r['ours_s']} s)"
+                    + (f", eager sample {r['ours_eager_s']} s (ratio {r['ratio_to_eager']}x, range "
+                       f"{r['ratio_to_eager_range']})" if "ratio_to_eager" in r else "")
+                    + (f", generate {r['generate_tok_s']} tok/s ({r['generate_s']} s), ratio {r['ratio']}x"
+                       + (f" (range {r['ratio_range']})" if "ratio_range" in r else "") if "ratio" in r else
+                       f", generate failed: {r.get('generate_error', '')[:120]}"))
         else:
             text = (f"{r['steps']} steps: {r['step_s']} s/step (first {r['first_step_s']} s), {r['tokens_per_s']} "
                     f"tok/s, peak {r['peak_memory_gib']} GiB (planned {max(r['planned_rollout_gib'], r['planned_update_gib'])}"
@@ -354,12 +386,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="the tiny model on the CPU, tiny sizes")
     ap.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="folder for gpu_check.json / .md")
-    ap.add_argument("--parts", default="parity,sampler,grpo",
-                    help="comma-separated subset; PART:VARIANT runs that part in that variant only")
+    ap.add_argument("--parts", default="",
+                    help="comma-separated parts (parity, sampler, grpo) run in every --variants variant; PART:VARIANT "
+                         "runs that part in that variant only. Default on a GPU: " + GPU_DEFAULT_PARTS + "; on the "
+                         "CPU every part in eager and compiled")
     ap.add_argument("--no-compile", action="store_true", help="the eager variant only")
-    ap.add_argument("--variants", default="", help="comma-separated, in this order: eager, graph (the sampler's "
-                                                   "CUDA-graph decode step), compiled (torch.compile); default all "
-                                                   "three on a GPU, eager and compiled on the CPU")
+    ap.add_argument("--variants", default="", help="comma-separated, run in this order: eager, graph (the "
+                                                   "sampler's CUDA-graph decode step), compiled (torch.compile); "
+                                                   "default eager and compiled, or none with PART:VARIANT parts")
     args = ap.parse_args(argv)
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
     s = SIZES[mode]
@@ -367,10 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("gpu_check: no CUDA device (use --cpu-smoke on a CPU)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = args.parts.split(",")
+    parts = (args.parts or (GPU_DEFAULT_PARTS if s["device"] == "cuda" else "parity,sampler,grpo")).split(",")
     known = {"eager": False, "graph": "graph", "compiled": s["compile"]}
-    plain = [v for v in args.variants.split(",") if v] if args.variants else \
-        (["eager"] if args.no_compile else ["eager", "compiled"] if s["device"] == "cpu" else list(known))
+    plain = [v for v in args.variants.split(",") if v] if args.variants else ["eager"] if args.no_compile else \
+        [] if all(":" in p for p in parts) else ["eager", "compiled"]
     named = {p.split(":")[1] for p in parts if ":" in p}  # parts given with their variant, e.g. grpo:graph
     if unknown := sorted((set(plain) | named) - set(known)):
         raise SystemExit(f"gpu_check: unknown variants {unknown}; choose from {sorted(known)}")
