@@ -29,6 +29,8 @@ what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!--
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
     python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from benchmarks/ablation_runs/*.json
+    python benchmarks/ablation.py --seeds 0,1,2,3,4,5,6,7 --selection runs/selection/selection.json   # at the settings
+        # chosen on validation: the Cold-Start step count, and each method's own learning rate
 
 ``--jobs N`` deals the seeds out to N processes in turn (seeds 0,2,4 and 1,3 for two), each at one torch thread
 (``--run.threads 1`` before ``--extra``) with its own folder ``OUT/part<k>`` and log ``OUT/part<k>/log.txt``, then
@@ -73,13 +75,31 @@ def _train(algo: str, seed: int, out: Path, extra: list[str], *more: str) -> dic
                              "--overwrite", *more, *extra], "ablation", ""))
 
 
-def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str, dict]:
-    """Every method's evaluation rows for one seed of one benchmark."""
+def chosen_settings(path: Path) -> dict[str, list[str]]:
+    """The flags each run takes from a benchmarks/selection.py record: Cold-Start SFT's step count for the run that
+    trains it (key "sft") and each method's own learning rate (keys "grpo", "dapo", "emo_r3"). An error naming the
+    file where a choice is missing, so a table is never run at settings nobody chose."""
+    rec = json.loads(Path(path).read_text())
+    missing = (["the Cold-Start step count"] if rec.get("sft_choice") is None else []) + \
+        [f"the {m} learning rate" for m in ("grpo", "dapo", "emo_r3") if (rec.get("lr_choice") or {}).get(m) is None]
+    if missing:
+        raise SystemExit(f"{path}: the selection record has no choice of {', '.join(missing)} (run "
+                         "benchmarks/selection.py to the end first)")
+    flags = {"sft": ["--sft.steps", str(rec["sft_choice"])]}
+    flags.update({m: ["--grpo.lr", str(lr)] for m, lr in rec["lr_choice"].items()})
+    return flags
+
+
+def run_seed(seed: int, out: Path, benchmark: str, extra: list[str],
+             chosen: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Every method's evaluation rows for one seed of one benchmark; ``chosen`` (``chosen_settings``): the
+    validation-chosen Cold-Start steps and each method's learning rate, before ``extra``."""
+    chosen = chosen or {}
     rows: dict[str, dict] = {}
     base = out / benchmark / f"seed{seed}"
     variant = ["--data.emoscenes-variant", benchmark]
     emo = base / "emo_r3"
-    res = _train("emo_r3", seed, emo, extra, *variant)
+    res = _train("emo_r3", seed, emo, extra, *chosen.get("sft", []), *chosen.get("emo_r3", []), *variant)
     # started from EMO-R3's Cold-Start checkpoint by path, GRPO and DAPO keep the tiny run's loss normaliser (a
     # --model.path run would take the release's; docs/method.md, "Where the paper is silent")
     from_sft = ("--model.path", str(emo / "sft"), "--sft.steps", "0", "--grpo.loss-scope", "mini-batch", *variant)
@@ -94,7 +114,7 @@ def run_seed(seed: int, out: Path, benchmark: str, extra: list[str]) -> dict[str
                                      device=run.device, progress=False)
     rows["Cold-Start SFT"] = res["Cold-Start SFT"]
     for algo in ("grpo", "dapo") if benchmark == "default" else ("grpo",):
-        rows[algo.upper()] = _train(algo, seed, base / algo, extra, *from_sft)[algo]
+        rows[algo.upper()] = _train(algo, seed, base / algo, extra, *chosen.get(algo, []), *from_sft)[algo]
     rows["EMO-R3"] = res["emo_r3"]
     return rows
 
@@ -366,7 +386,9 @@ def run_parts(a: argparse.Namespace, seeds: list[int], results_md: Path | None, 
         out = a.out / f"part{k}"
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--seeds", ",".join(map(str, part)), "--benchmarks",
-               a.benchmarks, "--out", str(out), "--results-md", "", "--extra", "--run.threads", "1", *a.extra]
+               a.benchmarks, "--out", str(out), "--results-md", "",
+               *(["--selection", str(a.selection.resolve())] if a.selection else []),
+               "--extra", "--run.threads", "1", *a.extra]
         log = (out / "log.txt").open("w")
         procs.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         print(f"[ablation] part {k}: seeds {','.join(map(str, part))}, log {out / 'log.txt'}", flush=True)
@@ -397,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
                          "artifacts (benchmarks/ablation_runs/*.json)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes side by side, one torch thread each (their seeds dealt in turn), then merged")
+    ap.add_argument("--selection", type=Path, default=None, metavar="SELECTION_JSON",
+                    help="take the Cold-Start step count and each method's learning rate from this "
+                         "benchmarks/selection.py record (chosen on validation); --extra still goes last")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
@@ -409,10 +434,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     command = "python benchmarks/ablation.py " + " ".join(argv)
+    if a.selection:
+        chosen_settings(a.selection)  # a record without its choices stops here, before any process starts
     if a.jobs > 1:
         print(run_parts(a, seeds, results_md, command))
         return
     benches = [b for b in a.benchmarks.split(",") if b]
+    chosen = chosen_settings(a.selection) if a.selection else None
     a.out.mkdir(parents=True, exist_ok=True)
     t0, loads = time.time(), [os.getloadavg()[0]]
     machine = machine_line()
@@ -420,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     text = ""
     for seed in seeds:
         for bench in benches:
-            results[bench].append(run_seed(seed, a.out, bench, a.extra))
+            results[bench].append(run_seed(seed, a.out, bench, a.extra, chosen))
             loads.append(os.getloadavg()[0])
             done = {b: seeds[: len(results[b])] for b in benches}
             now = time.time()
