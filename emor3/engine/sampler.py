@@ -80,8 +80,8 @@ S = P + max_new_tokens cache slots, V vocabulary, D hidden size; with shared pre
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -395,7 +395,7 @@ class _GraphedStep:
                attention_mask.data_ptr(), cache_position.data_ptr(), uniform is None)
         if key != self.key:
             self.key = None
-            self.graph = None  # the previous batch's graph and its memory pool go first
+            self.graph = self.out = None  # the previous batch's graph and its memory pool go first
             self.tokens = tokens.clone()
             self.uniform = None if uniform is None else uniform.clone()
             args = (model, cache, self.tokens, position_ids, attention_mask, cache_position, self.uniform)
