@@ -32,7 +32,6 @@ Shape legend: B prompts, G samples per prompt, N = B·G rows, T new tokens, V vo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shutil
@@ -53,7 +52,7 @@ from bench_sampler import banned_ids, make_batch  # noqa: E402
 from emor3.config import config_from_dict, load_toml  # noqa: E402
 from emor3.engine.sampler import sample  # noqa: E402
 from emor3.memory import GiB, estimate, param_counts, plan_from_config, run_table  # noqa: E402
-from emor3.models import QwenVL, mrope_position_ids, save_pretrained, tiny_config  # noqa: E402
+from emor3.models import QwenVL, save_pretrained, tiny_config  # noqa: E402
 from emor3.models.checkpoint import read_config  # noqa: E402
 from emor3.models.qwen_vl import RMSNorm  # noqa: E402
 from emor3.toy.model import build_tiny_tokenizer, write_preprocessor_config  # noqa: E402

@@ -675,7 +675,7 @@ def config_problems(cfg: Config) -> list[str]:
         if not ok or value != value:  # NaN fails every comparison
             bad(sec, name, value, f"must be {_range_text(lo, lo_inc, hi, hi_inc)}" + (f" ({why})" if why else ""))
 
-    m, g, r = cfg.model, cfg.grpo, cfg.run
+    m, g = cfg.model, cfg.grpo
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", m.device):
         bad("model", "device", m.device, "must be auto, cpu, cuda, cuda:N or mps")
     if m.min_pixels > m.max_pixels >= 1:

@@ -20,7 +20,7 @@ are accepted and dropped.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Keys that carry no model semantics (PreTrainedConfig bookkeeping, generation defaults, hub metadata).

@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from emor3.config import DECODER_TARGETS, GROUP_TARGETS, parse_targets
+from emor3.config import DECODER_TARGETS, parse_targets
 
 from .checkpoint import canonical_key, check_finite
 

@@ -41,7 +41,6 @@ V vocab, H heads, K kv heads, hd head dim, M merged image tokens (all images), n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
