@@ -112,14 +112,15 @@ def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_c
     assert rec["sft_choice"] == 1600
 
 
-def test_results_md_shows_the_committed_precondition_record():
-    """RESULTS.md's precondition table is `precondition.py --report` of the committed record, whose per-seed
-    numbers are those of the committed results.json files."""
-    rec = json.loads((REPO / "benchmarks" / "mechanism_runs" / "precondition.json").read_text())
+@pytest.mark.parametrize("name", ["precondition", "precondition_v2"])
+def test_results_md_shows_the_committed_precondition_record(name):
+    """RESULTS.md's precondition tables (the conflict variant's versions 1 and 2) are `precondition.py --report` of
+    the committed records, whose per-seed numbers are those of the committed results.json files."""
+    rec = json.loads((REPO / "benchmarks" / "mechanism_runs" / f"{name}.json").read_text())
     for seed in rec["seeds"]:
-        assert precondition.ends(REPO / "benchmarks" / "mechanism_runs" / "precondition" / f"seed{seed}") == \
+        assert precondition.ends(REPO / "benchmarks" / "mechanism_runs" / name / f"seed{seed}") == \
             rec["per_seed"][seed]
     assert precondition.verdict(rec["per_seed"]) == rec["verdict"] and not rec["verdict"]["holds"]
     md = (REPO / "benchmarks" / "RESULTS.md").read_text()
-    block = md.split("<!-- precondition:begin -->\n", 1)[1].split("<!-- precondition:end -->", 1)[0]
+    block = md.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
     assert block.strip() == precondition.report(rec).strip()
