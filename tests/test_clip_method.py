@@ -292,3 +292,24 @@ def test_emoscenes_clips_example_config():
     assert cfg.data.emoscenes_variant == "clips" and cfg.model.video_max_frames == 8
     plan = plan_from_config(cfg, tiny_config(cfg.model.tiny), 1)
     assert plan.clip_frames == 8 and plan.image_patches == 4 * 64, "4 temporal patches of 8x8 patches at 112 px"
+
+
+def test_results_md_shows_the_clip_table_of_the_committed_runs(tmp_path):
+    """RESULTS.md's clip table is `benchmarks/clip_table.py` over the committed default clip runs (each folder's
+    results.json and config.toml); a run without both rows is refused, naming its file."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import clip_table
+
+    runs = sorted(p.relative_to(repo) for p in (repo / "benchmarks" / "clip_runs").glob("default-seed*"))
+    assert [clip_table.seed_of(repo / r) for r in runs] == list(range(len(runs))) and len(runs) >= 3
+    md = (repo / "benchmarks" / "RESULTS.md").read_text()
+    block = md.split("<!-- clip_table:begin -->\n", 1)[1].split("<!-- clip_table:end -->", 1)[0]
+    assert block.strip() == clip_table.table(runs, repo).strip()
+    (tmp_path / "config.toml").write_text("[run]\nout = 'x'\nseed = 4\n")
+    (tmp_path / "results.json").write_text(json.dumps({"Cold-Start SFT": {"sets": {}}}))
+    assert clip_table.seed_of(tmp_path) == 4
+    with pytest.raises(ValueError, match=r"results.json: no emo_r3 row"):
+        clip_table.table([tmp_path])
