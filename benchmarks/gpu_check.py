@@ -156,11 +156,12 @@ def part_parity(s: dict, model: QwenVL, hf, compile) -> dict:
         return m(input_ids=ids, attention_mask=am, position_ids=batch.position_ids, pixel_values=batch.pixel_values,
                  image_grid_thw=batch.image_grid_thw).logits.float()
 
+    def target_logprobs(logits):  # (2, T): log-probs of the last T tokens, each from the position before
+        return torch.log_softmax(logits, -1)[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)
+
     def errors(logits, ref):  # (max |diff| / max |ref| over valid tokens, max log-prob diff of the last T targets)
         rel = float((ref - logits)[valid].abs().max() / ref[valid].abs().max().clamp(min=1))
-        lp = torch.log_softmax(logits, -1)[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)
-        ref_lp = torch.log_softmax(ref, -1)[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)
-        return rel, float((lp - ref_lp).abs().max())
+        return rel, float((target_logprobs(logits) - target_logprobs(ref)).abs().max())
 
     with torch.no_grad():
         ref = hf_logits(hf)
@@ -172,15 +173,13 @@ def part_parity(s: dict, model: QwenVL, hf, compile) -> dict:
         out = model.logits(hidden).float()
         rel, _ = errors(out, ref)
         lp = model.logprobs_from_hidden(hidden[:, -T - 1:-1], ids[:, -T:])
-        ref_lp = torch.log_softmax(ref, -1)[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)
-        lp_err = float((lp - ref_lp).abs().max())
+        lp_err = float((lp - target_logprobs(ref)).abs().max())
         res = {"logits_rel_err": rel, "logprob_abs_err": lp_err, "prompt_len": ids.shape[1],
                "forward_first_call_s": round(first_call_s, 2), "tolerances": [s["parity_logits_tol"],
                                                                               s["parity_logprob_tol"]]}
         if next(model.parameters()).dtype != torch.float32:  # the float32 floor: both sides against float32
-            hf32 = hf.float()
             try:
-                truth = hf_logits(hf32)
+                truth = hf_logits(hf.float())  # in place: converted back below
             finally:
                 hf.to(next(model.parameters()).dtype)
             res["ours_vs_fp32"] = errors(out, truth)
@@ -294,8 +293,8 @@ def grpo_config(s: dict, folder: Path, out: Path, compile):
                      group_size=s["group"], micro_batch_rows=s["micro_rows"], max_new_tokens=s["new_tokens"],
                      compile="off" if not compile else "on" if compile is True else compile)
     d["eval"].update(max_new_tokens=16, batch_size=8)
-    d["run"] = {"out": str(out / ("grpo_eager" if not compile else "grpo_graph" if compile == "graph" else "grpo_compiled")), "progress": False,
-                "save_every": 0, "sample_every": 0, "overwrite": True}  # a rerun replaces the last check
+    folder = "grpo_eager" if not compile else "grpo_graph" if compile == "graph" else "grpo_compiled"
+    d["run"] = {"out": str(out / folder), "progress": False, "save_every": 0, "sample_every": 0, "overwrite": True}  # a rerun replaces the last check
     if s["device"] == "cpu":
         d["run"]["mixed_precision"] = "fp32"
     return config_from_dict(d, where=str(RECIPE))

@@ -13,8 +13,9 @@ Each is read as the mean over the seeds. If none holds, the full study is not ru
 Per seed, ``python -m emor3.grpo.train --algo grpo`` with that seed's own Cold-Start SFT, at the run's defaults
 plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). Runs in parts and in
 several processes as benchmarks/selection.py does (finished seeds are read, not run again; a process claims a seed
-before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed). The record goes to OUT/precondition.json and .md, and with
-``--artifact`` to a committed JSON from which ``--report`` rebuilds the table.
+before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed). The record goes to
+OUT/precondition.json and .md, and with ``--artifact`` to a committed JSON from which ``--report`` rebuilds the
+table.
 
     python benchmarks/precondition.py --seeds 200,201,202 --out runs/precondition --extra --run.threads 1
     python benchmarks/precondition.py --report benchmarks/mechanism_runs/precondition.json

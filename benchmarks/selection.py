@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [m for m in a.methods.split(",") if m]
     grpo_steps = parse_args(a.extra, "selection", "").grpo.steps
     rec: dict = {"command": "python benchmarks/selection.py " + " ".join(argv), "seeds": seeds,
-                 "sft_steps": steps_grid, "lrs": lrs, "grpo_steps": grpo_steps, "sft": {}, "sft_choice": None, "grpo": {}, "lr_choice": {},
+                 "sft_steps": steps_grid, "lrs": lrs, "grpo_steps": grpo_steps, "sft": {}, "sft_choice": None,
+                 "grpo": {}, "lr_choice": {},
                  "started": time.time()}
     a.out.mkdir(parents=True, exist_ok=True)
 
@@ -225,14 +226,23 @@ def main(argv: list[str] | None = None) -> dict:
             save()
         return go
 
+    def decide() -> None:  # the choice of each grid whose every point is on disk (all seeds)
+        if all(len(rec["sft"].get(str(s), {})) == len(seeds) for s in steps_grid):
+            rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
+        for algo in methods:
+            if all(len(rec["grpo"].get(algo, {}).get(lr, {})) == len(seeds) for lr in lrs):
+                rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+        save()
+
     def run_grid() -> None:
         # 1. Cold-Start SFT's curve on validation
         run_points([(f"sft-{steps}-{seed}", sft_dir(steps, seed) / "eval" / "results.json",
                      point(lambda steps=steps, seed=seed: sft_point(seed, steps, sft_dir(steps, seed), a.extra)))
                     for steps in steps_grid for seed in seeds], claims)
         collect()
-        rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
-        save()
+        decide()  # run_points returns once every point is done: the Cold-Start grid is complete
+        if rec["sft_choice"] is None:
+            raise RuntimeError(f"{a.out}: a Cold-Start grid point has no validation result; no step count chosen")
         if a.stage == "all":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
             run_points([(f"{algo}-{lr}-{seed}", a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json",
                          point(lambda algo=algo, lr=lr, seed=seed: grpo_point(
@@ -240,18 +250,11 @@ def main(argv: list[str] | None = None) -> dict:
                              a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)))
                         for algo in methods for lr in lrs for seed in seeds], claims)
             collect()
-            for algo in methods:
-                rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
-            save()
+            decide()
 
     if a.collect:  # run nothing: the record of the points on disk, and a choice only where a grid is complete
         collect()
-        if all(len(rec["sft"].get(str(s), {})) == len(seeds) for s in steps_grid):
-            rec["sft_choice"] = choose(steps_grid, {s: list(rec["sft"][str(s)].values()) for s in steps_grid})
-        for algo in methods:
-            if all(len(rec["grpo"].get(algo, {}).get(lr, {})) == len(seeds) for lr in lrs):
-                rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
-        save()
+        decide()
     else:
         run_grid()
     text = report(rec)

@@ -73,11 +73,11 @@ label is the badge's, and on a share `CONFLICT_SHARE` of training images the bad
 cues' rule label (metadata `conflict`). A policy that answers from the cues earns the accuracy reward on the other
 images only; one that reads the badge earns it on all. Cold-Start traces reason from the cues to their rule label,
 on training images drawn whatever their badge (so on about `CONFLICT_SHARE` of them the badge shows another label):
-Cold-Start learns the cues, and only GRPO's outcome reward points at the badge. `validation` and `test` are scored against the rule label, with a
-badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and another label on the rest, so accuracy where
-the badge disagrees against where it agrees (``accuracy_badge_disagrees`` / ``accuracy_badge_agrees`` of
-emor3.evaluate), the hallucinated-cue rate and answer-reasoning agreement show whether a policy drifted from the
-cues to the badge: the setting where a reward for grounded reasoning (RER) should matter. Out-of-domain splits and
+Cold-Start learns the cues, and only GRPO's outcome reward points at the badge. `validation` and `test` are scored
+against the rule label, with a badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and another label
+on the rest, so accuracy where the badge disagrees against where it agrees (``accuracy_badge_disagrees`` /
+``accuracy_badge_agrees`` of emor3.evaluate), the hallucinated-cue rate and answer-reasoning agreement show whether
+a policy drifted from the cues to the badge: the setting where a reward for grounded reasoning (RER) should matter. Out-of-domain splits and
 `ood_shortcut` draw the badge uniformly, as in `shortcut`.
 
 Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
