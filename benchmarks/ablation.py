@@ -220,17 +220,20 @@ def paired_table(per_seed: list[dict[str, dict]], a_name: str = "EMO-R3", b_name
             continue
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
         st = out[key] = paired_stats(a, b)
-        if st["intervals"]:
-            boot = "[{:+.1f}, {:+.1f}]".format(*st["ci"])
-            t = "[{:+.1f}, {:+.1f}]".format(*st["t_ci"])
-        else:
-            boot = "range of {} seeds [{:+.1f}, {:+.1f}]".format(len(a), *st["range"])
-            t = "–"
-        k, n, p = st["sign"]
-        per = ", ".join(f"{x:+.1f}" for x in st["per_seed"])
-        lines.append(f"| {key} | {statistics.mean(b):.1f} | {statistics.mean(a):.1f} | {st['diff']:+.1f} | {boot} "
-                     f"| {t} | {k} of {n} > 0, p = {p:.3g} | {per} |")
+        lines.append(f"| {key} | {statistics.mean(b):.1f} | {statistics.mean(a):.1f} | {st['diff']:+.1f} | "
+                     + " | ".join(paired_cells(st)) + " |")
     return "\n".join(lines), out
+
+
+def paired_cells(st: dict) -> list[str]:
+    """A ``paired_stats`` result as table cells: bootstrap interval, t interval (below 5 seeds the range of the
+    differences, named as such, and no t), sign test, the differences per seed."""
+    if st["intervals"]:
+        boot, t = ("[{:+.1f}, {:+.1f}]".format(*st[k]) for k in ("ci", "t_ci"))
+    else:
+        boot, t = "range of {} seeds [{:+.1f}, {:+.1f}]".format(len(st["per_seed"]), *st["range"]), "–"
+    k, n, p = st["sign"]
+    return [boot, t, f"{k} of {n} > 0, p = {p:.3g}", ", ".join(f"{x:+.1f}" for x in st["per_seed"])]
 
 
 def _order(results: dict[str, list], seeds: dict[str, list[int]]) -> tuple[dict[str, list], dict[str, list[int]]]:
@@ -258,10 +261,18 @@ def report(results: dict[str, list], seeds: dict[str, list[int]], wall: float, c
     results, seeds = _order(results, seeds)
     done = "; ".join(f"{b} {','.join(map(str, seeds[b]))}" for b in results if results[b])
     spent = f"wall time {wall / 60:.0f} min" + (f" ({compute / 60:.0f} process-minutes)" if compute else "")
-    parts = [f"Command: `{command}`. Seeds: {done}; torch threads {threads}; machine: "
-             f"{machine or 'not recorded in the artifacts'}; load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
-             f" during the run; {spent}; {date or 'date not recorded'}.",
-             f"Cells: mean over seeds [bootstrap 95 % interval over seeds] from {MIN_SEEDS_FOR_INTERVAL} seeds on; "
+    head = (f"Command: `{command}`. Seeds: {done}; torch threads {threads}; machine: "
+            f"{machine or 'not recorded in the artifacts'}; load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
+            f" during the run; {spent}; {date or 'date not recorded'}.")
+    text, paired = tables(results, seeds, pairs)
+    return head + "\n\n" + text, paired
+
+
+def tables(results: dict[str, list], seeds: dict[str, list[int]], pairs=PAIRS) -> tuple[str, dict]:
+    """``report`` without its first paragraph (how the runs ran): how to read the cells, then each benchmark's
+    method table and paired tables, rows sorted by seed."""
+    results, seeds = _order(results, seeds)
+    parts = [f"Cells: mean over seeds [bootstrap 95 % interval over seeds] from {MIN_SEEDS_FOR_INTERVAL} seeds on; "
              "with fewer seeds, the mean and the range of the seeds (not an interval). Paired tables: both methods "
              "start from the same Cold-Start checkpoint of each seed; differences per seed in seed order; the "
              "bootstrap (percentile, 10000 resamples) and Student-t intervals are given from "

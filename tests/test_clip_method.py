@@ -313,3 +313,39 @@ def test_results_md_shows_the_clip_table_of_the_committed_runs(tmp_path):
     assert clip_table.seed_of(tmp_path) == 4
     with pytest.raises(ValueError, match=r"results.json: no emo_r3 row"):
         clip_table.table([tmp_path])
+
+
+def test_clip_table_adds_the_single_frame_control_over_seeds(tmp_path):
+    """With every run's control_sft.json / control_emo_r3.json, the clip table gains the single-frame control: per
+    method and set the mean (the seeds' range below 5 seeds), and whole clip - one frame paired over seeds with its
+    sign test; a run missing one of the files is refused, naming it."""
+    import shutil
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import clip_table
+
+    whole, first, last = [80.0, 70.0, 90.0], [50.0, 52.0, 48.0], [45.0, 55.0, 50.0]
+    runs = []
+    for seed in range(3):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        for name in ("results.json", "config.toml"):
+            shutil.copy(repo / "benchmarks" / "clip_runs" / f"default-seed{seed}" / name, run / name)
+        sets = {key: {"all": {"n": 400, "accuracy": 30.0, "changed_cue": vals[seed]},
+                      "face": {"n": 133, "accuracy": 30.0, "changed_cue": vals[seed] + 1}}
+                for key, vals in (("test", whole), ("test_first", first), ("test_last", last))}
+        for name in ("control_sft.json", "control_emo_r3.json"):
+            (run / name).write_text(json.dumps({"sets": sets}))
+        runs.append(run)
+    text = clip_table.table(runs[::-1])  # rows in seed order whatever order the runs are given in
+    assert "### Single-frame control (3 seeds, 400 test clips per set)" in text
+    assert "| Cold-Start SFT | whole clip | 30.0 (range 30.0 to 30.0) | 80.0 (range 70.0 to 90.0) | " \
+           "81.0 (range 71.0 to 91.0) | – | – |" in text
+    # whole - first frame per seed: +30, +18, +42
+    assert "| EMO-R3 | first frame only | +30.0 | range of 3 seeds [+18.0, +42.0] | – | 3 of 3 > 0, p = 0.25 | " \
+           "+30.0, +18.0, +42.0 |" in text
+    (runs[1] / "control_emo_r3.json").unlink()
+    with pytest.raises(ValueError, match=r"run1/control_emo_r3.json"):
+        clip_table.table(runs)
