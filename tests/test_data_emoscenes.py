@@ -16,7 +16,7 @@ from emor3.toy.emoscenes import (
     INSTRUCT_STYLES, SHIFTED_STYLE, SHORTCUT_AGREEMENT, SPLITS, UNSEEN_STYLE, all_cue_combinations, coldstart_subset,
     coldstart_trace, corpus_texts,
     cue_mentions, eval_split_names, instruct_scenes, label_for, make_emoscenes, make_split, render_scene, rule_label,
-    seen_combinations, write_emoscenes,
+    neighbours, seen_combinations, write_emoscenes,
 )
 from emor3.rewards import accuracy_reward, format_reward, parse_set
 
@@ -110,9 +110,9 @@ def test_shortcut_present_in_train_and_broken_out_of_domain():
 
 def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhere():
     """conflict: the training label is the badge's, which differs from the cues' rule label on ~CONFLICT_SHARE of
-    training images; validation and test are scored by the rule label with a badge that agrees on ~half; the
-    Cold-Start traces reason from the cues to the rule label, about CONFLICT_SHARE of them on images whose badge
-    shows another label; out of domain the badge is drawn uniformly."""
+    training images, always by one property (a neighbour); validation and test are scored by the rule label with a
+    badge that agrees on ~half and shows a neighbour on the rest; the Cold-Start traces reason from the cues to the
+    rule label on images shown without their badge; out of domain the badge is drawn uniformly."""
     ds = make_emoscenes(seed=2, n_train=800, n_test=400, n_ood=320, n_coldstart=100, variant="conflict")
     assert "ood_shortcut" in ds and eval_split_names("table", "conflict")[-1] == "ood_shortcut"
     train = list(ds["train"])
@@ -122,17 +122,28 @@ def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhe
     assert all(s.label == rule_label(s.metadata["cues"]) for s in train if not s.metadata["conflict"])
     # binomial sd at n=800, p=0.5 is 0.018; at n=400, 0.025; at n=100, 0.05: the bounds are > 2.5 sd wide
     assert abs(len(conflicts) / len(train) - CONFLICT_SHARE) < 0.05
-    assert len(Counter(s.label for s in conflicts)) == 8, "conflicting badges are drawn over the other labels"
+    assert len(Counter(s.label for s in conflicts)) == 8, "every label is some conflict's badge"
+    assert all(s.label in neighbours(rule_label(s.metadata["cues"])) for s in conflicts)
+    # the three neighbours of a label, by hand: amusement is positive, high arousal, personal
+    assert sorted(neighbours("amusement")) == ["anger", "contentment", "excitement"]
     for split in ("validation", "test"):
         rows = list(ds[split])
         assert all(s.label == rule_label(s.metadata["cues"]) and "conflict" not in s.metadata for s in rows)
         agree = sum(s.metadata["shortcut"] == s.label for s in rows) / len(rows)
         assert abs(agree - CONFLICT_EVAL_AGREEMENT) < 0.08, (split, agree)
+        assert all(s.metadata["shortcut"] in neighbours(s.label) for s in rows if s.metadata["shortcut"] != s.label)
     cs = list(ds["coldstart"])
     assert len(cs) == 100 and all(s.label == rule_label(s.metadata["cues"]) for s in cs), "traces: the cues' label"
     assert all(s.label in s.metadata["response"] for s in cs)
-    badge_agrees = sum(s.metadata["shortcut"] == s.label for s in cs) / len(cs)
-    assert abs(badge_agrees - (1 - CONFLICT_SHARE)) < 0.13, "the traces' badges agree no more than train's do"
+    train_by_id = {s.id: s for s in train}
+    assert all(s.id.endswith("-nobadge") and s.image.badge is None and "shortcut" not in s.metadata for s in cs)
+    assert 0.3 < sum(train_by_id[s.id.removesuffix("-nobadge")].metadata["conflict"] for s in cs) / len(cs) < 0.7, \
+        "traces come from training images whatever their badge"
+    plain = np.asarray(cs[0].open_image(), dtype=np.int16)
+    shown = np.asarray(train_by_id[cs[0].id.removesuffix("-nobadge")].open_image(), dtype=np.int16)
+    ys, xs = np.nonzero(np.abs(plain - shown).sum(-1))
+    assert len(ys) > 200 and xs.max() < 0.16 * 112 and ys.min() >= 0.84 * 112, \
+        "a trace shows its training scene, less the badge"
     agree_ood = sum(s.metadata["shortcut"] == s.label for s in ds["ood_shortcut"]) / len(ds["ood_shortcut"])
     assert agree_ood < 0.125 + 0.07
     shortcut = make_split("train", 64, seed=2, variant="shortcut")

@@ -71,14 +71,18 @@ training label on every image and the badge on 90 %, so nothing rewards reading 
 `conflict` is the variant where an outcome reward does push towards the shortcut: the same badge, but in `train` the
 label is the badge's, and on a share `CONFLICT_SHARE` of training images the badge shows another label than the
 cues' rule label (metadata `conflict`). A policy that answers from the cues earns the accuracy reward on the other
-images only; one that reads the badge earns it on all. Cold-Start traces reason from the cues to their rule label,
-on training images drawn whatever their badge (so on about `CONFLICT_SHARE` of them the badge shows another label):
-Cold-Start learns the cues, and only GRPO's outcome reward points at the badge. `validation` and `test` are scored
-against the rule label, with a badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and another label
-on the rest, so accuracy where the badge disagrees against where it agrees (``accuracy_badge_disagrees`` /
+images only; one that reads the badge earns it on all. A disagreeing badge shows a neighbour of the rule label: the
+label that differs from it in exactly one of valence, arousal and family (`neighbours`), drawn uniformly from the
+three. Those are the labels a cue-reading policy samples when it errs, so rollouts sometimes match the badge and the
+outcome reward has something to reinforce; a badge two or three properties away is almost never sampled. Cold-Start
+traces reason from the cues to their rule label on training images drawn whatever their badge, shown without the
+badge (ids ending in `-nobadge`): Cold-Start learns the cues and never sees a badge, so it neither follows nor
+learns to ignore one, and only GRPO's outcome reward points at it. `validation` and `test` are scored against the
+rule label, with a badge that shows it on half the images (`CONFLICT_EVAL_AGREEMENT`) and a neighbour on the rest,
+so accuracy where the badge disagrees against where it agrees (``accuracy_badge_disagrees`` /
 ``accuracy_badge_agrees`` of emor3.evaluate), the hallucinated-cue rate and answer-reasoning agreement show whether
-a policy drifted from the cues to the badge: the setting where a reward for grounded reasoning (RER) should matter. Out-of-domain splits and
-`ood_shortcut` draw the badge uniformly, as in `shortcut`.
+a policy drifted from the cues to the badge: the setting where a reward for grounded reasoning (RER) should matter.
+Out-of-domain splits and `ood_shortcut` draw the badge uniformly, as in `shortcut`.
 
 Cold-start traces (`coldstart_trace`): a SET response built from the cues, e.g.
     <step1>A smiling face, a sunny sky and a gift.</step1><step2>With the gift under the sunny sky, one would
@@ -100,7 +104,7 @@ import json
 import math
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +115,10 @@ from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.loaders import load_manifest, write_manifest
 from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 
-VERSION = 5  # bump when drawing, splits or rule change, so cached folders are regenerated
+VERSION = 6  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
 # change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
-# the shipped one) valid; bump it when the instruct scenes change. Versions 4 and 5 changed the splits only.
+# the shipped one) valid; bump it when the instruct scenes change. Versions 4 to 6 changed the splits only.
 INSTRUCT_SCENES_VERSION = 3
 
 FACES = ("smile", "frown")
@@ -502,7 +506,15 @@ def _badge(split: str, truth: str, rng: random.Random, variant: str) -> str:
         1.0 - CONFLICT_SHARE if split == "train" else CONFLICT_EVAL_AGREEMENT)
     if rng.random() < agree:
         return truth
+    if variant == "conflict":
+        return rng.choice(neighbours(truth))
     return rng.choice([x for x in MIKELS8.labels if x != truth])
+
+
+def neighbours(label: str) -> list[str]:
+    """The three Mikels labels that differ from ``label`` in exactly one of valence, arousal and family."""
+    key = next(k for k, v in RULE_TABLE.items() if v == label)
+    return [v for k, v in RULE_TABLE.items() if sum(a != b for a, b in zip(k, key)) == 1]
 
 
 def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_noise: float = 0.0,
@@ -548,13 +560,15 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
 def coldstart_subset(train: list[Sample], n: int, *, seed: int) -> list[Sample]:
     """n training samples without label noise, round-robin over labels, each with a SET reference `response` in
     metadata. A trace reasons from the cues to their rule label, so an image of the conflict variant whose badge
-    shows another label enters with the rule label (its metadata keeps ``conflict``): the traces show badges that
-    agree with their label no more often than the training images do, and teach the cues, not the badge."""
+    shows another label enters with the rule label (its metadata keeps ``conflict``). In that variant every trace
+    shows its scene without the badge (id ``<train id>-nobadge``): the traces teach the cues and nothing about the
+    badge."""
     rng = random.Random(f"emoscenes:{seed}:coldstart")
     by_label: dict[str, list[Sample]] = {}
     for s in train:
-        if s.metadata.get("conflict"):
-            s = Sample(s.id, s.image, s.metadata["rule_label"], s.taxonomy, s.metadata)
+        if "conflict" in s.metadata:
+            meta = {k: v for k, v in s.metadata.items() if k != "shortcut"}
+            s = Sample(f"{s.id}-nobadge", replace(s.image, badge=None), meta["rule_label"], s.taxonomy, meta)
         if not s.metadata.get("noisy"):
             by_label.setdefault(s.label, []).append(s)
     chosen: list[Sample] = []
