@@ -89,6 +89,7 @@ def control_table(runs: list[Path]) -> str:
             lines.append(f"| {name} | {label} | {st['diff']:+.1f} | " + " | ".join(ablation.paired_cells(st)) + " |")
     return "\n".join(lines)
 
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="finished clip run folders (results.json, config.toml)")
