@@ -13,9 +13,10 @@ Each is read as the mean over the seeds. If none holds, the full study is not ru
 Per seed, ``python -m emor3.grpo.train --algo grpo`` with that seed's own Cold-Start SFT, at the run's defaults
 plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). Runs in parts and in
 several processes as benchmarks/selection.py does (finished seeds are read, not run again; a process claims a seed
-before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed). The record goes to
-OUT/precondition.json and .md, and with ``--artifact`` to a committed JSON from which ``--report`` rebuilds the
-table.
+before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed, taking ``--run.threads`` and
+``--grpo.steps`` from ``--extra``: a finished run whose results.json is moved away goes on to the larger budget).
+The record goes to OUT/precondition.json and .md, and with ``--artifact`` to a committed JSON from which ``--report``
+rebuilds the table.
 
     python benchmarks/precondition.py --seeds 200,201,202 --out runs/precondition --extra --run.threads 1
     python benchmarks/precondition.py --report benchmarks/mechanism_runs/precondition.json
@@ -99,6 +100,17 @@ def report(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def resume_flags(extra: list[str]) -> list[str]:
+    """The flags of ``--extra`` that a resumed run takes: the thread count, and the GRPO step count, so that a
+    finished run whose results.json was set aside goes on to a larger ``--grpo.steps`` (at the constant default
+    learning rate, the same run as one trained that long from the start). Every other setting is the run's own."""
+    out = []
+    for flag in ("--run.threads", "--grpo.steps"):
+        if flag in extra:
+            out += extra[extra.index(flag):][:2]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="200,201,202", help="comma-separated seeds (not reporting seeds)")
@@ -119,9 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(seed: str) -> None:
         if (runs[seed] / "latest").is_file():  # stopped by SIGINT / SIGTERM, which checkpoints: go on from there
-            # with the run's own settings (its config.toml); of --extra only the thread count carries over
-            threads = a.extra[a.extra.index("--run.threads"):][:2] if "--run.threads" in a.extra else []
-            train(parse_args(["--resume", str(runs[seed]), "--run.progress", "false", *threads], "precondition", ""))
+            train(parse_args(["--resume", str(runs[seed]), "--run.progress", "false", *resume_flags(a.extra)],
+                             "precondition", ""))
             return
         train(parse_args(["--algo", "grpo", "--seed", seed, "--out", str(runs[seed]), "--run.progress", "false",
                           "--overwrite", "--data.emoscenes-variant", a.variant, *selection.SELECT, *a.extra],

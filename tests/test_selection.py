@@ -112,9 +112,9 @@ def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_c
     assert rec["sft_choice"] == 1600
 
 
-@pytest.mark.parametrize("name", ["precondition", "precondition_v2"])
+@pytest.mark.parametrize("name", ["precondition", "precondition_v2", "precondition_v3"])
 def test_results_md_shows_the_committed_precondition_record(name):
-    """RESULTS.md's precondition tables (the conflict variant's versions 1 and 2) are `precondition.py --report` of
+    """RESULTS.md's precondition tables (the conflict variant's versions 1 to 3) are `precondition.py --report` of
     the committed records, whose per-seed numbers are those of the committed results.json files."""
     rec = json.loads((REPO / "benchmarks" / "mechanism_runs" / f"{name}.json").read_text())
     for seed in rec["seeds"]:
@@ -124,3 +124,11 @@ def test_results_md_shows_the_committed_precondition_record(name):
     md = (REPO / "benchmarks" / "RESULTS.md").read_text()
     block = md.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
     assert block.strip() == precondition.report(rec).strip()
+
+
+def test_a_resumed_precondition_run_takes_only_the_thread_and_step_counts_from_extra():
+    """A resumed run keeps its own settings: of --extra it takes --run.threads and --grpo.steps (a finished run goes
+    on to a larger budget), nothing else."""
+    extra = ["--run.threads", "1", "--sft.steps", "1600", "--grpo.steps", "300", "--grpo.lr", "1e-4"]
+    assert precondition.resume_flags(extra) == ["--run.threads", "1", "--grpo.steps", "300"]
+    assert precondition.resume_flags(["--sft.steps", "1600"]) == []
