@@ -112,7 +112,7 @@ def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_c
     assert rec["sft_choice"] == 1600
 
 
-@pytest.mark.parametrize("name", ["precondition", "precondition_v2", "precondition_v3"])
+@pytest.mark.parametrize("name", ["precondition", "precondition_v2", "precondition_v3", "precondition_v3_300"])
 def test_results_md_shows_the_committed_precondition_record(name):
     """RESULTS.md's precondition tables (the conflict variant's versions 1 to 3) are `precondition.py --report` of
     the committed records, whose per-seed numbers are those of the committed results.json files."""
