@@ -293,8 +293,9 @@ def grpo_config(s: dict, folder: Path, out: Path, compile):
                      group_size=s["group"], micro_batch_rows=s["micro_rows"], max_new_tokens=s["new_tokens"],
                      compile="off" if not compile else "on" if compile is True else compile)
     d["eval"].update(max_new_tokens=16, batch_size=8)
-    folder = "grpo_eager" if not compile else "grpo_graph" if compile == "graph" else "grpo_compiled"
-    d["run"] = {"out": str(out / folder), "progress": False, "save_every": 0, "sample_every": 0, "overwrite": True}  # a rerun replaces the last check
+    run_dir = out / ("grpo_eager" if not compile else "grpo_graph" if compile == "graph" else "grpo_compiled")
+    # overwrite: a rerun replaces the last check
+    d["run"] = {"out": str(run_dir), "progress": False, "save_every": 0, "sample_every": 0, "overwrite": True}
     if s["device"] == "cpu":
         d["run"]["mixed_precision"] = "fp32"
     return config_from_dict(d, where=str(RECIPE))
