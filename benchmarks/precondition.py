@@ -16,10 +16,13 @@ several processes as benchmarks/selection.py does (finished seeds are read, not 
 before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed, taking ``--run.threads`` and
 ``--grpo.steps`` from ``--extra``: a finished run whose results.json is moved away goes on to the larger budget).
 The record goes to OUT/precondition.json and .md, and with ``--artifact`` to a committed JSON from which ``--report``
-rebuilds the table.
+rebuilds the table. ``--rollouts`` counts, in the runs' logged rollouts (``samples.jsonl``), how often the policy
+answered the badge's label on conflicting training images, by step window and by how far the badge is from the rule
+label.
 
     python benchmarks/precondition.py --seeds 200,201,202 --out runs/precondition --extra --run.threads 1
     python benchmarks/precondition.py --report benchmarks/mechanism_runs/precondition.json
+    python benchmarks/precondition.py --rollouts benchmarks/mechanism_runs/precondition_v3_300 --windows 60,150,300
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 import selection  # benchmarks/selection.py, beside this script: run_points, claims
 from emor3.config import parse_args
 from emor3.grpo.train import train
+from emor3.rewards import extract_answer
+from emor3.toy.emoscenes import neighbours, rule_label
 
 RISE = 10.0  # points: the hallucinated-cue rate or the disagreement must rise at least this much
 GAP = 15.0  # points: accuracy where the badge disagrees must fall at least this far below where it agrees
@@ -100,6 +105,64 @@ def report(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def rollout_counts(samples: Path, windows: list[int]) -> list[dict]:
+    """Counts over one run's logged rollouts, per step window (``windows`` are the windows' last steps, ascending;
+    a window holds the steps after the previous one's). A reply is to a *conflicting* image when the training label
+    (the badge's) is not the rule label of its cues; it *answers the badge* when its boxed label is the training
+    label. The badge is a neighbour of the rule label (one of valence, arousal, family changed) or farther. A *wrong*
+    answer is a boxed answer other than the rule label, on any image."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    out = []
+    for lo, hi in zip([0, *windows], windows):
+        c = {"steps": [lo + 1, hi], "replies": 0, "conflicting": 0, "badge": 0, "neighbour_conflicting": 0,
+             "neighbour_badge": 0, "far_conflicting": 0, "far_badge": 0, "wrong": 0, "wrong_neighbour": 0}
+        for r in rows:
+            if not lo < r["step"] <= hi:
+                continue
+            rule, answer = rule_label(r["cues"]), extract_answer(r["completion"], normalized=True)
+            c["replies"] += 1
+            if answer is not None and answer != rule:
+                c["wrong"] += 1
+                c["wrong_neighbour"] += answer in neighbours(rule)
+            if r["label"] == rule:
+                continue
+            kind = "neighbour" if r["label"] in neighbours(rule) else "far"
+            hit = answer == r["label"]
+            c["conflicting"] += 1
+            c["badge"] += hit
+            c[f"{kind}_conflicting"] += 1
+            c[f"{kind}_badge"] += hit
+        out.append(c)
+    return out
+
+
+def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
+    """The table of ``rollout_counts`` for every ``seed*/samples.jsonl`` under ``folder``, and each window's sum;
+    without ``windows``, one window up to the last logged step."""
+    seeds = sorted(folder.glob("seed*/samples.jsonl"), key=lambda p: int(p.parent.name[4:]))
+    if not seeds:
+        raise SystemExit(f"{folder}: no seed*/samples.jsonl")
+    if not windows:
+        windows = [max(json.loads(line)["step"] for p in seeds for line in p.read_text().splitlines() if line)]
+    per = {p.parent.name[4:]: rollout_counts(p, windows) for p in seeds}
+    lines = [f"Rollouts: `python benchmarks/precondition.py --rollouts {folder.as_posix()} --windows "
+             f"{','.join(map(str, windows))}` (the logged replies in each seed's `samples.jsonl`). Badge answers are "
+             "replies to conflicting training images whose boxed label is the badge's; wrong answers are boxed "
+             "answers other than the rule label, on any image.", "",
+             "| seed | steps | replies | badge answers / conflicting replies | badge a neighbour | badge farther | "
+             "wrong answers | of which a neighbour |", "|---|---|---|---|---|---|---|---|"]
+    for i, w in enumerate(windows):
+        rows = [(seed, counts[i]) for seed, counts in per.items()]
+        total = {k: sum(c[k] for _, c in rows) for k in rows[0][1] if k != "steps"}
+        for seed, c in [*rows, ("all", total)]:
+            lo, hi = rows[0][1]["steps"]
+            name = f"**{seed}**" if seed == "all" else seed
+            lines.append(f"| {name} | {lo}-{hi} | {c['replies']} | {c['badge']} / {c['conflicting']} | "
+                         f"{c['neighbour_badge']} / {c['neighbour_conflicting']} | {c['far_badge']} / "
+                         f"{c['far_conflicting']} | {c['wrong']} | {c['wrong_neighbour']} |")
+    return "\n".join(lines)
+
+
 def resume_flags(extra: list[str]) -> list[str]:
     """The flags of ``--extra`` that a resumed run takes: the thread count, and the GRPO step count, so that a
     finished run whose results.json was set aside goes on to a larger ``--grpo.steps`` (at the constant default
@@ -119,9 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--artifact", type=Path, default=None, help="also write the record to this JSON (committed)")
     ap.add_argument("--report", type=Path, default=None, metavar="JSON",
                     help="run nothing: print the table of a record written with --artifact")
+    ap.add_argument("--rollouts", type=Path, default=None, metavar="FOLDER",
+                    help="run nothing: count badge answers in FOLDER/seed*/samples.jsonl (the committed rollouts)")
+    ap.add_argument("--windows", default="",
+                    help="with --rollouts: comma-separated last steps of the step windows (default: one window, "
+                         "to the last logged step)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
+    if a.rollouts:
+        text = rollouts_report(a.rollouts, [int(w) for w in a.windows.split(",") if w])
+        print(text)
+        return {"rollouts": text}
     if a.report:
         rec = json.loads(a.report.read_text())
         print(report(rec))

@@ -132,3 +132,49 @@ def test_a_resumed_precondition_run_takes_only_the_thread_and_step_counts_from_e
     extra = ["--run.threads", "1", "--sft.steps", "1600", "--grpo.steps", "300", "--grpo.lr", "1e-4"]
     assert precondition.resume_flags(extra) == ["--run.threads", "1", "--grpo.steps", "300"]
     assert precondition.resume_flags(["--sft.steps", "1600"]) == []
+
+
+def test_rollout_counts_sort_badge_answers_by_window_and_by_the_badge_s_distance(tmp_path):
+    """Hand-built rollouts: on a smile-sunny-gift image (rule label amusement, neighbours excitement, contentment,
+    anger) with the badge's label as the training label, a reply answers the badge or the cues; a reply on an
+    agreeing image counts only as a reply (and as wrong when its label is not amusement)."""
+    cues = {"face": "smile", "sky": "sunny", "object": "gift"}
+
+    def row(step, label, answer):
+        boxed = f"\\boxed{{{answer}}}" if answer else "no box"
+        return {"step": step, "label": label, "cues": cues,
+                "completion": f"<step1>x</step1><step2>y</step2><step3>z</step3>{boxed}"}
+
+    rows = [row(10, "excitement", "excitement"),  # neighbour badge answered
+            row(10, "excitement", "amusement"),  # neighbour badge, the cues answered
+            row(20, "disgust", "disgust"),  # a farther badge answered: wrong, and not a neighbour
+            row(30, "amusement", "anger"),  # agreeing image, a wrong neighbour answer
+            row(30, "amusement", "amusement"),
+            row(40, "contentment", None)]  # neighbour badge, no boxed answer: neither the badge nor wrong
+    (tmp_path / "seed7").mkdir()
+    (tmp_path / "seed7" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = precondition.rollout_counts(tmp_path / "seed7" / "samples.jsonl", [20, 40])
+    assert first == {"steps": [1, 20], "replies": 3, "conflicting": 3, "badge": 2, "neighbour_conflicting": 2,
+                     "neighbour_badge": 1, "far_conflicting": 1, "far_badge": 1, "wrong": 2, "wrong_neighbour": 1}
+    assert second == {"steps": [21, 40], "replies": 3, "conflicting": 1, "badge": 0, "neighbour_conflicting": 1,
+                      "neighbour_badge": 0, "far_conflicting": 0, "far_badge": 0, "wrong": 1, "wrong_neighbour": 1}
+    table = precondition.rollouts_report(tmp_path)
+    assert "| 7 | 1-40 | 6 | 2 / 4 | 1 / 3 | 1 / 1 | 3 | 2 |" in table, "no windows: one, to the last logged step"
+
+
+@pytest.mark.parametrize("name, windows", [("precondition_v2", ""), ("precondition_v3_300", "60,150,300")])
+def test_results_md_counts_of_badge_answers_are_the_committed_rollouts(name, windows):
+    """RESULTS.md's tables of badge answers are `precondition.py --rollouts` of the committed samples.jsonl files,
+    and the prose quotes their sums."""
+    text = precondition.main(["--rollouts", f"benchmarks/mechanism_runs/{name}", "--windows", windows])["rollouts"]
+    md = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    block = md.split(f"<!-- rollouts_{name[13:]}:begin -->\n", 1)[1].split(f"<!-- rollouts_{name[13:]}:end -->", 1)[0]
+    assert block.strip() == text.strip()
+    prose = " ".join(md.split())
+    if name == "precondition_v2":
+        assert "| **all** | 1-150 | 720 | 3 / 360 | 3 / 200 | 0 / 160 | 21 | 21 |" in text
+        assert "every wrong answer (21 of 21)" in prose and "3 of 200 replies" in prose and "0 of 160" in prose
+    else:
+        assert "| **all** | 1-60 | 288 | 0 / 120 |" in text and "| **all** | 61-150 | 432 | 19 / 240 |" in text
+        assert "on 0 of 120 replies to conflicting images up to step 60, and on 19 of 240 from step 61" in prose
+        assert "2 of 264 replies to conflicting images, against 24 of 200 (seed 200) and 51 of 280" in prose
