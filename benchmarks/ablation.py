@@ -154,7 +154,7 @@ def per_kind(row: dict, key: str) -> dict[str, float] | None:
     return out or None
 
 
-def _mean_ci(values: list[float | None]) -> str:
+def mean_ci(values: list[float | None]) -> str:
     """Mean over seeds [bootstrap 95 % interval over seeds] from 5 seeds on; with fewer, the mean and the seeds'
     range, labelled as one ("range of 3 seeds")."""
     values = [v for v in values if v is not None]
@@ -170,7 +170,7 @@ def _mean_ci(values: list[float | None]) -> str:
 
 def method_table(per_seed: list[dict[str, dict]]) -> str:
     """One row per method: every set's accuracy, the run averages and the grounding rates that any row has, each
-    as ``_mean_ci`` over seeds; the per-kind rates as the mean over seeds of each kind."""
+    as ``mean_ci`` over seeds; the per-kind rates as the mean over seeds of each kind."""
     names = list(per_seed[0])
     sets = list(per_seed[0][names[0]]["sets"])
     rows = [s[name] for s in per_seed for name in names]
@@ -180,7 +180,7 @@ def method_table(per_seed: list[dict[str, dict]]) -> str:
     lines = ["| Method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name in names:
         runs = [s[name] for s in per_seed]
-        cells = [_mean_ci([metrics(r)[c] for r in runs]) for c in sets + list(COLUMNS) + grounding]
+        cells = [mean_ci([metrics(r)[c] for r in runs]) for c in sets + list(COLUMNS) + grounding]
         for _, key in kinds:
             per = [per_kind(r, key) or {} for r in runs]
             cells.append(" / ".join(_fmt_mean([p.get(k) for p in per]) for k in CUE_KINDS))

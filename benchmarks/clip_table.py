@@ -76,8 +76,8 @@ def control_table(runs: list[Path]) -> str:
              "|---|---|---|---|" + "---|" * len(CUES)]
     for name, per in ctl.items():
         for label, key in CONTROL_SETS:
-            cells = [ablation._mean_ci([s[key]["all"][m] for s in per]) for m in ("accuracy", "changed_cue")]
-            cells += [ablation._mean_ci([s[key][c]["changed_cue"] for s in per if c in s[key]]) for c in CUES]
+            cells = [ablation.mean_ci([s[key]["all"][m] for s in per]) for m in ("accuracy", "changed_cue")]
+            cells += [ablation.mean_ci([s[key][c]["changed_cue"] for s in per if c in s[key]]) for c in CUES]
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired over seeds: changed cue right %, whole clip - one frame.", "",
               "| Method | one frame | whole clip - one frame | bootstrap 95 % | t 95 % | sign test | per seed |",

@@ -145,8 +145,8 @@ def test_statistics_hand_values():
 
 
 def test_no_interval_from_fewer_than_five_seeds():
-    assert ablation._mean_ci([10.0, 20.0, 30.0]) == "20.0 (range 10.0 to 30.0)"
-    assert ablation._mean_ci([10.0, 20.0, 30.0, 40.0, 50.0]).startswith("30.0 [")
+    assert ablation.mean_ci([10.0, 20.0, 30.0]) == "20.0 (range 10.0 to 30.0)"
+    assert ablation.mean_ci([10.0, 20.0, 30.0, 40.0, 50.0]).startswith("30.0 [")
     three = ablation.paired_stats([3.0, 1.0, 2.0], [0.0, 0.0, 0.0])
     assert not three["intervals"] and "ci" not in three and "t_ci" not in three and three["range"] == [1.0, 3.0]
     five = ablation.paired_stats([24.7, 45.0, 8.8, 2.8, 4.2], [0.0] * 5)
