@@ -11,7 +11,10 @@ Each is read as the mean over the seeds. If none holds, the full study is not ru
 (never the method).
 
 Per seed, ``python -m emor3.grpo.train --algo grpo`` with that seed's own Cold-Start SFT, at the run's defaults
-plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). Runs in parts and in
+plus ``--extra``; its results.json holds both ends (the Cold-Start checkpoint and the policy). With ``--sft-from
+FOLDER`` a seed's run starts from the Cold-Start checkpoint an earlier precondition run left in
+FOLDER/grpo-seed<seed>/sft instead of training its own (as benchmarks/selection.py starts its grid points): for a
+new version of the variant whose Cold-Start traces are those of the earlier one, pixel for pixel. Runs in parts and in
 several processes as benchmarks/selection.py does (finished seeds are read, not run again; a process claims a seed
 before running it; a run stopped by SIGINT or SIGTERM, which checkpoints, is resumed, taking ``--run.threads`` and
 ``--grpo.steps`` from ``--extra``: a finished run whose results.json is moved away goes on to the larger budget).
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--artifact", type=Path, default=None, help="also write the record to this JSON (committed)")
     ap.add_argument("--report", type=Path, default=None, metavar="JSON",
                     help="run nothing: print the table of a record written with --artifact")
+    ap.add_argument("--sft-from", type=Path, default=None, metavar="FOLDER",
+                    help="start each seed from FOLDER/grpo-seed<seed>/sft, an earlier run's Cold-Start checkpoint")
     ap.add_argument("--rollouts", type=Path, default=None, metavar="FOLDER",
                     help="run nothing: count badge answers in FOLDER/seed*/samples.jsonl (the committed rollouts)")
     ap.add_argument("--windows", default="",
@@ -206,8 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
             train(parse_args(["--resume", str(runs[seed]), "--run.progress", "false", *resume_flags(a.extra)],
                              "precondition", ""))
             return
+        start = []
+        if a.sft_from:  # from a checkpoint by path, the run keeps the tiny run's loss normaliser (as selection does)
+            sft = a.sft_from / f"grpo-seed{seed}" / "sft"
+            if not (sft / "config.json").is_file():
+                raise SystemExit(f"{sft}: no Cold-Start checkpoint there (--sft-from)")
+            start = ["--model.path", str(sft), "--sft.steps", "0", "--grpo.loss-scope", "mini-batch"]
         train(parse_args(["--algo", "grpo", "--seed", seed, "--out", str(runs[seed]), "--run.progress", "false",
-                          "--overwrite", "--data.emoscenes-variant", a.variant, *selection.SELECT, *a.extra],
+                          "--overwrite", "--data.emoscenes-variant", a.variant, *start, *selection.SELECT, *a.extra],
                          "precondition", ""))
 
     selection.run_points([(f"precondition-{s}", runs[s] / "results.json", lambda s=s: run(s)) for s in seeds],

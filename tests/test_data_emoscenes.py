@@ -110,7 +110,8 @@ def test_shortcut_present_in_train_and_broken_out_of_domain():
 
 def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhere():
     """conflict: the training label is the badge's, which differs from the cues' rule label on ~CONFLICT_SHARE of
-    training images, always by one property (a neighbour); validation and test are scored by the rule label with a
+    training images, always by one property (a neighbour), so each cue combination's labels are its rule label and
+    the three neighbours, about evenly; validation and test are scored by the rule label with a
     badge that agrees on ~half and shows a neighbour on the rest; the Cold-Start traces reason from the cues to the
     rule label on images shown without their badge; out of domain the badge is drawn uniformly."""
     ds = make_emoscenes(seed=2, n_train=800, n_test=400, n_ood=320, n_coldstart=100, variant="conflict")
@@ -120,8 +121,13 @@ def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhe
     conflicts = [s for s in train if s.metadata["conflict"]]
     assert all(s.label != rule_label(s.metadata["cues"]) for s in conflicts)
     assert all(s.label == rule_label(s.metadata["cues"]) for s in train if not s.metadata["conflict"])
-    # binomial sd at n=800, p=0.5 is 0.018; at n=400, 0.025; at n=100, 0.05: the bounds are > 2.5 sd wide
-    assert abs(len(conflicts) / len(train) - CONFLICT_SHARE) < 0.05
+    # binomial sd at n=800, p=0.75 is 0.015; at n=400, p=0.5, 0.025; at n=100, p=0.75, 0.043: bounds > 2.5 sd wide
+    assert CONFLICT_SHARE == 0.75 and abs(len(conflicts) / len(train) - CONFLICT_SHARE) < 0.05
+    by_rule = Counter((rule_label(s.metadata["cues"]) == s.label) for s in train)
+    assert abs(by_rule[True] / len(train) - 0.25) < 0.05, "a quarter of training labels are the rule label"
+    for label in ("amusement", "disgust"):
+        seen = Counter(s.label for s in train if rule_label(s.metadata["cues"]) == label)
+        assert set(seen) == {label, *neighbours(label)} and min(seen.values()) > 0.12 * sum(seen.values()), seen
     assert len(Counter(s.label for s in conflicts)) == 8, "every label is some conflict's badge"
     assert all(s.label in neighbours(rule_label(s.metadata["cues"])) for s in conflicts)
     # the three neighbours of a label, by hand: amusement is positive, high arousal, personal
@@ -137,18 +143,34 @@ def test_conflict_variant_rewards_the_badge_in_train_and_scores_the_cues_elsewhe
     assert all(s.label in s.metadata["response"] for s in cs)
     train_by_id = {s.id: s for s in train}
     assert all(s.id.endswith("-nobadge") and s.image.badge is None and "shortcut" not in s.metadata for s in cs)
-    assert 0.3 < sum(train_by_id[s.id.removesuffix("-nobadge")].metadata["conflict"] for s in cs) / len(cs) < 0.7, \
-        "traces come from training images whatever their badge"
+    share = sum(train_by_id[s.id.removesuffix("-nobadge")].metadata["conflict"] for s in cs) / len(cs)
+    assert abs(share - CONFLICT_SHARE) < 0.2, "traces come from training images whatever their badge"
     plain = np.asarray(cs[0].open_image(), dtype=np.int16)
     shown = np.asarray(train_by_id[cs[0].id.removesuffix("-nobadge")].open_image(), dtype=np.int16)
     ys, xs = np.nonzero(np.abs(plain - shown).sum(-1))
-    assert len(ys) > 200 and xs.max() < 0.16 * 112 and ys.min() >= 0.84 * 112, \
-        "a trace shows its training scene, less the badge"
+    assert len(ys) > 0.7 * 112 * 18 and ys.min() >= round(0.84 * 112) and xs.min() == 0 and xs.max() == 111, \
+        "a trace shows its training scene, less the badge: the ground strip"
+    badge = train_by_id[cs[0].id.removesuffix("-nobadge")].metadata["shortcut"]
+    assert (shown[110, ::10] == BADGE_COLOURS[badge]).all(), "the ground is the badge's exact colour"
     agree_ood = sum(s.metadata["shortcut"] == s.label for s in ds["ood_shortcut"]) / len(ds["ood_shortcut"])
     assert agree_ood < 0.125 + 0.07
     shortcut = make_split("train", 64, seed=2, variant="shortcut")
     assert all(s.label == rule_label(s.metadata["cues"]) and "conflict" not in s.metadata for s in shortcut), \
         "the shortcut variant is unchanged: its labels are the rule's"
+
+
+def test_the_conflict_badge_is_the_ground_strip_and_nothing_else():
+    cues = dict(face="frown", sky="dusk", object="spider")
+    plain = np.asarray(render_scene(cues, rng=random.Random(5)), dtype=np.int16)
+    ground = np.asarray(render_scene(cues, rng=random.Random(5), badge="awe", badge_place="ground"), dtype=np.int16)
+    ys, xs = np.nonzero(np.abs(ground - plain).sum(-1))
+    assert ys.min() >= round(0.84 * 112) and xs.min() == 0 and xs.max() == 111, "only the ground strip, its whole width"
+    assert (ground[-4:, :] == BADGE_COLOURS["awe"]).all(), "below the face and the object, all badge"
+    with pytest.raises(ValueError, match="badge place"):
+        render_scene(cues, badge="awe", badge_place="sky")
+    s = make_split("validation", 2, seed=0, variant="conflict")[0]
+    assert s.image.badge_place == "ground" and s.image.key.endswith("@ground")
+    assert make_split("validation", 2, seed=0, variant="shortcut")[0].image.badge_place == "corner"
 
 
 def test_shortcut_badge_is_drawn_in_the_corner_only():

@@ -178,3 +178,32 @@ def test_results_md_counts_of_badge_answers_are_the_committed_rollouts(name, win
         assert "| **all** | 1-60 | 288 | 0 / 120 |" in text and "| **all** | 61-150 | 432 | 19 / 240 |" in text
         assert "on 0 of 120 replies to conflicting images up to step 60, and on 19 of 240 from step 61" in prose
         assert "2 of 264 replies to conflicting images, against 24 of 200 (seed 200) and 51 of 280" in prose
+
+
+def test_sft_from_starts_each_seed_from_the_earlier_run_s_cold_start_checkpoint(tmp_path, monkeypatch):
+    """--sft-from FOLDER: each seed's GRPO run starts from FOLDER/grpo-seed<seed>/sft with no SFT of its own and the
+    loss normaliser of a run that trained one (as selection's grid points); a missing checkpoint is refused, naming
+    the folder."""
+    seen = {}
+
+    def fake_train(cfg):
+        seen[cfg.run.seed] = cfg
+        row = {"sets": {"validation": {"accuracy": 50.0, "hallucinated": 1.0, "agreement": 90.0, "no_step1": 0.0,
+                                       "accuracy_badge_agrees": 60.0, "accuracy_badge_disagrees": 40.0}}}
+        Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.out) / "results.json").write_text(json.dumps({"Cold-Start SFT": row, "grpo": row}))
+
+    monkeypatch.setattr(precondition, "train", fake_train)
+    earlier = tmp_path / "earlier"
+    shipped = next((REPO / "emor3" / "assets" / "instruct").glob("*/config.json")).parent  # a checkpoint folder
+    for seed in (5, 6, 7):
+        shutil.copytree(shipped, earlier / f"grpo-seed{seed}" / "sft", ignore=shutil.ignore_patterns("*.safetensors"))
+    rec = precondition.main(["--seeds", "5,6,7", "--out", str(tmp_path / "out"), "--sft-from", str(earlier),
+                             "--extra", "--run.threads", "1"])
+    assert sorted(seen) == [5, 6, 7] and rec["verdict"]["badge_gap"] == pytest.approx(20.0)
+    for seed, cfg in seen.items():
+        assert Path(cfg.model.path) == earlier / f"grpo-seed{seed}" / "sft"
+        assert cfg.sft.steps == 0 and cfg.grpo.loss_scope == "mini-batch" and cfg.grpo.algo == "grpo"
+        assert cfg.data.emoscenes_variant == "conflict" and cfg.data.emoscenes_eval == "validation"
+    with pytest.raises(SystemExit, match="grpo-seed8/sft: no Cold-Start checkpoint"):
+        precondition.main(["--seeds", "8", "--out", str(tmp_path / "out2"), "--sft-from", str(earlier)])

@@ -68,10 +68,13 @@ the badge instead of the three cues does well in-domain and at chance on `ood_sh
 the true cues. Metadata keeps `shortcut` (the label whose colour was drawn). In this variant the cues give the
 training label on every image and the badge on 90 %, so nothing rewards reading the badge.
 
-`conflict` is the variant where an outcome reward does push towards the shortcut: the same badge, but in `train` the
-label is the badge's, and on a share `CONFLICT_SHARE` of training images the badge shows another label than the
-cues' rule label (metadata `conflict`). A policy that answers from the cues earns the accuracy reward on the other
-images only; one that reads the badge earns it on all. A disagreeing badge shows a neighbour of the rule label: the
+`conflict` is the variant where an outcome reward does push towards the shortcut: the same eight colours, painted
+over the whole ground strip along the bottom of the image (`BADGE_PLACE`; a larger and more visible feature than
+the corner square), and in `train` the label is the badge's. On a share `CONFLICT_SHARE` (three quarters) of
+training images the badge shows another label than the cues' rule label (metadata `conflict`), so within each cue
+combination the training labels are spread evenly over the rule label and its three neighbours: a policy that
+answers from the cues earns the accuracy reward on a quarter of the images whatever it answers, one that reads the
+badge earns it on all. A disagreeing badge shows a neighbour of the rule label: the
 label that differs from it in exactly one of valence, arousal and family (`neighbours`), drawn uniformly from the
 three. Those are the labels a cue-reading policy samples when it errs, so rollouts sometimes match the badge and the
 outcome reward has something to reinforce; a badge two or three properties away is almost never sampled. Cold-Start
@@ -115,7 +118,7 @@ from emor3.data.dataset import EmotionDataset, LoadReport, Sample, write_atomic
 from emor3.data.loaders import load_manifest, write_manifest
 from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 
-VERSION = 6  # bump when drawing, splits or rule change, so cached folders are regenerated
+VERSION = 7  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
 # change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
 # the shipped one) valid; bump it when the instruct scenes change. Versions 4 to 6 changed the splits only.
@@ -211,7 +214,7 @@ def label_for(cues: dict[str, str], taxonomy: str) -> str:
 # rendering
 
 
-# the shortcut badge's colour per Mikels label: saturated, far from each other and from the ground strip
+# the badge's colour per Mikels label: saturated, far from each other and from the ground strip's own colour
 BADGE_COLOURS = {
     "amusement": (255, 0, 0), "excitement": (0, 0, 255), "contentment": (255, 255, 0), "awe": (0, 255, 255),
     "anger": (255, 0, 255), "fear": (255, 128, 0), "sadness": (255, 255, 255), "disgust": (0, 0, 0),
@@ -271,9 +274,14 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> 
 
 
 def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = BASE_STYLE,
-                 rng: random.Random | None = None, badge: str | None = None) -> Image.Image:
+                 rng: random.Random | None = None, badge: str | None = None,
+                 badge_place: str = "corner") -> Image.Image:
     """Draw one scene (RGB, size x size). rng drives small nuisance jitter (positions, sizes, colours). ``badge``: a
-    Mikels label whose `BADGE_COLOURS` square is drawn in the bottom-left corner (the shortcut variant)."""
+    Mikels label whose `BADGE_COLOURS` colour is drawn at ``badge_place`` (`BADGE_PLACES`): a square in the
+    bottom-left corner, or the whole ground strip along the bottom, painted in place of the ground (under the face
+    and the object, as the ground is)."""
+    if badge_place not in BADGE_PLACES:
+        raise ValueError(f"unknown badge place {badge_place!r}; known: {', '.join(BADGE_PLACES)}")
     rng = rng or random.Random(0)
     pal = {k: _jitter(v, rng) for k, v in PALETTES[style.palette].items()}
     S = size
@@ -288,7 +296,8 @@ def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = 
     sx = sky_x * S + rng.uniform(-0.04, 0.04) * S
     sy = 0.19 * S + rng.uniform(-0.03, 0.03) * S
     _draw_sky(d, cues["sky"], sx, sy, S, pal, rng)
-    d.rectangle([0, round(0.84 * S), S, S], fill=pal["ground"])
+    ground = BADGE_COLOURS[badge] if badge is not None and badge_place == "ground" else pal["ground"]
+    d.rectangle([0, round(0.84 * S), S, S], fill=ground)
     k = style.scale * rng.uniform(0.92, 1.08)
     fx = face_x * S + rng.uniform(-0.04, 0.04) * S
     ox = object_x * S + rng.uniform(-0.04, 0.04) * S
@@ -296,7 +305,7 @@ def render_scene(cues: dict[str, str], *, size: int = 112, style: RenderStyle = 
     oy = 0.62 * S + rng.uniform(-0.04, 0.04) * S
     _draw_face(d, cues["face"], fx, fy, 0.2 * S * k, S, pal)
     _draw_object(d, cues["object"], ox, oy, 0.18 * S * k, S, pal)
-    if badge is not None:  # fixed place and size, exact colour: the easiest feature in the image
+    if badge is not None and badge_place == "corner":  # fixed place and size, exact colour
         d.rectangle([0, round(0.85 * S), round(0.15 * S), S - 1], fill=BADGE_COLOURS[badge])
     return img
 
@@ -429,16 +438,17 @@ class SceneImage:
     size: int
     style: RenderStyle
     seed: str  # the string seed of the per-image RNG
-    badge: str | None = None  # the shortcut variant's badge (a Mikels label), or None
+    badge: str | None = None  # the shortcut or conflict variant's badge (a Mikels label), or None
+    badge_place: str = "corner"  # where the badge is drawn (`BADGE_PLACES`)
 
     @property
     def key(self) -> str:
-        tail = "" if self.badge is None else f":badge={self.badge}"
+        tail = "" if self.badge is None else f":badge={self.badge}@{self.badge_place}"
         return f"emoscenes-v{VERSION}:{self.seed}:{self.size}:{self.style}{tail}"
 
     def open(self) -> Image.Image:
         return render_scene(dict(self.cues), size=self.size, style=self.style, rng=random.Random(self.seed),
-                            badge=self.badge)
+                            badge=self.badge, badge_place=self.badge_place)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,8 +480,12 @@ SPLITS = {
 }
 VARIANTS = choices(EmoScenesVariant)
 SHORTCUT_AGREEMENT = 0.9  # share of in-domain images whose badge shows their rule label (shortcut variant)
-CONFLICT_SHARE = 0.5  # share of training images whose badge, and so label, is not the rule label (conflict variant)
+CONFLICT_SHARE = 0.75  # share of training images whose badge, and so label, is not the rule label (conflict)
 CONFLICT_EVAL_AGREEMENT = 0.5  # share of validation / test images whose badge shows the rule label (conflict)
+# where each variant draws its badge: shortcut, a small square in the bottom-left corner; conflict, the whole ground
+# strip (in each of the bottom row's four merged 28-px patches of the tiny model at 112 px)
+BADGE_PLACES = ("corner", "ground")
+BADGE_PLACE = {"shortcut": "corner", "conflict": "ground"}
 EVAL_SPLITS = choices(EmoScenesEval)  # what a run evaluates (`eval_split_names`)
 
 
@@ -546,7 +560,7 @@ def make_split(split: str, n: int, *, seed: int, image_size: int = 112, label_no
         if conflict:  # the training label follows the badge
             label, noisy = badge, False
         image = SceneImage(tuple(sorted(cues.items())), image_size, spec.style, f"emoscenes:{seed}:{split}:{i}",
-                           badge)
+                           badge, BADGE_PLACE.get(variant, "corner"))
         meta = {"cues": dict(cues), "rule_label": truth, "noisy": noisy, "split": split, "domain": spec.domain,
                 "style": asdict(spec.style)}
         if badge is not None:
