@@ -154,7 +154,7 @@ def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
              "answers other than the rule label, on any image.", "",
              "| seed | steps | replies | badge answers / conflicting replies | badge a neighbour | badge farther | "
              "wrong answers | of which a neighbour |", "|---|---|---|---|---|---|---|---|"]
-    for i, w in enumerate(windows):
+    for i in range(len(windows)):
         rows = [(seed, counts[i]) for seed, counts in per.items()]
         total = {k: sum(c[k] for _, c in rows) for k in rows[0][1] if k != "steps"}
         for seed, c in [*rows, ("all", total)]:
