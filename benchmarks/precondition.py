@@ -47,9 +47,11 @@ GAP = 15.0  # points: accuracy where the badge disagrees must fall at least this
 
 
 def ends(run: Path) -> dict:
-    """The validation numbers at both ends of one GRPO run: (Cold-Start checkpoint, end of training)."""
+    """The validation numbers at both ends of one GRPO run: (Cold-Start checkpoint, end of training). A run that
+    trained its own Cold-Start names its first row "Cold-Start SFT"; one started from a Cold-Start checkpoint by
+    path (``--sft-from``) names it "initial"."""
     res = json.loads((run / "results.json").read_text())
-    start, end = res["Cold-Start SFT"]["sets"], res["grpo"]["sets"]
+    start, end = (res.get("Cold-Start SFT") or res["initial"])["sets"], res["grpo"]["sets"]
     if set(start) != {"validation"} or set(end) != {"validation"}:
         raise RuntimeError(f"{run}: the precondition reads validation only, the run evaluated {sorted(end)}")
     s, e = start["validation"], end["validation"]

@@ -182,8 +182,8 @@ def test_results_md_counts_of_badge_answers_are_the_committed_rollouts(name, win
 
 def test_sft_from_starts_each_seed_from_the_earlier_run_s_cold_start_checkpoint(tmp_path, monkeypatch):
     """--sft-from FOLDER: each seed's GRPO run starts from FOLDER/grpo-seed<seed>/sft with no SFT of its own and the
-    loss normaliser of a run that trained one (as selection's grid points); a missing checkpoint is refused, naming
-    the folder."""
+    loss normaliser of a run that trained one (as selection's grid points), and its first row (named "initial" by
+    such a run) is read as the start; a missing checkpoint is refused, naming the folder."""
     seen = {}
 
     def fake_train(cfg):
@@ -191,7 +191,7 @@ def test_sft_from_starts_each_seed_from_the_earlier_run_s_cold_start_checkpoint(
         row = {"sets": {"validation": {"accuracy": 50.0, "hallucinated": 1.0, "agreement": 90.0, "no_step1": 0.0,
                                        "accuracy_badge_agrees": 60.0, "accuracy_badge_disagrees": 40.0}}}
         Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.out) / "results.json").write_text(json.dumps({"Cold-Start SFT": row, "grpo": row}))
+        (Path(cfg.run.out) / "results.json").write_text(json.dumps({"initial": row, "grpo": row}))
 
     monkeypatch.setattr(precondition, "train", fake_train)
     earlier = tmp_path / "earlier"
