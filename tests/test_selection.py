@@ -112,15 +112,18 @@ def test_the_readme_quotes_the_cold_start_curve_that_collect_rebuilds_from_the_c
     assert rec["sft_choice"] == 1600
 
 
-@pytest.mark.parametrize("name", ["precondition", "precondition_v2", "precondition_v3", "precondition_v3_300"])
+@pytest.mark.parametrize("name", ["precondition", "precondition_v2", "precondition_v3", "precondition_v3_300",
+                                  "precondition_v4"])
 def test_results_md_shows_the_committed_precondition_record(name):
-    """RESULTS.md's precondition tables (the conflict variant's versions 1 to 3) are `precondition.py --report` of
-    the committed records, whose per-seed numbers are those of the committed results.json files."""
+    """RESULTS.md's precondition tables (the conflict variant's versions 1 to 4) are `precondition.py --report` of
+    the committed records, whose per-seed numbers are those of the committed results.json files; versions 1 to 3
+    fail it and version 4 holds."""
     rec = json.loads((REPO / "benchmarks" / "mechanism_runs" / f"{name}.json").read_text())
     for seed in rec["seeds"]:
         assert precondition.ends(REPO / "benchmarks" / "mechanism_runs" / name / f"seed{seed}") == \
             rec["per_seed"][seed]
-    assert precondition.verdict(rec["per_seed"]) == rec["verdict"] and not rec["verdict"]["holds"]
+    assert precondition.verdict(rec["per_seed"]) == rec["verdict"]
+    assert rec["verdict"]["holds"] == (name == "precondition_v4")
     md = (REPO / "benchmarks" / "RESULTS.md").read_text()
     block = md.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
     assert block.strip() == precondition.report(rec).strip()
@@ -162,7 +165,8 @@ def test_rollout_counts_sort_badge_answers_by_window_and_by_the_badge_s_distance
     assert "| 7 | 1-40 | 6 | 2 / 4 | 1 / 3 | 1 / 1 | 3 | 2 |" in table, "no windows: one, to the last logged step"
 
 
-@pytest.mark.parametrize("name, windows", [("precondition_v2", ""), ("precondition_v3_300", "60,150,300")])
+@pytest.mark.parametrize("name, windows", [("precondition_v2", ""), ("precondition_v3_300", "60,150,300"),
+                                           ("precondition_v4", "60,150")])
 def test_results_md_counts_of_badge_answers_are_the_committed_rollouts(name, windows):
     """RESULTS.md's tables of badge answers are `precondition.py --rollouts` of the committed samples.jsonl files,
     and the prose quotes their sums."""
@@ -174,6 +178,9 @@ def test_results_md_counts_of_badge_answers_are_the_committed_rollouts(name, win
     if name == "precondition_v2":
         assert "| **all** | 1-150 | 720 | 3 / 360 | 3 / 200 | 0 / 160 | 21 | 21 |" in text
         assert "every wrong answer (21 of 21)" in prose and "3 of 200 replies" in prose and "0 of 160" in prose
+    elif name == "precondition_v4":
+        assert "| **all** | 1-60 | 288 | 18 / 192 |" in text and "| **all** | 61-150 | 432 | 67 / 320 |" in text
+        assert "on 18 of 192 replies to conflicting images in the first 60 steps" in prose
     else:
         assert "| **all** | 1-60 | 288 | 0 / 120 |" in text and "| **all** | 61-150 | 432 | 19 / 240 |" in text
         assert "on 0 of 120 replies to conflicting images up to step 60, and on 19 of 240 from step 61" in prose
