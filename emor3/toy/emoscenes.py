@@ -121,7 +121,7 @@ from emor3.data.taxonomy import BUILTIN_NAMES, MIKELS8, get_taxonomy
 VERSION = 7  # bump when drawing, splits or rule change, so cached folders are regenerated
 # the version of what `instruct_scenes` draws (its cue order, renderings and pixels), kept apart from VERSION so that a
 # change to the benchmark's splits that leaves the instruct scenes as they were keeps the instruct checkpoints (and
-# the shipped one) valid; bump it when the instruct scenes change. Versions 4 to 6 changed the splits only.
+# the shipped one) valid; bump it when the instruct scenes change. Versions 4 to 7 changed the splits only.
 INSTRUCT_SCENES_VERSION = 3
 
 FACES = ("smile", "frown")
