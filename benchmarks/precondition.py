@@ -31,6 +31,7 @@ label.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
@@ -116,28 +117,30 @@ def rollout_counts(samples: Path, windows: list[int]) -> list[dict]:
     (the badge's) is not the rule label of its cues; it *answers the badge* when its boxed label is the training
     label. The badge is a neighbour of the rule label (one of valence, arousal, family changed) or farther. A *wrong*
     answer is a boxed answer other than the rule label, on any image."""
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    out = []
-    for lo, hi in zip([0, *windows], windows):
-        c = {"steps": [lo + 1, hi], "replies": 0, "conflicting": 0, "badge": 0, "neighbour_conflicting": 0,
-             "neighbour_badge": 0, "far_conflicting": 0, "far_badge": 0, "wrong": 0, "wrong_neighbour": 0}
-        for r in rows:
-            if not lo < r["step"] <= hi:
-                continue
-            rule, answer = rule_label(r["cues"]), extract_answer(r["completion"], normalized=True)
-            c["replies"] += 1
-            if answer is not None and answer != rule:
-                c["wrong"] += 1
-                c["wrong_neighbour"] += answer in neighbours(rule)
-            if r["label"] == rule:
-                continue
-            kind = "neighbour" if r["label"] in neighbours(rule) else "far"
-            hit = answer == r["label"]
-            c["conflicting"] += 1
-            c["badge"] += hit
-            c[f"{kind}_conflicting"] += 1
-            c[f"{kind}_badge"] += hit
-        out.append(c)
+    out = [{"steps": [lo + 1, hi], "replies": 0, "conflicting": 0, "badge": 0, "neighbour_conflicting": 0,
+            "neighbour_badge": 0, "far_conflicting": 0, "far_badge": 0, "wrong": 0, "wrong_neighbour": 0}
+           for lo, hi in zip([0, *windows], windows)]
+    for line in samples.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        i = bisect.bisect_left(windows, r["step"])  # the window whose last step is the first at or after this one
+        if r["step"] < 1 or i == len(windows):
+            continue
+        c = out[i]
+        rule, answer = rule_label(r["cues"]), extract_answer(r["completion"], normalized=True)
+        c["replies"] += 1
+        if answer is not None and answer != rule:
+            c["wrong"] += 1
+            c["wrong_neighbour"] += answer in neighbours(rule)
+        if r["label"] == rule:
+            continue
+        kind = "neighbour" if r["label"] in neighbours(rule) else "far"
+        hit = answer == r["label"]
+        c["conflicting"] += 1
+        c["badge"] += hit
+        c[f"{kind}_conflicting"] += 1
+        c[f"{kind}_badge"] += hit
     return out
 
 
@@ -159,8 +162,8 @@ def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
     for i in range(len(windows)):
         rows = [(seed, counts[i]) for seed, counts in per.items()]
         total = {k: sum(c[k] for _, c in rows) for k in rows[0][1] if k != "steps"}
+        lo, hi = rows[0][1]["steps"]
         for seed, c in [*rows, ("all", total)]:
-            lo, hi = rows[0][1]["steps"]
             name = f"**{seed}**" if seed == "all" else seed
             lines.append(f"| {name} | {lo}-{hi} | {c['replies']} | {c['badge']} / {c['conflicting']} | "
                          f"{c['neighbour_badge']} / {c['neighbour_conflicting']} | {c['far_badge']} / "
