@@ -10,6 +10,12 @@ Every run here evaluates with ``--data.emoscenes-eval validation``, so no test i
    GRPO training from that seed's Cold-Start checkpoint at the chosen step count (``--sft.steps 0``), the same
    ``--grpo.steps`` for all, evaluated on validation. Each method keeps the rate with its best mean validation
    accuracy over the seeds (the smaller rate on a tie): every method at its own best, none inheriting another's.
+3. The default run's GRPO step budget (``--stage budget``, for the method ``make train`` runs): per seed, that
+   method at its chosen rate from the chosen Cold-Start checkpoint for the grid's largest count (``--budget-steps``),
+   checkpointing at every count of the grid, each checkpoint evaluated on validation. The learning rate is
+   constant (``--grpo.schedule constant``, no warm-up), so the checkpoint after k steps is the model a k-step run
+   ends with. The chosen budget is the one with the best mean validation accuracy among the counts that fit the
+   default run's time (``--budget-max``, from its measured step time), the smaller count on a tie.
 Use selection seeds that are not the reporting seeds. The record (every score and the choices) is written to
 OUT/selection.json and OUT/selection.md after every run, and with ``--results-md`` into benchmarks/RESULTS.md
 between the ``<!-- selection:begin -->`` / ``<!-- selection:end -->`` markers.
@@ -24,6 +30,7 @@ reported ones: ``python benchmarks/selection.py --collect --out benchmarks/selec
     python benchmarks/selection.py --seeds 100,101,102 --sft-steps 100,200,300,500,800 --lrs 1e-4,3e-4,5e-4
     python benchmarks/selection.py --seeds 100 --sft-steps 4,8 --lrs 1e-4,3e-4 --extra --config examples/quick.toml
     python benchmarks/selection.py --stage sft & python benchmarks/selection.py --stage sft; wait   # two processes
+    python benchmarks/selection.py --stage budget --budget-steps 25,50,75,100,125,150 --budget-max 75 ...
 
 Cost at the default sizes: stage 1 trains sum(--sft-steps) SFT steps per seed, stage 2 runs
 len(methods) x len(lrs) GRPO runs per seed (each about a default run without its instruct stage).
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -82,6 +90,19 @@ def grpo_point(algo: str, lr: str, seed: int, sft_dir: Path, out: Path, extra: l
                             "--overwrite", "--model.path", str(sft_dir), "--sft.steps", "0", "--grpo.loss-scope",
                             "mini-batch", "--grpo.lr", lr, *SELECT, *extra], "selection", ""))
     return validation_accuracy(res, algo)
+
+
+def budget_point(algo: str, lr: str, seed: int, sft_dir: Path, out: Path, grid: list[int], extra: list[str]) -> None:
+    """``algo`` at ``lr`` from ``sft_dir`` for ``max(grid)`` steps, checkpointing at every count of ``grid``; each
+    checkpoint evaluated on validation into ``out/eval-<k>``, the largest count last (its results.json marks the
+    point finished)."""
+    every = math.gcd(*grid)
+    grpo_point(algo, lr, seed, sft_dir, out, ["--grpo.steps", str(max(grid)), "--grpo.schedule", "constant",
+                                               "--grpo.warmup-steps", "0", "--run.save-every", str(every),
+                                               "--run.keep-checkpoints", str(max(grid) // every), *extra])
+    for k in sorted(grid):
+        evaluate_main(["--model.path", str(out / f"checkpoint-{k}" / "model"), "--out", str(out / f"eval-{k}"),
+                       "--seed", str(seed), "--run.progress", "false", "--overwrite", *SELECT, *extra])
 
 
 def finished(result: Path, name: str) -> float | None:
@@ -161,6 +182,19 @@ def report(rec: dict) -> str:
         for algo, per_lr in rec["grpo"].items():
             cells = [_cell(list(per_lr.get(lr, {}).values())) for lr in lrs]
             lines.append(f"| {algo} | " + " | ".join(cells) + f" | {rec['lr_choice'].get(algo, '–')} |")
+    if rec.get("budget"):
+        algo, grid = rec["budget_method"], rec["budget_steps"]
+        lines += ["", f"The default run's GRPO step budget ({algo} at its chosen rate, checkpoints of one "
+                  f"{max(grid)}-step run per seed; counts above {rec['budget_max']} do not fit the default run's "
+                  "time and are not chosen):", "",
+                  "| GRPO steps | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+                  "|---" * (len(seeds) + 2) + "|"]
+        for k in grid:
+            per = rec["budget"].get(str(k), {})
+            cells = [f"{per[str(s)]:.2f}" if str(s) in per else "–" for s in seeds]
+            lines.append(f"| {k} | " + " | ".join(cells) + f" | {_cell(list(per.values()))} |")
+        if rec.get("budget_choice") is not None:
+            lines += ["", f"Chosen: {rec['budget_choice']} GRPO steps."]
     return "\n".join(lines)
 
 
@@ -179,8 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/selection"))
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: the record and tables of the points already in --out (e.g. committed ones)")
-    ap.add_argument("--stage", choices=["sft", "all"], default="all",
-                    help="sft: only Cold-Start SFT's curve and its choice; all: then each method's learning rate")
+    ap.add_argument("--stage", choices=["sft", "all", "budget"], default="all",
+                    help="sft: only Cold-Start SFT's curve and its choice; all: then each method's learning rate; "
+                         "budget: then the default run's GRPO step budget")
+    ap.add_argument("--budget-method", default="emo_r3", help="the --algo whose step budget --stage budget chooses")
+    ap.add_argument("--budget-steps", default="25,50,75,100,125,150", help="GRPO step counts, ascending")
+    ap.add_argument("--budget-max", type=int, default=75,
+                    help="the largest count the default run's time allows (RESULTS.md says how it was measured)")
     ap.add_argument("--results-md", default="", help="also write the record into this RESULTS.md (empty: nowhere)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (put last)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -189,11 +228,15 @@ def main(argv: list[str] | None = None) -> dict:
     steps_grid = [int(s) for s in a.sft_steps.split(",") if s]
     lrs = [lr for lr in a.lrs.split(",") if lr]
     methods = [m for m in a.methods.split(",") if m]
+    budget_grid = [int(k) for k in a.budget_steps.split(",") if k]
     grpo_steps = parse_args(a.extra, "selection", "").grpo.steps
     rec: dict = {"command": "python benchmarks/selection.py " + " ".join(argv), "seeds": seeds,
                  "sft_steps": steps_grid, "lrs": lrs, "grpo_steps": grpo_steps, "sft": {}, "sft_choice": None,
                  "grpo": {}, "lr_choice": {},
                  "started": time.time()}
+    if a.stage == "budget":
+        rec.update(budget_method=a.budget_method, budget_steps=budget_grid, budget_max=a.budget_max, budget={},
+                   budget_choice=None)
     a.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -205,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def sft_dir(steps: int, seed: int) -> Path:
         return a.out / "sft" / f"steps{steps}" / f"seed{seed}"
+
+    def budget_dir(seed: int) -> Path:
+        return a.out / "budget" / a.budget_method / f"seed{seed}"
 
     def collect() -> None:  # the record from the points on disk, whichever process ran them
         for steps in steps_grid:
@@ -218,6 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
                     acc = finished(a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json", algo)
                     if acc is not None:
                         rec["grpo"].setdefault(algo, {}).setdefault(lr, {})[str(seed)] = acc
+        if a.stage == "budget":
+            for k in budget_grid:
+                for seed in seeds:
+                    acc = finished(budget_dir(seed) / f"eval-{k}" / "results.json", "model")
+                    if acc is not None:
+                        rec["budget"].setdefault(str(k), {})[str(seed)] = acc
 
     def point(run):  # run one point, then record every finished point
         def go() -> None:
@@ -232,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
         for algo in methods:
             if all(len(rec["grpo"].get(algo, {}).get(lr, {})) == len(seeds) for lr in lrs):
                 rec["lr_choice"][algo] = choose(lrs, {lr: list(rec["grpo"][algo][lr].values()) for lr in lrs})
+        fits = [k for k in budget_grid if k <= a.budget_max]
+        if a.stage == "budget" and fits and all(len(rec["budget"].get(str(k), {})) == len(seeds) for k in budget_grid):
+            rec["budget_choice"] = choose(fits, {k: list(rec["budget"][str(k)].values()) for k in fits})
         save()
 
     def run_grid() -> None:
@@ -243,12 +298,23 @@ def main(argv: list[str] | None = None) -> dict:
         decide()  # run_points returns once every point is done: the Cold-Start grid is complete
         if rec["sft_choice"] is None:
             raise RuntimeError(f"{a.out}: a Cold-Start grid point has no validation result; no step count chosen")
-        if a.stage == "all":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
+        if a.stage != "sft":  # 2. each method's learning rate, from the chosen Cold-Start checkpoint of each seed
             run_points([(f"{algo}-{lr}-{seed}", a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json",
                          point(lambda algo=algo, lr=lr, seed=seed: grpo_point(
                              algo, lr, seed, sft_dir(rec["sft_choice"], seed) / "sft",
                              a.out / algo / f"lr{lr}" / f"seed{seed}", a.extra)))
                         for algo in methods for lr in lrs for seed in seeds], claims)
+            collect()
+            decide()
+        if a.stage == "budget":  # 3. the default run's step budget, at the method's chosen rate
+            algo = a.budget_method
+            if algo not in rec["lr_choice"]:
+                raise RuntimeError(f"{a.out}: no learning rate chosen for {algo}; add it to --methods")
+            run_points([(f"budget-{algo}-{seed}", budget_dir(seed) / f"eval-{max(budget_grid)}" / "results.json",
+                         point(lambda seed=seed: budget_point(
+                             algo, rec["lr_choice"][algo], seed, sft_dir(rec["sft_choice"], seed) / "sft",
+                             budget_dir(seed), budget_grid, a.extra)))
+                        for seed in seeds], claims)
             collect()
             decide()
 
