@@ -214,3 +214,50 @@ def test_sft_from_starts_each_seed_from_the_earlier_run_s_cold_start_checkpoint(
         assert cfg.data.emoscenes_variant == "conflict" and cfg.data.emoscenes_eval == "validation"
     with pytest.raises(SystemExit, match="grpo-seed8/sft: no Cold-Start checkpoint"):
         precondition.main(["--seeds", "8", "--out", str(tmp_path / "out2"), "--sft-from", str(earlier)])
+
+
+def test_the_budget_stage_checkpoints_every_count_and_chooses_among_the_counts_that_fit(tmp_path, monkeypatch):
+    """--stage budget: one run per seed at the method's chosen rate from the chosen Cold-Start checkpoint, constant
+    rate, a checkpoint at every count of the grid, each evaluated on validation; the choice is the best mean among
+    the counts up to --budget-max (the smaller on a tie), never a larger count however well it scores."""
+    out = tmp_path / "sel"
+
+    def result(path: Path, name: str, acc: float) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "results.json").write_text(json.dumps({name: {"sets": {"validation": {"accuracy": acc}}}}))
+
+    for seed in (1, 2):  # the finished grids: Cold-Start at 8 steps, emo_r3 at two rates
+        result(out / "sft" / "steps8" / f"seed{seed}" / "eval", "sft", 50.0)
+        shutil.copytree(next((REPO / "emor3" / "assets" / "instruct").glob("*/config.json")).parent,
+                        out / "sft" / "steps8" / f"seed{seed}" / "sft", ignore=shutil.ignore_patterns("*.safetensors"))
+        for lr, acc in (("1e-4", 60.0), ("3e-4", 70.0)):
+            result(out / "emo_r3" / f"lr{lr}" / f"seed{seed}", "emo_r3", acc)
+    trained, evaluated = [], []
+    scores = {2: 80.0, 4: 85.0, 6: 85.0, 8: 99.0}  # the best (8) does not fit; 4 and 6 tie
+
+    def fake_train(cfg):
+        trained.append(cfg)
+        return {"emo_r3": {"sets": {"validation": {"accuracy": 99.0}}}}
+
+    def fake_evaluate(argv):
+        k = int(Path(argv[argv.index("--model.path") + 1]).parent.name.split("-")[1])
+        evaluated.append(argv)
+        result(Path(argv[argv.index("--out") + 1]), "model", scores[k])
+
+    monkeypatch.setattr(selection, "train", fake_train)
+    monkeypatch.setattr(selection, "evaluate_main", fake_evaluate)
+    rec = selection.main(["--stage", "budget", "--seeds", "1,2", "--sft-steps", "8", "--lrs", "1e-4,3e-4",
+                          "--methods", "emo_r3", "--budget-steps", "2,4,6,8", "--budget-max", "6", "--out", str(out),
+                          "--extra", "--run.threads", "1"])
+    assert rec["lr_choice"] == {"emo_r3": "3e-4"} and rec["budget_choice"] == 4
+    assert rec["budget"]["8"] == {"1": 99.0, "2": 99.0}
+    assert len(trained) == 2 and len(evaluated) == 8
+    for cfg in trained:
+        assert cfg.grpo.algo == "emo_r3" and cfg.grpo.lr == 3e-4 and cfg.grpo.steps == 8 and cfg.sft.steps == 0
+        assert cfg.grpo.schedule == "constant" and cfg.grpo.warmup_steps == 0 and cfg.run.threads == 1
+        assert cfg.run.save_every == 2 and cfg.run.keep_checkpoints == 4
+        assert Path(cfg.model.path) == out / "sft" / "steps8" / f"seed{cfg.run.seed}" / "sft"
+        assert cfg.data.emoscenes_eval == "validation"
+    assert all(argv[argv.index("--data.emoscenes-eval") + 1] == "validation" for argv in evaluated)
+    text = selection.report(rec)
+    assert "| 8 | 99.00 | 99.00 | 99.00 (range 99.00 to 99.00) |" in text and "Chosen: 4 GRPO steps." in text

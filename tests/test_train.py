@@ -132,11 +132,17 @@ def _as_dict(cfg):
 
 
 def test_resume_is_bit_exact(tmp_path, plugin):
-    full = tiny_config(tmp_path / "a", reward={"plugins": [plugin]}, grpo={"steps": 2})
+    """1 step, resumed for a second, equals 2 steps in one go; and at the constant learning rate the 2-step run's
+    checkpoint after step 1 is the 1-step run's model (benchmarks/selection.py --stage budget reads step budgets
+    off one run's checkpoints)."""
+    full = tiny_config(tmp_path / "a", reward={"plugins": [plugin]}, grpo={"steps": 2},
+                       run={"save_every": 1, "keep_checkpoints": 2})
     train(full)
     half = tiny_config(tmp_path / "b", reward={"plugins": [plugin]}, grpo={"steps": 1})
     train(half)
     out_b = Path(half.run.out)
+    a1, b1 = _params(Path(full.run.out) / "checkpoint-1" / "model"), _params(out_b / "checkpoint-1" / "model")
+    assert all(torch.equal(a1[k], b1[k]) for k in a1), "a 2-step run's step-1 checkpoint is not the 1-step run's"
     # continue the stopped run for one more step: --resume RUN_DIR reads the run's own config, flags override it
     resumed = parse_args(["--resume", str(out_b), "--grpo.steps", "2"], "test", "")
     assert resumed.run.out == str(out_b) and resumed.grpo.group_size == 2
