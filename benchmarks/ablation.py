@@ -54,12 +54,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from emor3.config import parse_args
-from emor3.evaluate import CUE_KINDS, RUN_AVERAGES, evaluate, paired_bootstrap, paired_t_interval, sign_test
+from emor3.evaluate import (CUE_KINDS, RUN_AVERAGES, evaluate, holm, paired_bootstrap, paired_t_interval,
+                            paired_t_test, sign_test)
 from emor3.run_folder import prepare_run_dir
 from emor3.stages.build import build
 from emor3.toy.world import WORLD
@@ -225,6 +227,54 @@ def paired_table(per_seed: list[dict[str, dict]], a_name: str = "EMO-R3", b_name
     return "\n".join(lines), out
 
 
+def _on(split: str, key: str):
+    return lambda row: row["sets"][split].get(key)
+
+
+# The preregistered primary comparisons of EMO-R3 - GRPO (benchmarks/RESULTS.md, "Primary metrics and predicted
+# directions"): (name, metric, predicted sign of the difference, the metric of a row)
+PRIMARY = {
+    "default": (("P1", "compositional accuracy", +1, _on("compositional", "accuracy")),
+                ("P2", "answer agrees with step 3 % (mean over the sets)", +1,
+                 lambda row: metrics(row)["answer agrees with step 3"]),
+                ("P3", "hallucinated cues % (mean over the sets)", -1, lambda row: metrics(row)["hallucinated"])),
+    "conflict": (("M1", "ood_shortcut accuracy", +1, _on("ood_shortcut", "accuracy")),
+                 ("M2", "ood_shortcut hallucinated cues %", -1, _on("ood_shortcut", "hallucinated")),
+                 ("M3", "ood_shortcut answer agrees with step 3 %", +1, _on("ood_shortcut", "agreement"))),
+}
+PRIMARY_MIN_SEEDS = 8  # the protocol's seed count: with fewer, the comparisons are shown but not tested
+ALPHA = 0.05
+
+
+def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dict]:
+    """The preregistered EMO-R3 - GRPO comparisons of ``bench``: per comparison the means, the mean difference, its
+    Student-t 95 % interval, the two-sided paired t-test's p, Holm's adjustment over the study's comparisons and
+    the sign test. A comparison is shown when its Holm-adjusted p is below 0.05 and the difference has the
+    predicted sign; it is not tested (so never shown) with fewer than ``PRIMARY_MIN_SEEDS`` seeds."""
+    rows, out = [], {}
+    for name, label, sign, get in PRIMARY[bench]:
+        a, b = [get(s["EMO-R3"]) for s in per_seed], [get(s["GRPO"]) for s in per_seed]
+        mean, _, p = paired_t_test(a, b)
+        rows.append((name, label, sign, a, b, mean, p))
+    adjusted = holm([r[6] for r in rows])
+    n = len(per_seed)
+    lines = ["| | metric | predicted | GRPO | EMO-R3 | EMO-R3 - GRPO | t 95 % | t-test p | Holm p | sign test | "
+             "verdict |", "|---" * 11 + "|"]
+    for (name, label, sign, a, b, mean, p), p_holm in zip(rows, adjusted):
+        _, lo, hi = paired_t_interval(a, b)
+        k, m, p_sign = sign_test(a, b)
+        if n < PRIMARY_MIN_SEEDS:
+            verdict = f"not tested ({n} of {PRIMARY_MIN_SEEDS} seeds)"
+        else:
+            verdict = "shown" if p_holm < ALPHA and mean * sign > 0 else "not shown"
+        out[name] = {"metric": label, "predicted": sign, "diff": mean, "t_ci": [lo, hi], "p": p, "p_holm": p_holm,
+                     "sign": [k, m, p_sign], "verdict": verdict}
+        lines.append(f"| {name} | {label} | EMO-R3 {'>' if sign > 0 else '<'} GRPO | {statistics.mean(b):.1f} | "
+                     f"{statistics.mean(a):.1f} | {mean:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {p:.3g} | {p_holm:.3g} | "
+                     f"{k} of {m} > 0, p = {p_sign:.3g} | {verdict} |")
+    return "\n".join(lines), out
+
+
 def paired_cells(st: dict) -> list[str]:
     """A ``paired_stats`` result as table cells: bootstrap interval, t interval (below 5 seeds the range of the
     differences, named as such, and no t), sign test, the differences per seed."""
@@ -253,7 +303,7 @@ OLD_METRICS_NOTE = ("Rows without the `no step 1` column were scored before it e
 
 def report(results: dict[str, list], seeds: dict[str, list[int]], wall: float, command: str, threads: int,
            loads: list[float], compute: float | None = None, *, machine: str | None = None,
-           date: str | None = None, pairs=PAIRS) -> tuple[str, dict]:
+           date: str | None = None, pairs=PAIRS, primary: bool = False) -> tuple[str, dict]:
     """The tables of every benchmark (rows sorted by seed); ``seeds[bench]`` names the seed of each of
     ``results[bench]``'s rows, ``wall`` is the time from the first run's start to the last one's end and
     ``compute`` the sum of the processes' wall times (when they ran side by side). ``machine`` and ``date``
@@ -264,13 +314,15 @@ def report(results: dict[str, list], seeds: dict[str, list[int]], wall: float, c
     head = (f"Command: `{command}`. Seeds: {done}; torch threads {threads}; machine: "
             f"{machine or 'not recorded in the artifacts'}; load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
             f" during the run; {spent}; {date or 'date not recorded'}.")
-    text, paired = tables(results, seeds, pairs)
+    text, paired = tables(results, seeds, pairs, primary)
     return head + "\n\n" + text, paired
 
 
-def tables(results: dict[str, list], seeds: dict[str, list[int]], pairs=PAIRS) -> tuple[str, dict]:
+def tables(results: dict[str, list], seeds: dict[str, list[int]], pairs=PAIRS,
+           primary: bool = False) -> tuple[str, dict]:
     """``report`` without its first paragraph (how the runs ran): how to read the cells, then each benchmark's
-    method table and paired tables, rows sorted by seed."""
+    method table, its preregistered comparisons (``primary``: ``PRIMARY``, where the benchmark has them) and its
+    paired tables, rows sorted by seed."""
     results, seeds = _order(results, seeds)
     parts = [f"Cells: mean over seeds [bootstrap 95 % interval over seeds] from {MIN_SEEDS_FOR_INTERVAL} seeds on; "
              "with fewer seeds, the mean and the range of the seeds (not an interval). Paired tables: both methods "
@@ -287,6 +339,11 @@ def tables(results: dict[str, list], seeds: dict[str, list[int]], pairs=PAIRS) -
             continue
         parts.append(f"### {bench} ({len(per_seed)} seeds)\n\n" + method_table(per_seed))
         paired[bench] = {}
+        if primary and bench in PRIMARY and len(per_seed) >= 2:
+            table, paired[bench]["primary"] = primary_table(per_seed, bench)
+            parts.append(f"Preregistered comparisons, {bench}: EMO-R3 - GRPO (shown: Holm-adjusted t-test p < "
+                         f"{ALPHA} over the {len(PRIMARY[bench])} and the predicted sign; tested from "
+                         f"{PRIMARY_MIN_SEEDS} seeds on)\n\n" + table)
         for a_name, b_name in pairs:
             if a_name in per_seed[0] and b_name in per_seed[0]:
                 table, paired[bench][f"{a_name} - {b_name}"] = paired_table(per_seed, a_name, b_name)
@@ -314,7 +371,7 @@ def _span(part: dict, path: Path) -> tuple[float, float]:
     return part.get("started", end - part["wall_s"]), end
 
 
-def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS) -> str:
+def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, primary: bool = False) -> str:
     """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
     after another): each benchmark's rows sorted by seed; the wall time runs from the first process's start to the
     last one's end, the load range covers them all. Depends on the files only."""
@@ -333,7 +390,7 @@ def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS) ->
     text, _ = report(results, seeds, max(e for _, e in spans) - min(s for s, _ in spans), command,
                      parts[0]["threads"], [x for part in parts for x in part["loads"]],
                      compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None,
-                     machine="; ".join(machines) or None, date=end, pairs=pairs)
+                     machine="; ".join(machines) or None, date=end, pairs=pairs, primary=primary)
     return text
 
 
@@ -352,6 +409,32 @@ ARTIFACTS = REPO / "benchmarks" / "ablation_runs"  # the committed ablation.json
 README_BEGIN, README_END = "<!-- ablation-readme:begin -->", "<!-- ablation-readme:end -->"
 
 
+@dataclass(frozen=True)
+class Study:
+    """One reported study: the folder of its committed ablation.json parts, its block in RESULTS.md, and whether
+    its report carries the preregistered comparisons (``PRIMARY``)."""
+
+    name: str
+    folder: Path
+    begin: str
+    end: str
+    title: str
+    primary: bool
+
+
+STUDIES = (
+    Study("ablation", ARTIFACTS, MARK_BEGIN, MARK_END, "## ablation: benchmarks/ablation.py (its own output)\n\n",
+          False),
+    Study("main", REPO / "benchmarks" / "main_runs", "<!-- main-table:begin -->", "<!-- main-table:end -->",
+          "## The main table: Cold-Start SFT, GRPO, DAPO, EMO-R3 at the validation-chosen settings "
+          "(benchmarks/ablation.py --report)\n\n", True),
+    Study("mechanism", REPO / "benchmarks" / "mechanism_runs" / "study", "<!-- mechanism-study:begin -->",
+          "<!-- mechanism-study:end -->", "## The mechanism study: EMO-R3 against GRPO on the conflict variant "
+          "(benchmarks/ablation.py --report)\n\n", True),
+)
+README_STUDY = "ablation"  # the study whose tables the README shows
+
+
 def artifact_paths(folder: Path = ARTIFACTS) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
@@ -360,23 +443,32 @@ def _rel(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths]
 
 
-def report_texts(paths: list[Path]) -> tuple[str, str]:
-    """(RESULTS.md's ablation block, README.md's) regenerated from the artifacts alone: the full report, and the
-    README's part of it (every method table and the ``README_PAIRS`` paired tables)."""
+def report_texts(paths: list[Path], primary: bool = False) -> tuple[str, str]:
+    """(RESULTS.md's block, README.md's) regenerated from the artifacts alone: the full report, and the README's
+    part of it (every method table, the preregistered comparisons and the ``README_PAIRS`` paired tables)."""
     rel = _rel(paths)
     parts = [json.loads(Path(p).read_text()) for p in paths]
     command = " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py --report (" + \
         ", ".join(rel) + ")"
-    full = merged_report(paths, command)
-    short = merged_report(paths, command, pairs=README_PAIRS)
+    full = merged_report(paths, command, primary=primary)
+    short = merged_report(paths, command, pairs=README_PAIRS, primary=primary)
     return full, short
 
 
-def write_report(paths: list[Path], results_md: Path, readme: Path) -> str:
-    full, short = report_texts(paths)
-    write_results_md(results_md, full)
-    write_results_md(readme, "```\n" + short + "\n```", README_BEGIN, README_END, title="")
-    return full
+def write_report(results_md: Path, readme: Path, studies=STUDIES, readme_study: str = README_STUDY) -> str:
+    """Every study's block of ``results_md`` from its committed artifacts (a study without any is left out), and
+    the README's tables from ``readme_study``'s."""
+    texts = []
+    for study in studies:
+        paths = artifact_paths(study.folder)
+        if not paths:
+            continue
+        full, short = report_texts(paths, study.primary)
+        write_results_md(results_md, full, study.begin, study.end, study.title)
+        if study.name == readme_study:
+            write_results_md(readme, "```\n" + short + "\n```", README_BEGIN, README_END, title="")
+        texts.append(full)
+    return "\n\n".join(texts)
 
 
 def machine_line() -> str:
@@ -426,8 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="ABLATION_JSON",
                     help="run nothing: merge the ablation.json of runs made in separate processes into one report")
     ap.add_argument("--report", action="store_true",
-                    help="run nothing: regenerate the ablation tables of RESULTS.md and README.md from the committed "
-                         "artifacts (benchmarks/ablation_runs/*.json)")
+                    help="run nothing: regenerate the tables of RESULTS.md and README.md from the committed "
+                         "artifacts (the ablation.json parts in benchmarks/ablation_runs, benchmarks/main_runs and "
+                         "benchmarks/mechanism_runs/study)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes side by side, one torch thread each (their seeds dealt in turn), then merged")
     ap.add_argument("--selection", type=Path, default=None, metavar="SELECTION_JSON",
@@ -438,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     results_md = Path(a.results_md) if a.results_md else None
     if a.report:
-        print(write_report(artifact_paths(), REPO / "benchmarks" / "RESULTS.md", REPO / "README.md"))
+        print(write_report(REPO / "benchmarks" / "RESULTS.md", REPO / "README.md"))
         return
     if a.merge:
         print(merge(a.merge, results_md))

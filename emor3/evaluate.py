@@ -152,6 +152,34 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float], *, level: float = 
     return mean, mean - half, mean + half
 
 
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Paired Student-t test of the differences a_i - b_i against 0: (mean, t, two-sided p), p = P(|T_{n-1}| >=
+    |t|). Differences that are all equal give t = +-inf and p = 0 (or t = 0 and p = 1 when they are all 0)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_t_test needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    if sd == 0:
+        return mean, math.copysign(math.inf, mean) if mean else 0.0, 0.0 if mean else 1.0
+    t = mean / (sd / math.sqrt(n))
+    return mean, t, min(1.0, 2 * (1 - _t_cdf(abs(t), n - 1)))
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values, in their order: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). A hypothesis is rejected at level alpha when its adjusted p is
+    below alpha; the family-wise error rate stays at alpha whatever the dependence between the tests."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 def sign_test(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, float]:
     """Exact two-sided sign test of the paired differences a_i - b_i: (positive, non-zero, p), p = P(a count at
     least as far from n/2 as the one seen | each sign +- with probability 1/2); zero differences are left out. It

@@ -170,3 +170,72 @@ def test_readme_and_results_tables_are_the_artifacts_report():
     results = (REPO / "benchmarks" / "RESULTS.md").read_text()
     assert full in _block(results, ablation.MARK_BEGIN, ablation.MARK_END), \
         "RESULTS.md's ablation tables differ from `python benchmarks/ablation.py --report`"
+
+
+def test_paired_t_test_and_holm_hand_values():
+    from emor3.evaluate import holm, paired_t_test
+
+    mean, t, p = paired_t_test([1, 2, 3, 4, 5], [0] * 5)  # mean 3, s = sqrt(2.5), t = 3 / sqrt(0.5)
+    assert (mean, t) == pytest.approx((3.0, 4.242641)) and p == pytest.approx(0.013236, abs=1e-6)
+    # d = 1, -2, .5, 1.5: mean 0.25, s^2 = 7.25 / 3, t_3 = 0.25 / (s / 2) = 0.3216
+    _, t, p = paired_t_test([2.0, -1.0, 0.5, 1.5], [1.0, 1.0, 0.0, 0.0])
+    assert t == pytest.approx(0.321634, abs=1e-6) and p == pytest.approx(0.768837, abs=1e-5)
+    assert paired_t_test([1, 1], [0, 0])[1:] == (float("inf"), 0.0) and paired_t_test([1, 1], [1, 1])[1:] == (0.0, 1.0)
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 0.04): each in its place
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.03, 0.2, 0.01]) == pytest.approx([0.06, 0.2, 0.03])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def _primary_rows(comp: float, agree: float, halluc: float) -> dict:
+    sets = {"test": {"accuracy": 90.0, "agreement": agree, "hallucinated": halluc},
+            "compositional": {"accuracy": comp, "agreement": agree, "hallucinated": halluc}}
+    return {"sets": sets, "run A^I": 90.0, "run A^O": comp, "run A": (90.0 + comp) / 2}
+
+
+def _primary_seeds(d_comp, d_agree, d_hall) -> list[dict]:
+    return [{"GRPO": _primary_rows(60.0, 70.0, 10.0), "EMO-R3": _primary_rows(60.0 + c, 70.0 + g, 10.0 + h)}
+            for c, g, h in zip(d_comp, d_agree, d_hall)]
+
+
+def test_preregistered_comparisons_are_tested_with_holm_from_eight_seeds_and_need_the_predicted_sign():
+    """P1 (compositional, EMO-R3 > GRPO) clearly positive: shown. P2 (agreement, EMO-R3 > GRPO) clearly negative:
+    not shown however small its p. P3 (hallucination, EMO-R3 < GRPO) at a t-test p of 0.028: shown where it is the
+    largest of the three p's (Holm multiplies it by 1), not where P1's p is larger (by 2: 0.056). Fewer than 8
+    seeds: not tested."""
+    d_agree = [-3.0, -4.0, -2.0, -5.0, -3.5, -4.5, -2.5, -3.0]
+    d_hall = [-2.0, 0.5, -3.0, -1.5, 0.5, -2.5, -1.0, -1.0]
+    text, out = ablation.primary_table(_primary_seeds([5.0, 6.0, 4.0, 7.0, 5.5, 6.5, 4.5, 5.0], d_agree, d_hall),
+                                       "default")
+    assert out["P1"]["verdict"] == "shown" and out["P1"]["diff"] == pytest.approx(5.4375)
+    assert out["P2"]["p"] < 1e-4 and out["P2"]["verdict"] == "not shown", "the wrong sign is never shown"
+    assert out["P3"]["p"] == pytest.approx(0.028161, abs=1e-6) and out["P3"]["p_holm"] == out["P3"]["p"]
+    assert out["P3"]["verdict"] == "shown"
+    assert "| P1 | compositional accuracy | EMO-R3 > GRPO | 60.0 | 65.4 | +5.4 |" in text
+    _, weak = ablation.primary_table(_primary_seeds([2.0, -1.0, 3.0, -2.0, 1.0, 0.5, -1.5, 1.0], d_agree, d_hall),
+                                     "default")
+    assert weak["P1"]["p"] > 0.2 and weak["P1"]["verdict"] == "not shown"
+    assert weak["P3"]["p_holm"] == pytest.approx(2 * weak["P3"]["p"]) and weak["P3"]["verdict"] == "not shown"
+    _, few = ablation.primary_table(_primary_seeds([5.0] * 5, d_agree[:5], d_hall[:5]), "default")
+    assert all(v["verdict"] == "not tested (5 of 8 seeds)" for v in few.values())
+
+
+def test_report_writes_every_study_s_block_and_the_readme_from_its_study(tmp_path):
+    legacy, main = tmp_path / "legacy", tmp_path / "main"
+    legacy.mkdir(), main.mkdir()
+    _part(tmp_path, "a", [0, 1], [_methods(), _methods()]).rename(legacy / "a.json")
+    rows = [{"Cold-Start SFT": _primary_rows(50.0, 60.0, 9.0), "GRPO": _primary_rows(60.0, 70.0, 10.0),
+             "EMO-R3": _primary_rows(60.0 + k, 71.0, 9.0 - k)} for k in range(3)]
+    _part(tmp_path, "b", [3, 4, 5], rows, bench="default").rename(main / "b.json")
+    studies = (ablation.Study("ablation", legacy, "<!-- a:begin -->", "<!-- a:end -->", "## A\n\n", False),
+               ablation.Study("main", main, "<!-- m:begin -->", "<!-- m:end -->", "## M\n\n", True),
+               ablation.Study("none", tmp_path / "empty", "<!-- n:begin -->", "<!-- n:end -->", "## N\n\n", True))
+    results, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text(f"x\n{ablation.README_BEGIN}\n{ablation.README_END}\n")
+    ablation.write_report(results, readme, studies, readme_study="main")
+    md = results.read_text()
+    assert "## A\n" in md and "## M\n" in md and "## N" not in md, "a study without artifacts is left out"
+    block = md.split("<!-- m:begin -->")[1].split("<!-- m:end -->")[0]
+    assert "Preregistered comparisons, default" in block and "not tested (3 of 8 seeds)" in block
+    assert "Preregistered" not in md.split("<!-- a:begin -->")[1].split("<!-- a:end -->")[0]
+    assert "Seeds: default 3,4,5" in readme.read_text() and "shortcut" not in readme.read_text()
