@@ -79,8 +79,9 @@ def _train(algo: str, seed: int, out: Path, extra: list[str], *more: str) -> dic
 
 def chosen_settings(path: Path) -> dict[str, list[str]]:
     """The flags each run takes from a benchmarks/selection.py record: Cold-Start SFT's step count for the run that
-    trains it (key "sft") and each method's own learning rate (keys "grpo", "dapo", "emo_r3"). An error naming the
-    file where a choice is missing, so a table is never run at settings nobody chose."""
+    trains it (key "sft") and each method's own learning rate with the step budget the rates were chosen at (keys
+    "grpo", "dapo", "emo_r3"; the budget stays the grid's whatever the run's default). An error naming the file
+    where a choice is missing, so a table is never run at settings nobody chose."""
     rec = json.loads(Path(path).read_text())
     missing = (["the Cold-Start step count"] if rec.get("sft_choice") is None else []) + \
         [f"the {m} learning rate" for m in ("grpo", "dapo", "emo_r3") if (rec.get("lr_choice") or {}).get(m) is None]
@@ -88,7 +89,8 @@ def chosen_settings(path: Path) -> dict[str, list[str]]:
         raise SystemExit(f"{path}: the selection record has no choice of {', '.join(missing)} (run "
                          "benchmarks/selection.py to the end first)")
     flags = {"sft": ["--sft.steps", str(rec["sft_choice"])]}
-    flags.update({m: ["--grpo.lr", str(lr)] for m, lr in rec["lr_choice"].items()})
+    budget = ["--grpo.steps", str(rec["grpo_steps"])] if rec.get("grpo_steps") else []
+    flags.update({m: ["--grpo.lr", str(lr), *budget] for m, lr in rec["lr_choice"].items()})
     return flags
 
 

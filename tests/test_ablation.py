@@ -105,9 +105,9 @@ def test_jobs_a_failing_part_stops_the_ablation_and_names_its_log(tmp_path):
 
 def test_selection_choices_reach_each_method_and_a_record_without_them_stops_the_run(tmp_path, monkeypatch):
     """--selection: the Cold-Start step count goes to the run that trains it (EMO-R3's), each method's own learning
-    rate to that method's run, all before --extra (so --extra still wins); a record whose learning-rate grid has not
-    finished ends the ablation with the file's name before anything runs."""
-    rec = {"sft_choice": 1600, "lr_choice": {"grpo": "1e-4", "dapo": "5e-4", "emo_r3": "3e-4"}}
+    rate to that method's run with the grid's step budget, all before --extra (so --extra still wins); a record
+    whose learning-rate grid has not finished ends the ablation with the file's name before anything runs."""
+    rec = {"sft_choice": 1600, "lr_choice": {"grpo": "1e-4", "dapo": "5e-4", "emo_r3": "3e-4"}, "grpo_steps": 150}
     (tmp_path / "sel.json").write_text(json.dumps(rec))
     calls = {}
 
@@ -118,9 +118,9 @@ def test_selection_choices_reach_each_method_and_a_record_without_them_stops_the
     monkeypatch.setattr(ablation, "_train", fake_train)
     chosen = ablation.chosen_settings(tmp_path / "sel.json")
     ablation.run_seed(0, tmp_path, "shortcut", ["--grpo.steps", "5"], chosen)
-    assert calls["emo_r3"][:4] == ["--sft.steps", "1600", "--grpo.lr", "3e-4"] and calls["emo_r3"][-2:] == \
-        ["--grpo.steps", "5"]
-    assert calls["grpo"][:2] == ["--grpo.lr", "1e-4"] and "--sft.steps" in calls["grpo"]  # its own lr, SFT 0
+    assert calls["emo_r3"][:6] == ["--sft.steps", "1600", "--grpo.lr", "3e-4", "--grpo.steps", "150"] and \
+        calls["emo_r3"][-2:] == ["--grpo.steps", "5"]
+    assert calls["grpo"][:4] == ["--grpo.lr", "1e-4", "--grpo.steps", "150"] and "--sft.steps" in calls["grpo"]
     assert calls["grpo"][calls["grpo"].index("--sft.steps") + 1] == "0"
     (tmp_path / "half.json").write_text(json.dumps({"sft_choice": 1600, "lr_choice": {"grpo": "1e-4"}}))
     with pytest.raises(SystemExit, match=r"half.json: the selection record has no choice of the dapo learning "
