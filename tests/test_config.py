@@ -97,6 +97,13 @@ def test_the_default_and_the_examples_parse_to_resolved_configs():
         assert all(getattr(cfg.grpo, f.name) is not None for f in fields(C.Algorithm)), "the preset is written in"
 
 
+def test_examples_default_toml_is_the_embedded_default():
+    """examples/default.toml says it is what `python -m emor3.grpo.train` runs with no arguments: every value it
+    writes out equals the default, and so does the config it parses to."""
+    written = C.parse_args(["--config", str(ROOT / "examples" / "default.toml")], "python -m emor3.grpo.train", "")
+    assert written == C.parse_args([], "python -m emor3.grpo.train", "")
+
+
 def test_dispatchers_read_the_config_declarations():
     """One source for each choice: the names the math, the rewards and the launcher accept are the config's."""
     import torch
