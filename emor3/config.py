@@ -174,7 +174,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    steps: int = _f(300, "Cold-Start SFT optimizer steps (0 skips SFT).")
+    steps: int = _f(1600, "Cold-Start SFT optimizer steps (0 skips SFT).")
     batch_size: int = _f(16, "Cold-Start SFT batch size (samples).")
     lr: float = _f(2e-3, "Cold-Start SFT learning rate (AdamW, cosine to 10%).")
     weight_decay: float = _f(0.01, "Cold-Start SFT weight decay.")
@@ -266,7 +266,7 @@ class GRPOConfig(Algorithm):
     """The GRPO stage's settings; the objective's (``Algorithm``'s fields) default to the ``algo`` preset."""
 
     algo: AlgoName = _f("emo_r3", "Algorithm preset: emo_r3, grpo, dapo, dr_grpo, gspo.")
-    steps: int = _f(150, "GRPO steps (one rollout batch each).")
+    steps: int = _f(75, "GRPO steps (one rollout batch each).")
     prompts_per_step: int = _f(16, "Prompts per rollout batch (the paper: 512).")
     group_size: int = _f(8, "Samples per prompt, G (the paper: 4 or 8).")
     mini_batch_prompts: int = _f(16, "Prompts per optimizer update; rollout/mini batches = updates per step.")
