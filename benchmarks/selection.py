@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import ablation  # benchmarks/ablation.py, beside this script
@@ -103,6 +104,11 @@ def budget_point(algo: str, lr: str, seed: int, sft_dir: Path, out: Path, grid: 
     for k in sorted(grid):
         evaluate_main(["--model.path", str(out / f"checkpoint-{k}" / "model"), "--out", str(out / f"eval-{k}"),
                        "--seed", str(seed), "--run.progress", "false", "--overwrite", *SELECT, *extra])
+
+
+def ran_steps(run_dir: Path) -> int:
+    """The GRPO step count a finished run was configured with (its config.toml)."""
+    return int(tomllib.loads((run_dir / "config.toml").read_text())["grpo"]["steps"])
 
 
 def finished(result: Path, name: str) -> float | None:
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         return a.out / "budget" / a.budget_method / f"seed{seed}"
 
     def collect() -> None:  # the record from the points on disk, whichever process ran them
+        ran: set[int] = set()
         for steps in steps_grid:
             for seed in seeds:
                 acc = finished(sft_dir(steps, seed) / "eval" / "results.json", "sft")
@@ -264,6 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
                     acc = finished(a.out / algo / f"lr{lr}" / f"seed{seed}" / "results.json", algo)
                     if acc is not None:
                         rec["grpo"].setdefault(algo, {}).setdefault(lr, {})[str(seed)] = acc
+                        ran.add(ran_steps(a.out / algo / f"lr{lr}" / f"seed{seed}"))
+        if len(ran) > 1:
+            raise RuntimeError(f"{a.out}: the learning-rate grid's points ran different step counts {sorted(ran)}")
+        if ran:  # the budget the points ran, whatever today's default (collected points may predate it)
+            rec["grpo_steps"] = ran.pop()
         if a.stage == "budget":
             for k in budget_grid:
                 for seed in seeds:

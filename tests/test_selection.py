@@ -4,6 +4,7 @@ with `--extra --config examples/quick.toml`)."""
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -232,6 +233,7 @@ def test_the_budget_stage_checkpoints_every_count_and_chooses_among_the_counts_t
                         out / "sft" / "steps8" / f"seed{seed}" / "sft", ignore=shutil.ignore_patterns("*.safetensors"))
         for lr, acc in (("1e-4", 60.0), ("3e-4", 70.0)):
             result(out / "emo_r3" / f"lr{lr}" / f"seed{seed}", "emo_r3", acc)
+            (out / "emo_r3" / f"lr{lr}" / f"seed{seed}" / "config.toml").write_text("[grpo]\nsteps = 3\n")
     trained, evaluated = [], []
     scores = {2: 80.0, 4: 85.0, 6: 85.0, 8: 99.0}  # the best (8) does not fit; 4 and 6 tie
 
@@ -250,6 +252,7 @@ def test_the_budget_stage_checkpoints_every_count_and_chooses_among_the_counts_t
                           "--methods", "emo_r3", "--budget-steps", "2,4,6,8", "--budget-max", "6", "--out", str(out),
                           "--extra", "--run.threads", "1"])
     assert rec["lr_choice"] == {"emo_r3": "3e-4"} and rec["budget_choice"] == 4
+    assert rec["grpo_steps"] == 3, "the record names the step count the grid's points ran, not today's default"
     assert rec["budget"]["8"] == {"1": 99.0, "2": 99.0}
     assert len(trained) == 2 and len(evaluated) == 8
     for cfg in trained:
@@ -261,3 +264,21 @@ def test_the_budget_stage_checkpoints_every_count_and_chooses_among_the_counts_t
     assert all(argv[argv.index("--data.emoscenes-eval") + 1] == "validation" for argv in evaluated)
     text = selection.report(rec)
     assert "| 8 | 99.00 | 99.00 | 99.00 (range 99.00 to 99.00) |" in text and "Chosen: 4 GRPO steps." in text
+
+
+def test_collect_rebuilds_the_committed_record_and_results_md_shows_it(tmp_path):
+    """The committed selection.json (what benchmarks/ablation.py --selection reads) is its own command's output on
+    the committed points: the choices, the learning-rate grid's 150-step budget (read from the points' configs, not
+    today's default) and every score; RESULTS.md's selection block is its report."""
+    committed = json.loads((REPO / "benchmarks" / "selection_runs" / "selection.json").read_text())
+    shutil.copytree(REPO / "benchmarks" / "selection_runs", tmp_path / "runs")
+    argv = shlex.split(committed["command"])[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "runs")
+    argv[argv.index("--results-md") + 1] = ""
+    rec = selection.main(argv)
+    keep = lambda r: {k: v for k, v in r.items() if k not in ("command", "started", "ended")}  # noqa: E731
+    assert keep(rec) == keep(committed)
+    assert (rec["sft_choice"], rec["grpo_steps"], rec["budget_choice"]) == (1600, 150, 75)
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    block = results.split(selection.MARK_BEGIN, 1)[1].split(selection.MARK_END, 1)[0]
+    assert selection.report(committed) in block
