@@ -160,16 +160,23 @@ def _block(text: str, begin: str, end: str) -> str:
 
 
 def test_readme_and_results_tables_are_the_artifacts_report():
-    """`python benchmarks/ablation.py --report` regenerates both from benchmarks/ablation_runs/*.json: a table edited
-    by hand, or an artifact changed without regenerating them, fails here."""
-    full, short = ablation.report_texts(ablation.artifact_paths())
+    """`python benchmarks/ablation.py --report` regenerates both from each study's committed ablation.json parts
+    (benchmarks/ablation_runs, benchmarks/main_runs, benchmarks/mechanism_runs/study): a table edited by hand, or
+    an artifact changed without regenerating them, fails here."""
     assert ablation.artifact_paths(), "no committed ablation artifacts"
     readme = (REPO / "README.md").read_text()
-    assert _block(readme, ablation.README_BEGIN, ablation.README_END).strip() == f"```\n{short}\n```", \
-        "README's ablation tables differ from `python benchmarks/ablation.py --report`"
     results = (REPO / "benchmarks" / "RESULTS.md").read_text()
-    assert full in _block(results, ablation.MARK_BEGIN, ablation.MARK_END), \
-        "RESULTS.md's ablation tables differ from `python benchmarks/ablation.py --report`"
+    for study in ablation.STUDIES:
+        paths = ablation.artifact_paths(study.folder)
+        if not paths:
+            assert not _block(results, study.begin, study.end).strip(), f"{study.name}: a block without artifacts"
+            continue
+        full, short = ablation.report_texts(paths, study.primary)
+        assert full in _block(results, study.begin, study.end), \
+            f"RESULTS.md's {study.name} tables differ from `python benchmarks/ablation.py --report`"
+        if study.name == ablation.README_STUDY:
+            assert _block(readme, ablation.README_BEGIN, ablation.README_END).strip() == f"```\n{short}\n```", \
+                "README's ablation tables differ from `python benchmarks/ablation.py --report`"
 
 
 def test_paired_t_test_and_holm_hand_values():
