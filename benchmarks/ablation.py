@@ -252,7 +252,8 @@ def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dic
     """The preregistered EMO-R3 - GRPO comparisons of ``bench``: per comparison the means, the mean difference, its
     Student-t 95 % interval, the two-sided paired t-test's p, Holm's adjustment over the study's comparisons and
     the sign test. A comparison is shown when its Holm-adjusted p is below 0.05 and the difference has the
-    predicted sign; it is not tested (so never shown) with fewer than ``PRIMARY_MIN_SEEDS`` seeds."""
+    predicted sign. With fewer than ``PRIMARY_MIN_SEEDS`` seeds it is not tested: the means, the differences' range
+    and the sign test only, no interval or p of the t-test."""
     rows, out = [], {}
     for name, label, sign, get in PRIMARY[bench]:
         a, b = [get(s["EMO-R3"]) for s in per_seed], [get(s["GRPO"]) for s in per_seed]
@@ -263,17 +264,21 @@ def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dic
     lines = ["| | metric | predicted | GRPO | EMO-R3 | EMO-R3 - GRPO | t 95 % | t-test p | Holm p | sign test | "
              "verdict |", "|---" * 11 + "|"]
     for (name, label, sign, a, b, mean, p), p_holm in zip(rows, adjusted):
-        _, lo, hi = paired_t_interval(a, b)
         k, m, p_sign = sign_test(a, b)
+        d = [x - y for x, y in zip(a, b)]
+        out[name] = {"metric": label, "predicted": sign, "diff": mean, "range": [min(d), max(d)],
+                     "sign": [k, m, p_sign]}
         if n < PRIMARY_MIN_SEEDS:
-            verdict = f"not tested ({n} of {PRIMARY_MIN_SEEDS} seeds)"
+            out[name]["verdict"] = f"not tested ({n} of {PRIMARY_MIN_SEEDS} seeds)"
+            t_cells = [f"range of {n} seeds [{min(d):+.1f}, {max(d):+.1f}]", "–", "–"]
         else:
-            verdict = "shown" if p_holm < ALPHA and mean * sign > 0 else "not shown"
-        out[name] = {"metric": label, "predicted": sign, "diff": mean, "t_ci": [lo, hi], "p": p, "p_holm": p_holm,
-                     "sign": [k, m, p_sign], "verdict": verdict}
+            _, lo, hi = paired_t_interval(a, b)
+            out[name].update(t_ci=[lo, hi], p=p, p_holm=p_holm,
+                             verdict="shown" if p_holm < ALPHA and mean * sign > 0 else "not shown")
+            t_cells = [f"[{lo:+.1f}, {hi:+.1f}]", f"{p:.3g}", f"{p_holm:.3g}"]
         lines.append(f"| {name} | {label} | EMO-R3 {'>' if sign > 0 else '<'} GRPO | {statistics.mean(b):.1f} | "
-                     f"{statistics.mean(a):.1f} | {mean:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {p:.3g} | {p_holm:.3g} | "
-                     f"{k} of {m} > 0, p = {p_sign:.3g} | {verdict} |")
+                     f"{statistics.mean(a):.1f} | {mean:+.1f} | " + " | ".join(t_cells) +
+                     f" | {k} of {m} > 0, p = {p_sign:.3g} | {out[name]['verdict']} |")
     return "\n".join(lines), out
 
 

@@ -223,8 +223,10 @@ def test_preregistered_comparisons_are_tested_with_holm_from_eight_seeds_and_nee
                                      "default")
     assert weak["P1"]["p"] > 0.2 and weak["P1"]["verdict"] == "not shown"
     assert weak["P3"]["p_holm"] == pytest.approx(2 * weak["P3"]["p"]) and weak["P3"]["verdict"] == "not shown"
-    _, few = ablation.primary_table(_primary_seeds([5.0] * 5, d_agree[:5], d_hall[:5]), "default")
-    assert all(v["verdict"] == "not tested (5 of 8 seeds)" for v in few.values())
+    text, few = ablation.primary_table(_primary_seeds([5.0] * 5, d_agree[:5], d_hall[:5]), "default")
+    assert all(v["verdict"] == "not tested (5 of 8 seeds)" and "p" not in v for v in few.values())
+    assert "| P1 | compositional accuracy | EMO-R3 > GRPO | 60.0 | 65.0 | +5.0 | range of 5 seeds [+5.0, +5.0] | – | – |" \
+        in text, "below 8 seeds: no t interval, no p"
 
 
 def test_report_writes_every_study_s_block_and_the_readme_from_its_study(tmp_path):
