@@ -17,30 +17,34 @@ reasoning rates of ``emor3.evaluate``) as the mean over seeds, with a bootstrap 
 on and the seeds' range, named as such, below that; then paired differences (same seed, same Cold-Start checkpoint)
 of EMO-R3 - GRPO and of each method - Cold-Start on every one of those numbers, with the percentile bootstrap
 (``emor3.evaluate.paired_bootstrap``) and Student-t (``paired_t_interval``) 95 % intervals from 5 seeds on and the
-exact sign test (``sign_test``) always. Rows are sorted by seed, so a report depends on the per-seed rows only.
+exact sign test (``sign_test``) always; for ``default`` and ``conflict``, the preregistered EMO-R3 - GRPO
+comparisons (``PRIMARY``: the paired t-test with Holm's correction over the three, tested from 8 seeds on). Rows
+are sorted by seed, so a report depends on the per-seed rows only.
 Printed whatever the outcome; written to runs/ablation/ablation.{md,json} after every seed (a stopped ablation keeps
 what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!-- ablation:begin -->`` /
 ``<!-- ablation:end -->`` markers with the command, machine, load and wall time.
 
     python benchmarks/ablation.py                                   # 5 seeds, both benchmarks, default settings
-    python benchmarks/ablation.py --jobs 2                          # the same in 2 processes, 1 thread each (make ablation)
+    python benchmarks/ablation.py --jobs 2                          # the same in 2 processes, 1 thread each
     python benchmarks/ablation.py --seeds 0,1 --benchmarks shortcut --extra --grpo.steps 10   # quicker
     python benchmarks/ablation.py --seeds 0,2,4 --out runs/abl-a --results-md "" &      # parts by hand,
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
-    python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from benchmarks/ablation_runs/*.json
-    python benchmarks/ablation.py --seeds 0,1,2,3,4,5,6,7 --selection runs/selection/selection.json   # at the settings
-        # chosen on validation: the Cold-Start step count, and each method's own learning rate
+    python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from each study's artifacts (STUDIES)
+    python benchmarks/ablation.py --benchmarks default --seeds 0,1,2,3,4,5,6,7 --jobs 2 \
+        --selection benchmarks/selection_runs/selection.json   # the main table (make ablation), at the settings
+        # chosen on validation: the Cold-Start step count, each method's own learning rate, the grid's step budget
 
 ``--jobs N`` deals the seeds out to N processes in turn (seeds 0,2,4 and 1,3 for two), each at one torch thread
 (``--run.threads 1`` before ``--extra``) with its own folder ``OUT/part<k>`` and log ``OUT/part<k>/log.txt``, then
 merges their ablation.json as ``--merge`` does. Every run seeds itself and builds its model from the checkpoint
 folders, so which process runs a seed does not enter it; the thread count does (README, "Determinism").
 
-Cost, measured on a 2-core CPU with two processes at one thread each (benchmarks/RESULTS.md, "ablation"): a
-``shortcut`` seed (EMO-R3 with its Cold-Start SFT, then GRPO) took about 26 min, a ``default`` seed (EMO-R3, the
-zero-shot evaluation, GRPO, DAPO) about 38 min; the whole ablation, 5 seeds x (3 runs on ``default`` + 2 on
-``shortcut``) = 25 runs, about 5.3 process-hours: about 2.7 hours with ``--jobs 2`` there.
+Cost, measured on a 2-core CPU with two processes at one thread each: at the default settings of EmoScenes v3
+(300 Cold-Start steps; benchmarks/RESULTS.md, "ablation") a ``shortcut`` seed (EMO-R3 with its Cold-Start SFT, then
+GRPO) took about 26 min and a ``default`` seed (EMO-R3, the zero-shot evaluation, GRPO, DAPO) about 38 min; at the
+validation-chosen settings (1600 Cold-Start steps, 150 GRPO steps) a ``default`` seed takes about an hour, so the
+8-seed main table is about 8 process-hours, 4 hours with ``--jobs 2``.
 """
 
 from __future__ import annotations
