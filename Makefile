@@ -62,7 +62,7 @@ bench: setup
 # the main table: zero-shot, Cold-Start SFT, GRPO, DAPO, EMO-R3 on EmoScenes over 8 seeds at the settings chosen on
 # validation (benchmarks/selection_runs/selection.json), paired intervals, sign tests and the preregistered
 # comparisons; writes benchmarks/RESULTS.md (long: 24 runs of 150 GRPO steps and 8 Cold-Start SFTs of 1600 steps in
-# two processes of one thread each, about 8 process-hours on a 2-core CPU)
+# two processes of one thread each, about 48 process-minutes a seed: 3.3 hours on a 2-core CPU)
 ablation: setup
 	$(BIN)/python benchmarks/ablation.py --benchmarks default --seeds 0,1,2,3,4,5,6,7 \
 		--selection benchmarks/selection_runs/selection.json --jobs 2

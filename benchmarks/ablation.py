@@ -43,8 +43,9 @@ folders, so which process runs a seed does not enter it; the thread count does (
 Cost, measured on a 2-core CPU with two processes at one thread each: at the default settings of EmoScenes v3
 (300 Cold-Start steps; benchmarks/RESULTS.md, "ablation") a ``shortcut`` seed (EMO-R3 with its Cold-Start SFT, then
 GRPO) took about 26 min and a ``default`` seed (EMO-R3, the zero-shot evaluation, GRPO, DAPO) about 38 min; at the
-validation-chosen settings (1600 Cold-Start steps, 150 GRPO steps) a ``default`` seed takes about an hour, so the
-8-seed main table is about 8 process-hours, 4 hours with ``--jobs 2``.
+validation-chosen settings (1600 Cold-Start steps, 150 GRPO steps) a ``default`` seed takes about 48 minutes
+(benchmarks/main_runs/log-seeds-*.txt), so the 8-seed main table is about 6.5 process-hours, 3.3 hours with
+``--jobs 2``.
 """
 
 from __future__ import annotations
