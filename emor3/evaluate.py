@@ -138,16 +138,22 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+def _paired_differences(a: Sequence[float], b: Sequence[float], caller: str) -> tuple[int, float, float]:
+    """(n, mean, sample standard deviation) of the paired differences a_i - b_i; an error naming ``caller`` unless
+    the lists are equally long with at least 2 pairs."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"{caller} needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    return n, mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+
+
 def paired_t_interval(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of the paired differences a_i - b_i and its Student-t interval (mean +- t_{n-1} s / sqrt(n)): exact
     when the differences are normal, and wider than the percentile bootstrap with few pairs, which takes the
     spread of the n values as the spread of their mean's distribution and so covers less than it claims."""
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"paired_t_interval needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    n, mean, sd = _paired_differences(a, b, "paired_t_interval")
     half = t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
@@ -155,12 +161,7 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float], *, level: float = 
 def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
     """Paired Student-t test of the differences a_i - b_i against 0: (mean, t, two-sided p), p = P(|T_{n-1}| >=
     |t|). Differences that are all equal give t = +-inf and p = 0 (or t = 0 and p = 1 when they are all 0)."""
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"paired_t_test needs two equally long lists of >= 2 pairs, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    n, mean, sd = _paired_differences(a, b, "paired_t_test")
     if sd == 0:
         return mean, math.copysign(math.inf, mean) if mean else 0.0, 0.0 if mean else 1.0
     t = mean / (sd / math.sqrt(n))
