@@ -166,18 +166,24 @@ def _cell(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} (range {min(xs):.2f} to {max(xs):.2f})"
 
 
+def _curve(head: str, grid: list[int], scores: dict, seeds: list[int]) -> list[str]:
+    """A step-count curve as table lines: one row per count of ``grid``, each seed's score of ``scores[count][seed]``
+    ("–" where it is missing) and their mean (range)."""
+    lines = [f"| {head} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
+    for k in grid:
+        per = scores.get(str(k), {})
+        cells = [f"{per[str(s)]:.2f}" if str(s) in per else "–" for s in seeds]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {_cell(list(per.values()))} |")
+    return lines
+
+
 def report(rec: dict) -> str:
     """The record as markdown: the SFT curve, the learning-rate grid per method, and the choices."""
     seeds = rec["seeds"]
     lines = [f"Command: `{rec['command']}`. Selection seeds: {', '.join(map(str, seeds))}; every run evaluated on "
              f"`validation` only. Cells: validation accuracy %, mean over seeds (range of the seeds).", "",
              "Cold-Start SFT (early stopping over steps):", "",
-             "| SFT steps | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---" * (len(seeds) + 2) + "|"]
-    for steps in rec["sft_steps"]:
-        per = rec["sft"].get(str(steps), {})
-        cells = [f"{per[str(s)]:.2f}" if str(s) in per else "–" for s in seeds]
-        lines.append(f"| {steps} | " + " | ".join(cells) + f" | {_cell(list(per.values()))} |")
+             *_curve("SFT steps", rec["sft_steps"], rec["sft"], seeds)]
     if rec.get("sft_choice") is not None:
         lines += ["", f"Chosen: {rec['sft_choice']} Cold-Start steps."]
     if rec.get("grpo"):
@@ -192,13 +198,7 @@ def report(rec: dict) -> str:
         algo, grid = rec["budget_method"], rec["budget_steps"]
         lines += ["", f"The default run's GRPO step budget ({algo} at its chosen rate, checkpoints of one "
                   f"{max(grid)}-step run per seed; counts above {rec['budget_max']} do not fit the default run's "
-                  "time and are not chosen):", "",
-                  "| GRPO steps | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-                  "|---" * (len(seeds) + 2) + "|"]
-        for k in grid:
-            per = rec["budget"].get(str(k), {})
-            cells = [f"{per[str(s)]:.2f}" if str(s) in per else "–" for s in seeds]
-            lines.append(f"| {k} | " + " | ".join(cells) + f" | {_cell(list(per.values()))} |")
+                  "time and are not chosen):", "", *_curve("GRPO steps", grid, rec["budget"], seeds)]
         if rec.get("budget_choice") is not None:
             lines += ["", f"Chosen: {rec['budget_choice']} GRPO steps."]
     return "\n".join(lines)
