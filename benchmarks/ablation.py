@@ -67,7 +67,7 @@ import torch
 from emor3.config import parse_args
 from emor3.evaluate import (CUE_KINDS, RUN_AVERAGES, evaluate, holm, paired_bootstrap, paired_t_interval,
                             paired_t_test, sign_test)
-from emor3.run_folder import prepare_run_dir
+from emor3.run_folder import finished_run, prepare_run_dir
 from emor3.stages.build import build
 from emor3.toy.world import WORLD
 from emor3.grpo.train import train
@@ -78,8 +78,15 @@ MARK_BEGIN, MARK_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def _train(algo: str, seed: int, out: Path, extra: list[str], *more: str) -> dict:
-    return train(parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out), "--run.progress", "false",
-                             "--overwrite", *more, *extra], "ablation", ""))
+    """One run's evaluation rows; a run that already finished in ``out`` with these settings is read back, not run
+    again (an ablation stopped part-way goes on where it stopped)."""
+    cfg = parse_args(["--algo", algo, "--seed", str(seed), "--out", str(out), "--run.progress", "false",
+                      "--overwrite", *more, *extra], "ablation", "")
+    rows = finished_run(cfg, out)
+    if rows is not None:
+        print(f"[ablation] {out}: finished with these settings, its results.json is reused", flush=True)
+        return rows
+    return train(cfg)
 
 
 def chosen_settings(path: Path) -> dict[str, list[str]]:
@@ -523,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     ap.add_argument("--benchmarks", default="default,shortcut", help="comma-separated: default, shortcut, conflict")
-    ap.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    ap.add_argument("--out", type=Path, default=Path("runs/ablation"),
+                    help="the runs' folder; a run already finished there with the same settings is reused (remove "
+                         "its folder to run it again)")
     # a str, not a Path: Path("") is "." and would not read as "nowhere"
     ap.add_argument("--results-md", default=str(Path(__file__).with_name("RESULTS.md")),
                     help="where the tables go at the end (empty: nowhere)")

@@ -125,6 +125,23 @@ def _saved_config(out: Path) -> Config:
     return config_from_dict(load_toml(path), str(path))
 
 
+def finished_run(cfg: Config, out: Path) -> dict | None:
+    """The rows of the run that finished in ``out`` with ``cfg``'s settings (its results.json, the last file a run
+    writes), else None. Settings that say how the command is run, and ``run.progress``, may differ; every other
+    must equal config.toml. A command that makes many runs (benchmarks/ablation.py) goes on after a stop without
+    repeating the finished ones."""
+    res, conf = out / "results.json", out / "config.toml"
+    if not (res.is_file() and conf.is_file()):
+        return None
+    how = set(_RESUME_IGNORED) | {("run", "progress")}
+    if _settings_diff(config_from_dict(load_toml(conf), str(conf)), cfg, lambda k: k not in how):
+        return None
+    try:
+        return json.loads(res.read_text())
+    except json.JSONDecodeError:  # cut short while being written
+        return None
+
+
 def check_resume_settings(cfg: Config, out: Path) -> None:
     """A resumed run is the same run: every setting that changes what it computes must equal the run's
     config.toml; ``RESUME_MAY_CHANGE`` lists those that may differ. Raises RunFolderError with the differences."""

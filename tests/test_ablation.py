@@ -248,3 +248,25 @@ def test_report_writes_every_study_s_block_and_the_readme_from_its_study(tmp_pat
     assert "Preregistered comparisons, default" in block and "not tested (3 of 8 seeds)" in block
     assert "Preregistered" not in md.split("<!-- a:begin -->")[1].split("<!-- a:end -->")[0]
     assert "Seeds: default 3,4,5" in readme.read_text() and "shortcut" not in readme.read_text()
+
+
+def test_a_run_finished_with_the_same_settings_is_read_back_and_any_other_is_run(tmp_path, monkeypatch):
+    """An ablation stopped part-way goes on where it stopped: a run whose folder holds results.json and a config.toml
+    with the same settings (``run.progress`` and how the command is run aside) is read back; a different learning
+    rate, a missing or cut-short results.json runs it."""
+    from emor3.config import parse_args, save_config
+    ran = []
+    monkeypatch.setattr(ablation, "train", lambda cfg: ran.append(cfg.grpo.lr) or {"emo_r3": {"ran": True}})
+    out = tmp_path / "seed0" / "emo_r3"
+    out.mkdir(parents=True)
+    flags = ["--grpo.lr", "3e-4", "--grpo.steps", "5"]
+    saved = parse_args(["--algo", "emo_r3", "--seed", "0", "--out", str(out), "--run.progress", "true", *flags],
+                       "ablation", "")
+    save_config(saved.resolved(), out / "config.toml")
+    assert ablation._train("emo_r3", 0, out, [], *flags) == {"emo_r3": {"ran": True}} and ran == [3e-4]
+    (out / "results.json").write_text(json.dumps({"emo_r3": {"ran": False}}))
+    assert ablation._train("emo_r3", 0, out, [], *flags) == {"emo_r3": {"ran": False}} and len(ran) == 1
+    assert ablation._train("emo_r3", 0, out, [], "--grpo.lr", "1e-4", "--grpo.steps", "5")["emo_r3"]["ran"]
+    assert ablation._train("emo_r3", 1, out, [], *flags)["emo_r3"]["ran"]  # another seed
+    (out / "results.json").write_text('{"emo_r3": {"ran"')
+    assert ablation._train("emo_r3", 0, out, [], *flags)["emo_r3"]["ran"] and len(ran) == 4
