@@ -31,6 +31,7 @@ what it finished) and, at the end, into benchmarks/RESULTS.md between the ``<!--
     python benchmarks/ablation.py --seeds 1,3 --out runs/abl-b --results-md "" ; wait   # then one report:
     python benchmarks/ablation.py --merge runs/abl-a/ablation.json runs/abl-b/ablation.json
     python benchmarks/ablation.py --report    # README's and RESULTS.md's tables from each study's artifacts (STUDIES)
+    python benchmarks/ablation.py --rollouts benchmarks/main_runs   # step 3 in the logged training replies
     python benchmarks/ablation.py --benchmarks default --seeds 0,1,2,3,4,5,6,7 --jobs 2 \
         --selection benchmarks/selection_runs/selection.json   # the main table (make ablation), at the settings
         # chosen on validation: the Cold-Start step count, each method's own learning rate, the grid's step budget
@@ -51,6 +52,7 @@ validation-chosen settings (1600 Cold-Start steps, 150 GRPO steps) a ``default``
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import os
@@ -61,12 +63,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from emor3.config import parse_args
+from emor3.data.taxonomy import get_taxonomy
 from emor3.evaluate import (CUE_KINDS, RUN_AVERAGES, evaluate, holm, paired_bootstrap, paired_t_interval,
-                            paired_t_test, sign_test)
+                            paired_t_test, reply_scores, sign_test)
+from emor3.rewards import parse_set
 from emor3.run_folder import finished_run, prepare_run_dir
 from emor3.stages.build import build
 from emor3.toy.world import WORLD
@@ -454,6 +459,79 @@ STUDIES = (
 README_STUDY = "ablation"  # the study whose tables the README shows
 
 
+ROLLOUT_METHODS = {"grpo": "GRPO", "dapo": "DAPO", "emo_r3": "EMO-R3"}  # run folder -> row name
+
+
+def rollout_reasoning(samples: Path, windows: list[int]) -> list[dict]:
+    """Per step window of one run's logged training replies (``samples.jsonl``; ``windows`` are the windows' last
+    steps, ascending): the replies, those with a step 3, those whose step 3 states the scene's valence and arousal,
+    those with a step 3 and a boxed label that has both, those whose label agrees with step 3, and the correct
+    ones: the evaluation's definitions (``emor3.evaluate.reply_scores``), on the training images."""
+    out = [{"steps": [lo + 1, hi], "replies": 0, "step3": 0, "step3_correct": 0, "judged": 0, "agreement": 0,
+            "correct": 0} for lo, hi in zip([0, *windows], windows)]
+    for line in samples.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        i = bisect.bisect_left(windows, r["step"])  # the window whose last step is the first at or after this one
+        if r["step"] < 1 or i == len(windows):
+            continue
+        sample = SimpleNamespace(metadata={"cues": r["cues"]}, label=r["label"])
+        sc = reply_scores(parse_set(r["completion"]), sample, get_taxonomy(r["taxonomy"]))
+        c = out[i]
+        c["replies"] += 1
+        c["correct"] += r["accuracy"] > 0
+        if sc is not None and sc["step3_correct"] is not None:
+            c["step3"] += 1
+            c["step3_correct"] += sc["step3_correct"]
+        if sc is not None and sc["agreement"] is not None:
+            c["judged"] += 1
+            c["agreement"] += sc["agreement"]
+    return out
+
+
+def has_rollouts(folder: Path) -> bool:
+    return any(next(folder.glob(f"seed*/{m}/samples.jsonl"), None) for m in ROLLOUT_METHODS)
+
+
+def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
+    """``rollout_reasoning`` pooled over the seeds of ``folder/seed*/<method>/samples.jsonl`` per method and step
+    window, with each seed's share beside it; without ``windows``, the thirds of the last logged step."""
+    runs = {m: sorted(folder.glob(f"seed*/{m}/samples.jsonl"), key=lambda p: int(p.parent.parent.name[4:]))
+            for m in ROLLOUT_METHODS}
+    if not any(runs.values()):
+        raise SystemExit(f"{folder}: no seed*/<method>/samples.jsonl")
+    if not windows:
+        last = max(json.loads(line)["step"] for ps in runs.values() for p in ps
+                   for line in p.read_text().splitlines() if line.strip())
+        windows = sorted({round(last * k / 3) for k in (1, 2, 3)} - {0})
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * a / b:.1f}" if b else "–"
+
+    lines = [f"Rollouts: `python benchmarks/ablation.py --rollouts {folder.as_posix()} --windows "
+             f"{','.join(map(str, windows))}` (the training replies each run logged, `samples.jsonl`: the first two "
+             "prompts' samples every `--run.sample-every` steps). Shares pooled over the seeds, then each seed's "
+             "in seed order; step 3 correct is over the replies with a step 3, agreement over those with a step 3 "
+             "and a boxed label, as in the evaluation.", "",
+             "| method | steps | seeds | replies | correct % | step 3 correct % (per seed) | answer agrees with "
+             "step 3 % (per seed) |", "|---|---|---|---|---|---|---|"]
+    for m, paths in runs.items():
+        if not paths:
+            continue
+        per = [rollout_reasoning(p, windows) for p in paths]
+        for i in range(len(windows)):
+            cs = [counts[i] for counts in per]
+            tot = {k: sum(c[k] for c in cs) for k in cs[0] if k != "steps"}
+            lo, hi = cs[0]["steps"]
+            lines.append(
+                f"| {ROLLOUT_METHODS[m]} | {lo}-{hi} | {len(cs)} | {tot['replies']} | "
+                f"{pct(tot['correct'], tot['replies'])} | {pct(tot['step3_correct'], tot['step3'])} "
+                f"({', '.join(pct(c['step3_correct'], c['step3']) for c in cs)}) | "
+                f"{pct(tot['agreement'], tot['judged'])} ({', '.join(pct(c['agreement'], c['judged']) for c in cs)}) |")
+    return "\n".join(lines)
+
+
 def artifact_paths(folder: Path = ARTIFACTS) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
@@ -475,14 +553,17 @@ def report_texts(paths: list[Path], primary: bool = False) -> tuple[str, str]:
 
 
 def write_report(results_md: Path, readme: Path, studies=STUDIES, readme_study: str = README_STUDY) -> str:
-    """Every study's block of ``results_md`` from its committed artifacts (a study without any is left out), and
-    the README's tables from ``readme_study``'s."""
+    """Every study's block of ``results_md`` from its committed artifacts (a study without any is left out), with
+    ``rollouts_report`` where its runs' samples.jsonl are committed, and the README's tables from
+    ``readme_study``'s."""
     texts = []
     for study in studies:
         paths = artifact_paths(study.folder)
         if not paths:
             continue
         full, short = report_texts(paths, study.primary)
+        if has_rollouts(study.folder):  # the reasoning in the runs' logged training replies
+            full += "\n\n" + rollouts_report(study.folder)
         write_results_md(results_md, full, study.begin, study.end, study.title)
         if study.name == readme_study:
             write_results_md(readme, "```\n" + short + "\n```", README_BEGIN, README_END, title="")
@@ -542,6 +623,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="run nothing: regenerate the tables of RESULTS.md and README.md from the committed "
                          "artifacts (the ablation.json parts in benchmarks/ablation_runs, benchmarks/main_runs and "
                          "benchmarks/mechanism_runs/study)")
+    ap.add_argument("--rollouts", type=Path, default=None, metavar="FOLDER",
+                    help="run nothing: step 3's correctness and the answer's agreement with it in the training "
+                         "replies each run logged, FOLDER/seed*/<method>/samples.jsonl (e.g. benchmarks/main_runs)")
+    ap.add_argument("--windows", default="",
+                    help="with --rollouts: comma-separated last steps of the step windows (default: the thirds of "
+                         "the last logged step)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes side by side, one torch thread each (their seeds dealt in turn), then merged")
     ap.add_argument("--selection", type=Path, default=None, metavar="SELECTION_JSON",
@@ -551,6 +638,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     results_md = Path(a.results_md) if a.results_md else None
+    if a.rollouts:
+        print(rollouts_report(a.rollouts, [int(w) for w in a.windows.split(",") if w]))
+        return
     if a.report:
         print(write_report(REPO / "benchmarks" / "RESULTS.md", REPO / "README.md"))
         return

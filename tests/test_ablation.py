@@ -161,8 +161,9 @@ def _block(text: str, begin: str, end: str) -> str:
 
 def test_readme_and_results_tables_are_the_artifacts_report():
     """`python benchmarks/ablation.py --report` regenerates both from each study's committed ablation.json parts
-    (benchmarks/ablation_runs, benchmarks/main_runs, benchmarks/mechanism_runs/study): a table edited by hand, or
-    an artifact changed without regenerating them, fails here."""
+    (benchmarks/ablation_runs, benchmarks/main_runs, benchmarks/mechanism_runs/study), with the training rollouts'
+    table where their samples.jsonl are committed: a table edited by hand, or an artifact changed without
+    regenerating them, fails here."""
     assert ablation.artifact_paths(), "no committed ablation artifacts"
     readme = (REPO / "README.md").read_text()
     results = (REPO / "benchmarks" / "RESULTS.md").read_text()
@@ -174,6 +175,8 @@ def test_readme_and_results_tables_are_the_artifacts_report():
         full, short = ablation.report_texts(paths, study.primary)
         assert full in _block(results, study.begin, study.end), \
             f"RESULTS.md's {study.name} tables differ from `python benchmarks/ablation.py --report`"
+        if ablation.has_rollouts(study.folder):
+            assert ablation.rollouts_report(study.folder) in _block(results, study.begin, study.end)
         if study.name == ablation.README_STUDY:
             assert _block(readme, ablation.README_BEGIN, ablation.README_END).strip() == f"```\n{short}\n```", \
                 "README's ablation tables differ from `python benchmarks/ablation.py --report`"
@@ -270,3 +273,36 @@ def test_a_run_finished_with_the_same_settings_is_read_back_and_any_other_is_run
     assert ablation._train("emo_r3", 1, out, [], *flags)["emo_r3"]["ran"]  # another seed
     (out / "results.json").write_text('{"emo_r3": {"ran"')
     assert ablation._train("emo_r3", 0, out, [], *flags)["emo_r3"]["ran"] and len(ran) == 4
+
+
+def test_rollout_reasoning_counts_hand_written_training_replies_per_window(tmp_path):
+    """--rollouts: the evaluation's step-3 definitions on logged training replies, per step window. A frown under a
+    night sky is negative and low arousal (sadness's): a step 3 saying so is correct and agrees with "sadness", a
+    step 3 saying positive/high is wrong and disagrees with it but agrees with "excitement", and the degenerate
+    "and low and low arousal" states no valence, so it is neither correct nor agreeing."""
+    cues = {"face": "frown", "sky": "night", "object": "gift"}
+
+    def reply(step, step3, answer, acc):
+        return json.dumps({"step": step, "cues": cues, "label": "sadness", "taxonomy": "mikels8", "accuracy": acc,
+                           "completion": f"<step1>A frowning face, a night sky and a gift.</step1><step2>Gloomy."
+                                         f"</step2>{step3}\\boxed{{{answer}}}"})
+
+    run = tmp_path / "seed0" / "dapo"
+    run.mkdir(parents=True)
+    (run / "samples.jsonl").write_text("\n".join([
+        reply(10, "<step3>Negative valence and low arousal.</step3>", "sadness", 1.0),
+        reply(10, "<step3>Positive valence and high arousal.</step3>", "sadness", 1.0),
+        reply(60, "<step3>Positive valence and high arousal.</step3>", "excitement", 0.0),
+        reply(60, "<step3> and low and low arousal.</step3>", "sadness", 1.0),
+        reply(60, "", "sadness", 1.0),  # no step 3: counted as a reply only
+        reply(200, "<step3>Negative valence and low arousal.</step3>", "sadness", 1.0)]) + "\n")
+    first, second = ablation.rollout_reasoning(run / "samples.jsonl", [50, 100])
+    assert first == {"steps": [1, 50], "replies": 2, "step3": 2, "step3_correct": 1, "judged": 2, "agreement": 1,
+                     "correct": 2}
+    assert second == {"steps": [51, 100], "replies": 3, "step3": 2, "step3_correct": 0, "judged": 2,
+                      "agreement": 1, "correct": 2}
+    text = ablation.rollouts_report(tmp_path, [50, 100])
+    assert "| DAPO | 1-50 | 1 | 2 | 100.0 | 50.0 (50.0) | 50.0 (50.0) |" in text
+    assert "| DAPO | 51-100 | 1 | 3 | 66.7 | 0.0 (0.0) | 50.0 (50.0) |" in text
+    thirds = ablation.rollouts_report(tmp_path)  # windows: the thirds of the last logged step (200)
+    assert "| DAPO | 1-67 | 1 | 5 |" in thirds and "| DAPO | 134-200 | 1 | 1 | 100.0 | 100.0 (100.0) |" in thirds
