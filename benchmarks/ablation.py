@@ -395,10 +395,21 @@ def _span(part: dict, path: Path) -> tuple[float, float]:
     return part.get("started", end - part["wall_s"]), end
 
 
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of the (start, end) spans ran: their union's length, so that parts run
+    with a pause between them (another session) count their own time, not the pause."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, primary: bool = False) -> str:
     """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
-    after another): each benchmark's rows sorted by seed; the wall time runs from the first process's start to the
-    last one's end, the load range covers them all. Depends on the files only."""
+    after another): each benchmark's rows sorted by seed; the wall time is the time at least one process ran
+    (``busy_time``), the load range covers them all. Depends on the files only."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     results: dict[str, list] = {}
     seeds: dict[str, list[int]] = {}
@@ -411,7 +422,7 @@ def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, pr
         "--merge " + " ".join(map(str, paths))
     machines = sorted({part["machine"] for part in parts if part.get("machine")})
     end = datetime.datetime.fromtimestamp(max(e for _, e in spans), datetime.timezone.utc).date().isoformat()
-    text, _ = report(results, seeds, max(e for _, e in spans) - min(s for s, _ in spans), command,
+    text, _ = report(results, seeds, busy_time(spans), command,
                      parts[0]["threads"], [x for part in parts for x in part["loads"]],
                      compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None,
                      machine="; ".join(machines) or None, date=end, pairs=pairs, primary=primary)
@@ -456,7 +467,7 @@ STUDIES = (
           "<!-- mechanism-study:end -->", "## The mechanism study: EMO-R3 against GRPO on the conflict variant "
           "(benchmarks/ablation.py --report)\n\n", True),
 )
-README_STUDY = "ablation"  # the study whose tables the README shows
+README_STUDY = "main"  # the study whose tables the README shows
 
 
 ROLLOUT_METHODS = {"grpo": "GRPO", "dapo": "DAPO", "emo_r3": "EMO-R3"}  # run folder -> row name
@@ -509,7 +520,8 @@ def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
     def pct(a: int, b: int) -> str:
         return f"{100 * a / b:.1f}" if b else "–"
 
-    lines = [f"Rollouts: `python benchmarks/ablation.py --rollouts {folder.as_posix()} --windows "
+    shown = folder.resolve().relative_to(REPO) if folder.resolve().is_relative_to(REPO) else folder
+    lines = [f"Rollouts: `python benchmarks/ablation.py --rollouts {shown.as_posix()} --windows "
              f"{','.join(map(str, windows))}` (the training replies each run logged, `samples.jsonl`: the first two "
              "prompts' samples every `--run.sample-every` steps). Shares pooled over the seeds, then each seed's "
              "in seed order; step 3 correct is over the replies with a step 3, agreement over those with a step 3 "

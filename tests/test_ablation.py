@@ -59,13 +59,21 @@ def test_merge_reports_every_seed_of_every_part(tmp_path):
 
 def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
     """Parts that ran one benchmark each, one after another: each table names its own seeds, and the wall time runs
-    from the first start to the last end (here 0-5 min), not the longest part's."""
+    from the first start to the last end (here 0-5 min), not the longest part's; a part run after a pause adds its
+    own time, not the pause."""
     a = _part(tmp_path, "a", [0, 1, 2], [_methods()] * 3, "shortcut", started=1000.0)  # 1000-1180 s
     b = _part(tmp_path, "b", [3, 4], [_methods()] * 2, "default", started=1180.0)  # 1180-1300 s
     text = ablation.merge([a, b], None)
     assert "Seeds: shortcut 0,1,2; default 3,4;" in text
     assert "### shortcut (3 seeds)" in text and "### default (2 seeds)" in text
     assert "wall time 5 min (5 process-minutes)" in text
+    later = _part(tmp_path, "c", [5], [_methods()], "default", started=4000.0)  # 4000-4060 s, after a pause
+    assert "wall time 6 min (6 process-minutes)" in ablation.merge([a, b, later], None)
+
+
+def test_busy_time_is_the_union_of_the_spans():
+    assert ablation.busy_time([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
+    assert ablation.busy_time([(30, 40), (0, 10)]) == 20 and ablation.busy_time([]) == 0
 
 
 def test_an_empty_results_md_writes_nowhere(tmp_path, monkeypatch, capsys):
