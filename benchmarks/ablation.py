@@ -397,7 +397,7 @@ def _span(part: dict, path: Path) -> tuple[float, float]:
 
 def busy_time(spans: list[tuple[float, float]]) -> float:
     """Seconds during which at least one of the (start, end) spans ran: their union's length, so that parts run
-    with a pause between them (another session) count their own time, not the pause."""
+    with a pause between them (a part started later) count their own time, not the pause."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):
         if end > reach:
