@@ -524,8 +524,9 @@ def rollouts_report(folder: Path, windows: list[int] | None = None) -> str:
     lines = [f"Rollouts: `python benchmarks/ablation.py --rollouts {shown.as_posix()} --windows "
              f"{','.join(map(str, windows))}` (the training replies each run logged, `samples.jsonl`: the first two "
              "prompts' samples every `--run.sample-every` steps). Shares pooled over the seeds, then each seed's "
-             "in seed order; step 3 correct is over the replies with a step 3, agreement over those with a step 3 "
-             "and a boxed label, as in the evaluation.", "",
+             "in seed order. Correct is the accuracy reward's verdict, against the training label (on the "
+             "conflict variant, the badge's); step 3 correct (against the scene's cues) is over the replies with a "
+             "step 3, agreement over those with a step 3 and a boxed label, as in the evaluation.", "",
              "| method | steps | seeds | replies | correct % | step 3 correct % (per seed) | answer agrees with "
              "step 3 % (per seed) |", "|---|---|---|---|---|---|---|"]
     for m, paths in runs.items():
