@@ -473,6 +473,19 @@ README_STUDY = "main"  # the study whose tables the README shows
 ROLLOUT_METHODS = {"grpo": "GRPO", "dapo": "DAPO", "emo_r3": "EMO-R3"}  # run folder -> row name
 
 
+def windowed_replies(samples: Path, windows: list[int]):
+    """(window index, reply) for each reply logged in ``samples`` (a run's samples.jsonl) whose step falls in one of
+    the step windows (``windows`` are the windows' last steps, ascending; a window holds the steps after the previous
+    one's); replies after the last window are left out."""
+    for line in samples.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        i = bisect.bisect_left(windows, r["step"])  # the window whose last step is the first at or after this one
+        if r["step"] >= 1 and i < len(windows):
+            yield i, r
+
+
 def rollout_reasoning(samples: Path, windows: list[int]) -> list[dict]:
     """Per step window of one run's logged training replies (``samples.jsonl``; ``windows`` are the windows' last
     steps, ascending): the replies, those with a step 3, those whose step 3 states the scene's valence and arousal,
@@ -480,13 +493,7 @@ def rollout_reasoning(samples: Path, windows: list[int]) -> list[dict]:
     ones: the evaluation's definitions (``emor3.evaluate.reply_scores``), on the training images."""
     out = [{"steps": [lo + 1, hi], "replies": 0, "step3": 0, "step3_correct": 0, "judged": 0, "agreement": 0,
             "correct": 0} for lo, hi in zip([0, *windows], windows)]
-    for line in samples.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        i = bisect.bisect_left(windows, r["step"])  # the window whose last step is the first at or after this one
-        if r["step"] < 1 or i == len(windows):
-            continue
+    for i, r in windowed_replies(samples, windows):
         sample = SimpleNamespace(metadata={"cues": r["cues"]}, label=r["label"])
         sc = reply_scores(parse_set(r["completion"]), sample, get_taxonomy(r["taxonomy"]))
         c = out[i]

@@ -31,12 +31,12 @@ label.
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import statistics
 import sys
 from pathlib import Path
 
+import ablation  # benchmarks/ablation.py, beside this script: windowed_replies
 import selection  # benchmarks/selection.py, beside this script: run_points, claims
 from emor3.config import parse_args
 from emor3.grpo.train import train
@@ -120,13 +120,7 @@ def rollout_counts(samples: Path, windows: list[int]) -> list[dict]:
     out = [{"steps": [lo + 1, hi], "replies": 0, "conflicting": 0, "badge": 0, "neighbour_conflicting": 0,
             "neighbour_badge": 0, "far_conflicting": 0, "far_badge": 0, "wrong": 0, "wrong_neighbour": 0}
            for lo, hi in zip([0, *windows], windows)]
-    for line in samples.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        i = bisect.bisect_left(windows, r["step"])  # the window whose last step is the first at or after this one
-        if r["step"] < 1 or i == len(windows):
-            continue
+    for i, r in ablation.windowed_replies(samples, windows):
         c = out[i]
         rule, answer = rule_label(r["cues"]), extract_answer(r["completion"], normalized=True)
         c["replies"] += 1
