@@ -399,6 +399,11 @@ class Config:
         overrides = {f.name: getattr(self.grpo, f.name) for f in fields(Algorithm) if getattr(self.grpo, f.name) is not None}
         return dataclasses.replace(get_algorithm(self.grpo.algo), **overrides)
 
+    def needs_reference(self) -> bool:
+        """Whether GRPO keeps a frozen reference model: β > 0, or the reference judges RER."""
+        algo = self.algorithm()
+        return algo.kl_coef > 0 or (algo.reflection and self.reward.judge == "reference")
+
     def resolved(self) -> "Config":
         """This config with the preset's objective numbers written into ``grpo`` and every "auto" that depends on
         the model made: what a run records and every stage reads. Where the paper is silent, a checkpoint run

@@ -326,8 +326,7 @@ def plan_from_config(cfg: Config, model_cfg, world_size: int) -> RunPlan:
     if cfg.data.max_prompt_length:
         prompt = min(prompt, cfg.data.max_prompt_length)
         patches = min(patches, max(0, cfg.data.max_prompt_length - text) * merge2)
-    algo = cfg.algorithm()
-    needs_ref = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
+    needs_ref = cfg.needs_reference()
     device = "cuda" if (m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available())) else "cpu"
     compute = {"bf16": "bfloat16", "fp32": "float32"}.get(cfg.run.mixed_precision) or \
         ("bfloat16" if device == "cuda" else "float32")

@@ -188,9 +188,7 @@ def record_lineage(cfg: Config, out: Path, start: Path) -> dict:
     """Write RUN_DIR/lineage.json: the model GRPO starts from (``start``: the LoRA base, the baseline row) and the
     frozen KL reference (the same model, where the run uses one), each by path and ``content_hash``."""
     entry = {"path": _rel(start, out), "sha256": content_hash(start)}
-    algo = cfg.algorithm()
-    uses_ref = algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
-    lineage = {"start_model": entry, "reference": dict(entry) if uses_ref else None}
+    lineage = {"start_model": entry, "reference": dict(entry) if cfg.needs_reference() else None}
     if dist.is_main():
         tmp = out / f".{LINEAGE}.tmp"
         tmp.write_text(json.dumps(lineage, indent=1) + "\n")

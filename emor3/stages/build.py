@@ -243,21 +243,15 @@ def with_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     return model
 
 
-def needs_reference(cfg: Config) -> bool:
-    """β > 0, or the frozen reference judges RER."""
-    algo = cfg.algorithm()
-    return algo.kl_coef > 0 or (algo.reflection and cfg.reward.judge == "reference")
-
-
 def reference_model(cfg: Config, model: torch.nn.Module, source: Path, start: Path, resumed: bool,
                     device: torch.device) -> torch.nn.Module | None:
-    """The frozen reference, when ``needs_reference``. ``--grpo.reference sft`` (the default): a copy of ``model``,
+    """The frozen reference, when ``Config.needs_reference``. ``--grpo.reference sft`` (the default): a copy of ``model``,
     the policy GRPO starts from (a resumed run reloads it from ``start``: the Cold-Start checkpoint, else the
     initial model); a LoRA run keeps none: its reference is the policy with the adapters switched off
     (``emor3.models.lora.AdaptersOff``). ``init`` (the release): the model before Cold-Start SFT, read again from
     ``source``, the folder the run started from, also with LoRA."""
     init = cfg.grpo.reference == "init"
-    if not needs_reference(cfg) or (has_lora(model) and not init):
+    if not cfg.needs_reference() or (has_lora(model) and not init):
         return None
     dtype = getattr(torch, cfg.model.dtype)
     if init:
