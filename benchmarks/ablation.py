@@ -388,11 +388,25 @@ def write_results_md(path: Path, text: str, begin: str = MARK_BEGIN, end: str = 
     path.write_text(new)
 
 
-def _span(part: dict, path: Path) -> tuple[float, float]:
-    """(start, end) of one ablation process in seconds since the epoch; a file without them ended when it was last
-    written."""
+def _spans(part: dict, path: Path) -> list[tuple[float, float]]:
+    """(start, end) of each invocation of one part in seconds since the epoch: the ones a continued part carries
+    (``earlier_invocations``), then its last; a file without them ended when it was last written."""
     end = part.get("ended", Path(path).stat().st_mtime)
-    return part.get("started", end - part["wall_s"]), end
+    return [(e["started"], e["ended"]) for e in part.get("earlier", [])] + \
+        [(part.get("started", end - part["wall_s"]), end)]
+
+
+def earlier_invocations(path: Path, command: str) -> list[dict]:
+    """The invocations of a part before this one, each ``{started, ended, wall_s, loads}``, when ``path`` is the
+    ablation.json a stopped invocation of the same command left (its own ``earlier`` ones, then itself); else none.
+    A continued part reads back the runs they finished, so their time is the part's time too."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if old.get("command") != command or "started" not in old:
+        return []
+    return old.get("earlier", []) + [{k: old[k] for k in ("started", "ended", "wall_s", "loads")}]
 
 
 def busy_time(spans: list[tuple[float, float]]) -> float:
@@ -409,7 +423,8 @@ def busy_time(spans: list[tuple[float, float]]) -> float:
 def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, primary: bool = False) -> str:
     """One report from several ablation.json files (seeds run in separate processes, e.g. one per core, or one
     after another): each benchmark's rows sorted by seed; the wall time is the time at least one process ran
-    (``busy_time``), the load range covers them all. Depends on the files only."""
+    (``busy_time``, over every invocation of each part), the load range covers them all. Depends on the files
+    only."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     results: dict[str, list] = {}
     seeds: dict[str, list[int]] = {}
@@ -417,14 +432,16 @@ def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, pr
         for bench, rows in part["rows"].items():
             results.setdefault(bench, []).extend(rows)
             seeds.setdefault(bench, []).extend(part["seeds"][: len(rows)])
-    spans = [_span(part, p) for part, p in zip(parts, paths)]
+    spans = [span for part, p in zip(parts, paths) for span in _spans(part, p)]
     command = command or " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py " \
         "--merge " + " ".join(map(str, paths))
     machines = sorted({part["machine"] for part in parts if part.get("machine")})
     end = datetime.datetime.fromtimestamp(max(e for _, e in spans), datetime.timezone.utc).date().isoformat()
     text, _ = report(results, seeds, busy_time(spans), command,
-                     parts[0]["threads"], [x for part in parts for x in part["loads"]],
-                     compute=sum(part["wall_s"] for part in parts) if len(parts) > 1 else None,
+                     parts[0]["threads"], [x for part in parts for e in part.get("earlier", []) + [part]
+                                            for x in e["loads"]],
+                     compute=sum(e["wall_s"] for part in parts for e in part.get("earlier", []) + [part])
+                     if len(spans) > 1 else None,
                      machine="; ".join(machines) or None, date=end, pairs=pairs, primary=primary)
     return text
 
@@ -677,6 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     benches = [b for b in a.benchmarks.split(",") if b]
     chosen = chosen_settings(a.selection) if a.selection else None
     a.out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_invocations(a.out / "ablation.json", command)
     t0, loads = time.time(), [os.getloadavg()[0]]
     machine = machine_line()
     results: dict[str, list] = {b: [] for b in benches}
@@ -687,12 +705,14 @@ def main(argv: list[str] | None = None) -> None:
             loads.append(os.getloadavg()[0])
             done = {b: seeds[: len(results[b])] for b in benches}
             now = time.time()
-            text, paired = report(results, done, now - t0, command, torch.get_num_threads(), loads,
-                                  machine=machine, date=datetime.date.today().isoformat())
+            spans = [(e["started"], e["ended"]) for e in earlier] + [(t0, now)]
+            text, paired = report(results, done, busy_time(spans), command, torch.get_num_threads(),
+                                  [x for e in earlier for x in e["loads"]] + loads, machine=machine,
+                                  date=datetime.date.today().isoformat())
             (a.out / "ablation.json").write_text(json.dumps(
                 {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": now - t0,
                  "started": t0, "ended": now, "threads": torch.get_num_threads(), "loads": loads,
-                 "machine": machine}, indent=2))
+                 "machine": machine, **({"earlier": earlier} if earlier else {})}, indent=2))
             (a.out / "ablation.md").write_text(text + "\n")
             print(f"[ablation] {bench} seed {seed} done after {now - t0:.0f} s", flush=True)
     if results_md:

@@ -71,6 +71,31 @@ def test_merge_keeps_each_benchmarks_seeds_and_the_whole_wall_time(tmp_path):
     assert "wall time 6 min (6 process-minutes)" in ablation.merge([a, b, later], None)
 
 
+def test_a_continued_part_keeps_the_time_of_its_earlier_invocations(tmp_path, monkeypatch):
+    """A part stopped and run again by the same command records the stopped invocation (its span, wall time and
+    loads) beside its own, and the merged report counts both spans and no pause; another command's file in the
+    folder is not its past."""
+    monkeypatch.setattr(ablation, "run_seed", lambda seed, out, bench, extra, chosen: _methods())
+    out = tmp_path / "part"
+    argv = ["--seeds", "0,1", "--benchmarks", "shortcut", "--out", str(out), "--results-md", ""]
+    command = "python benchmarks/ablation.py " + " ".join(argv)
+    out.mkdir()
+    stopped = {"seeds": [0, 1], "rows": {"shortcut": [_methods()]}, "paired": {}, "command": command,
+               "wall_s": 60.0, "started": 1000.0, "ended": 1060.0, "threads": 1, "loads": [3.0, 4.0]}
+    (out / "ablation.json").write_text(json.dumps(stopped))
+    ablation.main(argv)
+    part = json.loads((out / "ablation.json").read_text())
+    assert part["earlier"] == [{"started": 1000.0, "ended": 1060.0, "wall_s": 60.0, "loads": [3.0, 4.0]}]
+    assert len(part["rows"]["shortcut"]) == 2 and part["started"] > 1060.0
+    part.update(started=5000.0, ended=5120.0, wall_s=120.0, loads=[1.0])  # this invocation's span, pinned
+    (out / "ablation.json").write_text(json.dumps(part))
+    text = ablation.merge([out / "ablation.json"], None)
+    assert "wall time 3 min (3 process-minutes)" in text and "load average (1 min) 1.0-4.0" in text
+    other = argv[:-1] + ["-"]
+    assert ablation.earlier_invocations(out / "ablation.json", "python benchmarks/ablation.py " + " ".join(other)) == []
+    assert len(ablation.earlier_invocations(out / "ablation.json", command)) == 2  # its earlier one, then itself
+
+
 def test_busy_time_is_the_union_of_the_spans():
     assert ablation.busy_time([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
     assert ablation.busy_time([(30, 40), (0, 10)]) == 20 and ablation.busy_time([]) == 0
