@@ -388,25 +388,31 @@ def write_results_md(path: Path, text: str, begin: str = MARK_BEGIN, end: str = 
     path.write_text(new)
 
 
-def _spans(part: dict, path: Path) -> list[tuple[float, float]]:
-    """(start, end) of each invocation of one part in seconds since the epoch: the ones a continued part carries
-    (``earlier_invocations``), then its last; a file without them ended when it was last written."""
+def _invocations(part: dict, path: Path) -> list[dict]:
+    """Each invocation of one part, ``{started, ended, wall_s, loads}`` (seconds since the epoch): the ones a
+    continued part carries (``earlier_invocations``), then its last; a file without its start and end ended when it
+    was last written."""
     end = part.get("ended", Path(path).stat().st_mtime)
-    return [(e["started"], e["ended"]) for e in part.get("earlier", [])] + \
-        [(part.get("started", end - part["wall_s"]), end)]
+    last = {"started": part.get("started", end - part["wall_s"]), "ended": end, "wall_s": part["wall_s"],
+            "loads": part["loads"]}
+    return part.get("earlier", []) + [last]
 
 
 def earlier_invocations(path: Path, command: str) -> list[dict]:
-    """The invocations of a part before this one, each ``{started, ended, wall_s, loads}``, when ``path`` is the
-    ablation.json a stopped invocation of the same command left (its own ``earlier`` ones, then itself); else none.
-    A continued part reads back the runs they finished, so their time is the part's time too."""
+    """The invocations of a part before this one (``_invocations``) when ``path`` is the ablation.json a stopped
+    invocation of the same command left; else none. A continued part reads back the runs they finished, so their
+    time is the part's time too."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    if old.get("command") != command or "started" not in old:
-        return []
-    return old.get("earlier", []) + [{k: old[k] for k in ("started", "ended", "wall_s", "loads")}]
+    return _invocations(old, path) if old.get("command") == command and "started" in old else []
+
+
+def _timing(invocations: list[dict]) -> tuple[float, list[float], float]:
+    """The invocations' busy time (``busy_time`` of their spans), every load sample, and their summed wall time."""
+    return (busy_time([(r["started"], r["ended"]) for r in invocations]),
+            [x for r in invocations for x in r["loads"]], sum(r["wall_s"] for r in invocations))
 
 
 def busy_time(spans: list[tuple[float, float]]) -> float:
@@ -432,17 +438,15 @@ def merged_report(paths: list[Path], command: str | None = None, pairs=PAIRS, pr
         for bench, rows in part["rows"].items():
             results.setdefault(bench, []).extend(rows)
             seeds.setdefault(bench, []).extend(part["seeds"][: len(rows)])
-    spans = [span for part, p in zip(parts, paths) for span in _spans(part, p)]
+    invocations = [r for part, p in zip(parts, paths) for r in _invocations(part, p)]
+    wall, loads, compute = _timing(invocations)
     command = command or " ; ".join(part["command"] for part in parts) + " ; python benchmarks/ablation.py " \
         "--merge " + " ".join(map(str, paths))
     machines = sorted({part["machine"] for part in parts if part.get("machine")})
-    end = datetime.datetime.fromtimestamp(max(e for _, e in spans), datetime.timezone.utc).date().isoformat()
-    text, _ = report(results, seeds, busy_time(spans), command,
-                     parts[0]["threads"], [x for part in parts for e in part.get("earlier", []) + [part]
-                                            for x in e["loads"]],
-                     compute=sum(e["wall_s"] for part in parts for e in part.get("earlier", []) + [part])
-                     if len(spans) > 1 else None,
-                     machine="; ".join(machines) or None, date=end, pairs=pairs, primary=primary)
+    end = datetime.datetime.fromtimestamp(max(r["ended"] for r in invocations), datetime.timezone.utc)
+    text, _ = report(results, seeds, wall, command, parts[0]["threads"], loads,
+                     compute=compute if len(invocations) > 1 else None, machine="; ".join(machines) or None,
+                     date=end.date().isoformat(), pairs=pairs, primary=primary)
     return text
 
 
@@ -705,10 +709,10 @@ def main(argv: list[str] | None = None) -> None:
             loads.append(os.getloadavg()[0])
             done = {b: seeds[: len(results[b])] for b in benches}
             now = time.time()
-            spans = [(e["started"], e["ended"]) for e in earlier] + [(t0, now)]
-            text, paired = report(results, done, busy_time(spans), command, torch.get_num_threads(),
-                                  [x for e in earlier for x in e["loads"]] + loads, machine=machine,
-                                  date=datetime.date.today().isoformat())
+            wall, all_loads, _ = _timing(earlier + [{"started": t0, "ended": now, "wall_s": now - t0,
+                                                     "loads": loads}])
+            text, paired = report(results, done, wall, command, torch.get_num_threads(), all_loads,
+                                  machine=machine, date=datetime.date.today().isoformat())
             (a.out / "ablation.json").write_text(json.dumps(
                 {"seeds": seeds, "rows": results, "paired": paired, "command": command, "wall_s": now - t0,
                  "started": t0, "ended": now, "threads": torch.get_num_threads(), "loads": loads,

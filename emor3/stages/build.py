@@ -245,9 +245,9 @@ def with_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
 def reference_model(cfg: Config, model: torch.nn.Module, source: Path, start: Path, resumed: bool,
                     device: torch.device) -> torch.nn.Module | None:
-    """The frozen reference, when ``Config.needs_reference``. ``--grpo.reference sft`` (the default): a copy of ``model``,
-    the policy GRPO starts from (a resumed run reloads it from ``start``: the Cold-Start checkpoint, else the
-    initial model); a LoRA run keeps none: its reference is the policy with the adapters switched off
+    """The frozen reference, when ``Config.needs_reference``. ``--grpo.reference sft`` (the default): a copy of
+    ``model``, the policy GRPO starts from (a resumed run reloads it from ``start``: the Cold-Start checkpoint, else
+    the initial model); a LoRA run keeps none: its reference is the policy with the adapters switched off
     (``emor3.models.lora.AdaptersOff``). ``init`` (the release): the model before Cold-Start SFT, read again from
     ``source``, the folder the run started from, also with LoRA."""
     init = cfg.grpo.reference == "init"
