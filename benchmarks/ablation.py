@@ -268,9 +268,10 @@ ALPHA = 0.05
 def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dict]:
     """The preregistered EMO-R3 - GRPO comparisons of ``bench``: per comparison the means, the mean difference, its
     Student-t 95 % interval, the two-sided paired t-test's p, Holm's adjustment over the study's comparisons and
-    the sign test. A comparison is shown when its Holm-adjusted p is below 0.05 and the difference has the
-    predicted sign. With fewer than ``PRIMARY_MIN_SEEDS`` seeds it is not tested: the means, the differences' range
-    and the sign test only, no interval or p of the t-test."""
+    the sign test, and the differences per seed (in the order of ``per_seed``). A comparison is shown when its
+    Holm-adjusted p is below 0.05 and the difference has the predicted sign. With fewer than ``PRIMARY_MIN_SEEDS``
+    seeds it is not tested: the means, the differences' range and the sign test only, no interval or p of the
+    t-test."""
     rows, out = [], {}
     for name, label, sign, get in PRIMARY[bench]:
         a, b = [get(s["EMO-R3"]) for s in per_seed], [get(s["GRPO"]) for s in per_seed]
@@ -279,7 +280,7 @@ def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dic
     adjusted = holm([r[6] for r in rows])
     n = len(per_seed)
     lines = ["| | metric | predicted | GRPO | EMO-R3 | EMO-R3 - GRPO | t 95 % | t-test p | Holm p | sign test | "
-             "verdict |", "|---" * 11 + "|"]
+             "verdict | per seed |", "|---" * 12 + "|"]
     for (name, label, sign, a, b, mean, p), p_holm in zip(rows, adjusted):
         k, m, p_sign = sign_test(a, b)
         d = [x - y for x, y in zip(a, b)]
@@ -295,7 +296,8 @@ def primary_table(per_seed: list[dict[str, dict]], bench: str) -> tuple[str, dic
             t_cells = [f"[{lo:+.1f}, {hi:+.1f}]", f"{p:.3g}", f"{p_holm:.3g}"]
         lines.append(f"| {name} | {label} | EMO-R3 {'>' if sign > 0 else '<'} GRPO | {statistics.mean(b):.1f} | "
                      f"{statistics.mean(a):.1f} | {mean:+.1f} | " + " | ".join(t_cells) +
-                     f" | {k} of {m} > 0, p = {p_sign:.3g} | {out[name]['verdict']} |")
+                     f" | {k} of {m} > 0, p = {p_sign:.3g} | {out[name]['verdict']} | "
+                     + ", ".join(f"{x:+.1f}" for x in d) + " |")
     return "\n".join(lines), out
 
 

@@ -255,6 +255,7 @@ def test_preregistered_comparisons_are_tested_with_holm_from_eight_seeds_and_nee
     assert out["P3"]["p"] == pytest.approx(0.028161, abs=1e-6) and out["P3"]["p_holm"] == out["P3"]["p"]
     assert out["P3"]["verdict"] == "shown"
     assert "| P1 | compositional accuracy | EMO-R3 > GRPO | 60.0 | 65.4 | +5.4 |" in text
+    assert " | shown | +5.0, +6.0, +4.0, +7.0, +5.5, +6.5, +4.5, +5.0 |\n" in text, "the differences per seed"
     _, weak = ablation.primary_table(_primary_seeds([2.0, -1.0, 3.0, -2.0, 1.0, 0.5, -1.5, 1.0], d_agree, d_hall),
                                      "default")
     assert weak["P1"]["p"] > 0.2 and weak["P1"]["verdict"] == "not shown"
